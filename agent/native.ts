@@ -1,0 +1,97 @@
+// Loader for the N-API addon (native/ballast_native.c): the syscalls Node lacks.
+// This module runs both as agent/native.ts (Vitest) and as dist/agent/native.js
+// (after tsc), so the addon is found by walking up to the package root.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { BallastError } from './errors.js';
+
+export interface NativeConstants {
+  readonly SEEK_DATA: number;
+  readonly SEEK_HOLE: number;
+  readonly LOCK_SH: number;
+  readonly LOCK_EX: number;
+  readonly LOCK_NB: number;
+  readonly LOCK_UN: number;
+  readonly FALLOC_FL_KEEP_SIZE: number;
+  readonly FALLOC_FL_PUNCH_HOLE: number;
+  readonly FALLOC_FL_ZERO_RANGE: number;
+  readonly POSIX_FADV_WILLNEED: number;
+  readonly EAGAIN: number;
+  readonly EOPNOTSUPP: number;
+  readonly ENXIO: number;
+  readonly EWOULDBLOCK: number;
+}
+
+/**
+ * The addon's functions. None of them throw on a failed syscall: they return
+ * a NEGATIVE errno (they throw only on a wrong argument type).
+ */
+export interface BallastNative {
+  /** preadv2(RWF_NOWAIT) into buf[bufOff, bufOff+len): bytes read, or -errno (-EAGAIN: not cached). */
+  preadNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  /** pwritev2(RWF_NOWAIT) from buf[bufOff, bufOff+len): bytes written, or -errno. */
+  pwriteNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  /** lseek: the resulting offset, or -errno (-ENXIO from SEEK_DATA/SEEK_HOLE past the data). */
+  lseek(fd: number, off: number, whence: number): number;
+  /** flock: 0 or -errno (-EWOULDBLOCK with LOCK_NB when held elsewhere). */
+  flock(fd: number, op: number): number;
+  /** fallocate on the thread pool: resolves to 0 or -errno, never rejects. */
+  fallocate(fd: number, mode: number, off: number, len: number): Promise<number>;
+  /** posix_fadvise, synchronously: 0 or -errno. */
+  fadvise(fd: number, off: number, len: number, advice: number): number;
+  readonly constants: NativeConstants;
+}
+
+const ADDON = join('build', 'Release', 'ballast_native.node');
+const FUNCTIONS = ['preadNowait', 'pwriteNowait', 'lseek', 'flock', 'fallocate', 'fadvise'];
+
+let cached: BallastNative | undefined;
+
+/** Where the addon would be: the first build/Release/ballast_native.node above this module. */
+export function findAddon(): string | undefined {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const candidate = join(dir, ADDON);
+    if (existsSync(candidate)) return candidate;
+    const parent = dirname(dir);
+    if (parent === dir) return undefined;
+    dir = parent;
+  }
+}
+
+/** The addon, loaded once. Throws BallastError('BALLAST_NATIVE_MISSING') if it is absent or stale. */
+export function loadNative(): BallastNative {
+  if (cached) return cached;
+  const fix = 'run `npm install` (or `npx node-gyp rebuild`) in the Ballast package directory';
+  const path = findAddon();
+  if (!path) {
+    throw new BallastError(
+      'BALLAST_NATIVE_MISSING',
+      `the native addon (${ADDON}) was not found above ${dirname(fileURLToPath(import.meta.url))}: ${fix}`,
+    );
+  }
+  let mod: Partial<BallastNative>;
+  try {
+    mod = createRequire(import.meta.url)(path) as Partial<BallastNative>;
+  } catch (cause) {
+    const why = cause instanceof Error ? cause.message : String(cause);
+    throw new BallastError(
+      'BALLAST_NATIVE_MISSING',
+      `the native addon ${path} could not be loaded (${why}): ${fix}`,
+      { cause },
+    );
+  }
+  const missing = FUNCTIONS.filter(
+    (f) => typeof (mod as Record<string, unknown>)[f] !== 'function',
+  );
+  if (missing.length > 0 || typeof mod.constants !== 'object') {
+    throw new BallastError(
+      'BALLAST_NATIVE_MISSING',
+      `the native addon ${path} is out of date (missing ${missing.join(', ') || 'constants'}): ${fix}`,
+    );
+  }
+  cached = mod as BallastNative;
+  return cached;
+}

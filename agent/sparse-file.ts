@@ -1,0 +1,526 @@
+// The storage backend: one sparse regular file per export.
+//
+// Reads and writes first try preadv2/pwritev2 with RWF_NOWAIT on the event loop,
+// which completes page-cached I/O without a thread-pool round trip; whatever
+// that cannot do (not cached, unsupported, short) finishes with fs.read/fs.write
+// on the libuv pool. Holes are made with fallocate and reported with
+// SEEK_DATA/SEEK_HOLE. A flock keeps two servers from serving one file.
+import * as fs from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import type { Backend, BackendCaps, Extent, IoRequest } from '../nbd/backend.js';
+import { BallastError } from './errors.js';
+import { type BallastNative, loadNative } from './native.js';
+
+const openAsync = promisify(fs.open);
+const closeAsync = promisify(fs.close);
+const fstatAsync = promisify(fs.fstat);
+const ftruncateAsync = promisify(fs.ftruncate);
+
+const { EIO, ENOTSUP, ENOSYS, EOPNOTSUPP } = osConstants.errno;
+
+/** Zeroes are written in pieces of at most this size when fallocate cannot zero. */
+const ZERO_CHUNK = 1 << 20;
+let zeroBuf: Buffer | undefined;
+
+export interface SparseFileOptions {
+  /** Export size. Required to create a missing file; grows (sparsely) a smaller one. */
+  size?: number;
+  /** Open O_RDONLY under a shared lock; caps.write/trim/zero/fastZero are false. */
+  readOnly?: boolean;
+  /** Advertised rotational hint; detected from sysfs when absent. */
+  rotational?: boolean;
+  /** @internal Testing: false forces every read/write through the thread pool. */
+  nowait?: boolean;
+  /** @internal Testing: false acts as if fallocate were unsupported. */
+  fallocate?: boolean;
+}
+
+/** A positive errno from a Node error (whose `errno` is negative). */
+function errnoOf(err: NodeJS.ErrnoException): number {
+  return err.errno ? Math.abs(err.errno) : EIO;
+}
+
+function isUnsupported(ret: number): boolean {
+  return ret === -EOPNOTSUPP || ret === -ENOSYS;
+}
+
+export class SparseFileBackend implements Backend {
+  readonly path: string;
+  readonly fd: number;
+  readonly size: number;
+  readonly caps: BackendCaps;
+
+  // Hot path: the addon's functions held directly, so a read is one call.
+  private readonly preadNowait: BallastNative['preadNowait'];
+  private readonly pwriteNowait: BallastNative['pwriteNowait'];
+  private readonly native: BallastNative;
+  private readonly eagain: number;
+  // Cleared for good when the kernel/filesystem says the flag is unsupported
+  // (ext4 rejects buffered RWF_NOWAIT writes with EOPNOTSUPP), to save a syscall.
+  private readNowait: boolean;
+  private writeNowait: boolean;
+  private canPunch: boolean;
+  private canZeroRange: boolean;
+  private closed = false;
+
+  private constructor(
+    path: string,
+    fd: number,
+    size: number,
+    caps: BackendCaps,
+    native: BallastNative,
+    opts: SparseFileOptions,
+  ) {
+    this.path = path;
+    this.fd = fd;
+    this.size = size;
+    this.caps = caps;
+    this.native = native;
+    this.preadNowait = native.preadNowait;
+    this.pwriteNowait = native.pwriteNowait;
+    this.eagain = -native.constants.EAGAIN;
+    this.readNowait = opts.nowait !== false;
+    this.writeNowait = opts.nowait !== false && !opts.readOnly;
+    this.canPunch = opts.fallocate !== false;
+    this.canZeroRange = opts.fallocate !== false;
+  }
+
+  static async open(path: string, opts: SparseFileOptions = {}): Promise<SparseFileBackend> {
+    const native = loadNative();
+    const readOnly = opts.readOnly === true;
+    const want = opts.size;
+    if (want !== undefined && !(Number.isSafeInteger(want) && want >= 0)) {
+      throw new BallastError(
+        'BALLAST_SIZE_INVALID',
+        `invalid size ${want} for ${path}: expected a whole number of bytes`,
+      );
+    }
+
+    const { fd, created } = await openFile(path, want, readOnly);
+    try {
+      const st = await fstatAsync(fd);
+      if (!st.isFile()) {
+        throw new BallastError('BALLAST_FILE_INVALID', `${path} is not a regular file`);
+      }
+      const c = native.constants;
+      const lockRet = native.flock(fd, (readOnly ? c.LOCK_SH : c.LOCK_EX) | c.LOCK_NB);
+      if (lockRet === -c.EWOULDBLOCK) {
+        throw new BallastError(
+          'BALLAST_FILE_LOCKED',
+          `${path} is in use by another Ballast server (it holds the file lock)`,
+        );
+      }
+      if (lockRet < 0) {
+        throw new BallastError('BALLAST_FILE_OPEN', `cannot lock ${path}: ${errnoName(-lockRet)}`);
+      }
+      // Sizes are checked under the lock: never resize a file someone else serves.
+      let size = st.size;
+      if (want !== undefined && want !== st.size) {
+        if (want < st.size) {
+          throw new BallastError(
+            'BALLAST_SIZE_MISMATCH',
+            `${path} is ${st.size} bytes, larger than the requested ${want}: refusing to truncate it`,
+          );
+        }
+        if (readOnly) {
+          throw new BallastError(
+            'BALLAST_SIZE_MISMATCH',
+            `${path} is ${st.size} bytes, smaller than the requested ${want}, and is opened read-only`,
+          );
+        }
+        try {
+          await ftruncateAsync(fd, want); // grows sparsely
+        } catch (cause) {
+          const errno = errnoOf(cause as NodeJS.ErrnoException);
+          throw new BallastError(
+            'BALLAST_FILE_OPEN',
+            `cannot ${created ? 'create' : 'grow'} ${path} to ${want} bytes: ${errnoName(errno)}`,
+            { cause },
+          );
+        }
+        size = want;
+      }
+      const rotational = opts.rotational ?? (await detectRotational(st.dev));
+      const caps: BackendCaps = {
+        write: !readOnly,
+        flush: true,
+        fua: true,
+        trim: !readOnly,
+        zero: !readOnly,
+        fastZero: !readOnly,
+        cache: true,
+        extents: true,
+        multiConn: true,
+        rotational,
+      };
+      return new SparseFileBackend(path, fd, size, caps, native, opts);
+    } catch (err) {
+      // Closing also drops the lock if it was taken.
+      await closeAsync(fd).catch(() => {});
+      throw err;
+    }
+  }
+
+  // ---- hot path ----------------------------------------------------------
+
+  read(req: IoRequest): void {
+    if (this.readNowait) {
+      const r = this.preadNowait(this.fd, req.buf, req.bufOffset, req.length, req.offset);
+      if (r === req.length) {
+        req.done(0);
+        return;
+      }
+      if (r >= 0) {
+        this.readPool(req, r); // short: partly cached, or end of file
+        return;
+      }
+      if (r !== this.eagain) {
+        if (!isUnsupported(r)) {
+          req.done(-r);
+          return;
+        }
+        this.readNowait = false;
+      }
+    }
+    this.readPool(req, 0);
+  }
+
+  write(req: IoRequest, fua: boolean): void {
+    if (this.writeNowait) {
+      const r = this.pwriteNowait(this.fd, req.buf, req.bufOffset, req.length, req.offset);
+      if (r === req.length) {
+        if (fua) this.sync(req);
+        else req.done(0);
+        return;
+      }
+      if (r >= 0) {
+        this.writePool(req, r, fua);
+        return;
+      }
+      if (r !== this.eagain) {
+        if (!isUnsupported(r)) {
+          req.done(-r);
+          return;
+        }
+        this.writeNowait = false;
+      }
+    }
+    this.writePool(req, 0, fua);
+  }
+
+  // ---- thread-pool fallbacks ---------------------------------------------
+
+  /** Completes a read from `done` bytes on: past the end of the file on disk reads as zeroes. */
+  private readPool(req: IoRequest, done: number): void {
+    const fd = this.fd;
+    const { buf, bufOffset, length, offset } = req;
+    const step = (err: NodeJS.ErrnoException | null, n: number): void => {
+      if (err) {
+        req.done(errnoOf(err));
+        return;
+      }
+      if (n === 0) {
+        // End of file: the file was shrunk behind our back.
+        buf.fill(0, bufOffset + done, bufOffset + length);
+        req.done(0);
+        return;
+      }
+      done += n;
+      if (done < length) fs.read(fd, buf, bufOffset + done, length - done, offset + done, step);
+      else req.done(0);
+    };
+    if (done >= length) req.done(0);
+    else fs.read(fd, buf, bufOffset + done, length - done, offset + done, step);
+  }
+
+  private writePool(req: IoRequest, done: number, fua: boolean): void {
+    const fd = this.fd;
+    const { buf, bufOffset, length, offset } = req;
+    const step = (err: NodeJS.ErrnoException | null, n: number): void => {
+      if (err) {
+        req.done(errnoOf(err));
+        return;
+      }
+      done += n;
+      if (done < length) fs.write(fd, buf, bufOffset + done, length - done, offset + done, step);
+      else if (fua) this.sync(req);
+      else req.done(0);
+    };
+    if (done >= length) {
+      if (fua) this.sync(req);
+      else req.done(0);
+      return;
+    }
+    fs.write(fd, buf, bufOffset + done, length - done, offset + done, step);
+  }
+
+  /** fdatasync on the pool, then done. */
+  private sync(req: IoRequest): void {
+    fs.fdatasync(this.fd, (err) => req.done(err ? errnoOf(err) : 0));
+  }
+
+  // ---- other commands ----------------------------------------------------
+
+  flush(req: IoRequest): void {
+    this.sync(req);
+  }
+
+  trim(req: IoRequest, fua: boolean): void {
+    if (req.length === 0 || !this.canPunch) {
+      // Trim is advisory: not deallocating is a valid outcome.
+      this.finish(req, 0, fua);
+      return;
+    }
+    const c = this.native.constants;
+    this.native
+      .fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | c.FALLOC_FL_KEEP_SIZE, req.offset, req.length)
+      .then((r) => {
+        if (isUnsupported(r)) {
+          this.canPunch = false;
+          r = 0;
+        }
+        this.finish(req, r, fua);
+      });
+  }
+
+  zero(req: IoRequest, mayTrim: boolean, fast: boolean, fua: boolean): void {
+    if (req.length === 0) {
+      this.finish(req, 0, fua);
+      return;
+    }
+    void this.zeroAsync(req, mayTrim, fast).then((r) => this.finish(req, r, fua));
+  }
+
+  /** 0, a negative errno, or -ENOTSUP when `fast` and only writing zeroes would do. */
+  private async zeroAsync(req: IoRequest, mayTrim: boolean, fast: boolean): Promise<number> {
+    const n = this.native;
+    const c = n.constants;
+    const keep = c.FALLOC_FL_KEEP_SIZE;
+    const { offset, length } = req;
+    if (mayTrim && this.canPunch) {
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length);
+      if (!isUnsupported(r)) return r;
+      this.canPunch = false;
+    }
+    if (this.canZeroRange) {
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_ZERO_RANGE | keep, offset, length);
+      if (!isUnsupported(r)) return r;
+      this.canZeroRange = false;
+    }
+    if (!mayTrim && this.canPunch) {
+      // No ZERO_RANGE (tmpfs, some network filesystems): punch, then allocate again.
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length);
+      if (r === 0) {
+        // The range already reads as zeroes; failing to allocate it is only a lost hint.
+        const a = await n.fallocate(this.fd, keep, offset, length);
+        return isUnsupported(a) ? 0 : a;
+      }
+      if (!isUnsupported(r)) return r;
+      this.canPunch = false;
+    }
+    if (fast) return -ENOTSUP;
+    return this.writeZeroes(offset, length);
+  }
+
+  /** Writes zeroes in pieces of at most ZERO_CHUNK from one shared buffer. */
+  private writeZeroes(offset: number, length: number): Promise<number> {
+    zeroBuf ??= Buffer.alloc(ZERO_CHUNK);
+    const zeroes = zeroBuf;
+    const fd = this.fd;
+    const end = offset + length;
+    return new Promise((resolve) => {
+      let pos = offset;
+      const step = (err: NodeJS.ErrnoException | null, n: number): void => {
+        if (err) {
+          resolve(-errnoOf(err));
+          return;
+        }
+        pos += n;
+        if (pos >= end) resolve(0);
+        else fs.write(fd, zeroes, 0, Math.min(ZERO_CHUNK, end - pos), pos, step);
+      };
+      fs.write(fd, zeroes, 0, Math.min(ZERO_CHUNK, end - pos), pos, step);
+    });
+  }
+
+  /** Completes a request from a 0/-errno result, after an fdatasync if `fua` and it succeeded. */
+  private finish(req: IoRequest, ret: number, fua: boolean): void {
+    if (ret < 0) req.done(-ret);
+    else if (fua) this.sync(req);
+    else req.done(0);
+  }
+
+  cache(req: IoRequest): void {
+    // WILLNEED only queues readahead; it does not wait for the reads.
+    const r = this.native.fadvise(
+      this.fd,
+      req.offset,
+      req.length,
+      this.native.constants.POSIX_FADV_WILLNEED,
+    );
+    req.done(r < 0 ? -r : 0);
+  }
+
+  extents(offset: number, length: number, max: number, out: Extent[]): number {
+    const limit = this.size;
+    // Runs are clamped to the requested range: a client asking for a single
+    // extent (REQ_ONE) must not get one longer than its request.
+    const end = Math.min(offset + length, limit);
+    if (max <= 0 || offset >= end) return 0;
+    const { lseek, constants: c } = this.native;
+    const fd = this.fd;
+    const start = out.length;
+    let pushed = 0;
+    let last: Extent | undefined;
+    let pos = offset;
+    while (pos < end) {
+      let next: number;
+      let hole: boolean;
+      const data = lseek(fd, pos, c.SEEK_DATA);
+      if (data < 0 && data !== -c.ENXIO) {
+        out.length = start;
+        return -data;
+      }
+      if (data < 0 || data > pos) {
+        // A hole up to the next data (ENXIO: no data after pos, a hole to the end).
+        hole = true;
+        next = data < 0 ? limit : data;
+      } else {
+        const h = lseek(fd, pos, c.SEEK_HOLE);
+        if (h < 0 && h !== -c.ENXIO) {
+          out.length = start;
+          return -h;
+        }
+        if (h >= 0 && h <= pos) continue; // the file changed between the two calls
+        // ENXIO: the file shrank between the two calls, the rest reads as zeroes.
+        hole = h < 0;
+        next = h < 0 ? limit : h;
+      }
+      const len = Math.min(next, end) - pos;
+      if (last && last.hole === hole) {
+        last.length += len;
+      } else {
+        if (pushed >= max) break;
+        last = { length: len, hole };
+        out.push(last);
+        pushed++;
+      }
+      pos += len;
+    }
+    return 0;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.native.flock(this.fd, this.native.constants.LOCK_UN);
+    await closeAsync(this.fd);
+  }
+}
+
+// ---- opening ---------------------------------------------------------------
+
+function errnoName(errno: number): string {
+  for (const [name, value] of Object.entries(osConstants.errno)) {
+    if (value === errno) return name;
+  }
+  return `errno ${errno}`;
+}
+
+/** Opens (or, given a size, creates) the file; nothing is resized here. */
+async function openFile(
+  path: string,
+  size: number | undefined,
+  readOnly: boolean,
+): Promise<{ fd: number; created: boolean }> {
+  const { O_RDONLY, O_RDWR, O_CREAT, O_EXCL } = fs.constants;
+  for (;;) {
+    let st: fs.Stats | undefined;
+    try {
+      st = await fs.promises.stat(path);
+    } catch (cause) {
+      const code = (cause as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT') throw openError(path, cause);
+    }
+    if (!st) {
+      if (size === undefined) {
+        throw new BallastError(
+          'BALLAST_FILE_NOT_FOUND',
+          `${path} does not exist (give a size to create it)`,
+        );
+      }
+      if (readOnly) {
+        throw new BallastError(
+          'BALLAST_FILE_NOT_FOUND',
+          `${path} does not exist, and a read-only export does not create it`,
+        );
+      }
+      try {
+        // Guest memory may land here: readable by the owner only.
+        return { fd: await openAsync(path, O_RDWR | O_CREAT | O_EXCL, 0o600), created: true };
+      } catch (cause) {
+        if ((cause as NodeJS.ErrnoException).code === 'EEXIST') continue; // raced a creator
+        throw openError(path, cause);
+      }
+    }
+    // Checked before opening: opening a FIFO read-only would block.
+    if (!st.isFile()) {
+      throw new BallastError(
+        'BALLAST_FILE_INVALID',
+        `${path} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}`,
+      );
+    }
+    try {
+      return { fd: await openAsync(path, readOnly ? O_RDONLY : O_RDWR), created: false };
+    } catch (cause) {
+      if ((cause as NodeJS.ErrnoException).code === 'ENOENT') continue; // removed meanwhile
+      throw openError(path, cause);
+    }
+  }
+}
+
+function openError(path: string, cause: unknown): BallastError {
+  const e = cause as NodeJS.ErrnoException;
+  if (e.code === 'EISDIR') {
+    return new BallastError('BALLAST_FILE_INVALID', `${path} is a directory`, { cause });
+  }
+  return new BallastError('BALLAST_FILE_OPEN', `cannot open ${path}: ${e.code ?? e.message}`, {
+    cause,
+  });
+}
+
+// ---- rotational detection --------------------------------------------------
+
+/** Major and minor numbers of a Linux dev_t (glibc's encoding). */
+function splitDev(dev: number): [number, number] {
+  const d = BigInt(dev);
+  const major = ((d & 0xfff00n) >> 8n) | ((d & 0xfffff00000000000n) >> 32n);
+  const minor = (d & 0xffn) | ((d & 0xffffff00000n) >> 12n);
+  return [Number(major), Number(minor)];
+}
+
+/**
+ * Whether the block device holding the file is rotational, from
+ * /sys/dev/block/MAJ:MIN/queue/rotational (a partition has no queue/: its
+ * parent device's is used). False when unknown (tmpfs, overlay, btrfs, NFS...).
+ */
+export async function detectRotational(dev: number): Promise<boolean> {
+  const [major, minor] = splitDev(dev);
+  if (major === 0) return false; // anonymous device: no block device behind it
+  try {
+    let dir = await fs.promises.realpath(`/sys/dev/block/${major}:${minor}`);
+    for (let i = 0; i < 4 && dir.startsWith('/sys/devices/'); i++) {
+      try {
+        const text = await fs.promises.readFile(join(dir, 'queue', 'rotational'), 'utf8');
+        return text.trim() === '1';
+      } catch {
+        dir = dirname(dir);
+      }
+    }
+  } catch {
+    // no such device in sysfs
+  }
+  return false;
+}

@@ -1,0 +1,160 @@
+// The `ballast` command line. Exit codes: 0 success, 1 runtime error (a
+// stable BALLAST_* code is printed), 2 usage error.
+
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError, Option } from 'commander';
+import { isBallastError } from '../agent/errors.js';
+import { type ExportSpec, parseExportSpec, serve } from './serve.js';
+import { parseSize } from './size.js';
+
+/** package.json sits two levels up from dist/cli/, one from cli/ (tests). */
+function packageVersion(): string {
+  for (const rel of ['../../package.json', '../package.json']) {
+    try {
+      const p = JSON.parse(readFileSync(new URL(rel, import.meta.url), 'utf8')) as {
+        name?: string;
+        version?: string;
+      };
+      if (p.name === 'ballast' && p.version) return p.version;
+    } catch {}
+  }
+  return '0.0.0';
+}
+const pkg = { version: packageVersion() };
+
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
+function positiveInt(what: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n <= 0)
+      throw new CommanderError(
+        2,
+        'ballast.usage',
+        `${what} must be a positive integer, got ${JSON.stringify(v)}`,
+      );
+    return n;
+  };
+}
+
+export function buildProgram(): Command {
+  const program = new Command('ballast')
+    .description(
+      'Ballast: a virtual I/O server for Linux/KVM. Serves virtual block devices over NBD, ' +
+        'backed by sparse files, for guest paging (swap) and crash-dump devices.',
+    )
+    .version(pkg.version, '-V, --version', 'print the version and exit')
+    .helpOption('-h, --help', 'show help for ballast or for a command (ballast <command> --help)')
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+
+  program
+    .command('serve')
+    .summary('serve files over NBD, like qemu-nbd or nbdkit file')
+    .description(
+      'Serve one or more files over the NBD protocol (fixed newstyle, structured replies, ' +
+        'base:allocation). FILE is created as a sparse file when it does not exist and --size ' +
+        'is given. With a single export, the empty export name reaches it too, so ' +
+        'nbd://127.0.0.1/ works. SIGTERM or SIGINT stops accepting, finishes the requests ' +
+        'in flight, flushes and exits 0.',
+    )
+    .argument('[FILE]', 'the file to serve (or use --export for several)')
+    .option('-s, --size <SIZE>', 'size of FILE when creating it, e.g. 64M, 10G (binary units)')
+    .option('-n, --name <NAME>', 'export name for FILE (default: the empty name)')
+    .option('-r, --read-only', 'serve read-only: writes fail with EPERM, no write flags advertised')
+    .option('-d, --description <TEXT>', 'export description shown by nbdinfo and NBD_OPT_LIST')
+    .option(
+      '-e, --export <SPEC>',
+      'serve another file: name=N,file=F[,size=S][,read-only][,description=D] (repeatable)',
+      collect,
+    )
+    .option(
+      '-l, --listen <HOST:PORT>',
+      'listen on a TCP address (repeatable; default 127.0.0.1:10809 unless --socket is given)',
+      collect,
+    )
+    .option('-u, --socket <PATH>', 'listen on a Unix socket (repeatable)', collect)
+    .addOption(
+      new Option('--max-connections <N>', 'connections served at once; more are closed')
+        .default(256)
+        .argParser(positiveInt('--max-connections')),
+    )
+    .addOption(
+      new Option(
+        '--handshake-timeout <SECONDS>',
+        'drop clients that have not finished the handshake',
+      )
+        .default(10)
+        .argParser(positiveInt('--handshake-timeout')),
+    )
+    .option('-v, --verbose', 'log every connection and refused request to stderr')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  ballast serve disk.img --size 10G                 # nbd://127.0.0.1:10809/
+  ballast serve disk.img --socket /run/disk.sock    # nbd+unix:///?socket=/run/disk.sock
+  ballast serve --export name=swap,file=swap.img,size=4G \\
+                --export name=dump,file=dump.img,size=8G,read-only --listen 127.0.0.1:10809
+
+Errors (stable codes): BALLAST_FILE_NOT_FOUND, BALLAST_FILE_LOCKED, BALLAST_BAD_SIZE,
+BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_IN_USE.`,
+    )
+    .action(async (file: string | undefined, o: Record<string, unknown>) => {
+      const exports: ExportSpec[] = [];
+      if (file !== undefined) {
+        exports.push({
+          name: (o.name as string | undefined) ?? '',
+          file,
+          size: o.size === undefined ? undefined : parseSize(o.size as string),
+          readOnly: Boolean(o.readOnly),
+          description: (o.description as string | undefined) ?? '',
+        });
+      } else if (o.size !== undefined || o.readOnly || o.name) {
+        throw new CommanderError(
+          2,
+          'ballast.usage',
+          '--size, --name and --read-only apply to FILE; with --export put them in the spec',
+        );
+      }
+      for (const spec of (o.export as string[] | undefined) ?? [])
+        exports.push(parseExportSpec(spec));
+      await serve({
+        exports,
+        listen: (o.listen as string[] | undefined) ?? [],
+        socket: (o.socket as string[] | undefined) ?? [],
+        maxConnections: o.maxConnections as number,
+        handshakeTimeoutMs: (o.handshakeTimeout as number) * 1000,
+        verbose: Boolean(o.verbose),
+      });
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (
+        e.code === 'commander.helpDisplayed' ||
+        e.code === 'commander.version' ||
+        e.exitCode === 0
+      ) {
+        process.exit(0);
+      }
+      if (e.code === 'ballast.usage') process.stderr.write(`ballast: ${e.message}\n`);
+      process.exit(2);
+    }
+    if (isBallastError(e)) {
+      process.stderr.write(`ballast: error ${e.code}: ${e.message}\n`);
+      process.exit(1);
+    }
+    process.stderr.write(`ballast: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
+    process.exit(1);
+  }
+}

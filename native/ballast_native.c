@@ -1,0 +1,207 @@
+// Syscalls Node lacks, for the sparse-file backend: fallocate (punch/zero),
+// lseek with SEEK_DATA/SEEK_HOLE, flock, and preadv2/pwritev2 with RWF_NOWAIT
+// so page-cached I/O can complete on the event loop without a thread-pool
+// round trip. Hot-path calls return a negative errno instead of throwing.
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/file.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+#define CHECK(call)                                                   \
+  do {                                                                \
+    if ((call) != napi_ok) {                                          \
+      napi_throw_error(env, "BALLAST_NATIVE_ARG", "bad argument");   \
+      return NULL;                                                    \
+    }                                                                 \
+  } while (0)
+
+static napi_value make_int64(napi_env env, int64_t v) {
+  napi_value out;
+  napi_create_int64(env, v, &out);
+  return out;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, "BALLAST_NATIVE_ARG", "missing arguments");
+    return -1;
+  }
+  return 0;
+}
+
+// rw(fd, buffer, bufOffset, length, position) -> bytes or -errno
+static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
+  napi_value argv[5];
+  if (get_args(env, info, 5, argv) < 0) return NULL;
+  int32_t fd;
+  void *data;
+  size_t buflen;
+  int64_t boff, len, pos;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &buflen));
+  CHECK(napi_get_value_int64(env, argv[2], &boff));
+  CHECK(napi_get_value_int64(env, argv[3], &len));
+  CHECK(napi_get_value_int64(env, argv[4], &pos));
+  if (boff < 0 || len < 0 || pos < 0 || (uint64_t)boff > buflen ||
+      (uint64_t)len > buflen - (uint64_t)boff) {
+    return make_int64(env, -EINVAL);
+  }
+  struct iovec iov = {.iov_base = (char *)data + boff, .iov_len = (size_t)len};
+  ssize_t r;
+  do {
+    r = write ? pwritev2(fd, &iov, 1, pos, RWF_NOWAIT) : preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  return make_int64(env, r < 0 ? -errno : r);
+}
+
+static napi_value pread_nowait(napi_env env, napi_callback_info info) { return do_rw(env, info, 0); }
+static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return do_rw(env, info, 1); }
+
+// lseek(fd, offset, whence) -> offset or -errno
+static napi_value do_lseek(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv) < 0) return NULL;
+  int32_t fd, whence;
+  int64_t off;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int64(env, argv[1], &off));
+  CHECK(napi_get_value_int32(env, argv[2], &whence));
+  off_t r = lseek(fd, (off_t)off, whence);
+  return make_int64(env, r < 0 ? -errno : (int64_t)r);
+}
+
+// flock(fd, operation) -> 0 or -errno
+static napi_value do_flock(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv) < 0) return NULL;
+  int32_t fd, op;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int32(env, argv[1], &op));
+  int r;
+  do {
+    r = flock(fd, op);
+  } while (r < 0 && errno == EINTR);
+  return make_int64(env, r < 0 ? -errno : 0);
+}
+
+// fadvise(fd, offset, length, advice) -> 0 or -errno. Synchronous: WILLNEED
+// only queues readahead, it does not wait for the I/O.
+static napi_value do_fadvise(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv) < 0) return NULL;
+  int32_t fd, advice;
+  int64_t off, len;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int64(env, argv[1], &off));
+  CHECK(napi_get_value_int64(env, argv[2], &len));
+  CHECK(napi_get_value_int32(env, argv[3], &advice));
+  int r = posix_fadvise(fd, (off_t)off, (off_t)len, advice);  // returns the error, no errno
+  return make_int64(env, -r);
+}
+
+// fallocate runs on the thread pool: punching a large, fragmented range can
+// take long enough to matter on the event loop.
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd;
+  int mode;
+  int64_t offset;
+  int64_t length;
+  int err;
+} falloc_job;
+
+static void falloc_execute(napi_env env, void *data) {
+  (void)env;
+  falloc_job *job = data;
+  int r;
+  do {
+    r = fallocate(job->fd, job->mode, (off_t)job->offset, (off_t)job->length);
+  } while (r < 0 && errno == EINTR);
+  job->err = r < 0 ? errno : 0;
+}
+
+static void falloc_complete(napi_env env, napi_status status, void *data) {
+  falloc_job *job = data;
+  int err = status == napi_ok ? job->err : ECANCELED;
+  napi_resolve_deferred(env, job->deferred, make_int64(env, err ? -err : 0));
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+// fallocate(fd, mode, offset, length) -> Promise<0 | -errno>
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv) < 0) return NULL;
+  falloc_job *job = calloc(1, sizeof(*job));
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  int32_t fd, mode;
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &mode) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &job->offset) != napi_ok ||
+      napi_get_value_int64(env, argv[3], &job->length) != napi_ok) {
+    free(job);
+    napi_throw_type_error(env, "BALLAST_NATIVE_ARG", "bad argument");
+    return NULL;
+  }
+  job->fd = fd;
+  job->mode = mode;
+  napi_value promise, name;
+  napi_create_promise(env, &job->deferred, &promise);
+  napi_create_string_utf8(env, "ballast.fallocate", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return promise;
+}
+
+static void set_int(napi_env env, napi_value obj, const char *name, int64_t v) {
+  napi_set_named_property(env, obj, name, make_int64(env, v));
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
+      {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_default, NULL},
+      {"lseek", NULL, do_lseek, NULL, NULL, NULL, napi_default, NULL},
+      {"flock", NULL, do_flock, NULL, NULL, NULL, napi_default, NULL},
+      {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
+      {"fadvise", NULL, do_fadvise, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  napi_value c;
+  napi_create_object(env, &c);
+  set_int(env, c, "SEEK_DATA", SEEK_DATA);
+  set_int(env, c, "SEEK_HOLE", SEEK_HOLE);
+  set_int(env, c, "LOCK_SH", LOCK_SH);
+  set_int(env, c, "LOCK_EX", LOCK_EX);
+  set_int(env, c, "LOCK_NB", LOCK_NB);
+  set_int(env, c, "LOCK_UN", LOCK_UN);
+  set_int(env, c, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE);
+  set_int(env, c, "FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE);
+  set_int(env, c, "FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE);
+  set_int(env, c, "POSIX_FADV_WILLNEED", POSIX_FADV_WILLNEED);
+  set_int(env, c, "EAGAIN", EAGAIN);
+  set_int(env, c, "EOPNOTSUPP", EOPNOTSUPP);
+  set_int(env, c, "ENXIO", ENXIO);
+  set_int(env, c, "EWOULDBLOCK", EWOULDBLOCK);
+  napi_set_named_property(env, exports, "constants", c);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

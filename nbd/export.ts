@@ -1,0 +1,34 @@
+import type { Backend } from './backend.js';
+
+/** A named export as the protocol sees it. */
+export interface Export {
+  readonly name: string;
+  readonly description: string;
+  readonly backend: Backend;
+  /** Served read-only even if the backend could write. */
+  readonly readOnly: boolean;
+}
+
+/** Where the server finds exports. The agent's catalogue changes at run time. */
+export interface ExportCatalog {
+  /** Every export, for NBD_OPT_LIST. */
+  list(): Iterable<Export>;
+  /** The export a client asked for by name; '' may resolve to a default. */
+  lookup(name: string): Export | undefined;
+}
+
+/** A fixed set of exports; with exactly one, the empty name reaches it too. */
+export class StaticCatalog implements ExportCatalog {
+  private readonly byName = new Map<string, Export>();
+  constructor(exports: Export[]) {
+    for (const e of exports) this.byName.set(e.name, e);
+  }
+  list(): Iterable<Export> {
+    return this.byName.values();
+  }
+  lookup(name: string): Export | undefined {
+    const e = this.byName.get(name);
+    if (e || name !== '' || this.byName.size !== 1) return e;
+    return this.byName.values().next().value;
+  }
+}

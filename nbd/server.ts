@@ -1,0 +1,737 @@
+// The transport: sockets, flow control and request dispatch on top of the
+// socket-free pieces (HandshakeReader + Negotiation, TransmissionReader +
+// validateRequest). One Connection per client; requests in flight live in
+// reusable Slots so the data path allocates nothing per request.
+
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import type { Backend, Extent, IoRequest } from './backend.js';
+import { nbdError } from './errors.js';
+import type { Export, ExportCatalog } from './export.js';
+import { greeting, Negotiation, type Session } from './negotiation.js';
+import {
+  CHUNK_HEADER_SIZE,
+  CMD,
+  CMD_FLAG,
+  cmdName,
+  META_ID_BASE_ALLOCATION,
+  NBD_ERR,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE,
+  REQUEST_MAGIC,
+  SIMPLE_REPLY_MAGIC,
+  STATE_HOLE,
+  STATE_ZERO,
+  STRUCTURED_REPLY_MAGIC,
+} from './protocol.js';
+import {
+  Decision,
+  HandshakeReader,
+  type HandshakeSink,
+  type RequestHeader,
+  TransmissionReader,
+  type TransmissionSink,
+} from './reader.js';
+import { type ValidationContext, validateRequest } from './validate.js';
+
+export interface ServerOptions {
+  catalog: ExportCatalog;
+  /** Connections across all listeners; more are closed at once. */
+  maxConnections?: number;
+  /** A client must finish the handshake within this time. */
+  handshakeTimeoutMs?: number;
+  /** Requests in flight per connection before reading stops. */
+  maxInFlight?: number;
+  /** Request/reply bytes held per connection before reading stops. */
+  maxBufferedBytes?: number;
+  /** Control-path log; the data path never logs. */
+  log?: (level: 'debug' | 'info' | 'warn', msg: string) => void;
+  /** Access check at GO / EXPORT_NAME: a message refuses with ERR_POLICY. */
+  authorize?: (exp: Export, conn: Connection) => string | null;
+}
+
+export interface ServerStats {
+  connectionsTotal: number;
+  connectionsRefused: number;
+  requests: number[];
+  errors: number;
+  bytesRead: number;
+  bytesWritten: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+/** Extents per READ before the rest is sent as data. */
+const READ_MAX_EXTENTS = 16;
+/** Descriptors per BLOCK_STATUS reply. */
+const STATUS_MAX_EXTENTS = 8192;
+/** A slot keeps its buffer for reuse only up to this size... */
+const RETAIN_BUFFER = 2 * 1024 * 1024;
+/** ...and a connection keeps at most this much in retained buffers. */
+const RETAIN_TOTAL = 16 * 1024 * 1024;
+
+class Slot implements IoRequest {
+  offset = 0;
+  length = 0;
+  buf: Buffer = EMPTY;
+  bufOffset = 0;
+  type = 0;
+  flags = 0;
+  cookieHi = 0;
+  cookieLo = 0;
+  /** Bytes counted against the connection's buffer cap. */
+  charged = 0;
+  /** This slot's own data buffer, reused across requests. */
+  own: Buffer = EMPTY;
+  /** Scratch for reply headers; lives until the reply is written. */
+  readonly hdr = Buffer.allocUnsafe(1024);
+  readonly extents: Extent[] = [];
+  /** The NBD error to answer a refused WRITE with, once its payload is drained. */
+  error = 0;
+  /** Whether `extents` describes the read (structured reads with holes). */
+  mapped = false;
+  readonly done: (errno: number) => void;
+  readonly written: () => void;
+
+  constructor(conn: Connection) {
+    this.done = (errno) => conn.complete(this, errno);
+    this.written = () => conn.release(this);
+  }
+
+}
+
+type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+export class Connection implements HandshakeSink, TransmissionSink {
+  readonly id: number;
+  readonly remote: string;
+  phase: Phase = 'handshake';
+  session: Session | null = null;
+  private readonly neg: Negotiation;
+  private readonly hreader: HandshakeReader;
+  private readonly treader: TransmissionReader;
+  private backend: Backend | null = null;
+  private vctx: ValidationContext | null = null;
+  private readonly free: Slot[] = [];
+  private inUse = 0;
+  private bytesInUse = 0;
+  private retained = 0;
+  /** The slot receiving a WRITE payload. */
+  private current: Slot | null = null;
+  private stalled = false;
+  private pending: Buffer | null = null;
+  private pendingPos = 0;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private readonly maxInFlight: number;
+  private readonly maxBytes: number;
+
+  constructor(
+    private readonly server: NbdServer,
+    readonly socket: net.Socket,
+    id: number,
+  ) {
+    this.id = id;
+    this.remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    const o = server.options;
+    this.maxInFlight = o.maxInFlight ?? 64;
+    this.maxBytes = o.maxBufferedBytes ?? 64 * 1024 * 1024;
+    this.neg = new Negotiation(o.catalog, {
+      authorize: o.authorize ? (exp) => o.authorize!(exp, this) : undefined,
+    });
+    this.hreader = new HandshakeReader(this);
+    this.treader = new TransmissionReader(this);
+    socket.setNoDelay?.(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.server.log('debug', `conn ${id}: ${err.message}`));
+    socket.on('close', () => this.onClose());
+    socket.on('end', () => {
+      // The client half-closed: finish what is in flight, then close.
+      if (this.phase === 'transmission') this.beginClosing();
+      else socket.destroy();
+    });
+    const t = o.handshakeTimeoutMs ?? 10_000;
+    this.handshakeTimer = setTimeout(() => {
+      this.server.log('info', `conn ${id} ${this.remote}: handshake timed out`);
+      socket.destroy();
+    }, t);
+    this.handshakeTimer.unref();
+    socket.write(greeting());
+  }
+
+  get exportName(): string | null {
+    return this.session?.export.name ?? null;
+  }
+
+  get requestsInFlight(): number {
+    return this.inUse;
+  }
+
+  // ---- input ----
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'closed' || this.phase === 'closing') return;
+    this.process(chunk, 0);
+  }
+
+  private process(chunk: Buffer, pos: number): void {
+    const sock = this.socket;
+    sock.cork();
+    try {
+      if (this.phase === 'handshake') {
+        pos += this.hreader.feed(chunk, pos);
+      }
+      if ((this.phase as Phase) !== 'transmission') return;
+      pos += this.treader.feed(chunk, pos);
+      if (this.treader.stopped) return;
+      if (pos < chunk.length || this.treader.hasStagedHeader) {
+        this.stalled = true;
+        this.pending = pos < chunk.length ? chunk : null;
+        this.pendingPos = pos;
+        sock.pause();
+      }
+    } finally {
+      sock.uncork();
+    }
+  }
+
+  private maybeResume(): void {
+    if (!this.stalled || this.phase !== 'transmission') return;
+    this.stalled = false;
+    const chunk = this.pending ?? EMPTY;
+    const pos = this.pendingPos;
+    this.pending = null;
+    this.process(chunk, pos);
+    if (!this.stalled && this.phase === 'transmission') this.socket.resume();
+  }
+
+  // ---- handshake sink ----
+
+  clientFlags(flags: number): boolean {
+    const err = this.neg.clientFlags(flags);
+    if (err) {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${err}; dropping`);
+      this.socket.destroy();
+      return false;
+    }
+    return true;
+  }
+
+  badMagic(): void {
+    this.server.log('info', `conn ${this.id} ${this.remote}: bad option magic; dropping`);
+    this.socket.destroy();
+  }
+
+  option(opt: number, data: Buffer | null): boolean {
+    const step = this.neg.option(opt, data);
+    for (const r of step.replies) this.socket.write(r);
+    if (step.verdict === 'continue') return true;
+    if (step.verdict === 'close') {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${step.reason ?? 'closed'}`);
+      this.phase = 'closing';
+      this.socket.end();
+      return false;
+    }
+    this.enterTransmission(this.neg.session!);
+    return false;
+  }
+
+  private enterTransmission(s: Session): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.session = s;
+    this.backend = s.export.backend;
+    this.vctx = {
+      flags: s.flags,
+      size: s.export.backend.size,
+      structured: s.structured,
+      allocationContext: s.allocationContext,
+    };
+    this.phase = 'transmission';
+    this.server.log(
+      'debug',
+      `conn ${this.id} ${this.remote}: serving ${JSON.stringify(s.export.name)}`,
+    );
+  }
+
+  // ---- transmission sink ----
+
+  request(h: RequestHeader): Decision {
+    if (h.magic !== REQUEST_MAGIC) {
+      this.server.log('info', `conn ${this.id} ${this.remote}: bad request magic; dropping`);
+      this.socket.destroy();
+      return Decision.Stop;
+    }
+    if (h.type === CMD.DISC) {
+      this.beginClosing();
+      return Decision.Stop;
+    }
+    if (this.inUse >= this.maxInFlight) return Decision.Stall;
+    const err = validateRequest(h, this.vctx!);
+    const carries = !err && (h.type === CMD.READ || h.type === CMD.WRITE) ? h.length : 0;
+    if (carries && this.inUse > 0 && this.bytesInUse + carries > this.maxBytes) {
+      return Decision.Stall;
+    }
+    const slot = this.acquire(h, carries);
+    this.server.stats.requests[h.type < 16 ? h.type : 15]!++;
+    if (err) {
+      this.server.stats.errors++;
+      this.server.log('debug', `conn ${this.id}: ${cmdName(h.type)} refused with ${err}`);
+      if (h.type === CMD.WRITE) {
+        // Answer once the payload is drained: clients do not expect a reply
+        // to a request they are still sending.
+        slot.error = err;
+        this.current = slot;
+        return Decision.Discard;
+      }
+      this.sendError(slot, err);
+      return Decision.None;
+    }
+    const backend = this.backend!;
+    switch (h.type) {
+      case CMD.READ:
+        this.startRead(slot, backend);
+        return Decision.None;
+      case CMD.WRITE:
+        this.current = slot;
+        return Decision.Payload;
+      case CMD.FLUSH:
+        backend.flush(slot);
+        return Decision.None;
+      case CMD.TRIM:
+        backend.trim(slot, (h.flags & CMD_FLAG.FUA) !== 0);
+        return Decision.None;
+      case CMD.WRITE_ZEROES:
+        backend.zero(
+          slot,
+          (h.flags & CMD_FLAG.NO_HOLE) === 0,
+          (h.flags & CMD_FLAG.FAST_ZERO) !== 0,
+          (h.flags & CMD_FLAG.FUA) !== 0,
+        );
+        return Decision.None;
+      case CMD.CACHE:
+        backend.cache(slot);
+        return Decision.None;
+      case CMD.BLOCK_STATUS:
+        this.blockStatus(slot, backend);
+        return Decision.None;
+      default:
+        this.sendError(slot, NBD_ERR.EINVAL);
+        return Decision.None;
+    }
+  }
+
+  payloadView(chunk: Buffer, start: number): void {
+    const slot = this.current!;
+    this.current = null;
+    slot.buf = chunk;
+    slot.bufOffset = start;
+    this.startWrite(slot);
+  }
+
+  payloadTarget(): Buffer {
+    const slot = this.current!;
+    this.useOwn(slot, slot.length);
+    return slot.buf;
+  }
+
+  payloadTargetOffset(): number {
+    return 0;
+  }
+
+  payloadFilled(): void {
+    const slot = this.current!;
+    this.current = null;
+    this.startWrite(slot);
+  }
+
+  discardDone(): void {
+    const slot = this.current!;
+    this.current = null;
+    this.sendError(slot, slot.error);
+  }
+
+  // ---- dispatch ----
+
+  private acquire(h: RequestHeader, charge: number): Slot {
+    let slot = this.free.pop();
+    if (!slot) slot = new Slot(this);
+    slot.type = h.type;
+    slot.flags = h.flags;
+    slot.cookieHi = h.cookieHi;
+    slot.cookieLo = h.cookieLo;
+    slot.offset = h.offset;
+    slot.length = h.length;
+    slot.buf = EMPTY;
+    slot.bufOffset = 0;
+    slot.mapped = false;
+    slot.charged = charge;
+    this.bytesInUse += charge;
+    this.inUse++;
+    return slot;
+  }
+
+  /** Called once a slot's reply has been handed to the kernel. */
+  release(slot: Slot): void {
+    this.inUse--;
+    this.bytesInUse -= slot.charged;
+    slot.charged = 0;
+    slot.buf = EMPTY;
+    const own = slot.own.length;
+    if (own > RETAIN_BUFFER || this.retained > RETAIN_TOTAL) {
+      this.retained -= own;
+      slot.own = EMPTY;
+    }
+    this.free.push(slot);
+    if (this.stalled) this.maybeResume();
+    else if (this.phase === 'closing' && this.inUse === 0) this.finishClosing();
+  }
+
+  /** Point the slot's `buf` at its own buffer, grown to `len`. */
+  private useOwn(slot: Slot, len: number): void {
+    if (slot.own.length < len) {
+      this.retained += len - slot.own.length;
+      slot.own = Buffer.allocUnsafeSlow(len);
+    }
+    slot.buf = slot.own;
+    slot.bufOffset = 0;
+  }
+
+  private startWrite(slot: Slot): void {
+    this.server.stats.bytesWritten += slot.length;
+    this.backend!.write(slot, (slot.flags & CMD_FLAG.FUA) !== 0);
+  }
+
+  private startRead(slot: Slot, backend: Backend): void {
+    const s = this.vctx!;
+    if (s.structured && backend.caps.extents) {
+      const ext = slot.extents;
+      ext.length = 0;
+      if (
+        backend.extents(slot.offset, slot.length, READ_MAX_EXTENTS, ext) === 0 &&
+        ext.length > 0
+      ) {
+        const first = ext[0]!;
+        if (first.hole && first.length >= slot.length) {
+          // All hole: nothing to read.
+          this.sendHole(slot);
+          return;
+        }
+        if (!(first.length >= slot.length) && !(slot.flags & CMD_FLAG.DF)) slot.mapped = true;
+      }
+    }
+    this.server.stats.bytesRead += slot.length;
+    this.useOwn(slot, slot.length);
+    backend.read(slot);
+  }
+
+  /** Backend completion for every command. */
+  complete(slot: Slot, errno: number): void {
+    if (this.phase === 'closed') {
+      this.release(slot);
+      return;
+    }
+    if (errno !== 0) {
+      this.server.stats.errors++;
+      const fast = slot.type === CMD.WRITE_ZEROES && (slot.flags & CMD_FLAG.FAST_ZERO) !== 0;
+      this.sendError(slot, nbdError(errno, fast));
+      return;
+    }
+    if (slot.type === CMD.READ) this.sendData(slot);
+    else this.sendSimple(slot, 0);
+  }
+
+  private blockStatus(slot: Slot, backend: Backend): void {
+    const ext = slot.extents;
+    ext.length = 0;
+    const one = (slot.flags & CMD_FLAG.REQ_ONE) !== 0;
+    const errno = backend.extents(slot.offset, slot.length, one ? 1 : STATUS_MAX_EXTENTS, ext);
+    if (errno !== 0 || ext.length === 0) {
+      this.sendError(slot, errno ? nbdError(errno) : NBD_ERR.EIO);
+      return;
+    }
+    // Descriptors never reach past the request, so each length fits in 32 bits.
+    let left = slot.length;
+    let n = 0;
+    for (const e of ext) {
+      if (left === 0) break;
+      n++;
+      left -= Math.min(e.length, left);
+    }
+    const payload = 4 + 8 * n;
+    this.useOwn(slot, payload);
+    const b = slot.buf;
+    b.writeUInt32BE(META_ID_BASE_ALLOCATION, 0);
+    left = slot.length;
+    let p = 4;
+    for (let i = 0; i < n; i++) {
+      const e = ext[i]!;
+      const len = Math.min(e.length, left);
+      left -= len;
+      b.writeUInt32BE(len, p);
+      b.writeUInt32BE(e.hole ? STATE_HOLE | STATE_ZERO : 0, p + 4);
+      p += 8;
+    }
+    const h = slot.hdr;
+    this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, payload);
+    const sock = this.socket;
+    sock.cork();
+    sock.write(h.subarray(0, CHUNK_HEADER_SIZE));
+    sock.write(b.subarray(0, payload), slot.written);
+    sock.uncork();
+  }
+
+  // ---- replies ----
+
+  private writable(slot: Slot): boolean {
+    if (this.socket.destroyed || !this.socket.writable) {
+      this.release(slot);
+      return false;
+    }
+    return true;
+  }
+
+  private chunkHeader(
+    h: Buffer,
+    at: number,
+    slot: Slot,
+    flags: number,
+    type: number,
+    length: number,
+  ): void {
+    h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, at);
+    h.writeUInt16BE(flags, at + 4);
+    h.writeUInt16BE(type, at + 6);
+    h.writeUInt32BE(slot.cookieHi, at + 8);
+    h.writeUInt32BE(slot.cookieLo, at + 12);
+    h.writeUInt32BE(length, at + 16);
+  }
+
+  private sendSimple(slot: Slot, err: number): void {
+    if (!this.writable(slot)) return;
+    const h = slot.hdr;
+    h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    h.writeUInt32BE(err, 4);
+    h.writeUInt32BE(slot.cookieHi, 8);
+    h.writeUInt32BE(slot.cookieLo, 12);
+    this.socket.write(h.subarray(0, 16), slot.written);
+  }
+
+  private sendError(slot: Slot, err: number): void {
+    // READ and BLOCK_STATUS answer in structured form once it was negotiated.
+    if (!this.vctx?.structured || (slot.type !== CMD.READ && slot.type !== CMD.BLOCK_STATUS)) {
+      this.sendSimple(slot, err);
+      return;
+    }
+    if (!this.writable(slot)) return;
+    const h = slot.hdr;
+    this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.ERROR, 6);
+    h.writeUInt32BE(err, 20);
+    h.writeUInt16BE(0, 24);
+    this.socket.write(h.subarray(0, 26), slot.written);
+  }
+
+  private sendHole(slot: Slot): void {
+    if (!this.writable(slot)) return;
+    const h = slot.hdr;
+    this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_HOLE, 12);
+    writeU64(h, 20, slot.offset);
+    h.writeUInt32BE(slot.length, 28);
+    this.socket.write(h.subarray(0, 32), slot.written);
+  }
+
+  private sendData(slot: Slot): void {
+    if (!this.writable(slot)) return;
+    const sock = this.socket;
+    const h = slot.hdr;
+    const data = slot.buf;
+    const base = slot.bufOffset;
+    if (!this.vctx!.structured) {
+      h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+      h.writeUInt32BE(0, 4);
+      h.writeUInt32BE(slot.cookieHi, 8);
+      h.writeUInt32BE(slot.cookieLo, 12);
+      sock.cork();
+      sock.write(h.subarray(0, 16));
+      sock.write(data.subarray(base, base + slot.length), slot.written);
+      sock.uncork();
+      return;
+    }
+    if (!slot.mapped) {
+      this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, 8 + slot.length);
+      writeU64(h, 20, slot.offset);
+      sock.cork();
+      sock.write(h.subarray(0, 28));
+      sock.write(data.subarray(base, base + slot.length), slot.written);
+      sock.uncork();
+      return;
+    }
+    // Mixed data and holes: one chunk per run, the last one marked DONE.
+    // Whatever the extents did not cover is sent as data.
+    const ext = slot.extents;
+    const total = slot.length;
+    let off = 0;
+    let hp = 0;
+    sock.cork();
+    for (let i = 0; off < total; i++) {
+      const e = i < ext.length ? ext[i]! : null;
+      const len = e ? Math.min(e.length, total - off) : total - off;
+      const done = off + len >= total ? REPLY_FLAG_DONE : 0;
+      const cb = done ? slot.written : undefined;
+      if (e?.hole) {
+        this.chunkHeader(h, hp, slot, done, REPLY_TYPE.OFFSET_HOLE, 12);
+        writeU64(h, hp + 20, slot.offset + off);
+        h.writeUInt32BE(len, hp + 28);
+        sock.write(h.subarray(hp, hp + 32), cb);
+        hp += 32;
+      } else {
+        this.chunkHeader(h, hp, slot, done, REPLY_TYPE.OFFSET_DATA, 8 + len);
+        writeU64(h, hp + 20, slot.offset + off);
+        sock.write(h.subarray(hp, hp + 28));
+        hp += 28;
+        sock.write(data.subarray(base + off, base + off + len), cb);
+      }
+      off += len;
+    }
+    sock.uncork();
+  }
+
+  // ---- closing ----
+
+  private beginClosing(): void {
+    if (this.phase === 'closed') return;
+    if (this.phase === 'handshake') {
+      this.socket.destroy();
+      return;
+    }
+    this.phase = 'closing';
+    this.socket.pause();
+    if (this.inUse === 0) this.finishClosing();
+  }
+
+  private finishClosing(): void {
+    this.socket.end();
+  }
+
+  /** Stop reading, let requests in flight finish, then close (graceful shutdown). */
+  shutdown(): void {
+    this.beginClosing();
+  }
+
+  /** Drop the connection now (deleted export, forced). */
+  kill(): void {
+    this.socket.destroy();
+  }
+
+  private onClose(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.phase = 'closed';
+    this.pending = null;
+    this.server.forget(this);
+  }
+
+  /** Resolves once the socket has closed. */
+  closed(): Promise<void> {
+    if (this.socket.closed) return Promise.resolve();
+    return new Promise((resolve) => this.socket.once('close', () => resolve()));
+  }
+}
+
+function writeU64(b: Buffer, at: number, v: number): void {
+  b.writeUInt32BE(Math.floor(v / 0x100000000), at);
+  b.writeUInt32BE(v >>> 0, at + 4);
+}
+
+export type ListenTarget = { host: string; port: number } | { path: string };
+
+export class NbdServer extends EventEmitter {
+  readonly connections = new Set<Connection>();
+  readonly stats: ServerStats = {
+    connectionsTotal: 0,
+    connectionsRefused: 0,
+    requests: new Array<number>(16).fill(0),
+    errors: 0,
+    bytesRead: 0,
+    bytesWritten: 0,
+  };
+  private readonly netServers: net.Server[] = [];
+  private nextId = 1;
+  private closing = false;
+
+  constructor(readonly options: ServerOptions) {
+    super();
+  }
+
+  log(level: 'debug' | 'info' | 'warn', msg: string): void {
+    this.options.log?.(level, msg);
+  }
+
+  /** Start listening; resolves with the bound address. */
+  listen(target: ListenTarget): Promise<net.AddressInfo | string> {
+    const srv = net.createServer({ noDelay: true, allowHalfOpen: true }, (sock) =>
+      this.accept(sock),
+    );
+    return new Promise((resolve, reject) => {
+      srv.once('error', reject);
+      const ready = (): void => {
+        srv.off('error', reject);
+        srv.on('error', (e) => this.log('warn', `listener: ${e.message}`));
+        this.netServers.push(srv);
+        const a = srv.address();
+        resolve(a ?? '');
+      };
+      if ('path' in target) srv.listen(target.path, ready);
+      else srv.listen(target.port, target.host, ready);
+    });
+  }
+
+  private accept(sock: net.Socket): void {
+    const max = this.options.maxConnections ?? 256;
+    if (this.closing || this.connections.size >= max) {
+      this.stats.connectionsRefused++;
+      this.log(
+        'warn',
+        `refusing connection: ${this.closing ? 'shutting down' : 'connection limit'}`,
+      );
+      sock.destroy();
+      return;
+    }
+    this.stats.connectionsTotal++;
+    const conn = new Connection(this, sock, this.nextId++);
+    this.connections.add(conn);
+    this.emit('connection', conn);
+  }
+
+  /** @internal */
+  forget(conn: Connection): void {
+    this.connections.delete(conn);
+    this.emit('disconnect', conn);
+  }
+
+  /** Connections serving the named export. */
+  connectionsTo(name: string): Connection[] {
+    return [...this.connections].filter((c) => c.exportName === name);
+  }
+
+  /**
+   * Graceful stop: stop accepting, let requests in flight finish, close every
+   * connection. Connections still open after `timeoutMs` are dropped.
+   */
+  async close(timeoutMs = 30_000): Promise<void> {
+    this.closing = true;
+    const stopped = this.netServers.map(
+      (l) => new Promise<void>((resolve) => l.close(() => resolve())),
+    );
+    for (const c of this.connections) c.shutdown();
+    const all = Promise.all([...this.connections].map((c) => c.closed()));
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        for (const c of this.connections) c.kill();
+        resolve();
+      }, timeoutMs);
+    });
+    await Promise.race([all, timeout]);
+    clearTimeout(timer);
+    await Promise.all(stopped);
+  }
+}

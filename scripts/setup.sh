@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian machine (root, Node >= 20) for Ballast.
+#   scripts/setup.sh          what running the agent needs: a C toolchain for the
+#                             native addon, npm packages, the build
+#   scripts/setup.sh --test   also the real peers the tests and benchmarks use:
+#                             QEMU tools, libnbd tools, nbdkit, fio
+# Debian packages are installed only when missing; nothing here relies on what
+# an earlier run left behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want=(python3 make g++)
+if [[ "${1:-}" == "--test" ]]; then
+  want+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
+fi
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error("setup: Node >= 20 is required, found " + process.version); process.exit(1) }'
+
+# npm ci builds the native addon (install script) and dist/ (prepare script).
+npm ci --no-audit --no-fund --loglevel=error
