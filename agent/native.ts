@@ -33,6 +33,8 @@ export interface BallastNative {
   preadNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
   /** pwritev2(RWF_NOWAIT) from buf[bufOff, bufOff+len): bytes written, or -errno. */
   pwriteNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  /** A plain pwrite on this thread (may block): bytes or -errno. */
+  pwriteInline(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
   /** lseek: the resulting offset, or -errno (-ENXIO from SEEK_DATA/SEEK_HOLE past the data). */
   lseek(fd: number, off: number, whence: number): number;
   /** flock: 0 or -errno (-EWOULDBLOCK with LOCK_NB when held elsewhere). */
@@ -45,7 +47,15 @@ export interface BallastNative {
 }
 
 const ADDON = join('build', 'Release', 'ballast_native.node');
-const FUNCTIONS = ['preadNowait', 'pwriteNowait', 'lseek', 'flock', 'fallocate', 'fadvise'];
+const FUNCTIONS = [
+  'preadNowait',
+  'pwriteNowait',
+  'pwriteInline',
+  'lseek',
+  'flock',
+  'fallocate',
+  'fadvise',
+];
 
 let cached: BallastNative | undefined;
 

@@ -24,6 +24,13 @@ const { EIO, ENOTSUP, ENOSYS, EOPNOTSUPP } = osConstants.errno;
 const ZERO_CHUNK = 1 << 20;
 let zeroBuf: Buffer | undefined;
 
+/** Largest write done on the event loop (larger ones always use the pool). */
+const INLINE_MAX = 4 * 1024 * 1024;
+/** An inline write slower than this means the page cache is pushing back... */
+const INLINE_SLOW_MS = 2;
+/** ...and writes use the thread pool for this long. */
+const INLINE_BACKOFF_MS = 1000;
+
 export interface SparseFileOptions {
   /** Export size. Required to create a missing file; grows (sparsely) a smaller one. */
   size?: number;
@@ -61,6 +68,15 @@ export class SparseFileBackend implements Backend {
   // (ext4 rejects buffered RWF_NOWAIT writes with EOPNOTSUPP), to save a syscall.
   private readNowait: boolean;
   private writeNowait: boolean;
+  /**
+   * Where buffered NOWAIT writes are unsupported, writes still go to the page
+   * cache on the event loop while that stays quick; a write that took longer
+   * than INLINE_SLOW_MS (dirty-page throttling, a slow disk) sends writes to
+   * the thread pool until `inlineAfter`.
+   */
+  private readonly inlineWrites: boolean;
+  private inlineAfter = 0;
+  private readonly pwriteInline: BallastNative['pwriteInline'];
   private canPunch: boolean;
   private canZeroRange: boolean;
   private closed = false;
@@ -80,6 +96,8 @@ export class SparseFileBackend implements Backend {
     this.native = native;
     this.preadNowait = native.preadNowait;
     this.pwriteNowait = native.pwriteNowait;
+    this.pwriteInline = native.pwriteInline;
+    this.inlineWrites = opts.nowait !== false && !opts.readOnly;
     this.eagain = -native.constants.EAGAIN;
     this.readNowait = opts.nowait !== false;
     this.writeNowait = opts.nowait !== false && !opts.readOnly;
@@ -205,6 +223,20 @@ export class SparseFileBackend implements Backend {
           return;
         }
         this.writeNowait = false;
+      }
+    }
+    if (this.inlineWrites && req.length <= INLINE_MAX) {
+      const t0 = performance.now();
+      if (t0 >= this.inlineAfter) {
+        const r = this.pwriteInline(this.fd, req.buf, req.bufOffset, req.length, req.offset);
+        const t1 = performance.now();
+        if (t1 - t0 > INLINE_SLOW_MS) this.inlineAfter = t1 + INLINE_BACKOFF_MS;
+        if (r === req.length) {
+          if (fua) this.sync(req);
+          else req.done(0);
+        } else if (r >= 0) this.writePool(req, r, fua);
+        else req.done(-r);
+        return;
       }
     }
     this.writePool(req, 0, fua);

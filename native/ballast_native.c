@@ -43,6 +43,7 @@ static int get_args(napi_env env, napi_callback_info info, size_t want, napi_val
 }
 
 // rw(fd, buffer, bufOffset, length, position) -> bytes or -errno
+// write: 0 read (NOWAIT), 1 write (NOWAIT), 2 write (may block)
 static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
   napi_value argv[5];
   if (get_args(env, info, 5, argv) < 0) return NULL;
@@ -62,13 +63,18 @@ static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
   struct iovec iov = {.iov_base = (char *)data + boff, .iov_len = (size_t)len};
   ssize_t r;
   do {
-    r = write ? pwritev2(fd, &iov, 1, pos, RWF_NOWAIT) : preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+    if (write == 2) r = pwritev2(fd, &iov, 1, pos, 0);
+    else if (write) r = pwritev2(fd, &iov, 1, pos, RWF_NOWAIT);
+    else r = preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
   } while (r < 0 && errno == EINTR);
   return make_int64(env, r < 0 ? -errno : r);
 }
 
 static napi_value pread_nowait(napi_env env, napi_callback_info info) { return do_rw(env, info, 0); }
 static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return do_rw(env, info, 1); }
+// A plain pwrite on the calling thread: for filesystems without buffered
+// RWF_NOWAIT writes, where the caller guards the event loop by timing it.
+static napi_value pwrite_inline(napi_env env, napi_callback_info info) { return do_rw(env, info, 2); }
 
 // lseek(fd, offset, whence) -> offset or -errno
 static napi_value do_lseek(napi_env env, napi_callback_info info) {
@@ -178,6 +184,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
       {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_default, NULL},
+      {"pwriteInline", NULL, pwrite_inline, NULL, NULL, NULL, napi_default, NULL},
       {"lseek", NULL, do_lseek, NULL, NULL, NULL, napi_default, NULL},
       {"flock", NULL, do_flock, NULL, NULL, NULL, napi_default, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},

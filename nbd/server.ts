@@ -96,7 +96,6 @@ class Slot implements IoRequest {
     this.done = (errno) => conn.complete(this, errno);
     this.written = () => conn.release(this);
   }
-
 }
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
