@@ -22,8 +22,9 @@ export function parseHostPort(text: string, defaultPort = 10809): HostPort {
     port = i < 0 ? undefined : text.slice(i + 1);
     if (host === '') host = '127.0.0.1';
   }
-  const p = port === undefined || port === '' ? defaultPort : Number(port);
-  if (!Number.isInteger(p) || p < 0 || p > 65535 || host.includes(':') !== Boolean(v6)) {
+  const p =
+    port === undefined || port === '' ? defaultPort : /^\d+$/.test(port) ? Number(port) : -1;
+  if (p < 0 || p > 65535 || host === '' || host.includes(':') !== Boolean(v6)) {
     throw new BallastError(
       'BALLAST_BAD_ADDRESS',
       `bad listen address ${JSON.stringify(text)}: expected HOST:PORT (e.g. 127.0.0.1:10809 or [::1]:10809)`,

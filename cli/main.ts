@@ -152,7 +152,7 @@ export async function main(argv: string[]): Promise<void> {
     }
     if (isBallastError(e)) {
       process.stderr.write(`ballast: error ${e.code}: ${e.message}\n`);
-      process.exit(1);
+      process.exit(e.code === 'BALLAST_USAGE' ? 2 : 1);
     }
     process.stderr.write(`ballast: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
     process.exit(1);

@@ -19,6 +19,18 @@ export interface ExportSpec {
   description: string;
 }
 
+/** A safety switch: anything unrecognised is an error, never "writable". */
+function parseBool(value: string | undefined, spec: string): boolean {
+  if (value === undefined) return true;
+  const v = value.toLowerCase();
+  if (['true', 'yes', '1', 'on', 'y'].includes(v)) return true;
+  if (['false', 'no', '0', 'off', 'n'].includes(v)) return false;
+  throw new BallastError(
+    'BALLAST_BAD_EXPORT',
+    `--export ${JSON.stringify(spec)}: read-only takes true or false, not ${JSON.stringify(value)}`,
+  );
+}
+
 /** `name=N,file=F[,size=S][,read-only][,description=D]` */
 export function parseExportSpec(text: string): ExportSpec {
   const spec: Partial<ExportSpec> = { readOnly: false, description: '' };
@@ -39,7 +51,7 @@ export function parseExportSpec(text: string): ExportSpec {
       case 'read-only':
       case 'readonly':
       case 'ro':
-        spec.readOnly = value === undefined || value === 'true' || value === 'yes';
+        spec.readOnly = parseBool(value, text);
         break;
       case 'description':
         spec.description = value ?? '';

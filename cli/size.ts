@@ -15,7 +15,7 @@ const UNITS: Record<string, number> = {
  * Suffixes are binary (K = KiB), as with qemu-img and nbdkit.
  */
 export function parseSize(text: string, what = 'size'): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B)?\s*$/i.exec(text);
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTP])(?:i?B)?|B)?\s*$/i.exec(text);
   if (!m) {
     throw new BallastError(
       'BALLAST_BAD_SIZE',

@@ -166,7 +166,19 @@ export class Negotiation {
   }
 
   option(opt: number, data: Buffer | null): Step {
+    if (opt === OPT.SET_META_CONTEXT) {
+      // SET replaces the selection even when it fails.
+      this.metaExport = null;
+      this.metaAllocation = false;
+    }
     if (data === null) {
+      // EXPORT_NAME has no error reply and ABORT's payload is ignored: both end the session.
+      if (opt === OPT.EXPORT_NAME) {
+        return { replies: [], verdict: 'close', reason: 'EXPORT_NAME too large' };
+      }
+      if (opt === OPT.ABORT) {
+        return { replies: [optionReply(opt, REP.ACK)], verdict: 'close', reason: 'client aborted' };
+      }
       return this.error(opt, REP.ERR_TOO_BIG, `${optName(opt)} payload too large`);
     }
     try {

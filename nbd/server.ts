@@ -173,6 +173,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   private process(chunk: Buffer, pos: number): void {
     const sock = this.socket;
+    // Replies produced while this chunk is parsed (page-cache reads and writes
+    // complete synchronously) leave in one writev.
     sock.cork();
     try {
       if (this.phase === 'handshake') {
@@ -187,6 +189,13 @@ export class Connection implements HandshakeSink, TransmissionSink {
         this.pendingPos = pos;
         sock.pause();
       }
+    } catch (e) {
+      // A bug must cost this client its connection, never the server.
+      this.server.log(
+        'warn',
+        `conn ${this.id} ${this.remote}: internal error: ${(e as Error).stack ?? e}`,
+      );
+      sock.destroy();
     } finally {
       sock.uncork();
     }
@@ -607,7 +616,9 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private finishClosing(): void {
-    this.socket.end();
+    // Everything queued is written, then the socket goes, whether or not the
+    // client closes its side.
+    this.socket.destroySoon();
   }
 
   /** Stop reading, let requests in flight finish, then close (graceful shutdown). */

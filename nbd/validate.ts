@@ -37,19 +37,17 @@ function advertised(type: number, flags: number): boolean {
 
 /** The command flags each command may carry, given what was advertised. */
 function allowedFlags(type: number, ctx: ValidationContext): number {
+  // FUA, once advertised, is valid on every command (a no-op where nothing is written).
   const fua = ctx.flags & TFLAG.SEND_FUA ? CMD_FLAG.FUA : 0;
   switch (type) {
     case CMD.READ:
-      return ctx.structured ? CMD_FLAG.DF : 0;
-    case CMD.WRITE:
-    case CMD.TRIM:
-      return fua;
+      return fua | (ctx.structured ? CMD_FLAG.DF : 0);
     case CMD.WRITE_ZEROES:
       return fua | CMD_FLAG.NO_HOLE | (ctx.flags & TFLAG.SEND_FAST_ZERO ? CMD_FLAG.FAST_ZERO : 0);
     case CMD.BLOCK_STATUS:
-      return CMD_FLAG.REQ_ONE;
+      return fua | CMD_FLAG.REQ_ONE;
     default:
-      return 0;
+      return fua;
   }
 }
 
