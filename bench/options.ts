@@ -1,0 +1,120 @@
+// Command-line options of the benchmark harness (node:util parseArgs, no dependencies).
+
+import { parseArgs } from 'node:util';
+
+export const SERVER_NAMES = ['ballast', 'nbdkit', 'qemu-nbd'] as const;
+export type ServerName = (typeof SERVER_NAMES)[number];
+
+export const TRANSPORTS = ['unix', 'tcp'] as const;
+export type Transport = (typeof TRANSPORTS)[number];
+
+export const JOB_NAMES = ['seq-read', 'seq-write', 'rand-read', 'rand-write'] as const;
+export type JobName = (typeof JOB_NAMES)[number];
+
+export interface Options {
+  rounds: number;
+  /** Measured seconds per fio run. */
+  runtime: number;
+  /** Warm-up seconds per fio run, not measured. */
+  ramp: number;
+  jobs: JobName[];
+  servers: ServerName[];
+  /** True when --servers was given (a missing bin/ballast is then an error, not a skip). */
+  serversExplicit: boolean;
+  transports: Transport[];
+  sizeMiB: number;
+  /** Parent directory of the temporary directory that holds the image and sockets. */
+  dir: string | undefined;
+  /** Where the raw results go (relative to the repository root unless absolute). */
+  out: string;
+  /** Path of the ballast launcher (relative to the repository root unless absolute). */
+  ballast: string;
+  help: boolean;
+}
+
+export const USAGE = `Usage: npm run bench -- [options]
+
+Benchmarks Ballast against nbdkit (file plugin) and qemu-nbd with fio's nbd engine
+(libnbd), over a Unix socket and over TCP on 127.0.0.1, serving one 1 GiB file.
+
+Options:
+  --rounds N            rounds; each runs every server once per transport (default 3)
+  --runtime S           measured seconds per fio run (default 5)
+  --ramp S              unmeasured warm-up seconds per fio run (default 1)
+  --jobs LIST           comma list of ${JOB_NAMES.join(', ')} (default all)
+  --servers LIST        comma list of ${SERVER_NAMES.join(', ')} (default all; ballast is
+                        skipped with a warning when bin/ballast does not exist)
+  --transports LIST     comma list of ${TRANSPORTS.join(', ')} (default both)
+  --size-mib N          size of the served file in MiB (default 1024)
+  --dir DIR             where to make the temporary directory (default the OS temp dir)
+  --out FILE            raw results as JSON (default bench-results/latest.json)
+  --ballast PATH        the ballast launcher (default bin/ballast)
+  -h, --help            this text
+`;
+
+function parseList<T extends string>(flag: string, raw: string, allowed: readonly T[]): T[] {
+  const out: T[] = [];
+  for (const part of raw.split(',')) {
+    const name = part.trim();
+    if (name === '') continue;
+    if (!(allowed as readonly string[]).includes(name)) {
+      throw new Error(`${flag}: unknown '${name}' (expected one of ${allowed.join(', ')})`);
+    }
+    if (!out.includes(name as T)) out.push(name as T);
+  }
+  if (out.length === 0) throw new Error(`${flag}: empty list`);
+  // Keep the canonical order whatever order they were given in.
+  return allowed.filter((a) => out.includes(a));
+}
+
+function parseNumber(flag: string, raw: string | undefined, dflt: number, min: number): number {
+  if (raw === undefined) return dflt;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n < min) throw new Error(`${flag}: expected a number >= ${min}`);
+  return n;
+}
+
+export function parseOptions(argv: string[]): Options {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      rounds: { type: 'string' },
+      runtime: { type: 'string' },
+      ramp: { type: 'string' },
+      jobs: { type: 'string' },
+      servers: { type: 'string' },
+      transports: { type: 'string' },
+      'size-mib': { type: 'string' },
+      dir: { type: 'string' },
+      out: { type: 'string' },
+      ballast: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  const rounds = parseNumber('--rounds', values.rounds, 3, 1);
+  if (!Number.isInteger(rounds)) throw new Error('--rounds: expected an integer');
+  const sizeMiB = parseNumber('--size-mib', values['size-mib'], 1024, 16);
+  if (!Number.isInteger(sizeMiB)) throw new Error('--size-mib: expected an integer');
+  return {
+    rounds,
+    runtime: parseNumber('--runtime', values.runtime, 5, 1),
+    ramp: parseNumber('--ramp', values.ramp, 1, 0),
+    jobs: values.jobs === undefined ? [...JOB_NAMES] : parseList('--jobs', values.jobs, JOB_NAMES),
+    servers:
+      values.servers === undefined
+        ? [...SERVER_NAMES]
+        : parseList('--servers', values.servers, SERVER_NAMES),
+    serversExplicit: values.servers !== undefined,
+    transports:
+      values.transports === undefined
+        ? [...TRANSPORTS]
+        : parseList('--transports', values.transports, TRANSPORTS),
+    sizeMiB,
+    dir: values.dir,
+    out: values.out ?? 'bench-results/latest.json',
+    ballast: values.ballast ?? 'bin/ballast',
+    help: values.help === true,
+  };
+}

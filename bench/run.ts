@@ -1,0 +1,388 @@
+// Ballast benchmark harness: Ballast vs nbdkit vs qemu-nbd, driven by fio's nbd
+// engine (libnbd), over a Unix socket and over TCP on 127.0.0.1.
+//
+//   npm run bench -- --help
+//
+// Progress goes to stderr, the tables to stdout, the raw results to
+// bench-results/latest.json. See BENCHMARKING.md.
+
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { JOBS, prefill, runFio } from './fio.js';
+import { type Options, parseOptions, type ServerName, USAGE } from './options.js';
+import { killAll, run } from './proc.js';
+import {
+  type RunRecord,
+  rangeTable,
+  rssTable,
+  type SessionRecord,
+  summarize,
+  throughputTable,
+} from './report.js';
+import {
+  type Endpoint,
+  endpointUri,
+  freePort,
+  serverCommand,
+  serverMemory,
+  startServer,
+  stopServer,
+} from './servers.js';
+
+const log = (msg: string): void => {
+  process.stderr.write(`[bench] ${msg}\n`);
+};
+
+/** The repository root: the nearest directory above this file with ballast's package.json. */
+function findRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pkg = join(dir, 'package.json');
+    if (existsSync(pkg)) {
+      try {
+        if ((JSON.parse(readFileSync(pkg, 'utf8')) as { name?: unknown }).name === 'ballast') {
+          return dir;
+        }
+      } catch {
+        // not ours; keep looking
+      }
+    }
+    const up = dirname(dir);
+    if (up === dir) return process.cwd();
+    dir = up;
+  }
+}
+
+interface ToolInfo {
+  fio: string;
+  nbdkit?: string;
+  qemuNbd?: string;
+}
+
+const firstLine = (s: string): string => s.trim().split('\n')[0] ?? '';
+
+/** Checks the external tools the selected servers need; exits 2 naming the packages. */
+async function checkTools(servers: readonly ServerName[]): Promise<ToolInfo> {
+  const missing: { what: string; pkg: string }[] = [];
+  const info: ToolInfo = { fio: '' };
+  const tryRun = async (cmd: string, args: string[]) => {
+    try {
+      return await run(cmd, args, 20_000);
+    } catch {
+      return { code: null, output: '', timedOut: false };
+    }
+  };
+
+  const fio = await tryRun('fio', ['--version']);
+  if (fio.code !== 0) {
+    missing.push({ what: 'fio', pkg: 'fio' });
+  } else {
+    info.fio = firstLine(fio.output);
+    const eng = await tryRun('fio', ['--enghelp=nbd']);
+    if (eng.code !== 0 || !/uri/.test(eng.output)) {
+      missing.push({ what: "fio's nbd ioengine (fio built with libnbd)", pkg: 'fio' });
+    }
+  }
+  if (servers.includes('nbdkit')) {
+    const v = await tryRun('nbdkit', ['--version']);
+    if (v.code !== 0) {
+      missing.push({ what: 'nbdkit', pkg: 'nbdkit' });
+    } else {
+      info.nbdkit = firstLine(v.output);
+      const p = await tryRun('nbdkit', ['--dump-plugin', 'file']);
+      if (p.code !== 0) missing.push({ what: "nbdkit's file plugin", pkg: 'nbdkit' });
+    }
+  }
+  if (servers.includes('qemu-nbd')) {
+    const v = await tryRun('qemu-nbd', ['--version']);
+    if (v.code !== 0) missing.push({ what: 'qemu-nbd', pkg: 'qemu-utils' });
+    else info.qemuNbd = firstLine(v.output);
+  }
+  if (missing.length > 0) {
+    for (const m of missing) log(`missing: ${m.what}`);
+    const pkgs = [...new Set(missing.map((m) => m.pkg))];
+    log(`install with:  apt-get update && apt-get install -y ${pkgs.join(' ')}`);
+    process.exit(2);
+  }
+  return info;
+}
+
+function fmtDuration(s: number): string {
+  const m = Math.floor(s / 60);
+  const r = Math.round(s - m * 60);
+  return m > 0 ? `${m} min ${r} s` : `${r} s`;
+}
+
+async function datasync(file: string): Promise<number> {
+  const t0 = performance.now();
+  const fh = await open(file, 'r+');
+  try {
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+  return Math.round(performance.now() - t0);
+}
+
+/** The servers of a round in rotated order, so none always goes first or last. */
+function rotate<T>(xs: readonly T[], by: number): T[] {
+  const k = xs.length === 0 ? 0 : by % xs.length;
+  return [...xs.slice(k), ...xs.slice(0, k)];
+}
+
+async function main(): Promise<number> {
+  let opts: Options;
+  try {
+    opts = parseOptions(process.argv.slice(2));
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (opts.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const root = findRoot();
+  const ballastPath = isAbsolute(opts.ballast) ? opts.ballast : resolve(root, opts.ballast);
+  const outPath = isAbsolute(opts.out) ? opts.out : resolve(root, opts.out);
+
+  let servers = [...opts.servers];
+  if (servers.includes('ballast') && !existsSync(ballastPath)) {
+    if (opts.serversExplicit) {
+      log(`ballast was asked for but ${ballastPath} does not exist`);
+      return 2;
+    }
+    log(`warning: ${ballastPath} does not exist; benchmarking without ballast`);
+    servers = servers.filter((s) => s !== 'ballast');
+  }
+  if (servers.length === 0) {
+    log('no server left to benchmark');
+    return 2;
+  }
+  const tools = await checkTools(servers);
+  const { jobs, transports, rounds, runtime, ramp } = opts;
+
+  const fioRuns = rounds * transports.length * servers.length * jobs.length;
+  const estimate = fioRuns * (runtime + ramp + 0.6) + rounds * transports.length * servers.length;
+  log(
+    `${rounds} round(s) x ${transports.length} transport(s) x ${servers.length} server(s) x ` +
+      `${jobs.length} job(s) = ${fioRuns} fio runs of ${ramp}+${runtime} s; ` +
+      `about ${fmtDuration(estimate)}`,
+  );
+  log(`servers: ${servers.join(', ')}; ${tools.fio}; client: fio nbd engine (libnbd)`);
+
+  const tmp = await mkdtemp(join(opts.dir ?? os.tmpdir(), 'ballast-bench-'));
+  let interrupted = false;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    if (interrupted) return;
+    interrupted = true;
+    log(`${sig}: stopping`);
+    killAll();
+    rmSync(tmp, { recursive: true, force: true });
+    process.exit(130);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  const runs: RunRecord[] = [];
+  const sessions: SessionRecord[] = [];
+  const startedAt = new Date().toISOString();
+  const loadStart = os.loadavg();
+  const file = join(tmp, 'disk.img');
+  let prefillMs = 0;
+  try {
+    await writeFile(file, '');
+    await truncate(file, opts.sizeMiB * 2 ** 20);
+    log(`pre-filling ${file} (${opts.sizeMiB} MiB, sparse, written once with fio)`);
+    const t0 = performance.now();
+    await prefill(file, opts.sizeMiB);
+    prefillMs = Math.round(performance.now() - t0);
+    log(`pre-filled in ${(prefillMs / 1000).toFixed(1)} s`);
+
+    for (let round = 1; round <= rounds; round++) {
+      for (const transport of transports) {
+        for (const server of rotate(servers, round - 1)) {
+          if (interrupted) return 130;
+          const tag = `r${round}/${rounds} ${transport} ${server}`;
+          const ep: Endpoint =
+            transport === 'unix'
+              ? { transport, socket: join(tmp, `${server}-r${round}.sock`) }
+              : { transport, port: await freePort() };
+          const cmd = serverCommand(server, file, ep, ballastPath);
+          const session: SessionRecord = {
+            round,
+            transport,
+            server,
+            command: [cmd.command, ...cmd.args],
+            ok: false,
+            spawnedPid: -1,
+          };
+          sessions.push(session);
+          let started: Awaited<ReturnType<typeof startServer>>;
+          try {
+            started = await startServer(cmd, ep);
+          } catch (e) {
+            session.error = `failed to start: ${(e as Error).message}`;
+            log(`[${tag}] ${session.error.trimEnd()}`);
+            for (const job of jobs) {
+              runs.push({
+                round,
+                transport,
+                server,
+                job,
+                ok: false,
+                error: 'server did not start',
+                mibps: Number.NaN,
+                iops: Number.NaN,
+                clatMeanUs: Number.NaN,
+                clatP99Us: Number.NaN,
+                runtimeS: Number.NaN,
+                clientCpuPct: Number.NaN,
+              });
+            }
+            continue;
+          }
+          session.spawnedPid = started.child.pid;
+          session.startMs = started.startMs;
+          log(`[${tag}] listening after ${started.startMs} ms (pid ${started.child.pid})`);
+          const uri = endpointUri(ep);
+          let sessionOk = true;
+          for (const job of jobs) {
+            if (interrupted) return 130;
+            const spec = JOBS[job];
+            const res = await runFio({
+              uri,
+              job: spec,
+              runtime,
+              ramp,
+              outFile: join(tmp, 'fio.json'),
+            });
+            runs.push({ round, transport, server, job, ...res });
+            if (res.ok) {
+              const main =
+                spec.metric === 'mibps'
+                  ? `${res.mibps.toFixed(0)} MiB/s`
+                  : `${Math.round(res.iops)} IOPS`;
+              log(
+                `[${tag}] ${job}: ${main} (clat mean ${res.clatMeanUs.toFixed(0)} us, ` +
+                  `p99 ${res.clatP99Us.toFixed(0)} us, fio cpu ${res.clientCpuPct.toFixed(0)}%)`,
+              );
+            } else {
+              sessionOk = false;
+              log(`[${tag}] ${job}: FAILED: ${res.error ?? '?'}`);
+            }
+            if (!started.child.running) {
+              sessionOk = false;
+              log(`[${tag}] server exited during ${job}:\n${started.child.output()}`);
+              break;
+            }
+          }
+          if (started.child.running) {
+            session.memory = serverMemory(started.child, cmd.exePattern);
+            if (session.memory === undefined) {
+              log(`[${tag}] warning: could not read the server's /proc/PID/status`);
+            }
+          }
+          const st = await stopServer(started.child, session.memory?.pid);
+          session.exit = { code: st.code, signal: st.signal, killed: st.killed };
+          if (st.signal !== null && !st.killed && session.memory?.pid === started.child.pid) {
+            log(`[${tag}] warning: died of ${st.signal} instead of exiting 0`);
+          }
+          if (st.killed || (st.code !== null && st.code !== 0)) {
+            sessionOk = false;
+            session.error = st.killed
+              ? 'did not exit within 10 s of SIGTERM; killed'
+              : `exited with code ${st.code} after SIGTERM`;
+            log(`[${tag}] ${session.error}\n${started.child.output().trimEnd()}`);
+          }
+          session.syncMs = await datasync(file);
+          session.ok = sessionOk;
+          const mem = session.memory;
+          log(
+            `[${tag}] stopped (exit ${st.code ?? st.signal}; datasync ${session.syncMs} ms)` +
+              (mem === undefined
+                ? ''
+                : `; peak RSS ${(mem.vmHwmKiB / 1024).toFixed(1)} MiB (${mem.exe} pid ${mem.pid}, ${mem.how})`),
+          );
+          if (ep.transport === 'unix') await rm(ep.socket, { force: true });
+        }
+      }
+    }
+  } finally {
+    killAll();
+    await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  const summary = summarize(runs, jobs, transports, servers);
+  const header =
+    `Median of ${rounds} round(s), ${runtime} s measured after ${ramp} s ramp each; ` +
+    `client ${tools.fio} nbd engine (libnbd); ${opts.sizeMiB} MiB file`;
+  process.stdout.write(`\n${header}\n\n${throughputTable(summary, servers)}\n`);
+  if (rounds > 1) {
+    process.stdout.write(
+      `\nRange over the rounds (min-max), same units\n\n${rangeTable(summary, servers)}\n`,
+    );
+  }
+  process.stdout.write(
+    `\nPeak RSS (VmHWM, MiB) of each server process, per round` +
+      ` (one process per server x transport x round, all jobs)\n\n` +
+      `${rssTable(sessions, rounds, servers, transports)}\n`,
+  );
+
+  const failures = runs.filter((r) => !r.ok).length + sessions.filter((s) => !s.ok).length;
+  const result = {
+    version: 1,
+    startedAt,
+    finishedAt: new Date().toISOString(),
+    host: {
+      hostname: os.hostname(),
+      kernel: os.release(),
+      cpus: os.cpus().length,
+      cpuModel: os.cpus()[0]?.model ?? '',
+      memGiB: Math.round(os.totalmem() / 2 ** 30),
+      node: process.version,
+      loadavgStart: loadStart,
+      loadavgEnd: os.loadavg(),
+    },
+    tools: { ...tools, client: 'fio nbd ioengine (libnbd)' },
+    config: {
+      rounds,
+      runtimeS: runtime,
+      rampS: ramp,
+      jobs: jobs.map((j) => ({ ...JOBS[j] })),
+      servers,
+      transports,
+      sizeMiB: opts.sizeMiB,
+      ballast: ballastPath,
+      prefillMs,
+    },
+    summary,
+    sessions,
+    runs,
+    failures,
+  };
+  await mkdir(dirname(outPath), { recursive: true });
+  // NaN is not JSON: failed figures are written as null.
+  await writeFile(
+    outPath,
+    `${JSON.stringify(result, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2)}\n`,
+  );
+  log(`raw results: ${outPath}`);
+  if (failures > 0) {
+    log(`${failures} failure(s): see the log above and ${outPath}`);
+    return 1;
+  }
+  return 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    killAll();
+    process.stderr.write(`[bench] fatal: ${(e as Error)?.stack ?? String(e)}\n`);
+    process.exit(1);
+  },
+);
