@@ -56,7 +56,8 @@ function isUnsupported(ret: number): boolean {
 export class SparseFileBackend implements Backend {
   readonly path: string;
   readonly fd: number;
-  readonly size: number;
+  /** Changes only through resize(); connections already open keep the size they saw. */
+  size: number;
   readonly caps: BackendCaps;
 
   // Hot path: the addon's functions held directly, so a read is one call.
@@ -442,6 +443,26 @@ export class SparseFileBackend implements Backend {
       pos += len;
     }
     return 0;
+  }
+
+  /**
+   * Grow (sparsely) or shrink the file. Shrinking discards data past the new
+   * end: the caller makes sure nobody is using it.
+   */
+  async resize(newSize: number): Promise<void> {
+    if (!(Number.isSafeInteger(newSize) && newSize >= 0)) {
+      throw new BallastError('BALLAST_SIZE_INVALID', `invalid size ${newSize} for ${this.path}`);
+    }
+    if (!this.caps.write) {
+      throw new BallastError('BALLAST_READ_ONLY', `${this.path} is open read-only`);
+    }
+    await new Promise<void>((resolve, reject) =>
+      fs.ftruncate(this.fd, newSize, (e) => (e ? reject(e) : resolve())),
+    );
+    await new Promise<void>((resolve, reject) =>
+      fs.fsync(this.fd, (e) => (e ? reject(e) : resolve())),
+    );
+    this.size = newSize;
   }
 
   async close(): Promise<void> {

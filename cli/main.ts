@@ -4,8 +4,8 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { isBallastError } from '../agent/errors.js';
+import { parseSize } from '../agent/units.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
-import { parseSize } from './size.js';
 
 /** package.json sits two levels up from dist/cli/, one from cli/ (tests). */
 function packageVersion(): string {

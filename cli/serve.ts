@@ -5,11 +5,11 @@ import fs from 'node:fs';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
 import { SparseFileBackend } from '../agent/sparse-file.js';
+import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
 import { parseHostPort } from './address.js';
-import { formatSize, parseSize } from './size.js';
 
 export interface ExportSpec {
   name: string;

@@ -1,4 +1,5 @@
 import type { Backend } from './backend.js';
+import type { ExportStats } from './stats.js';
 
 /** A named export as the protocol sees it. */
 export interface Export {
@@ -7,6 +8,8 @@ export interface Export {
   readonly backend: Backend;
   /** Served read-only even if the backend could write. */
   readonly readOnly: boolean;
+  /** Counters the server keeps for this export, if the owner wants them. */
+  readonly stats?: ExportStats;
 }
 
 /** Where the server finds exports. The agent's catalogue changes at run time. */

@@ -32,6 +32,7 @@ import {
   TransmissionReader,
   type TransmissionSink,
 } from './reader.js';
+import type { ExportStats } from './stats.js';
 import { type ValidationContext, validateRequest } from './validate.js';
 
 export interface ServerOptions {
@@ -87,6 +88,10 @@ class Slot implements IoRequest {
   readonly extents: Extent[] = [];
   /** The NBD error to answer a refused WRITE with, once its payload is drained. */
   error = 0;
+  /** The reply carried an error. */
+  failed = false;
+  /** performance.now() when the request was read. */
+  start = 0;
   /** Whether `extents` describes the read (structured reads with holes). */
   mapped = false;
   readonly done: (errno: number) => void;
@@ -110,6 +115,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private readonly treader: TransmissionReader;
   private backend: Backend | null = null;
   private vctx: ValidationContext | null = null;
+  private stats: ExportStats | null = null;
   private readonly free: Slot[] = [];
   private inUse = 0;
   private bytesInUse = 0;
@@ -247,6 +253,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.handshakeTimer = null;
     this.session = s;
     this.backend = s.export.backend;
+    this.stats = s.export.stats ?? null;
+    if (this.stats) this.stats.connections++;
     this.vctx = {
       flags: s.flags,
       size: s.export.backend.size,
@@ -283,6 +291,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     if (err) {
       this.server.stats.errors++;
       this.server.log('debug', `conn ${this.id}: ${cmdName(h.type)} refused with ${err}`);
+      if (this.stats) this.stats.refused[h.type & 7]!++;
       if (h.type === CMD.WRITE) {
         // Answer once the payload is drained: clients do not expect a reply
         // to a request they are still sending.
@@ -371,6 +380,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     slot.buf = EMPTY;
     slot.bufOffset = 0;
     slot.mapped = false;
+    slot.failed = false;
+    slot.start = this.stats ? performance.now() : 0;
     slot.charged = charge;
     this.bytesInUse += charge;
     this.inUse++;
@@ -379,6 +390,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Called once a slot's reply has been handed to the kernel. */
   release(slot: Slot): void {
+    const st = this.stats;
+    if (st) {
+      const io = slot.type === CMD.READ || slot.type === CMD.WRITE ? slot.length : 0;
+      st.record(slot.type, io, slot.failed, (performance.now() - slot.start) / 1000);
+    }
     this.inUse--;
     this.bytesInUse -= slot.charged;
     slot.charged = 0;
@@ -514,6 +530,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private sendSimple(slot: Slot, err: number): void {
+    if (err) slot.failed = true;
     if (!this.writable(slot)) return;
     const h = slot.hdr;
     h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
@@ -524,6 +541,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private sendError(slot: Slot, err: number): void {
+    slot.failed = true;
     // READ and BLOCK_STATUS answer in structured form once it was negotiated.
     if (!this.vctx?.structured || (slot.type !== CMD.READ && slot.type !== CMD.BLOCK_STATUS)) {
       this.sendSimple(slot, err);
@@ -612,10 +630,21 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }
     this.phase = 'closing';
     this.socket.pause();
+    // A request whose payload was still arriving can never complete now.
+    const partial = this.current;
+    if (partial) {
+      this.current = null;
+      partial.failed = true;
+      this.release(partial);
+    }
     if (this.inUse === 0) this.finishClosing();
   }
 
+  private finished = false;
+
   private finishClosing(): void {
+    if (this.finished) return;
+    this.finished = true;
     // Everything queued is written, then the socket goes, whether or not the
     // client closes its side.
     this.socket.destroySoon();
@@ -632,6 +661,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private onClose(): void {
+    if (this.stats && this.phase !== 'closed') this.stats.connections--;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.phase = 'closed';

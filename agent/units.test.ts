@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { BallastError } from '../agent/errors.js';
-import { formatSize, parseSize } from './size.js';
+import { BallastError } from './errors.js';
+import { formatSize, parseSize } from './units.js';
 
 const K = 1024;
 const M = K * K;

@@ -1,4 +1,4 @@
-import { BallastError } from '../agent/errors.js';
+import { BallastError } from './errors.js';
 
 const UNITS: Record<string, number> = {
   '': 1,

@@ -1,0 +1,233 @@
+// The management API: JSON over HTTP on versioned paths, errors as
+// {code, message} with stable codes. A bearer token guards every TCP listener
+// that is reachable from other hosts; the Unix socket relies on its mode.
+
+import { timingSafeEqual } from 'node:crypto';
+import http from 'node:http';
+import type { Registry } from 'prom-client';
+import {
+  ATTACH_FORMATS,
+  type AttachFormat,
+  libvirtXml,
+  type NbdEndpoint,
+  nbdUri,
+  qemuArgs,
+} from './attach.js';
+import type { DeviceManager, Role } from './devices.js';
+import { BallastError, isBallastError } from './errors.js';
+import { parseSize } from './units.js';
+
+/** HTTP status for each error code; anything unlisted is a 400 (bad request) or 500. */
+const STATUS: Record<string, number> = {
+  BALLAST_DEVICE_NOT_FOUND: 404,
+  BALLAST_POOL_NOT_FOUND: 404,
+  BALLAST_NOT_FOUND: 404,
+  BALLAST_DEVICE_EXISTS: 409,
+  BALLAST_DEVICE_BUSY: 409,
+  BALLAST_CONFLICT: 409,
+  BALLAST_SHRINK_REFUSED: 409,
+  BALLAST_DEVICE_UNAVAILABLE: 409,
+  BALLAST_POOL_FULL: 507,
+  BALLAST_UNAUTHORIZED: 401,
+  BALLAST_METHOD_NOT_ALLOWED: 405,
+  BALLAST_BODY_TOO_LARGE: 413,
+  BALLAST_INTERNAL: 500,
+};
+
+export interface ApiContext {
+  devices: DeviceManager;
+  metrics: Registry;
+  endpoint: () => NbdEndpoint;
+  status: () => Promise<Record<string, unknown>>;
+  version: string;
+}
+
+type Handler = (
+  req: http.IncomingMessage,
+  params: string[],
+  body: Record<string, unknown>,
+) => Promise<unknown>;
+
+interface Route {
+  method: string;
+  pattern: RegExp;
+  handler: Handler;
+}
+
+async function readBody(req: http.IncomingMessage): Promise<Record<string, unknown>> {
+  if (req.method === 'GET' || req.method === 'HEAD' || req.method === 'DELETE') return {};
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const c of req) {
+    size += (c as Buffer).length;
+    if (size > 1024 * 1024)
+      throw new BallastError('BALLAST_BODY_TOO_LARGE', 'request body over 1 MiB');
+    chunks.push(c as Buffer);
+  }
+  if (size === 0) return {};
+  try {
+    const v = JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
+    return v as Record<string, unknown>;
+  } catch (e) {
+    throw new BallastError(
+      'BALLAST_BAD_REQUEST',
+      `request body must be a JSON object: ${(e as Error).message}`,
+    );
+  }
+}
+
+function sizeField(v: unknown, key: string): number {
+  if (typeof v === 'number') return v;
+  if (typeof v === 'string') return parseSize(v, key);
+  throw new BallastError('BALLAST_BAD_REQUEST', `${key} is required (bytes, or a size such as 4G)`);
+}
+
+function optString(v: unknown, key: string): string | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'string')
+    throw new BallastError('BALLAST_BAD_REQUEST', `${key} must be a string`);
+  return v;
+}
+
+function boolParam(url: URL, name: string, body: Record<string, unknown>): boolean {
+  const q = url.searchParams.get(name);
+  return body[name] === true || q === 'true' || q === '1' || q === '';
+}
+
+export function routes(ctx: ApiContext): Route[] {
+  const d = ctx.devices;
+  const r = (method: string, path: string, handler: Handler): Route => ({
+    method,
+    pattern: new RegExp(`^${path.replace(/:[a-z]+/g, '([^/]+)')}$`),
+    handler,
+  });
+  return [
+    r('GET', '/healthz', async () => ({ status: 'ok', version: ctx.version })),
+    r('GET', '/v1/status', async () => ctx.status()),
+    r('GET', '/v1/pools', async () => ({ pools: await d.poolStatus() })),
+    r('GET', '/v1/pools/:name', async (_q, [name]) => {
+      const p = (await d.poolStatus()).find((x) => x.name === name);
+      if (!p)
+        throw new BallastError('BALLAST_POOL_NOT_FOUND', `no pool named ${JSON.stringify(name)}`);
+      return p;
+    }),
+    r('GET', '/v1/devices', async () => ({ devices: d.list() })),
+    r('POST', '/v1/devices', async (_q, _p, body) =>
+      d.create({
+        name: optString(body.name, 'name') ?? '',
+        size: sizeField(body.size, 'size'),
+        pool: optString(body.pool, 'pool'),
+        role: optString(body.role, 'role') as Role | undefined,
+        guest: optString(body.guest, 'guest') ?? null,
+      }),
+    ),
+    r('GET', '/v1/devices/:name', async (_q, [name]) => d.view(name!)),
+    r('DELETE', '/v1/devices/:name', async (q, [name], body) => {
+      const url = new URL(q.url ?? '/', 'http://x');
+      await d.remove(name!, boolParam(url, 'force', body));
+      return { deleted: name };
+    }),
+    r('POST', '/v1/devices/:name/resize', async (q, [name], body) => {
+      const url = new URL(q.url ?? '/', 'http://x');
+      return d.resize(name!, sizeField(body.size, 'size'), boolParam(url, 'force', body));
+    }),
+    r('POST', '/v1/devices/:name/extend', async (_q, [name], body) => {
+      const pool = optString(body.pool, 'pool');
+      if (!pool) throw new BallastError('BALLAST_BAD_REQUEST', 'pool is required');
+      return d.extend(name!, pool, sizeField(body.size, 'size'));
+    }),
+    r('GET', '/v1/devices/:name/attach', async (q, [name]) => {
+      const url = new URL(q.url ?? '/', 'http://x');
+      const format = (url.searchParams.get('format') ?? 'qemu') as AttachFormat;
+      if (!ATTACH_FORMATS.includes(format)) {
+        throw new BallastError(
+          'BALLAST_BAD_REQUEST',
+          `format must be one of ${ATTACH_FORMATS.join(', ')}`,
+        );
+      }
+      const view = d.view(name!);
+      const ep = ctx.endpoint();
+      const transport = url.searchParams.get('transport');
+      if (transport === 'tcp') delete ep.socket;
+      if (transport === 'unix') delete ep.tcp;
+      if (!ep.socket && !ep.tcp) {
+        throw new BallastError(
+          'BALLAST_BAD_REQUEST',
+          `the agent has no ${transport ?? ''} NBD listener`,
+        );
+      }
+      return {
+        device: view.name,
+        format,
+        uri: nbdUri(view.name, ep),
+        qemu: qemuArgs(view.name, ep),
+        libvirt: libvirtXml(view.name, ep),
+      };
+    }),
+  ];
+}
+
+export interface ApiServerOptions {
+  /** Required bearer token (on listeners reachable from other hosts). */
+  token?: string;
+  log: (msg: string) => void;
+}
+
+export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.Server {
+  const table = routes(ctx);
+  const want = opts.token ? Buffer.from(`Bearer ${opts.token}`) : null;
+  return http.createServer(async (req, res) => {
+    const send = (status: number, body: unknown, type = 'application/json'): void => {
+      const text =
+        type === 'application/json' ? `${JSON.stringify(body, null, 2)}\n` : String(body);
+      res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+    };
+    try {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      if (want && url.pathname !== '/healthz') {
+        const got = Buffer.from(req.headers.authorization ?? '');
+        if (got.length !== want.length || !timingSafeEqual(got, want)) {
+          throw new BallastError(
+            'BALLAST_UNAUTHORIZED',
+            'a valid bearer token is required (Authorization: Bearer TOKEN)',
+          );
+        }
+      }
+      if (url.pathname === '/metrics' && req.method === 'GET') {
+        send(200, await ctx.metrics.metrics(), ctx.metrics.contentType);
+        return;
+      }
+      let pathMatched = false;
+      for (const route of table) {
+        const m = route.pattern.exec(url.pathname);
+        if (!m) continue;
+        pathMatched = true;
+        if (route.method !== req.method) continue;
+        const params = m.slice(1).map((p) => decodeURIComponent(p));
+        const body = await readBody(req);
+        const out = await route.handler(req, params, body);
+        send(req.method === 'POST' && route.pattern.source === '^/v1/devices$' ? 201 : 200, out);
+        return;
+      }
+      if (pathMatched)
+        throw new BallastError(
+          'BALLAST_METHOD_NOT_ALLOWED',
+          `${req.method} is not allowed on ${url.pathname}`,
+        );
+      throw new BallastError(
+        'BALLAST_NOT_FOUND',
+        `no such endpoint: ${req.method} ${url.pathname}`,
+      );
+    } catch (e) {
+      if (isBallastError(e)) {
+        const status = STATUS[e.code] ?? (e.code === 'BALLAST_INTERNAL' ? 500 : 400);
+        send(status, { code: e.code, message: e.message });
+      } else {
+        opts.log(`api: internal error: ${(e as Error).stack ?? e}`);
+        send(500, { code: 'BALLAST_INTERNAL', message: (e as Error).message ?? String(e) });
+      }
+    }
+  });
+}

@@ -1,0 +1,261 @@
+// The agent's YAML configuration: parsed, validated (errors name the key and
+// the problem), defaults filled in. Sizes and addresses are checked here so
+// the rest of the agent only sees well-formed values.
+
+import { readFileSync } from 'node:fs';
+import { isAbsolute, join, resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { BallastError } from './errors.js';
+import { parseSize } from './units.js';
+
+export type Media = 'ssd' | 'hdd' | 'nvme' | 'unknown';
+export const MEDIA: readonly Media[] = ['ssd', 'hdd', 'nvme', 'unknown'];
+
+export interface PoolConfig {
+  name: string;
+  path: string;
+  /** Overrides detection. */
+  media?: Media;
+  /** Capacity cap in bytes (default: the filesystem's size). */
+  quota?: number;
+  /** Provisioned bytes may reach capacity × overcommit. */
+  overcommit: number;
+}
+
+export interface ListenConfig {
+  listen: string[];
+  socket: string | null;
+}
+
+export interface AgentConfig {
+  dataDir: string;
+  nbd: ListenConfig & { maxConnections: number; handshakeTimeoutMs: number };
+  api: ListenConfig & { token?: string; tokenFile: string };
+  pools: PoolConfig[];
+  limits: { maxInFlight: number; maxBufferedBytes: number };
+  /** Where the config came from, for messages. */
+  source: string;
+}
+
+export const DEFAULT_DATA_DIR = '/var/lib/ballast';
+export const DEFAULT_RUN_DIR = '/run/ballast';
+export const DEFAULT_NBD_LISTEN = '127.0.0.1:10809';
+export const DEFAULT_API_LISTEN = '127.0.0.1:10810';
+export const DEFAULT_API_SOCKET = join(DEFAULT_RUN_DIR, 'api.sock');
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+class Checker {
+  constructor(private readonly source: string) {}
+
+  fail(key: string, problem: string): never {
+    throw new BallastError('BALLAST_CONFIG_INVALID', `${this.source}: ${key}: ${problem}`);
+  }
+
+  object(v: unknown, key: string): Record<string, unknown> {
+    if (v === undefined || v === null) return {};
+    if (typeof v !== 'object' || Array.isArray(v)) this.fail(key, 'must be a mapping');
+    return v as Record<string, unknown>;
+  }
+
+  known(o: Record<string, unknown>, key: string, allowed: string[]): void {
+    for (const k of Object.keys(o)) {
+      if (!allowed.includes(k)) {
+        this.fail(key ? `${key}.${k}` : k, `unknown key (expected one of: ${allowed.join(', ')})`);
+      }
+    }
+  }
+
+  string(v: unknown, key: string): string {
+    if (typeof v !== 'string' || v === '') this.fail(key, 'must be a non-empty string');
+    return v;
+  }
+
+  path(v: unknown, key: string): string {
+    const s = this.string(v, key);
+    if (!isAbsolute(s)) this.fail(key, `must be an absolute path, got ${JSON.stringify(s)}`);
+    return resolve(s);
+  }
+
+  size(v: unknown, key: string): number {
+    if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) return v;
+    if (typeof v !== 'string') this.fail(key, 'must be a size such as 500G or 2T');
+    try {
+      const n = parseSize(v);
+      if (n <= 0) this.fail(key, 'must be greater than zero');
+      return n;
+    } catch (e) {
+      if (e instanceof BallastError && e.code === 'BALLAST_BAD_SIZE') this.fail(key, e.message);
+      throw e;
+    }
+  }
+
+  number(v: unknown, key: string, min: number, max: number): number {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) {
+      this.fail(key, `must be a number from ${min} to ${max}`);
+    }
+    return v;
+  }
+
+  int(v: unknown, key: string, min: number, max: number): number {
+    const n = this.number(v, key, min, max);
+    if (!Number.isInteger(n)) this.fail(key, 'must be a whole number');
+    return n;
+  }
+
+  listen(v: unknown, key: string): string[] {
+    if (v === undefined) return [];
+    if (v === null || v === false) return [];
+    const list = Array.isArray(v) ? v : [v];
+    return list.map((x, i) => {
+      const k = Array.isArray(v) ? `${key}[${i}]` : key;
+      const s = typeof x === 'number' ? String(x) : this.string(x, k);
+      if (
+        !/^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$/.test(s) ||
+        Number(s.split(':').pop()) > 65535
+      ) {
+        this.fail(k, `must be HOST:PORT, got ${JSON.stringify(s)}`);
+      }
+      return s;
+    });
+  }
+}
+
+export interface LoadOptions {
+  /** Config file path; none means defaults only. */
+  file?: string;
+  /** --data-dir, which wins over the file's dataDir. */
+  dataDir?: string;
+}
+
+export function loadConfig(opts: LoadOptions): AgentConfig {
+  let doc: unknown = {};
+  const source = opts.file ?? '(defaults)';
+  if (opts.file) {
+    let text: string;
+    try {
+      text = readFileSync(opts.file, 'utf8');
+    } catch (e) {
+      throw new BallastError(
+        'BALLAST_CONFIG_UNREADABLE',
+        `cannot read config ${opts.file}: ${(e as Error).message}`,
+      );
+    }
+    try {
+      doc = parseYaml(text) ?? {};
+    } catch (e) {
+      throw new BallastError(
+        'BALLAST_CONFIG_INVALID',
+        `${opts.file}: not valid YAML: ${(e as Error).message.split('\n')[0]}`,
+      );
+    }
+  }
+  return validateConfig(doc, source, opts.dataDir);
+}
+
+export function validateConfig(doc: unknown, source: string, dataDirFlag?: string): AgentConfig {
+  const c: Checker = new Checker(source);
+  const top = c.object(doc, '(top level)');
+  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits']);
+  const dataDir = dataDirFlag
+    ? resolve(dataDirFlag)
+    : top.dataDir !== undefined
+      ? c.path(top.dataDir, 'dataDir')
+      : DEFAULT_DATA_DIR;
+  const defaultsInDataDir = dataDirFlag !== undefined || top.dataDir !== undefined;
+  const runDir = defaultsInDataDir ? join(dataDir, 'run') : DEFAULT_RUN_DIR;
+
+  const nbd = c.object(top.nbd, 'nbd');
+  c.known(nbd, 'nbd', ['listen', 'socket', 'maxConnections', 'handshakeTimeout']);
+  const api = c.object(top.api, 'api');
+  c.known(api, 'api', ['listen', 'socket', 'token', 'tokenFile']);
+  const limits = c.object(top.limits, 'limits');
+  c.known(limits, 'limits', ['maxInFlight', 'maxBufferedBytes']);
+
+  const socketOf = (v: unknown, key: string, dflt: string): string | null => {
+    if (v === undefined) return dflt;
+    if (v === null || v === false) return null;
+    return c.path(v, key);
+  };
+
+  const pools: PoolConfig[] = [];
+  if (top.pools === undefined) {
+    pools.push({ name: 'default', path: join(dataDir, 'pools', 'default'), overcommit: 1 });
+  } else {
+    const list = top.pools;
+    if (!Array.isArray(list) || list.length === 0) {
+      c.fail('pools', 'must be a non-empty list of pools');
+    }
+    const names = new Set<string>();
+    const paths = new Set<string>();
+    list.forEach((p: unknown, i: number) => {
+      const key = `pools[${i}]`;
+      const o = c.object(p, key);
+      c.known(o, key, ['name', 'path', 'media', 'quota', 'overcommit']);
+      const name = c.string(o.name, `${key}.name`);
+      if (!NAME.test(name)) {
+        c.fail(
+          `${key}.name`,
+          'letters, digits, ".", "_" and "-" only, at most 63, not starting with a symbol',
+        );
+      }
+      if (names.has(name)) c.fail(`${key}.name`, `pool ${JSON.stringify(name)} is defined twice`);
+      names.add(name);
+      const path = c.path(o.path, `${key}.path`);
+      if (paths.has(path)) c.fail(`${key}.path`, `${path} is used by another pool`);
+      paths.add(path);
+      const pool: PoolConfig = { name, path, overcommit: 1 };
+      if (o.media !== undefined) {
+        if (!MEDIA.includes(o.media as Media)) {
+          c.fail(`${key}.media`, `must be one of ${MEDIA.join(', ')}`);
+        }
+        pool.media = o.media as Media;
+      }
+      if (o.quota !== undefined) pool.quota = c.size(o.quota, `${key}.quota`);
+      if (o.overcommit !== undefined)
+        pool.overcommit = c.number(o.overcommit, `${key}.overcommit`, 0.01, 1000);
+      pools.push(pool);
+    });
+  }
+
+  const token = api.token === undefined ? undefined : c.string(api.token, 'api.token');
+  if (token !== undefined && token.length < 16)
+    c.fail('api.token', 'must be at least 16 characters');
+
+  return {
+    dataDir,
+    nbd: {
+      listen: nbd.listen === undefined ? [DEFAULT_NBD_LISTEN] : c.listen(nbd.listen, 'nbd.listen'),
+      socket: socketOf(nbd.socket, 'nbd.socket', join(runDir, 'nbd.sock')),
+      maxConnections:
+        nbd.maxConnections === undefined
+          ? 1024
+          : c.int(nbd.maxConnections, 'nbd.maxConnections', 1, 100000),
+      handshakeTimeoutMs:
+        (nbd.handshakeTimeout === undefined
+          ? 10
+          : c.number(nbd.handshakeTimeout, 'nbd.handshakeTimeout', 0.1, 3600)) * 1000,
+    },
+    api: {
+      listen: api.listen === undefined ? [DEFAULT_API_LISTEN] : c.listen(api.listen, 'api.listen'),
+      socket: socketOf(api.socket, 'api.socket', join(runDir, 'api.sock')),
+      token,
+      tokenFile:
+        api.tokenFile === undefined
+          ? join(dataDir, 'api-token')
+          : c.path(api.tokenFile, 'api.tokenFile'),
+    },
+    pools,
+    limits: {
+      maxInFlight:
+        limits.maxInFlight === undefined
+          ? 64
+          : c.int(limits.maxInFlight, 'limits.maxInFlight', 1, 4096),
+      maxBufferedBytes:
+        limits.maxBufferedBytes === undefined
+          ? 64 * 1024 * 1024
+          : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
+    },
+    source,
+  };
+}

@@ -1,0 +1,90 @@
+// Storage pools: a directory, the medium under it, a capacity (the
+// filesystem's or a quota) and an overcommit limit for thin provisioning.
+
+import { mkdirSync } from 'node:fs';
+import type { Media, PoolConfig } from './config.js';
+import { BallastError } from './errors.js';
+import { detectMedia, fsCapacity } from './media.js';
+
+export interface PoolStatus {
+  name: string;
+  path: string;
+  media: Media;
+  mediaSource: 'configured' | 'detected';
+  device?: string;
+  /** Bytes the pool may hold: the quota, or the filesystem size. */
+  capacityBytes: number;
+  /** Free on the filesystem (what can really still be written). */
+  fsAvailBytes: number;
+  overcommit: number;
+  /** capacity × overcommit: the most that may be provisioned. */
+  limitBytes: number;
+  /** Sum of the sizes of the extents in this pool. */
+  provisionedBytes: number;
+  /** Blocks really in use by those extents. */
+  allocatedBytes: number;
+}
+
+export class Pool {
+  media: Media = 'unknown';
+  device?: string;
+
+  private constructor(readonly config: PoolConfig) {}
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  get path(): string {
+    return this.config.path;
+  }
+
+  static async open(config: PoolConfig): Promise<Pool> {
+    try {
+      mkdirSync(config.path, { recursive: true, mode: 0o700 });
+    } catch (e) {
+      throw new BallastError(
+        'BALLAST_POOL_UNAVAILABLE',
+        `pool ${config.name}: cannot create ${config.path}: ${(e as Error).message}`,
+      );
+    }
+    const p = new Pool(config);
+    if (config.media) p.media = config.media;
+    else {
+      const m = await detectMedia(config.path).catch(() => ({
+        media: 'unknown' as Media,
+        device: undefined,
+      }));
+      p.media = m.media;
+      p.device = m.device;
+    }
+    return p;
+  }
+
+  async capacity(): Promise<{ capacityBytes: number; fsAvailBytes: number; limitBytes: number }> {
+    const fs = await fsCapacity(this.path);
+    const capacityBytes = this.config.quota ?? fs.totalBytes;
+    return {
+      capacityBytes,
+      fsAvailBytes: fs.availBytes,
+      limitBytes: Math.floor(capacityBytes * this.config.overcommit),
+    };
+  }
+
+  async status(provisionedBytes: number, allocatedBytes: number): Promise<PoolStatus> {
+    const c = await this.capacity();
+    return {
+      name: this.name,
+      path: this.path,
+      media: this.media,
+      mediaSource: this.config.media ? 'configured' : 'detected',
+      ...(this.device ? { device: this.device } : {}),
+      capacityBytes: c.capacityBytes,
+      fsAvailBytes: c.fsAvailBytes,
+      overcommit: this.config.overcommit,
+      limitBytes: c.limitBytes,
+      provisionedBytes,
+      allocatedBytes,
+    };
+  }
+}
