@@ -50,6 +50,7 @@ type Handler = (
 
 interface Route {
   method: string;
+  path: string;
   pattern: RegExp;
   handler: Handler;
 }
@@ -99,6 +100,7 @@ export function routes(ctx: ApiContext): Route[] {
   const d = ctx.devices;
   const r = (method: string, path: string, handler: Handler): Route => ({
     method,
+    path,
     pattern: new RegExp(`^${path.replace(/:[a-z]+/g, '([^/]+)')}$`),
     handler,
   });
@@ -169,16 +171,19 @@ export function routes(ctx: ApiContext): Route[] {
 }
 
 export interface ApiServerOptions {
-  /** Required bearer token (on listeners reachable from other hosts). */
-  token?: string;
+  /** The bearer token this listener demands, if any; read per request so a reload can change it. */
+  token?: () => string | undefined;
   log: (msg: string) => void;
+  /** Told of every answered request: the route pattern (or 'other') and the HTTP status. */
+  onRequest?: (method: string, route: string, status: number) => void;
 }
 
 export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.Server {
   const table = routes(ctx);
-  const want = opts.token ? Buffer.from(`Bearer ${opts.token}`) : null;
   return http.createServer(async (req, res) => {
+    let routeName = 'other';
     const send = (status: number, body: unknown, type = 'application/json'): void => {
+      opts.onRequest?.(req.method ?? '', routeName, status);
       const text =
         type === 'application/json' ? `${JSON.stringify(body, null, 2)}\n` : String(body);
       res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(text) });
@@ -186,6 +191,8 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
     };
     try {
       const url = new URL(req.url ?? '/', 'http://localhost');
+      const token = opts.token?.();
+      const want = token ? Buffer.from(`Bearer ${token}`) : null;
       if (want && url.pathname !== '/healthz') {
         const got = Buffer.from(req.headers.authorization ?? '');
         if (got.length !== want.length || !timingSafeEqual(got, want)) {
@@ -196,6 +203,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
         }
       }
       if (url.pathname === '/metrics' && req.method === 'GET') {
+        routeName = '/metrics';
         send(200, await ctx.metrics.metrics(), ctx.metrics.contentType);
         return;
       }
@@ -204,11 +212,12 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
         const m = route.pattern.exec(url.pathname);
         if (!m) continue;
         pathMatched = true;
+        routeName = route.path;
         if (route.method !== req.method) continue;
         const params = m.slice(1).map((p) => decodeURIComponent(p));
         const body = await readBody(req);
         const out = await route.handler(req, params, body);
-        send(req.method === 'POST' && route.pattern.source === '^/v1/devices$' ? 201 : 200, out);
+        send(req.method === 'POST' && route.path === '/v1/devices' ? 201 : 200, out);
         return;
       }
       if (pathMatched)

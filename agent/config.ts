@@ -30,7 +30,12 @@ export interface ListenConfig {
 export interface AgentConfig {
   dataDir: string;
   nbd: ListenConfig & { maxConnections: number; handshakeTimeoutMs: number };
-  api: ListenConfig & { token?: string; tokenFile: string };
+  api: ListenConfig & {
+    token?: string;
+    tokenFile: string;
+    /** Demand the bearer token on every TCP listener, loopback included. */
+    requireToken: boolean;
+  };
   pools: PoolConfig[];
   limits: { maxInFlight: number; maxBufferedBytes: number };
   /** Where the config came from, for messages. */
@@ -162,13 +167,14 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     : top.dataDir !== undefined
       ? c.path(top.dataDir, 'dataDir')
       : DEFAULT_DATA_DIR;
-  const defaultsInDataDir = dataDirFlag !== undefined || top.dataDir !== undefined;
-  const runDir = defaultsInDataDir ? join(dataDir, 'run') : DEFAULT_RUN_DIR;
+  // The sockets stay in /run/ballast whatever the data directory, so that the
+  // CLI finds the agent without being told where its data lives.
+  const runDir = DEFAULT_RUN_DIR;
 
   const nbd = c.object(top.nbd, 'nbd');
   c.known(nbd, 'nbd', ['listen', 'socket', 'maxConnections', 'handshakeTimeout']);
   const api = c.object(top.api, 'api');
-  c.known(api, 'api', ['listen', 'socket', 'token', 'tokenFile']);
+  c.known(api, 'api', ['listen', 'socket', 'token', 'tokenFile', 'requireToken']);
   const limits = c.object(top.limits, 'limits');
   c.known(limits, 'limits', ['maxInFlight', 'maxBufferedBytes']);
 
@@ -222,6 +228,13 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
   if (token !== undefined && token.length < 16)
     c.fail('api.token', 'must be at least 16 characters');
 
+  if (api.requireToken !== undefined && typeof api.requireToken !== 'boolean') {
+    c.fail('api.requireToken', 'must be true or false');
+  }
+  const apiListen =
+    api.listen === undefined ? [DEFAULT_API_LISTEN] : c.listen(api.listen, 'api.listen');
+  const remote = apiListen.some((l) => !isLoopback(l));
+
   return {
     dataDir,
     nbd: {
@@ -237,9 +250,10 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
           : c.number(nbd.handshakeTimeout, 'nbd.handshakeTimeout', 0.1, 3600)) * 1000,
     },
     api: {
-      listen: api.listen === undefined ? [DEFAULT_API_LISTEN] : c.listen(api.listen, 'api.listen'),
+      listen: apiListen,
       socket: socketOf(api.socket, 'api.socket', join(runDir, 'api.sock')),
       token,
+      requireToken: remote || api.requireToken === true,
       tokenFile:
         api.tokenFile === undefined
           ? join(dataDir, 'api-token')
@@ -258,4 +272,10 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     },
     source,
   };
+}
+
+/** Whether HOST:PORT only takes connections from this host. */
+export function isLoopback(listen: string): boolean {
+  const host = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }

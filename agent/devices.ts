@@ -13,6 +13,7 @@ import { ExportStats } from '../nbd/stats.js';
 import type { DynamicCatalog } from './catalog.js';
 import { ConcatBackend } from './concat-backend.js';
 import { BallastError } from './errors.js';
+import { failpoint } from './failpoints.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { SparseFileBackend } from './sparse-file.js';
 import type { Store } from './store/store.js';
@@ -106,6 +107,8 @@ export class DeviceManager {
   /** Records whose files could not be opened: listed, not exported. */
   private readonly broken = new Map<string, { record: DeviceRecord; problem: string }>();
   readonly problems: Problem[] = [];
+  /** What reconciliation did at start (interrupted creates rolled back, deletes finished). */
+  readonly recovered: string[] = [];
   private readonly mutex = new Mutex();
 
   constructor(
@@ -123,13 +126,29 @@ export class DeviceManager {
     const { kvs } = await this.store.range(PREFIX);
     const referenced = new Set<string>();
     for (const kv of kvs) {
-      const rec = JSON.parse(kv.value) as DeviceRecord;
+      let rec: DeviceRecord;
+      try {
+        rec = JSON.parse(kv.value) as DeviceRecord;
+        if (typeof rec.name !== 'string' || !Array.isArray(rec.extents))
+          throw new Error('bad shape');
+      } catch (e) {
+        this.problems.push({
+          kind: 'open-failed',
+          device: kv.key.slice(PREFIX.length),
+          message: `the record of ${kv.key} is unreadable (${(e as Error).message}); left in place`,
+        });
+        continue;
+      }
       for (const e of rec.extents) referenced.add(e.file);
       if (rec.state === 'creating' || rec.state === 'deleting') {
-        // Interrupted: a create is undone, a delete finished. The files are ours.
-        this.log(
-          `device ${rec.name}: finishing interrupted ${rec.state === 'creating' ? 'create (rolled back)' : 'delete'}`,
-        );
+        // Interrupted: a create is undone, a delete finished. The files are
+        // ours: their names were recorded before they were made.
+        const what =
+          rec.state === 'creating'
+            ? `device ${rec.name}: interrupted create rolled back`
+            : `device ${rec.name}: interrupted delete finished`;
+        this.log(what);
+        this.recovered.push(what);
         await this.removeFiles(rec);
         await this.store.delete(kv.key);
         for (const e of rec.extents) referenced.delete(e.file);
@@ -204,15 +223,19 @@ export class DeviceManager {
     const live: Live = { record: rec, modRevision, files, backend, stats };
     this.live.set(rec.name, live);
     this.broken.delete(rec.name);
-    const exp: Export = {
+    this.catalog.set(this.exportOf(live));
+    return live;
+  }
+
+  private exportOf(l: Live): Export {
+    const rec = l.record;
+    return {
       name: rec.name,
       description: `${rec.role} device${rec.guest ? ` of guest ${rec.guest}` : ''}`,
-      backend,
+      backend: l.backend,
       readOnly: false,
-      stats,
+      stats: l.stats,
     };
-    this.catalog.set(exp);
-    return live;
   }
 
   // ---- queries ----
@@ -377,11 +400,13 @@ export class DeviceManager {
       const created = await this.store.createIfAbsent(PREFIX + name, JSON.stringify(rec));
       if (!created.succeeded)
         throw new BallastError('BALLAST_DEVICE_EXISTS', `device ${name} already exists`);
+      failpoint('create-after-intent');
       let files: SparseFileBackend[] = [];
       try {
         // 2. The file, durable too.
         files = [await SparseFileBackend.open(rec.extents[0]!.file, { size })];
         fsyncDir(pool.path);
+        failpoint('create-after-file');
         // 3. Done: from here on the device exists.
         rec.state = 'ready';
         const done = await this.store.updateIf(
@@ -391,6 +416,7 @@ export class DeviceManager {
         );
         if (!done.succeeded)
           throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
+        failpoint('create-after-commit');
         this.install(rec, done.revision, files, new ExportStats());
       } catch (e) {
         for (const f of files) await f.close().catch(() => {});
@@ -417,7 +443,11 @@ export class DeviceManager {
     return l;
   }
 
-  private busy(name: string, force: boolean, what: string): void {
+  /**
+   * Refuses unless nobody is connected or `force`; forced, lets each client's
+   * requests in flight finish and closes it (dropping it after 5 s).
+   */
+  private async busy(name: string, force: boolean, what: string): Promise<void> {
     const conns = this.server()?.connectionsTo(name) ?? [];
     if (conns.length === 0) return;
     if (!force) {
@@ -427,7 +457,18 @@ export class DeviceManager {
       );
     }
     this.log(`device ${name}: disconnecting ${conns.length} client(s) for ${what}`);
-    for (const c of conns) c.kill();
+    for (const c of conns) c.shutdown();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all(conns.map((c) => c.closed())),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(() => {
+          for (const c of conns) c.kill();
+          resolve();
+        }, 5000);
+      }),
+    ]);
+    clearTimeout(timer);
   }
 
   private async save(l: Live, rec: DeviceRecord): Promise<number> {
@@ -452,10 +493,17 @@ export class DeviceManager {
         return;
       }
       const l = this.need(name);
-      this.busy(name, force, 'delete');
+      await this.busy(name, force, 'delete');
       const rec: DeviceRecord = { ...l.record, state: 'deleting' };
-      await this.save(l, rec);
+      // Out of the catalogue first: no new client can open it from here on.
       this.catalog.delete(name);
+      try {
+        await this.save(l, rec);
+      } catch (e) {
+        this.catalog.set(this.exportOf(l));
+        throw e;
+      }
+      failpoint('delete-after-intent');
       this.live.delete(name);
       for (const f of l.files) await f.close().catch(() => {});
       await this.removeFiles(rec);
@@ -509,7 +557,7 @@ export class DeviceManager {
             `shrinking ${name} from ${old.size} to ${newSize} bytes discards data; use --force`,
           );
         }
-        this.busy(name, true, 'shrink');
+        await this.busy(name, force, 'shrink');
         let left = newSize;
         const keep: ExtentRecord[] = [];
         for (const e of rec.extents) {
@@ -569,6 +617,28 @@ export class DeviceManager {
       this.log(`device ${name}: extended by ${grow} bytes in pool ${pool.name}`);
       return this.view(name);
     });
+  }
+
+  /** FLUSH every device; returns the names of those whose flush failed. */
+  async flushAll(): Promise<string[]> {
+    const failed: string[] = [];
+    for (const [name, l] of this.live) {
+      if (!l.backend.caps.flush) continue;
+      const errno = await new Promise<number>((resolve) =>
+        l.backend.flush({
+          offset: 0,
+          length: 0,
+          buf: Buffer.alloc(0),
+          bufOffset: 0,
+          done: resolve,
+        }),
+      );
+      if (errno !== 0) {
+        this.log(`device ${name}: flush failed: errno ${errno}`);
+        failed.push(name);
+      }
+    }
+    return failed;
   }
 
   async close(): Promise<void> {

@@ -6,15 +6,51 @@ import { cmdName } from '../nbd/protocol.js';
 import type { NbdServer } from '../nbd/server.js';
 import { LATENCY_BUCKETS, STAT_COMMANDS } from '../nbd/stats.js';
 import type { DeviceManager } from './devices.js';
+import type { Store } from './store/store.js';
 
+const LATENCY_HELP = 'NBD request latency from header read to reply sent, per device and operation';
 const OPS = Array.from({ length: STAT_COMMANDS }, (_, i) => cmdName(i).toLowerCase());
+
+export interface MetricsOptions {
+  store?: Store;
+  /** Receives the function the API calls once per answered request. */
+  onApi?: (record: (method: string, route: string, status: number) => void) => void;
+}
 
 export function createMetrics(
   devices: DeviceManager,
   server: () => NbdServer | null,
+  opts: MetricsOptions = {},
 ): client.Registry {
   const registry = new client.Registry();
   client.collectDefaultMetrics({ register: registry, prefix: 'ballast_process_' });
+
+  const api = new client.Counter({
+    name: 'ballast_api_requests_total',
+    help: 'Management API requests answered, per method, route and HTTP status',
+    labelNames: ['method', 'route', 'status'],
+    registers: [registry],
+  });
+  opts.onApi?.((method, route, status) => api.inc({ method, route, status }));
+  const store = opts.store;
+  if (store) {
+    new client.Gauge({
+      name: 'ballast_store_revision',
+      help: 'Revision of the local state store (moves on every change)',
+      registers: [registry],
+      async collect() {
+        this.set(await store.revision());
+      },
+    });
+  }
+  new client.Gauge({
+    name: 'ballast_device_problems',
+    help: 'Problems found when reconciling the state with the files at start (see ballast status)',
+    registers: [registry],
+    collect() {
+      this.set(devices.problems.length);
+    },
+  });
 
   const perDevice = (
     name: string,
@@ -56,8 +92,8 @@ export function createMetrics(
   // exposed here in Prometheus' cumulative form.
   registry.registerMetric({
     name: 'ballast_nbd_request_duration_seconds',
-    help: 'NBD request latency from header read to reply queued, per device and operation',
-    type: client.MetricType.Histogram,
+    help: LATENCY_HELP,
+    type: 'histogram',
     aggregator: 'sum',
     get: async () => {
       const values: {
@@ -100,8 +136,8 @@ export function createMetrics(
       }
       return {
         name: 'ballast_nbd_request_duration_seconds',
-        help: '',
-        type: client.MetricType.Histogram,
+        help: LATENCY_HELP,
+        type: 'histogram',
         values,
         aggregator: 'sum',
       };

@@ -5,6 +5,8 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { isBallastError } from '../agent/errors.js';
 import { parseSize } from '../agent/units.js';
+import { registerAgent } from './agent.js';
+import { registerManagement } from './manage.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
 /** package.json sits two levels up from dist/cli/, one from cli/ (tests). */
@@ -131,6 +133,8 @@ BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_
       });
     });
 
+  registerAgent(program, pkg.version);
+  registerManagement(program);
   return program;
 }
 
@@ -152,7 +156,7 @@ export async function main(argv: string[]): Promise<void> {
     }
     if (isBallastError(e)) {
       process.stderr.write(`ballast: error ${e.code}: ${e.message}\n`);
-      process.exit(e.code === 'BALLAST_USAGE' ? 2 : 1);
+      process.exit(e.code === 'BALLAST_USAGE' ? 2 : ((e as { exitCode?: number }).exitCode ?? 1));
     }
     process.stderr.write(`ballast: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
     process.exit(1);

@@ -1,0 +1,19 @@
+// Crash points for tests of crash safety: BALLAST_FAILPOINTS=name[,name...]
+// makes the agent kill itself with SIGKILL when it reaches a named point, so a
+// test can stop it between two steps that a real crash could separate. Unset
+// (always, in production) a failpoint is one Set lookup.
+
+const armed = new Set(
+  (process.env.BALLAST_FAILPOINTS ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== ''),
+);
+
+/** Dies here, as if the machine lost power or the process was killed, if `name` is armed. */
+export function failpoint(name: string): void {
+  if (armed.size !== 0 && armed.has(name)) {
+    process.stderr.write(`ballast: failpoint ${name}: SIGKILL\n`);
+    process.kill(process.pid, 'SIGKILL');
+  }
+}

@@ -1,0 +1,75 @@
+// `ballast agent`: run the per-host daemon until SIGTERM.
+
+import type { Command } from 'commander';
+import { Agent } from '../agent/agent.js';
+import { DEFAULT_DATA_DIR } from '../agent/config.js';
+
+function log(msg: string): void {
+  process.stderr.write(`ballast: ${msg}\n`);
+}
+
+export function registerAgent(program: Command, version: string): void {
+  program
+    .command('agent')
+    .summary('run the agent: pools, devices over NBD, the management API and /metrics')
+    .description(
+      'Run the per-host agent. It keeps its state in an SQLite database in the data directory, ' +
+        'serves every device over NBD (default 127.0.0.1:10809 and /run/ballast/nbd.sock) and ' +
+        'answers the management API and /metrics (default 127.0.0.1:10810 and ' +
+        '/run/ballast/api.sock). Without --config it runs one pool in DATA_DIR/pools/default. ' +
+        'SIGTERM or SIGINT stops taking connections, finishes the requests in flight, flushes ' +
+        'and exits 0; SIGHUP reloads the config (pools, quotas, overcommit, token).',
+    )
+    .option('-c, --config <FILE>', 'YAML config (nbd, api, pools, limits, dataDir)')
+    .option('-D, --data-dir <DIR>', `state, token and default pool (default ${DEFAULT_DATA_DIR})`)
+    .option('-v, --verbose', 'log every NBD connection and refused request')
+    .addHelpText(
+      'after',
+      `
+Config example:
+  nbd:  { listen: 127.0.0.1:10809, socket: /run/ballast/nbd.sock }
+  api:  { listen: 127.0.0.1:10810, socket: /run/ballast/api.sock }
+  pools:
+    - { name: fast, path: /srv/ballast/fast }            # media type detected
+    - { name: bulk, path: /srv/ballast/bulk, media: hdd, quota: 2T, overcommit: 4.0 }
+
+A TCP API address other than loopback demands the bearer token in DATA_DIR/api-token
+(made on first start, mode 0600); api.requireToken: true demands it on loopback too.`,
+    )
+    .action(async (o: { config?: string; dataDir?: string; verbose?: boolean }) => {
+      const agent = await Agent.start({
+        configFile: o.config,
+        dataDir: o.dataDir,
+        version,
+        verbose: Boolean(o.verbose),
+        log,
+      });
+      log('ready');
+      let stopping = false;
+      const stop = (signal: string): void => {
+        if (stopping) {
+          log(`${signal} again: exiting now`);
+          process.exit(1);
+        }
+        stopping = true;
+        log(`${signal}: finishing requests in flight`);
+        agent.stop().then(
+          () => {
+            log('stopped');
+            process.exit(0);
+          },
+          (e: Error & { code?: string }) => {
+            log(`error ${e.code ?? 'BALLAST_INTERNAL'}: ${e.message}`);
+            process.exit(1);
+          },
+        );
+      };
+      process.on('SIGTERM', () => stop('SIGTERM'));
+      process.on('SIGINT', () => stop('SIGINT'));
+      process.on('SIGHUP', () => {
+        log('SIGHUP: reloading the config');
+        void agent.reload();
+      });
+      await new Promise<never>(() => {});
+    });
+}

@@ -1,0 +1,188 @@
+// The CLI's side of the management API: where the agent is (--agent URL,
+// BALLAST_AGENT, or the local socket), the bearer token, and errors turned
+// back into BallastErrors with exit codes that scripts can rely on.
+
+import { existsSync, readFileSync } from 'node:fs';
+import http from 'node:http';
+import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET } from '../agent/config.js';
+import { BallastError } from '../agent/errors.js';
+
+/**
+ * Exit codes of the commands that talk to the agent (docs/errors.md):
+ * 0 success, 1 any other error, 2 usage, 3 agent unreachable, 4 not found,
+ * 5 conflict (exists, busy, refused), 6 no room in the pool, 7 unauthorized,
+ * 8 bad input refused by the agent.
+ */
+export const EXIT: Record<string, number> = {
+  BALLAST_USAGE: 2,
+  BALLAST_AGENT_UNREACHABLE: 3,
+  BALLAST_DEVICE_NOT_FOUND: 4,
+  BALLAST_POOL_NOT_FOUND: 4,
+  BALLAST_NOT_FOUND: 4,
+  BALLAST_DEVICE_EXISTS: 5,
+  BALLAST_DEVICE_BUSY: 5,
+  BALLAST_CONFLICT: 5,
+  BALLAST_SHRINK_REFUSED: 5,
+  BALLAST_DEVICE_UNAVAILABLE: 5,
+  BALLAST_POOL_FULL: 6,
+  BALLAST_UNAUTHORIZED: 7,
+  BALLAST_BAD_NAME: 8,
+  BALLAST_BAD_SIZE: 8,
+  BALLAST_BAD_ROLE: 8,
+  BALLAST_BAD_REQUEST: 8,
+};
+
+/** An error from (or about reaching) the agent, with the exit code for it. */
+export class AgentError extends BallastError {
+  readonly exitCode: number;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+    this.name = 'AgentError';
+    this.exitCode = EXIT[code] ?? 1;
+  }
+}
+
+export interface ClientOptions {
+  /** http://HOST:PORT, unix:/path/api.sock or /path/api.sock. */
+  agent?: string;
+  /** File holding the bearer token (else BALLAST_TOKEN). */
+  tokenFile?: string;
+}
+
+interface Target {
+  socketPath?: string;
+  host?: string;
+  port?: number;
+  describe: string;
+}
+
+function parseAgent(text: string): Target {
+  if (text.startsWith('unix:') || text.startsWith('/')) {
+    const path = text.startsWith('unix:') ? text.slice(5) : text;
+    return { socketPath: path, describe: `unix:${path}` };
+  }
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new AgentError(
+      'BALLAST_USAGE',
+      `bad agent address ${JSON.stringify(text)}: expected http://HOST:PORT or unix:/path/to/api.sock`,
+    );
+  }
+  if (url.protocol !== 'http:') {
+    throw new AgentError(
+      'BALLAST_USAGE',
+      `bad agent address ${JSON.stringify(text)}: only http:// and unix: are supported`,
+    );
+  }
+  return {
+    host: url.hostname.replace(/^\[|\]$/g, ''),
+    port: url.port === '' ? 80 : Number(url.port),
+    describe: `${url.protocol}//${url.host}`,
+  };
+}
+
+/** The agent to talk to: --agent, else BALLAST_AGENT, else the local socket, else 127.0.0.1:10810. */
+export function resolveAgent(flag?: string): Target {
+  const text = flag ?? process.env.BALLAST_AGENT;
+  if (text !== undefined && text !== '') return parseAgent(text);
+  if (existsSync(DEFAULT_API_SOCKET)) return parseAgent(`unix:${DEFAULT_API_SOCKET}`);
+  return parseAgent(`http://${DEFAULT_API_LISTEN}`);
+}
+
+function readToken(opts: ClientOptions): string | undefined {
+  if (opts.tokenFile) {
+    try {
+      return readFileSync(opts.tokenFile, 'utf8').trim();
+    } catch (e) {
+      throw new AgentError(
+        'BALLAST_TOKEN_INVALID',
+        `cannot read the token file ${opts.tokenFile}: ${(e as Error).message}`,
+      );
+    }
+  }
+  const env = process.env.BALLAST_TOKEN;
+  return env ? env.trim() : undefined;
+}
+
+export class Client {
+  private readonly target: Target;
+  private readonly token: string | undefined;
+
+  constructor(opts: ClientOptions = {}) {
+    this.target = resolveAgent(opts.agent);
+    this.token = readToken(opts);
+  }
+
+  get where(): string {
+    return this.target.describe;
+  }
+
+  /** One API call; resolves with the parsed JSON, throws AgentError on an error reply. */
+  request(method: string, path: string, body?: unknown): Promise<unknown> {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const headers: Record<string, string | number> = { accept: 'application/json' };
+    if (payload) {
+      headers['content-type'] = 'application/json';
+      headers['content-length'] = payload.length;
+    }
+    if (this.token && this.target.socketPath === undefined) {
+      headers.authorization = `Bearer ${this.token}`;
+    }
+    return new Promise((resolve, reject) => {
+      const req = http.request(
+        {
+          method,
+          path,
+          headers,
+          socketPath: this.target.socketPath,
+          host: this.target.host,
+          port: this.target.port,
+          timeout: 120_000,
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('error', reject);
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            let json: unknown;
+            try {
+              json = text === '' ? {} : JSON.parse(text);
+            } catch {
+              json = undefined;
+            }
+            const status = res.statusCode ?? 0;
+            if (status >= 200 && status < 300 && json !== undefined) {
+              resolve(json);
+              return;
+            }
+            const err = json as { code?: unknown; message?: unknown } | undefined;
+            if (err && typeof err.code === 'string') {
+              reject(new AgentError(err.code, String(err.message ?? '')));
+            } else {
+              reject(
+                new AgentError(
+                  'BALLAST_AGENT_PROTOCOL',
+                  `${this.where} answered ${method} ${path} with HTTP ${status} and no Ballast error`,
+                ),
+              );
+            }
+          });
+        },
+      );
+      req.on('timeout', () => req.destroy(new Error('no answer within 120 s')));
+      req.on('error', (e: NodeJS.ErrnoException) => {
+        reject(
+          new AgentError(
+            'BALLAST_AGENT_UNREACHABLE',
+            `cannot reach the agent at ${this.where}: ${e.code ?? e.message} (is \`ballast agent\` running? see --agent and BALLAST_AGENT)`,
+            { cause: e },
+          ),
+        );
+      });
+      req.end(payload);
+    });
+  }
+}

@@ -1,0 +1,352 @@
+// `ballast pool|device|attach|status`: the agent's management API from the
+// command line. Human tables by default, --json for scripts; exit codes in
+// client.ts (EXIT) and docs/errors.md.
+
+import { type Command, Option } from 'commander';
+import { BallastError } from '../agent/errors.js';
+import type { PoolStatus } from '../agent/pools.js';
+import { formatSize, parseSize } from '../agent/units.js';
+import { AgentError, Client } from './client.js';
+
+interface Common {
+  agent?: string;
+  tokenFile?: string;
+  json?: boolean;
+}
+
+interface DeviceView {
+  name: string;
+  size: number;
+  role: string;
+  guest: string | null;
+  extents: { pool: string; file: string; size: number }[];
+  state: string;
+  createdAt: string;
+  updatedAt: string;
+  allocatedBytes: number;
+  connections: number;
+  exported: boolean;
+  problem?: string;
+}
+
+function withCommon(cmd: Command): Command {
+  return cmd
+    .option(
+      '--agent <URL>',
+      'the agent: http://HOST:PORT or unix:/path/api.sock (default: $BALLAST_AGENT, else /run/ballast/api.sock, else http://127.0.0.1:10810)',
+    )
+    .option(
+      '--token-file <FILE>',
+      'bearer token for an agent reached over TCP that demands one (default: $BALLAST_TOKEN)',
+    )
+    .option('--json', 'print JSON (for scripts) instead of tables');
+}
+
+function client(o: Common): Client {
+  return new Client({ agent: o.agent, tokenFile: o.tokenFile });
+}
+
+function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}
+
+function json(v: unknown): void {
+  out(JSON.stringify(v, null, 2));
+}
+
+/** Left-aligned columns, two spaces apart. */
+export function table(head: string[], rows: string[][]): string {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (r: string[]) =>
+    r
+      .map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!)))
+      .join('  ')
+      .trimEnd();
+  return [line(head), ...rows.map(line)].join('\n');
+}
+
+/** Exact sizes as given (4 GiB), others to one decimal (251.9 GiB). */
+function size(n: number): string {
+  const exact = formatSize(n);
+  if (!/KiB$/.test(exact) || n < 1024 ** 2) return exact;
+  const units = ['MiB', 'GiB', 'TiB', 'PiB'];
+  let v = n / 1024 ** 2;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v.toFixed(1)} ${units[i]}`;
+}
+
+function enc(name: string): string {
+  return encodeURIComponent(name);
+}
+
+/** A size given on the command line; bad ones exit like the agent's refusals. */
+function cliSize(text: string, what: string): number {
+  try {
+    return parseSize(text, what);
+  } catch (e) {
+    if (e instanceof BallastError) throw new AgentError(e.code, e.message);
+    throw e;
+  }
+}
+
+function showDevice(d: DeviceView): string {
+  const lines = [
+    `name:        ${d.name}`,
+    `size:        ${size(d.size)} (${d.size} bytes)`,
+    `role:        ${d.role}`,
+    `guest:       ${d.guest ?? '-'}`,
+    `state:       ${d.state}${d.problem ? ` (${d.problem})` : ''}`,
+    `exported:    ${d.exported ? 'yes' : 'no'}`,
+    `connections: ${d.connections}`,
+    `allocated:   ${size(d.allocatedBytes)}`,
+    `created:     ${d.createdAt}`,
+    `updated:     ${d.updatedAt}`,
+    'extents:',
+    table(
+      ['  POOL', 'SIZE', 'FILE'],
+      d.extents.map((e) => [`  ${e.pool}`, size(e.size), e.file]),
+    ),
+  ];
+  return lines.join('\n');
+}
+
+function devicePools(d: DeviceView): string {
+  return [...new Set(d.extents.map((e) => e.pool))].join(',');
+}
+
+export function registerManagement(program: Command): void {
+  // ---- pools ----
+  const pool = program
+    .command('pool')
+    .summary("list the agent's storage pools")
+    .description(
+      'Storage pools of the running agent: media, capacity, provisioned and allocated bytes.',
+    );
+  withCommon(pool.command('ls').description('list the pools')).action(async (o: Common) => {
+    const r = (await client(o).request('GET', '/v1/pools')) as { pools: PoolStatus[] };
+    if (o.json) return json(r);
+    out(
+      table(
+        ['NAME', 'MEDIA', 'CAPACITY', 'LIMIT', 'PROVISIONED', 'ALLOCATED', 'AVAIL', 'PATH'],
+        r.pools.map((p) => [
+          p.name,
+          p.media,
+          size(p.capacityBytes),
+          `${size(p.limitBytes)} (x${p.overcommit})`,
+          size(p.provisionedBytes),
+          size(p.allocatedBytes),
+          size(p.fsAvailBytes),
+          p.path,
+        ]),
+      ),
+    );
+  });
+  withCommon(pool.command('show').description('show one pool').argument('<NAME>')).action(
+    async (name: string, o: Common) => {
+      const p = (await client(o).request('GET', `/v1/pools/${enc(name)}`)) as PoolStatus;
+      if (o.json) return json(p);
+      out(
+        [
+          `name:        ${p.name}`,
+          `path:        ${p.path}`,
+          `media:       ${p.media} (${p.mediaSource}${p.device ? `, ${p.device}` : ''})`,
+          `capacity:    ${size(p.capacityBytes)}`,
+          `overcommit:  ${p.overcommit}`,
+          `limit:       ${size(p.limitBytes)}`,
+          `provisioned: ${size(p.provisionedBytes)}`,
+          `allocated:   ${size(p.allocatedBytes)}`,
+          `fs avail:    ${size(p.fsAvailBytes)}`,
+        ].join('\n'),
+      );
+    },
+  );
+
+  // ---- devices ----
+  const device = program
+    .command('device')
+    .summary('create, list, resize, extend and delete virtual devices')
+    .description(
+      'Virtual block devices of the running agent. Each is exported over NBD under its name as ' +
+        'soon as it exists.',
+    );
+  withCommon(
+    device
+      .command('create')
+      .description('create a device (thin: a sparse file in a pool)')
+      .argument('<NAME>', '1 to 63 of a-z 0-9 . _ -, starting with a letter or digit')
+      .requiredOption('-s, --size <SIZE>', 'size, e.g. 4G (binary units)')
+      .option('-p, --pool <POOL>', 'pool to put it in (default: the one with most room)')
+      .addOption(
+        new Option('-r, --role <ROLE>', 'what the guest uses it for')
+          .choices(['paging', 'dump', 'data'])
+          .default('data'),
+      )
+      .option('-g, --guest <GUEST>', 'the guest that owns it'),
+  ).action(
+    async (
+      name: string,
+      o: Common & { size: string; pool?: string; role: string; guest?: string },
+    ) => {
+      const body: Record<string, unknown> = { name, size: o.size, role: o.role };
+      if (o.pool !== undefined) body.pool = o.pool;
+      if (o.guest !== undefined) body.guest = o.guest;
+      const d = (await client(o).request('POST', '/v1/devices', body)) as DeviceView;
+      if (o.json) return json(d);
+      out(
+        `created ${d.role} device ${d.name}: ${size(d.size)} in pool ${devicePools(d)}` +
+          (d.guest ? ` for guest ${d.guest}` : ''),
+      );
+    },
+  );
+  withCommon(device.command('ls').description('list the devices')).action(async (o: Common) => {
+    const r = (await client(o).request('GET', '/v1/devices')) as { devices: DeviceView[] };
+    if (o.json) return json(r);
+    out(
+      table(
+        ['NAME', 'SIZE', 'ROLE', 'GUEST', 'POOLS', 'STATE', 'CONN', 'ALLOCATED'],
+        r.devices.map((d) => [
+          d.name,
+          size(d.size),
+          d.role,
+          d.guest ?? '-',
+          devicePools(d),
+          d.state,
+          String(d.connections),
+          size(d.allocatedBytes),
+        ]),
+      ),
+    );
+  });
+  withCommon(device.command('show').description('show one device').argument('<NAME>')).action(
+    async (name: string, o: Common) => {
+      const d = (await client(o).request('GET', `/v1/devices/${enc(name)}`)) as DeviceView;
+      if (o.json) return json(d);
+      out(showDevice(d));
+    },
+  );
+  withCommon(
+    device
+      .command('resize')
+      .description('grow a device (its last extent); shrinking discards data and needs --force')
+      .argument('<NAME>')
+      .requiredOption('-s, --size <SIZE>', 'the new size, or +SIZE to grow by')
+      .option('-f, --force', 'allow shrinking, disconnecting its clients'),
+  ).action(async (name: string, o: Common & { size: string; force?: boolean }) => {
+    const c = client(o);
+    let target: number;
+    if (o.size.startsWith('+')) {
+      const cur = (await c.request('GET', `/v1/devices/${enc(name)}`)) as DeviceView;
+      target = cur.size + cliSize(o.size.slice(1), '--size');
+    } else {
+      target = cliSize(o.size, '--size');
+    }
+    const d = (await c.request('POST', `/v1/devices/${enc(name)}/resize`, {
+      size: target,
+      force: Boolean(o.force),
+    })) as DeviceView;
+    if (o.json) return json(d);
+    out(`resized ${d.name} to ${size(d.size)}`);
+  });
+  withCommon(
+    device
+      .command('extend')
+      .description('grow a device by a new extent in a pool (a device can span pools)')
+      .argument('<NAME>')
+      .requiredOption('-p, --pool <POOL>', 'pool for the new extent')
+      .requiredOption('-s, --size <+SIZE>', 'how much to add, e.g. +1G'),
+  ).action(async (name: string, o: Common & { size: string; pool: string }) => {
+    const grow = o.size.startsWith('+') ? o.size.slice(1) : o.size;
+    const d = (await client(o).request('POST', `/v1/devices/${enc(name)}/extend`, {
+      pool: o.pool,
+      size: grow,
+    })) as DeviceView;
+    if (o.json) return json(d);
+    out(`extended ${d.name} to ${size(d.size)} over pools ${devicePools(d)}`);
+  });
+  withCommon(
+    device
+      .command('rm')
+      .description('delete a device and its files')
+      .argument('<NAME>')
+      .option('-f, --force', 'delete even with clients connected (they are disconnected)'),
+  ).action(async (name: string, o: Common & { force?: boolean }) => {
+    const r = await client(o).request(
+      'DELETE',
+      `/v1/devices/${enc(name)}${o.force ? '?force=true' : ''}`,
+    );
+    if (o.json) return json(r);
+    out(`deleted ${name}`);
+  });
+
+  // ---- attach ----
+  withCommon(
+    program
+      .command('attach')
+      .summary('print what attaches a device to a guest')
+      .description(
+        'Print what a user pastes to give a guest the device: QEMU -blockdev/-device arguments, ' +
+          "a libvirt <disk type='network'> element, or the NBD URI. The Unix socket is used when " +
+          'the agent has one, unless --transport tcp.',
+      )
+      .argument('<NAME>', 'the device')
+      .addOption(
+        new Option('-f, --format <FORMAT>', 'what to print')
+          .choices(['qemu', 'libvirt', 'uri'])
+          .default('qemu'),
+      )
+      .addOption(new Option('-t, --transport <T>', 'NBD transport').choices(['unix', 'tcp'])),
+  ).action(async (name: string, o: Common & { format: string; transport?: string }) => {
+    const q = new URLSearchParams({ format: o.format });
+    if (o.transport) q.set('transport', o.transport);
+    const r = (await client(o).request('GET', `/v1/devices/${enc(name)}/attach?${q}`)) as {
+      uri: string;
+      qemu: string[];
+      libvirt: string;
+    };
+    if (o.json) return json(r);
+    if (o.format === 'uri') out(r.uri);
+    else if (o.format === 'libvirt') out(r.libvirt);
+    else out(r.qemu.join(' '));
+  });
+
+  // ---- status ----
+  withCommon(
+    program
+      .command('status')
+      .summary("the agent's state, and problems found at start")
+      .description(
+        'Where the agent listens, how many pools and devices it has, and what reconciling the ' +
+          'database with the files found at start: orphan files and missing files are reported ' +
+          'here, never deleted.',
+      ),
+  ).action(async (o: Common) => {
+    const s = (await client(o).request('GET', '/v1/status')) as Record<string, unknown> & {
+      problems: { kind: string; device?: string; path?: string; message: string }[];
+      recovered: string[];
+    };
+    if (o.json) return json(s);
+    const lines = [
+      `agent:       ${client(o).where} (version ${s.version}, pid ${s.pid}, up ${s.uptimeSeconds} s)`,
+      `config:      ${s.config}`,
+      `data dir:    ${s.dataDir}`,
+      `NBD:         ${(s.nbd as string[]).join(', ') || '-'}`,
+      `API:         ${(s.api as string[]).join(', ') || '-'}${s.tokenRequired ? ' (TCP: bearer token)' : ''}`,
+      `pools:       ${s.pools}`,
+      `devices:     ${s.devices}${s.devicesUnavailable ? ` (${s.devicesUnavailable} unavailable)` : ''}`,
+      `connections: ${s.connections}`,
+      `store:       revision ${s.storeRevision}`,
+    ];
+    if (s.lastReloadError) lines.push(`last reload: FAILED: ${s.lastReloadError}`);
+    if (s.recovered.length > 0) {
+      lines.push('recovered at start:');
+      for (const r of s.recovered) lines.push(`  ${r}`);
+    }
+    lines.push(s.problems.length === 0 ? 'problems:    none' : 'problems:');
+    for (const p of s.problems) lines.push(`  ${p.kind}: ${p.message}`);
+    out(lines.join('\n'));
+  });
+}
