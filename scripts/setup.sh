@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 want=(python3 make g++)
 if [[ "${1:-}" == "--test" ]]; then
   want+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
+  # dumpd: a real QEMU, a guest kernel and busybox for the end-to-end dump test
+  want+=(qemu-system-x86 linux-image-amd64 busybox-static binutils cpio)
 fi
 
 missing=()

@@ -6,7 +6,7 @@
 // machine without the tools cannot pass by skipping everything.
 
 import { execFileSync, spawn } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
+import { accessSync, constants, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 
@@ -20,6 +20,12 @@ const PACKAGE: Record<string, string> = {
   nbdsh: 'python3-libnbd',
   nbdkit: 'nbdkit',
   fio: 'fio',
+  'qemu-system-x86_64': 'qemu-system-x86',
+  readelf: 'binutils',
+  cpio: 'cpio',
+  busybox: 'busybox-static',
+  /** Not a program: a guest kernel in /boot (see guestKernel). */
+  vmlinuz: 'linux-image-amd64',
 };
 
 /** nbdsh is a shell script that runs `python3 -m nbd`; it needs the system python. */
@@ -52,13 +58,26 @@ function works(cmd: string, args: string[]): boolean {
   }
 }
 
+/** The newest /boot/vmlinuz-* (Debian's linux-image-amd64), or null. */
+export function guestKernel(): string | null {
+  try {
+    const k = readdirSync('/boot')
+      .filter((f) => f.startsWith('vmlinuz-'))
+      .sort()
+      .pop();
+    return k ? path.join('/boot', k) : null;
+  } catch {
+    return null;
+  }
+}
+
 const cache = new Map<string, boolean>();
 
 /** Whether one tool is installed and usable. */
 export function haveTool(name: string): boolean {
   let ok = cache.get(name);
   if (ok === undefined) {
-    ok = onPath(name);
+    ok = name === 'vmlinuz' ? guestKernel() !== null : onPath(name);
     if (ok && name === 'nbdsh') ok = works(SYSTEM_PYTHON, ['-c', 'import nbd']);
     if (ok && name === 'fio') ok = works('fio', ['--enghelp=nbd']);
     cache.set(name, ok);
