@@ -149,6 +149,12 @@ export function routes(ctx: ApiContext): Route[] {
         );
       }
       const view = d.view(name!);
+      if (view.state !== 'ready') {
+        throw new BallastError(
+          'BALLAST_DEVICE_UNAVAILABLE',
+          `device ${view.name} is not exported: ${view.problem ?? view.state}`,
+        );
+      }
       const ep = ctx.endpoint();
       const transport = url.searchParams.get('transport');
       if (transport === 'tcp') delete ep.socket;

@@ -1,0 +1,208 @@
+// What `ballast attach --format qemu` prints works as printed: qemu-img and
+// qemu-io open the device through the -blockdev options, and QEMU itself
+// starts with the printed arguments (frozen with -S), after which QMP
+// query-block shows the virtio disk on the agent's export.
+
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import { MiB } from '../helpers/server.js';
+import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
+
+/** The printed line as argv (the values never need quoting). */
+function argv(line: string): string[] {
+  return line.trim().split(/\s+/);
+}
+
+/** The value of -blockdev in printed QEMU arguments. */
+function blockdev(args: string[]): string {
+  const i = args.indexOf('-blockdev');
+  expect(i).toBeGreaterThanOrEqual(0);
+  return args[i + 1]!;
+}
+
+/** A minimal QMP client: greeting, capabilities, then one command per call. */
+class Qmp {
+  private buf = '';
+  private waiters: ((msg: Record<string, unknown>) => void)[] = [];
+  private constructor(private readonly sock: net.Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      for (let nl = this.buf.indexOf('\n'); nl >= 0; nl = this.buf.indexOf('\n')) {
+        const line = this.buf.slice(0, nl).trim();
+        this.buf = this.buf.slice(nl + 1);
+        if (!line) continue;
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if ('event' in msg) continue;
+        this.waiters.shift()?.(msg);
+      }
+    });
+  }
+
+  static async connect(socketPath: string): Promise<Qmp> {
+    for (let i = 0; ; i++) {
+      try {
+        const sock = await new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect(socketPath);
+          s.once('connect', () => resolve(s));
+          s.once('error', reject);
+        });
+        const q = new Qmp(sock);
+        const greeting = await q.next();
+        expect(greeting).toHaveProperty('QMP');
+        await q.execute('qmp_capabilities');
+        return q;
+      } catch (e) {
+        if (i > 200) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+
+  private next(): Promise<Record<string, unknown>> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  async execute(cmd: string): Promise<unknown> {
+    const reply = this.next();
+    this.sock.write(`${JSON.stringify({ execute: cmd })}\n`);
+    const r = await reply;
+    if ('error' in r) throw new Error(`${cmd}: ${JSON.stringify(r.error)}`);
+    return r.return;
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+describeWithTools(
+  ['qemu-img', 'qemu-io', 'qemu-system-x86_64'],
+  'ballast attach: the printed QEMU arguments work',
+  () => {
+    let agent: AgentHandle;
+
+    beforeAll(async () => {
+      agent = await startAgent();
+      const r = await agent.cli(
+        'device',
+        'create',
+        'swap-vm1',
+        '--size',
+        '32M',
+        '--role',
+        'paging',
+        '--guest',
+        'vm1',
+      );
+      expect(r.code, describeRun(r)).toBe(0);
+    });
+
+    afterAll(async () => {
+      if (agent) expect(await agent.stop()).toBe(0);
+    });
+
+    for (const transport of ['unix', 'tcp'] as const) {
+      it(`qemu-img and qemu-io open the device through the printed -blockdev (${transport})`, async () => {
+        const r = await agent.cli(
+          'attach',
+          'swap-vm1',
+          '--format',
+          'qemu',
+          '--transport',
+          transport,
+        );
+        expect(r.code, describeRun(r)).toBe(0);
+        const opts = blockdev(argv(r.stdout));
+        expect(opts).toContain(
+          transport === 'unix' ? 'server.type=unix' : `server.port=${agent.nbdPort}`,
+        );
+        const info = await runOk('qemu-img', ['info', '--output=json', '--image-opts', opts]);
+        expect(JSON.parse(info.stdout)['virtual-size']).toBe(32 * MiB);
+        const pattern = transport === 'unix' ? '0x71' : '0x72';
+        const io = await runOk('qemu-io', [
+          '--image-opts',
+          opts,
+          '-c',
+          `write -P ${pattern} 1M 2M`,
+          '-c',
+          `read -P ${pattern} 1M 2M`,
+          '-c',
+          'read -P 0 0 1M',
+        ]);
+        expect(io.stdout).toContain('wrote 2097152/2097152 bytes at offset 1048576');
+        expect(io.stdout + io.stderr).not.toMatch(/Pattern verification failed|failed:/);
+      });
+    }
+
+    it('qemu-system-x86_64 -S starts with the printed arguments; query-block shows the disk', async () => {
+      const r = await agent.cli('attach', 'swap-vm1', '--format', 'qemu');
+      expect(r.code, describeRun(r)).toBe(0);
+      const printed = argv(r.stdout);
+      const qmpSock = path.join(agent.dir, 'qmp.sock');
+      const qemu = spawn(
+        'qemu-system-x86_64',
+        [
+          '-S',
+          '-nodefaults',
+          '-display',
+          'none',
+          '-machine',
+          'pc,accel=tcg',
+          '-m',
+          '64',
+          '-qmp',
+          `unix:${qmpSock},server=on,wait=off`,
+          ...printed,
+        ],
+        { env: toolEnv(), stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let err = '';
+      qemu.stderr.on('data', (b: Buffer) => {
+        err += b.toString();
+      });
+      const exited = new Promise<number | null>((res) => qemu.once('exit', (c) => res(c)));
+      let qmp: Qmp | undefined;
+      try {
+        qmp = await Promise.race([
+          Qmp.connect(qmpSock),
+          exited.then((c) => {
+            throw new Error(`qemu exited (${c}):\n${err}`);
+          }),
+        ]);
+        const status = (await qmp.execute('query-status')) as { status: string };
+        expect(status.status).toBe('prelaunch');
+        const blocks = (await qmp.execute('query-block')) as {
+          qdev?: string;
+          inserted?: { 'node-name': string; image: { filename: string; 'virtual-size': number } };
+        }[];
+        const disk = blocks.find((b) => b.inserted?.['node-name'] === 'ballast-swap-vm1');
+        expect(disk, JSON.stringify(blocks)).toBeDefined();
+        expect(disk!.qdev).toContain('ballast-swap-vm1-dev');
+        expect(disk!.inserted!.image['virtual-size']).toBe(32 * MiB);
+        expect(disk!.inserted!.image.filename).toContain('swap-vm1');
+        // The agent sees QEMU's connection to the device.
+        const d = JSON.parse((await agent.cli('device', 'show', 'swap-vm1', '--json')).stdout);
+        expect(d.connections).toBe(1);
+        await qmp.execute('quit');
+        expect(await exited).toBe(0);
+      } finally {
+        qmp?.close();
+        qemu.kill('SIGKILL');
+      }
+    });
+
+    it('the NBD URI printed by --format uri works with qemu-img', async () => {
+      for (const t of ['unix', 'tcp']) {
+        const u = await agent.cli('attach', 'swap-vm1', '--format', 'uri', '--transport', t);
+        expect(u.code, describeRun(u)).toBe(0);
+        const info = await run('qemu-img', ['info', '--output=json', u.stdout.trim()]);
+        expect(info.code, describeRun(info)).toBe(0);
+        expect(JSON.parse(info.stdout)['virtual-size']).toBe(32 * MiB);
+      }
+    });
+  },
+);
