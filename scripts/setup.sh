@@ -14,6 +14,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
   # dumpd: a real QEMU, a guest kernel and busybox for the end-to-end dump test
   want+=(qemu-system-x86 linux-image-amd64 busybox-static binutils cpio)
+  # the agent: a real Prometheus scrapes it
+  want+=(prometheus)
 fi
 
 missing=()

@@ -21,6 +21,7 @@ const PACKAGE: Record<string, string> = {
   nbdkit: 'nbdkit',
   fio: 'fio',
   'qemu-system-x86_64': 'qemu-system-x86',
+  prometheus: 'prometheus',
   readelf: 'binutils',
   cpio: 'cpio',
   busybox: 'busybox-static',
