@@ -277,5 +277,6 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
 /** Whether HOST:PORT only takes connections from this host. */
 export function isLoopback(listen: string): boolean {
   const host = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '');
-  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
+  // An empty host binds 127.0.0.1, as with `ballast serve --listen :PORT`.
+  return host === '' || host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
