@@ -6,6 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { isBallastError } from '../agent/errors.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
+import { registerDeploy } from './deploy.js';
 import { registerManagement } from './manage.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -135,6 +136,7 @@ BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_
 
   registerAgent(program, pkg.version);
   registerManagement(program);
+  registerDeploy(program);
   return program;
 }
 

@@ -1,0 +1,315 @@
+// plan, apply and rollback over the selected hosts.
+//
+// apply, per host: probe; upload and unpack the release unless present; write
+// the deploy (config + run script); stop the old agent, start the new one from
+// its deploy directory and wait for /healthz; only then switch `current`
+// (rename, atomic). A failure or an interrupt before the switch stops the new
+// agent and starts the old one again, so a host is on the old release or the
+// new one, never between. Rolling: one host at a time unless --parallel, and
+// no host is started after one fails.
+
+import { formatDiff } from './diff.js';
+import { DeployError, describeError } from './errors.js';
+import type { HostSpec } from './inventory.js';
+import type { KnownHosts } from './known-hosts.js';
+import { forEachHost, type Outcome } from './pool.js';
+import type { Release } from './release.js';
+import { type Desired, desiredFor, Remote, type RemoteState, versionOf } from './remote.js';
+import { Session } from './ssh.js';
+
+export interface RunContext {
+  hosts: HostSpec[];
+  knownHosts: KnownHosts;
+  parallel: number;
+  /** Per-host progress lines. */
+  progress: (host: string, msg: string) => void;
+  signal: AbortSignal;
+}
+
+export async function withRemote<T>(
+  host: HostSpec,
+  kh: KnownHosts,
+  fn: (r: Remote) => Promise<T>,
+): Promise<T> {
+  const s = await Session.connect(host, kh);
+  try {
+    return await fn(new Remote(s, host));
+  } finally {
+    s.close();
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export interface Health {
+  ok: boolean;
+  version?: string;
+  detail: string;
+}
+
+/** One GET /healthz through the SSH session. */
+export async function checkHealth(r: Remote, timeoutMs = 3000): Promise<Health> {
+  const { host, port, token } = r.host.api;
+  try {
+    const res = await r.s.httpGet(host, port, '/healthz', timeoutMs, token);
+    let body: { status?: string; version?: string } = {};
+    try {
+      body = JSON.parse(res.body) as typeof body;
+    } catch {}
+    const ok = res.status === 200 && (body.status === undefined || body.status === 'ok');
+    const h: Health = {
+      ok,
+      detail: ok ? 'ok' : `HTTP ${res.status} ${res.body.trim().slice(0, 200)}`,
+    };
+    if (typeof body.version === 'string') h.version = body.version;
+    return h;
+  } catch (e) {
+    return { ok: false, detail: (e as Error).message };
+  }
+}
+
+function interrupted(host: string): DeployError {
+  return new DeployError('DEPLOY_INTERRUPTED', `${host}: interrupted`, { host });
+}
+
+/** Waits until the agent of deploy `id` answers /healthz (with `version`, if it reports one). */
+async function waitHealthy(
+  r: Remote,
+  id: string,
+  version: string | null,
+  signal: AbortSignal | null,
+): Promise<void> {
+  const deadline = Date.now() + r.host.timeouts.healthMs;
+  let last = 'no answer yet';
+  for (;;) {
+    if (signal?.aborted) throw interrupted(r.host.name);
+    const h = await checkHealth(r);
+    if (h.ok) {
+      if (!version || !h.version || h.version === version) return;
+      last = `it reports version ${h.version}, expected ${version}`;
+    } else {
+      last = h.detail;
+    }
+    const st = await r.probe();
+    if (st.running !== id) {
+      const tail = (await r.logTail(8, true).catch(() => '')).trim();
+      throw new DeployError(
+        'DEPLOY_HEALTH_FAILED',
+        `${r.host.name}: the agent of ${id} exited before it was healthy` +
+          (tail ? `; its log ends:\n    ${tail.split('\n').join('\n    ')}` : ''),
+        { host: r.host.name },
+      );
+    }
+    if (Date.now() > deadline) {
+      throw new DeployError(
+        'DEPLOY_HEALTH_FAILED',
+        `${r.host.name}: /healthz on ${r.host.api.host}:${r.host.api.port} not healthy within ${Math.round(r.host.timeouts.healthMs / 1000)} s (${last})`,
+        { host: r.host.name },
+      );
+    }
+    await sleep(300);
+  }
+}
+
+// ---------------------------------------------------------------- plan
+
+export type Action = 'none' | 'install' | 'upgrade' | 'reconfigure' | 'restart';
+
+export interface HostPlan {
+  host: string;
+  action: Action;
+  current: { deploy: string | null; version: string | null };
+  desired: { deploy: string; version: string };
+  upload: boolean;
+  configDiff: string[];
+  agent: { running: string | null; pid: number | null; manager: 'systemd' | 'pidfile' };
+}
+
+function decide(st: RemoteState, d: Desired): Action {
+  if (st.current === d.id) return st.running === d.id ? 'none' : 'restart';
+  if (!st.current) return 'install';
+  return versionOf(st.current) === d.version && st.current.startsWith(`${d.releaseId}.`)
+    ? 'reconfigure'
+    : 'upgrade';
+}
+
+async function planHost(r: Remote, release: Release): Promise<HostPlan> {
+  const d = desiredFor(r.host, release);
+  const st = await r.probe(d);
+  return {
+    host: r.host.name,
+    action: decide(st, d),
+    current: { deploy: st.current, version: versionOf(st.current) },
+    desired: { deploy: d.id, version: d.version },
+    upload: !st.releasePresent,
+    configDiff: formatDiff(st.currentConfig ?? '', d.config),
+    agent: { running: st.running, pid: st.pid, manager: st.systemd ? 'systemd' : 'pidfile' },
+  };
+}
+
+export function plan(ctx: RunContext, release: Release): Promise<Outcome<HostPlan>[]> {
+  return forEachHost(
+    ctx.hosts,
+    {
+      parallel: Math.max(ctx.parallel, ctx.hosts.length),
+      stopOnFailure: false,
+      signal: ctx.signal,
+    },
+    (h) => withRemote(h, ctx.knownHosts, (r) => planHost(r, release)),
+  );
+}
+
+// ---------------------------------------------------------------- apply
+
+export interface HostResult {
+  host: string;
+  result: 'unchanged' | 'deployed' | 'rolled back';
+  deploy: string;
+  previous: string | null;
+}
+
+/**
+ * Brings back the agent of `old` after a new one could not take over; `old` null
+ * means there was none, and the host is left stopped.
+ */
+async function restoreOld(
+  r: Remote,
+  old: string | null,
+  say: (m: string) => void,
+): Promise<string> {
+  await r.stop();
+  if (!old) {
+    say('no previous deploy: left stopped');
+    return 'left stopped (no previous deploy)';
+  }
+  say(`rolling back: starting ${old}`);
+  await r.start(old);
+  try {
+    await waitHealthy(r, old, null, null);
+  } catch (e) {
+    say(`the previous deploy did not come back healthy: ${describeError(e)}`);
+    return `restarted ${old}, but it is not healthy`;
+  }
+  say(`rolled back to ${old}; healthy`);
+  return `rolled back to ${old}`;
+}
+
+async function applyHost(
+  r: Remote,
+  release: Release,
+  signal: AbortSignal,
+  say: (m: string) => void,
+): Promise<HostResult> {
+  const d = desiredFor(r.host, release);
+  const st = await r.probe(d);
+  if (st.current === d.id && st.running === d.id) {
+    const h = await checkHealth(r);
+    if (h.ok) {
+      say(`unchanged (${d.id}, healthy)`);
+      return { host: r.host.name, result: 'unchanged', deploy: d.id, previous: st.previous };
+    }
+    say(`current deploy is running but not healthy (${h.detail}); restarting it`);
+  }
+  if (signal.aborted) throw interrupted(r.host.name);
+  if (st.releasePresent) say(`release ${d.releaseId} already present`);
+  else await r.installRelease(release, say);
+  await r.writeDeploy(d);
+  if (signal.aborted) throw interrupted(r.host.name);
+
+  // From here the host's service changes: any failure restores the old agent.
+  const old = st.current !== d.id ? st.current : null;
+  try {
+    if (st.running) say(`stopping ${st.running} (pid ${st.pid})`);
+    await r.stop();
+    say(`starting ${d.id} (${st.systemd ? `systemd unit ${r.host.service.unit}` : 'pidfile'})`);
+    await r.start(d.id);
+    say(`waiting for /healthz on ${r.host.api.host}:${r.host.api.port}`);
+    await waitHealthy(r, d.id, d.version, signal);
+  } catch (e) {
+    say(`failed: ${describeError(e)}`);
+    const what = await restoreOld(r, old, say);
+    const code = (e as DeployError).code === 'DEPLOY_INTERRUPTED' ? 'DEPLOY_INTERRUPTED' : null;
+    throw new DeployError(
+      code ?? ((e as DeployError).code || 'DEPLOY_HEALTH_FAILED'),
+      `${(e as Error).message}\n  ${r.host.name}: ${what}`,
+      { host: r.host.name, cause: e },
+    );
+  }
+  if (st.current !== d.id) {
+    await r.switchTo(d.id);
+    say(`current -> ${d.id}`);
+  }
+  await r.prune([]).catch(() => {});
+  say('done, healthy');
+  return { host: r.host.name, result: 'deployed', deploy: d.id, previous: old ?? st.previous };
+}
+
+export function apply(ctx: RunContext, release: Release): Promise<Outcome<HostResult>[]> {
+  return forEachHost(
+    ctx.hosts,
+    { parallel: ctx.parallel, stopOnFailure: true, signal: ctx.signal },
+    (h) => {
+      const say = (m: string) => ctx.progress(h.name, m);
+      say('connecting');
+      return withRemote(h, ctx.knownHosts, (r) => applyHost(r, release, ctx.signal, say));
+    },
+  );
+}
+
+// ---------------------------------------------------------------- rollback
+
+async function rollbackHost(
+  r: Remote,
+  to: string | undefined,
+  signal: AbortSignal,
+  say: (m: string) => void,
+): Promise<HostResult> {
+  const st = await r.probe();
+  const target = to ?? st.previous;
+  if (!target || target === st.current) {
+    throw new DeployError(
+      'DEPLOY_NO_PREVIOUS',
+      `${r.host.name}: no previous deploy to go back to (current: ${st.current ?? 'none'})`,
+      { host: r.host.name },
+    );
+  }
+  const present = await r.probe({ id: target, releaseId: '-', version: '', config: '', run: '' });
+  if (!present.deployPresent) {
+    throw new DeployError(
+      'DEPLOY_NO_PREVIOUS',
+      `${r.host.name}: deploy ${target} is not on the host (it may have been pruned)`,
+      { host: r.host.name },
+    );
+  }
+  if (signal.aborted) throw interrupted(r.host.name);
+  try {
+    say(`stopping ${st.running ?? 'nothing running'}`);
+    await r.stop();
+    say(`starting ${target}`);
+    await r.start(target);
+    await waitHealthy(r, target, null, signal);
+  } catch (e) {
+    say(`failed: ${describeError(e)}`);
+    const what = await restoreOld(r, st.current, say);
+    throw new DeployError(
+      (e as DeployError).code ?? 'DEPLOY_HEALTH_FAILED',
+      `${(e as Error).message}\n  ${r.host.name}: ${what}`,
+      { host: r.host.name, cause: e },
+    );
+  }
+  await r.switchTo(target);
+  say(`current -> ${target}`);
+  return { host: r.host.name, result: 'rolled back', deploy: target, previous: st.current };
+}
+
+export function rollback(ctx: RunContext, to?: string): Promise<Outcome<HostResult>[]> {
+  return forEachHost(
+    ctx.hosts,
+    { parallel: ctx.parallel, stopOnFailure: true, signal: ctx.signal },
+    (h) => {
+      const say = (m: string) => ctx.progress(h.name, m);
+      say('connecting');
+      return withRemote(h, ctx.knownHosts, (r) => rollbackHost(r, to, ctx.signal, say));
+    },
+  );
+}
