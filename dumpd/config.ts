@@ -1,0 +1,199 @@
+// dumpd's configuration file (YAML or JSON), checked into typed settings. Pure code.
+//
+//   listen: 127.0.0.1:9411          # /metrics and the control API (loopback only by default)
+//   runDir: /run/ballast-dumpd      # FIFOs live here while a dump runs
+//   defaults: { format: elf, after: reboot, keep: 3 }
+//   guests:
+//     - name: web1
+//       qmp: /run/qemu/web1.qmp     # unix:PATH, PATH or tcp:HOST:PORT
+//       device: nbd+unix:///web1-dump?socket=/run/ballast/nbd.sock
+//     - name: db1
+//       qmp: /run/qemu/db1.qmp
+//       agent: unix:/run/ballast/api.sock   # or http://HOST:PORT
+//       agentDevice: db1-dump
+//       after: pause
+//   watch:                          # every QMP socket in a directory is a guest
+//     - dir: /run/qemu
+//       suffix: .qmp                # guest name = file name without it
+//       device: nbd+unix:///{guest}-dump?socket=/run/ballast/nbd.sock
+
+import { parse as parseYaml } from 'yaml';
+import { DumpError, type DumpFormat, FORMATS, validGuestName } from './catalog.js';
+
+export const AFTER = ['reboot', 'pause', 'poweroff', 'none'] as const;
+export type After = (typeof AFTER)[number];
+
+export interface Policy {
+  format: DumpFormat;
+  after: After;
+  keep: number;
+}
+
+/** Where a guest's dump device is: an NBD URI, or a device of an agent. */
+export type DeviceRef =
+  | { uri: string }
+  | { agent: string | undefined; device: string; tokenFile?: string };
+
+export interface GuestConfig extends Policy {
+  name: string;
+  qmp: string;
+  device: DeviceRef;
+}
+
+export interface WatchConfig extends Partial<Policy> {
+  dir: string;
+  suffix: string;
+  /** An NBD URI or agent device name with `{guest}` in it. */
+  device: string;
+  /** When set, `device` names an agent device. */
+  agent?: string;
+}
+
+export interface DumpdConfig {
+  listen: string;
+  runDir: string;
+  defaults: Policy;
+  guests: GuestConfig[];
+  watch: WatchConfig[];
+  /** Give up on a dump after this long. */
+  dumpTimeoutMs: number;
+}
+
+export const DEFAULT_POLICY: Policy = { format: 'elf', after: 'reboot', keep: 3 };
+export const DEFAULT_LISTEN = '127.0.0.1:9411';
+
+function bad(msg: string): never {
+  throw new DumpError('DUMP_BAD_CONFIG', msg);
+}
+
+function str(
+  o: Record<string, unknown>,
+  key: string,
+  where: string,
+  required = true,
+): string | undefined {
+  const v = o[key];
+  if (v === undefined || v === null) {
+    if (required) bad(`${where}: "${key}" is required`);
+    return undefined;
+  }
+  if (typeof v !== 'string' || v === '') bad(`${where}: "${key}" must be a non-empty string`);
+  return v;
+}
+
+function policy(o: Record<string, unknown>, where: string, base: Policy): Policy {
+  const format = o.format ?? base.format;
+  if (typeof format !== 'string' || !(FORMATS as readonly string[]).includes(format))
+    bad(`${where}: format must be one of ${FORMATS.join(', ')}`);
+  const after = o.after ?? base.after;
+  if (typeof after !== 'string' || !(AFTER as readonly string[]).includes(after))
+    bad(`${where}: after must be one of ${AFTER.join(', ')}`);
+  const keep = o.keep ?? base.keep;
+  if (typeof keep !== 'number' || !Number.isInteger(keep) || keep < 1 || keep > 200)
+    bad(`${where}: keep must be a whole number from 1 to 200`);
+  return { format: format as DumpFormat, after: after as After, keep };
+}
+
+const GUEST_KEYS = new Set([
+  'name',
+  'qmp',
+  'device',
+  'agent',
+  'agentDevice',
+  'tokenFile',
+  'format',
+  'after',
+  'keep',
+]);
+
+export function parseConfig(text: string, source = 'config'): DumpdConfig {
+  let raw: unknown;
+  try {
+    raw = parseYaml(text);
+  } catch (e) {
+    bad(`${source}: not YAML/JSON: ${(e as Error).message}`);
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
+    bad(`${source}: must be a mapping`);
+  const r = raw as Record<string, unknown>;
+  for (const k of Object.keys(r))
+    if (!['listen', 'runDir', 'defaults', 'guests', 'watch', 'dumpTimeoutSeconds'].includes(k))
+      bad(`${source}: unknown key "${k}"`);
+  const defaults = policy(
+    (r.defaults as Record<string, unknown> | undefined) ?? {},
+    `${source}: defaults`,
+    DEFAULT_POLICY,
+  );
+  const guests: GuestConfig[] = [];
+  const names = new Set<string>();
+  const list = r.guests ?? [];
+  if (!Array.isArray(list)) bad(`${source}: guests must be a list`);
+  list.forEach((g: unknown, i: number) => {
+    const where = `${source}: guests[${i}]`;
+    if (g === null || typeof g !== 'object' || Array.isArray(g)) bad(`${where} must be a mapping`);
+    const o = g as Record<string, unknown>;
+    for (const k of Object.keys(o)) if (!GUEST_KEYS.has(k)) bad(`${where}: unknown key "${k}"`);
+    const name = str(o, 'name', where) as string;
+    if (!validGuestName(name) || /[/\s]/.test(name)) bad(`${where}: bad guest name "${name}"`);
+    if (names.has(name)) bad(`${where}: guest "${name}" is listed twice`);
+    names.add(name);
+    const qmp = str(o, 'qmp', where) as string;
+    const uri = str(o, 'device', where, false);
+    const agentDevice = str(o, 'agentDevice', where, false);
+    if ((uri === undefined) === (agentDevice === undefined))
+      bad(`${where}: give either "device" (an NBD URI) or "agentDevice" (with "agent")`);
+    const device: DeviceRef =
+      uri !== undefined
+        ? { uri }
+        : {
+            agent: str(o, 'agent', where, false),
+            device: agentDevice as string,
+            ...(o.tokenFile ? { tokenFile: str(o, 'tokenFile', where) as string } : {}),
+          };
+    guests.push({ name, qmp, device, ...policy(o, where, defaults) });
+  });
+  const watch: WatchConfig[] = [];
+  const wl = r.watch ?? [];
+  if (!Array.isArray(wl)) bad(`${source}: watch must be a list`);
+  wl.forEach((w: unknown, i: number) => {
+    const where = `${source}: watch[${i}]`;
+    if (w === null || typeof w !== 'object' || Array.isArray(w)) bad(`${where} must be a mapping`);
+    const o = w as Record<string, unknown>;
+    const device = str(o, 'device', where) as string;
+    if (!device.includes('{guest}')) bad(`${where}: device must contain {guest}`);
+    watch.push({
+      dir: str(o, 'dir', where) as string,
+      suffix: str(o, 'suffix', where, false) ?? '.qmp',
+      device,
+      ...(o.agent ? { agent: str(o, 'agent', where) as string } : {}),
+      ...policy(o, where, defaults),
+    });
+  });
+  const t = r.dumpTimeoutSeconds ?? 1800;
+  if (typeof t !== 'number' || !(t > 0))
+    bad(`${source}: dumpTimeoutSeconds must be a positive number`);
+  return {
+    listen: (str(r, 'listen', source, false) ?? DEFAULT_LISTEN) as string,
+    runDir: str(r, 'runDir', source, false) ?? '/run/ballast-dumpd',
+    defaults,
+    guests,
+    watch,
+    dumpTimeoutMs: t * 1000,
+  };
+}
+
+/** The guest a watched socket stands for, or null when the file does not match. */
+export function watchedGuest(w: WatchConfig, file: string, defaults: Policy): GuestConfig | null {
+  if (!file.endsWith(w.suffix)) return null;
+  const name = file.slice(0, file.length - w.suffix.length);
+  if (!validGuestName(name) || /[/\s{}]/.test(name)) return null;
+  const dev = w.device.replaceAll('{guest}', encodeURIComponent(name));
+  return {
+    name,
+    qmp: `${w.dir.replace(/\/$/, '')}/${file}`,
+    device: w.agent !== undefined ? { agent: w.agent, device: dev } : { uri: dev },
+    format: w.format ?? defaults.format,
+    after: w.after ?? defaults.after,
+    keep: w.keep ?? defaults.keep,
+  };
+}

@@ -1,0 +1,217 @@
+// One dump of one guest, start to finish:
+//
+//   check    query-dump-guest-memory-capability has the format; no dump active
+//   reserve  open the device, recover interrupted dumps, catalog entry `writing`
+//   dump     mkfifo; open its read end; dump-guest-memory detach=true file:FIFO;
+//            stream what QEMU writes into the reservation as it arrives
+//   settle   EOF on the FIFO and DUMP_COMPLETED: entry `complete` with its SHA-256,
+//            or `failed` with the reason (QEMU's error, no space, device lost)
+//   after    reboot (system_reset + cont) | pause (stop) | poweroff (quit) | none
+//
+// Nothing of the dump touches the host's disk: the FIFO holds at most a pipe buffer.
+// A failure before `settle` still marks the entry failed and still applies `after`,
+// so a panicked guest is never left hanging because its dump device is unreachable.
+
+import { execFile } from 'node:child_process';
+import { constants as fsc, mkdirSync, openSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { type DumpEntry, DumpError, type DumpFormat } from './catalog.js';
+import type { After } from './config.js';
+import { DumpDevice, type DumpWriter } from './device.js';
+import type { QmpClient, QmpEvent } from './qmp.js';
+
+const run = promisify(execFile);
+
+export interface DumpJobOptions {
+  guest: string;
+  qmp: QmpClient;
+  /** The dump device's NBD URI. */
+  uri: string;
+  format: DumpFormat;
+  keep: number;
+  after: After;
+  runDir: string;
+  timeoutMs: number;
+  /** Called as bytes arrive (total so far). */
+  onProgress?: (bytes: number) => void;
+  /** Called once the entry is reserved (for logs). */
+  onStart?: (entry: DumpEntry) => void;
+}
+
+export interface DumpResult {
+  guest: string;
+  ok: boolean;
+  entry: DumpEntry | null;
+  bytes: number;
+  durationMs: number;
+  after: After;
+  /** Set when the dump failed: a stable code and a message. */
+  error?: { code: string; message: string };
+  /** Set when applying `after` failed. */
+  afterError?: { code: string; message: string };
+}
+
+function codeOf(e: unknown): string {
+  const c = (e as { code?: unknown })?.code;
+  return typeof c === 'string' && /^[A-Z][A-Z0-9_]+$/.test(c) ? c : 'DUMP_FAILED';
+}
+
+async function mkfifo(p: string): Promise<void> {
+  try {
+    await run('mkfifo', ['-m', '600', p]);
+  } catch (e) {
+    throw new DumpError('DUMP_FIFO', `cannot create the FIFO ${p}: ${(e as Error).message}`, {
+      cause: e,
+    });
+  }
+}
+
+/** Applies the after-dump policy; returns what was done. */
+export async function applyAfter(qmp: QmpClient, after: After): Promise<void> {
+  switch (after) {
+    case 'none':
+      return;
+    case 'pause': {
+      const st = await qmp.execute<{ running: boolean }>('query-status');
+      if (st.running) await qmp.execute('stop');
+      return;
+    }
+    case 'poweroff':
+      await qmp.execute('quit').catch((e: unknown) => {
+        // QEMU may close the socket before answering `quit`.
+        if (codeOf(e) !== 'QMP_DISCONNECTED') throw e;
+      });
+      return;
+    case 'reboot': {
+      await qmp.execute('system_reset');
+      const st = await qmp.execute<{ running: boolean }>('query-status');
+      if (!st.running) await qmp.execute('cont');
+      return;
+    }
+  }
+}
+
+export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
+  const t0 = Date.now();
+  let writer: DumpWriter | null = null;
+  let device: DumpDevice | null = null;
+  let fifo: string | null = null;
+  let bytes = 0;
+  let failure: unknown = null;
+  let entry: DumpEntry | null = null;
+  try {
+    const caps = await o.qmp.execute<{ formats: string[] }>('query-dump-guest-memory-capability');
+    if (!caps.formats.includes(o.format))
+      throw new DumpError(
+        'DUMP_FORMAT_UNSUPPORTED',
+        `QEMU offers ${caps.formats.join(', ')}, not ${o.format}`,
+      );
+    const st = await o.qmp.execute<{ status: string }>('query-dump');
+    if (st.status === 'active')
+      throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
+
+    device = await DumpDevice.open(o.uri);
+    await device.recover();
+    writer = await device.begin({ guest: o.guest, format: o.format, keep: o.keep });
+    o.onStart?.(writer.entry);
+
+    mkdirSync(o.runDir, { recursive: true, mode: 0o700 });
+    fifo = path.join(o.runDir, `${o.guest}.${writer.entry.id}.${process.pid}.fifo`);
+    rmSync(fifo, { force: true });
+    await mkfifo(fifo);
+    // Non-blocking, so opening does not wait for a writer; QEMU's open then finds a reader.
+    const fd = openSync(fifo, fsc.O_RDONLY | fsc.O_NONBLOCK);
+    const pipe = new net.Socket({ fd, readable: true, writable: false });
+    pipe.pause();
+    const w = writer;
+    const streamed = new Promise<void>((resolve, reject) => {
+      pipe.on('data', (chunk: Buffer) => {
+        pipe.pause();
+        w.append(chunk).then(
+          () => {
+            bytes = w.length;
+            o.onProgress?.(bytes);
+            pipe.resume();
+          },
+          (e: unknown) => {
+            // Closing the read end makes QEMU's next write fail (EPIPE): the dump stops.
+            pipe.destroy();
+            reject(e);
+          },
+        );
+      });
+      pipe.on('end', () => resolve());
+      pipe.on('error', (e) => reject(e));
+    });
+    streamed.catch(() => {});
+    const completed = o.qmp.waitEvent('DUMP_COMPLETED', o.timeoutMs);
+    completed.catch(() => {});
+    try {
+      await o.qmp.execute('dump-guest-memory', {
+        paging: false,
+        protocol: `file:${fifo}`,
+        detach: true,
+        format: o.format,
+      });
+    } catch (e) {
+      pipe.destroy();
+      throw e;
+    }
+    // QEMU holds the FIFO open now; the name is no longer needed.
+    rmSync(fifo, { force: true });
+    fifo = null;
+    pipe.resume();
+
+    let streamError: unknown = null;
+    await streamed.catch((e: unknown) => {
+      streamError = e;
+    });
+    const ev: QmpEvent = await completed;
+    if (streamError) throw streamError;
+    const result = ev.data.result as { status?: string; completed?: number; total?: number };
+    if (ev.data.error || result?.status !== 'completed')
+      throw new DumpError(
+        'DUMP_QEMU_FAILED',
+        `QEMU's dump failed: ${String(ev.data.error ?? result?.status ?? 'unknown')}`,
+      );
+    entry = await writer.finish();
+  } catch (e) {
+    failure = e;
+    if (writer) entry = await writer.fail(`${codeOf(e)}: ${(e as Error).message ?? e}`);
+    // Let a detached QEMU dump end before touching the guest again.
+    if (writer) await waitDumpIdle(o.qmp, 30_000).catch(() => {});
+  } finally {
+    if (fifo) rmSync(fifo, { force: true });
+    await device?.close().catch(() => {});
+  }
+  const result: DumpResult = {
+    guest: o.guest,
+    ok: failure === null,
+    entry,
+    bytes,
+    durationMs: Date.now() - t0,
+    after: o.after,
+  };
+  if (failure !== null)
+    result.error = {
+      code: codeOf(failure),
+      message: (failure as Error).message ?? String(failure),
+    };
+  try {
+    await applyAfter(o.qmp, o.after);
+  } catch (e) {
+    result.afterError = { code: codeOf(e), message: (e as Error).message };
+  }
+  return result;
+}
+
+async function waitDumpIdle(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const st = await qmp.execute<{ status: string }>('query-dump');
+    if (st.status !== 'active') return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
