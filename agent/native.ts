@@ -43,6 +43,8 @@ export interface BallastNative {
   fallocate(fd: number, mode: number, off: number, len: number): Promise<number>;
   /** posix_fadvise, synchronously: 0 or -errno. */
   fadvise(fd: number, off: number, len: number, advice: number): number;
+  /** The uid of a Unix socket's peer (SO_PEERCRED), or -errno. */
+  peerUid(fd: number): number;
   readonly constants: NativeConstants;
 }
 
@@ -55,6 +57,7 @@ const FUNCTIONS = [
   'flock',
   'fallocate',
   'fadvise',
+  'peerUid',
 ];
 
 let cached: BallastNative | undefined;

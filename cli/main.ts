@@ -93,6 +93,26 @@ export function buildProgram(): Command {
         .argParser(positiveInt('--handshake-timeout')),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
+    .addOption(
+      new Option('--tls <MODE>', 'STARTTLS: off, allow (offer it) or require (refuse plaintext)')
+        .choices(['off', 'allow', 'require'])
+        .default('off'),
+    )
+    .option('--tls-cert <PEM>', 'the server certificate (X.509)')
+    .option('--tls-key <PEM>', 'the private key of --tls-cert')
+    .option(
+      '--tls-ca <PEM>',
+      'CA certificate(s): clients must present a certificate they signed; its CN names the client',
+    )
+    .option(
+      '--tls-psk-file <FILE>',
+      'pre-shared keys, one username:hexkey per line (psktool, nbdkit, QEMU); the username names the client',
+    )
+    .option(
+      '--identity <WHO=NAME>',
+      'name clients TLS does not name: ADDRESS=NAME (TCP source) or uid:N=NAME (Unix socket peer) (repeatable)',
+      collect,
+    )
     .addHelpText(
       'after',
       `
@@ -101,9 +121,12 @@ Examples:
   ballast serve disk.img --socket /run/disk.sock    # nbd+unix:///?socket=/run/disk.sock
   ballast serve --export name=swap,file=swap.img,size=4G \\
                 --export name=dump,file=dump.img,size=8G,read-only --listen 127.0.0.1:10809
+  ballast serve disk.img --tls require --tls-cert server-cert.pem --tls-key server-key.pem \\
+                --tls-ca ca-cert.pem                # nbds://127.0.0.1/ with a client certificate
 
 Errors (stable codes): BALLAST_FILE_NOT_FOUND, BALLAST_FILE_LOCKED, BALLAST_BAD_SIZE,
-BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_IN_USE.`,
+BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_IN_USE,
+BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
     )
     .action(async (file: string | undefined, o: Record<string, unknown>) => {
       const exports: ExportSpec[] = [];
@@ -131,6 +154,14 @@ BALLAST_SIZE_MISMATCH, BALLAST_BAD_EXPORT, BALLAST_BAD_ADDRESS, BALLAST_ADDRESS_
         maxConnections: o.maxConnections as number,
         handshakeTimeoutMs: (o.handshakeTimeout as number) * 1000,
         verbose: Boolean(o.verbose),
+        tls: {
+          mode: o.tls as 'off' | 'allow' | 'require',
+          cert: o.tlsCert as string | undefined,
+          key: o.tlsKey as string | undefined,
+          ca: o.tlsCa as string | undefined,
+          pskFile: o.tlsPskFile as string | undefined,
+        },
+        identities: (o.identity as string[] | undefined) ?? [],
       });
     });
 

@@ -2,9 +2,12 @@
 // plugin do, on the same server the agent uses.
 
 import fs from 'node:fs';
+import type net from 'node:net';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
+import { loadNative } from '../agent/native.js';
 import { SparseFileBackend } from '../agent/sparse-file.js';
+import { IdentityMap, loadTls, type TlsSettings } from '../agent/tls-config.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
@@ -79,6 +82,17 @@ export interface ServeOptions {
   maxConnections: number;
   handshakeTimeoutMs: number;
   verbose: boolean;
+  tls?: TlsSettings;
+  /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
+  identities?: string[];
+}
+
+/** The uid of a Unix socket client, via SO_PEERCRED. */
+function peerUid(sock: net.Socket): number | null {
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return null;
+  const uid = loadNative().peerUid(fd);
+  return uid < 0 ? null : uid;
 }
 
 function log(msg: string): void {
@@ -99,6 +113,10 @@ export async function serve(opts: ServeOptions): Promise<never> {
     }
     names.add(e.name);
   }
+
+  const tlsSettings = opts.tls ?? { mode: 'off' };
+  const credentials = loadTls(tlsSettings);
+  const identities = new IdentityMap(opts.identities ?? []);
 
   const targets: ListenTarget[] = [];
   for (const l of opts.listen) targets.push(parseHostPort(l));
@@ -131,6 +149,8 @@ export async function serve(opts: ServeOptions): Promise<never> {
     catalog: new StaticCatalog(exports),
     maxConnections: opts.maxConnections,
     handshakeTimeoutMs: opts.handshakeTimeoutMs,
+    tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,
+    identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,
     log: (level, msg) => {
       if (level !== 'debug' || opts.verbose) log(msg);
     },
@@ -161,6 +181,13 @@ export async function serve(opts: ServeOptions): Promise<never> {
     );
   }
   log(`listening on ${targets.map(describeTarget).join(', ')}`);
+  if (credentials) {
+    const kinds = [credentials.x509 ? 'X.509' : '', credentials.psk ? 'PSK' : '']
+      .filter(Boolean)
+      .join(' and ');
+    const verify = credentials.verifyClients ? ', client certificates required' : '';
+    log(`TLS ${tlsSettings.mode}: ${kinds}${verify}`);
+  }
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

@@ -1,7 +1,8 @@
 // Syscalls Node lacks, for the sparse-file backend: fallocate (punch/zero),
 // lseek with SEEK_DATA/SEEK_HOLE, flock, and preadv2/pwritev2 with RWF_NOWAIT
 // so page-cached I/O can complete on the event loop without a thread-pool
-// round trip. Hot-path calls return a negative errno instead of throwing.
+// round trip; and SO_PEERCRED, to name Unix socket clients. Hot-path calls
+// return a negative errno instead of throwing.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -12,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -176,6 +178,19 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+// peerUid(fd) -> the uid of the process at the other end of a Unix socket
+// (SO_PEERCRED, as it was at connect time), or -errno.
+static napi_value do_peer_uid(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv) < 0) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  struct ucred cred;
+  socklen_t len = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return make_int64(env, -errno);
+  return make_int64(env, (int64_t)cred.uid);
+}
+
 static void set_int(napi_env env, napi_value obj, const char *name, int64_t v) {
   napi_set_named_property(env, obj, name, make_int64(env, v));
 }
@@ -189,6 +204,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"flock", NULL, do_flock, NULL, NULL, NULL, napi_default, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
       {"fadvise", NULL, do_fadvise, NULL, NULL, NULL, napi_default, NULL},
+      {"peerUid", NULL, do_peer_uid, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   napi_value c;

@@ -1,6 +1,19 @@
 import type { Backend } from './backend.js';
 import type { ExportStats } from './stats.js';
 
+/**
+ * Who may send which commands to an export, decided by its owner (for example
+ * from reservations). The server asks `mask` when a connection starts serving
+ * the export and again whenever `generation` has changed, so the check on the
+ * data path is one comparison and one AND. Bump `generation` before
+ * acknowledging a change: requests read after that see the new answer.
+ */
+export interface AccessControl {
+  readonly generation: number;
+  /** The commands (bit `1 << CMD.*`) a client of this identity may send now. */
+  mask(identity: string): number;
+}
+
 /** A named export as the protocol sees it. */
 export interface Export {
   readonly name: string;
@@ -10,6 +23,8 @@ export interface Export {
   readonly readOnly: boolean;
   /** Counters the server keeps for this export, if the owner wants them. */
   readonly stats?: ExportStats;
+  /** Per-request access control; none means every valid request is served. */
+  readonly access?: AccessControl;
 }
 
 /** Where the server finds exports. The agent's catalogue changes at run time. */

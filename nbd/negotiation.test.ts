@@ -919,3 +919,120 @@ describe('transmissionFlags', () => {
     }
   });
 });
+
+// ---- STARTTLS ----------------------------------------------------------------
+
+describe('STARTTLS', () => {
+  const tlsNeg = (tls: 'allow' | 'require', extra: NegotiationOptions = {}) =>
+    negotiation(undefined, undefined, { tls, ...extra });
+
+  it('off: ERR_UNSUP, and nothing else changes', () => {
+    const n = negotiation(undefined, undefined, { tls: 'off' });
+    expectError(n.option(OPT.STARTTLS, Buffer.alloc(0)), OPT.STARTTLS, REP.ERR_UNSUP);
+    expect(n.tlsActive).toBe(false);
+  });
+
+  it.each(['allow', 'require'] as const)('%s: ACK and the verdict starttls', (mode) => {
+    const n = tlsNeg(mode);
+    const s = n.option(OPT.STARTTLS, Buffer.alloc(0));
+    expect(s.verdict).toBe('starttls');
+    expect(types(s)).toEqual([REP.ACK]);
+    expect(n.tlsActive).toBe(true);
+  });
+
+  it('a payload: ERR_INVALID, TLS not started', () => {
+    const n = tlsNeg('require');
+    expectError(n.option(OPT.STARTTLS, Buffer.from([0])), OPT.STARTTLS, REP.ERR_INVALID);
+    expect(n.tlsActive).toBe(false);
+  });
+
+  it('a second STARTTLS inside TLS: ERR_INVALID', () => {
+    const n = tlsNeg('allow');
+    n.option(OPT.STARTTLS, Buffer.alloc(0));
+    expectError(n.option(OPT.STARTTLS, Buffer.alloc(0)), OPT.STARTTLS, REP.ERR_INVALID);
+  });
+
+  it.each([
+    ['LIST', OPT.LIST, Buffer.alloc(0)],
+    ['INFO', OPT.INFO, infoPayload('disk')],
+    ['GO', OPT.GO, infoPayload('disk')],
+    ['STRUCTURED_REPLY', OPT.STRUCTURED_REPLY, Buffer.alloc(0)],
+    ['LIST_META_CONTEXT', OPT.LIST_META_CONTEXT, metaPayload('disk', [])],
+    ['SET_META_CONTEXT', OPT.SET_META_CONTEXT, metaPayload('disk', [])],
+    ['an unknown option', 99, Buffer.alloc(0)],
+    ['an oversize option', 99, null],
+  ])('require, before TLS: %s gets ERR_TLS_REQD', (_what, opt, payload) => {
+    const n = tlsNeg('require');
+    expectError(n.option(opt, payload), opt, REP.ERR_TLS_REQD);
+    expect(n.structured).toBe(false);
+  });
+
+  it('require, before TLS: EXPORT_NAME closes, ABORT is acknowledged', () => {
+    expect(tlsNeg('require').option(OPT.EXPORT_NAME, Buffer.from('disk')).verdict).toBe('close');
+    const a = tlsNeg('require').option(OPT.ABORT, Buffer.alloc(0));
+    expect(a.verdict).toBe('close');
+    expect(types(a)).toEqual([REP.ACK]);
+  });
+
+  it('require, after STARTTLS: options are served', () => {
+    const n = tlsNeg('require');
+    n.option(OPT.STARTTLS, Buffer.alloc(0));
+    structured(n);
+    expect(n.option(OPT.GO, infoPayload('disk')).verdict).toBe('transmission');
+    expect(n.session?.structured).toBe(true);
+  });
+
+  it('allow: options work in plaintext too', () => {
+    const n = tlsNeg('allow');
+    expect(n.option(OPT.GO, infoPayload('disk')).verdict).toBe('transmission');
+  });
+
+  it('CVE-2021-3716: structured replies and meta contexts negotiated in plaintext are forgotten', () => {
+    const n = tlsNeg('allow');
+    structured(n);
+    const set = n.option(OPT.SET_META_CONTEXT, metaPayload('disk', [META_BASE_ALLOCATION]));
+    expect(types(set)).toEqual([REP.META_CONTEXT, REP.ACK]);
+    n.option(OPT.STARTTLS, Buffer.alloc(0));
+    expect(n.structured).toBe(false);
+    expect(n.option(OPT.GO, infoPayload('disk')).verdict).toBe('transmission');
+    expect(n.session?.structured).toBe(false);
+    expect(n.session?.allocationContext).toBe(false);
+    expect(n.session!.flags & TFLAG.SEND_DF).toBe(0);
+  });
+
+  it('CVE-2021-3716: SET_META_CONTEXT after STARTTLS needs STRUCTURED_REPLY again', () => {
+    const n = tlsNeg('allow');
+    structured(n);
+    n.option(OPT.STARTTLS, Buffer.alloc(0));
+    expectError(
+      n.option(OPT.SET_META_CONTEXT, metaPayload('disk', [META_BASE_ALLOCATION])),
+      OPT.SET_META_CONTEXT,
+      REP.ERR_INVALID,
+    );
+  });
+});
+
+describe('access hooks', () => {
+  it('LIST leaves out exports the client may not open; META_CONTEXT on them: ERR_POLICY', () => {
+    const n = negotiation(undefined, undefined, {
+      authorize: (e) => (e.name === 'disk' ? 'not for you' : null),
+    });
+    const list = n.option(OPT.LIST, Buffer.alloc(0));
+    const names = list.replies
+      .filter((r) => r.readUInt32BE(12) === REP.SERVER)
+      .map((r) => r.subarray(24, 24 + r.readUInt32BE(20)).toString());
+    expect(names).not.toContain('disk');
+    expectError(
+      n.option(OPT.LIST_META_CONTEXT, metaPayload('disk', [])),
+      OPT.LIST_META_CONTEXT,
+      REP.ERR_POLICY,
+    );
+  });
+
+  it('readOnlyFor: the client is told READ_ONLY, without write-side flags', () => {
+    const n = negotiation(undefined, undefined, { readOnlyFor: () => true });
+    expect(n.option(OPT.GO, infoPayload('disk')).verdict).toBe('transmission');
+    expect(n.session!.flags & TFLAG.READ_ONLY).toBe(TFLAG.READ_ONLY);
+    expect(n.session!.flags & TFLAG.SEND_TRIM).toBe(0);
+  });
+});

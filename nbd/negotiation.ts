@@ -4,6 +4,10 @@
 //   start ── greeting ──▶ await flags ── known flags ──▶ options
 //   options: LIST / INFO / STRUCTURED_REPLY / *_META_CONTEXT / unknown → reply, stay
 //            ABORT → ACK, close
+//            STARTTLS (tls allow|require, not yet TLS) → ACK, forget everything
+//              negotiated so far, 'starttls' (the transport upgrades or drops)
+//            with tls require and no TLS yet: any other option → ERR_TLS_REQD
+//              (EXPORT_NAME, which has no error reply → close)
 //            EXPORT_NAME → export reply (or close if unknown) → transmission
 //            GO → INFO replies + ACK → transmission (or error reply, stay)
 
@@ -32,7 +36,7 @@ import {
 } from './protocol.js';
 
 /** What the connection should do after an option. */
-export type Verdict = 'continue' | 'close' | 'transmission';
+export type Verdict = 'continue' | 'close' | 'transmission' | 'starttls';
 
 export interface Step {
   replies: Buffer[];
@@ -54,6 +58,10 @@ export interface Session {
 export interface NegotiationOptions {
   /** Optional access check at GO / EXPORT_NAME; return a message to refuse with ERR_POLICY. */
   authorize?: (exp: Export) => string | null;
+  /** At GO / EXPORT_NAME: serve this export read-only to this client. */
+  readOnlyFor?: (exp: Export) => boolean;
+  /** STARTTLS: refused (off, the default), offered (allow) or demanded (require). */
+  tls?: 'off' | 'allow' | 'require';
 }
 
 export function greeting(): Buffer {
@@ -149,6 +157,8 @@ export class Negotiation {
   private metaExport: Export | null = null;
   private metaAllocation = false;
   session: Session | null = null;
+  /** STARTTLS was accepted: from here on the transport is TLS (or gone). */
+  tlsActive = false;
 
   constructor(
     private readonly catalog: ExportCatalog,
@@ -166,6 +176,13 @@ export class Negotiation {
   }
 
   option(opt: number, data: Buffer | null): Step {
+    const tls = this.options.tls ?? 'off';
+    if (tls === 'require' && !this.tlsActive && opt !== OPT.STARTTLS && opt !== OPT.ABORT) {
+      if (opt === OPT.EXPORT_NAME) {
+        return { replies: [], verdict: 'close', reason: 'EXPORT_NAME before TLS' };
+      }
+      return this.error(opt, REP.ERR_TLS_REQD, 'this server requires TLS: send STARTTLS first');
+    }
     if (opt === OPT.SET_META_CONTEXT) {
       // SET replaces the selection even when it fails.
       this.metaExport = null;
@@ -205,7 +222,7 @@ export class Negotiation {
         case OPT.SET_META_CONTEXT:
           return this.metaContext(opt, data);
         case OPT.STARTTLS:
-          return this.error(opt, REP.ERR_UNSUP, 'TLS is not configured on this server');
+          return this.startTls(data);
         default:
           return this.error(opt, REP.ERR_UNSUP, `option ${optName(opt)} is not supported`);
       }
@@ -213,6 +230,21 @@ export class Negotiation {
       if (e instanceof BadOption) return this.error(opt, REP.ERR_INVALID, e.message);
       throw e;
     }
+  }
+
+  private startTls(data: Buffer): Step {
+    if ((this.options.tls ?? 'off') === 'off') {
+      return this.error(OPT.STARTTLS, REP.ERR_UNSUP, 'TLS is not configured on this server');
+    }
+    if (data.length !== 0) throw new BadOption('STARTTLS takes no payload');
+    if (this.tlsActive) throw new BadOption('TLS is already active');
+    // Nothing said in plaintext may carry over into the TLS session (CVE-2021-3716).
+    this.tlsActive = true;
+    this.structured = false;
+    this.metaExport = null;
+    this.metaAllocation = false;
+    this.session = null;
+    return { replies: [optionReply(OPT.STARTTLS, REP.ACK)], verdict: 'starttls' };
   }
 
   private error(opt: number, type: number, message: string): Step {
@@ -238,6 +270,8 @@ export class Negotiation {
     if (data.length !== 0) throw new BadOption('LIST takes no payload');
     const replies: Buffer[] = [];
     for (const e of this.catalog.list()) {
+      // A client is not told about exports it may not open.
+      if (this.options.authorize?.(e)) continue;
       const name = Buffer.from(e.name);
       const desc = Buffer.from(e.description);
       const p = Buffer.alloc(4 + name.length + desc.length);
@@ -262,7 +296,7 @@ export class Negotiation {
     const refusal = this.options.authorize?.(exp);
     if (refusal) return this.error(opt, REP.ERR_POLICY, refusal);
 
-    const flags = transmissionFlags(exp.backend.caps, exp.readOnly, this.structured);
+    const flags = transmissionFlags(exp.backend.caps, this.readOnly(exp), this.structured);
     const replies: Buffer[] = [];
     const info = (type: number, body: Buffer): void => {
       const p = Buffer.alloc(2 + body.length);
@@ -290,11 +324,15 @@ export class Negotiation {
     return { replies, verdict: 'transmission' };
   }
 
+  private readOnly(exp: Export): boolean {
+    return exp.readOnly || (this.options.readOnlyFor?.(exp) ?? false);
+  }
+
   private enter(exp: Export): Session {
     const allocation = this.metaAllocation && this.metaExport === exp;
     this.session = {
       export: exp,
-      flags: transmissionFlags(exp.backend.caps, exp.readOnly, this.structured),
+      flags: transmissionFlags(exp.backend.caps, this.readOnly(exp), this.structured),
       structured: this.structured,
       allocationContext: allocation,
     };
@@ -314,6 +352,8 @@ export class Negotiation {
     }
     const exp = this.catalog.lookup(name);
     if (!exp) return this.error(opt, REP.ERR_UNKNOWN, `unknown export ${JSON.stringify(name)}`);
+    const refusal = this.options.authorize?.(exp);
+    if (refusal) return this.error(opt, REP.ERR_POLICY, refusal);
     let match = false;
     if (!set && queries.length === 0) match = exp.backend.caps.extents;
     for (const q of queries) {

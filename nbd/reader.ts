@@ -226,6 +226,12 @@ export class HandshakeReader {
     this.state = HState.Stopped;
   }
 
+  /** Read options again after a stop that was not the end (STARTTLS). */
+  resume(): void {
+    this.state = HState.OptHeader;
+    this.staged = 0;
+  }
+
   feed(chunk: Buffer, start = 0, end = chunk.length): number {
     let pos = start;
     while (pos < end) {

@@ -5,9 +5,10 @@
 
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import type tls from 'node:tls';
 import type { Backend, Extent, IoRequest } from './backend.js';
 import { nbdError } from './errors.js';
-import type { Export, ExportCatalog } from './export.js';
+import type { AccessControl, Export, ExportCatalog } from './export.js';
 import { greeting, Negotiation, type Session } from './negotiation.js';
 import {
   CHUNK_HEADER_SIZE,
@@ -33,6 +34,7 @@ import {
   type TransmissionSink,
 } from './reader.js';
 import type { ExportStats } from './stats.js';
+import type { TlsCredentials, TlsMode } from './tls.js';
 import { type ValidationContext, validateRequest } from './validate.js';
 
 export interface ServerOptions {
@@ -49,7 +51,19 @@ export interface ServerOptions {
   log?: (level: 'debug' | 'info' | 'warn', msg: string) => void;
   /** Access check at GO / EXPORT_NAME: a message refuses with ERR_POLICY. */
   authorize?: (exp: Export, conn: Connection) => string | null;
+  /** At GO / EXPORT_NAME: serve this export read-only to this connection. */
+  readOnlyFor?: (exp: Export, conn: Connection) => boolean;
+  /** STARTTLS; without it the server answers STARTTLS with ERR_UNSUP. */
+  tls?: { mode: TlsMode; credentials: TlsCredentials };
+  /**
+   * Names the client when TLS does not (no TLS, or TLS without a client
+   * certificate or PSK): e.g. by source address or Unix peer. Null: anonymous.
+   */
+  identify?: (conn: Connection) => string | null;
 }
+
+/** How a connection's identity was established. */
+export type IdentityMethod = 'x509' | 'psk' | 'mapped' | 'anonymous';
 
 export interface ServerStats {
   connectionsTotal: number;
@@ -58,9 +72,15 @@ export interface ServerStats {
   errors: number;
   bytesRead: number;
   bytesWritten: number;
+  /** Requests refused by an export's access control (EPERM before the backend). */
+  denied: number;
+  tlsHandshakes: number;
+  tlsFailures: number;
 }
 
 const EMPTY = Buffer.alloc(0);
+/** Every command allowed: the mask of a connection whose export has no access control. */
+const ALL_COMMANDS = 0xffff;
 /** Extents per READ before the rest is sent as data. */
 const READ_MAX_EXTENTS = 16;
 /** Descriptors per BLOCK_STATUS reply. */
@@ -108,6 +128,15 @@ type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
 export class Connection implements HandshakeSink, TransmissionSink {
   readonly id: number;
   readonly remote: string;
+  /** The socket as accepted (TCP or Unix), before any TLS. */
+  readonly raw: net.Socket;
+  /** What NBD is spoken over: `raw`, or the TLS socket on top of it. */
+  socket: net.Socket;
+  /** Who the client is: certificate CN, PSK username, a mapped name, or 'anonymous'. */
+  identity = 'anonymous';
+  identityMethod: IdentityMethod = 'anonymous';
+  /** The TLS version once STARTTLS completed, else null. */
+  tlsProtocol: string | null = null;
   phase: Phase = 'handshake';
   session: Session | null = null;
   private readonly neg: Negotiation;
@@ -128,31 +157,49 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private handshakeTimer: NodeJS.Timeout | null = null;
   private readonly maxInFlight: number;
   private readonly maxBytes: number;
+  /** Access control of the export being served, and this connection's cached answer. */
+  private access: AccessControl | null = null;
+  private accessGeneration = -1;
+  private accessMask = ALL_COMMANDS;
+  /** STARTTLS was acknowledged and the TLS handshake has not finished. */
+  private upgrading = false;
+  private idleWaiters: (() => void)[] = [];
+  private readonly onDataBound = (chunk: Buffer): void => this.onData(chunk);
+  private readonly onErrorBound = (err: Error): void =>
+    this.server.log('debug', `conn ${this.id}: ${err.message}`);
+  private readonly onCloseBound = (): void => this.onClose();
+  private readonly onEndBound = (): void => {
+    // The client half-closed: finish what is in flight, then close.
+    if (this.phase === 'transmission') this.beginClosing();
+    else this.socket.destroy();
+  };
 
   constructor(
     private readonly server: NbdServer,
-    readonly socket: net.Socket,
+    socket: net.Socket,
     id: number,
   ) {
     this.id = id;
+    this.raw = socket;
+    this.socket = socket;
     this.remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const o = server.options;
     this.maxInFlight = o.maxInFlight ?? 64;
     this.maxBytes = o.maxBufferedBytes ?? 64 * 1024 * 1024;
     this.neg = new Negotiation(o.catalog, {
       authorize: o.authorize ? (exp) => o.authorize!(exp, this) : undefined,
+      readOnlyFor: o.readOnlyFor ? (exp) => o.readOnlyFor!(exp, this) : undefined,
+      tls: o.tls?.mode ?? 'off',
     });
     this.hreader = new HandshakeReader(this);
     this.treader = new TransmissionReader(this);
+    const mapped = o.identify?.(this) ?? null;
+    if (mapped !== null) {
+      this.identity = mapped;
+      this.identityMethod = 'mapped';
+    }
     socket.setNoDelay?.(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('error', (err) => this.server.log('debug', `conn ${id}: ${err.message}`));
-    socket.on('close', () => this.onClose());
-    socket.on('end', () => {
-      // The client half-closed: finish what is in flight, then close.
-      if (this.phase === 'transmission') this.beginClosing();
-      else socket.destroy();
-    });
+    this.attach(socket);
     const t = o.handshakeTimeoutMs ?? 10_000;
     this.handshakeTimer = setTimeout(() => {
       this.server.log('info', `conn ${id} ${this.remote}: handshake timed out`);
@@ -160,6 +207,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }, t);
     this.handshakeTimer.unref();
     socket.write(greeting());
+  }
+
+  private attach(sock: net.Socket, errors = true): void {
+    sock.on('data', this.onDataBound);
+    if (errors) sock.on('error', this.onErrorBound);
+    sock.on('close', this.onCloseBound);
+    sock.on('end', this.onEndBound);
+  }
+
+  private detach(sock: net.Socket): void {
+    sock.off('data', this.onDataBound);
+    sock.off('close', this.onCloseBound);
+    sock.off('end', this.onEndBound);
+    // The error listener stays: an error on the raw socket must not go unhandled.
   }
 
   get exportName(): string | null {
@@ -184,7 +245,18 @@ export class Connection implements HandshakeSink, TransmissionSink {
     sock.cork();
     try {
       if (this.phase === 'handshake') {
+        if (this.upgrading) {
+          // Plaintext after STARTTLS, before the TLS handshake: an injection.
+          this.server.log('info', `conn ${this.id} ${this.remote}: data after STARTTLS; dropping`);
+          sock.destroy();
+          return;
+        }
         pos += this.hreader.feed(chunk, pos);
+        if (this.upgrading && pos < chunk.length) {
+          this.server.log('info', `conn ${this.id} ${this.remote}: data after STARTTLS; dropping`);
+          sock.destroy();
+          return;
+        }
       }
       if ((this.phase as Phase) !== 'transmission') return;
       pos += this.treader.feed(chunk, pos);
@@ -236,8 +308,16 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   option(opt: number, data: Buffer | null): boolean {
     const step = this.neg.option(opt, data);
-    for (const r of step.replies) this.socket.write(r);
+    if (step.verdict !== 'starttls') for (const r of step.replies) this.socket.write(r);
     if (step.verdict === 'continue') return true;
+    if (step.verdict === 'starttls') {
+      // The ACK goes out in plaintext; the TLS handshake starts once it is on the wire.
+      this.upgrading = true;
+      const raw = this.socket;
+      raw.pause();
+      raw.write(step.replies[0]!, () => this.startTls(raw));
+      return false;
+    }
     if (step.verdict === 'close') {
       this.server.log('info', `conn ${this.id} ${this.remote}: ${step.reason ?? 'closed'}`);
       this.phase = 'closing';
@@ -248,6 +328,55 @@ export class Connection implements HandshakeSink, TransmissionSink {
     return false;
   }
 
+  private startTls(raw: net.Socket): void {
+    if (this.phase !== 'handshake' || raw.destroyed) return;
+    const creds = this.server.options.tls!.credentials;
+    this.detach(raw);
+    let sock: tls.TLSSocket;
+    try {
+      sock = creds.upgrade(
+        raw,
+        (s, peer) => {
+          if (this.phase !== 'handshake') return;
+          this.server.stats.tlsHandshakes++;
+          this.upgrading = false;
+          this.tlsProtocol = peer.protocol;
+          if (peer.identity !== null) {
+            this.identity = peer.identity;
+            this.identityMethod = peer.method === 'psk' ? 'psk' : 'x509';
+          }
+          this.server.log(
+            'debug',
+            `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
+          );
+          this.hreader.resume();
+          s.resume();
+        },
+        (message) => this.tlsFailed(message),
+      );
+    } catch (e) {
+      this.tlsFailed((e as Error).message);
+      return;
+    }
+    this.socket = sock;
+    sock.on('error', (err: Error & { code?: string; reason?: string }) =>
+      this.tlsFailed(err.reason ?? err.code ?? err.message.split('\n')[0] ?? 'error'),
+    );
+    this.attach(sock, false);
+  }
+
+  private tlsFailed(message: string): void {
+    if (this.upgrading) {
+      this.upgrading = false;
+      this.server.stats.tlsFailures++;
+      this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
+    } else {
+      this.server.log('debug', `conn ${this.id}: ${message}`);
+    }
+    this.socket.destroy();
+    this.raw.destroy();
+  }
+
   private enterTransmission(s: Session): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
@@ -255,6 +384,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.backend = s.export.backend;
     this.stats = s.export.stats ?? null;
     if (this.stats) this.stats.connections++;
+    this.access = s.export.access ?? null;
+    this.accessGeneration = -1;
     this.vctx = {
       flags: s.flags,
       size: s.export.backend.size,
@@ -281,7 +412,19 @@ export class Connection implements HandshakeSink, TransmissionSink {
       return Decision.Stop;
     }
     if (this.inUse >= this.maxInFlight) return Decision.Stall;
-    const err = validateRequest(h, this.vctx!);
+    let err = validateRequest(h, this.vctx!);
+    let denied = false;
+    const acc = this.access;
+    if (acc !== null && err === 0) {
+      if (acc.generation !== this.accessGeneration) {
+        this.accessGeneration = acc.generation;
+        this.accessMask = acc.mask(this.identity);
+      }
+      if ((this.accessMask & (1 << h.type)) === 0) {
+        err = NBD_ERR.EPERM;
+        denied = true;
+      }
+    }
     const carries = !err && (h.type === CMD.READ || h.type === CMD.WRITE) ? h.length : 0;
     if (carries && this.inUse > 0 && this.bytesInUse + carries > this.maxBytes) {
       return Decision.Stall;
@@ -292,6 +435,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
       this.server.stats.errors++;
       this.server.log('debug', `conn ${this.id}: ${cmdName(h.type)} refused with ${err}`);
       if (this.stats) this.stats.refused[h.type & 7]!++;
+      if (denied) {
+        this.server.stats.denied++;
+        if (this.stats) this.stats.denied[h.type & 7]!++;
+      }
       if (h.type === CMD.WRITE) {
         // Answer once the payload is drained: clients do not expect a reply
         // to a request they are still sending.
@@ -405,6 +552,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
       slot.own = EMPTY;
     }
     this.free.push(slot);
+    if (this.inUse === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
     if (this.stalled) this.maybeResume();
     else if (this.phase === 'closing' && this.inUse === 0) this.finishClosing();
   }
@@ -660,6 +812,26 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.socket.destroy();
   }
 
+  /**
+   * Drop the connection now and read nothing more from it, not even what is
+   * already buffered. Resolves once none of its requests is still in the
+   * backend: after that, nothing this client sent can reach the export.
+   */
+  abort(): Promise<void> {
+    if (this.phase !== 'closed') this.phase = 'closing';
+    this.pending = null;
+    this.stalled = false;
+    const partial = this.current;
+    if (partial) {
+      this.current = null;
+      partial.failed = true;
+      this.release(partial);
+    }
+    this.socket.destroy();
+    if (this.inUse === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
   private onClose(): void {
     if (this.stats && this.phase !== 'closed') this.stats.connections--;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
@@ -692,6 +864,9 @@ export class NbdServer extends EventEmitter {
     errors: 0,
     bytesRead: 0,
     bytesWritten: 0,
+    denied: 0,
+    tlsHandshakes: 0,
+    tlsFailures: 0,
   };
   private readonly netServers: net.Server[] = [];
   private nextId = 1;

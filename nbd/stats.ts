@@ -15,6 +15,8 @@ export class ExportStats {
   readonly bytes = new Float64Array(STAT_COMMANDS);
   /** Refused before reaching the backend (validation, policy). */
   readonly refused = new Float64Array(STAT_COMMANDS);
+  /** Of those, refused by the export's access control (EPERM). */
+  readonly denied = new Float64Array(STAT_COMMANDS);
   /** Per command: one count per bucket (not cumulative) plus +Inf at the end. */
   readonly latency: Float64Array[] = [];
   readonly latencySum = new Float64Array(STAT_COMMANDS);

@@ -16,6 +16,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(qemu-system-x86 linux-image-amd64 busybox-static binutils cpio)
   # the agent: a real Prometheus scrapes it
   want+=(prometheus)
+  # TLS: the tests make their certificates with openssl
+  want+=(openssl)
 fi
 
 missing=()

@@ -98,6 +98,11 @@ export class RawClient {
     });
   }
 
+  /** Talks over an already connected socket (e.g. a TLS socket after STARTTLS). */
+  static over(sock: net.Socket): RawClient {
+    return new RawClient(sock);
+  }
+
   get isClosed(): boolean {
     return this.ended;
   }
