@@ -7,6 +7,7 @@ import { isBallastError } from '../agent/errors.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
 import { registerDeploy } from './deploy.js';
+import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -168,6 +169,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerAgent(program, pkg.version);
   registerManagement(program);
   registerDeploy(program);
+  registerDump(program);
   return program;
 }
 

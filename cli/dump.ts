@@ -1,0 +1,389 @@
+// `ballast dumpd` (the dump daemon) and `ballast dump now|ls|get|rm` (dumps on dump
+// devices, from any host). A DEVICE is an NBD URI, or the name of a device on the
+// agent (--agent, BALLAST_AGENT, or the local one).
+
+import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import http from 'node:http';
+import type { Command } from 'commander';
+import { BallastError } from '../agent/errors.js';
+import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
+import { DEFAULT_LISTEN, type DeviceRef, parseConfig } from '../dumpd/config.js';
+import { Dumpd } from '../dumpd/daemon.js';
+import { DumpDevice } from '../dumpd/device.js';
+import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
+import type { DumpResult } from '../dumpd/job.js';
+import { Client } from './client.js';
+import { table } from './manage.js';
+
+/** Coded errors of the NBD client, QMP and dumpd reach the user as `ballast: error CODE`. */
+function coded(e: unknown): unknown {
+  if (e instanceof BallastError) return e;
+  const code = (e as { code?: unknown })?.code;
+  if (typeof code === 'string' && /^(NBD|QMP|DUMP)_[A-Z0-9_]+$/.test(code))
+    return new BallastError(code, (e as Error).message, { cause: e });
+  return e;
+}
+
+function action<A extends unknown[]>(f: (...a: A) => Promise<void>): (...a: A) => Promise<void> {
+  return async (...a: A) => {
+    try {
+      await f(...a);
+    } catch (e) {
+      throw coded(e);
+    }
+  };
+}
+
+/** An agent device's NBD URI, from the agent's attach endpoint. */
+async function agentDeviceUri(agent: string | undefined, device: string, tokenFile?: string) {
+  const c = new Client({ agent, tokenFile });
+  const r = (await c.request(
+    'GET',
+    `/v1/devices/${encodeURIComponent(device)}/attach?format=qemu`,
+  )) as {
+    uri?: string;
+  };
+  if (!r.uri)
+    throw new DumpError('DUMP_DEVICE_UNRESOLVED', `the agent gave no NBD URI for ${device}`);
+  return r.uri;
+}
+
+export async function resolveDevice(ref: DeviceRef): Promise<string> {
+  if ('uri' in ref) return ref.uri;
+  return agentDeviceUri(ref.agent, ref.device, ref.tokenFile);
+}
+
+function deviceArg(device: string, o: { agent?: string; tokenFile?: string }): Promise<string> {
+  if (/^nbds?(\+unix)?:\/\//.test(device)) return Promise.resolve(device);
+  return agentDeviceUri(o.agent, device, o.tokenFile);
+}
+
+function human(n: number): string {
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < u.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n} B` : `${v.toFixed(1)} ${u[i]}`;
+}
+
+function entryJson(e: DumpEntry) {
+  return {
+    ...e,
+    createdAt: new Date(e.createdAt).toISOString(),
+    finishedAt: e.finishedAt ? new Date(e.finishedAt).toISOString() : null,
+  };
+}
+
+function parseId(s: string): number {
+  const n = Number(s);
+  if (!Number.isInteger(n) || n <= 0) throw new DumpError('DUMP_NOT_FOUND', `bad dump id ${s}`);
+  return n;
+}
+
+/** A one-line progress bar on stderr, redrawn at most 10 times a second. */
+function progress(total: number, enabled: boolean) {
+  let last = 0;
+  const draw = (done: number, final = false) => {
+    if (!enabled) return;
+    const now = Date.now();
+    if (!final && now - last < 100) return;
+    last = now;
+    const pct = total ? Math.floor((done / total) * 100) : 100;
+    const width = 30;
+    const fill = Math.round((pct / 100) * width);
+    process.stderr.write(
+      `\r[${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${String(pct).padStart(3)}% ${human(done)} / ${human(total)}${final ? '\n' : ''}`,
+    );
+  };
+  return draw;
+}
+
+function dumpdRequest(where: string, method: string, path: string): Promise<unknown> {
+  const target =
+    where.startsWith('/') || where.startsWith('unix:')
+      ? { socketPath: where.replace(/^unix:/, '') }
+      : (() => {
+          const u = new URL(where.includes('://') ? where : `http://${where}`);
+          return { host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 80) };
+        })();
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      { ...target, method, path, headers: { accept: 'application/json' } },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          let body: unknown;
+          try {
+            body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+          } catch {
+            body = undefined;
+          }
+          const b = body as { code?: string; message?: string } | undefined;
+          if ((res.statusCode ?? 500) >= 400 || body === undefined)
+            reject(
+              new DumpError(
+                b?.code ?? 'DUMP_FAILED',
+                b?.message ?? `dumpd answered HTTP ${res.statusCode}`,
+              ),
+            );
+          else resolve(body);
+        });
+      },
+    );
+    req.on('error', (e: NodeJS.ErrnoException) =>
+      reject(
+        new DumpError(
+          'DUMP_DUMPD_UNREACHABLE',
+          `cannot reach dumpd at ${where}: ${e.code ?? e.message}`,
+        ),
+      ),
+    );
+    req.end();
+  });
+}
+
+export function registerDump(program: Command): void {
+  program
+    .command('dumpd')
+    .summary(
+      'watch guests over QMP; on a panic dump their memory onto their dump device, then reboot',
+    )
+    .description(
+      'Run the dump daemon. For every configured guest (and every QMP socket in a watched ' +
+        'directory) it keeps a QMP connection, reconnecting when QEMU restarts. On GUEST_PANICKED ' +
+        '(QEMU started with -device pvpanic -action panic=pause) it streams dump-guest-memory ' +
+        "through a FIFO onto the guest's dump device over NBD, marks the dump complete with its " +
+        'SHA-256 (or failed), then applies the after-dump policy. /metrics and the control API ' +
+        'are on --listen (default 127.0.0.1:9411). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
+    )
+    .requiredOption('-c, --config <FILE>', 'YAML or JSON configuration (guests, watch, defaults)')
+    .option('-l, --listen <ADDR>', 'HOST:PORT or a Unix socket path for /metrics and the API')
+    .addHelpText(
+      'after',
+      `
+Config example:
+  listen: 127.0.0.1:9411
+  runDir: /run/ballast-dumpd
+  defaults: { format: elf, after: reboot, keep: 3 }   # format: elf | kdump-zlib | win-dmp ...
+  guests:
+    - { name: web1, qmp: /run/qemu/web1.qmp, device: "nbd+unix:///web1-dump?socket=/run/ballast/nbd.sock" }
+    - { name: db1, qmp: /run/qemu/db1.qmp, agentDevice: db1-dump, after: pause, keep: 1 }
+  watch:
+    - { dir: /run/qemu, suffix: .qmp, device: "nbd+unix:///{guest}-dump?socket=/run/ballast/nbd.sock" }`,
+    )
+    .action(
+      action(async (o: { config: string; listen?: string }) => {
+        let text: string;
+        try {
+          text = readFileSync(o.config, 'utf8');
+        } catch (e) {
+          throw new DumpError(
+            'DUMP_BAD_CONFIG',
+            `cannot read ${o.config}: ${(e as Error).message}`,
+          );
+        }
+        const cfg = parseConfig(text, o.config);
+        if (o.listen) cfg.listen = o.listen;
+        const d = new Dumpd(cfg, {
+          resolveDevice: (ref) => resolveDevice(ref),
+          log: (s) => process.stderr.write(`dumpd: ${s}\n`),
+        });
+        const addr = await d.start();
+        process.stderr.write(`dumpd: listening on ${addr}\n`);
+        await new Promise<void>((resolve) => {
+          const stop = () => {
+            process.stderr.write('dumpd: stopping\n');
+            void d.stop().then(resolve);
+          };
+          process.once('SIGTERM', stop);
+          process.once('SIGINT', stop);
+        });
+      }),
+    );
+
+  const dump = program
+    .command('dump')
+    .summary('dumps on dump devices: now, ls, get, rm')
+    .description(
+      'Work with crash dumps. DEVICE is an NBD URI (nbd://HOST:PORT/EXPORT, ' +
+        'nbd+unix:///EXPORT?socket=PATH) or the name of a device on the agent.',
+    );
+  const common = (c: Command) =>
+    c
+      .option(
+        '--agent <URL>',
+        'the agent, for DEVICE names (default BALLAST_AGENT or the local one)',
+      )
+      .option('--token-file <FILE>', 'bearer token for the agent (default BALLAST_TOKEN)');
+
+  dump
+    .command('now')
+    .description('ask dumpd to dump a guest now; waits until the dump is settled')
+    .argument('<GUEST>')
+    .option('--dumpd <ADDR>', `dumpd's listener (default BALLAST_DUMPD or ${DEFAULT_LISTEN})`)
+    .option('--after <WHAT>', 'then: reboot | pause | poweroff | none', 'none')
+    .option('--json', 'print the result as JSON')
+    .action(
+      action(async (guest: string, o: { dumpd?: string; after: string; json?: boolean }) => {
+        const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
+        const r = (await dumpdRequest(
+          where,
+          'POST',
+          `/v1/guests/${encodeURIComponent(guest)}/dump?after=${encodeURIComponent(o.after)}`,
+        )) as DumpResult;
+        if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+        else if (r.ok && r.entry)
+          process.stdout.write(
+            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, sha256 ${r.entry.sha256}\n`,
+          );
+        if (!r.ok)
+          throw new DumpError(
+            r.error?.code ?? 'DUMP_FAILED',
+            r.error?.message ?? 'the dump failed',
+          );
+      }),
+    );
+
+  common(dump.command('ls').description('list the dumps on a dump device').argument('<DEVICE>'))
+    .option('--json', 'print JSON')
+    .action(
+      action(async (device: string, o: { json?: boolean; agent?: string; tokenFile?: string }) => {
+        const dev = await DumpDevice.open(await deviceArg(device, o));
+        try {
+          const es = [...dev.catalog.entries].sort((a, b) => a.id - b.id);
+          if (o.json) {
+            process.stdout.write(
+              `${JSON.stringify({ size: dev.size, dumps: es.map(entryJson) }, null, 2)}\n`,
+            );
+            return;
+          }
+          process.stdout.write(
+            `${table(
+              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'SHA256'],
+              es.map((e) => [
+                String(e.id),
+                e.guest,
+                e.format,
+                e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
+                human(e.length),
+                new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
+                e.sha256 ? e.sha256.slice(0, 16) : '-',
+              ]),
+            )}\n`,
+          );
+        } finally {
+          await dev.close();
+        }
+      }),
+    );
+
+  common(
+    dump
+      .command('get')
+      .description(
+        'copy a dump off the device into FILE, verifying its SHA-256. kdump dumps are stored ' +
+          "in makedumpfile's flattened format; --reassemble writes a regular kdump file instead " +
+          '(what makedumpfile -R does), which crash opens directly.',
+      )
+      .argument('<DEVICE>')
+      .argument('<ID>'),
+  )
+    .requiredOption('-o, --output <FILE>', 'where to write the dump')
+    .option('--reassemble', 'turn a flattened kdump into a regular kdump file')
+    .option('--progress', 'show a progress bar (default: when stderr is a terminal)')
+    .option('--no-progress', 'no progress bar')
+    .action(
+      action(
+        async (
+          device: string,
+          id: string,
+          o: {
+            output: string;
+            reassemble?: boolean;
+            progress?: boolean;
+            agent?: string;
+            tokenFile?: string;
+          },
+        ) => {
+          const dev = await DumpDevice.open(await deviceArg(device, o));
+          try {
+            const e = dev.find(parseId(id));
+            if (e.state !== 'complete')
+              throw new DumpError(
+                'DUMP_NOT_COMPLETE',
+                `dump ${e.id} is ${e.state}${e.reason ? ` (${e.reason})` : ''}`,
+              );
+            const bar = progress(e.length, o.progress ?? process.stderr.isTTY === true);
+            let done = 0;
+            const head = e.length
+              ? await dev.nbd.read(e.offset, Math.min(16, e.length))
+              : Buffer.alloc(0);
+            const flat = o.reassemble === true && isFlattened(head);
+            if (o.reassemble && !flat)
+              throw new DumpError(
+                'DUMP_NOT_FLATTENED',
+                `dump ${e.id} (${e.format}) is not in the flattened format`,
+              );
+            const fd = openSync(o.output, 'w', 0o600);
+            let sha: string;
+            try {
+              if (flat) {
+                const fr = new FlattenedReader((off, data) => {
+                  writeSync(fd, data, 0, data.length, off);
+                });
+                sha = await dev.read(e, async (chunk) => {
+                  await fr.push(chunk);
+                  done += chunk.length;
+                  bar(done);
+                });
+                fr.finish();
+              } else {
+                sha = await dev.read(e, (chunk, pos) => {
+                  writeSync(fd, chunk, 0, chunk.length, pos);
+                  done += chunk.length;
+                  bar(done);
+                });
+              }
+            } finally {
+              closeSync(fd);
+            }
+            bar(done, true);
+            if (sha !== e.sha256) {
+              rmSync(o.output, { force: true });
+              throw new DumpError(
+                'DUMP_CHECKSUM_MISMATCH',
+                `dump ${e.id}: SHA-256 ${sha}, catalog says ${e.sha256}`,
+              );
+            }
+            process.stderr.write(
+              `dump ${e.id}: ${human(e.length)}, sha256 ${sha} verified${flat ? ', reassembled' : ''}\n`,
+            );
+          } finally {
+            await dev.close();
+          }
+        },
+      ),
+    );
+
+  common(
+    dump
+      .command('rm')
+      .description('remove a dump and trim its space')
+      .argument('<DEVICE>')
+      .argument('<ID>'),
+  ).action(
+    action(async (device: string, id: string, o: { agent?: string; tokenFile?: string }) => {
+      const dev = await DumpDevice.open(await deviceArg(device, o));
+      try {
+        const e = await dev.remove(parseId(id));
+        process.stderr.write(`dump ${e.id} of ${e.guest} removed\n`);
+      } finally {
+        await dev.close();
+      }
+    }),
+  );
+}

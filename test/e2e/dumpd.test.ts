@@ -1,0 +1,239 @@
+// End to end, with a real guest: Debian's kernel and a busybox initramfs under QEMU TCG
+// with pvpanic, its dump device served by Ballast over NBD (and attached to the guest).
+// The guest marks its memory, panics; dumpd captures the dump onto the device and
+// reboots the guest (the second boot shows on the console); `ballast dump get` returns
+// an ELF core that readelf accepts and that holds the mark. Also: a dump that does not
+// fit fails cleanly and leaves the earlier dump intact; kdump-zlib is stored flattened
+// and reassembled by `dump get --reassemble`.
+
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { QmpClient } from '../../dumpd/qmp.js';
+import { buildGuest, GuestConsole, guestArgs } from '../helpers/guest.js';
+import { startQemu } from '../helpers/qemu.js';
+import {
+  BALLAST_BIN,
+  freePort,
+  MiB,
+  makeTempDir,
+  type ServerHandle,
+  startServer,
+} from '../helpers/server.js';
+import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
+
+const ballast = (args: string[], timeoutMs = 120_000) =>
+  run(process.execPath, [BALLAST_BIN, ...args], { timeoutMs });
+
+describeWithTools(
+  ['qemu-system-x86_64', 'readelf', 'cpio', 'busybox', 'vmlinuz'],
+  'dumpd end to end',
+  () => {
+    let dir: string;
+    let server: ServerHandle;
+    let dumpd: ChildProcess;
+    let dumpdLog = '';
+    let port: number;
+    let con: GuestConsole;
+    const nonce = randomBytes(6).toString('hex');
+
+    const waitLog = async (s: string, timeoutMs = 60_000) => {
+      const deadline = Date.now() + timeoutMs;
+      while (!dumpdLog.includes(s)) {
+        if (Date.now() > deadline) throw new Error(`dumpd did not log "${s}":\n${dumpdLog}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+
+    beforeAll(async () => {
+      dir = makeTempDir('ballast-e2e-');
+      const guest = buildGuest(dir);
+      server = await startServer({
+        exports: [
+          { name: 'vm1-dump', size: '512M' },
+          { name: 'small-dump', size: '64M' },
+          { name: 'kd-dump', size: '64M' },
+        ],
+      });
+      const g = await guest;
+      const nbdSock = server.socket;
+      const consoleSock = path.join(dir, 'vm1.console');
+      await startQemu(
+        [
+          ...guestArgs(g, consoleSock, 256),
+          '-blockdev',
+          `driver=nbd,node-name=dump0,server.type=unix,server.path=${nbdSock},export=vm1-dump`,
+          '-device',
+          'virtio-blk-pci,drive=dump0',
+        ],
+        { dir, qmp: path.join(dir, 'vm1.qmp') },
+      );
+      con = await GuestConsole.connect(consoleSock);
+      // Two guests with no OS: enough memory to dump, nothing to boot.
+      await startQemu(['-machine', 'pc,accel=tcg', '-m', '48', '-S'], {
+        dir,
+        qmp: path.join(dir, 'small.qmp'),
+      });
+      await startQemu(['-machine', 'pc,accel=tcg', '-m', '32', '-S'], {
+        dir,
+        qmp: path.join(dir, 'kd.qmp'),
+      });
+      port = await freePort();
+      const cfg = path.join(dir, 'dumpd.yaml');
+      writeFileSync(
+        cfg,
+        [
+          `listen: 127.0.0.1:${port}`,
+          `runDir: ${path.join(dir, 'run')}`,
+          'defaults: { format: elf, after: reboot, keep: 3 }',
+          'guests:',
+          `  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, device: "${server.uri('vm1-dump')}" }`,
+          `  - { name: small, qmp: ${path.join(dir, 'small.qmp')}, device: "${server.uri('small-dump')}", after: none }`,
+          `  - { name: kd, qmp: ${path.join(dir, 'kd.qmp')}, device: "${server.uri('kd-dump')}", format: kdump-zlib, after: none }`,
+          '',
+        ].join('\n'),
+      );
+      dumpd = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
+        env: toolEnv(),
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      dumpd.stderr?.on('data', (b: Buffer) => {
+        dumpdLog += b.toString();
+      });
+      await waitLog('guest vm1: QMP connected');
+      await waitLog('guest small: QMP connected');
+      await waitLog('guest kd: QMP connected');
+    });
+
+    afterAll(async () => {
+      con?.close();
+      if (dumpd && dumpd.exitCode === null) {
+        const gone = new Promise((r) => dumpd.once('exit', r));
+        dumpd.kill('SIGTERM');
+        await gone;
+      }
+      await server?.stop();
+    });
+
+    it('a panic is dumped onto the device, the guest reboots, and the dump reads back', async () => {
+      await con.waitFor('BALLAST-READY', 1, 120_000);
+      expect(con.text).toContain('pvpanic=2');
+      con.send(`mark ${nonce}`);
+      await con.waitFor('BALLAST-MARKED', 1, 30_000);
+      con.send('panic');
+      await waitLog('guest vm1: GUEST_PANICKED', 60_000);
+      await waitLog('guest vm1: dump 1 complete', 120_000);
+      await con.waitFor('BALLAST-BOOT', 2, 120_000);
+
+      const ls = await ballast(['dump', 'ls', server.uri('vm1-dump'), '--json']);
+      expect(ls.code, describeRun(ls)).toBe(0);
+      const listed = JSON.parse(ls.stdout) as {
+        dumps: { id: number; state: string; guest: string; format: string; length: number }[];
+      };
+      expect(listed.dumps).toHaveLength(1);
+      expect(listed.dumps[0]).toMatchObject({
+        id: 1,
+        state: 'complete',
+        guest: 'vm1',
+        format: 'elf',
+      });
+      expect(listed.dumps[0]?.length).toBeGreaterThan(200 * MiB);
+      const table = await ballast(['dump', 'ls', server.uri('vm1-dump')]);
+      expect(table.stdout).toMatch(/^1\s+vm1\s+elf\s+complete/m);
+
+      const out = path.join(dir, 'vm1.core');
+      const get = await ballast(['dump', 'get', server.uri('vm1-dump'), '1', '-o', out]);
+      expect(get.code, describeRun(get)).toBe(0);
+      expect(get.stderr).toMatch(/sha256 [0-9a-f]{64} verified/);
+      expect(statSync(out).size).toBe(listed.dumps[0]?.length);
+      const core = readFileSync(out);
+      const mark = Buffer.from(`BALLAST-MARK-${nonce}\n`);
+      let hits = 0;
+      for (let i = core.indexOf(mark); i >= 0; i = core.indexOf(mark, i + mark.length)) hits++;
+      expect(hits).toBeGreaterThanOrEqual(10_000);
+      const elf = await runOk('readelf', ['-h', out]);
+      expect(elf.stdout).toMatch(/Type:\s+CORE/);
+      expect(elf.stdout).toMatch(/Machine:\s+Advanced Micro Devices X86-64/);
+
+      const metrics = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
+      expect(metrics).toMatch(/ballast_dumpd_dumps_completed_total\{guest="vm1"\} 1/);
+      expect(metrics).toMatch(/ballast_dumpd_panics_total\{guest="vm1"\} 1/);
+      expect(metrics).toMatch(/ballast_dumpd_panic_to_running_seconds\{guest="vm1"\} \d/);
+      const guests = (await fetch(`http://127.0.0.1:${port}/v1/guests`).then((r) => r.json())) as {
+        guests: { name: string; connected: boolean; panics: number }[];
+      };
+      expect(guests.guests.find((g) => g.name === 'vm1')).toMatchObject({
+        connected: true,
+        panics: 1,
+      });
+    });
+
+    it('a dump that does not fit fails cleanly and leaves the earlier dump intact', async () => {
+      const first = await ballast(['dump', 'now', 'small', '--dumpd', `127.0.0.1:${port}`]);
+      expect(first.code, describeRun(first)).toBe(0);
+      const second = await ballast(['dump', 'now', 'small', '--dumpd', `127.0.0.1:${port}`]);
+      expect(second.code).toBe(1);
+      expect(second.stderr).toContain('DUMP_NO_SPACE');
+      const ls = await ballast(['dump', 'ls', server.uri('small-dump'), '--json']);
+      const dumps = (JSON.parse(ls.stdout) as { dumps: { id: number; state: string }[] }).dumps;
+      expect(dumps.map((d) => [d.id, d.state])).toEqual([
+        [1, 'complete'],
+        [2, 'failed'],
+      ]);
+      const failed = await ballast([
+        'dump',
+        'get',
+        server.uri('small-dump'),
+        '2',
+        '-o',
+        path.join(dir, 'x'),
+      ]);
+      expect(failed.stderr).toContain('DUMP_NOT_COMPLETE');
+      const good = await ballast([
+        'dump',
+        'get',
+        server.uri('small-dump'),
+        '1',
+        '-o',
+        path.join(dir, 'small.core'),
+      ]);
+      expect(good.code, describeRun(good)).toBe(0);
+      await runOk('readelf', ['-h', path.join(dir, 'small.core')]);
+      // The guest is still usable: dumpd is not stuck and QEMU's dump job is over.
+      const rm = await ballast(['dump', 'rm', server.uri('small-dump'), '2']);
+      expect(rm.code, describeRun(rm)).toBe(0);
+    });
+
+    it('kdump-zlib is stored flattened and reassembled into a kdump file', async () => {
+      const now = await ballast(['dump', 'now', 'kd', '--dumpd', `127.0.0.1:${port}`]);
+      expect(now.code, describeRun(now)).toBe(0);
+      const flat = path.join(dir, 'kd.flat');
+      const raw = path.join(dir, 'kd.kdump');
+      expect((await ballast(['dump', 'get', server.uri('kd-dump'), '1', '-o', flat])).code).toBe(0);
+      expect(readFileSync(flat).subarray(0, 12).toString('latin1')).toBe('makedumpfile');
+      const r = await ballast([
+        'dump',
+        'get',
+        server.uri('kd-dump'),
+        '1',
+        '-o',
+        raw,
+        '--reassemble',
+      ]);
+      expect(r.code, describeRun(r)).toBe(0);
+      expect(readFileSync(raw).subarray(0, 8).toString('latin1')).toBe('KDUMP   ');
+    });
+
+    it('QMP errors and unknown guests carry stable codes', async () => {
+      const r = await ballast(['dump', 'now', 'nope', '--dumpd', `127.0.0.1:${port}`]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain('DUMP_UNKNOWN_GUEST');
+      const q = await QmpClient.connect(path.join(dir, 'kd.qmp'), { timeoutMs: 300 }).catch(
+        (e: unknown) => e,
+      );
+      expect((q as { code?: string }).code).toBe('QMP_TIMEOUT');
+    });
+  },
+);

@@ -1,0 +1,150 @@
+// A tiny Linux guest for end-to-end tests: Debian's kernel (/boot/vmlinuz-*) and an
+// initramfs built here from Debian's static busybox and the pvpanic modules. The guest
+// prints BALLAST-BOOT on every boot, then takes commands on its serial console:
+//   mark NONCE   fill 20000 lines of BALLAST-MARK-NONCE into a RAM file
+//   panic        echo c > /proc/sysrq-trigger
+// The console is a Unix socket (QEMU's server), read and written by GuestConsole.
+
+import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { guestKernel, runOk } from './tools.js';
+
+const INIT = `#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in /lib/pvpanic.ko /lib/pvpanic-mmio.ko; do insmod $m 2>/dev/null; done
+echo 1 > /proc/sys/kernel/sysrq
+echo "BALLAST-BOOT pvpanic=$(grep -c pvpanic /proc/modules)"
+while true; do
+  echo BALLAST-READY
+  read cmd arg || sleep 1
+  case "$cmd" in
+    mark) yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; echo BALLAST-MARKED ;;
+    panic) echo c > /proc/sysrq-trigger ;;
+  esac
+done
+`;
+
+/** The kernel's release, from /boot/vmlinuz-RELEASE. */
+function release(kernel: string): string {
+  return path.basename(kernel).replace(/^vmlinuz-/, '');
+}
+
+/** Builds (once per dir) the initramfs; returns { kernel, initrd }. */
+export async function buildGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+  const kernel = guestKernel();
+  if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
+  const initrd = path.join(dir, 'initrd.gz');
+  if (existsSync(initrd)) return { kernel, initrd };
+  const root = path.join(dir, 'root');
+  for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
+    mkdirSync(path.join(root, d), { recursive: true });
+  copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
+  chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
+  const mods = `/lib/modules/${release(kernel)}/kernel/drivers/misc/pvpanic`;
+  for (const m of ['pvpanic.ko', 'pvpanic-mmio.ko']) {
+    const src = path.join(mods, m);
+    if (existsSync(src)) copyFileSync(src, path.join(root, 'lib', m));
+    else if (existsSync(`${src}.xz`))
+      await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${path.join(root, 'lib', m)}'`]);
+  }
+  writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
+  await runOk('sh', [
+    '-c',
+    `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,
+  ]);
+  return { kernel, initrd };
+}
+
+/** QEMU arguments for the guest (add -qmp and the dump device). */
+export function guestArgs(
+  g: { kernel: string; initrd: string },
+  consoleSock: string,
+  memMiB = 256,
+): string[] {
+  return [
+    '-machine',
+    'pc,accel=tcg',
+    '-m',
+    String(memMiB),
+    '-kernel',
+    g.kernel,
+    '-initrd',
+    g.initrd,
+    '-append',
+    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off',
+    '-device',
+    'pvpanic',
+    '-action',
+    'panic=pause',
+    '-chardev',
+    `socket,id=con,path=${consoleSock},server=on,wait=off`,
+    '-serial',
+    'chardev:con',
+  ];
+}
+
+/** The guest's serial console over QEMU's Unix socket. */
+export class GuestConsole {
+  text = '';
+  private waiters: (() => void)[] = [];
+  private constructor(private readonly sock: net.Socket) {
+    sock.on('data', (b: Buffer) => {
+      this.text += b.toString('latin1');
+      for (const w of this.waiters.splice(0)) w();
+    });
+    sock.on('error', () => {});
+  }
+
+  static async connect(p: string): Promise<GuestConsole> {
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      try {
+        const s = await new Promise<net.Socket>((resolve, reject) => {
+          const c = net.connect(p);
+          c.once('connect', () => resolve(c));
+          c.once('error', reject);
+        });
+        return new GuestConsole(s);
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+
+  count(s: string): number {
+    return this.text.split(s).length - 1;
+  }
+
+  /** Waits until `s` has appeared at least `n` times on the console. */
+  async waitFor(s: string, n = 1, timeoutMs = 120_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.count(s) < n) {
+      const left = deadline - Date.now();
+      if (left <= 0)
+        throw new Error(
+          `console: "${s}" x${n} not seen in ${timeoutMs} ms; console so far:\n${this.text.slice(-3000)}`,
+        );
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, Math.min(left, 1000));
+        this.waiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+
+  send(line: string): void {
+    this.sock.write(`${line}\n`);
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
