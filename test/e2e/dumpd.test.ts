@@ -1,5 +1,6 @@
 // End to end, with a real guest: Debian's kernel and a busybox initramfs under QEMU TCG
-// with pvpanic, its dump device served by Ballast over NBD (and attached to the guest).
+// with pvpanic, its dump device a device of a running agent (attached to the guest, and
+// named to dumpd as agent + device).
 // The guest marks its memory, panics; dumpd captures the dump onto the device and
 // reboots the guest (the second boot shows on the console); `ballast dump get` returns
 // an ELF core that readelf accepts and that holds the mark. Also: a dump that does not
@@ -12,16 +13,10 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { QmpClient } from '../../dumpd/qmp.js';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { buildGuest, GuestConsole, guestArgs } from '../helpers/guest.js';
 import { startQemu } from '../helpers/qemu.js';
-import {
-  BALLAST_BIN,
-  freePort,
-  MiB,
-  makeTempDir,
-  type ServerHandle,
-  startServer,
-} from '../helpers/server.js';
+import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
 
 const ballast = (args: string[], timeoutMs = 120_000) =>
@@ -32,12 +27,15 @@ describeWithTools(
   'dumpd end to end',
   () => {
     let dir: string;
-    let server: ServerHandle;
+    let agent: AgentHandle;
+    let agentFlag: string;
     let dumpd: ChildProcess;
     let dumpdLog = '';
     let port: number;
     let con: GuestConsole;
     const nonce = randomBytes(6).toString('hex');
+    let uri: (device: string) => string;
+    const server = { uri: (d: string) => uri(d) };
 
     const waitLog = async (s: string, timeoutMs = 60_000) => {
       const deadline = Date.now() + timeoutMs;
@@ -50,15 +48,19 @@ describeWithTools(
     beforeAll(async () => {
       dir = makeTempDir('ballast-e2e-');
       const guest = buildGuest(dir);
-      server = await startServer({
-        exports: [
-          { name: 'vm1-dump', size: '512M' },
-          { name: 'small-dump', size: '64M' },
-          { name: 'kd-dump', size: '64M' },
-        ],
-      });
+      agent = await startAgent();
+      agentFlag = `unix:${agent.apiSocket}`;
+      for (const [name, size] of [
+        ['vm1-dump', '512M'],
+        ['small-dump', '64M'],
+        ['kd-dump', '64M'],
+      ]) {
+        const r = await agent.api('POST', '/v1/devices', { name, size, role: 'dump' });
+        expect(r.status, r.text).toBe(201);
+      }
+      uri = (name: string) => agent.uri(name);
       const g = await guest;
-      const nbdSock = server.socket;
+      const nbdSock = agent.nbdSocket;
       const consoleSock = path.join(dir, 'vm1.console');
       await startQemu(
         [
@@ -89,7 +91,7 @@ describeWithTools(
           `runDir: ${path.join(dir, 'run')}`,
           'defaults: { format: elf, after: reboot, keep: 3 }',
           'guests:',
-          `  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, device: "${server.uri('vm1-dump')}" }`,
+          `  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, agent: "${agentFlag}", agentDevice: vm1-dump }`,
           `  - { name: small, qmp: ${path.join(dir, 'small.qmp')}, device: "${server.uri('small-dump')}", after: none }`,
           `  - { name: kd, qmp: ${path.join(dir, 'kd.qmp')}, device: "${server.uri('kd-dump')}", format: kdump-zlib, after: none }`,
           '',
@@ -114,7 +116,7 @@ describeWithTools(
         dumpd.kill('SIGTERM');
         await gone;
       }
-      await server?.stop();
+      await agent?.stop();
     });
 
     it('a panic is dumped onto the device, the guest reboots, and the dump reads back', async () => {
@@ -127,7 +129,7 @@ describeWithTools(
       await waitLog('guest vm1: dump 1 complete', 120_000);
       await con.waitFor('BALLAST-BOOT', 2, 120_000);
 
-      const ls = await ballast(['dump', 'ls', server.uri('vm1-dump'), '--json']);
+      const ls = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
       expect(ls.code, describeRun(ls)).toBe(0);
       const listed = JSON.parse(ls.stdout) as {
         dumps: { id: number; state: string; guest: string; format: string; length: number }[];
@@ -144,7 +146,7 @@ describeWithTools(
       expect(table.stdout).toMatch(/^1\s+vm1\s+elf\s+complete/m);
 
       const out = path.join(dir, 'vm1.core');
-      const get = await ballast(['dump', 'get', server.uri('vm1-dump'), '1', '-o', out]);
+      const get = await ballast(['dump', 'get', 'vm1-dump', '1', '-o', out, '--agent', agentFlag]);
       expect(get.code, describeRun(get)).toBe(0);
       expect(get.stderr).toMatch(/sha256 [0-9a-f]{64} verified/);
       expect(statSync(out).size).toBe(listed.dumps[0]?.length);
