@@ -26,7 +26,9 @@ import { BallastError } from './errors.js';
 import { describeTarget, listenError, prepareSocketPath } from './listen.js';
 import { createMetrics } from './metrics.js';
 import { Pool } from './pools.js';
+import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
+import { IdentityMap, loadTls, peerUid } from './tls-config.js';
 
 export interface AgentOptions {
   configFile?: string;
@@ -109,6 +111,7 @@ export class Agent {
   private readonly catalog = new DynamicCatalog();
   private readonly nbd: NbdServer;
   readonly devices: DeviceManager;
+  readonly reservations: ReservationManager;
   private readonly apiServers: http.Server[] = [];
   private readonly sockets: string[] = [];
   private readonly nbdTargets: ListenTarget[] = [];
@@ -126,8 +129,20 @@ export class Agent {
   ) {
     this.config = config;
     this.token = token;
+    const credentials = loadTls(config.nbd.tls);
+    const identities = new IdentityMap(config.nbd.identities);
+    this.reservations = new ReservationManager(
+      store,
+      () => this.nbd,
+      (name) => this.devices.liveNames().includes(name),
+      (m) => this.log(m),
+    );
     this.nbd = new NbdServer({
       catalog: this.catalog,
+      tls: credentials ? { mode: config.nbd.tls.mode, credentials } : undefined,
+      identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,
+      authorize: (exp, conn) => this.reservations.authorize(exp.name, conn),
+      readOnlyFor: (exp, conn) => this.reservations.readOnlyFor(exp.name, conn),
       maxConnections: config.nbd.maxConnections,
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
       maxInFlight: config.limits.maxInFlight,
@@ -143,6 +158,8 @@ export class Agent {
       () => this.nbd,
       (m) => this.log(m),
     );
+    this.devices.exportAccess = (name) => this.reservations.access(name);
+    this.devices.onRemoved = (name) => this.reservations.forget(name);
   }
 
   log(msg: string): void {
@@ -177,6 +194,7 @@ export class Agent {
   private async init(): Promise<void> {
     const c = this.config;
     for (const pc of c.pools) this.pools.set(pc.name, await Pool.open(pc));
+    await this.reservations.load();
     await this.devices.reconcile();
     const registry = createMetrics(this.devices, () => this.nbd, {
       store: this.store,
@@ -204,6 +222,7 @@ export class Agent {
       endpoint: () => this.endpoint(),
       status: () => this.status(),
       version: this.opts.version,
+      reservations: this.reservations,
     };
     for (const l of c.api.listen) this.apiTargets.push(hostPort(l));
     if (c.api.socket) this.apiTargets.push({ path: c.api.socket });
@@ -241,6 +260,7 @@ export class Agent {
     for (const pr of this.devices.problems) this.log(`problem: ${pr.message}`);
     this.log(`${this.devices.list().length} device(s)`);
     this.log(`NBD on ${this.nbdTargets.map(describeTarget).join(', ') || 'nothing'}`);
+    if (c.nbd.tls.mode !== 'off') this.log(`NBD TLS ${c.nbd.tls.mode}`);
     this.log(
       `API on ${this.apiTargets.map(describeTarget).join(', ') || 'nothing'}` +
         (this.config.api.requireToken ? ' (TCP needs the bearer token)' : ''),
@@ -372,10 +392,16 @@ export class Agent {
   }
 
   private async teardown(): Promise<void> {
-    for (const s of this.apiServers) s.closeAllConnections?.();
-    await Promise.all(
+    // Calls in flight are answered; idle keep-alive connections go now.
+    for (const s of this.apiServers) s.closeIdleConnections();
+    const apiClosed = Promise.all(
       this.apiServers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))),
     );
+    const late = setTimeout(() => {
+      for (const s of this.apiServers) s.closeAllConnections();
+    }, 10_000);
+    await apiClosed;
+    clearTimeout(late);
     await this.nbd.close();
     const failed = await this.devices.flushAll();
     await this.devices.close();

@@ -23,7 +23,7 @@ export function createMetrics(
   opts: MetricsOptions = {},
 ): client.Registry {
   const registry = new client.Registry();
-  client.collectDefaultMetrics({ register: registry, prefix: 'ballast_process_' });
+  client.collectDefaultMetrics({ register: registry, prefix: 'ballast_' });
 
   const api = new client.Counter({
     name: 'ballast_api_requests_total',
@@ -157,7 +157,7 @@ export function createMetrics(
     },
   });
   new client.Gauge({
-    name: 'ballast_nbd_connections_total_open',
+    name: 'ballast_nbd_open_connections',
     help: 'Open NBD connections, handshakes included',
     registers: [registry],
     collect() {

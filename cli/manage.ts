@@ -29,7 +29,39 @@ interface DeviceView {
   problem?: string;
 }
 
+/** With --json, errors are also printed on stdout as {"error": {code, message}}. */
+let jsonErrors = false;
+
+function printJsonError(e: unknown): void {
+  if (jsonErrors && e instanceof BallastError) {
+    process.stdout.write(
+      `${JSON.stringify({ error: { code: e.code, message: e.message } }, null, 2)}\n`,
+    );
+  }
+}
+
+function call<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    printJsonError(e);
+    throw e;
+  }
+}
+
+async function callAsync<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    printJsonError(e);
+    throw e;
+  }
+}
+
 function withCommon(cmd: Command): Command {
+  cmd.hook('preAction', (_self, action) => {
+    jsonErrors = Boolean(action.opts().json);
+  });
   return cmd
     .option(
       '--agent <URL>',
@@ -42,8 +74,15 @@ function withCommon(cmd: Command): Command {
     .option('--json', 'print JSON (for scripts) instead of tables');
 }
 
-function client(o: Common): Client {
-  return new Client({ agent: o.agent, tokenFile: o.tokenFile });
+function client(o: Common): Pick<Client, 'request' | 'where'> {
+  return call(() => {
+    const c = new Client({ agent: o.agent, tokenFile: o.tokenFile });
+    return {
+      where: c.where,
+      request: (method: string, path: string, body?: unknown) =>
+        callAsync(() => c.request(method, path, body)),
+    };
+  });
 }
 
 function out(text: string): void {
@@ -88,8 +127,9 @@ function cliSize(text: string, what: string): number {
   try {
     return parseSize(text, what);
   } catch (e) {
-    if (e instanceof BallastError) throw new AgentError(e.code, e.message);
-    throw e;
+    const err = e instanceof BallastError ? new AgentError(e.code, e.message) : e;
+    printJsonError(err);
+    throw err;
   }
 }
 

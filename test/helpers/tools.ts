@@ -20,6 +20,8 @@ const PACKAGE: Record<string, string> = {
   nbdsh: 'python3-libnbd',
   nbdkit: 'nbdkit',
   fio: 'fio',
+  sshd: 'openssh-server',
+  'ssh-keygen': 'openssh-client',
   'qemu-system-x86_64': 'qemu-system-x86',
   prometheus: 'prometheus',
   readelf: 'binutils',
@@ -27,7 +29,6 @@ const PACKAGE: Record<string, string> = {
   busybox: 'busybox-static',
   /** Not a program: a guest kernel in /boot (see guestKernel). */
   vmlinuz: 'linux-image-amd64',
-  openssl: 'openssl',
 };
 
 /** nbdsh is a shell script that runs `python3 -m nbd`; it needs the system python. */
@@ -82,6 +83,8 @@ export function haveTool(name: string): boolean {
     ok = name === 'vmlinuz' ? guestKernel() !== null : onPath(name);
     if (ok && name === 'nbdsh') ok = works(SYSTEM_PYTHON, ['-c', 'import nbd']);
     if (ok && name === 'fio') ok = works('fio', ['--enghelp=nbd']);
+    // sshd lives in /usr/sbin, which a non-login PATH may lack
+    if (!ok && name === 'sshd') ok = works('/usr/sbin/sshd', ['-V']);
     cache.set(name, ok);
   }
   return ok;

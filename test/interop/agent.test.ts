@@ -277,6 +277,11 @@ describeWithTools(['qemu-io', 'qemu-img'], 'ballast agent: API and CLI end to en
     );
     // Unknown things.
     expectFail(await agent.cli('device', 'show', 'nope'), 4, 'BALLAST_DEVICE_NOT_FOUND');
+    const jsonErr = await agent.cli('device', 'show', 'nope', '--json');
+    expectFail(jsonErr, 4, 'BALLAST_DEVICE_NOT_FOUND');
+    expect(JSON.parse(jsonErr.stdout)).toEqual({
+      error: { code: 'BALLAST_DEVICE_NOT_FOUND', message: 'no device named "nope"' },
+    });
     expectFail(await agent.cli('device', 'rm', 'nope'), 4, 'BALLAST_DEVICE_NOT_FOUND');
     expectFail(await agent.cli('attach', 'nope'), 4, 'BALLAST_DEVICE_NOT_FOUND');
     expectFail(await agent.cli('pool', 'show', 'nope'), 4, 'BALLAST_POOL_NOT_FOUND');
