@@ -94,6 +94,50 @@ agentpid() {
 }
 `;
 
+const STOP = `if issystemd; then systemctl stop "$UNIT" 2>/dev/null || true
+else
+  pid=$(agentpid || true)
+  if ours "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    i=0; while ours "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    if ours "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
+  fi
+  rm -f "$P/run/agent.pid"
+fi`;
+
+/** Starts deploy $ID: a systemd unit where systemd runs, else a process in its own session. */
+const START = `set -eu; D="$P/deploys/$ID"
+mkdir -p "$P/run" "$P/log" "$P/data"
+if issystemd; then
+  cat > "/etc/systemd/system/$UNIT.service" <<UNIT_EOF
+[Unit]
+Description=Ballast agent (deploy $ID)
+After=network-online.target
+[Service]
+ExecStart=$D/run
+Restart=on-failure
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+UNIT_EOF
+  systemctl daemon-reload; systemctl enable --quiet "$UNIT"; systemctl restart "$UNIT"; exit 0
+fi
+echo "=== ballast deploy: starting $ID at $(date -u +%Y-%m-%dT%H:%M:%SZ) ===" >> "$P/log/agent.log"
+setsid "$D/run" >> "$P/log/agent.log" 2>&1 < /dev/null &
+echo $! > "$P/run/agent.pid.tmp"; mv "$P/run/agent.pid.tmp" "$P/run/agent.pid"`;
+
+/** Removes deploys that neither `current` nor `previous` names, and releases no deploy uses. */
+const PRUNE = `cur=$(readlink "$P/current" 2>/dev/null || true); prev=$(readlink "$P/previous" 2>/dev/null || true)
+keepd=" \${cur#deploys/} \${prev#deploys/} "; keepr=" "
+for d in "$P"/deploys/*/; do
+  [ -d "$d" ] || continue; id=$(basename "$d")
+  case "$keepd" in *" $id "*) keepr="$keepr$(readlink "$d/release" | sed 's|.*/||') ";; *) rm -rf "$d";; esac
+done
+for r in "$P"/releases/*/; do
+  [ -d "$r" ] || continue; id=$(basename "$r")
+  case "$keepr" in *" $id "*) ;; *) rm -rf "$r";; esac
+done`;
+
 function header(host: HostSpec): string {
   return `P=${shq(host.prefix)}; UNIT=${shq(host.service.unit)}\n${OURS}`;
 }
@@ -151,31 +195,30 @@ if [ -n "$cur" ] && [ -f "$P/$cur/agent.yaml" ]; then echo "config=$(base64 -w0 
     await this.s.run(`mkdir -p ${shq(`${P}/incoming`)} ${shq(`${P}/releases`)}`, 'mkdir');
     log(`upload ${(release.size / 1048576).toFixed(1)} MiB over SFTP`);
     await this.s.upload(release.tarball, incoming, this.stepMs);
-    const sum = (await this.s.run(`sha256sum ${shq(incoming)}`, 'checksum')).split(/\s/)[0];
-    if (sum !== release.sha256) {
-      await this.s.run(`rm -f ${shq(incoming)}`, 'remove bad upload').catch(() => {});
-      throw new DeployError(
-        'DEPLOY_CHECKSUM_MISMATCH',
-        `${this.host.name}: the uploaded release has sha256 ${sum}, expected ${release.sha256}`,
-        { host: this.host.name },
-      );
-    }
-    log('checksum ok; unpacking');
     const node = this.node();
     const smoke =
       "const fs=require('fs'),r=process.argv[1];" +
       "if(fs.existsSync(r+'/build/Release/ballast_native.node'))require(r+'/build/Release/ballast_native.node');" +
       "if(fs.existsSync(r+'/node_modules/better-sqlite3'))new(require(r+'/node_modules/better-sqlite3'))(':memory:').close();";
     const r = await this.s.exec(
-      `set -eu; P=${shq(P)}; R=${shq(R)}; T="$P/releases/.tmp-$R-$$"
+      `set -eu; P=${shq(P)}; R=${shq(R)}; T="$P/releases/.tmp-$R-$$"; F="$P/incoming/$R.tar.gz"
+sum=$(sha256sum "$F" | cut -d' ' -f1)
+if [ "$sum" != ${shq(release.sha256)} ]; then rm -f "$F"; echo "$sum"; exit 4; fi
 rm -rf "$T"; mkdir -p "$T"
-tar -xzf "$P/incoming/$R.tar.gz" -C "$T"
+tar -xzf "$F" -C "$T"
 if ! ${shq(node)} -e ${shq(smoke)} "$T" >&2; then rm -rf "$T"; exit 3; fi
 echo "$R" > "$T/.ballast-release"
 rm -rf "$P/releases/$R"; mv "$T" "$P/releases/$R"
 rm -f "$P/incoming/$R.tar.gz"`,
       { timeoutMs: this.stepMs, step: 'unpack' },
     );
+    if (r.code === 4) {
+      throw new DeployError(
+        'DEPLOY_CHECKSUM_MISMATCH',
+        `${this.host.name}: the uploaded release has sha256 ${r.stdout.trim()}, expected ${release.sha256}`,
+        { host: this.host.name },
+      );
+    }
     if (r.code !== 0) {
       throw new DeployError(
         r.code === 3 ? 'DEPLOY_INSTALL_FAILED' : 'DEPLOY_STEP_FAILED',
@@ -183,6 +226,7 @@ rm -f "$P/incoming/$R.tar.gz"`,
         { host: this.host.name },
       );
     }
+    log('checksum ok, unpacked');
   }
 
   /** The Node the agent runs with (for the install check). */
@@ -207,54 +251,30 @@ rm -rf "$D"; mv "$T" "$D"`,
   }
 
   async stop(): Promise<void> {
-    await this.s.run(
-      `${header(this.host)}
-if issystemd; then systemctl stop "$UNIT" 2>/dev/null || true; exit 0; fi
-pid=$(agentpid || true)
-if ours "$pid"; then
-  kill -TERM "$pid" 2>/dev/null || true
-  i=0; while ours "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-  if ours "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
-fi
-rm -f "$P/run/agent.pid"`,
-      'stop agent',
-    );
+    await this.s.run(`${header(this.host)}${STOP}`, 'stop agent');
   }
 
-  /** Starts the agent of a deploy (not through `current`, which may still name the old one). */
-  async start(id: string): Promise<void> {
-    await this.s.run(
-      `${header(this.host)}set -eu; ID=${shq(id)}; D="$P/deploys/$ID"
-mkdir -p "$P/run" "$P/log" "$P/data"
-if issystemd; then
-  cat > "/etc/systemd/system/$UNIT.service" <<UNIT_EOF
-[Unit]
-Description=Ballast agent (deploy $ID)
-After=network-online.target
-[Service]
-ExecStart=$D/run
-Restart=on-failure
-RestartSec=2
-[Install]
-WantedBy=multi-user.target
-UNIT_EOF
-  systemctl daemon-reload; systemctl enable --quiet "$UNIT"; systemctl restart "$UNIT"; exit 0
-fi
-echo "=== ballast deploy: starting $ID at $(date -u +%Y-%m-%dT%H:%M:%SZ) ===" >> "$P/log/agent.log"
-setsid "$D/run" >> "$P/log/agent.log" 2>&1 < /dev/null &
-echo $! > "$P/run/agent.pid.tmp"; mv "$P/run/agent.pid.tmp" "$P/run/agent.pid"`,
-      'start agent',
-    );
+  /**
+   * Stops the agent and starts the one of deploy `id`, in one round trip. It runs
+   * from its deploy directory, not through `current`, which may still name the old one.
+   */
+  async restart(id: string): Promise<void> {
+    await this.s.run(`${header(this.host)}${STOP}\nID=${shq(id)}\n${START}`, 'restart agent');
   }
 
-  /** Points `current` at a deploy (and `previous` at what current was), atomically. */
-  async switchTo(id: string): Promise<void> {
+  /**
+   * Points `current` at a deploy (and `previous` at what current was). Each link is
+   * replaced by rename(2), so it names the old deploy or the new one, never neither.
+   * With `prune`, deploys and releases that neither link names are removed.
+   */
+  async switchTo(id: string, prune = false): Promise<void> {
     await this.s.run(
       `set -eu; P=${shq(this.host.prefix)}; ID=${shq(id)}
 [ -f "$P/deploys/$ID/run" ]
 old=$(readlink "$P/current" 2>/dev/null || true)
 if [ -n "$old" ] && [ "$old" != "deploys/$ID" ]; then ln -sfn "$old" "$P/.previous.tmp"; mv -T "$P/.previous.tmp" "$P/previous"; fi
-ln -sfn "deploys/$ID" "$P/.current.tmp"; mv -T "$P/.current.tmp" "$P/current"`,
+ln -sfn "deploys/$ID" "$P/.current.tmp"; mv -T "$P/.current.tmp" "$P/current"
+${prune ? PRUNE : ''}`,
       'switch current',
     );
   }
@@ -273,26 +293,5 @@ ${pidfileTail}`,
       { timeoutMs: this.stepMs, step: 'logs' },
     );
     return r.stdout;
-  }
-
-  /** Removes deploys and releases other than current, previous and the `keep` deploy ids. */
-  async prune(keep: string[]): Promise<void> {
-    await this.s.run(
-      `set -u; P=${shq(this.host.prefix)}
-cur=$(readlink "$P/current" 2>/dev/null || true); prev=$(readlink "$P/previous" 2>/dev/null || true)
-extra=${shq(keep.join(' '))}
-keepd=" \${cur#deploys/} \${prev#deploys/} $extra "
-keepr=""
-for d in "$P"/deploys/*/; do
-  [ -d "$d" ] || continue; id=$(basename "$d")
-  case "$keepd" in *" $id "*) keepr="$keepr $(readlink "$d/release" | sed 's|.*/||')";; *) rm -rf "$d";; esac
-done
-for r in "$P"/releases/*/; do
-  [ -d "$r" ] || continue; id=$(basename "$r")
-  case " $keepr " in *" $id "*) ;; *) rm -rf "$r";; esac
-done
-exit 0`,
-      'prune',
-    );
   }
 }

@@ -81,6 +81,7 @@ async function waitHealthy(
 ): Promise<void> {
   const deadline = Date.now() + r.host.timeouts.healthMs;
   let last = 'no answer yet';
+  let probed = 0;
   for (;;) {
     if (signal?.aborted) throw interrupted(r.host.name);
     const h = await checkHealth(r);
@@ -90,8 +91,10 @@ async function waitHealthy(
     } else {
       last = h.detail;
     }
-    const st = await r.probe();
-    if (st.running !== id) {
+    // Is it still running? Asked about once a second: each question is a round trip.
+    const st = Date.now() - probed >= 1000 ? await r.probe() : null;
+    if (st) probed = Date.now();
+    if (st && st.running !== id) {
       const tail = (await r.logTail(8, true).catch(() => '')).trim();
       throw new DeployError(
         'DEPLOY_HEALTH_FAILED',
@@ -177,13 +180,13 @@ async function restoreOld(
   old: string | null,
   say: (m: string) => void,
 ): Promise<string> {
-  await r.stop();
   if (!old) {
+    await r.stop();
     say('no previous deploy: left stopped');
     return 'left stopped (no previous deploy)';
   }
   say(`rolling back: starting ${old}`);
-  await r.start(old);
+  await r.restart(old);
   try {
     await waitHealthy(r, old, null, null);
   } catch (e) {
@@ -220,9 +223,8 @@ async function applyHost(
   const old = st.current !== d.id ? st.current : null;
   try {
     if (st.running) say(`stopping ${st.running} (pid ${st.pid})`);
-    await r.stop();
     say(`starting ${d.id} (${st.systemd ? `systemd unit ${r.host.service.unit}` : 'pidfile'})`);
-    await r.start(d.id);
+    await r.restart(d.id);
     say(`waiting for /healthz on ${r.host.api.host}:${r.host.api.port}`);
     await waitHealthy(r, d.id, d.version, signal);
   } catch (e) {
@@ -235,11 +237,8 @@ async function applyHost(
       { host: r.host.name, cause: e },
     );
   }
-  if (st.current !== d.id) {
-    await r.switchTo(d.id);
-    say(`current -> ${d.id}`);
-  }
-  await r.prune([]).catch(() => {});
+  await r.switchTo(d.id, true);
+  say(`current -> ${d.id}`);
   say('done, healthy');
   return { host: r.host.name, result: 'deployed', deploy: d.id, previous: old ?? st.previous };
 }
@@ -283,10 +282,8 @@ async function rollbackHost(
   }
   if (signal.aborted) throw interrupted(r.host.name);
   try {
-    say(`stopping ${st.running ?? 'nothing running'}`);
-    await r.stop();
-    say(`starting ${target}`);
-    await r.start(target);
+    say(`stopping ${st.running ?? 'nothing running'}, starting ${target}`);
+    await r.restart(target);
     await waitHealthy(r, target, null, signal);
   } catch (e) {
     say(`failed: ${describeError(e)}`);

@@ -18,6 +18,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(prometheus)
   # TLS: the tests make their certificates with openssl
   want+=(openssl)
+  # deploy: real OpenSSH servers on loopback ports
+  want+=(openssh-server openssh-client)
 fi
 
 missing=()

@@ -1,0 +1,122 @@
+// Real OpenSSH servers for the deploy tests: each on its own loopback port with
+// its own host key, authorized_keys and config, run as root in the foreground.
+
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+
+export const SSHD = '/usr/sbin/sshd';
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const a = srv.address();
+      srv.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+export function keygen(file: string, comment: string): void {
+  rmSync(file, { force: true });
+  rmSync(`${file}.pub`, { force: true });
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', file]);
+}
+
+export class Sshd {
+  private child: ChildProcess | null = null;
+  private stderr = '';
+  readonly hostKey: string;
+  readonly config: string;
+
+  constructor(
+    readonly name: string,
+    readonly dir: string,
+    readonly port: number,
+    authorizedKey: string,
+  ) {
+    mkdirSync(dir, { recursive: true });
+    this.hostKey = join(dir, 'ssh_host_ed25519_key');
+    keygen(this.hostKey, `${name}-host`);
+    writeFileSync(join(dir, 'authorized_keys'), authorizedKey, { mode: 0o600 });
+    this.config = join(dir, 'sshd_config');
+    writeFileSync(
+      this.config,
+      [
+        `ListenAddress 127.0.0.1:${port}`,
+        `HostKey ${this.hostKey}`,
+        `AuthorizedKeysFile ${join(dir, 'authorized_keys')}`,
+        'PidFile none',
+        'StrictModes no',
+        'UsePAM no',
+        'PermitRootLogin prohibit-password',
+        'PubkeyAuthentication yes',
+        'PasswordAuthentication no',
+        'KbdInteractiveAuthentication no',
+        'AllowTcpForwarding yes',
+        'MaxSessions 30',
+        'MaxStartups 50',
+        'Subsystem sftp internal-sftp',
+        'LogLevel ERROR',
+        '',
+      ].join('\n'),
+    );
+  }
+
+  /** The host's public key line (type and base64). */
+  publicKey(): string {
+    return readFileSync(`${this.hostKey}.pub`, 'utf8').split(' ').slice(0, 2).join(' ');
+  }
+
+  async start(): Promise<void> {
+    mkdirSync('/run/sshd', { recursive: true, mode: 0o755 }); // privilege separation
+    this.stderr = '';
+    const child = spawn(SSHD, ['-D', '-e', '-f', this.config], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    this.child = child;
+    child.stderr?.on('data', (b: Buffer) => {
+      this.stderr += b.toString();
+    });
+    let exited = false;
+    child.once('exit', () => {
+      exited = true;
+    });
+    for (let i = 0; i < 200; i++) {
+      if (exited) throw new Error(`sshd ${this.name} exited: ${this.stderr}`);
+      if (await canConnect(this.port)) return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error(`sshd ${this.name} did not listen on ${this.port}: ${this.stderr}`);
+  }
+
+  async stop(): Promise<void> {
+    const c = this.child;
+    this.child = null;
+    if (!c || c.exitCode !== null) return;
+    await new Promise<void>((resolve) => {
+      c.once('exit', () => resolve());
+      c.kill('SIGTERM');
+    });
+  }
+
+  /** A reinstalled host: new host key, same address. */
+  async regenerateHostKey(): Promise<void> {
+    await this.stop();
+    keygen(this.hostKey, `${this.name}-host-new`);
+    await this.start();
+  }
+}
