@@ -22,8 +22,6 @@ const PACKAGE: Record<string, string> = {
   fio: 'fio',
   sshd: 'openssh-server',
   'ssh-keygen': 'openssh-client',
-  sshd: 'openssh-server',
-  'ssh-keygen': 'openssh-client',
   'qemu-system-x86_64': 'qemu-system-x86',
   prometheus: 'prometheus',
   readelf: 'binutils',
@@ -85,8 +83,6 @@ export function haveTool(name: string): boolean {
     ok = name === 'vmlinuz' ? guestKernel() !== null : onPath(name);
     if (ok && name === 'nbdsh') ok = works(SYSTEM_PYTHON, ['-c', 'import nbd']);
     if (ok && name === 'fio') ok = works('fio', ['--enghelp=nbd']);
-    // sshd lives in /usr/sbin, which a non-login PATH may lack
-    if (!ok && name === 'sshd') ok = works('/usr/sbin/sshd', ['-V']);
     // sshd lives in /usr/sbin, which a non-login PATH may lack
     if (!ok && name === 'sshd') ok = works('/usr/sbin/sshd', ['-V']);
     cache.set(name, ok);
