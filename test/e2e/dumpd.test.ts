@@ -54,6 +54,7 @@ describeWithTools(
         ['vm1-dump', '512M'],
         ['small-dump', '64M'],
         ['kd-dump', '64M'],
+        ['shared-dump', '448M'],
       ]) {
         const r = await agent.api('POST', '/v1/devices', { name, size, role: 'dump' });
         expect(r.status, r.text).toBe(201);
@@ -226,6 +227,76 @@ describeWithTools(
       ]);
       expect(r.code, describeRun(r)).toBe(0);
       expect(readFileSync(raw).subarray(0, 8).toString('latin1')).toBe('KDUMP   ');
+    });
+
+    it('dumpd killed mid-dump leaves earlier dumps readable; the interrupted one is never good', async () => {
+      for (const [name, mem] of [
+        ['tiny', '16'],
+        ['big', '384'],
+      ] as const)
+        await startQemu(['-machine', 'pc,accel=tcg', '-m', mem, '-S'], {
+          dir,
+          qmp: path.join(dir, `${name}.qmp`),
+        });
+      const port2 = await freePort();
+      const cfg = path.join(dir, 'dumpd2.yaml');
+      const dev = server.uri('shared-dump');
+      writeFileSync(
+        cfg,
+        [
+          `listen: 127.0.0.1:${port2}`,
+          `runDir: ${path.join(dir, 'run2')}`,
+          'defaults: { format: elf, after: none, keep: 5 }',
+          'guests:',
+          `  - { name: tiny, qmp: ${path.join(dir, 'tiny.qmp')}, device: "${dev}" }`,
+          `  - { name: big, qmp: ${path.join(dir, 'big.qmp')}, device: "${dev}" }`,
+          '',
+        ].join('\n'),
+      );
+      let log2 = '';
+      const d2 = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
+        env: toolEnv(),
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
+      d2.stderr?.on('data', (b: Buffer) => {
+        log2 += b.toString();
+      });
+      const gone = new Promise((r) => d2.once('exit', r));
+      const deadline = Date.now() + 30_000;
+      while (
+        !(log2.includes('guest tiny: QMP connected') && log2.includes('guest big: QMP connected'))
+      ) {
+        if (Date.now() > deadline) throw new Error(`second dumpd did not connect:\n${log2}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const tiny = await ballast(['dump', 'now', 'tiny', '--dumpd', `127.0.0.1:${port2}`]);
+      expect(tiny.code, describeRun(tiny)).toBe(0);
+      // Start the big dump and kill dumpd as soon as its bytes are flowing.
+      void ballast(['dump', 'now', 'big', '--dumpd', `127.0.0.1:${port2}`]);
+      for (;;) {
+        const m = await fetch(`http://127.0.0.1:${port2}/metrics`)
+          .then((r) => r.text())
+          .catch(() => '');
+        const b = /ballast_dumpd_dump_bytes_total\{guest="big"\} (\d+)/.exec(m);
+        if (b && Number(b[1]) > 0) break;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      d2.kill('SIGKILL');
+      await gone;
+      const ls = await ballast(['dump', 'ls', dev, '--json']);
+      expect(ls.code, describeRun(ls)).toBe(0);
+      const dumps = (
+        JSON.parse(ls.stdout) as { dumps: { id: number; guest: string; state: string }[] }
+      ).dumps;
+      expect(dumps.map((d) => [d.guest, d.state])).toEqual([
+        ['tiny', 'complete'],
+        ['big', 'writing'],
+      ]);
+      const get = await ballast(['dump', 'get', dev, '1', '-o', path.join(dir, 'tiny.core')]);
+      expect(get.code, describeRun(get)).toBe(0);
+      expect(get.stderr).toContain('verified');
+      const bad = await ballast(['dump', 'get', dev, '2', '-o', path.join(dir, 'big.core')]);
+      expect(bad.stderr).toContain('DUMP_NOT_COMPLETE');
     });
 
     it('QMP errors and unknown guests carry stable codes', async () => {
