@@ -203,6 +203,43 @@ describeWithTools(['qemu-io'], 'ballast agent: crash safety', () => {
     }
   });
 
+  it('SIGTERM during writes: the requests in flight finish, then exit 0', async () => {
+    const a = await startAgent();
+    try {
+      const c = await a.cli('device', 'create', 'drain', '--size', '32M');
+      expect(c.code, describeRun(c)).toBe(0);
+      const cmds: string[] = [];
+      for (let i = 0; i < 32; i++) cmds.push('-c', `aio_write -P 0xcc ${i}M 1M`);
+      cmds.push('-c', 'aio_flush');
+      const q = spawn('qemu-io', ['-f', 'raw', a.uri('drain'), ...cmds], {
+        env: toolEnv(),
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let out = '';
+      const done = new Promise<void>((r) => q.once('exit', () => r()));
+      let stopping: Promise<number> | undefined;
+      q.stdout.on('data', (b: Buffer) => {
+        out += b.toString();
+        if (!stopping && /^wrote /m.test(out)) stopping = a.stop();
+      });
+      await done;
+      expect(await (stopping ?? a.stop())).toBe(0);
+      expect(a.stderr()).toContain('SIGTERM: finishing requests in flight');
+      const acked = [...out.matchAll(/^wrote 1048576\/1048576 bytes at offset (\d+)/gm)].map((m) =>
+        Number(m[1]),
+      );
+      expect(acked.length).toBeGreaterThanOrEqual(1);
+      await a.start();
+      const checks: string[] = [];
+      for (const off of acked) checks.push('-c', `read -P 0xcc ${off} 1M`);
+      const r = await run('qemu-io', ['-f', 'raw', a.uri('drain'), ...checks]);
+      expect(r.code, describeRun(r)).toBe(0);
+      expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed|failed:/);
+    } finally {
+      await a.stop();
+    }
+  });
+
   it('a file the database does not know is reported by status, never deleted', async () => {
     const a = await startAgent();
     try {
