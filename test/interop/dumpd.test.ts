@@ -1,0 +1,129 @@
+// dumpd against real QEMUs without a guest OS (-S: memory to dump, nothing to boot):
+// guests found in a watched directory, reconnection after QEMU restarts, on-demand
+// dumps with each after-dump policy, retention with trims, and /metrics.
+
+import { rmSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { parseConfig } from '../../dumpd/config.js';
+import { Dumpd } from '../../dumpd/daemon.js';
+import { DumpDevice } from '../../dumpd/device.js';
+import { startQemu, stopQemu } from '../helpers/qemu.js';
+import { MiB, makeTempDir, type ServerHandle, startServer } from '../helpers/server.js';
+import { describeWithTools } from '../helpers/tools.js';
+
+const until = async (f: () => boolean, what: string, timeoutMs = 20_000) => {
+  const deadline = Date.now() + timeoutMs;
+  while (!f()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+};
+
+describeWithTools(['qemu-system-x86_64'], 'dumpd against QEMU', () => {
+  let server: ServerHandle;
+  let dir: string;
+  let d: Dumpd;
+  let addr: string;
+  const log: string[] = [];
+
+  beforeAll(async () => {
+    dir = makeTempDir('ballast-dd-');
+    server = await startServer({
+      exports: [
+        { name: 'a-dump', size: '96M' },
+        { name: 'b-dump', size: '96M' },
+      ],
+    });
+    const cfg = parseConfig(`
+listen: 127.0.0.1:0
+runDir: ${path.join(dir, 'run')}
+defaults: { format: elf, after: none, keep: 2 }
+watch:
+  - { dir: ${dir}, suffix: .qmp, device: "nbd+unix:///{guest}-dump?socket=${server.socket}" }
+`);
+    d = new Dumpd(cfg, {
+      resolveDevice: async (ref) => {
+        if (!('uri' in ref)) throw new Error('no agent here');
+        return ref.uri;
+      },
+      log: (s) => log.push(s),
+    });
+    addr = await d.start();
+  });
+
+  afterAll(async () => {
+    await d?.stop();
+    await server?.stop();
+  });
+
+  it('picks up guests from the watched directory without a restart', async () => {
+    expect(d.guestNames()).toEqual([]);
+    await startQemu(['-machine', 'pc,accel=tcg', '-m', '24', '-S'], {
+      dir,
+      qmp: path.join(dir, 'a.qmp'),
+    });
+    await until(
+      () => log.includes('guest a: QMP connected (' + path.join(dir, 'a.qmp') + ')'),
+      'guest a',
+    );
+    expect(d.guestNames()).toEqual(['a']);
+  });
+
+  it('dumps on demand, applies after, keeps `keep` dumps and trims the rest', async () => {
+    const r1 = await d.dump('a', { after: 'none' });
+    expect(r1.ok, JSON.stringify(r1)).toBe(true);
+    expect(r1.entry).toMatchObject({ id: 1, state: 'complete', guest: 'a', format: 'elf' });
+    const r2 = await d.dump('a', { after: 'reboot' });
+    expect(r2.ok).toBe(true);
+    const r3 = await d.dump('a', { after: 'pause' });
+    expect(r3.ok).toBe(true);
+    const dev = await DumpDevice.open(server.uri('a-dump'));
+    try {
+      expect(dev.catalog.entries.map((e) => e.id)).toEqual([2, 3]);
+      // Dump 1 was dropped; its region is free and reads as zeroes again.
+      const ext = await dev.nbd.blockStatus(r1.entry?.offset ?? 0, 4 * MiB);
+      expect((ext[0]?.flags ?? 0) & 1).toBe(1);
+    } finally {
+      await dev.close();
+    }
+    await expect(d.dump('nobody')).rejects.toMatchObject({ code: 'DUMP_UNKNOWN_GUEST' });
+  });
+
+  it('reconnects to a guest whose QEMU restarted, and forgets removed sockets', async () => {
+    const qmp = path.join(dir, 'b.qmp');
+    const first = await startQemu(['-machine', 'pc,accel=tcg', '-m', '16', '-S'], { dir, qmp });
+    await until(() => log.some((l) => l.startsWith('guest b: QMP connected')), 'b connected');
+    let connects = 0;
+    d.on('connected', (name: string) => {
+      if (name === 'b') connects++;
+    });
+    await stopQemu(first.child);
+    rmSync(qmp, { force: true });
+    const second = await startQemu(['-machine', 'pc,accel=tcg', '-m', '16', '-S'], { dir, qmp });
+    await until(() => connects >= 1, 'b connected again');
+    const r = await d.dump('b', { after: 'none' });
+    expect(r.ok, JSON.stringify(r)).toBe(true);
+    await stopQemu(second.child);
+    rmSync(qmp, { force: true });
+    await until(() => !d.guestNames().includes('b'), 'b forgotten');
+  });
+
+  it('serves /metrics and the guest list', async () => {
+    const m = await fetch(`http://${addr}/metrics`).then((r) => r.text());
+    expect(m).toMatch(/ballast_dumpd_dumps_completed_total\{guest="a"\} 3/);
+    expect(m).toMatch(/ballast_dumpd_dump_bytes_total\{guest="a"\} \d+/);
+    expect(m).toMatch(/ballast_dumpd_dump_duration_seconds_count\{guest="a"\} 3/);
+    expect(m).toMatch(
+      /ballast_dumpd_last_dump_timestamp_seconds\{guest="a",result="complete"\} \d+/,
+    );
+    const g = (await fetch(`http://${addr}/v1/guests`).then((r) => r.json())) as {
+      guests: { name: string; connected: boolean }[];
+    };
+    expect(g.guests.map((x) => x.name)).toEqual(['a']);
+    expect(g.guests[0]?.connected).toBe(true);
+    const bad = await fetch(`http://${addr}/v1/guests/zzz/dump`, { method: 'POST' });
+    expect(bad.status).toBe(404);
+    expect(((await bad.json()) as { code: string }).code).toBe('DUMP_UNKNOWN_GUEST');
+  });
+});
