@@ -14,8 +14,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
   # dumpd: a real QEMU, a guest kernel and busybox for the end-to-end dump test
   want+=(qemu-system-x86 linux-image-amd64 busybox-static binutils cpio)
-  # the agent: a real Prometheus scrapes it
-  want+=(prometheus)
+  # the agent: a real Prometheus scrapes it; libvirt's schema judges `attach --format libvirt`
+  want+=(prometheus libvirt-clients libxml2-utils)
   # TLS: the tests make their certificates with openssl
   want+=(openssl)
   # deploy: real OpenSSH servers on loopback ports

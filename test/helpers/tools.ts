@@ -24,6 +24,8 @@ const PACKAGE: Record<string, string> = {
   'ssh-keygen': 'openssh-client',
   'qemu-system-x86_64': 'qemu-system-x86',
   prometheus: 'prometheus',
+  'virt-xml-validate': 'libvirt-clients',
+  xmllint: 'libxml2-utils',
   readelf: 'binutils',
   cpio: 'cpio',
   busybox: 'busybox-static',

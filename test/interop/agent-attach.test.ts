@@ -206,3 +206,59 @@ describeWithTools(
     });
   },
 );
+
+describeWithTools(
+  ['virt-xml-validate', 'xmllint'],
+  "ballast attach --format libvirt: a <disk> libvirt's schema accepts",
+  () => {
+    let agent: AgentHandle;
+
+    beforeAll(async () => {
+      agent = await startAgent();
+      const r = await agent.cli('device', 'create', 'dump-vm1', '--size', '8M', '--role', 'dump');
+      expect(r.code, describeRun(r)).toBe(0);
+    });
+
+    afterAll(async () => {
+      if (agent) expect(await agent.stop()).toBe(0);
+    });
+
+    for (const transport of ['unix', 'tcp'] as const) {
+      it(`validates inside a domain (${transport})`, async () => {
+        const r = await agent.cli(
+          'attach',
+          'dump-vm1',
+          '--format',
+          'libvirt',
+          '--transport',
+          transport,
+        );
+        expect(r.code, describeRun(r)).toBe(0);
+        expect(r.stdout).toContain(
+          transport === 'unix'
+            ? `<host transport='unix' socket='${agent.nbdSocket}'/>`
+            : `<host name='127.0.0.1' port='${agent.nbdPort}'/>`,
+        );
+        const file = path.join(agent.dir, `domain-${transport}.xml`);
+        const { writeFileSync } = await import('node:fs');
+        writeFileSync(
+          file,
+          [
+            "<domain type='kvm'>",
+            '  <name>vm1</name>',
+            "  <memory unit='MiB'>64</memory>",
+            "  <os><type arch='x86_64'>hvm</type></os>",
+            '  <devices>',
+            r.stdout.trim(),
+            '  </devices>',
+            '</domain>',
+            '',
+          ].join('\n'),
+        );
+        const v = await run('virt-xml-validate', [file, 'domain']);
+        expect(v.code, describeRun(v)).toBe(0);
+        expect(v.stdout + v.stderr).toContain('validates');
+      });
+    }
+  },
+);
