@@ -197,7 +197,12 @@ export class DumpWriter {
     return this.failure;
   }
 
-  async append(chunk: Buffer): Promise<void> {
+  /**
+   * Takes the next chunk. Returns undefined when more may follow at once, or a promise
+   * to await first (writes in flight are over the cap). Throws when the dump cannot
+   * continue (DUMP_NO_SPACE, or the first write error).
+   */
+  append(chunk: Buffer): Promise<void> | undefined {
     if (this.failure) throw this.failure;
     if (this.length + chunk.length > this.entry.capacity) {
       this.failure = new DumpError(
@@ -206,11 +211,15 @@ export class DumpWriter {
       );
       throw this.failure;
     }
-    this.hash.update(chunk);
     this.length += chunk.length;
     this.pending.push(chunk);
     this.pendingBytes += chunk.length;
     if (this.pendingBytes >= WRITE_SIZE) this.issue();
+    if (this.outstanding <= MAX_OUTSTANDING) return undefined;
+    return this.backpressure();
+  }
+
+  private async backpressure(): Promise<void> {
     while (this.outstanding > MAX_OUTSTANDING && !this.failure) await Promise.race(this.inflight);
     if (this.failure) throw this.failure;
   }
@@ -221,6 +230,8 @@ export class DumpWriter {
       this.pending.length === 1 ? (this.pending[0] as Buffer) : Buffer.concat(this.pending);
     this.pending = [];
     this.pendingBytes = 0;
+    // Hash whole pieces in order: fewer calls than per pipe read.
+    this.hash.update(data);
     const at = this.entry.offset + this.written;
     this.written += data.length;
     this.outstanding += data.length;

@@ -128,15 +128,22 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     const w = writer;
     const streamed = new Promise<void>((resolve, reject) => {
       pipe.on('data', (chunk: Buffer) => {
+        let wait: Promise<void> | undefined;
+        try {
+          wait = w.append(chunk);
+        } catch (e) {
+          // Closing the read end makes QEMU's next write fail (EPIPE): the dump stops.
+          pipe.destroy();
+          reject(e);
+          return;
+        }
+        bytes = w.length;
+        o.onProgress?.(bytes);
+        if (!wait) return;
         pipe.pause();
-        w.append(chunk).then(
-          () => {
-            bytes = w.length;
-            o.onProgress?.(bytes);
-            pipe.resume();
-          },
+        wait.then(
+          () => pipe.resume(),
           (e: unknown) => {
-            // Closing the read end makes QEMU's next write fail (EPIPE): the dump stops.
             pipe.destroy();
             reject(e);
           },

@@ -1,0 +1,217 @@
+// Dump throughput: dumpd's path (dump-guest-memory → FIFO → NBD → Ballast → sparse
+// file) against QEMU's dump-guest-memory straight into a local file, for the same guest
+// and format, in one run. The guest is QEMU with -S and its RAM backed by a file of
+// random bytes (memory-backend-file, private), so the dump carries real data without
+// booting anything. Also reported: dump start → guest running again (after: reboot).
+//
+//   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
+//
+// Results go to stdout and bench-results/dump.json.
+
+import { spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { DumpFormat } from '../dumpd/catalog.js';
+import { runDump } from '../dumpd/job.js';
+import { QmpClient } from '../dumpd/qmp.js';
+
+const log = (m: string) => process.stderr.write(`[bench:dump] ${m}\n`);
+
+function arg(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  const v = i >= 0 ? process.argv[i + 1] : undefined;
+  return v ?? def;
+}
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+async function waitFor(p: string, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (existsSync(p)) {
+      const ok = await new Promise<boolean>((resolve) => {
+        const s = net.connect(p);
+        s.once('connect', () => {
+          s.destroy();
+          resolve(true);
+        });
+        s.once('error', () => resolve(false));
+      });
+      if (ok) return;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`${p} did not appear`);
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+};
+
+async function main(): Promise<void> {
+  if (process.argv.includes('--help')) {
+    process.stdout.write(
+      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR]\n',
+    );
+    return;
+  }
+  const memMiB = Number(arg('mem-mib', '1024'));
+  const rounds = Number(arg('rounds', '3'));
+  const format = arg('format', 'elf') as DumpFormat;
+  const base = arg('dir', os.tmpdir());
+  const dir = mkdtempSync(path.join(base, 'ballast-bench-dump-'));
+  const children: ReturnType<typeof spawn>[] = [];
+  const cleanup = () => {
+    for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.on('exit', cleanup);
+  try {
+    log(`guest RAM ${memMiB} MiB of random bytes, format ${format}, ${rounds} rounds, in ${dir}`);
+    const ram = path.join(dir, 'ram.bin');
+    const fd = openSync(ram, 'w');
+    const chunk = Buffer.alloc(16 * 1024 * 1024);
+    for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
+    closeSync(fd);
+
+    const nbdSock = path.join(dir, 'nbd.sock');
+    const devSize = `${Math.ceil(memMiB * 1.1) + 64}M`;
+    const srv = spawn(
+      process.execPath,
+      [
+        path.join(ROOT, 'bin', 'ballast'),
+        'serve',
+        path.join(dir, 'dump.img'),
+        '--size',
+        devSize,
+        '--socket',
+        nbdSock,
+      ],
+      { stdio: ['ignore', 'ignore', 'inherit'] },
+    );
+    children.push(srv);
+    const qmpSock = path.join(dir, 'qmp.sock');
+    const qemu = spawn(
+      'qemu-system-x86_64',
+      [
+        '-nodefaults',
+        '-display',
+        'none',
+        '-machine',
+        'pc,accel=tcg,memory-backend=ram0',
+        '-object',
+        `memory-backend-file,id=ram0,size=${memMiB}M,mem-path=${ram},share=off,prealloc=on`,
+        '-m',
+        `${memMiB}M`,
+        '-S',
+        '-qmp',
+        `unix:${qmpSock},server=on,wait=off`,
+      ],
+      { stdio: ['ignore', 'ignore', 'inherit'] },
+    );
+    children.push(qemu);
+    await waitFor(nbdSock);
+    await waitFor(qmpSock);
+    const qmp = await QmpClient.connect(qmpSock);
+    const uri = `nbd+unix:///?socket=${nbdSock}`;
+
+    const local: number[] = [];
+    const device: number[] = [];
+    const recovery: number[] = [];
+    let bytes = 0;
+    for (let r = 0; r < rounds; r++) {
+      const order = r % 2 === 0 ? ['local', 'device'] : ['device', 'local'];
+      for (const which of order) {
+        if (which === 'local') {
+          const out = path.join(dir, 'local.dump');
+          const t0 = process.hrtime.bigint();
+          await qmp.execute('dump-guest-memory', {
+            paging: false,
+            protocol: `file:${out}`,
+            format,
+          });
+          const s = Number(process.hrtime.bigint() - t0) / 1e9;
+          bytes = statSync(out).size;
+          local.push(bytes / s / 2 ** 20);
+          rmSync(out);
+          log(
+            `round ${r + 1} local file: ${(bytes / 2 ** 20).toFixed(0)} MiB in ${s.toFixed(2)} s`,
+          );
+        } else {
+          const t0 = process.hrtime.bigint();
+          const res = await runDump({
+            guest: 'bench',
+            qmp,
+            uri,
+            format,
+            keep: 1,
+            after: 'reboot',
+            runDir: path.join(dir, 'run'),
+            timeoutMs: 600_000,
+          });
+          const total = Number(process.hrtime.bigint() - t0) / 1e9;
+          if (!res.ok) throw new Error(`dump failed: ${res.error?.code} ${res.error?.message}`);
+          const s = res.durationMs / 1000;
+          device.push(res.bytes / s / 2 ** 20);
+          recovery.push(total);
+          // Back to the paused state for the next round.
+          await qmp.execute('stop');
+          log(
+            `round ${r + 1} device: ${(res.bytes / 2 ** 20).toFixed(0)} MiB in ${s.toFixed(2)} s; running again after ${total.toFixed(2)} s`,
+          );
+        }
+      }
+    }
+    qmp.close();
+    const result = {
+      memMiB,
+      format,
+      rounds,
+      dumpBytes: bytes,
+      localMiBps: local,
+      deviceMiBps: device,
+      medianLocalMiBps: median(local),
+      medianDeviceMiBps: median(device),
+      ratio: median(device) / median(local),
+      medianDumpToRunningSeconds: median(recovery),
+    };
+    process.stdout.write(
+      [
+        `dump of ${memMiB} MiB guest (${format}), median of ${rounds}:`,
+        `  local file (dump-guest-memory file:)     ${result.medianLocalMiBps.toFixed(0)} MiB/s`,
+        `  dump device (FIFO -> NBD -> Ballast)     ${result.medianDeviceMiBps.toFixed(0)} MiB/s`,
+        `  ratio device / local                     ${result.ratio.toFixed(2)} (target >= 0.80)`,
+        `  dump start -> guest running (reboot)     ${result.medianDumpToRunningSeconds.toFixed(2)} s`,
+        '',
+      ].join('\n'),
+    );
+    mkdirSync(path.join(ROOT, 'bench-results'), { recursive: true });
+    writeFileSync(
+      path.join(ROOT, 'bench-results', 'dump.json'),
+      `${JSON.stringify(result, null, 2)}\n`,
+    );
+  } finally {
+    cleanup();
+  }
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`[bench:dump] ${(e as Error).stack ?? e}\n`);
+  process.exit(1);
+});
