@@ -15,6 +15,8 @@ import {
 } from './attach.js';
 import type { DeviceManager, Role } from './devices.js';
 import { BallastError, isBallastError } from './errors.js';
+import { PR_STATUS, prRoutes } from './pr-api.js';
+import type { ReservationManager } from './reservations.js';
 import { parseSize } from './units.js';
 
 /** HTTP status for each error code; anything unlisted is a 400 (bad request) or 500. */
@@ -40,6 +42,8 @@ export interface ApiContext {
   endpoint: () => NbdEndpoint;
   status: () => Promise<Record<string, unknown>>;
   version: string;
+  /** Persistent reservations and access lists (the /pr and /acl routes). */
+  reservations?: ReservationManager;
 }
 
 type Handler = (
@@ -173,6 +177,7 @@ export function routes(ctx: ApiContext): Route[] {
         libvirt: libvirtXml(view.name, ep),
       };
     }),
+    ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),
   ];
 }
 
@@ -237,7 +242,8 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
       );
     } catch (e) {
       if (isBallastError(e)) {
-        const status = STATUS[e.code] ?? (e.code === 'BALLAST_INTERNAL' ? 500 : 400);
+        const status =
+          STATUS[e.code] ?? PR_STATUS[e.code] ?? (e.code === 'BALLAST_INTERNAL' ? 500 : 400);
         send(status, { code: e.code, message: e.message });
       } else {
         opts.log(`api: internal error: ${(e as Error).stack ?? e}`);

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { BallastError } from './errors.js';
+import type { TlsSettings } from './tls-config.js';
 import { parseSize } from './units.js';
 
 export type Media = 'ssd' | 'hdd' | 'nvme' | 'unknown';
@@ -29,7 +30,14 @@ export interface ListenConfig {
 
 export interface AgentConfig {
   dataDir: string;
-  nbd: ListenConfig & { maxConnections: number; handshakeTimeoutMs: number };
+  nbd: ListenConfig & {
+    maxConnections: number;
+    handshakeTimeoutMs: number;
+    /** STARTTLS for the NBD listeners. */
+    tls: TlsSettings;
+    /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
+    identities: string[];
+  };
   api: ListenConfig & {
     token?: string;
     tokenFile: string;
@@ -172,7 +180,28 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
   const runDir = DEFAULT_RUN_DIR;
 
   const nbd = c.object(top.nbd, 'nbd');
-  c.known(nbd, 'nbd', ['listen', 'socket', 'maxConnections', 'handshakeTimeout']);
+  c.known(nbd, 'nbd', [
+    'listen',
+    'socket',
+    'maxConnections',
+    'handshakeTimeout',
+    'tls',
+    'identities',
+  ]);
+  const tls = c.object(nbd.tls, 'nbd.tls');
+  c.known(tls, 'nbd.tls', ['mode', 'cert', 'key', 'ca', 'pskFile']);
+  const tlsMode = tls.mode === undefined ? 'off' : c.string(tls.mode, 'nbd.tls.mode');
+  if (tlsMode !== 'off' && tlsMode !== 'allow' && tlsMode !== 'require') {
+    c.fail('nbd.tls.mode', 'must be off, allow or require');
+  }
+  const tlsFile = (k: 'cert' | 'key' | 'ca' | 'pskFile') =>
+    tls[k] === undefined ? undefined : c.path(tls[k], `nbd.tls.${k}`);
+  const identities =
+    nbd.identities === undefined
+      ? []
+      : Array.isArray(nbd.identities)
+        ? nbd.identities.map((x: unknown, i: number) => c.string(x, `nbd.identities[${i}]`))
+        : c.fail('nbd.identities', 'must be a list of ADDRESS=NAME or uid:N=NAME');
   const api = c.object(top.api, 'api');
   c.known(api, 'api', ['listen', 'socket', 'token', 'tokenFile', 'requireToken']);
   const limits = c.object(top.limits, 'limits');
@@ -248,6 +277,14 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
         (nbd.handshakeTimeout === undefined
           ? 10
           : c.number(nbd.handshakeTimeout, 'nbd.handshakeTimeout', 0.1, 3600)) * 1000,
+      tls: {
+        mode: tlsMode,
+        cert: tlsFile('cert'),
+        key: tlsFile('key'),
+        ca: tlsFile('ca'),
+        pskFile: tlsFile('pskFile'),
+      },
+      identities,
     },
     api: {
       listen: apiListen,

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import type { Export } from '../nbd/export.js';
+import type { AccessControl, Export } from '../nbd/export.js';
 import type { NbdServer } from '../nbd/server.js';
 import { ExportStats } from '../nbd/stats.js';
 import type { DynamicCatalog } from './catalog.js';
@@ -110,6 +110,10 @@ export class DeviceManager {
   /** What reconciliation did at start (interrupted creates rolled back, deletes finished). */
   readonly recovered: string[] = [];
   private readonly mutex = new Mutex();
+  /** Per-request access control of a device's export (reservations, access lists). */
+  exportAccess?: (name: string) => AccessControl;
+  /** Told once a device is deleted, to drop what else is kept about it. */
+  onRemoved?: (name: string) => Promise<void>;
 
   constructor(
     private readonly store: Store,
@@ -235,6 +239,7 @@ export class DeviceManager {
       backend: l.backend,
       readOnly: false,
       stats: l.stats,
+      access: this.exportAccess?.(rec.name),
     };
   }
 
@@ -508,6 +513,7 @@ export class DeviceManager {
       for (const f of l.files) await f.close().catch(() => {});
       await this.removeFiles(rec);
       await this.store.delete(PREFIX + name);
+      await this.onRemoved?.(name);
       this.log(`device ${name}: deleted`);
     });
   }

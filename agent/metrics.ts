@@ -86,6 +86,11 @@ export function createMetrics(
     'NBD requests refused before reaching storage (validation)',
     (s) => s.refused,
   );
+  perDevice(
+    'ballast_nbd_denied_total',
+    'NBD requests refused with EPERM by the reservation or access list (never reach storage)',
+    (s) => s.denied,
+  );
   perDevice('ballast_nbd_bytes_total', 'Bytes read or written by NBD requests', (s) => s.bytes);
 
   // The latency histogram is kept as bucket counts on the data path and

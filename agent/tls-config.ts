@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import type net from 'node:net';
 import { parsePskFile, TlsConfigError, TlsCredentials, type TlsMode } from '../nbd/tls.js';
 import { BallastError } from './errors.js';
+import { loadNative } from './native.js';
 
 export interface TlsSettings {
   mode: TlsMode;
@@ -111,4 +112,12 @@ export class IdentityMap {
 function normalizeAddress(a: string): string {
   const s = a.toLowerCase();
   return s.startsWith('::ffff:') && s.includes('.') ? s.slice(7) : s;
+}
+
+/** The uid of a Unix socket client (SO_PEERCRED), or null. */
+export function peerUid(sock: net.Socket): number | null {
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return null;
+  const uid = loadNative().peerUid(fd);
+  return uid < 0 ? null : uid;
 }

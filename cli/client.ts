@@ -30,6 +30,12 @@ export const EXIT: Record<string, number> = {
   BALLAST_BAD_SIZE: 8,
   BALLAST_BAD_ROLE: 8,
   BALLAST_BAD_REQUEST: 8,
+  PR_CONFLICT: 5,
+  PR_BAD_TYPE: 8,
+  PR_BAD_KEY: 8,
+  PR_INVALID_RELEASE: 8,
+  PR_INVALID_REQUEST: 8,
+  BALLAST_BAD_ACL: 8,
 };
 
 /** An error from (or about reaching) the agent, with the exit code for it. */

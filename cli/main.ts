@@ -9,6 +9,7 @@ import { registerAgent } from './agent.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
+import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
 /** package.json sits two levels up from dist/cli/, one from cli/ (tests). */
@@ -170,6 +171,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerManagement(program);
   registerDeploy(program);
   registerDump(program);
+  registerPr(program);
   return program;
 }
 

@@ -2,12 +2,10 @@
 // plugin do, on the same server the agent uses.
 
 import fs from 'node:fs';
-import type net from 'node:net';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
-import { loadNative } from '../agent/native.js';
 import { SparseFileBackend } from '../agent/sparse-file.js';
-import { IdentityMap, loadTls, type TlsSettings } from '../agent/tls-config.js';
+import { IdentityMap, loadTls, peerUid, type TlsSettings } from '../agent/tls-config.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
@@ -85,14 +83,6 @@ export interface ServeOptions {
   tls?: TlsSettings;
   /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
   identities?: string[];
-}
-
-/** The uid of a Unix socket client, via SO_PEERCRED. */
-function peerUid(sock: net.Socket): number | null {
-  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) return null;
-  const uid = loadNative().peerUid(fd);
-  return uid < 0 ? null : uid;
 }
 
 function log(msg: string): void {

@@ -175,6 +175,30 @@ export class TransmissionReader {
     return pos - start;
   }
 
+  /**
+   * The rest of the WRITE payload being received, as a view of the sink's
+   * target, for a transport that can read straight into it (no copy); null
+   * when no payload is being received.
+   */
+  copyWindow(): Buffer | null {
+    if (this.state !== TState.Copy) return null;
+    return this.target!.subarray(this.targetPos, this.targetPos + this.remaining);
+  }
+
+  /** `n` bytes landed in the buffer copyWindow() returned, in place. */
+  filledInPlace(n: number): void {
+    if (this.state !== TState.Copy || n > this.remaining) {
+      throw new Error(`filledInPlace(${n}) outside a payload window`);
+    }
+    this.targetPos += n;
+    this.remaining -= n;
+    if (this.remaining === 0) {
+      this.target = null;
+      this.state = TState.Header;
+      this.sink.payloadFilled();
+    }
+  }
+
   /** True when a complete header sits staged, waiting for the sink to accept it. */
   get hasStagedHeader(): boolean {
     return this.state === TState.Header && this.staged === REQUEST_HEADER_SIZE;

@@ -178,6 +178,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     private readonly server: NbdServer,
     socket: net.Socket,
     id: number,
+    /** The receive buffer when the socket reads through readTarget()/onRead(). */
+    private readonly recvBuf: Buffer | null = null,
   ) {
     this.id = id;
     this.raw = socket;
@@ -238,6 +240,43 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.process(chunk, 0);
   }
 
+  /**
+   * Where the socket's next read lands, when it reads into our buffers (see
+   * NbdServer.accept): straight into the WRITE payload being received, so a
+   * large payload is copied once, by the kernel; otherwise the connection's
+   * receive buffer, reused for every read.
+   */
+  readTarget(): Buffer {
+    if (this.phase === 'transmission') {
+      const w = this.treader.copyWindow();
+      if (w !== null) return w;
+    }
+    return this.recvBuf!;
+  }
+
+  /** `n` bytes arrived in `buf`, the buffer readTarget() gave for this read. */
+  onRead(n: number, buf: Buffer): void {
+    if (this.phase === 'closed' || this.phase === 'closing') return;
+    if (buf === this.recvBuf) {
+      this.process(buf.subarray(0, n), 0);
+      return;
+    }
+    try {
+      this.treader.filledInPlace(n);
+    } catch (e) {
+      this.server.log(
+        'warn',
+        `conn ${this.id} ${this.remote}: internal error: ${(e as Error).message}`,
+      );
+      this.socket.destroy();
+    }
+  }
+
+  /** Whether `b` is a view of the receive buffer, which the next read overwrites. */
+  private inRecvBuf(b: Buffer): boolean {
+    return this.recvBuf !== null && b.buffer === this.recvBuf.buffer;
+  }
+
   private process(chunk: Buffer, pos: number): void {
     const sock = this.socket;
     // Replies produced while this chunk is parsed (page-cache reads and writes
@@ -263,8 +302,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
       if (this.treader.stopped) return;
       if (pos < chunk.length || this.treader.hasStagedHeader) {
         this.stalled = true;
-        this.pending = pos < chunk.length ? chunk : null;
-        this.pendingPos = pos;
+        if (pos < chunk.length && this.inRecvBuf(chunk)) {
+          // Kept past this read: off the receive buffer (a rare path, at the caps).
+          this.pending = Buffer.from(chunk.subarray(pos));
+          this.pendingPos = 0;
+        } else {
+          this.pending = pos < chunk.length ? chunk : null;
+          this.pendingPos = pos;
+        }
         sock.pause();
       }
     } catch (e) {
@@ -486,8 +531,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
   payloadView(chunk: Buffer, start: number): void {
     const slot = this.current!;
     this.current = null;
-    slot.buf = chunk;
-    slot.bufOffset = start;
+    if (this.inRecvBuf(chunk)) {
+      // The backend may finish later, after the next read reused the buffer.
+      this.useOwn(slot, slot.length);
+      chunk.copy(slot.buf, 0, start, start + slot.length);
+    } else {
+      slot.buf = chunk;
+      slot.bufOffset = start;
+    }
     this.startWrite(slot);
   }
 
@@ -855,6 +906,69 @@ function writeU64(b: Buffer, at: number, v: number): void {
 
 export type ListenTarget = { host: string; port: number } | { path: string };
 
+/** Per-connection receive buffer: headers, option data and small payloads land here. */
+const RECV_BUFFER = 256 * 1024;
+
+interface NodeSocketInternals {
+  _handle?: unknown;
+  _server?: net.Server | null;
+  server?: net.Server | null;
+}
+
+/**
+ * Node reads a socket into a fresh 64 KiB buffer per read, so a 1 MiB WRITE
+ * costs 16 allocations, their garbage, page faults as the heap grows and
+ * shrinks, and a copy into the request's buffer. `onread` lets the reader
+ * choose the buffer of every read instead, but net.Server offers it only to
+ * sockets it creates itself; so the accepted socket's handle, not yet reading
+ * (pauseOnConnect), moves to a new Socket that has it. If the handle is not
+ * where Node keeps it, the accepted socket is used as it is ('data' events).
+ */
+function ownReads(sock: net.Socket): {
+  socket: net.Socket;
+  recvBuf: Buffer | null;
+  bind: (conn: Connection) => void;
+} {
+  const old = sock as unknown as NodeSocketInternals;
+  const handle = old._handle;
+  if (!handle) {
+    sock.resume();
+    return { socket: sock, recvBuf: null, bind: () => {} };
+  }
+  const recvBuf = Buffer.allocUnsafeSlow(RECV_BUFFER);
+  let conn: Connection | null = null;
+  old._handle = null;
+  // `handle` is what net.Server itself passes; the public typings leave it out.
+  const opts: net.SocketConstructorOpts & { handle: unknown; onread: net.OnReadOpts } = {
+    handle,
+    allowHalfOpen: true,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer: () => (conn ? conn.readTarget() : recvBuf),
+      callback: (n: number, buf: Uint8Array) => {
+        conn?.onRead(n, buf as Buffer);
+        return true;
+      },
+    },
+  };
+  const socket = new net.Socket(opts);
+  // The server counts its connections and waits for them on close(): the new
+  // socket answers for the one it replaces.
+  const fresh = socket as unknown as NodeSocketInternals;
+  fresh._server = old._server ?? null;
+  fresh.server = old.server ?? null;
+  old._server = null;
+  old.server = null;
+  return {
+    socket,
+    recvBuf,
+    bind: (c) => {
+      conn = c;
+    },
+  };
+}
+
 export class NbdServer extends EventEmitter {
   readonly connections = new Set<Connection>();
   readonly stats: ServerStats = {
@@ -882,8 +996,9 @@ export class NbdServer extends EventEmitter {
 
   /** Start listening; resolves with the bound address. */
   listen(target: ListenTarget): Promise<net.AddressInfo | string> {
-    const srv = net.createServer({ noDelay: true, allowHalfOpen: true }, (sock) =>
-      this.accept(sock),
+    const srv = net.createServer(
+      { noDelay: true, allowHalfOpen: true, pauseOnConnect: true },
+      (sock) => this.accept(sock),
     );
     return new Promise((resolve, reject) => {
       srv.once('error', reject);
@@ -911,7 +1026,9 @@ export class NbdServer extends EventEmitter {
       return;
     }
     this.stats.connectionsTotal++;
-    const conn = new Connection(this, sock, this.nextId++);
+    const { socket, recvBuf, bind } = ownReads(sock);
+    const conn = new Connection(this, socket, this.nextId++, recvBuf);
+    bind(conn);
     this.connections.add(conn);
     this.emit('connection', conn);
   }

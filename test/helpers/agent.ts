@@ -22,6 +22,8 @@ export interface PoolSpec {
 
 export interface AgentStartOptions {
   pools?: PoolSpec[];
+  /** Extra `nbd:` keys, e.g. { tls: {...} }. */
+  nbd?: Record<string, unknown>;
   /** Extra `api:` keys, e.g. { requireToken: true }. */
   api?: Record<string, unknown>;
   /** Environment for the agent (BALLAST_FAILPOINTS...). */
@@ -197,7 +199,7 @@ export function writeAgentConfig(dir: string, opts: AgentStartOptions = {}): str
   }));
   const lines = [
     `dataDir: ${path.join(dir, 'data')}`,
-    `nbd: { listen: 127.0.0.1:0, socket: ${path.join(dir, 'nbd.sock')} }`,
+    `nbd: ${JSON.stringify({ listen: '127.0.0.1:0', socket: path.join(dir, 'nbd.sock'), ...(opts.nbd ?? {}) })}`,
     `api: ${JSON.stringify({ listen: '127.0.0.1:0', socket: path.join(dir, 'api.sock'), ...(opts.api ?? {}) })}`,
     'pools:',
     ...pools.map((p) => `  - ${JSON.stringify(p)}`),

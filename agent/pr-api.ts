@@ -1,0 +1,96 @@
+// The management API's reservation and access-list endpoints, in sg_persist's
+// vocabulary:
+//   GET  /v1/devices/:name/pr          full status (registrations, reservation, generation)
+//   GET  /v1/devices/:name/pr/keys     read keys
+//   GET  /v1/devices/:name/pr/audit    the audit trail
+//   POST /v1/devices/:name/pr          {action, as, key, saKey, type, target, unregister}
+//   GET  /v1/devices/:name/acl         the access list (null: open to everyone)
+//   PUT  /v1/devices/:name/acl         {entries: [{identity, access: ro|rw}] | null}
+
+import { BallastError } from './errors.js';
+import { PR_ACTIONS, type PrAction, type PrType, parseKey, parseType } from './pr.js';
+import type { AclEntry, ReservationManager } from './reservations.js';
+
+type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
+
+/** HTTP statuses of the codes these routes raise. */
+export const PR_STATUS: Record<string, number> = {
+  PR_CONFLICT: 409,
+  PR_BAD_TYPE: 400,
+  PR_BAD_KEY: 400,
+  PR_INVALID_RELEASE: 400,
+  PR_INVALID_REQUEST: 400,
+  BALLAST_BAD_ACL: 400,
+};
+
+function key(v: unknown, name: string, required: boolean): bigint | undefined {
+  if (v === undefined || v === null) {
+    if (required) return 0n;
+    return undefined;
+  }
+  const text = typeof v === 'number' && Number.isSafeInteger(v) ? String(v) : v;
+  const k = typeof text === 'string' ? parseKey(text) : null;
+  if (k === null) {
+    throw new BallastError(
+      'PR_BAD_KEY',
+      `${name} must be a 64-bit key, as 0x-prefixed hex or decimal, not ${JSON.stringify(v)}`,
+    );
+  }
+  return k;
+}
+
+function type(v: unknown): PrType | undefined {
+  if (v === undefined || v === null) return undefined;
+  const t = typeof v === 'number' || typeof v === 'string' ? parseType(String(v)) : null;
+  if (t === null) {
+    throw new BallastError(
+      'PR_BAD_TYPE',
+      `unknown reservation type ${JSON.stringify(v)} (1/WE, 3/EA, 5/WERO, 6/EARO, 7/WEAR, 8/EAAR)`,
+    );
+  }
+  return t;
+}
+
+/** The routes, built with the API's own route maker. */
+export function prRoutes<R>(
+  res: ReservationManager,
+  route: (method: string, path: string, handler: Handler) => R,
+): R[] {
+  return [
+    route('GET', '/v1/devices/:name/pr', async (_q, [name]) => res.show(name!)),
+    route('GET', '/v1/devices/:name/pr/keys', async (_q, [name]) => res.keys(name!)),
+    route('GET', '/v1/devices/:name/pr/audit', async (_q, [name]) => ({
+      device: name,
+      entries: await res.audit(name!),
+    })),
+    route('POST', '/v1/devices/:name/pr', async (_q, [name], body) => {
+      const action = body.action as PrAction;
+      if (!PR_ACTIONS.includes(action)) {
+        throw new BallastError(
+          'PR_INVALID_REQUEST',
+          `action must be one of ${PR_ACTIONS.join(', ')}, not ${JSON.stringify(body.action)}`,
+        );
+      }
+      if (typeof body.as !== 'string') {
+        throw new BallastError('BALLAST_BAD_REQUEST', 'as (the identity to act for) is required');
+      }
+      return res.apply(name!, {
+        action,
+        as: body.as,
+        key: key(body.key, 'key', true)!,
+        saKey: key(body.saKey, 'saKey', false),
+        type: type(body.type),
+        target: typeof body.target === 'string' ? body.target : undefined,
+        unregister: body.unregister === true,
+      });
+    }),
+    route('GET', '/v1/devices/:name/acl', async (_q, [name]) => res.acl(name!)),
+    route('PUT', '/v1/devices/:name/acl', async (_q, [name], body) => {
+      const e = body.entries;
+      if (e !== null && !Array.isArray(e)) {
+        throw new BallastError('BALLAST_BAD_ACL', 'entries must be a list or null');
+      }
+      return res.setAcl(name!, e as AclEntry[] | null);
+    }),
+  ];
+}

@@ -1,0 +1,384 @@
+// Reservations and access lists of the agent's devices: the pure model of
+// pr.ts, kept durable in the store with an audit trail, and enforced on the
+// NBD data path through each export's access control.
+//
+// Order of a change: the new state and its audit entry are written in one
+// store transaction; then the device's access generation is bumped (from the
+// next request on, every connection is judged by the new state); then, for
+// PREEMPT AND ABORT, the preempted identities' connections are closed and
+// their requests in flight drained; only then is the change acknowledged.
+
+import type { AccessControl } from '../nbd/export.js';
+import { CMD } from '../nbd/protocol.js';
+import type { Connection, NbdServer } from '../nbd/server.js';
+import { BallastError } from './errors.js';
+import {
+  applyPr,
+  EMPTY_PR,
+  formatKey,
+  fullStatus,
+  type PrAction,
+  type PrRequest,
+  type PrState,
+  type PrStateJson,
+  type PrType,
+  prAccess,
+  prFromJson,
+  prToJson,
+  readKeys,
+  readReservation,
+} from './pr.js';
+import { cmp, op, type Store } from './store/store.js';
+
+const PR_PREFIX = 'pr/';
+const AUDIT_PREFIX = 'pr-audit/';
+const ACL_PREFIX = 'acl/';
+
+/** Commands that read, and commands that change the medium (FLUSH counts: see pr.md). */
+export const READ_COMMANDS = (1 << CMD.READ) | (1 << CMD.CACHE) | (1 << CMD.BLOCK_STATUS);
+export const WRITE_COMMANDS =
+  (1 << CMD.WRITE) | (1 << CMD.FLUSH) | (1 << CMD.TRIM) | (1 << CMD.WRITE_ZEROES);
+
+export type AclAccess = 'ro' | 'rw';
+
+export interface AclEntry {
+  identity: string;
+  access: AclAccess;
+}
+
+interface PrRecord {
+  state: PrStateJson;
+  /** Audit entries written so far (the next one's number). */
+  seq: number;
+}
+
+export interface AuditEntry {
+  seq: number;
+  time: string;
+  /** Who asked the agent: the API caller (for now always 'admin'). */
+  actor: string;
+  /** The identity the request was made for (--as). */
+  initiator: string;
+  action: PrAction;
+  key: string;
+  saKey?: string;
+  type?: PrType;
+  target?: string;
+  outcome: 'changed' | 'unchanged' | 'refused';
+  code?: string;
+  reason?: string;
+  generation: number;
+  preempted?: string[];
+}
+
+/** One device's access control object, handed to its NBD export. */
+class DeviceAccess implements AccessControl {
+  generation = 0;
+  state: PrState = EMPTY_PR;
+  acl: Map<string, AclAccess> | null = null;
+
+  mask(identity: string): number {
+    let m = 0xffff & ~(READ_COMMANDS | WRITE_COMMANDS);
+    const a = prAccess(this.state, identity);
+    if (a.read) m |= READ_COMMANDS;
+    if (a.write) m |= WRITE_COMMANDS;
+    if (this.acl) {
+      const entry = this.acl.get(identity);
+      if (entry === undefined) return 0;
+      if (entry === 'ro') m &= ~WRITE_COMMANDS;
+    }
+    return m;
+  }
+}
+
+/** Serialises changes per agent; reads never wait. */
+class Mutex {
+  private tail: Promise<unknown> = Promise.resolve();
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.tail.then(fn, fn);
+    this.tail = next.catch(() => {});
+    return next;
+  }
+}
+
+export interface PrOutRequest {
+  action: PrAction;
+  /** The identity to act for. */
+  as: string;
+  key: bigint;
+  saKey?: bigint;
+  type?: PrType;
+  target?: string;
+  unregister?: boolean;
+}
+
+export interface PrOutResult {
+  device: string;
+  action: PrAction;
+  initiator: string;
+  changed: boolean;
+  generation: number;
+  preempted: string[];
+  /** Connections closed by PREEMPT AND ABORT. */
+  aborted: number;
+}
+
+function identityOk(s: unknown): s is string {
+  return typeof s === 'string' && s.length > 0 && s.length <= 256 && /^[\x21-\x7e]+$/.test(s);
+}
+
+export class ReservationManager {
+  private readonly devices = new Map<string, DeviceAccess>();
+  private readonly revisions = new Map<string, { pr: number; seq: number }>();
+  private readonly mutex = new Mutex();
+
+  constructor(
+    private readonly store: Store,
+    private readonly server: () => NbdServer | null,
+    private readonly exists: (device: string) => boolean,
+    private readonly log: (msg: string) => void,
+  ) {}
+
+  /** Reads every device's reservation state and access list from the store. */
+  async load(): Promise<void> {
+    const prs = await this.store.range(PR_PREFIX);
+    for (const kv of prs.kvs) {
+      const name = kv.key.slice(PR_PREFIX.length);
+      try {
+        const rec = JSON.parse(kv.value) as PrRecord;
+        this.access(name).state = prFromJson(rec.state);
+        this.revisions.set(name, { pr: kv.modRevision, seq: rec.seq });
+      } catch (e) {
+        // A record we cannot read must not silently become "no reservation".
+        throw new BallastError(
+          'BALLAST_STORE_RECORD',
+          `the reservation record of ${name} is unreadable: ${(e as Error).message}`,
+        );
+      }
+    }
+    const acls = await this.store.range(ACL_PREFIX);
+    for (const kv of acls.kvs) {
+      const name = kv.key.slice(ACL_PREFIX.length);
+      const entries = (JSON.parse(kv.value) as { entries: AclEntry[] }).entries;
+      this.access(name).acl = new Map(entries.map((e) => [e.identity, e.access]));
+    }
+  }
+
+  /** The device's access control (the same object for the device's life). */
+  access(device: string): DeviceAccess {
+    let a = this.devices.get(device);
+    if (!a) {
+      a = new DeviceAccess();
+      this.devices.set(device, a);
+    }
+    return a;
+  }
+
+  // ---- connect-time policy (GO) ----
+
+  /** A message refusing `conn` the device, or null. */
+  authorize(device: string, conn: Connection): string | null {
+    const acl = this.devices.get(device)?.acl;
+    if (!acl || acl.has(conn.identity)) return null;
+    return `identity ${conn.identity} may not open this device`;
+  }
+
+  readOnlyFor(device: string, conn: Connection): boolean {
+    return this.devices.get(device)?.acl?.get(conn.identity) === 'ro';
+  }
+
+  // ---- PERSISTENT RESERVE IN ----
+
+  private need(device: string): DeviceAccess {
+    if (!this.exists(device)) {
+      throw new BallastError(
+        'BALLAST_DEVICE_NOT_FOUND',
+        `no device named ${JSON.stringify(device)}`,
+      );
+    }
+    return this.access(device);
+  }
+
+  show(device: string): Record<string, unknown> {
+    const s = this.need(device).state;
+    const res = readReservation(s);
+    return {
+      device,
+      generation: s.generation,
+      reservation:
+        res.type === null
+          ? null
+          : {
+              type: res.type,
+              key: formatKey(res.key ?? 0n),
+              holder: s.reservation?.holder ?? null,
+            },
+      registrations: fullStatus(s).registrations.map((r) => ({
+        identity: r.identity,
+        key: formatKey(r.key),
+        holder: r.holder,
+      })),
+    };
+  }
+
+  keys(device: string): { device: string; generation: number; keys: string[] } {
+    const k = readKeys(this.need(device).state);
+    return { device, generation: k.generation, keys: k.keys.map(formatKey) };
+  }
+
+  async audit(device: string): Promise<AuditEntry[]> {
+    this.need(device);
+    const r = await this.store.range(`${AUDIT_PREFIX}${device}/`);
+    return r.kvs.map((kv) => JSON.parse(kv.value) as AuditEntry);
+  }
+
+  // ---- PERSISTENT RESERVE OUT ----
+
+  apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
+    return this.mutex.run(async () => {
+      const acc = this.need(device);
+      if (!identityOk(req.as)) {
+        throw new BallastError(
+          'BALLAST_BAD_REQUEST',
+          'the identity to act as (--as) must be 1 to 256 printable characters without spaces',
+        );
+      }
+      if (req.target !== undefined && !identityOk(req.target)) {
+        throw new BallastError('BALLAST_BAD_REQUEST', 'the target identity is not valid');
+      }
+      const pr: PrRequest = {
+        action: req.action,
+        initiator: req.as,
+        key: req.key,
+        saKey: req.saKey,
+        type: req.type,
+        target: req.target,
+        unregister: req.unregister,
+      };
+      const result = applyPr(acc.state, pr);
+      const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+      const next = result.ok ? result.state : acc.state;
+      const entry: AuditEntry = {
+        seq: rev.seq,
+        time: new Date().toISOString(),
+        actor,
+        initiator: req.as,
+        action: req.action,
+        key: formatKey(req.key),
+        ...(req.saKey !== undefined ? { saKey: formatKey(req.saKey) } : {}),
+        ...(req.type !== undefined ? { type: req.type } : {}),
+        ...(req.target !== undefined ? { target: req.target } : {}),
+        outcome: !result.ok ? 'refused' : result.changed ? 'changed' : 'unchanged',
+        ...(!result.ok ? { code: result.code, reason: result.reason } : {}),
+        generation: next.generation,
+        ...(result.ok && result.preempted.length > 0 ? { preempted: result.preempted } : {}),
+      };
+      const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
+      const key = PR_PREFIX + device;
+      const t = await this.store.txn({
+        compare: [cmp.modRevision(key, '=', rev.pr)],
+        success: [
+          op.put(key, JSON.stringify(record)),
+          op.put(
+            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
+            JSON.stringify(entry),
+          ),
+        ],
+      });
+      if (!t.succeeded) {
+        throw new BallastError(
+          'BALLAST_CONFLICT',
+          `the reservations of ${device} changed underneath`,
+        );
+      }
+      this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
+      if (!result.ok) {
+        const what =
+          result.code === 'PR_CONFLICT' ? `reservation conflict [${result.reason}]` : result.reason;
+        throw new BallastError(result.code, `${what}: ${result.message}`);
+      }
+      let aborted = 0;
+      if (result.changed) {
+        acc.state = result.state;
+        acc.generation++;
+        this.log(
+          `device ${device}: ${req.action} as ${req.as} → generation ${result.state.generation}` +
+            (result.preempted.length ? `, preempted ${result.preempted.join(', ')}` : ''),
+        );
+        if (req.action === 'preempt-abort' && result.preempted.length > 0) {
+          const gone = new Set(result.preempted);
+          const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
+            gone.has(c.identity),
+          );
+          aborted = conns.length;
+          await Promise.all(conns.map((c) => c.abort()));
+        }
+      }
+      return {
+        device,
+        action: req.action,
+        initiator: req.as,
+        changed: result.changed,
+        generation: result.state.generation,
+        preempted: result.preempted,
+        aborted,
+      };
+    });
+  }
+
+  // ---- access lists ----
+
+  acl(device: string): { device: string; entries: AclEntry[] | null } {
+    const acl = this.need(device).acl;
+    return {
+      device,
+      entries: acl ? [...acl].map(([identity, access]) => ({ identity, access })) : null,
+    };
+  }
+
+  /** Replaces the access list (null: everyone may connect, read-write). */
+  setAcl(
+    device: string,
+    entries: AclEntry[] | null,
+  ): Promise<{ device: string; entries: AclEntry[] | null }> {
+    return this.mutex.run(async () => {
+      const acc = this.need(device);
+      const seen = new Set<string>();
+      for (const e of entries ?? []) {
+        if (!identityOk(e.identity) || (e.access !== 'ro' && e.access !== 'rw')) {
+          throw new BallastError(
+            'BALLAST_BAD_ACL',
+            `bad access list entry ${JSON.stringify(e)}: expected IDENTITY:ro or IDENTITY:rw`,
+          );
+        }
+        if (seen.has(e.identity)) {
+          throw new BallastError('BALLAST_BAD_ACL', `identity ${e.identity} listed twice`);
+        }
+        seen.add(e.identity);
+      }
+      const key = ACL_PREFIX + device;
+      if (entries === null) await this.store.delete(key);
+      else await this.store.put(key, JSON.stringify({ entries }));
+      acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+      acc.generation++;
+      this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
+      return this.acl(device);
+    });
+  }
+
+  /** The device is gone: its reservations, audit trail and access list go too. */
+  async forget(device: string): Promise<void> {
+    await this.mutex.run(async () => {
+      await this.store.txn({
+        compare: [],
+        success: [
+          op.delete(PR_PREFIX + device),
+          op.delete(ACL_PREFIX + device),
+          op.deletePrefix(`${AUDIT_PREFIX}${device}/`),
+        ],
+      });
+      this.devices.delete(device);
+      this.revisions.delete(device);
+    });
+  }
+}
