@@ -45,11 +45,12 @@ function common(cmd: Command, opts: { parallel?: number; json?: boolean }): Comm
     .option('--accept-new', 'accept and record the key of a host not yet in known_hosts')
     .option('-g, --group <GROUP>', 'only the hosts of this group (or this one host)');
   if (opts.parallel !== undefined) {
-    const o = new Option('-p, --parallel <N>', 'hosts worked on at once').argParser(
-      positiveInt('--parallel'),
-    );
     // 0: all selected hosts at once
-    cmd.addOption(opts.parallel > 0 ? o.default(opts.parallel) : o.default(undefined, 'all'));
+    const o = new Option(
+      '-p, --parallel <N>',
+      `hosts worked on at once${opts.parallel > 0 ? '' : ' (default: all)'}`,
+    ).argParser(positiveInt('--parallel'));
+    cmd.addOption(opts.parallel > 0 ? o.default(opts.parallel) : o);
   }
   if (opts.json) cmd.option('--json', 'print the result as JSON');
   return cmd;

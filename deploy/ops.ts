@@ -57,6 +57,24 @@ async function apiJson(r: Remote, path: string, token: { value?: string; tried: 
   }
 }
 
+/** Devices with a persistent reservation held, from each device's /pr; null if the agent has none. */
+async function reservations(
+  r: Remote,
+  devices: { name?: unknown }[],
+  token: { value?: string; tried: boolean },
+): Promise<number | null> {
+  let n = 0;
+  for (const d of devices.slice(0, 500)) {
+    if (typeof d.name !== 'string') continue;
+    const pr = await apiJson(r, `/v1/devices/${encodeURIComponent(d.name)}/pr`, token).catch(
+      () => null,
+    );
+    if (!pr) return null;
+    if (pr.reservation) n++;
+  }
+  return n;
+}
+
 async function statusHost(r: Remote): Promise<HostStatus> {
   const st = await r.probe();
   const h = st.running ? await checkHealth(r) : null;
@@ -83,13 +101,10 @@ async function statusHost(r: Remote): Promise<HostStatus> {
     const s = await apiJson(r, '/v1/status', token).catch(() => null);
     out.devices = count(s?.devices);
     out.reservations = count(s?.reservations);
-    if (out.devices === null) {
-      const d = await apiJson(r, '/v1/devices', token).catch(() => null);
-      out.devices = count(d?.devices);
-    }
-    if (out.reservations === null) {
-      const d = await apiJson(r, '/v1/reservations', token).catch(() => null);
-      out.reservations = count(d?.reservations);
+    const list = await apiJson(r, '/v1/devices', token).catch(() => null);
+    if (out.devices === null) out.devices = count(list?.devices);
+    if (out.reservations === null && Array.isArray(list?.devices)) {
+      out.reservations = await reservations(r, list.devices as { name?: unknown }[], token);
     }
   }
   return out;

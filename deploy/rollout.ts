@@ -9,7 +9,7 @@
 // no host is started after one fails.
 
 import { formatDiff } from './diff.js';
-import { DeployError, describeError } from './errors.js';
+import { DeployError, describeError, isDeployError } from './errors.js';
 import type { HostSpec } from './inventory.js';
 import type { KnownHosts } from './known-hosts.js';
 import { forEachHost, type Outcome } from './pool.js';
@@ -229,10 +229,11 @@ async function applyHost(
     await waitHealthy(r, d.id, d.version, signal);
   } catch (e) {
     say(`failed: ${describeError(e)}`);
-    const what = await restoreOld(r, old, say);
-    const code = (e as DeployError).code === 'DEPLOY_INTERRUPTED' ? 'DEPLOY_INTERRUPTED' : null;
+    const what = await restoreOld(r, old, say).catch(
+      (e2: unknown) => `could not restore ${old ?? 'it'}: ${describeError(e2)}`,
+    );
     throw new DeployError(
-      code ?? ((e as DeployError).code || 'DEPLOY_HEALTH_FAILED'),
+      isDeployError(e) ? e.code : 'DEPLOY_STEP_FAILED',
       `${(e as Error).message}\n  ${r.host.name}: ${what}`,
       { host: r.host.name, cause: e },
     );
@@ -287,9 +288,11 @@ async function rollbackHost(
     await waitHealthy(r, target, null, signal);
   } catch (e) {
     say(`failed: ${describeError(e)}`);
-    const what = await restoreOld(r, st.current, say);
+    const what = await restoreOld(r, st.current, say).catch(
+      (e2: unknown) => `could not restore ${st.current ?? 'it'}: ${describeError(e2)}`,
+    );
     throw new DeployError(
-      (e as DeployError).code ?? 'DEPLOY_HEALTH_FAILED',
+      isDeployError(e) ? e.code : 'DEPLOY_STEP_FAILED',
       `${(e as Error).message}\n  ${r.host.name}: ${what}`,
       { host: r.host.name, cause: e },
     );
