@@ -7,7 +7,7 @@
 //   3. dump data into the reserved region                                  flush
 //   4. catalog with the entry `complete` (length, SHA-256) or `failed`     FUA / flush
 
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import {
   type Catalog,
@@ -26,6 +26,7 @@ import {
   slotFor,
   type Trim,
 } from './catalog.js';
+import { Hasher } from './hasher.js';
 
 /** Dump data is written in pieces of this size... */
 const WRITE_SIZE = 4 * 1024 * 1024;
@@ -179,7 +180,7 @@ export class DumpDevice {
 export class DumpWriter {
   /** Bytes accepted so far. */
   length = 0;
-  private readonly hash: Hash = createHash('sha256');
+  private readonly hash = new Hasher();
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private written = 0;
@@ -261,7 +262,7 @@ export class DumpWriter {
   async finish(now = Date.now()): Promise<DumpEntry> {
     if (this.settled) throw new DumpError('DUMP_STATE', 'the dump is already settled');
     await this.drain();
-    const sha256 = this.hash.digest('hex');
+    const sha256 = await this.hash.digest();
     await this.dev.commit(
       completeDump(this.dev.catalog, this.entry.id, { length: this.length, sha256, now }),
     );
@@ -273,6 +274,7 @@ export class DumpWriter {
   async fail(reason: string, now = Date.now()): Promise<DumpEntry | null> {
     if (this.settled) return null;
     this.settled = true;
+    this.hash.close();
     try {
       this.issue();
       while (this.inflight.size) await Promise.all(this.inflight);
