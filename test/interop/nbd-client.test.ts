@@ -4,8 +4,9 @@
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient, NbdClientError } from '../../nbd/client.js';
 import { STATE_HOLE, STATE_ZERO } from '../../nbd/protocol.js';
@@ -17,6 +18,7 @@ import {
   startServer,
   waitForGreeting,
 } from '../helpers/server.js';
+import { makePki, x509Args } from '../helpers/tls.js';
 import { describeWithTools, toolEnv } from '../helpers/tools.js';
 
 interface Peer {
@@ -215,5 +217,44 @@ describeWithTools(['nbdkit', 'qemu-nbd'], 'NBD client', () => {
       expect((e as NbdClientError).code).toBe('NBD_DISCONNECTED');
       c.destroy();
     });
+  });
+});
+
+describeWithTools(['openssl'], 'NBD client over STARTTLS', () => {
+  let s: ServerHandle;
+  let dir: string;
+  beforeAll(async () => {
+    dir = makeTempDir();
+    const pki = await makePki(path.join(dir, 'pki'), ['dumpd']);
+    s = await startServer({ size: MiB, name: 'disk', extraArgs: x509Args(pki, 'require') });
+  });
+  afterAll(async () => {
+    await s?.stop();
+  });
+
+  it('the startTls hook upgrades the connection; without it the server says TLS_REQD', async () => {
+    const plain = await NbdClient.connect(s.uri()).catch((x: unknown) => x);
+    expect((plain as NbdClientError).code).toBe('NBD_REP_ERR_TLS_REQD');
+    const cdir = path.join(dir, 'pki');
+    const client = await NbdClient.connect(s.uri(), {
+      startTls: (socket) =>
+        new Promise((resolve, reject) => {
+          const t = tls.connect({
+            socket,
+            servername: 'localhost',
+            ca: readFileSync(path.join(cdir, 'ca-cert.pem')),
+            cert: readFileSync(path.join(cdir, 'dumpd-cert.pem')),
+            key: readFileSync(path.join(cdir, 'dumpd-key.pem')),
+          });
+          t.once('secureConnect', () => resolve(t));
+          t.once('error', reject);
+        }),
+    });
+    try {
+      await client.write(0, Buffer.from('over tls'));
+      expect((await client.read(0, 8)).toString()).toBe('over tls');
+    } finally {
+      await client.close();
+    }
   });
 });
