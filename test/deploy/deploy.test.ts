@@ -14,6 +14,7 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -386,6 +387,61 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
       expect(await health(h)).toMatchObject({ status: 'ok' });
     }
     setVersion('9.0.2');
+  });
+
+  it('authenticates through an ssh-agent', async () => {
+    const sock = join(root, 'agent.sock');
+    const agent = spawn('ssh-agent', ['-D', '-a', sock], { stdio: 'ignore' });
+    try {
+      for (let i = 0; i < 100 && !existsSync(sock); i++)
+        await new Promise((r) => setTimeout(r, 50));
+      execFileSync('ssh-add', ['-q', clientKey], { env: { ...process.env, SSH_AUTH_SOCK: sock } });
+      writeInventory({ h1: { key: null, sshAgent: sock } });
+      const r = await deploy(['status', '--json', '--group', 'h1']);
+      expectOk(r);
+      expect(JSON.parse(r.stdout)).toMatchObject([{ host: 'h1', agent: 'running' }]);
+    } finally {
+      agent.kill();
+      writeInventory();
+    }
+  });
+
+  it('gives connection failures their codes', async () => {
+    const silent = net.createServer(() => {}); // accepts, never speaks SSH
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+    const otherKey = join(root, 'other_key');
+    keygen(otherKey, 'not-authorized');
+    const inv = join(root, 'failures.yaml');
+    writeFileSync(
+      inv,
+      stringify({
+        defaults: { user: 'root', key: clientKey, timeouts: { connect: 1 } },
+        hosts: {
+          closed: { address: '127.0.0.1', port: await freePort() },
+          silent: { address: '127.0.0.1', port: (silent.address() as net.AddressInfo).port },
+          badkey: { address: '127.0.0.1', port: hosts.h1.sshd.port, key: otherKey },
+          nokey: { address: '127.0.0.1', port: hosts.h1.sshd.port, key: join(root, 'nope') },
+        },
+      }),
+    );
+    try {
+      const r = await run(process.execPath, [
+        BALLAST,
+        'deploy',
+        'status',
+        '-i',
+        inv,
+        '-k',
+        knownHosts,
+      ]);
+      expect(r.code, describeRun(r)).toBe(1);
+      expect(r.stdout).toMatch(/^closed .*DEPLOY_CONNECT_FAILED/m);
+      expect(r.stdout).toMatch(/^silent .*DEPLOY_CONNECT_TIMEOUT/m);
+      expect(r.stdout).toMatch(/^badkey .*DEPLOY_AUTH_FAILED/m);
+      expect(r.stdout).toMatch(/^nokey .*DEPLOY_KEY_UNREADABLE/m);
+    } finally {
+      silent.close();
+    }
   });
 
   it('refuses a host whose key changed, even with --accept-new', async () => {
