@@ -33,6 +33,7 @@ describeWithTools(['qemu-system-x86_64'], 'dumpd against QEMU', () => {
       exports: [
         { name: 'a-dump', size: '96M' },
         { name: 'b-dump', size: '96M' },
+        { name: 'c-dump', size: '8M' },
       ],
     });
     const cfg = parseConfig(`
@@ -107,6 +108,21 @@ watch:
     await stopQemu(second.child);
     rmSync(qmp, { force: true });
     await until(() => !d.guestNames().includes('b'), 'b forgotten');
+  });
+
+  it('a failed dump is marked failed and the guest is still handled per policy', async () => {
+    const qmp = path.join(dir, 'c.qmp');
+    const q = await startQemu(['-machine', 'pc,accel=tcg', '-m', '16', '-S'], { dir, qmp });
+    await until(() => log.some((l) => l.startsWith('guest c: QMP connected')), 'c connected');
+    const r = await d.dump('c', { after: 'poweroff' });
+    expect(r.ok).toBe(false);
+    expect(r.error?.code).toBe('DUMP_NO_SPACE');
+    expect(r.entry).toMatchObject({ state: 'failed', guest: 'c' });
+    expect(r.afterError).toBeUndefined();
+    // poweroff = quit: QEMU exits.
+    expect(await q.exited).toBe(0);
+    rmSync(qmp, { force: true });
+    await until(() => !d.guestNames().includes('c'), 'c forgotten');
   });
 
   it('serves /metrics and the guest list', async () => {
