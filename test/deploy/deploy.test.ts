@@ -51,6 +51,10 @@ function writeInventory(extra: Partial<Record<Name, Record<string, unknown>>> = 
       key: clientKey,
       timeouts: { connect: 10, step: 60, health: 20 },
       agent: { pools: [{ name: 'default', path: '{prefix}/pools/default' }] },
+      // this Node, wherever it is installed: an sshd session's PATH may lack it
+      service: {
+        command: [process.execPath, '{release}/bin/ballast', 'agent', '--config', '{config}'],
+      },
     },
     groups: { pair: {}, solo: {} },
     hosts: Object.fromEntries(
@@ -297,7 +301,10 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
       'require(\'http\').createServer((q,s)=>{s.writeHead(503);s.end(\'{"status":"starting"}\')})' +
       `.listen(${hosts.h2.api},'127.0.0.1')`;
     writeInventory({
-      h2: { service: { command: ['node', '-e', sick, '{config}'] }, timeouts: { health: 3 } },
+      h2: {
+        service: { command: [process.execPath, '-e', sick, '{config}'] },
+        timeouts: { health: 3 },
+      },
     });
     const r = await deploy(['apply', ...releaseArgs()]);
     expect(r.code, describeRun(r)).toBe(1);
