@@ -365,6 +365,51 @@ describeWithTools(
       expect(JSON.parse((await pr('swap0', 'show', '--json')).stdout).generation).toBe(gen);
     });
 
+    it('without TLS, identities come from the source address and the Unix peer uid', async () => {
+      const plain = await startAgent({
+        nbd: { identities: ['127.0.0.1=host-tcp', `uid:${process.getuid?.() ?? 0}=host-unix`] },
+      });
+      try {
+        const r = await plain.api('POST', '/v1/devices', { name: 'mapped', size: '16M' });
+        expect(r.status, r.text).toBe(201);
+        expectOk(await plain.cli('acl', 'mapped', 'host-tcp:rw', 'host-unix:ro'));
+        // Over the Unix socket the peer uid maps to host-unix: read-only.
+        const unix = await runOk('nbdinfo', ['--json', plain.uri('mapped')]);
+        expect(JSON.parse(unix.stdout).exports[0].is_read_only).toBe(true);
+        // Over TCP from 127.0.0.1: host-tcp, read-write.
+        const tcp = await runOk('nbdinfo', ['--json', `nbd://127.0.0.1:${plain.nbdPort}/mapped`]);
+        expect(JSON.parse(tcp.stdout).exports[0].is_read_only).toBe(false);
+        // A reservation by host-tcp leaves host-unix (not registered) reading only.
+        expectOk(await plain.cli('pr', 'mapped', 'register', '--as', 'host-tcp', '--sa-key', '1'));
+        expectOk(await plain.cli('acl', 'mapped', 'host-tcp:rw', 'host-unix:rw'));
+        expectOk(
+          await plain.cli(
+            'pr',
+            'mapped',
+            'reserve',
+            '--as',
+            'host-tcp',
+            '--key',
+            '1',
+            '--type',
+            'WE',
+          ),
+        );
+        const w = await run('qemu-io', ['-f', 'raw', plain.uri('mapped'), '-c', 'write 0 4k']);
+        expect(w.stdout + w.stderr).toMatch(/Operation not permitted/);
+        const ok = await run('qemu-io', [
+          '-f',
+          'raw',
+          `nbd://127.0.0.1:${plain.nbdPort}/mapped`,
+          '-c',
+          'write -P 0x42 0 4k',
+        ]);
+        expectOk(ok);
+      } finally {
+        expect(await plain.stop()).toBe(0);
+      }
+    });
+
     describe('access lists', () => {
       it('identities not on the list cannot open the device or find it by guessing names', async () => {
         expectOk(await agent.cli('acl', 'hidden', 'host-a:rw', 'host-b:ro'));
