@@ -16,6 +16,7 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readFileSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -56,6 +57,18 @@ async function waitFor(p: string, timeoutMs = 20_000): Promise<void> {
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(`${p} did not appear`);
+}
+
+/** user + system CPU seconds of a process so far (Linux /proc). */
+function procCpu(pid: number | undefined): number {
+  if (pid === undefined) return 0;
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+    return (Number(rest[11]) + Number(rest[12])) / 100;
+  } catch {
+    return 0;
+  }
 }
 
 const median = (xs: number[]) => {
@@ -134,6 +147,9 @@ async function main(): Promise<void> {
     const local: number[] = [];
     const device: number[] = [];
     const recovery: number[] = [];
+    const cpuDumpd: number[] = [];
+    const cpuServer: number[] = [];
+    const cpuQemu: number[] = [];
     let bytes = 0;
     for (let r = 0; r < rounds; r++) {
       const order = r % 2 === 0 ? ['local', 'device'] : ['device', 'local'];
@@ -155,6 +171,9 @@ async function main(): Promise<void> {
           );
         } else {
           const t0 = process.hrtime.bigint();
+          const cpu0 = process.cpuUsage();
+          const srv0 = procCpu(srv.pid);
+          const qemu0 = procCpu(qemu.pid);
           const res = await runDump({
             guest: 'bench',
             qmp,
@@ -166,6 +185,10 @@ async function main(): Promise<void> {
             timeoutMs: 600_000,
           });
           const total = Number(process.hrtime.bigint() - t0) / 1e9;
+          const cpu = process.cpuUsage(cpu0);
+          cpuDumpd.push((cpu.user + cpu.system) / 1e6);
+          cpuServer.push(procCpu(srv.pid) - srv0);
+          cpuQemu.push(procCpu(qemu.pid) - qemu0);
           if (!res.ok) throw new Error(`dump failed: ${res.error?.code} ${res.error?.message}`);
           const s = res.durationMs / 1000;
           device.push(res.bytes / s / 2 ** 20);
@@ -190,6 +213,12 @@ async function main(): Promise<void> {
       medianDeviceMiBps: median(device),
       ratio: median(device) / median(local),
       medianDumpToRunningSeconds: median(recovery),
+      cpuSecondsPerDevicedump: {
+        dumpd: median(cpuDumpd),
+        server: median(cpuServer),
+        qemu: median(cpuQemu),
+      },
+      loadAverage: os.loadavg(),
     };
     process.stdout.write(
       [
@@ -198,6 +227,11 @@ async function main(): Promise<void> {
         `  dump device (FIFO -> NBD -> Ballast)     ${result.medianDeviceMiBps.toFixed(0)} MiB/s`,
         `  ratio device / local                     ${result.ratio.toFixed(2)} (target >= 0.80)`,
         `  dump start -> guest running (reboot)     ${result.medianDumpToRunningSeconds.toFixed(2)} s`,
+        `  CPU per device dump: dumpd ${median(cpuDumpd).toFixed(2)} s, server ${median(cpuServer).toFixed(2)} s, QEMU ${median(cpuQemu).toFixed(2)} s`,
+        `  load average during the run: ${os
+          .loadavg()
+          .map((l) => l.toFixed(1))
+          .join(' ')} (on ${os.cpus().length} CPUs)`,
         '',
       ].join('\n'),
     );
