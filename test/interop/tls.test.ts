@@ -22,7 +22,13 @@ import {
   SIMPLE_REPLY_MAGIC,
 } from '../helpers/nbd-raw.js';
 import { nbdsh } from '../helpers/nbdsh.js';
-import { MiB, makeTempDir, type ServerHandle, startServer } from '../helpers/server.js';
+import {
+  BALLAST_BIN,
+  MiB,
+  makeTempDir,
+  type ServerHandle,
+  startServer,
+} from '../helpers/server.js';
 import { makePki, type Pki, qemuPsk, qemuX509, x509Args } from '../helpers/tls.js';
 import { describeRun, describeWithTools, run, runOk } from '../helpers/tools.js';
 
@@ -409,6 +415,64 @@ describeWithTools(
           nbdsPsk(server, 'alice', pki.psk.get('alice')!.file),
         ]);
         expect(ok.stdout.trim()).toBe(String(SIZE));
+      });
+    });
+
+    describe('bad TLS settings stop `ballast serve` with a stable code', () => {
+      const K = randomBytes(32).toString('hex');
+      const serve = (...args: string[]) => {
+        const dir = makeTempDir();
+        return run(process.execPath, [
+          BALLAST_BIN,
+          'serve',
+          path.join(dir, 'd.img'),
+          '--size',
+          '1M',
+          '--socket',
+          path.join(dir, 's.sock'),
+          ...args,
+        ]);
+      };
+      const pskFile = (text: string) => {
+        const f = path.join(makeTempDir(), 'keys.psk');
+        writeFileSync(f, text);
+        return f;
+      };
+
+      it.each([
+        ['require without credentials', ['--tls', 'require'], 'BALLAST_TLS_CONFIG'],
+        ['a certificate with --tls off', ['--tls-cert', '/nonexistent.pem'], 'BALLAST_TLS_CONFIG'],
+        [
+          'a certificate without its key',
+          ['--tls', 'allow', '--tls-cert', '/etc/hostname'],
+          'BALLAST_TLS_CONFIG',
+        ],
+        [
+          'an unreadable certificate',
+          ['--tls', 'allow', '--tls-cert', '/nonexistent.pem', '--tls-key', '/nonexistent.pem'],
+          'BALLAST_TLS_CONFIG',
+        ],
+        [
+          'a malformed PSK line',
+          () => ['--tls', 'require', '--tls-psk-file', pskFile(`alice:${K}\nbob ${K}\n`)],
+          'line 2',
+        ],
+        [
+          'a short PSK key',
+          () => ['--tls', 'require', '--tls-psk-file', pskFile('alice:0011\n')],
+          'BALLAST_TLS_CONFIG',
+        ],
+        ['a bad --identity', ['--identity', 'uid:x=root'], 'BALLAST_BAD_IDENTITY'],
+        ['an --identity without a name', ['--identity', '127.0.0.1='], 'BALLAST_BAD_IDENTITY'],
+      ] as [string, string[] | (() => string[]), string][])('%s', async (_what, args, code) => {
+        const r = await serve(...(typeof args === 'function' ? args() : args));
+        expect(r.code, describeRun(r)).toBe(1);
+        expect(r.stderr, describeRun(r)).toContain(code);
+      });
+
+      it('an unknown --tls mode is a usage error', async () => {
+        const r = await serve('--tls', 'maybe');
+        expect(r.code, describeRun(r)).toBe(2);
       });
     });
   },
