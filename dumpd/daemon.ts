@@ -212,6 +212,13 @@ export class Dumpd extends EventEmitter {
     return [...this.guests.keys()];
   }
 
+  /** Guests whose QMP connection is up. */
+  connectedGuests(): string[] {
+    return [...this.guests.values()]
+      .filter((g) => g.monitor.client !== null)
+      .map((g) => g.cfg.name);
+  }
+
   private onPanic(st: GuestState, ev: QmpEvent): void {
     const at = Date.now();
     st.panics++;

@@ -68,26 +68,30 @@ async function mkfifo(p: string): Promise<void> {
   }
 }
 
-/** Applies the after-dump policy; returns what was done. */
+/** How long one QMP command of the after-dump policy may take. */
+const AFTER_TIMEOUT_MS = 30_000;
+
+/** Applies the after-dump policy. */
 export async function applyAfter(qmp: QmpClient, after: After): Promise<void> {
+  const t = { timeoutMs: AFTER_TIMEOUT_MS };
   switch (after) {
     case 'none':
       return;
     case 'pause': {
-      const st = await qmp.execute<{ running: boolean }>('query-status');
-      if (st.running) await qmp.execute('stop');
+      const st = await qmp.execute<{ running: boolean }>('query-status', undefined, t);
+      if (st.running) await qmp.execute('stop', undefined, t);
       return;
     }
     case 'poweroff':
-      await qmp.execute('quit').catch((e: unknown) => {
+      await qmp.execute('quit', undefined, t).catch((e: unknown) => {
         // QEMU may close the socket before answering `quit`.
         if (codeOf(e) !== 'QMP_DISCONNECTED') throw e;
       });
       return;
     case 'reboot': {
-      await qmp.execute('system_reset');
-      const st = await qmp.execute<{ running: boolean }>('query-status');
-      if (!st.running) await qmp.execute('cont');
+      await qmp.execute('system_reset', undefined, t);
+      const st = await qmp.execute<{ running: boolean }>('query-status', undefined, t);
+      if (!st.running) await qmp.execute('cont', undefined, t);
       return;
     }
   }
@@ -102,13 +106,18 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
   let failure: unknown = null;
   let entry: DumpEntry | null = null;
   try {
-    const caps = await o.qmp.execute<{ formats: string[] }>('query-dump-guest-memory-capability');
+    const t = { timeoutMs: 30_000 };
+    const caps = await o.qmp.execute<{ formats: string[] }>(
+      'query-dump-guest-memory-capability',
+      undefined,
+      t,
+    );
     if (!caps.formats.includes(o.format))
       throw new DumpError(
         'DUMP_FORMAT_UNSUPPORTED',
         `QEMU offers ${caps.formats.join(', ')}, not ${o.format}`,
       );
-    const st = await o.qmp.execute<{ status: string }>('query-dump');
+    const st = await o.qmp.execute<{ status: string }>('query-dump', undefined, t);
     if (st.status === 'active')
       throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
 
@@ -153,15 +162,29 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
       pipe.on('error', (e) => reject(e));
     });
     streamed.catch(() => {});
+    // A QEMU that stops writing without closing the FIFO must not hold the dump forever.
+    const limit = setTimeout(
+      () =>
+        pipe.destroy(
+          new DumpError('DUMP_TIMEOUT', `the dump did not finish within ${o.timeoutMs} ms`),
+        ),
+      o.timeoutMs,
+    );
+    limit.unref();
+    streamed.finally(() => clearTimeout(limit)).catch(() => {});
     const completed = o.qmp.waitEvent('DUMP_COMPLETED', o.timeoutMs);
     completed.catch(() => {});
     try {
-      await o.qmp.execute('dump-guest-memory', {
-        paging: false,
-        protocol: `file:${fifo}`,
-        detach: true,
-        format: o.format,
-      });
+      await o.qmp.execute(
+        'dump-guest-memory',
+        {
+          paging: false,
+          protocol: `file:${fifo}`,
+          detach: true,
+          format: o.format,
+        },
+        t,
+      );
     } catch (e) {
       pipe.destroy();
       throw e;
@@ -175,8 +198,8 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     await streamed.catch((e: unknown) => {
       streamError = e;
     });
-    const ev: QmpEvent = await completed;
     if (streamError) throw streamError;
+    const ev: QmpEvent = await completed;
     const result = ev.data.result as { status?: string; completed?: number; total?: number };
     if (ev.data.error || result?.status !== 'completed')
       throw new DumpError(
@@ -217,7 +240,7 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
 async function waitDumpIdle(qmp: QmpClient, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    const st = await qmp.execute<{ status: string }>('query-dump');
+    const st = await qmp.execute<{ status: string }>('query-dump', undefined, { timeoutMs: 5000 });
     if (st.status !== 'active') return;
     await new Promise((r) => setTimeout(r, 100));
   }

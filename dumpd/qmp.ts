@@ -205,12 +205,37 @@ export class QmpClient extends EventEmitter {
     } else w.resolve(m.return);
   }
 
-  /** Runs a command; resolves with its `return` value, rejects with a QmpError. */
-  execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
+  /**
+   * Runs a command; resolves with its `return` value, rejects with a QmpError. With
+   * `timeoutMs`, a command QEMU does not answer in time fails with QMP_TIMEOUT (a late
+   * answer is dropped).
+   */
+  execute<T = unknown>(
+    command: string,
+    args?: Record<string, unknown>,
+    opts: { timeoutMs?: number } = {},
+  ): Promise<T> {
     if (this.closed) return Promise.reject(this.closed);
     const id = `b${this.nextId++}`;
     return new Promise<T>((resolve, reject) => {
-      this.waiting.set(id, { command, resolve: resolve as (v: unknown) => void, reject });
+      let timer: NodeJS.Timeout | undefined;
+      const done =
+        <V>(f: (v: V) => void) =>
+        (v: V) => {
+          clearTimeout(timer);
+          f(v);
+        };
+      this.waiting.set(id, {
+        command,
+        resolve: done(resolve as (v: unknown) => void),
+        reject: done(reject),
+      });
+      if (opts.timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          this.waiting.delete(id);
+          reject(new QmpError('QMP_TIMEOUT', `${command}: no answer within ${opts.timeoutMs} ms`));
+        }, opts.timeoutMs);
+      }
       const msg: Record<string, unknown> = { execute: command, id };
       if (args && Object.keys(args).length) msg.arguments = args;
       this.sock.write(`${JSON.stringify(msg)}\n`);

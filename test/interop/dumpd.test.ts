@@ -143,3 +143,45 @@ watch:
     expect(((await bad.json()) as { code: string }).code).toBe('DUMP_UNKNOWN_GUEST');
   });
 });
+
+describeWithTools(['qemu-system-x86_64'], 'dumpd with a QEMU that stops mid-dump', () => {
+  it('gives up after dumpTimeoutSeconds: DUMP_TIMEOUT, entry failed, dumpd not wedged', async () => {
+    const dir = makeTempDir('ballast-dt-');
+    const server = await startServer({ size: '512M', name: 'h-dump' });
+    const qmp = path.join(dir, 'h.qmp');
+    const q = await startQemu(['-machine', 'pc,accel=tcg', '-m', '384', '-S'], { dir, qmp });
+    const cfg = parseConfig(`
+listen: 127.0.0.1:0
+runDir: ${path.join(dir, 'run')}
+dumpTimeoutSeconds: 2
+guests:
+  - { name: h, qmp: ${qmp}, device: "${server.uri()}", after: none }
+`);
+    const d = new Dumpd(cfg, { resolveDevice: async (ref) => ('uri' in ref ? ref.uri : '') });
+    await d.start();
+    try {
+      await until(() => d.connectedGuests().includes('h'), 'h connected');
+      const job = d.dump('h');
+      // Freeze QEMU once bytes flow: it keeps the FIFO open and writes nothing more.
+      for (;;) {
+        const m = await d.registry.getSingleMetricAsString('ballast_dumpd_dump_bytes_total');
+        if (/guest="h"\} [1-9]/.test(m)) break;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      q.child.kill('SIGSTOP');
+      const r = await job;
+      q.child.kill('SIGCONT');
+      expect(r.ok).toBe(false);
+      expect(r.error?.code).toBe('DUMP_TIMEOUT');
+      expect(r.entry?.state).toBe('failed');
+      const dev = await DumpDevice.open(server.uri());
+      expect(dev.catalog.entries.map((e) => e.state)).toEqual(['failed']);
+      await dev.close();
+    } finally {
+      q.child.kill('SIGCONT');
+      await stopQemu(q.child);
+      await d.stop();
+      await server.stop();
+    }
+  });
+});
