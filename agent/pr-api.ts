@@ -7,9 +7,11 @@
 //   GET  /v1/devices/:name/acl         the access list (null: open to everyone)
 //   PUT  /v1/devices/:name/acl         {entries: [{identity, access: ro|rw}] | null}
 
+import type http from 'node:http';
 import { BallastError } from './errors.js';
 import { PR_ACTIONS, type PrAction, type PrType, parseKey, parseType } from './pr.js';
 import type { AclEntry, ReservationManager } from './reservations.js';
+import { peerUid } from './tls-config.js';
 
 type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
 
@@ -51,6 +53,15 @@ function type(v: unknown): PrType | undefined {
   return t;
 }
 
+/** Who called the API, for the audit trail: the Unix peer's uid, or the TCP source. */
+function actorOf(req: unknown): string {
+  const sock = (req as http.IncomingMessage | undefined)?.socket;
+  if (!sock) return 'admin';
+  if (sock.remoteAddress) return `tcp:${sock.remoteAddress}`;
+  const uid = peerUid(sock);
+  return uid === null ? 'unix' : `uid:${uid}`;
+}
+
 /** The routes, built with the API's own route maker. */
 export function prRoutes<R>(
   res: ReservationManager,
@@ -63,7 +74,7 @@ export function prRoutes<R>(
       device: name,
       entries: await res.audit(name!),
     })),
-    route('POST', '/v1/devices/:name/pr', async (_q, [name], body) => {
+    route('POST', '/v1/devices/:name/pr', async (q, [name], body) => {
       const action = body.action as PrAction;
       if (!PR_ACTIONS.includes(action)) {
         throw new BallastError(
@@ -74,15 +85,19 @@ export function prRoutes<R>(
       if (typeof body.as !== 'string') {
         throw new BallastError('BALLAST_BAD_REQUEST', 'as (the identity to act for) is required');
       }
-      return res.apply(name!, {
-        action,
-        as: body.as,
-        key: key(body.key, 'key', true)!,
-        saKey: key(body.saKey, 'saKey', false),
-        type: type(body.type),
-        target: typeof body.target === 'string' ? body.target : undefined,
-        unregister: body.unregister === true,
-      });
+      return res.apply(
+        name!,
+        {
+          action,
+          as: body.as,
+          key: key(body.key, 'key', true)!,
+          saKey: key(body.saKey, 'saKey', false),
+          type: type(body.type),
+          target: typeof body.target === 'string' ? body.target : undefined,
+          unregister: body.unregister === true,
+        },
+        actorOf(q),
+      );
     }),
     route('GET', '/v1/devices/:name/acl', async (_q, [name]) => res.acl(name!)),
     route('PUT', '/v1/devices/:name/acl', async (_q, [name], body) => {

@@ -55,7 +55,7 @@ interface PrRecord {
 export interface AuditEntry {
   seq: number;
   time: string;
-  /** Who asked the agent: the API caller (for now always 'admin'). */
+  /** Who asked the agent: `uid:N` over the Unix socket, `tcp:ADDRESS` over TCP. */
   actor: string;
   /** The identity the request was made for (--as). */
   initiator: string;

@@ -308,9 +308,50 @@ describeWithTools(
         'host-b preempt-abort changed',
       ]);
       for (const e of audit.entries) {
-        expect(e.actor).toBe('admin');
+        expect(e.actor).toBe(`uid:${process.getuid?.() ?? 0}`);
         expect(Number.isNaN(Date.parse(e.time))).toBe(false);
       }
+    });
+
+    it('REGISTER AND MOVE hands the reservation to another identity', async () => {
+      const r = await pr(
+        'swap0',
+        'register-move',
+        '--as',
+        'host-b',
+        '--key',
+        '0xb',
+        '--sa-key',
+        '0xc',
+        '--target',
+        'host-c',
+        '--unregister',
+        '--json',
+      );
+      expectOk(r);
+      const show = JSON.parse((await pr('swap0', 'show', '--json')).stdout);
+      expect(show.reservation).toMatchObject({ type: 1, key: '0xc', holder: 'host-c' });
+      expect(show.registrations).toEqual([{ identity: 'host-c', key: '0xc', holder: true }]);
+      const c = await qemuIo('host-c', 'swap0', 'write -P 0xcc 5M 64k');
+      expectOk(c);
+      const b = await qemuIo('host-b', 'swap0', 'write -P 0xbb 6M 64k');
+      expect(b.stdout + b.stderr).toMatch(/Operation not permitted/);
+      // And back, so the tests after this one find host-b holding it.
+      expectOk(
+        await pr(
+          'swap0',
+          'register-move',
+          '--as',
+          'host-c',
+          '--key',
+          '0xc',
+          '--sa-key',
+          '0xb',
+          '--target',
+          'host-b',
+          '--unregister',
+        ),
+      );
     });
 
     it('conflicts and bad input: stable codes and exit codes, state unchanged', async () => {
