@@ -331,7 +331,9 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
         const rows = [['HOST', 'VERSION', 'DEPLOY', 'AGENT', 'HEALTH', 'DEVICES', 'RESERVATIONS']];
         for (const r of results) {
           if (r.status !== 'ok') {
-            rows.push([r.host, '-', '-', '-', outcomeError(r), '-', '-']);
+            const code =
+              r.status === 'failed' && isDeployError(r.error) ? r.error.code : 'unreachable';
+            rows.push([r.host, '-', '-', '-', code, '-', '-']);
             continue;
           }
           const s = r.value;
@@ -347,6 +349,9 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
           ]);
         }
         process.stdout.write(`${table(rows)}\n`);
+        for (const r of results) {
+          if (r.status !== 'ok') process.stderr.write(`${r.host}: ${outcomeError(r)}\n`);
+        }
       }
       failIfAny(results, 'DEPLOY_HOSTS_FAILED', 'no status from');
     }),
