@@ -24,6 +24,7 @@ import {
   watchedGuest,
 } from './config.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
+import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
 
 export interface DumpdDeps {
@@ -183,9 +184,21 @@ export class Dumpd extends EventEmitter {
     const monitor = new QmpMonitor(cfg.qmp, { retryMs: 200, maxRetryMs: 2000 });
     const st: GuestState = { cfg, monitor, watched, running: null, last: null, panics: 0 };
     this.guests.set(cfg.name, st);
-    monitor.on('connected', () => {
+    monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
       this.emit('connected', cfg.name);
+      // Say now, not at the first panic, when this QEMU cannot write the configured format.
+      c.execute<{ formats: string[] }>('query-dump-guest-memory-capability', undefined, {
+        timeoutMs: 10_000,
+      }).then(
+        (caps) => {
+          if (!caps.formats.includes(cfg.format))
+            this.log(
+              `guest ${cfg.name}: warning: QEMU offers ${caps.formats.join(', ')}, not ${cfg.format}; its dumps will fail (DUMP_FORMAT_UNSUPPORTED)`,
+            );
+        },
+        () => {},
+      );
     });
     monitor.on('disconnected', () => {
       this.log(`guest ${cfg.name}: QMP disconnected`);
