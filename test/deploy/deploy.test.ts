@@ -451,6 +451,43 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     }
   });
 
+  it('asks a host for the key type known_hosts has for it', async () => {
+    // The server offers ed25519 first; only its RSA key is known. OpenSSH clients then
+    // ask for RSA, and so must we, or the host would look like it changed its key.
+    const pub = readFileSync(`${clientKey}.pub`, 'utf8');
+    const sshd = new Sshd('multi', join(root, 'multi-sshd'), await freePort(), pub, ['rsa']);
+    await sshd.start();
+    try {
+      const kh = join(root, 'known_hosts_rsa');
+      writeFileSync(kh, `[127.0.0.1]:${sshd.port} ${sshd.publicKey('rsa')}\n`);
+      const inv = join(root, 'multi.yaml');
+      writeFileSync(
+        inv,
+        stringify({
+          defaults: { user: 'root', key: clientKey },
+          hosts: { multi: { address: '127.0.0.1', port: sshd.port } },
+        }),
+      );
+      const r = await run(process.execPath, [
+        BALLAST,
+        'deploy',
+        'exec',
+        '-i',
+        inv,
+        '-k',
+        kh,
+        '--',
+        'echo',
+        'hello',
+      ]);
+      expectOk(r);
+      expect(r.stdout).toContain('multi | hello');
+      expect(readFileSync(kh, 'utf8').trim().split('\n')).toHaveLength(1);
+    } finally {
+      await sshd.stop();
+    }
+  });
+
   it('refuses a host whose key changed, even with --accept-new', async () => {
     const before = readFileSync(knownHosts, 'utf8');
     await hosts.h3.sshd.regenerateHostKey();

@@ -30,10 +30,10 @@ function canConnect(port: number): Promise<boolean> {
   });
 }
 
-export function keygen(file: string, comment: string): void {
+export function keygen(file: string, comment: string, type = 'ed25519'): void {
   rmSync(file, { force: true });
   rmSync(`${file}.pub`, { force: true });
-  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', file]);
+  execFileSync('ssh-keygen', ['-q', '-t', type, '-N', '', '-C', comment, '-f', file]);
 }
 
 export class Sshd {
@@ -47,10 +47,13 @@ export class Sshd {
     readonly dir: string,
     readonly port: number,
     authorizedKey: string,
+    /** More host key types the server offers besides ed25519, e.g. ['rsa']. */
+    readonly extraKeyTypes: string[] = [],
   ) {
     mkdirSync(dir, { recursive: true });
     this.hostKey = join(dir, 'ssh_host_ed25519_key');
     keygen(this.hostKey, `${name}-host`);
+    for (const t of extraKeyTypes) keygen(join(dir, `ssh_host_${t}_key`), `${name}-host`, t);
     writeFileSync(join(dir, 'authorized_keys'), authorizedKey, { mode: 0o600 });
     this.config = join(dir, 'sshd_config');
     writeFileSync(
@@ -58,6 +61,7 @@ export class Sshd {
       [
         `ListenAddress 127.0.0.1:${port}`,
         `HostKey ${this.hostKey}`,
+        ...extraKeyTypes.map((t) => `HostKey ${join(dir, `ssh_host_${t}_key`)}`),
         `AuthorizedKeysFile ${join(dir, 'authorized_keys')}`,
         'PidFile none',
         'StrictModes no',
@@ -77,8 +81,9 @@ export class Sshd {
   }
 
   /** The host's public key line (type and base64). */
-  publicKey(): string {
-    return readFileSync(`${this.hostKey}.pub`, 'utf8').split(' ').slice(0, 2).join(' ');
+  publicKey(type = 'ed25519'): string {
+    const file = join(this.dir, `ssh_host_${type}_key.pub`);
+    return readFileSync(file, 'utf8').split(' ').slice(0, 2).join(' ');
   }
 
   async start(): Promise<void> {
