@@ -2,15 +2,21 @@
 // guests found in a watched directory, reconnection after QEMU restarts, on-demand
 // dumps with each after-dump policy, retention with trims, and /metrics.
 
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseConfig } from '../../dumpd/config.js';
 import { Dumpd } from '../../dumpd/daemon.js';
 import { DumpDevice } from '../../dumpd/device.js';
 import { startQemu, stopQemu } from '../helpers/qemu.js';
-import { MiB, makeTempDir, type ServerHandle, startServer } from '../helpers/server.js';
-import { describeWithTools } from '../helpers/tools.js';
+import {
+  BALLAST_BIN,
+  MiB,
+  makeTempDir,
+  type ServerHandle,
+  startServer,
+} from '../helpers/server.js';
+import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 
 const until = async (f: () => boolean, what: string, timeoutMs = 20_000) => {
   const deadline = Date.now() + timeoutMs;
@@ -123,6 +129,33 @@ watch:
     expect(await q.exited).toBe(0);
     rmSync(qmp, { force: true });
     await until(() => !d.guestNames().includes('c'), 'c forgotten');
+  });
+
+  it('dump get verifies the checksum: a corrupted dump is refused and not left behind', async () => {
+    const uri = server.uri('a-dump');
+    const out = path.join(dir, 'a.core');
+    const ok = await run(process.execPath, [BALLAST_BIN, 'dump', 'get', uri, '3', '-o', out]);
+    expect(ok.code, describeRun(ok)).toBe(0);
+    expect(existsSync(out)).toBe(true);
+    const dev = await DumpDevice.open(uri);
+    const e = dev.find(3);
+    const at = e.offset + Math.floor(e.length / 2);
+    const byte = await dev.nbd.read(at, 1);
+    await dev.nbd.write(at, Buffer.from([(byte[0] ?? 0) ^ 0xff]));
+    await dev.close();
+    const bad = await run(process.execPath, [BALLAST_BIN, 'dump', 'get', uri, '3', '-o', out]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain('ballast: error DUMP_CHECKSUM_MISMATCH');
+    expect(existsSync(out)).toBe(false);
+    const missing = await run(process.execPath, [BALLAST_BIN, 'dump', 'get', uri, '99', '-o', out]);
+    expect(missing.stderr).toContain('DUMP_NOT_FOUND');
+    const notDump = await run(process.execPath, [
+      BALLAST_BIN,
+      'dump',
+      'ls',
+      'nbd+unix:///nope?socket=' + server.socket,
+    ]);
+    expect(notDump.stderr).toContain('ballast: error NBD_REP_ERR_UNKNOWN');
   });
 
   it('serves /metrics and the guest list', async () => {
