@@ -190,6 +190,24 @@ export function registerDeploy(program: Command): void {
     .addHelpText(
       'after',
       `
+Inventory (YAML): settings merge defaults < groups (in the order a host lists them) < host;
+mappings merge key by key, lists replace.
+  defaults: { SETTINGS }
+  groups:   { NAME: { SETTINGS } }
+  hosts:    { NAME: { address: HOST, groups: [NAME...], SETTINGS } }
+SETTINGS:
+  port: 22              user: (you)             key: FILE | sshAgent: true|SOCKET
+  jump: HOST-NAME | { address, port, user, key }          prefix: /opt/ballast
+  agent: { nbd, api, pools, ... }     the agent's config file; "{prefix}", "{host}" and
+                                      "{address}" are replaced; dataDir defaults to
+                                      PREFIX/data; the first api.listen gets /healthz
+  service: { command: [ARGV], unit: ballast-agent, env: { NAME: VALUE } }
+           command defaults to [node, "{release}/bin/ballast", agent, --config, "{config}"]
+  timeouts: { connect: 10, step: 120, health: 30 }        (seconds)
+
+On each host: PREFIX/releases/RELEASE, PREFIX/deploys/DEPLOY (agent.yaml, run),
+PREFIX/current and PREFIX/previous (links to deploys), PREFIX/log/agent.log.
+
 Errors (stable codes): DEPLOY_INVENTORY_INVALID, DEPLOY_HOST_KEY_UNKNOWN,
 DEPLOY_HOST_KEY_CHANGED, DEPLOY_CONNECT_FAILED, DEPLOY_AUTH_FAILED, DEPLOY_HEALTH_FAILED,
 DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
