@@ -53,9 +53,17 @@ export async function resolveDevice(ref: DeviceRef): Promise<string> {
   return agentDeviceUri(ref.agent, ref.device, ref.tokenFile);
 }
 
-function deviceArg(device: string, o: { agent?: string; tokenFile?: string }): Promise<string> {
-  if (/^nbds?(\+unix)?:\/\//.test(device)) return Promise.resolve(device);
-  return agentDeviceUri(o.agent, device, o.tokenFile);
+interface DeviceOpts {
+  agent?: string;
+  tokenFile?: string;
+  tlsCerts?: string;
+}
+
+async function openDevice(device: string, o: DeviceOpts): Promise<DumpDevice> {
+  const uri = /^nbds?(\+unix)?:\/\//.test(device)
+    ? device
+    : await agentDeviceUri(o.agent, device, o.tokenFile);
+  return DumpDevice.open(uri, o.tlsCerts ? { tls: { dir: o.tlsCerts } } : {});
 }
 
 function human(n: number): string {
@@ -218,7 +226,11 @@ Config example:
         '--agent <URL>',
         'the agent, for DEVICE names (default BALLAST_AGENT or the local one)',
       )
-      .option('--token-file <FILE>', 'bearer token for the agent (default BALLAST_TOKEN)');
+      .option('--token-file <FILE>', 'bearer token for the agent (default BALLAST_TOKEN)')
+      .option(
+        '--tls-certs <DIR>',
+        'STARTTLS to the device with ca-cert.pem, client-cert.pem, client-key.pem from DIR (nbds:// URIs use TLS anyway)',
+      );
 
   dump
     .command('now')
@@ -251,8 +263,8 @@ Config example:
   common(dump.command('ls').description('list the dumps on a dump device').argument('<DEVICE>'))
     .option('--json', 'print JSON')
     .action(
-      action(async (device: string, o: { json?: boolean; agent?: string; tokenFile?: string }) => {
-        const dev = await DumpDevice.open(await deviceArg(device, o));
+      action(async (device: string, o: DeviceOpts & { json?: boolean }) => {
+        const dev = await openDevice(device, o);
         try {
           const es = [...dev.catalog.entries].sort((a, b) => a.id - b.id);
           if (o.json) {
@@ -301,15 +313,9 @@ Config example:
         async (
           device: string,
           id: string,
-          o: {
-            output: string;
-            reassemble?: boolean;
-            progress?: boolean;
-            agent?: string;
-            tokenFile?: string;
-          },
+          o: DeviceOpts & { output: string; reassemble?: boolean; progress?: boolean },
         ) => {
-          const dev = await DumpDevice.open(await deviceArg(device, o));
+          const dev = await openDevice(device, o);
           try {
             const e = dev.find(parseId(id));
             if (e.state !== 'complete')
@@ -376,8 +382,8 @@ Config example:
       .argument('<DEVICE>')
       .argument('<ID>'),
   ).action(
-    action(async (device: string, id: string, o: { agent?: string; tokenFile?: string }) => {
-      const dev = await DumpDevice.open(await deviceArg(device, o));
+    action(async (device: string, id: string, o: DeviceOpts) => {
+      const dev = await openDevice(device, o);
       try {
         const e = await dev.remove(parseId(id));
         process.stderr.write(`dump ${e.id} of ${e.guest} removed\n`);

@@ -12,6 +12,7 @@
 //       agent: unix:/run/ballast/api.sock   # or http://HOST:PORT
 //       agentDevice: db1-dump
 //       after: pause
+//       tlsCerts: /etc/ballast/tls  # STARTTLS to the device: ca-cert.pem, client-cert.pem, client-key.pem
 //   watch:                          # every QMP socket in a directory is a guest
 //     - dir: /run/qemu
 //       suffix: .qmp                # guest name = file name without it
@@ -38,6 +39,8 @@ export interface GuestConfig extends Policy {
   name: string;
   qmp: string;
   device: DeviceRef;
+  /** X.509 credentials for STARTTLS to the dump device (ca-cert.pem, client-cert.pem, client-key.pem). */
+  tlsCerts?: string;
 }
 
 export interface WatchConfig extends Partial<Policy> {
@@ -47,6 +50,7 @@ export interface WatchConfig extends Partial<Policy> {
   device: string;
   /** When set, `device` names an agent device. */
   agent?: string;
+  tlsCerts?: string;
 }
 
 export interface DumpdConfig {
@@ -150,7 +154,14 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
             device: agentDevice as string,
             ...(o.tokenFile ? { tokenFile: str(o, 'tokenFile', where) as string } : {}),
           };
-    guests.push({ name, qmp, device, ...policy(o, where, defaults) });
+    const tlsCerts = str(o, 'tlsCerts', where, false);
+    guests.push({
+      name,
+      qmp,
+      device,
+      ...(tlsCerts ? { tlsCerts } : {}),
+      ...policy(o, where, defaults),
+    });
   });
   const watch: WatchConfig[] = [];
   const wl = r.watch ?? [];
@@ -166,6 +177,7 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
       suffix: str(o, 'suffix', where, false) ?? '.qmp',
       device,
       ...(o.agent ? { agent: str(o, 'agent', where) as string } : {}),
+      ...(o.tlsCerts ? { tlsCerts: str(o, 'tlsCerts', where) as string } : {}),
       ...policy(o, where, defaults),
     });
   });
@@ -192,6 +204,7 @@ export function watchedGuest(w: WatchConfig, file: string, defaults: Policy): Gu
     name,
     qmp: `${w.dir.replace(/\/$/, '')}/${file}`,
     device: w.agent !== undefined ? { agent: w.agent, device: dev } : { uri: dev },
+    ...(w.tlsCerts ? { tlsCerts: w.tlsCerts } : {}),
     format: w.format ?? defaults.format,
     after: w.after ?? defaults.after,
     keep: w.keep ?? defaults.keep,

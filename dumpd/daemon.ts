@@ -296,6 +296,7 @@ export class Dumpd extends EventEmitter {
         guest: name,
         qmp,
         uri,
+        nbd: st.cfg.tlsCerts ? { tls: { dir: st.cfg.tlsCerts } } : {},
         format: st.cfg.format,
         keep: st.cfg.keep,
         after,

@@ -17,6 +17,7 @@ import { constants as fsc, mkdirSync, openSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import type { NbdClientOptions } from '../nbd/client.js';
 import { type DumpEntry, DumpError, type DumpFormat } from './catalog.js';
 import type { After } from './config.js';
 import { DumpDevice, type DumpWriter } from './device.js';
@@ -29,6 +30,8 @@ export interface DumpJobOptions {
   qmp: QmpClient;
   /** The dump device's NBD URI. */
   uri: string;
+  /** NBD client options (TLS credentials). */
+  nbd?: NbdClientOptions;
   format: DumpFormat;
   keep: number;
   after: After;
@@ -121,7 +124,7 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     if (st.status === 'active')
       throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
 
-    device = await DumpDevice.open(o.uri);
+    device = await DumpDevice.open(o.uri, o.nbd);
     await device.recover();
     writer = await device.begin({ guest: o.guest, format: o.format, keep: o.keep });
     o.onStart?.(writer.entry);

@@ -149,7 +149,15 @@ describe('parseNbdUri', () => {
     });
   });
   it('refuses what it cannot use with NBD_BAD_URI', () => {
-    for (const u of ['nbd+unix:///x', 'http://x/', 'nbds://h/', 'garbage'])
+    expect(parseNbdUri('nbds://localhost/d')).toEqual({
+      kind: 'tcp',
+      host: 'localhost',
+      port: 10809,
+      exportName: 'd',
+      tls: true,
+    });
+    expect(parseNbdUri('nbds+unix:///d?socket=/s')).toMatchObject({ kind: 'unix', tls: true });
+    for (const u of ['nbd+unix:///x', 'nbds+unix:///x', 'http://x/', 'garbage'])
       expect(() => parseNbdUri(u)).toThrow(expect.objectContaining({ code: 'NBD_BAD_URI' }));
   });
 });

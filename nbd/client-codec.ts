@@ -382,10 +382,13 @@ export class ReplyReader {
   }
 }
 
-/** Parses `nbd://HOST[:PORT]/[EXPORT]`, `nbd+unix:///[EXPORT]?socket=PATH`. */
+/**
+ * Parses `nbd://HOST[:PORT]/[EXPORT]`, `nbd+unix:///[EXPORT]?socket=PATH` and their TLS
+ * forms `nbds://` and `nbds+unix://` (which set `tls`).
+ */
 export type NbdTarget =
-  | { kind: 'tcp'; host: string; port: number; exportName: string }
-  | { kind: 'unix'; path: string; exportName: string };
+  | { kind: 'tcp'; host: string; port: number; exportName: string; tls?: boolean }
+  | { kind: 'unix'; path: string; exportName: string; tls?: boolean };
 
 export function parseNbdUri(uri: string): NbdTarget {
   let u: URL;
@@ -395,19 +398,20 @@ export function parseNbdUri(uri: string): NbdTarget {
     throw new NbdClientError('NBD_BAD_URI', `not a URI: ${uri}`);
   }
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
-  if (u.protocol === 'nbd:') {
+  const tls = u.protocol === 'nbds:' || u.protocol === 'nbds+unix:';
+  if (u.protocol === 'nbd:' || u.protocol === 'nbds:') {
     if (!u.hostname) throw new NbdClientError('NBD_BAD_URI', `no host in ${uri}`);
     const port = u.port === '' ? 10809 : Number(u.port);
     const host = u.hostname.replace(/^\[(.*)\]$/, '$1');
-    return { kind: 'tcp', host, port, exportName };
+    return tls
+      ? { kind: 'tcp', host, port, exportName, tls }
+      : { kind: 'tcp', host, port, exportName };
   }
-  if (u.protocol === 'nbd+unix:') {
+  if (u.protocol === 'nbd+unix:' || u.protocol === 'nbds+unix:') {
     const path = u.searchParams.get('socket');
     if (!path) throw new NbdClientError('NBD_BAD_URI', `no ?socket= in ${uri}`);
     if (u.hostname) throw new NbdClientError('NBD_BAD_URI', `nbd+unix URI with a host: ${uri}`);
-    return { kind: 'unix', path, exportName };
+    return tls ? { kind: 'unix', path, exportName, tls } : { kind: 'unix', path, exportName };
   }
-  if (u.protocol === 'nbds:' || u.protocol === 'nbds+unix:')
-    throw new NbdClientError('NBD_BAD_URI', `TLS URIs are not supported yet: ${uri}`);
   throw new NbdClientError('NBD_BAD_URI', `unsupported scheme ${u.protocol} in ${uri}`);
 }

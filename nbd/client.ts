@@ -5,8 +5,11 @@
 // TLS: `startTls` is the hook — when given, STARTTLS is negotiated first and the hook
 // turns the plain socket into an encrypted stream; everything after runs over it.
 
+import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import type { Duplex } from 'node:stream';
+import tls from 'node:tls';
 import {
   type ExportInfo,
   encodeGoPayload,
@@ -58,6 +61,65 @@ export interface NbdClientOptions {
   timeoutMs?: number;
   /** TLS hook: negotiate STARTTLS and run the session over the stream this returns. */
   startTls?: (socket: net.Socket) => Promise<Duplex>;
+  /**
+   * X.509 credentials for STARTTLS (used by nbds:// URIs, or to force TLS): a directory
+   * laid out as libnbd and QEMU expect (ca-cert.pem, and for a client certificate
+   * client-cert.pem + client-key.pem), or the PEM contents. Ignored when startTls is set.
+   */
+  tls?: TlsCredentials;
+}
+
+export interface TlsCredentials {
+  dir?: string;
+  ca?: string | Buffer;
+  cert?: string | Buffer;
+  key?: string | Buffer;
+  /** The name the server certificate must carry (default: the host, or localhost for Unix sockets). */
+  servername?: string;
+}
+
+/** Reads what exists of DIR/ca-cert.pem, client-cert.pem, client-key.pem. */
+function loadCredentials(c: TlsCredentials): {
+  ca?: Buffer | string;
+  cert?: Buffer | string;
+  key?: Buffer | string;
+} {
+  const out: { ca?: Buffer | string; cert?: Buffer | string; key?: Buffer | string } = {};
+  const read = (name: string): Buffer | undefined => {
+    if (!c.dir) return undefined;
+    const p = path.join(c.dir, name);
+    if (!existsSync(p)) return undefined;
+    try {
+      return readFileSync(p);
+    } catch (e) {
+      throw new NbdClientError('NBD_TLS_CREDENTIALS', `cannot read ${p}: ${(e as Error).message}`);
+    }
+  };
+  const ca = c.ca ?? read('ca-cert.pem');
+  const cert = c.cert ?? read('client-cert.pem');
+  const key = c.key ?? read('client-key.pem');
+  if (ca) out.ca = ca;
+  if (cert) out.cert = cert;
+  if (key) out.key = key;
+  return out;
+}
+
+/** The startTls hook for X.509 credentials. */
+export function x509StartTls(
+  c: TlsCredentials,
+  defaultName: string,
+): (s: net.Socket) => Promise<Duplex> {
+  const creds = loadCredentials(c);
+  return (socket) =>
+    new Promise((resolve, reject) => {
+      const t = tls.connect({ socket, servername: c.servername ?? defaultName, ...creds });
+      t.once('secureConnect', () => resolve(t));
+      t.once('error', (e: Error) =>
+        reject(
+          new NbdClientError('NBD_TLS_FAILED', `TLS handshake failed: ${e.message}`, { cause: e }),
+        ),
+      );
+    });
 }
 
 export interface Extent {
@@ -255,6 +317,10 @@ export class NbdClient {
   ): Promise<NbdClient> {
     const t = typeof target === 'string' ? parseNbdUri(target) : target;
     const exportName = opts.exportName ?? t.exportName;
+    if (!opts.startTls && (t.tls || opts.tls)) {
+      const name = t.kind === 'tcp' && net.isIP(t.host) === 0 ? t.host : 'localhost';
+      opts = { ...opts, startTls: x509StartTls(opts.tls ?? {}, name) };
+    }
     const timeoutMs = opts.timeoutMs ?? 30_000;
     const sock = connectSocket(t);
     let timer: NodeJS.Timeout | undefined;

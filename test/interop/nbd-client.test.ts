@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient, NbdClientError } from '../../nbd/client.js';
 import { STATE_HOLE, STATE_ZERO } from '../../nbd/protocol.js';
 import {
+  BALLAST_BIN,
   freePort,
   MiB,
   makeTempDir,
@@ -19,7 +20,7 @@ import {
   waitForGreeting,
 } from '../helpers/server.js';
 import { makePki, x509Args } from '../helpers/tls.js';
-import { describeWithTools, toolEnv } from '../helpers/tools.js';
+import { describeWithTools, run, toolEnv } from '../helpers/tools.js';
 
 interface Peer {
   uri: string;
@@ -223,9 +224,11 @@ describeWithTools(['nbdkit', 'qemu-nbd'], 'NBD client', () => {
 describeWithTools(['openssl'], 'NBD client over STARTTLS', () => {
   let s: ServerHandle;
   let dir: string;
+  let clientDir: string;
   beforeAll(async () => {
     dir = makeTempDir();
     const pki = await makePki(path.join(dir, 'pki'), ['dumpd']);
+    clientDir = pki.clients.get('dumpd') ?? '';
     s = await startServer({ size: MiB, name: 'disk', extraArgs: x509Args(pki, 'require') });
   });
   afterAll(async () => {
@@ -256,5 +259,27 @@ describeWithTools(['openssl'], 'NBD client over STARTTLS', () => {
     } finally {
       await client.close();
     }
+  });
+
+  it('nbds+unix:// URIs with a libnbd/QEMU-style credentials directory', async () => {
+    const uri = s.uri().replace(/^nbd\+unix:/, 'nbds+unix:');
+    const c = await NbdClient.connect(uri, { tls: { dir: clientDir } });
+    try {
+      expect((await c.read(0, 8)).toString()).toBe('over tls');
+    } finally {
+      await c.close();
+    }
+    const noCert = await NbdClient.connect(uri).catch((x: unknown) => x);
+    expect((noCert as NbdClientError).code).toBe('NBD_TLS_FAILED');
+    const ls = await run(process.execPath, [
+      BALLAST_BIN,
+      'dump',
+      'ls',
+      s.uri(),
+      '--tls-certs',
+      clientDir,
+    ]);
+    // The export holds 'over tls' at 0: data, but no catalog.
+    expect(ls.stderr).toContain('ballast: error DUMP_NOT_A_DUMP_DEVICE');
   });
 });
