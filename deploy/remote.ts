@@ -153,6 +153,29 @@ export class Remote {
     return this.host.timeouts.stepMs;
   }
 
+  /**
+   * Takes the host's deploy lock (flock on PREFIX/.deploy.lock, held by a remote
+   * process for as long as this session lasts), so that two deploys never work on
+   * one host at once. Returns the function that lets it go.
+   */
+  async lock(): Promise<() => void> {
+    const P = shq(this.host.prefix);
+    const got = await this.s.hold(
+      `mkdir -p ${P} && exec flock -n -E 75 ${P}/.deploy.lock sh -c 'echo locked; exec cat >/dev/null'`,
+      'locked',
+      'lock',
+      this.stepMs,
+    );
+    if (typeof got === 'function') return got;
+    throw new DeployError(
+      got === 75 ? 'DEPLOY_HOST_BUSY' : 'DEPLOY_STEP_FAILED',
+      got === 75
+        ? `${this.host.name}: another deploy is working on this host (it holds ${this.host.prefix}/.deploy.lock)`
+        : `${this.host.name}: cannot take the deploy lock (flock exited ${got})`,
+      { host: this.host.name },
+    );
+  }
+
   async probe(want?: Desired): Promise<RemoteState> {
     const R = shq(want?.releaseId ?? '-');
     const ID = shq(want?.id ?? '-');

@@ -39,6 +39,16 @@ export async function withRemote<T>(
   }
 }
 
+/** Runs fn holding the host's deploy lock. */
+async function locked<T>(r: Remote, fn: () => Promise<T>): Promise<T> {
+  const unlock = await r.lock();
+  try {
+    return await fn();
+  } finally {
+    unlock();
+  }
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export interface Health {
@@ -251,7 +261,9 @@ export function apply(ctx: RunContext, release: Release): Promise<Outcome<HostRe
     (h) => {
       const say = (m: string) => ctx.progress(h.name, m);
       say('connecting');
-      return withRemote(h, ctx.knownHosts, (r) => applyHost(r, release, ctx.signal, say));
+      return withRemote(h, ctx.knownHosts, (r) =>
+        locked(r, () => applyHost(r, release, ctx.signal, say)),
+      );
     },
   );
 }
@@ -309,7 +321,9 @@ export function rollback(ctx: RunContext, to?: string): Promise<Outcome<HostResu
     (h) => {
       const say = (m: string) => ctx.progress(h.name, m);
       say('connecting');
-      return withRemote(h, ctx.knownHosts, (r) => rollbackHost(r, to, ctx.signal, say));
+      return withRemote(h, ctx.knownHosts, (r) =>
+        locked(r, () => rollbackHost(r, to, ctx.signal, say)),
+      );
     },
   );
 }

@@ -266,6 +266,61 @@ export class Session {
     });
   }
 
+  /**
+   * Starts a command that prints the line `marker` once it holds something (a lock) and
+   * keeps it until its stdin closes: resolves with the release function after that line,
+   * or with the exit code if the command ends first. The hold ends with the session.
+   */
+  hold(
+    command: string,
+    marker: string,
+    step: string,
+    timeoutMs: number,
+  ): Promise<(() => void) | number> {
+    return new Promise((resolve, reject) => {
+      this.client.exec(command, (err, stream) => {
+        if (err) {
+          reject(
+            new DeployError('DEPLOY_STEP_FAILED', `${this.host.name}: ${step}: ${err.message}`, {
+              host: this.host.name,
+              cause: err,
+            }),
+          );
+          return;
+        }
+        let settled = false;
+        const timer = setTimeout(() => {
+          if (settled) return;
+          settled = true;
+          stream.close();
+          reject(
+            new DeployError(
+              'DEPLOY_STEP_TIMEOUT',
+              `${this.host.name}: ${step} did not finish within ${Math.round(timeoutMs / 1000)} s`,
+              { host: this.host.name },
+            ),
+          );
+        }, timeoutMs);
+        let seen = '';
+        stream.on('data', (b: Buffer) => {
+          if (settled) return;
+          seen = (seen + b.toString('utf8')).slice(-4096);
+          if (!seen.split('\n').includes(marker)) return;
+          settled = true;
+          clearTimeout(timer);
+          resolve(() => stream.end());
+        });
+        stream.stderr.resume();
+        stream.on('close', (code: number | null) => {
+          clearTimeout(timer);
+          if (settled) return;
+          settled = true;
+          resolve(code ?? 255);
+        });
+      });
+    });
+  }
+
   /** Runs a command that must succeed; the error carries its stderr. */
   async run(command: string, step: string, timeoutMs = this.host.timeouts.stepMs): Promise<string> {
     const r = await this.exec(command, { timeoutMs, step });

@@ -396,6 +396,20 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     setVersion('9.0.2');
   });
 
+  it('refuses to work on a host another deploy holds', async () => {
+    const holder = spawn('flock', [join(hosts.h1.prefix, '.deploy.lock'), 'sleep', '60'], {
+      stdio: 'ignore',
+    });
+    try {
+      await new Promise((r) => setTimeout(r, 300));
+      const r = await deploy(['rollback', '--group', 'h1']);
+      expect(r.code, describeRun(r)).toBe(1);
+      expect(r.stdout).toContain('DEPLOY_HOST_BUSY');
+    } finally {
+      holder.kill();
+    }
+  });
+
   it('authenticates through an ssh-agent', async () => {
     const sock = join(root, 'agent.sock');
     const agent = spawn('ssh-agent', ['-D', '-a', sock], { stdio: 'ignore' });
