@@ -9,7 +9,7 @@ import { type HostSpec, loadInventory, selectHosts } from '../deploy/inventory.j
 import { KnownHosts } from '../deploy/known-hosts.js';
 import { execAll, logs, status } from '../deploy/ops.js';
 import type { Outcome } from '../deploy/pool.js';
-import { packageRoot, packRelease } from '../deploy/release.js';
+import { packageRoot, packRelease, type Release } from '../deploy/release.js';
 import { apply, plan, type RunContext, rollback } from '../deploy/rollout.js';
 
 interface Common {
@@ -162,10 +162,7 @@ function failIfAny<T>(results: Outcome<T>[], code: DeployError['code'], what: st
   );
 }
 
-async function withRelease<T>(
-  dir: string | undefined,
-  fn: (r: Awaited<ReturnType<typeof packRelease>>) => Promise<T>,
-) {
+async function withRelease<T>(dir: string | undefined, fn: (r: Release) => Promise<T>) {
   const root = dir ?? packageRoot();
   process.stderr.write(`deploy: packing ${root}\n`);
   const release = await packRelease(root);
