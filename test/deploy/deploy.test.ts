@@ -136,6 +136,13 @@ function expectOk(r: RunResult): void {
 
 describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd', () => {
   beforeAll(async () => {
+    // With UsePAM no, sshd refuses every login to an account whose password is locked ("!").
+    const shadow = readFileSync('/etc/shadow', 'utf8').match(/^root:([^:]*):/m)?.[1] ?? '';
+    if (shadow.startsWith('!')) {
+      throw new Error(
+        'root\'s password is locked ("!" in /etc/shadow); sshd would refuse the tests\' logins: run usermod -p "*" root',
+      );
+    }
     root = mkdtempSync(join(tmpdir(), 'ballast-deploy-'));
     inventory = join(root, 'inventory.yaml');
     knownHosts = join(root, 'known_hosts');
