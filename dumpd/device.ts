@@ -30,7 +30,7 @@ import { Hasher } from './hasher.js';
 
 /** Dump data is written in pieces of this size... */
 const WRITE_SIZE = 4 * 1024 * 1024;
-/** ...with at most this many bytes in flight. */
+/** ...with at most this many bytes in flight (and at most this many waiting to be hashed). */
 const MAX_OUTSTANDING = 32 * 1024 * 1024;
 
 export class DumpDevice {
@@ -216,12 +216,14 @@ export class DumpWriter {
     this.pending.push(chunk);
     this.pendingBytes += chunk.length;
     if (this.pendingBytes >= WRITE_SIZE) this.issue();
-    if (this.outstanding <= MAX_OUTSTANDING) return undefined;
+    if (this.outstanding <= MAX_OUTSTANDING && this.hash.backlog <= MAX_OUTSTANDING)
+      return undefined;
     return this.backpressure();
   }
 
   private async backpressure(): Promise<void> {
     while (this.outstanding > MAX_OUTSTANDING && !this.failure) await Promise.race(this.inflight);
+    await this.hash.below(MAX_OUTSTANDING);
     if (this.failure) throw this.failure;
   }
 
