@@ -259,9 +259,12 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
 
   it('a second apply with nothing changed does nothing', async () => {
     const before = NAMES.map((n) => agentProcess(hosts[n])?.pid);
-    const r = await deploy(['apply', '--parallel', '3', ...releaseArgs()]);
+    const r = await deploy(['apply', '--parallel', '3', '--json', ...releaseArgs()]);
     expectOk(r);
-    for (const n of NAMES) expect(r.stdout).toMatch(new RegExp(`^${n}: unchanged `, 'm'));
+    const out = JSON.parse(r.stdout) as { host: string; status: string; result: string }[];
+    expect(out.map((x) => [x.host, x.status, x.result])).toEqual(
+      NAMES.map((n) => [n, 'ok', 'unchanged']),
+    );
     expect(r.stderr).not.toContain('upload');
     expect(NAMES.map((n) => agentProcess(hosts[n])?.pid)).toEqual(before);
   });
