@@ -57,6 +57,7 @@ describeWithTools(
         ['vm1-dump', '512M'],
         ['small-dump', '64M'],
         ['kd-dump', '64M'],
+        ['huge-dump', '16M'],
         ['shared-dump', '448M'],
       ]) {
         const r = await agent.api('POST', '/v1/devices', { name, size, role: 'dump' });
@@ -86,6 +87,10 @@ describeWithTools(
         dir,
         qmp: path.join(dir, 'kd.qmp'),
       });
+      await startQemu(['-machine', 'pc,accel=tcg', '-m', '64', '-S'], {
+        dir,
+        qmp: path.join(dir, 'huge.qmp'),
+      });
       port = await freePort();
       const cfg = path.join(dir, 'dumpd.yaml');
       writeFileSync(
@@ -98,6 +103,7 @@ describeWithTools(
           `  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, agent: "${agentFlag}", agentDevice: vm1-dump }`,
           `  - { name: small, qmp: ${path.join(dir, 'small.qmp')}, device: "${server.uri('small-dump')}", after: none }`,
           `  - { name: kd, qmp: ${path.join(dir, 'kd.qmp')}, device: "${server.uri('kd-dump')}", format: kdump-zlib, after: none }`,
+          `  - { name: huge, qmp: ${path.join(dir, 'huge.qmp')}, device: "${server.uri('huge-dump')}", after: pause }`,
           '',
         ].join('\n'),
       );
@@ -110,6 +116,7 @@ describeWithTools(
       });
       await waitLog('guest vm1: QMP connected');
       await waitLog('guest small: QMP connected');
+      await waitLog('guest huge: QMP connected');
       await waitLog('guest kd: QMP connected');
     }, SLOW);
 
@@ -227,6 +234,35 @@ describeWithTools(
         // The guest is still usable: dumpd is not stuck and QEMU's dump job is over.
         const rm = await ballast(['dump', 'rm', server.uri('small-dump'), '2']);
         expect(rm.code, describeRun(rm)).toBe(0);
+
+        // A 64 MiB guest onto a 16 MiB device: failed, listed as failed, policy applied.
+        const huge = await ballast([
+          'dump',
+          'now',
+          'huge',
+          '--after',
+          'pause',
+          '--json',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+        ]);
+        expect(huge.code).toBe(1);
+        const r = JSON.parse(huge.stdout) as {
+          ok: boolean;
+          error: { code: string };
+          afterError?: unknown;
+          entry: { state: string };
+        };
+        expect(r).toMatchObject({
+          ok: false,
+          error: { code: 'DUMP_NO_SPACE' },
+          entry: { state: 'failed' },
+        });
+        expect(r.afterError).toBeUndefined();
+        const hl = await ballast(['dump', 'ls', server.uri('huge-dump'), '--json']);
+        expect(
+          (JSON.parse(hl.stdout) as { dumps: { state: string }[] }).dumps.map((d) => d.state),
+        ).toEqual(['failed']);
       },
       SLOW,
     );
