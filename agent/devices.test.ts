@@ -7,7 +7,6 @@ import { DeviceManager, type DeviceRecord, validateName } from './devices.js';
 import { BallastError } from './errors.js';
 import { Pool } from './pools.js';
 import { openMemoryStore } from './store/memory-store.js';
-import type { Store } from './store/store.js';
 
 const MiB = 1024 * 1024;
 const cleanup: (() => Promise<void> | void)[] = [];
