@@ -99,8 +99,35 @@ h = nbd.NBD()
 h.set_uri_allow_local_file(True)
 h.connect_uri(URI)
 print('ready', flush=True)
+import json, threading, time
+results = []
+stop = False
+def writer():
+    # Paced, so that the device (64 MiB: 16384 blocks) outlasts a slow preempt.
+    k = 0
+    while not stop and k < 16384:
+        try:
+            h.pwrite(bytes([k % 250 + 1]) * 4096, k * 4096)
+            results.append('ok')
+        except nbd.Error as e:
+            results.append(errno.errorcode.get(e.errnum, 'E?') if e.errnum else 'closed')
+        k += 1
+        time.sleep(0.002)
+t = threading.Thread(target=writer)
 for line in sys.stdin:
     cmd = line.split()
+    if cmd[0] == 'start':
+        t.start()
+        print('started', flush=True)
+        continue
+    if cmd[0] == 'mark':
+        print(len(results), flush=True)
+        continue
+    if cmd[0] == 'stop':
+        stop = True
+        t.join()
+        print(json.dumps(results), flush=True)
+        continue
     try:
         if cmd[0] == 'write':
             h.pwrite(bytes([int(cmd[2], 16)]) * 65536, int(cmd[1]))
@@ -159,8 +186,12 @@ describeWithTools(
           tls: { mode: 'require', cert: pki.serverCert, key: pki.serverKey, ca: pki.caCert },
         },
       });
-      for (const d of ['swap0', 'matrix', 'hidden']) {
-        const r = await agent.api('POST', '/v1/devices', { name: d, size: '16M', role: 'paging' });
+      for (const d of ['swap0', 'matrix', 'hidden', 'stream']) {
+        const r = await agent.api('POST', '/v1/devices', {
+          name: d,
+          size: d === 'stream' ? '64M' : '16M',
+          role: 'paging',
+        });
         expect(r.status, r.text).toBe(201);
       }
     });
@@ -254,6 +285,54 @@ describeWithTools(
         reservation: { type: 1, key: '0xb', holder: 'host-b' },
         registrations: [{ identity: 'host-b', key: '0xb', holder: true }],
       });
+    });
+
+    it('no window: a writer streaming through the preempt is refused from the acknowledgement on', async () => {
+      const file = await fileOf('stream');
+      expectOk(await pr('stream', 'register', '--as', 'host-a', '--sa-key', '0xa'));
+      expectOk(await pr('stream', 'reserve', '--as', 'host-a', '--key', '0xa', '--type', 'WE'));
+      expectOk(await pr('stream', 'register', '--as', 'host-b', '--sa-key', '0xb'));
+      const a = client(uri('host-a', 'stream'));
+      expect(await a.next()).toBe('ready');
+      expect(await a.ask('start')).toBe('started');
+      const count = async () => Number(await a.ask('mark'));
+      const sleep = () => new Promise((r) => setTimeout(r, 20));
+      // Let some writes land, then preempt while the writer is going.
+      while ((await count()) < 50) await sleep();
+      expectOk(
+        await pr(
+          'stream',
+          'preempt',
+          '--as',
+          'host-b',
+          '--key',
+          '0xb',
+          '--sa-key',
+          '0xa',
+          '--type',
+          'WE',
+        ),
+      );
+      const mark = await count();
+      while ((await count()) < mark + 3) await sleep();
+      const results = JSON.parse(await a.ask('stop')) as string[];
+      a.end();
+      await a.done;
+      // Writes completed before the acknowledgement succeeded; at most the one in flight
+      // at that moment may still have; every write started after it failed with EPERM.
+      const firstRefused = results.indexOf('EPERM');
+      expect(firstRefused).toBeGreaterThanOrEqual(50);
+      expect(firstRefused).toBeLessThanOrEqual(mark + 1);
+      expect(results.slice(firstRefused).every((r) => r === 'EPERM')).toBe(true);
+      // The file holds exactly the writes that were answered ok, and nothing after them.
+      const data = readFileSync(file);
+      for (let k = 0; k < results.length; k++) {
+        const block = data.subarray(k * 4096, (k + 1) * 4096);
+        const want = results[k] === 'ok' ? (k % 250) + 1 : 0;
+        if (!block.every((b) => b === want)) {
+          throw new Error(`block ${k} (${results[k]}) does not hold ${want}`);
+        }
+      }
     });
 
     it('PREEMPT AND ABORT closes the preempted identity’s connections', async () => {
