@@ -201,6 +201,36 @@ describeWithTools(['nbdkit', 'qemu-nbd'], 'NBD client', () => {
       expect((e as NbdClientError).code).toBe('NBD_REP_ERR_UNKNOWN');
     });
 
+    it('server errors keep their NBD error value as the code (nbdkit error filter)', async () => {
+      const sock = path.join(makeTempDir(), 'err.sock');
+      const c = spawnPeer('nbdkit', [
+        '-f',
+        '--exit-with-parent',
+        '-U',
+        sock,
+        '--filter=error',
+        'memory',
+        '1M',
+        'error-pread=ENOSPC',
+        'error-pread-rate=100%',
+        'error-pwrite=EIO',
+        'error-pwrite-rate=100%',
+      ]);
+      try {
+        expect(await waitForGreeting(sock)).toBe(true);
+        const cl = await NbdClient.connect(`nbd+unix:///?socket=${sock}`);
+        const r = await cl.read(0, 512).catch((x: unknown) => x);
+        expect(r).toMatchObject({ code: 'NBD_ENOSPC', nbdErrno: 28 });
+        const w = await cl.write(0, Buffer.alloc(512)).catch((x: unknown) => x);
+        expect(w).toMatchObject({ code: 'NBD_EIO', nbdErrno: 5 });
+        // The connection survives request errors.
+        await cl.flush();
+        await cl.close();
+      } finally {
+        await killPeer(c);
+      }
+    });
+
     it('nothing listening is NBD_CONNECT_FAILED', async () => {
       const e = await NbdClient.connect(
         `nbd+unix:///?socket=${path.join(makeTempDir(), 'none.sock')}`,
