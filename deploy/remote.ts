@@ -14,7 +14,7 @@ import { stringify as toYaml } from 'yaml';
 import { DeployError } from './errors.js';
 import type { HostSpec } from './inventory.js';
 import type { Release } from './release.js';
-import type { Session } from './ssh.js';
+import type { ExecOptions, ExecResult, Session } from './ssh.js';
 
 /** Quotes a string for sh. */
 export function shq(s: string): string {
@@ -142,6 +142,14 @@ function header(host: HostSpec): string {
   return `P=${shq(host.prefix)}; UNIT=${shq(host.service.unit)}\n${OURS}`;
 }
 
+/**
+ * A script for POSIX sh, whatever the login shell that sshd starts is (zsh, fish,
+ * ...): the remote side runs `exec /bin/sh -c 'SCRIPT'`.
+ */
+export function posix(script: string): string {
+  return `exec /bin/sh -c ${shq(script)}`;
+}
+
 /** The deploy-side view of one host. */
 export class Remote {
   constructor(
@@ -153,6 +161,14 @@ export class Remote {
     return this.host.timeouts.stepMs;
   }
 
+  private run(script: string, step: string, timeoutMs = this.stepMs): Promise<string> {
+    return this.s.run(posix(script), step, timeoutMs);
+  }
+
+  private exec(script: string, opts: ExecOptions): Promise<ExecResult> {
+    return this.s.exec(posix(script), opts);
+  }
+
   /**
    * Takes the host's deploy lock (flock on PREFIX/.deploy.lock, held by a remote
    * process for as long as this session lasts), so that two deploys never work on
@@ -161,7 +177,9 @@ export class Remote {
   async lock(): Promise<() => void> {
     const P = shq(this.host.prefix);
     const got = await this.s.hold(
-      `mkdir -p ${P} && exec flock -n -E 75 ${P}/.deploy.lock sh -c 'echo locked; exec cat >/dev/null'`,
+      posix(
+        `mkdir -p ${P} && exec flock -n -E 75 ${P}/.deploy.lock sh -c 'echo locked; exec cat >/dev/null'`,
+      ),
       'locked',
       'lock',
       this.stepMs,
@@ -179,7 +197,7 @@ export class Remote {
   async probe(want?: Desired): Promise<RemoteState> {
     const R = shq(want?.releaseId ?? '-');
     const ID = shq(want?.id ?? '-');
-    const out = await this.s.run(
+    const out = await this.run(
       `${header(this.host)}R=${R}; ID=${ID}
 cur=$(readlink "$P/current" 2>/dev/null || true); echo "current=\${cur#deploys/}"
 prev=$(readlink "$P/previous" 2>/dev/null || true); echo "previous=\${prev#deploys/}"
@@ -215,7 +233,7 @@ if [ -n "$cur" ] && [ -f "$P/$cur/agent.yaml" ]; then echo "config=$(base64 -w0 
     const P = this.host.prefix;
     const R = release.id;
     const incoming = `${P}/incoming/${R}.tar.gz`;
-    await this.s.run(`mkdir -p ${shq(`${P}/incoming`)} ${shq(`${P}/releases`)}`, 'mkdir');
+    await this.run(`mkdir -p ${shq(`${P}/incoming`)} ${shq(`${P}/releases`)}`, 'mkdir');
     log(`upload ${(release.size / 1048576).toFixed(1)} MiB over SFTP`);
     await this.s.upload(release.tarball, incoming, this.stepMs);
     const node = this.node();
@@ -223,7 +241,7 @@ if [ -n "$cur" ] && [ -f "$P/$cur/agent.yaml" ]; then echo "config=$(base64 -w0 
       "const fs=require('fs'),r=process.argv[1];" +
       "if(fs.existsSync(r+'/build/Release/ballast_native.node'))require(r+'/build/Release/ballast_native.node');" +
       "if(fs.existsSync(r+'/node_modules/better-sqlite3'))new(require(r+'/node_modules/better-sqlite3'))(':memory:').close();";
-    const r = await this.s.exec(
+    const r = await this.exec(
       `set -eu; P=${shq(P)}; R=${shq(R)}; T="$P/releases/.tmp-$R-$$"; F="$P/incoming/$R.tar.gz"
 sum=$(sha256sum "$F" | cut -d' ' -f1)
 if [ "$sum" != ${shq(release.sha256)} ]; then rm -f "$F"; echo "$sum"; exit 4; fi
@@ -260,7 +278,7 @@ rm -f "$P/incoming/$R.tar.gz"`,
 
   async writeDeploy(d: Desired): Promise<void> {
     const b64 = (s: string) => shq(Buffer.from(s).toString('base64'));
-    await this.s.run(
+    await this.run(
       `set -eu; P=${shq(this.host.prefix)}; ID=${shq(d.id)}; R=${shq(d.releaseId)}
 D="$P/deploys/$ID"; T="$P/deploys/.tmp-$ID-$$"
 if [ -f "$D/run" ]; then exit 0; fi
@@ -274,7 +292,7 @@ rm -rf "$D"; mv "$T" "$D"`,
   }
 
   async stop(): Promise<void> {
-    await this.s.run(`${header(this.host)}${STOP}`, 'stop agent');
+    await this.run(`${header(this.host)}${STOP}`, 'stop agent');
   }
 
   /**
@@ -282,7 +300,7 @@ rm -rf "$D"; mv "$T" "$D"`,
    * from its deploy directory, not through `current`, which may still name the old one.
    */
   async restart(id: string): Promise<void> {
-    await this.s.run(`${header(this.host)}${STOP}\nID=${shq(id)}\n${START}`, 'restart agent');
+    await this.run(`${header(this.host)}${STOP}\nID=${shq(id)}\n${START}`, 'restart agent');
   }
 
   /**
@@ -291,7 +309,7 @@ rm -rf "$D"; mv "$T" "$D"`,
    * With `prune`, deploys and releases that neither link names are removed.
    */
   async switchTo(id: string, prune = false): Promise<void> {
-    await this.s.run(
+    await this.run(
       `set -eu; P=${shq(this.host.prefix)}; ID=${shq(id)}
 [ -f "$P/deploys/$ID/run" ]
 old=$(readlink "$P/current" 2>/dev/null || true)
@@ -308,7 +326,7 @@ ${prune ? PRUNE : ''}`,
     const pidfileTail = sinceStart
       ? `awk '/^=== ballast deploy: starting /{b=""} {b=b $0 "\\n"} END{printf "%s", b}' "$P/log/agent.log" | tail -n ${n}`
       : `tail -n ${n} "$P/log/agent.log"`;
-    const r = await this.s.exec(
+    const r = await this.exec(
       `${header(this.host)}
 if issystemd; then journalctl -u "$UNIT" -n ${n} --no-pager; exit $?; fi
 [ -f "$P/log/agent.log" ] || exit 0
