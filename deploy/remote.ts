@@ -194,7 +194,8 @@ export class Remote {
     );
   }
 
-  async probe(want?: Desired): Promise<RemoteState> {
+  /** What the host has and runs; `want` asks whether that release and deploy are present. */
+  async probe(want?: { id?: string; releaseId?: string }): Promise<RemoteState> {
     const R = shq(want?.releaseId ?? '-');
     const ID = shq(want?.id ?? '-');
     const out = await this.run(

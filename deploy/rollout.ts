@@ -285,7 +285,7 @@ async function rollbackHost(
       { host: r.host.name },
     );
   }
-  const present = await r.probe({ id: target, releaseId: '-', version: '', config: '', run: '' });
+  const present = await r.probe({ id: target });
   if (!present.deployPresent) {
     throw new DeployError(
       'DEPLOY_NO_PREVIOUS',
