@@ -2,7 +2,7 @@
 // guests found in a watched directory, reconnection after QEMU restarts, on-demand
 // dumps with each after-dump policy, retention with trims, and /metrics.
 
-import { existsSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseConfig } from '../../dumpd/config.js';
@@ -171,6 +171,8 @@ watch:
     };
     expect(g.guests.map((x) => x.name)).toEqual(['a']);
     expect(g.guests[0]?.connected).toBe(true);
+    // Nothing of any dump, good or failed, is left on the host's disk: FIFOs only, removed.
+    expect(readdirSync(path.join(dir, 'run'))).toEqual([]);
     const bad = await fetch(`http://${addr}/v1/guests/zzz/dump`, { method: 'POST' });
     expect(bad.status).toBe(404);
     expect(((await bad.json()) as { code: string }).code).toBe('DUMP_UNKNOWN_GUEST');
