@@ -168,7 +168,11 @@ export function registerDump(program: Command): void {
         'SHA-256 (or failed), then applies the after-dump policy. /metrics and the control API ' +
         'are on --listen (default 127.0.0.1:9411). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
     )
-    .requiredOption('-c, --config <FILE>', 'YAML or JSON configuration (guests, watch, defaults)')
+    .option(
+      '-c, --config <FILE>',
+      'YAML or JSON configuration (guests, watch, defaults)',
+      '/etc/ballast/dumpd.yaml',
+    )
     .option('-l, --listen <ADDR>', 'HOST:PORT or a Unix socket path for /metrics and the API')
     .addHelpText(
       'after',

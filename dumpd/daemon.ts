@@ -95,6 +95,12 @@ export class Dumpd extends EventEmitter {
         labelNames: ['guest', 'result'],
         registers: r,
       }),
+      progress: new Gauge({
+        name: 'ballast_dumpd_dump_progress_ratio',
+        help: "The running (or last) dump's progress as QEMU reports it (query-dump), 0 to 1",
+        labelNames: ['guest'],
+        registers: r,
+      }),
       panics: new Counter({
         name: 'ballast_dumpd_panics_total',
         help: 'GUEST_PANICKED events seen',
@@ -306,6 +312,9 @@ export class Dumpd extends EventEmitter {
           this.m.bytes.inc({ guest: name }, b - counted);
           counted = b;
         },
+        onQemuProgress: (done, total) => {
+          if (total > 0) this.m.progress.set({ guest: name }, done / total);
+        },
       });
       end();
       return r;
@@ -316,6 +325,7 @@ export class Dumpd extends EventEmitter {
       st.last = r;
       const now = Date.now() / 1000;
       if (r.ok) {
+        this.m.progress.set({ guest: name }, 1);
         this.m.completed.inc({ guest: name });
         this.m.last.set({ guest: name, result: 'complete' }, now);
       } else {

@@ -39,6 +39,8 @@ export interface DumpJobOptions {
   timeoutMs: number;
   /** Called as bytes arrive (total so far). */
   onProgress?: (bytes: number) => void;
+  /** QEMU's own view from query-dump, polled about once a second while dumping. */
+  onQemuProgress?: (completed: number, total: number) => void;
   /** Called once the entry is reserved (for logs). */
   onStart?: (entry: DumpEntry) => void;
 }
@@ -196,6 +198,20 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     rmSync(fifo, { force: true });
     fifo = null;
     pipe.resume();
+    const poll = setInterval(() => {
+      o.qmp
+        .execute<{ status: string; completed: number; total: number }>('query-dump', undefined, {
+          timeoutMs: 5000,
+        })
+        .then(
+          (q) => {
+            if (q.status === 'active') o.onQemuProgress?.(q.completed, q.total);
+          },
+          () => {},
+        );
+    }, 1000);
+    poll.unref();
+    streamed.finally(() => clearInterval(poll)).catch(() => {});
 
     let streamError: unknown = null;
     await streamed.catch((e: unknown) => {

@@ -184,6 +184,7 @@ describeWithTools(
         const metrics = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
         expect(metrics).toMatch(/ballast_dumpd_dumps_completed_total\{guest="vm1"\} 1/);
         expect(metrics).toMatch(/ballast_dumpd_panics_total\{guest="vm1"\} 1/);
+        expect(metrics).toMatch(/ballast_dumpd_dump_progress_ratio\{guest="vm1"\} 1/);
         expect(metrics).toMatch(/ballast_dumpd_panic_to_running_seconds\{guest="vm1"\} \d/);
         const guests = (await fetch(`http://127.0.0.1:${port}/v1/guests`).then((r) =>
           r.json(),
