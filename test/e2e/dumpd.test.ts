@@ -279,6 +279,16 @@ describeWithTools(
           0,
         );
         expect(readFileSync(flat).subarray(0, 12).toString('latin1')).toBe('makedumpfile');
+        const bar = await ballast([
+          'dump',
+          'get',
+          server.uri('kd-dump'),
+          '1',
+          '-o',
+          flat,
+          '--progress',
+        ]);
+        expect(bar.stderr).toMatch(/\[#+\] 100% /);
         const r = await ballast([
           'dump',
           'get',
