@@ -193,6 +193,17 @@ export class Dumpd extends EventEmitter {
     monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
       this.emit('connected', cfg.name);
+      // A guest that panicked while nobody watched (dumpd restarting) is still paused in
+      // guest-panicked: handle it as if the event had just come.
+      c.execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 }).then(
+        (q) => {
+          if (q.status === 'guest-panicked' && !st.running) {
+            this.log(`guest ${cfg.name}: found in guest-panicked state`);
+            this.onPanic(st, { event: 'GUEST_PANICKED', data: { action: 'pause', found: true } });
+          }
+        },
+        () => {},
+      );
       // Say now, not at the first panic, when this QEMU cannot write the configured format.
       c.execute<{ formats: string[] }>('query-dump-guest-memory-capability', undefined, {
         timeoutMs: 10_000,

@@ -34,11 +34,20 @@ describeWithTools(
     let agentFlag: string;
     let dumpd: ChildProcess;
     let dumpdLog = '';
+    let startDumpd: () => Promise<void>;
     let port: number;
     let con: GuestConsole;
     const nonce = randomBytes(6).toString('hex');
     let uri: (device: string) => string;
     const server = { uri: (d: string) => uri(d) };
+
+    const until = async (f: () => boolean | Promise<boolean>, what: string, timeoutMs = 60_000) => {
+      const deadline = Date.now() + timeoutMs;
+      while (!(await f())) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
 
     const waitLog = async (s: string, timeoutMs = 60_000) => {
       const deadline = Date.now() + timeoutMs;
@@ -54,7 +63,7 @@ describeWithTools(
       agent = await startAgent();
       agentFlag = `unix:${agent.apiSocket}`;
       for (const [name, size] of [
-        ['vm1-dump', '512M'],
+        ['vm1-dump', '768M'],
         ['small-dump', '64M'],
         ['kd-dump', '64M'],
         ['huge-dump', '16M'],
@@ -107,13 +116,17 @@ describeWithTools(
           '',
         ].join('\n'),
       );
-      dumpd = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
-        env: toolEnv(),
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      dumpd.stderr?.on('data', (b: Buffer) => {
-        dumpdLog += b.toString();
-      });
+      startDumpd = async () => {
+        dumpdLog = '';
+        dumpd = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
+          env: toolEnv(),
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        dumpd.stderr?.on('data', (b: Buffer) => {
+          dumpdLog += b.toString();
+        });
+      };
+      await startDumpd();
       await waitLog('guest vm1: QMP connected');
       await waitLog('guest small: QMP connected');
       await waitLog('guest huge: QMP connected');
@@ -195,6 +208,43 @@ describeWithTools(
           connected: true,
           panics: 1,
         });
+      },
+      SLOW,
+    );
+
+    it(
+      'a panic while dumpd is down is dumped when dumpd comes back',
+      async () => {
+        const gone = new Promise((r) => dumpd.once('exit', r));
+        dumpd.kill('SIGTERM');
+        await gone;
+        // The rebooted guest is ready for commands again.
+        await until(
+          () => con.text.lastIndexOf('BALLAST-READY') > con.text.lastIndexOf('BALLAST-BOOT'),
+          'the second boot to be ready',
+        );
+        con.send('panic');
+        const q = await QmpClient.connect(path.join(dir, 'vm1.qmp'));
+        try {
+          let status = '';
+          await until(async () => {
+            status = (await q.execute<{ status: string }>('query-status')).status;
+            return status === 'guest-panicked';
+          }, 'guest-panicked');
+        } finally {
+          q.close();
+        }
+        await startDumpd();
+        await waitLog('guest vm1: found in guest-panicked state');
+        await waitLog('guest vm1: dump 2 complete', 120_000);
+        await con.waitFor('BALLAST-BOOT', 3, 120_000);
+        const ls = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
+        const dumps = (JSON.parse(ls.stdout) as { dumps: { id: number; state: string }[] }).dumps;
+        expect(dumps.map((d) => [d.id, d.state])).toEqual([
+          [1, 'complete'],
+          [2, 'complete'],
+        ]);
+        for (const g of ['small', 'kd', 'huge']) await waitLog(`guest ${g}: QMP connected`);
       },
       SLOW,
     );
