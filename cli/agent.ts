@@ -34,7 +34,14 @@ Config example:
     - { name: bulk, path: /srv/ballast/bulk, media: hdd, quota: 2T, overcommit: 4.0 }
 
 A TCP API address other than loopback demands the bearer token in DATA_DIR/api-token
-(made on first start, mode 0600); api.requireToken: true demands it on loopback too.`,
+(made on first start, mode 0600); api.requireToken: true demands it on loopback too.
+
+NBD clients can be made to use TLS, and are then named by their certificate CN or PSK
+username (for access lists and persistent reservations: ballast acl, ballast pr):
+  nbd:
+    tls: { mode: require, cert: server-cert.pem, key: server-key.pem, ca: ca-cert.pem }
+    # or tls: { mode: allow, pskFile: keys.psk }     (username:hexkey lines)
+    identities: ['192.0.2.7=host-c', 'uid:0=root']   # names for clients TLS does not name`,
     )
     .action(async (o: { config?: string; dataDir?: string; verbose?: boolean }) => {
       const agent = await Agent.start({
