@@ -12,9 +12,12 @@ import type { Outcome } from '../deploy/pool.js';
 import { packageRoot, packRelease, type Release } from '../deploy/release.js';
 import { apply, plan, type RunContext, rollback } from '../deploy/rollout.js';
 
+/** OpenSSH's system-wide file, read with the user's when --known-hosts is not given. */
+const GLOBAL_KNOWN_HOSTS = '/etc/ssh/ssh_known_hosts';
+
 interface Common {
   inventory: string;
-  knownHosts: string;
+  knownHosts?: string;
   acceptNew?: boolean;
   group?: string;
   parallel?: number;
@@ -39,8 +42,8 @@ function common(cmd: Command, opts: { parallel?: number; json?: boolean }): Comm
     .option('-i, --inventory <FILE>', 'the inventory (YAML)', 'inventory.yaml')
     .option(
       '-k, --known-hosts <FILE>',
-      'OpenSSH known_hosts file the host keys are checked against',
-      join(homedir(), '.ssh', 'known_hosts'),
+      'OpenSSH known_hosts file the host keys are checked against, and new keys go to ' +
+        '(default: ~/.ssh/known_hosts, with /etc/ssh/ssh_known_hosts consulted too)',
     )
     .option('--accept-new', 'accept and record the key of a host not yet in known_hosts')
     .option('-g, --group <GROUP>', 'only the hosts of this group (or this one host)');
@@ -68,7 +71,11 @@ function context(o: Common, signal: AbortSignal, allParallel = false): RunContex
   const hosts = selectHosts(inv, o.group);
   return {
     hosts,
-    knownHosts: new KnownHosts(o.knownHosts, Boolean(o.acceptNew)),
+    knownHosts: o.knownHosts
+      ? new KnownHosts(o.knownHosts, Boolean(o.acceptNew))
+      : new KnownHosts(join(homedir(), '.ssh', 'known_hosts'), Boolean(o.acceptNew), [
+          GLOBAL_KNOWN_HOSTS,
+        ]),
     parallel: o.parallel ?? (allParallel ? hosts.length : 1),
     progress,
     signal,

@@ -191,6 +191,25 @@ describe('KnownHosts', () => {
     );
   });
 
+  it('consults read-only files too, and records new keys only in its own', () => {
+    const global = join(dir, 'global');
+    const mine = join(dir, 'kh5');
+    writeFileSync(global, `[127.0.0.1]:2201 ssh-ed25519 ${b64(K1)}\n`);
+    const kh = new KnownHosts(mine, true, [global, join(dir, 'absent')]);
+    expect(kh.check('h1', '127.0.0.1', 2201, K1)).toBe('known');
+    expect(kh.preferredAlgorithms('127.0.0.1', 2201)).toEqual(['ssh-ed25519']);
+    try {
+      kh.check('h1', '127.0.0.1', 2201, K2);
+      expect.unreachable();
+    } catch (e) {
+      expect((e as DeployError).code).toBe('DEPLOY_HOST_KEY_CHANGED');
+      expect((e as DeployError).message).toContain(`${global} line 1`);
+    }
+    expect(kh.check('h2', '127.0.0.1', 2202, K2)).toBe('added');
+    expect(readFileSync(global, 'utf8').split('\n')).toHaveLength(2);
+    expect(parseKnownHosts(readFileSync(mine, 'utf8'))).toHaveLength(1);
+  });
+
   it('reports an unreadable file with a code', () => {
     expect(codeOf(() => new KnownHosts(dir, false))).toBe('DEPLOY_KNOWN_HOSTS_UNREADABLE');
   });

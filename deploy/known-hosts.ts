@@ -131,15 +131,21 @@ export function algorithmsFor(keyType: string): string[] {
   return keyType === 'ssh-rsa' ? ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'] : [keyType];
 }
 
-/** A known_hosts file, read once, appended to when new keys are accepted. */
+/**
+ * A known_hosts file, read once, appended to when new keys are accepted; plus
+ * read-only files consulted the same way (OpenSSH's global /etc/ssh/ssh_known_hosts).
+ */
 export class KnownHosts {
   private entries: KnownHostEntry[];
+  private readonly others: { file: string; entries: KnownHostEntry[] }[];
 
   constructor(
     readonly file: string,
     private readonly acceptNew: boolean,
+    readOnly: readonly string[] = [],
   ) {
     this.entries = KnownHosts.read(file);
+    this.others = readOnly.map((f) => ({ file: f, entries: KnownHosts.read(f) }));
   }
 
   private static read(file: string): KnownHostEntry[] {
@@ -158,8 +164,13 @@ export class KnownHosts {
     return parseKnownHosts(text);
   }
 
+  private get sets(): { file: string; entries: KnownHostEntry[] }[] {
+    return [{ file: this.file, entries: this.entries }, ...this.others];
+  }
+
   preferredAlgorithms(host: string, port: number): string[] {
-    return knownKeyTypes(this.entries, host, port).flatMap(algorithmsFor);
+    const types = this.sets.flatMap((s) => knownKeyTypes(s.entries, host, port));
+    return [...new Set(types)].flatMap(algorithmsFor);
   }
 
   /**
@@ -167,39 +178,46 @@ export class KnownHosts {
    * accepted, in which case it is recorded). `label` names the inventory host.
    */
   check(label: string, host: string, port: number, key: Buffer): 'known' | 'added' {
-    const v = verifyHostKey(this.entries, host, port, key);
+    const verdicts = this.sets.map((s) => ({
+      file: s.file,
+      v: verifyHostKey(s.entries, host, port, key),
+    }));
     const type = blobKeyType(key) ?? 'unknown-type';
     const name = knownHostName(host, port);
-    switch (v.kind) {
-      case 'known':
-        return 'known';
-      case 'revoked':
+    for (const { file, v } of verdicts) {
+      if (v.kind === 'revoked') {
         throw new DeployError(
           'DEPLOY_HOST_KEY_REVOKED',
-          `${label} (${name}) presented a REVOKED ${type} key ${fingerprint(key)} (${this.file}:${v.line}); refusing to connect`,
+          `${label} (${name}) presented a REVOKED ${type} key ${fingerprint(key)} (${file}:${v.line}); refusing to connect`,
           { host: label },
         );
-      case 'changed':
-        throw new DeployError(
-          'DEPLOY_HOST_KEY_CHANGED',
-          `HOST KEY CHANGED for ${label} (${name}): it presented ${type} ${fingerprint(key)}, ` +
-            `which does not match ${this.file} line ${v.lines.join(', ')}. Someone may be ` +
-            'intercepting the connection, or the host was reinstalled. Refusing to connect; ' +
-            `if the change is expected, remove the old entry (ssh-keygen -R '${name}' -f ${this.file}).`,
-          { host: label },
-        );
-      case 'unknown':
-        if (!this.acceptNew) {
-          throw new DeployError(
-            'DEPLOY_HOST_KEY_UNKNOWN',
-            `${label} (${name}) is not in ${this.file}; its ${type} key is ${fingerprint(key)}. ` +
-              'Check the fingerprint and run again with --accept-new to record it.',
-            { host: label },
-          );
-        }
-        this.add(host, port, key);
-        return 'added';
+      }
     }
+    if (verdicts.some((x) => x.v.kind === 'known')) return 'known';
+    const stale = verdicts.filter((x) => x.v.kind === 'changed');
+    const changed = stale.map(({ file, v }) =>
+      v.kind === 'changed' ? `${file} line ${v.lines.join(', ')}` : file,
+    );
+    if (changed.length > 0) {
+      throw new DeployError(
+        'DEPLOY_HOST_KEY_CHANGED',
+        `HOST KEY CHANGED for ${label} (${name}): it presented ${type} ${fingerprint(key)}, ` +
+          `which does not match ${changed.join(' and ')}. Someone may be ` +
+          'intercepting the connection, or the host was reinstalled. Refusing to connect; ' +
+          `if the change is expected, remove the old entry (ssh-keygen -R '${name}' -f ${stale[0]?.file ?? this.file}).`,
+        { host: label },
+      );
+    }
+    if (!this.acceptNew) {
+      throw new DeployError(
+        'DEPLOY_HOST_KEY_UNKNOWN',
+        `${label} (${name}) is not in ${this.sets.map((x) => x.file).join(' or ')}; its ${type} key is ${fingerprint(key)}. ` +
+          'Check the fingerprint and run again with --accept-new to record it.',
+        { host: label },
+      );
+    }
+    this.add(host, port, key);
+    return 'added';
   }
 
   private add(host: string, port: number, key: Buffer): void {
