@@ -125,8 +125,9 @@ export function fioArgs(r: FioRun): string[] {
   ];
 }
 
-export async function runFio(r: FioRun): Promise<FioResult> {
-  const failed = (error: string): FioResult => ({
+/** A result with no figures: the job did not run, or its output could not be read. */
+export function failedFio(error: string): FioResult {
+  return {
     ok: false,
     error,
     mibps: Number.NaN,
@@ -135,16 +136,19 @@ export async function runFio(r: FioRun): Promise<FioResult> {
     clatP99Us: Number.NaN,
     runtimeS: Number.NaN,
     clientCpuPct: Number.NaN,
-  });
+  };
+}
+
+export async function runFio(r: FioRun): Promise<FioResult> {
   await rm(r.outFile, { force: true });
   const timeoutMs = (r.runtime + r.ramp + 60) * 1000;
   const res = await run('fio', fioArgs(r), timeoutMs);
-  if (res.timedOut) return failed(`fio timed out after ${timeoutMs / 1000} s`);
+  if (res.timedOut) return failedFio(`fio timed out after ${timeoutMs / 1000} s`);
   let text: string;
   try {
     text = await readFile(r.outFile, 'utf8');
   } catch {
-    return failed(`fio exited ${res.code} without output: ${res.output.trim()}`);
+    return failedFio(`fio exited ${res.code} without output: ${res.output.trim()}`);
   }
   try {
     const parsed = parseFioJson(text, r.job.rw);
@@ -156,7 +160,7 @@ export async function runFio(r: FioRun): Promise<FioResult> {
     }
     return parsed;
   } catch (e) {
-    return failed(`unreadable fio output (exit ${res.code}): ${(e as Error).message}`);
+    return failedFio(`unreadable fio output (exit ${res.code}): ${(e as Error).message}`);
   }
 }
 

@@ -1,21 +1,13 @@
 // Medians, ratios and the plain-text tables.
 
-import { JOBS } from './fio.js';
+import { type FioResult, JOBS } from './fio.js';
 import type { JobName, ServerName, Transport } from './options.js';
 
-export interface RunRecord {
+export interface RunRecord extends FioResult {
   round: number;
   transport: Transport;
   server: ServerName;
   job: JobName;
-  ok: boolean;
-  error?: string;
-  mibps: number;
-  iops: number;
-  clatMeanUs: number;
-  clatP99Us: number;
-  runtimeS: number;
-  clientCpuPct: number;
 }
 
 export interface SessionRecord {

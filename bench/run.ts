@@ -11,7 +11,7 @@ import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises'
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { JOBS, prefill, runFio } from './fio.js';
+import { failedFio, JOBS, prefill, runFio } from './fio.js';
 import { type Options, parseOptions, type ServerName, USAGE } from './options.js';
 import { killAll, run } from './proc.js';
 import {
@@ -228,20 +228,7 @@ async function main(): Promise<number> {
             session.error = `failed to start: ${(e as Error).message}`;
             log(`[${tag}] ${session.error.trimEnd()}`);
             for (const job of jobs) {
-              runs.push({
-                round,
-                transport,
-                server,
-                job,
-                ok: false,
-                error: 'server did not start',
-                mibps: Number.NaN,
-                iops: Number.NaN,
-                clatMeanUs: Number.NaN,
-                clatP99Us: Number.NaN,
-                runtimeS: Number.NaN,
-                clientCpuPct: Number.NaN,
-              });
+              runs.push({ round, transport, server, job, ...failedFio('server did not start') });
             }
             continue;
           }
