@@ -3,7 +3,7 @@
 
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { type Command, CommanderError, Option } from 'commander';
+import { type Command, Option } from 'commander';
 import { DeployError, describeError, isDeployError } from '../deploy/errors.js';
 import { type HostSpec, loadInventory, selectHosts } from '../deploy/inventory.js';
 import { KnownHosts } from '../deploy/known-hosts.js';
@@ -11,6 +11,7 @@ import { execAll, logs, status } from '../deploy/ops.js';
 import type { Outcome } from '../deploy/pool.js';
 import { packageRoot, packRelease, type Release } from '../deploy/release.js';
 import { apply, plan, type RunContext, rollback } from '../deploy/rollout.js';
+import { positiveInt } from './options.js';
 
 /** OpenSSH's system-wide file, read with the user's when --known-hosts is not given. */
 const GLOBAL_KNOWN_HOSTS = '/etc/ssh/ssh_known_hosts';
@@ -22,19 +23,6 @@ interface Common {
   group?: string;
   parallel?: number;
   json?: boolean;
-}
-
-function positiveInt(what: string): (v: string) => number {
-  return (v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n <= 0)
-      throw new CommanderError(
-        2,
-        'ballast.usage',
-        `${what} must be a positive integer, got ${JSON.stringify(v)}`,
-      );
-    return n;
-  };
 }
 
 function common(cmd: Command, opts: { parallel?: number; json?: boolean }): Command {

@@ -9,6 +9,7 @@ import { registerAgent } from './agent.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
+import { positiveInt } from './options.js';
 import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -29,19 +30,6 @@ const pkg = { version: packageVersion() };
 
 function collect(value: string, previous: string[] | undefined): string[] {
   return [...(previous ?? []), value];
-}
-
-function positiveInt(what: string): (v: string) => number {
-  return (v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n <= 0)
-      throw new CommanderError(
-        2,
-        'ballast.usage',
-        `${what} must be a positive integer, got ${JSON.stringify(v)}`,
-      );
-    return n;
-  };
 }
 
 export function buildProgram(): Command {
