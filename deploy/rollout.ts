@@ -207,6 +207,27 @@ async function restoreOld(
   return `rolled back to ${old}`;
 }
 
+/**
+ * After the new agent failed to take over: brings back `old` and returns the failure to
+ * throw, its message ending with what became of the host.
+ */
+async function restoredAfter(
+  e: unknown,
+  r: Remote,
+  old: string | null,
+  say: (m: string) => void,
+): Promise<DeployError> {
+  say(`failed: ${describeError(e)}`);
+  const what = await restoreOld(r, old, say).catch(
+    (e2: unknown) => `could not restore ${old ?? 'it'}: ${describeError(e2)}`,
+  );
+  return new DeployError(
+    isDeployError(e) ? e.code : 'DEPLOY_STEP_FAILED',
+    `${(e as Error).message}\n  ${r.host.name}: ${what}`,
+    { host: r.host.name, cause: e },
+  );
+}
+
 async function applyHost(
   r: Remote,
   release: Release,
@@ -238,15 +259,7 @@ async function applyHost(
     say(`waiting for /healthz on ${r.host.api.host}:${r.host.api.port}`);
     await waitHealthy(r, d.id, d.version, signal);
   } catch (e) {
-    say(`failed: ${describeError(e)}`);
-    const what = await restoreOld(r, old, say).catch(
-      (e2: unknown) => `could not restore ${old ?? 'it'}: ${describeError(e2)}`,
-    );
-    throw new DeployError(
-      isDeployError(e) ? e.code : 'DEPLOY_STEP_FAILED',
-      `${(e as Error).message}\n  ${r.host.name}: ${what}`,
-      { host: r.host.name, cause: e },
-    );
+    throw await restoredAfter(e, r, old, say);
   }
   await r.switchTo(d.id, true);
   say(`current -> ${d.id}`);
@@ -254,18 +267,27 @@ async function applyHost(
   return { host: r.host.name, result: 'deployed', deploy: d.id, previous: old ?? st.previous };
 }
 
-export function apply(ctx: RunContext, release: Release): Promise<Outcome<HostResult>[]> {
+/**
+ * Runs fn on each host holding its deploy lock, rolling: no host is started after one
+ * fails or after an interrupt.
+ */
+function rolling(
+  ctx: RunContext,
+  fn: (r: Remote, say: (m: string) => void) => Promise<HostResult>,
+): Promise<Outcome<HostResult>[]> {
   return forEachHost(
     ctx.hosts,
     { parallel: ctx.parallel, stopOnFailure: true, signal: ctx.signal },
     (h) => {
       const say = (m: string) => ctx.progress(h.name, m);
       say('connecting');
-      return withRemote(h, ctx.knownHosts, (r) =>
-        locked(r, () => applyHost(r, release, ctx.signal, say)),
-      );
+      return withRemote(h, ctx.knownHosts, (r) => locked(r, () => fn(r, say)));
     },
   );
+}
+
+export function apply(ctx: RunContext, release: Release): Promise<Outcome<HostResult>[]> {
+  return rolling(ctx, (r, say) => applyHost(r, release, ctx.signal, say));
 }
 
 // ---------------------------------------------------------------- rollback
@@ -299,15 +321,7 @@ async function rollbackHost(
     await r.restart(target);
     await waitHealthy(r, target, null, signal);
   } catch (e) {
-    say(`failed: ${describeError(e)}`);
-    const what = await restoreOld(r, st.current, say).catch(
-      (e2: unknown) => `could not restore ${st.current ?? 'it'}: ${describeError(e2)}`,
-    );
-    throw new DeployError(
-      isDeployError(e) ? e.code : 'DEPLOY_STEP_FAILED',
-      `${(e as Error).message}\n  ${r.host.name}: ${what}`,
-      { host: r.host.name, cause: e },
-    );
+    throw await restoredAfter(e, r, st.current, say);
   }
   await r.switchTo(target);
   say(`current -> ${target}`);
@@ -315,15 +329,5 @@ async function rollbackHost(
 }
 
 export function rollback(ctx: RunContext, to?: string): Promise<Outcome<HostResult>[]> {
-  return forEachHost(
-    ctx.hosts,
-    { parallel: ctx.parallel, stopOnFailure: true, signal: ctx.signal },
-    (h) => {
-      const say = (m: string) => ctx.progress(h.name, m);
-      say('connecting');
-      return withRemote(h, ctx.knownHosts, (r) =>
-        locked(r, () => rollbackHost(r, to, ctx.signal, say)),
-      );
-    },
-  );
+  return rolling(ctx, (r, say) => rollbackHost(r, to, ctx.signal, say));
 }
