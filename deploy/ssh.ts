@@ -41,14 +41,8 @@ export interface HttpResult {
   body: string;
 }
 
-interface Endpoint {
-  label: string;
-  address: string;
-  port: number;
-  user: string;
-  key?: string;
-  sshAgent?: string;
-}
+/** Where an SSH connection goes: the host itself, or its jump host. */
+type Endpoint = JumpSpec;
 
 function connectConfig(
   ep: Endpoint,
@@ -210,18 +204,29 @@ export class Session {
     this.jump?.end();
   }
 
+  /** A step that could not start on this host (the channel or SFTP refused). */
+  private stepFailed(step: string, err: Error): DeployError {
+    return new DeployError('DEPLOY_STEP_FAILED', `${this.host.name}: ${step}: ${err.message}`, {
+      host: this.host.name,
+      cause: err,
+    });
+  }
+
+  private stepTimedOut(step: string, timeoutMs: number): DeployError {
+    return new DeployError(
+      'DEPLOY_STEP_TIMEOUT',
+      `${this.host.name}: ${step} did not finish within ${Math.round(timeoutMs / 1000)} s`,
+      { host: this.host.name },
+    );
+  }
+
   /** Runs a shell command; resolves with its exit code (never rejects on non-zero). */
   exec(command: string, opts: ExecOptions): Promise<ExecResult> {
     const step = opts.step ?? 'command';
     return new Promise((resolve, reject) => {
       this.client.exec(command, (err, stream) => {
         if (err) {
-          reject(
-            new DeployError('DEPLOY_STEP_FAILED', `${this.host.name}: ${step}: ${err.message}`, {
-              host: this.host.name,
-              cause: err,
-            }),
-          );
+          reject(this.stepFailed(step, err));
           return;
         }
         const out: Buffer[] = [];
@@ -245,13 +250,7 @@ export class Session {
         stream.on('close', (code: number | null, signal?: string) => {
           clearTimeout(timer);
           if (timedOut) {
-            reject(
-              new DeployError(
-                'DEPLOY_STEP_TIMEOUT',
-                `${this.host.name}: ${step} did not finish within ${Math.round(opts.timeoutMs / 1000)} s`,
-                { host: this.host.name },
-              ),
-            );
+            reject(this.stepTimedOut(step, opts.timeoutMs));
             return;
           }
           const r: ExecResult = {
@@ -280,12 +279,7 @@ export class Session {
     return new Promise((resolve, reject) => {
       this.client.exec(command, (err, stream) => {
         if (err) {
-          reject(
-            new DeployError('DEPLOY_STEP_FAILED', `${this.host.name}: ${step}: ${err.message}`, {
-              host: this.host.name,
-              cause: err,
-            }),
-          );
+          reject(this.stepFailed(step, err));
           return;
         }
         let settled = false;
@@ -293,13 +287,7 @@ export class Session {
           if (settled) return;
           settled = true;
           stream.close();
-          reject(
-            new DeployError(
-              'DEPLOY_STEP_TIMEOUT',
-              `${this.host.name}: ${step} did not finish within ${Math.round(timeoutMs / 1000)} s`,
-              { host: this.host.name },
-            ),
-          );
+          reject(this.stepTimedOut(step, timeoutMs));
         }, timeoutMs);
         let seen = '';
         stream.on('data', (b: Buffer) => {
@@ -338,24 +326,8 @@ export class Session {
   /** Copies a local file to `remote` over SFTP. */
   upload(local: string, remote: string, timeoutMs: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const fail = (e: Error) =>
-        reject(
-          new DeployError('DEPLOY_STEP_FAILED', `${this.host.name}: upload: ${e.message}`, {
-            host: this.host.name,
-            cause: e,
-          }),
-        );
-      const timer = setTimeout(
-        () =>
-          reject(
-            new DeployError(
-              'DEPLOY_STEP_TIMEOUT',
-              `${this.host.name}: upload did not finish within ${Math.round(timeoutMs / 1000)} s`,
-              { host: this.host.name },
-            ),
-          ),
-        timeoutMs,
-      );
+      const fail = (e: Error) => reject(this.stepFailed('upload', e));
+      const timer = setTimeout(() => reject(this.stepTimedOut('upload', timeoutMs)), timeoutMs);
       this.client.sftp((err, sftp) => {
         if (err) {
           clearTimeout(timer);
