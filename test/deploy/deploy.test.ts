@@ -20,7 +20,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import { releaseEntries } from '../../deploy/release.js';
-import { freePort, keygen, Sshd } from '../helpers/sshd.js';
+import { freePort } from '../helpers/server.js';
+import { keygen, Sshd } from '../helpers/sshd.js';
 import { describeRun, describeWithTools, type RunResult, run } from '../helpers/tools.js';
 
 const REPO = join(import.meta.dirname, '..', '..');
