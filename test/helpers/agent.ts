@@ -7,8 +7,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
-import { afterAll } from 'vitest';
-import { BALLAST_BIN, makeTempDir } from './server.js';
+import { BALLAST_BIN, killAfterAll, makeTempDir } from './server.js';
 import { type RunResult, run, toolEnv } from './tools.js';
 
 export interface PoolSpec {
@@ -37,21 +36,6 @@ export interface ApiReply {
   body: Record<string, unknown>;
   text: string;
 }
-
-const live = new Set<ChildProcess>();
-
-afterAll(async () => {
-  const waits: Promise<unknown>[] = [];
-  for (const c of live) {
-    waits.push(new Promise((r) => c.once('exit', r)));
-    c.kill('SIGKILL');
-  }
-  await Promise.all(waits);
-});
-
-process.on('exit', () => {
-  for (const c of live) c.kill('SIGKILL');
-});
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -131,14 +115,13 @@ export class AgentHandle {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     this.child = child;
-    live.add(child);
+    killAfterAll(child);
     child.stderr?.on('data', (b: Buffer) => {
       this.err += b.toString('utf8');
     });
     let code: number | undefined;
     this.exited = new Promise<number>((resolve) =>
       child.once('exit', (c, s) => {
-        live.delete(child);
         code = c ?? (s === 'SIGKILL' ? 137 : s === 'SIGTERM' ? 143 : 128);
         resolve(code);
       }),

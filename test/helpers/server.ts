@@ -109,6 +109,12 @@ process.on('exit', () => {
   for (const child of live) child.kill('SIGKILL');
 });
 
+/** Kills `child` after the test file (or when the test process exits) if it still runs. */
+export function killAfterAll(child: ChildProcess): void {
+  live.add(child);
+  child.once('exit', () => live.delete(child));
+}
+
 /** A fresh temp dir, removed after the test file. Short path: Unix socket names are limited. */
 export function makeTempDir(prefix = 'ballast-it-'): string {
   const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -201,8 +207,7 @@ type Spawned = { child: ChildProcess; argv: string[] };
 
 function spawnServer(cmd: string, args: string[]): Spawned {
   const child = spawn(cmd, args, { env: toolEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
-  live.add(child);
-  child.once('exit', () => live.delete(child));
+  killAfterAll(child);
   return { child, argv: [cmd, ...args] };
 }
 
