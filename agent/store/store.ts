@@ -48,6 +48,10 @@ export type Compare =
       value: number;
     };
 
+const numeric =
+  (target: 'version' | 'createRevision' | 'modRevision') =>
+  (key: string, op: CompareOp, value: number): Compare => ({ key, target, op, value });
+
 /** Builders for Compare, so a guard reads `cmp.version('a', '=', 0)`. */
 export const cmp = {
   value: (key: string, op: CompareOp, value: string): Compare => ({
@@ -56,24 +60,9 @@ export const cmp = {
     op,
     value,
   }),
-  version: (key: string, op: CompareOp, value: number): Compare => ({
-    key,
-    target: 'version',
-    op,
-    value,
-  }),
-  createRevision: (key: string, op: CompareOp, value: number): Compare => ({
-    key,
-    target: 'createRevision',
-    op,
-    value,
-  }),
-  modRevision: (key: string, op: CompareOp, value: number): Compare => ({
-    key,
-    target: 'modRevision',
-    op,
-    value,
-  }),
+  version: numeric('version'),
+  createRevision: numeric('createRevision'),
+  modRevision: numeric('modRevision'),
 } as const;
 
 /**
