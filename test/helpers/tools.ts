@@ -31,6 +31,7 @@ const PACKAGE: Record<string, string> = {
   busybox: 'busybox-static',
   /** Not a program: a guest kernel in /boot (see guestKernel). */
   vmlinuz: 'linux-image-amd64',
+  openssl: 'openssl',
 };
 
 /** nbdsh is a shell script that runs `python3 -m nbd`; it needs the system python. */
