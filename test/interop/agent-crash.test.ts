@@ -30,6 +30,39 @@ async function status(a: AgentHandle): Promise<{
   return (await a.api('GET', '/v1/status')).body as never;
 }
 
+/** Offsets of the 1 MiB writes qemu-io reported done. */
+function ackedWrites(out: string): number[] {
+  return [...out.matchAll(/^wrote 1048576\/1048576 bytes at offset (\d+)/gm)].map((m) =>
+    Number(m[1]),
+  );
+}
+
+/**
+ * Runs qemu-io with `cmds` on `uri` and calls `act` once, as soon as its output so far
+ * satisfies `when`. Resolves when qemu-io exits, with what `act` returned (undefined if
+ * it was never called) and qemu-io's output, read when asked.
+ */
+async function qemuIoActing<T>(
+  uri: string,
+  cmds: string[],
+  when: (out: string) => boolean,
+  act: () => Promise<T>,
+): Promise<{ acting: Promise<T> | undefined; output: () => string }> {
+  const q = spawn('qemu-io', ['-f', 'raw', uri, ...cmds], {
+    env: toolEnv(),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  const done = new Promise<void>((r) => q.once('exit', () => r()));
+  let acting: Promise<T> | undefined;
+  q.stdout.on('data', (b: Buffer) => {
+    out += b.toString();
+    if (!acting && when(out)) acting = act();
+  });
+  await done;
+  return { acting, output: () => out };
+}
+
 function poolFiles(a: AgentHandle, pool = 'default'): string[] {
   const dir = path.join(a.dir, 'pools', pool);
   return existsSync(dir)
@@ -158,23 +191,15 @@ describeWithTools(['qemu-io'], 'ballast agent: crash safety', () => {
       // 24 writes of 1 MiB; the agent is killed when the fourth is acknowledged.
       const cmds: string[] = [];
       for (let i = 8; i < 32; i++) cmds.push('-c', `write -P 0xbb ${i}M 1M`);
-      const q = spawn('qemu-io', ['-f', 'raw', a.uri('w'), ...cmds], {
-        env: toolEnv(),
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let out = '';
-      const done = new Promise<void>((r) => q.once('exit', () => r()));
-      let killing: Promise<void> | undefined;
-      q.stdout.on('data', (b: Buffer) => {
-        out += b.toString();
-        if (!killing && (out.match(/^wrote /gm) ?? []).length >= 4) killing = a.kill9();
-      });
-      await done;
+      const { acting: killing, output } = await qemuIoActing(
+        a.uri('w'),
+        cmds,
+        (out) => (out.match(/^wrote /gm) ?? []).length >= 4,
+        () => a.kill9(),
+      );
       await killing;
       if (!killing) await a.kill9(); // qemu-io finished first: still a crash after writes
-      const acked = [...out.matchAll(/^wrote 1048576\/1048576 bytes at offset (\d+)/gm)].map((m) =>
-        Number(m[1]),
-      );
+      const acked = ackedWrites(output());
       expect(acked.length).toBeGreaterThanOrEqual(4);
 
       await a.start();
@@ -211,23 +236,15 @@ describeWithTools(['qemu-io'], 'ballast agent: crash safety', () => {
       const cmds: string[] = [];
       for (let i = 0; i < 32; i++) cmds.push('-c', `aio_write -P 0xcc ${i}M 1M`);
       cmds.push('-c', 'aio_flush');
-      const q = spawn('qemu-io', ['-f', 'raw', a.uri('drain'), ...cmds], {
-        env: toolEnv(),
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let out = '';
-      const done = new Promise<void>((r) => q.once('exit', () => r()));
-      let stopping: Promise<number> | undefined;
-      q.stdout.on('data', (b: Buffer) => {
-        out += b.toString();
-        if (!stopping && /^wrote /m.test(out)) stopping = a.stop();
-      });
-      await done;
+      const { acting: stopping, output } = await qemuIoActing(
+        a.uri('drain'),
+        cmds,
+        (out) => /^wrote /m.test(out),
+        () => a.stop(),
+      );
       expect(await (stopping ?? a.stop())).toBe(0);
       expect(a.stderr()).toContain('SIGTERM: finishing requests in flight');
-      const acked = [...out.matchAll(/^wrote 1048576\/1048576 bytes at offset (\d+)/gm)].map((m) =>
-        Number(m[1]),
-      );
+      const acked = ackedWrites(output());
       expect(acked.length).toBeGreaterThanOrEqual(1);
       await a.start();
       const checks: string[] = [];
