@@ -1,7 +1,7 @@
 // Medians, ratios and the plain-text tables.
 
 import { type FioResult, JOBS } from './fio.js';
-import type { JobName, ServerName, Transport } from './options.js';
+import { BASE_SERVERS, type JobName, type ServerName, type Transport } from './options.js';
 
 export interface RunRecord extends FioResult {
   round: number;
@@ -34,10 +34,26 @@ export interface SummaryRow {
   median: Partial<Record<ServerName, number>>;
   min: Partial<Record<ServerName, number>>;
   max: Partial<Record<ServerName, number>>;
+  /** Successful rounds per server (absent: the server did not run on this transport). */
   samples: Partial<Record<ServerName, number>>;
-  /** ballast median / other server's median. */
-  ratio: { nbdkit?: number; 'qemu-nbd'?: number };
+  /** The medians' ratios of RATIOS, keyed `num/den` (e.g. `ballast/nbdkit`). */
+  ratio: Record<string, number>;
 }
+
+/** The ratios reported when both servers ran: the first over the second. */
+export const RATIOS: readonly { num: ServerName; den: ServerName; what: string }[] = [
+  { num: 'ballast', den: 'nbdkit', what: 'Ballast vs nbdkit' },
+  { num: 'ballast', den: 'qemu-nbd', what: 'Ballast vs qemu-nbd' },
+  { num: 'ballast-tls', den: 'nbdkit-tls', what: 'Ballast vs nbdkit, both TLS' },
+  { num: 'ballast-tls', den: 'ballast', what: 'TLS on Ballast' },
+  { num: 'nbdkit-tls', den: 'nbdkit', what: 'TLS on nbdkit' },
+  { num: 'ballast-agent', den: 'ballast', what: 'agent vs ballast serve' },
+  { num: 'ballast-pr', den: 'ballast-agent', what: 'reservation enforced' },
+  { num: 'ballast-pr-tls', den: 'ballast-pr', what: 'TLS on the agent' },
+  { num: 'ballast-pr-tls', den: 'ballast-agent', what: 'reservation + TLS vs neither' },
+];
+
+export const ratioKey = (r: { num: ServerName; den: ServerName }): string => `${r.num}/${r.den}`;
 
 export function median(xs: readonly number[]): number {
   const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
@@ -67,8 +83,12 @@ export function summarize(
         ratio: {},
       };
       for (const server of servers) {
-        const xs = runs
-          .filter((r) => r.ok && r.job === job && r.transport === transport && r.server === server)
+        const cell = runs.filter(
+          (r) => r.job === job && r.transport === transport && r.server === server,
+        );
+        if (cell.length === 0) continue;
+        const xs = cell
+          .filter((r) => r.ok)
           .map((r) => (spec.metric === 'mibps' ? r.mibps : r.iops));
         row.samples[server] = xs.length;
         if (xs.length === 0) continue;
@@ -76,17 +96,23 @@ export function summarize(
         row.min[server] = Math.min(...xs);
         row.max[server] = Math.max(...xs);
       }
-      const b = row.median.ballast;
-      if (b !== undefined) {
-        const k = row.median.nbdkit;
-        const q = row.median['qemu-nbd'];
-        if (k !== undefined && k > 0) row.ratio.nbdkit = b / k;
-        if (q !== undefined && q > 0) row.ratio['qemu-nbd'] = b / q;
+      for (const r of RATIOS) {
+        const n = row.median[r.num];
+        const d = row.median[r.den];
+        if (n !== undefined && d !== undefined && d > 0) row.ratio[ratioKey(r)] = n / d;
       }
-      rows.push(row);
+      // A transport none of the servers ran on (the TLS and agent kinds alone, TCP).
+      if (Object.keys(row.samples).length > 0) rows.push(row);
     }
   }
   return rows;
+}
+
+/** A median or range cell: `-` when the server did not run there, `fail` when no round succeeded. */
+function fmtCell(r: SummaryRow, s: ServerName, v: (s: ServerName) => string): string {
+  const n = r.samples[s];
+  if (n === undefined) return '-';
+  return n === 0 ? 'fail' : v(s);
 }
 
 function fmtValue(v: number | undefined, unit: SummaryRow['unit']): string {
@@ -110,22 +136,56 @@ export function renderTable(header: string[], rows: string[][], leftCols: number
   return [line(header), sep, ...rows.map(line)].join('\n');
 }
 
+/** The ratios whose two servers both ran. */
+function ratiosOf(servers: readonly ServerName[]) {
+  return RATIOS.filter((r) => servers.includes(r.num) && servers.includes(r.den));
+}
+
+/** True when only the plain file servers ran: their ratios then sit in the medians table. */
+export function ratiosInline(servers: readonly ServerName[]): boolean {
+  return servers.every((s) => BASE_SERVERS.includes(s));
+}
+
+/** Medians per job x transport x server (with Ballast's ratios when only the plain servers ran). */
 export function throughputTable(rows: readonly SummaryRow[], servers: readonly ServerName[]) {
-  const withRatios = servers.includes('ballast');
-  const others = servers.filter((s) => s !== 'ballast') as ('nbdkit' | 'qemu-nbd')[];
-  const header = ['job', 'transport', 'unit', ...servers];
-  if (withRatios) for (const o of others) header.push(`ballast/${o}`);
-  const body = rows.map((r) => {
-    const cells = [
-      r.job,
-      r.transport,
-      r.unit,
-      ...servers.map((s) => fmtValue(r.median[s], r.unit)),
-    ];
-    if (withRatios) for (const o of others) cells.push(fmtRatio(r.ratio[o]));
-    return cells;
-  });
+  const ratios = ratiosInline(servers) ? ratiosOf(servers) : [];
+  const header = ['job', 'transport', 'unit', ...servers, ...ratios.map(ratioKey)];
+  const body = rows.map((r) => [
+    r.job,
+    r.transport,
+    r.unit,
+    ...servers.map((s) => fmtCell(r, s, (x) => fmtValue(r.median[x], r.unit))),
+    ...ratios.map((x) => fmtRatio(r.ratio[ratioKey(x)])),
+  ]);
   return renderTable(header, body, 3);
+}
+
+/**
+ * The ratios of medians as a table of their own (used when the TLS or agent
+ * kinds ran): one row per ratio x transport, one column per job. Rows with no
+ * value at all (a kind that did not run on that transport) are left out; no
+ * rows at all gives ''.
+ */
+export function ratioTable(
+  rows: readonly SummaryRow[],
+  servers: readonly ServerName[],
+  jobs: readonly JobName[],
+  transports: readonly Transport[],
+): string {
+  const header = ['ratio', 'meaning', 'transport', ...jobs];
+  const body: string[][] = [];
+
+  for (const x of ratiosOf(servers)) {
+    for (const transport of transports) {
+      const cells = jobs.map((job) => {
+        const r = rows.find((y) => y.job === job && y.transport === transport);
+        return fmtRatio(r?.ratio[ratioKey(x)]);
+      });
+      if (cells.every((c) => c === '-')) continue;
+      body.push([ratioKey(x), x.what, transport, ...cells]);
+    }
+  }
+  return body.length === 0 ? '' : renderTable(header, body, 3);
 }
 
 /** The lowest and highest value over the rounds, per server: how noisy each median is. */
@@ -136,9 +196,7 @@ export function rangeTable(rows: readonly SummaryRow[], servers: readonly Server
     r.transport,
     r.unit,
     ...servers.map((s) =>
-      r.min[s] === undefined
-        ? 'fail'
-        : `${fmtValue(r.min[s], r.unit)}-${fmtValue(r.max[s], r.unit)}`,
+      fmtCell(r, s, (x) => `${fmtValue(r.min[x], r.unit)}-${fmtValue(r.max[x], r.unit)}`),
     ),
   ]);
   return renderTable(header, body, 3);
@@ -153,7 +211,9 @@ export function rssTable(
 ): string {
   const cols: { server: ServerName; transport: Transport }[] = [];
   for (const server of servers)
-    for (const transport of transports) cols.push({ server, transport });
+    for (const transport of transports)
+      if (sessions.some((x) => x.server === server && x.transport === transport))
+        cols.push({ server, transport });
   const header = ['round', ...cols.map((c) => `${c.server} ${c.transport}`)];
   const body: string[][] = [];
   for (let round = 1; round <= rounds; round++) {

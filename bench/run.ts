@@ -1,5 +1,6 @@
 // Ballast benchmark harness: Ballast vs nbdkit vs qemu-nbd, driven by fio's nbd
-// engine (libnbd), over a Unix socket and over TCP on 127.0.0.1.
+// engine (libnbd), over a Unix socket and over TCP on 127.0.0.1; on request also
+// with TLS, and through the agent with and without a reservation.
 //
 //   npm run bench -- --help
 //
@@ -12,20 +13,38 @@ import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { failedFio, JOBS, prefill, runFio } from './fio.js';
-import { type Options, parseOptions, type ServerName, USAGE } from './options.js';
+import {
+  AGENT_DEVICE,
+  type AgentFixture,
+  BENCH_IDENTITY,
+  makeAgentFixture,
+  makeCertificates,
+  type TlsFiles,
+} from './fixtures.js';
+import {
+  EXTRA_SERVERS,
+  type Options,
+  parseOptions,
+  type ServerName,
+  type Transport,
+  USAGE,
+} from './options.js';
 import { killAll, run } from './proc.js';
 import {
   type RunRecord,
   rangeTable,
+  ratiosInline,
+  ratioTable,
   rssTable,
   type SessionRecord,
   summarize,
   throughputTable,
 } from './report.js';
 import {
+  ballastInvocation,
   type Endpoint,
-  endpointUri,
   freePort,
+  type ServerFixtures,
   serverCommand,
   serverMemory,
   startServer,
@@ -60,7 +79,10 @@ interface ToolInfo {
   fio: string;
   nbdkit?: string;
   qemuNbd?: string;
+  openssl?: string;
 }
+
+const TLS_SERVERS: readonly ServerName[] = ['ballast-tls', 'nbdkit-tls', 'ballast-pr-tls'];
 
 const firstLine = (s: string): string => s.trim().split('\n')[0] ?? '';
 
@@ -86,7 +108,7 @@ async function checkTools(servers: readonly ServerName[]): Promise<ToolInfo> {
       missing.push({ what: "fio's nbd ioengine (fio built with libnbd)", pkg: 'fio' });
     }
   }
-  if (servers.includes('nbdkit')) {
+  if (servers.includes('nbdkit') || servers.includes('nbdkit-tls')) {
     const v = await tryRun('nbdkit', ['--version']);
     if (v.code !== 0) {
       missing.push({ what: 'nbdkit', pkg: 'nbdkit' });
@@ -94,7 +116,19 @@ async function checkTools(servers: readonly ServerName[]): Promise<ToolInfo> {
       info.nbdkit = firstLine(v.output);
       const p = await tryRun('nbdkit', ['--dump-plugin', 'file']);
       if (p.code !== 0) missing.push({ what: "nbdkit's file plugin", pkg: 'nbdkit' });
+      if (servers.includes('nbdkit-tls')) {
+        const c = await tryRun('nbdkit', ['--dump-config']);
+        if (!/^tls=yes$/m.test(c.output)) {
+          missing.push({ what: 'nbdkit built with TLS (GnuTLS)', pkg: 'nbdkit' });
+        }
+      }
     }
+  }
+  if (servers.some((s) => TLS_SERVERS.includes(s))) {
+    const v = await tryRun('openssl', ['version']);
+    if (v.code !== 0)
+      missing.push({ what: 'openssl (to make the TLS certificates)', pkg: 'openssl' });
+    else info.openssl = firstLine(v.output);
   }
   if (servers.includes('qemu-nbd')) {
     const v = await tryRun('qemu-nbd', ['--version']);
@@ -108,6 +142,47 @@ async function checkTools(servers: readonly ServerName[]): Promise<ToolInfo> {
     process.exit(2);
   }
   return info;
+}
+
+/**
+ * Makes what the TLS and agent kinds need, once per run: certificates, and one
+ * agent data directory per reservation state, each with a device that is a
+ * hard link to the benchmark image.
+ */
+async function prepareFixtures(
+  servers: readonly ServerName[],
+  tmp: string,
+  image: string,
+  sizeMiB: number,
+  ballastPath: string,
+): Promise<ServerFixtures> {
+  const fx: ServerFixtures = {};
+  if (servers.some((s) => TLS_SERVERS.includes(s))) {
+    const tls: TlsFiles = await makeCertificates(join(tmp, 'tls'));
+    log(`TLS: CA and server certificate (CN=localhost) made in ${tls.dir}`);
+    fx.tls = tls;
+  }
+  const agent = async (name: string, reserve: boolean): Promise<AgentFixture> => {
+    const t0 = performance.now();
+    const a = await makeAgentFixture({
+      dir: join(tmp, name),
+      ballast: ballastInvocation(ballastPath),
+      image,
+      sizeMiB,
+      reserve,
+    });
+    log(
+      `agent data directory ${a.dir}: device ${AGENT_DEVICE} = the image` +
+        (reserve ? `, Write Exclusive reserved by ${BENCH_IDENTITY}` : ', no reservation') +
+        ` (${Math.round(performance.now() - t0)} ms)`,
+    );
+    return a;
+  };
+  if (servers.includes('ballast-agent')) fx.agent = await agent('agent', false);
+  if (servers.includes('ballast-pr') || servers.includes('ballast-pr-tls')) {
+    fx.agentPr = await agent('agent-pr', true);
+  }
+  return fx;
 }
 
 function fmtDuration(s: number): string {
@@ -150,13 +225,14 @@ async function main(): Promise<number> {
   const outPath = isAbsolute(opts.out) ? opts.out : resolve(root, opts.out);
 
   let servers = [...opts.servers];
-  if (servers.includes('ballast') && !existsSync(ballastPath)) {
+  const isBallast = (s: ServerName): boolean => s.startsWith('ballast');
+  if (servers.some(isBallast) && !existsSync(ballastPath)) {
     if (opts.serversExplicit) {
-      log(`ballast was asked for but ${ballastPath} does not exist`);
+      log(`${servers.filter(isBallast).join(', ')} asked for but ${ballastPath} does not exist`);
       return 2;
     }
     log(`warning: ${ballastPath} does not exist; benchmarking without ballast`);
-    servers = servers.filter((s) => s !== 'ballast');
+    servers = servers.filter((s) => !isBallast(s));
   }
   if (servers.length === 0) {
     log('no server left to benchmark');
@@ -164,15 +240,25 @@ async function main(): Promise<number> {
   }
   const tools = await checkTools(servers);
   const { jobs, transports, rounds, runtime, ramp } = opts;
+  // The TLS and agent kinds answer questions TCP adds nothing to: Unix socket
+  // only, unless --transports was given.
+  const runsOn = (server: ServerName, transport: Transport): boolean =>
+    transport === 'unix' || opts.transportsExplicit || !EXTRA_SERVERS.includes(server);
+  const sessionsPerRound = transports
+    .map((t) => servers.filter((s) => runsOn(s, t)).length)
+    .reduce((a, b) => a + b, 0);
 
-  const fioRuns = rounds * transports.length * servers.length * jobs.length;
-  const estimate = fioRuns * (runtime + ramp + 0.6) + rounds * transports.length * servers.length;
+  const fioRuns = rounds * sessionsPerRound * jobs.length;
+  const estimate = fioRuns * (runtime + ramp + 0.6) + rounds * sessionsPerRound;
   log(
-    `${rounds} round(s) x ${transports.length} transport(s) x ${servers.length} server(s) x ` +
-      `${jobs.length} job(s) = ${fioRuns} fio runs of ${ramp}+${runtime} s; ` +
-      `about ${fmtDuration(estimate)}`,
+    `${rounds} round(s) x ${sessionsPerRound} server session(s) x ${jobs.length} job(s) = ` +
+      `${fioRuns} fio runs of ${ramp}+${runtime} s; about ${fmtDuration(estimate)}`,
   );
   log(`servers: ${servers.join(', ')}; ${tools.fio}; client: fio nbd engine (libnbd)`);
+  const unixOnly = servers.filter((s) => transports.includes('tcp') && !runsOn(s, 'tcp'));
+  if (unixOnly.length > 0) {
+    log(`${unixOnly.join(', ')}: Unix socket only (give --transports to run them over TCP too)`);
+  }
 
   const tmp = await mkdtemp(join(opts.dir ?? os.tmpdir(), 'ballast-bench-'));
   let interrupted = false;
@@ -193,6 +279,7 @@ async function main(): Promise<number> {
   const loadStart = os.loadavg();
   const file = join(tmp, 'disk.img');
   let prefillMs = 0;
+  let fixtures: ServerFixtures = {};
   try {
     await writeFile(file, '');
     await truncate(file, opts.sizeMiB * 2 ** 20);
@@ -201,17 +288,26 @@ async function main(): Promise<number> {
     await prefill(file, opts.sizeMiB);
     prefillMs = Math.round(performance.now() - t0);
     log(`pre-filled in ${(prefillMs / 1000).toFixed(1)} s`);
+    fixtures = await prepareFixtures(servers, tmp, file, opts.sizeMiB, ballastPath);
 
     for (let round = 1; round <= rounds; round++) {
       for (const transport of transports) {
         for (const server of rotate(servers, round - 1)) {
           if (interrupted) return 130;
+          if (!runsOn(server, transport)) continue;
           const tag = `r${round}/${rounds} ${transport} ${server}`;
           const ep: Endpoint =
             transport === 'unix'
               ? { transport, socket: join(tmp, `${server}-r${round}.sock`) }
               : { transport, port: await freePort() };
-          const cmd = serverCommand(server, file, ep, ballastPath);
+          const cmd = serverCommand(
+            server,
+            file,
+            ep,
+            ballastPath,
+            fixtures,
+            `${server}-r${round}-${transport}`,
+          );
           const session: SessionRecord = {
             round,
             transport,
@@ -235,7 +331,7 @@ async function main(): Promise<number> {
           session.spawnedPid = started.child.pid;
           session.startMs = started.startMs;
           log(`[${tag}] listening after ${started.startMs} ms (pid ${started.child.pid})`);
-          const uri = endpointUri(ep);
+          const uri = cmd.uri;
           let sessionOk = true;
           for (const job of jobs) {
             if (interrupted) return 130;
@@ -308,6 +404,13 @@ async function main(): Promise<number> {
     `Median of ${rounds} round(s), ${runtime} s measured after ${ramp} s ramp each; ` +
     `client ${tools.fio} nbd engine (libnbd); ${opts.sizeMiB} MiB file`;
   process.stdout.write(`\n${header}\n\n${throughputTable(summary, servers)}\n`);
+  const ratios = ratiosInline(servers) ? '' : ratioTable(summary, servers, jobs, transports);
+  if (ratios !== '') {
+    process.stdout.write(
+      `\nRatios of the medians (first server / second; above 1.00x the first is faster)\n\n` +
+        `${ratios}\n`,
+    );
+  }
   if (rounds > 1) {
     process.stdout.write(
       `\nRange over the rounds (min-max), same units\n\n${rangeTable(summary, servers)}\n`,
@@ -342,7 +445,20 @@ async function main(): Promise<number> {
       jobs: jobs.map((j) => ({ ...JOBS[j] })),
       servers,
       transports,
+      unixOnly,
       sizeMiB: opts.sizeMiB,
+      tls:
+        fixtures.tls === undefined
+          ? undefined
+          : { certificates: 'CA + server certificate (P-256), no client certificate' },
+      agent:
+        fixtures.agent === undefined && fixtures.agentPr === undefined
+          ? undefined
+          : {
+              device: AGENT_DEVICE,
+              identity: BENCH_IDENTITY,
+              reservation: fixtures.agentPr ? 'Write Exclusive, held by the identity' : undefined,
+            },
       ballast: ballastPath,
       prefillMs,
     },

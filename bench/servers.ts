@@ -1,17 +1,35 @@
-// The three NBD servers under test: how to start each one on a Unix socket or
-// on 127.0.0.1:PORT, how to tell it is ready, and how to stop it.
+// The NBD servers under test: how to start each one on a Unix socket or on
+// 127.0.0.1:PORT, the URI fio connects with, how to tell it is ready, and how
+// to stop it.
 
 import { accessSync, existsSync, constants as fsc } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
+import {
+  AGENT_DEVICE,
+  type AgentFixture,
+  type AgentNbd,
+  type TlsFiles,
+  writeAgentConfig,
+} from './fixtures.js';
 import type { ServerName } from './options.js';
 import { Child, type ExitStatus, findProcess, memoryKiB } from './proc.js';
 
 export type Endpoint = { transport: 'unix'; socket: string } | { transport: 'tcp'; port: number };
 
-export function endpointUri(ep: Endpoint): string {
+/**
+ * The URI fio connects with. With `tls`, STARTTLS is required and the server's
+ * certificate is not checked (libnbd in fio refuses credential files named in
+ * the URI, so there is no CA to check it against, nor a client certificate).
+ */
+export function endpointUri(ep: Endpoint, opts: { tls?: boolean; exportName?: string } = {}) {
+  const name = encodeURIComponent(opts.exportName ?? '');
+  const query: string[] = [];
+  if (ep.transport === 'unix') query.push(`socket=${encodeURIComponent(ep.socket)}`);
+  if (opts.tls) query.push('tls-verify-peer=false');
+  const q = query.length > 0 ? `?${query.join('&')}` : '';
   return ep.transport === 'unix'
-    ? `nbd+unix:///?socket=${encodeURIComponent(ep.socket)}`
-    : `nbd://127.0.0.1:${ep.port}/`;
+    ? `${opts.tls ? 'nbds' : 'nbd'}+unix:///${name}${q}`
+    : `${opts.tls ? 'nbds' : 'nbd'}://127.0.0.1:${ep.port}/${name}${q}`;
 }
 
 export interface ServerCommand {
@@ -19,6 +37,36 @@ export interface ServerCommand {
   args: string[];
   /** Which executable in the spawned process tree is the server proper (for RSS). */
   exePattern: RegExp;
+  /** What fio connects to. */
+  uri: string;
+}
+
+/** What the TLS and agent kinds are started with (made once per run, see fixtures.ts). */
+export interface ServerFixtures {
+  tls?: TlsFiles;
+  /** The agent data directory without a reservation (ballast-agent). */
+  agent?: AgentFixture;
+  /** The one with the bench identity's Write Exclusive reservation (ballast-pr, ballast-pr-tls). */
+  agentPr?: AgentFixture;
+}
+
+/**
+ * How to run the ballast launcher with `args`. bin/ballast is a node script:
+ * spawned directly, its shebang execs node in the same PID; if it is not
+ * executable, it is run with this node instead.
+ */
+export function ballastInvocation(ballastPath: string): { command: string; args: string[] } {
+  try {
+    accessSync(ballastPath, fsc.X_OK);
+    return { command: ballastPath, args: [] };
+  } catch {
+    return { command: process.execPath, args: [ballastPath] };
+  }
+}
+
+function need<T>(v: T | undefined, server: ServerName, what: string): T {
+  if (v === undefined) throw new Error(`${server}: the ${what} was not prepared`);
+  return v;
 }
 
 /**
@@ -33,31 +81,65 @@ export function serverCommand(
   file: string,
   ep: Endpoint,
   ballastPath: string,
+  fx: ServerFixtures = {},
+  /** A name for this session's files (agent config, API socket). */
+  session: string = server,
 ): ServerCommand {
   switch (server) {
-    case 'ballast': {
+    case 'ballast':
+    case 'ballast-tls': {
       const where =
         ep.transport === 'unix' ? ['--socket', ep.socket] : ['--listen', `127.0.0.1:${ep.port}`];
       const args = ['serve', file, ...where];
-      // bin/ballast is a node script. Spawned directly, its shebang execs node in
-      // the same PID; if it is not executable, run it with this node instead.
-      let executable = true;
-      try {
-        accessSync(ballastPath, fsc.X_OK);
-      } catch {
-        executable = false;
+      const tls = server === 'ballast-tls';
+      if (tls) {
+        const t = need(fx.tls, server, 'TLS certificate');
+        args.push('--tls', 'require', '--tls-cert', t.cert, '--tls-key', t.key);
       }
-      return executable
-        ? { command: ballastPath, args, exePattern: /^node/ }
-        : { command: process.execPath, args: [ballastPath, ...args], exePattern: /^node/ };
+      const b = ballastInvocation(ballastPath);
+      return {
+        command: b.command,
+        args: [...b.args, ...args],
+        exePattern: /^node/,
+        uri: endpointUri(ep, { tls }),
+      };
     }
-    case 'nbdkit': {
+    case 'ballast-agent':
+    case 'ballast-pr':
+    case 'ballast-pr-tls': {
+      const agent = need(
+        server === 'ballast-agent' ? fx.agent : fx.agentPr,
+        server,
+        'agent data directory',
+      );
+      const tls = server === 'ballast-pr-tls';
+      const nbd: AgentNbd =
+        ep.transport === 'unix'
+          ? { socket: ep.socket, listen: null }
+          : { socket: null, listen: `127.0.0.1:${ep.port}` };
+      if (tls) nbd.tls = need(fx.tls, server, 'TLS certificate');
+      const config = writeAgentConfig(agent, session, nbd);
+      const b = ballastInvocation(ballastPath);
+      return {
+        command: b.command,
+        args: [...b.args, 'agent', '--config', config],
+        exePattern: /^node/,
+        uri: endpointUri(ep, { tls, exportName: AGENT_DEVICE }),
+      };
+    }
+    case 'nbdkit':
+    case 'nbdkit-tls': {
       const where =
         ep.transport === 'unix' ? ['-U', ep.socket] : ['-i', '127.0.0.1', '-p', String(ep.port)];
+      const tls = server === 'nbdkit-tls';
+      const tlsArgs = tls
+        ? ['--tls=require', `--tls-certificates=${need(fx.tls, server, 'TLS certificate').dir}`]
+        : [];
       return {
         command: 'nbdkit',
-        args: ['--exit-with-parent', '-f', ...where, 'file', `file=${file}`],
+        args: ['--exit-with-parent', '-f', ...where, ...tlsArgs, 'file', `file=${file}`],
         exePattern: /^nbdkit/,
+        uri: endpointUri(ep, { tls }),
       };
     }
     case 'qemu-nbd': {
@@ -77,6 +159,7 @@ export function serverCommand(
           file,
         ],
         exePattern: /^qemu-nbd/,
+        uri: endpointUri(ep),
       };
     }
   }
