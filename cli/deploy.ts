@@ -70,8 +70,11 @@ function context(o: Common, signal: AbortSignal, allParallel = false): RunContex
   };
 }
 
-/** Ctrl-C stops starting hosts; the ones in progress finish or roll back. */
-function interruptible(): { signal: AbortSignal; dispose: () => void } {
+/**
+ * Runs fn with a signal that Ctrl-C (or SIGTERM) aborts: it stops starting hosts; the
+ * ones in progress finish or roll back.
+ */
+async function interruptible<T>(fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const ac = new AbortController();
   const onSignal = (sig: string) => {
     if (!ac.signal.aborted) {
@@ -87,13 +90,12 @@ function interruptible(): { signal: AbortSignal; dispose: () => void } {
   const term = () => onSignal('SIGTERM');
   process.on('SIGINT', int);
   process.on('SIGTERM', term);
-  return {
-    signal: ac.signal,
-    dispose: () => {
-      process.off('SIGINT', int);
-      process.off('SIGTERM', term);
-    },
-  };
+  try {
+    return await fn(ac.signal);
+  } finally {
+    process.off('SIGINT', int);
+    process.off('SIGTERM', term);
+  }
 }
 
 function outcomeError<T>(o: Outcome<T>): string {
@@ -265,10 +267,9 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
       .option('--release-dir <DIR>', 'package directory to release (default: this Ballast)'),
     { parallel: 1, json: true },
   ).action(
-    run(async (o: Common & { releaseDir?: string }) => {
-      const intr = interruptible();
-      try {
-        const ctx = context(o, intr.signal);
+    run((o: Common & { releaseDir?: string }) =>
+      interruptible(async (signal) => {
+        const ctx = context(o, signal);
         await withRelease(o.releaseDir, async (release) => {
           const results = await apply(ctx, release);
           if (o.json) process.stdout.write(`${JSON.stringify(outcomesJson(results), null, 2)}\n`);
@@ -285,10 +286,8 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
           }
           failIfAny(results, 'DEPLOY_ROLLOUT_FAILED', 'rollout stopped');
         });
-      } finally {
-        intr.dispose();
-      }
-    }),
+      }),
+    ),
   );
 
   common(
@@ -302,10 +301,9 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
       .option('--to <DEPLOY>', 'the deploy id to go back to (default: previous)'),
     { parallel: 1, json: true },
   ).action(
-    run(async (o: Common & { to?: string }) => {
-      const intr = interruptible();
-      try {
-        const ctx = context(o, intr.signal);
+    run((o: Common & { to?: string }) =>
+      interruptible(async (signal) => {
+        const ctx = context(o, signal);
         const results = await rollback(ctx, o.to);
         if (o.json) process.stdout.write(`${JSON.stringify(outcomesJson(results), null, 2)}\n`);
         else {
@@ -316,10 +314,8 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
           }
         }
         failIfAny(results, 'DEPLOY_ROLLOUT_FAILED', 'rollback stopped');
-      } finally {
-        intr.dispose();
-      }
-    }),
+      }),
+    ),
   );
 
   common(
