@@ -14,6 +14,7 @@ import type { DynamicCatalog } from './catalog.js';
 import { ConcatBackend } from './concat-backend.js';
 import { BallastError } from './errors.js';
 import { failpoint } from './failpoints.js';
+import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { SparseFileBackend } from './sparse-file.js';
 import type { Store } from './store/store.js';
@@ -92,16 +93,6 @@ export interface Problem {
   message: string;
 }
 
-/** Serialises changes: one device operation at a time, reads never wait. */
-class Mutex {
-  private tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.tail.then(fn, fn);
-    this.tail = next.catch(() => {});
-    return next;
-  }
-}
-
 export class DeviceManager {
   private readonly live = new Map<string, Live>();
   /** Records whose files could not be opened: listed, not exported. */
@@ -109,6 +100,7 @@ export class DeviceManager {
   readonly problems: Problem[] = [];
   /** What reconciliation did at start (interrupted creates rolled back, deletes finished). */
   readonly recovered: string[] = [];
+  /** One device change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /** Per-request access control of a device's export (reservations, access lists). */
   exportAccess?: (name: string) => AccessControl;

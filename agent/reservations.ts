@@ -12,6 +12,7 @@ import type { AccessControl } from '../nbd/export.js';
 import { CMD } from '../nbd/protocol.js';
 import type { Connection, NbdServer } from '../nbd/server.js';
 import { BallastError } from './errors.js';
+import { Mutex } from './mutex.js';
 import {
   applyPr,
   EMPTY_PR,
@@ -91,16 +92,6 @@ class DeviceAccess implements AccessControl {
   }
 }
 
-/** Serialises changes per agent; reads never wait. */
-class Mutex {
-  private tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.tail.then(fn, fn);
-    this.tail = next.catch(() => {});
-    return next;
-  }
-}
-
 export interface PrOutRequest {
   action: PrAction;
   /** The identity to act for. */
@@ -130,6 +121,7 @@ function identityOk(s: unknown): s is string {
 export class ReservationManager {
   private readonly devices = new Map<string, DeviceAccess>();
   private readonly revisions = new Map<string, { pr: number; seq: number }>();
+  /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
 
   constructor(
