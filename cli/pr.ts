@@ -5,7 +5,7 @@
 
 import { type Command, Option } from 'commander';
 import { BallastError } from '../agent/errors.js';
-import { PR_TYPE_NAMES, type PrType } from '../agent/pr.js';
+import { PR_ACTIONS, PR_TYPE_NAMES, type PrType } from '../agent/pr.js';
 import { AgentError, Client } from './client.js';
 
 interface Common {
@@ -23,16 +23,7 @@ interface PrOptions extends Common {
   unregister?: boolean;
 }
 
-const OUT_ACTIONS = [
-  'register',
-  'register-ignore',
-  'reserve',
-  'release',
-  'clear',
-  'preempt',
-  'preempt-abort',
-  'register-move',
-] as const;
+const OUT_ACTIONS = PR_ACTIONS;
 const IN_ACTIONS = ['keys', 'show', 'audit'] as const;
 
 function out(text: string): void {
