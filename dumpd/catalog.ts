@@ -262,7 +262,10 @@ export interface PlanOptions {
 export interface Plan {
   catalog: Catalog;
   entry: DumpEntry;
-  /** Regions of dropped dumps: trim them after the catalog is written, before the dump. */
+  /**
+   * Regions of dropped dumps: trim them after the catalog is written, before the dump
+   * (parts the new dump overwrites may wait until it is settled: device.ts).
+   */
   trims: Trim[];
 }
 

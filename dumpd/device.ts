@@ -3,9 +3,16 @@
 //
 // Order of writes for one dump (each step durable before the next):
 //   1. catalog with the new `writing` entry (and dropped dumps removed)   FUA / flush
-//   2. trims of the dropped dumps' regions
+//   2. trims of the dropped dumps' regions outside the new reservation
 //   3. dump data into the reserved region                                  flush
 //   4. catalog with the entry `complete` (length, SHA-256) or `failed`     FUA / flush
+//   5. trims of the dropped regions inside the reservation past the data
+//
+// Dropped regions inside the reservation are not trimmed before the dump: it
+// overwrites them (into allocated blocks and cached pages, which is cheaper for the
+// server than after a hole punch), and step 5 trims what it did not overwrite. No
+// catalog entry refers to those bytes after step 1; a dumpd that dies before step 5
+// leaves the entry `writing`, and recovery trims its whole reservation.
 
 import { createHash } from 'node:crypto';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
@@ -28,10 +35,21 @@ import {
 } from './catalog.js';
 import { Hasher } from './hasher.js';
 
-/** Dump data is written in pieces of this size... */
-const WRITE_SIZE = 4 * 1024 * 1024;
-/** ...with at most this many bytes in flight (and at most this many waiting to be hashed). */
-const MAX_OUTSTANDING = 32 * 1024 * 1024;
+/** Dumps are read back in pieces of this size. */
+const READ_SIZE = 4 * 1024 * 1024;
+/**
+ * Dump data is written in pieces of this size. The server keeps a request's
+ * buffer for the next one only up to 2 MiB and 16 MiB per connection (nbd/server.ts,
+ * RETAIN_*), and writes pieces up to 4 MiB into the page cache on its event loop:
+ * 4 MiB pieces cost it a fresh buffer (page faults, garbage) and a thread-pool
+ * write each, about three times the CPU of 1 MiB pieces.
+ */
+const PIECE_SIZE = 1024 * 1024;
+/**
+ * At most this many bytes are in flight (written and not acknowledged, or not yet
+ * hashed): below the server's retained buffers, and the reader stops until it is.
+ */
+const MAX_OUTSTANDING = 12 * 1024 * 1024;
 
 export class DumpDevice {
   catalog: Catalog;
@@ -128,8 +146,11 @@ export class DumpDevice {
   }): Promise<DumpWriter> {
     const plan = planDump(this.catalog, this.size, { ...o, now: o.now ?? Date.now() });
     await this.commit(plan.catalog);
-    await this.trim(plan.trims);
-    return new DumpWriter(this, plan.entry);
+    const e = plan.entry;
+    const inside = clip(plan.trims, e.offset, e.offset + e.capacity);
+    await this.trim(clip(plan.trims, 0, e.offset));
+    await this.trim(clip(plan.trims, e.offset + e.capacity, Number.MAX_SAFE_INTEGER));
+    return new DumpWriter(this, e, inside);
   }
 
   /**
@@ -144,7 +165,7 @@ export class DumpDevice {
     const hash = createHash('sha256');
     const start = opts.start ?? 0;
     const end = Math.min(opts.end ?? e.length, e.length);
-    const step = Math.min(WRITE_SIZE, this.nbd.maxBlock);
+    const step = Math.min(READ_SIZE, this.nbd.maxBlock);
     const ahead: Promise<Buffer>[] = [];
     let next = start;
     const fill = () => {
@@ -173,82 +194,121 @@ export class DumpDevice {
 }
 
 /**
- * Appends one dump's data into its reservation. `append` may be called with chunks of
- * any size; it returns a promise to await for backpressure. A write past the
+ * Appends one dump's data into its reservation. The data is read straight into the
+ * writer's buffers (window() / filled()); each full piece is written over NBD and
+ * hashed from the same buffer, which is reused once both are done. A write past the
  * reservation fails with DUMP_NO_SPACE; any failure makes later calls throw it.
  */
 export class DumpWriter {
   /** Bytes accepted so far. */
   length = 0;
   private readonly hash = new Hasher();
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
+  private readonly pieceSize: number;
+  /** Pieces free for reuse. */
+  private readonly free: Buffer[] = [];
+  /** The piece being filled, and how much of it is. */
+  private cur: Buffer | null = null;
+  private fill = 0;
   private written = 0;
+  /** Bytes of pieces handed out and not yet both acknowledged and hashed. */
   private outstanding = 0;
   private readonly inflight = new Set<Promise<void>>();
+  private waiters: (() => void)[] = [];
   private failure: Error | null = null;
   private settled = false;
 
+  /**
+   * @param overwrite dropped regions inside the reservation, not trimmed yet: what of
+   *   them the dump does not overwrite is trimmed once it is settled.
+   */
   constructor(
     private readonly dev: DumpDevice,
     readonly entry: DumpEntry,
-  ) {}
+    private readonly overwrite: readonly Trim[] = [],
+  ) {
+    this.pieceSize = Math.max(1, Math.min(PIECE_SIZE, dev.nbd.maxBlock));
+  }
 
   get error(): Error | null {
     return this.failure;
   }
 
   /**
-   * Takes the next chunk. Returns undefined when more may follow at once, or a promise
-   * to await first (writes in flight are over the cap). Throws when the dump cannot
-   * continue (DUMP_NO_SPACE, or the first write error).
+   * Where the next bytes go: the unfilled rest of the current piece (never empty).
+   * Only the first `n` bytes, reported by filled(n), are taken.
    */
-  append(chunk: Buffer): Promise<void> | undefined {
+  window(): Buffer {
+    if (!this.cur) {
+      // Shared, so the hashing worker reads the piece where it lies.
+      this.cur = this.free.pop() ?? Buffer.from(new SharedArrayBuffer(this.pieceSize));
+      this.fill = 0;
+    }
+    return this.cur.subarray(this.fill);
+  }
+
+  /**
+   * `n` bytes were placed at the start of the last window(). Returns true when more
+   * may follow at once, false when the caller should await ready() first (too much in
+   * flight). Throws when the dump cannot continue (DUMP_NO_SPACE, or the first write
+   * error).
+   */
+  filled(n: number): boolean {
     if (this.failure) throw this.failure;
-    if (this.length + chunk.length > this.entry.capacity) {
+    const cur = this.cur;
+    if (!cur || n > cur.length - this.fill)
+      throw new DumpError('DUMP_STATE', `filled(${n}) past the window`);
+    if (this.length + n > this.entry.capacity) {
       this.failure = new DumpError(
         'DUMP_NO_SPACE',
         `the dump does not fit on the device: more than ${this.entry.capacity} bytes (free space at offset ${this.entry.offset})`,
       );
       throw this.failure;
     }
-    this.length += chunk.length;
-    this.pending.push(chunk);
-    this.pendingBytes += chunk.length;
-    if (this.pendingBytes >= WRITE_SIZE) this.issue();
-    if (this.outstanding <= MAX_OUTSTANDING && this.hash.backlog <= MAX_OUTSTANDING)
-      return undefined;
-    return this.backpressure();
+    this.length += n;
+    this.fill += n;
+    if (this.fill === cur.length) this.issue();
+    return this.outstanding <= MAX_OUTSTANDING;
   }
 
-  private async backpressure(): Promise<void> {
-    while (this.outstanding > MAX_OUTSTANDING && !this.failure) await Promise.race(this.inflight);
-    await this.hash.below(MAX_OUTSTANDING);
-    if (this.failure) throw this.failure;
+  /** Resolves once more may be read (rejects with the failure, if any). */
+  ready(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.outstanding <= MAX_OUTSTANDING) return Promise.resolve();
+    return new Promise<void>((resolve) => this.waiters.push(resolve)).then(() => {
+      if (this.failure) throw this.failure;
+    });
   }
 
+  private wake(): void {
+    if (this.outstanding > MAX_OUTSTANDING && !this.failure) return;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  /** Writes and hashes the filled part of the current piece. */
   private issue(): void {
-    if (this.pendingBytes === 0) return;
-    const data =
-      this.pending.length === 1 ? (this.pending[0] as Buffer) : Buffer.concat(this.pending);
-    this.pending = [];
-    this.pendingBytes = 0;
-    // Hash whole pieces in order: fewer calls than per pipe read.
-    this.hash.update(data);
+    const piece = this.cur;
+    const n = this.fill;
+    if (!piece || n === 0) return;
+    this.cur = null;
+    this.fill = 0;
+    const data = piece.subarray(0, n);
     const at = this.entry.offset + this.written;
-    this.written += data.length;
-    this.outstanding += data.length;
-    const p: Promise<void> = this.dev.nbd.write(at, data).then(
-      () => {
-        this.outstanding -= data.length;
-        this.inflight.delete(p);
-      },
-      (e: Error) => {
-        this.outstanding -= data.length;
-        this.inflight.delete(p);
-        this.failure ??= e;
-      },
-    );
+    this.written += n;
+    this.outstanding += n;
+    // Hashed in order, from the buffer the write is sent from; the piece is reused
+    // only after both are done with it.
+    const hashed = this.hash.update(data);
+    const wrote = this.dev.nbd.write(at, data).catch((e: Error) => {
+      this.failure ??= e;
+    });
+    const p: Promise<void> = Promise.all([wrote, hashed]).then(() => {
+      this.outstanding -= n;
+      this.inflight.delete(p);
+      this.free.push(piece);
+      this.wake();
+    });
     this.inflight.add(p);
   }
 
@@ -269,13 +329,22 @@ export class DumpWriter {
       completeDump(this.dev.catalog, this.entry.id, { length: this.length, sha256, now }),
     );
     this.settled = true;
+    await this.trimPast(this.length);
     return this.dev.find(this.entry.id);
+  }
+
+  /** Trims the dropped regions under the reservation past the first `n` bytes; best effort. */
+  private async trimPast(n: number): Promise<void> {
+    const from = this.entry.offset + n;
+    await this.dev.trim(clip(this.overwrite, from, Number.MAX_SAFE_INTEGER)).catch(() => {});
   }
 
   /** Marks the dump failed (with what made it to the device); never throws for I/O. */
   async fail(reason: string, now = Date.now()): Promise<DumpEntry | null> {
     if (this.settled) return null;
     this.settled = true;
+    this.failure ??= new DumpError('DUMP_FAILED', reason);
+    this.wake();
     this.hash.close();
     try {
       this.issue();
@@ -285,10 +354,22 @@ export class DumpWriter {
       await this.dev.commit(
         failDump(this.dev.catalog, this.entry.id, { length: this.written, reason, now }),
       );
+      await this.trimPast(this.written);
       return this.dev.find(this.entry.id);
     } catch {
       // The device is gone: the entry stays `writing` and is recovered as interrupted.
       return null;
     }
   }
+}
+
+/** The parts of `trims` within [from, to). */
+function clip(trims: readonly Trim[], from: number, to: number): Trim[] {
+  const out: Trim[] = [];
+  for (const t of trims) {
+    const a = Math.max(t.offset, from);
+    const b = Math.min(t.offset + t.length, to);
+    if (b > a) out.push({ offset: a, length: b - a });
+  }
+  return out;
 }

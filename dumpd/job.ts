@@ -137,32 +137,45 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     await mkfifo(fifo);
     // Non-blocking, so opening does not wait for a writer; QEMU's open then finds a reader.
     const fd = openSync(fifo, fsc.O_RDONLY | fsc.O_NONBLOCK);
-    const pipe = new net.Socket({ fd, readable: true, writable: false });
-    pipe.pause();
     const w = writer;
+    let fail: (e: unknown) => void = () => {};
+    // Each read lands in the writer's current piece (onread), which is written and
+    // hashed from there: no copy between the pipe and the NBD socket.
+    // `onread` is in Node's documentation of net.Socket, not in its typings.
+    const opts: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
+      fd,
+      readable: true,
+      writable: false,
+      onread: {
+        buffer: () => w.window(),
+        callback: (n: number) => {
+          let more: boolean;
+          try {
+            more = w.filled(n);
+          } catch (e) {
+            // Closing the read end makes QEMU's next write fail (EPIPE): the dump stops.
+            fail(e);
+            return false;
+          }
+          bytes = w.length;
+          o.onProgress?.(bytes);
+          if (more) return true;
+          // Too much in flight: stop reading until the writer catches up.
+          w.ready().then(
+            () => pipe.resume(),
+            (e: unknown) => fail(e),
+          );
+          return false;
+        },
+      },
+    };
+    const pipe = new net.Socket(opts);
+    pipe.pause();
     const streamed = new Promise<void>((resolve, reject) => {
-      pipe.on('data', (chunk: Buffer) => {
-        let wait: Promise<void> | undefined;
-        try {
-          wait = w.append(chunk);
-        } catch (e) {
-          // Closing the read end makes QEMU's next write fail (EPIPE): the dump stops.
-          pipe.destroy();
-          reject(e);
-          return;
-        }
-        bytes = w.length;
-        o.onProgress?.(bytes);
-        if (!wait) return;
-        pipe.pause();
-        wait.then(
-          () => pipe.resume(),
-          (e: unknown) => {
-            pipe.destroy();
-            reject(e);
-          },
-        );
-      });
+      fail = (e) => {
+        pipe.destroy();
+        reject(e);
+      };
       pipe.on('end', () => resolve());
       pipe.on('error', (e) => reject(e));
     });
