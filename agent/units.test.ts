@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { codeOf } from '../test/helpers/errors.js';
 import { BallastError } from './errors.js';
 import { formatSize, parseSize } from './units.js';
 
@@ -7,16 +8,6 @@ const M = K * K;
 const G = K * M;
 const T = K * G;
 const P = K * T;
-
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    expect(e).toBeInstanceOf(BallastError);
-    return (e as BallastError).code;
-  }
-  return undefined;
-}
 
 describe('parseSize', () => {
   it.each([

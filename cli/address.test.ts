@@ -1,16 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { BallastError } from '../agent/errors.js';
+import type { BallastError } from '../agent/errors.js';
+import { codeOf } from '../test/helpers/errors.js';
 import { parseHostPort } from './address.js';
-
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    expect(e).toBeInstanceOf(BallastError);
-    return (e as BallastError).code;
-  }
-  return undefined;
-}
 
 describe('parseHostPort', () => {
   it.each([
