@@ -3,6 +3,7 @@
 // (after tsc), so the addon is found by walking up to the package root.
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { constants as osConstants } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BallastError } from './errors.js';
@@ -35,6 +36,11 @@ export interface BallastNative {
   pwriteNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
   /** A plain pwrite on this thread (may block): bytes or -errno. */
   pwriteInline(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  /**
+   * pwrite on the thread pool until all is written: resolves to the bytes written
+   * (fewer only if a write failed after some progress) or -errno; never rejects.
+   */
+  pwriteAsync(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): Promise<number>;
   /** lseek: the resulting offset, or -errno (-ENXIO from SEEK_DATA/SEEK_HOLE past the data). */
   lseek(fd: number, off: number, whence: number): number;
   /** flock: 0 or -errno (-EWOULDBLOCK with LOCK_NB when held elsewhere). */
@@ -45,6 +51,10 @@ export interface BallastNative {
   fadvise(fd: number, off: number, len: number, advice: number): number;
   /** The uid of a Unix socket's peer (SO_PEERCRED), or -errno. */
   peerUid(fd: number): number;
+  /** mkfifo(path, mode): 0 or -errno. */
+  mkfifo(path: string, mode: number): number;
+  /** fcntl(F_SETPIPE_SZ): the pipe's capacity after the call, or -errno. */
+  setPipeSize(fd: number, bytes: number): number;
   readonly constants: NativeConstants;
 }
 
@@ -53,11 +63,14 @@ const FUNCTIONS = [
   'preadNowait',
   'pwriteNowait',
   'pwriteInline',
+  'pwriteAsync',
   'lseek',
   'flock',
   'fallocate',
   'fadvise',
   'peerUid',
+  'mkfifo',
+  'setPipeSize',
 ];
 
 let cached: BallastNative | undefined;
@@ -107,4 +120,12 @@ export function loadNative(): BallastNative {
   }
   cached = mod as BallastNative;
   return cached;
+}
+
+/** The symbolic name of a (positive) errno, as the addon's -errno results carry. */
+export function errnoName(errno: number): string {
+  for (const [name, value] of Object.entries(osConstants.errno)) {
+    if (value === errno) return name;
+  }
+  return `errno ${errno}`;
 }

@@ -103,6 +103,54 @@ describe('native addon', () => {
     expect(n.constants.SEEK_DATA).toBe(3);
     expect(n.lseek(-1, 0, 0)).toBeLessThan(0);
   });
+
+  it('writes large buffers in pieces, inline and on the pool, and reports errors as -errno', async () => {
+    const n = loadNative();
+    const EBADF = 9;
+    const EINVAL = 22;
+    const path = tmpPath();
+    const fd = fs.openSync(path, 'w+');
+    try {
+      // Several 64 KiB pieces and a short tail, from an odd buffer offset to an odd position.
+      const data = pattern(MiB + 5, 3);
+      const buf = Buffer.concat([Buffer.alloc(11), data]);
+      expect(n.pwriteInline(fd, buf, 11, data.length, 7)).toBe(data.length);
+      expect(await n.pwriteAsync(fd, buf, 11, data.length, 2 * MiB + 1)).toBe(data.length);
+      const file = fs.readFileSync(path);
+      expect(file.subarray(7, 7 + data.length).equals(data)).toBe(true);
+      expect(file.subarray(2 * MiB + 1).equals(data)).toBe(true);
+      expect(await n.pwriteAsync(-1, buf, 0, 10, 0)).toBe(-EBADF);
+      expect(await n.pwriteAsync(fd, buf, 11, buf.length, 0)).toBe(-EINVAL);
+      expect(n.pwriteInline(fd, buf, 0, buf.length + 1, 0)).toBe(-EINVAL);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('makes FIFOs and grows pipes', () => {
+    const n = loadNative();
+    const EEXIST = 17;
+    const path = tmpPath();
+    expect(n.mkfifo(path, 0o600)).toBe(0);
+    const st = fs.statSync(path);
+    expect(st.isFIFO()).toBe(true);
+    expect(st.mode & 0o777).toBe(0o600);
+    expect(n.mkfifo(path, 0o600)).toBe(-EEXIST);
+    const fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    try {
+      // Never more than /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE: -EPERM then.
+      const r = n.setPipeSize(fd, 256 * KiB);
+      expect(r === -1 || r >= 256 * KiB).toBe(true);
+    } finally {
+      fs.closeSync(fd);
+    }
+    const file = fs.openSync(tmpPath(), 'w');
+    try {
+      expect(n.setPipeSize(file, 256 * KiB)).toBeLessThan(0);
+    } finally {
+      fs.closeSync(file);
+    }
+  });
 });
 
 describe('SparseFileBackend.open', () => {
@@ -362,6 +410,21 @@ describe('nowait and pool paths', () => {
       expect((await readAt(a, off, len)).equals(await readAt(p, off, len))).toBe(true);
     }
     expect(fs.readFileSync(a.path).equals(fs.readFileSync(p.path))).toBe(true);
+  });
+
+  it('pool writes in flight together all land, one after another', async () => {
+    const p = await openB(tmpPath(), { size: 8 * MiB, nowait: false });
+    const parts = Array.from({ length: 12 }, (_, i) => pattern(600_000 + i, i));
+    const at = (i: number) => i * 650_000 + (i % 3);
+    // Issued at once: the pool runs them in order; the last two overlap, the later wins.
+    const writes = parts.map((d, i) => run((r) => p.write(r, i === 5), at(i), d.length, d));
+    const over = pattern(100_000, 99);
+    writes.push(run((r) => p.write(r, false), at(11), over.length, over));
+    expect(await Promise.all(writes)).toEqual(parts.map(() => 0).concat(0));
+    for (const [i, d] of parts.entries()) {
+      const want = i === 11 ? Buffer.concat([over, d.subarray(over.length)]) : d;
+      expect((await readAt(p, at(i), d.length)).equals(want)).toBe(true);
+    }
   });
 });
 

@@ -4,7 +4,13 @@
 // random bytes (memory-backend-file, private), so the dump carries real data without
 // booting anything. Also reported: dump start → guest running again (after: reboot).
 //
+// Every round dumps into space that holds no data (the device's dump is removed after
+// each round, its blocks trimmed), as the local reference always writes a new file, and
+// each measurement starts after the same pause (--settle). The local reference is also
+// timed with an fdatasync after it: the device path's dump is durable when it completes.
+//
 //   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
+//                         [--settle 3]
 //
 // Results go to stdout and bench-results/dump.json.
 
@@ -13,6 +19,7 @@ import { randomFillSync } from 'node:crypto';
 import {
   closeSync,
   existsSync,
+  fdatasyncSync,
   mkdirSync,
   mkdtempSync,
   openSync,
@@ -27,6 +34,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { DumpFormat } from '../dumpd/catalog.js';
+import { DumpDevice } from '../dumpd/device.js';
 import { runDump } from '../dumpd/job.js';
 import { QmpClient } from '../dumpd/qmp.js';
 
@@ -80,13 +88,14 @@ const median = (xs: number[]) => {
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
     process.stdout.write(
-      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR]\n',
+      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS]\n',
     );
     return;
   }
   const memMiB = Number(arg('mem-mib', '1024'));
   const rounds = Number(arg('rounds', '3'));
   const format = arg('format', 'elf') as DumpFormat;
+  const settle = Number(arg('settle', '3'));
   const base = arg('dir', os.tmpdir());
   const dir = mkdtempSync(path.join(base, 'ballast-bench-dump-'));
   const children: ReturnType<typeof spawn>[] = [];
@@ -145,6 +154,7 @@ async function main(): Promise<void> {
     const uri = `nbd+unix:///?socket=${nbdSock}`;
 
     const local: number[] = [];
+    const localSynced: number[] = [];
     const device: number[] = [];
     const recovery: number[] = [];
     const cpuDumpd: number[] = [];
@@ -154,6 +164,10 @@ async function main(): Promise<void> {
     for (let r = 0; r < rounds; r++) {
       const order = r % 2 === 0 ? ['local', 'device'] : ['device', 'local'];
       for (const which of order) {
+        // The same rest before every measurement: on a VM whose host takes freed memory
+        // back (free page reporting), the page cache a dump fills costs more after a
+        // pause than right after the previous dump freed its own, whichever path ran.
+        await new Promise((r) => setTimeout(r, settle * 1000));
         if (which === 'local') {
           const out = path.join(dir, 'local.dump');
           const t0 = process.hrtime.bigint();
@@ -163,11 +177,17 @@ async function main(): Promise<void> {
             format,
           });
           const s = Number(process.hrtime.bigint() - t0) / 1e9;
+          // What making it durable would add (the device path flushes before `complete`).
+          const fd = openSync(out, 'r+');
+          fdatasyncSync(fd);
+          closeSync(fd);
+          const synced = Number(process.hrtime.bigint() - t0) / 1e9;
           bytes = statSync(out).size;
           local.push(bytes / s / 2 ** 20);
+          localSynced.push(bytes / synced / 2 ** 20);
           rmSync(out);
           log(
-            `round ${r + 1} local file: ${(bytes / 2 ** 20).toFixed(0)} MiB in ${s.toFixed(2)} s`,
+            `round ${r + 1} local file: ${(bytes / 2 ** 20).toFixed(0)} MiB in ${s.toFixed(2)} s (${synced.toFixed(2)} s with fdatasync)`,
           );
         } else {
           const t0 = process.hrtime.bigint();
@@ -195,6 +215,13 @@ async function main(): Promise<void> {
           recovery.push(total);
           // Back to the paused state for the next round.
           await qmp.execute('stop');
+          // Each round dumps into unallocated space, as the local file is always a new
+          // file: the dump is removed again (its blocks trimmed).
+          if (res.entry) {
+            const dev = await DumpDevice.open(uri);
+            await dev.remove(res.entry.id);
+            await dev.close();
+          }
           log(
             `round ${r + 1} device: ${(res.bytes / 2 ** 20).toFixed(0)} MiB in ${s.toFixed(2)} s; running again after ${total.toFixed(2)} s`,
           );
@@ -207,11 +234,15 @@ async function main(): Promise<void> {
       format,
       rounds,
       dumpBytes: bytes,
+      settleSeconds: settle,
       localMiBps: local,
+      localSyncedMiBps: localSynced,
       deviceMiBps: device,
       medianLocalMiBps: median(local),
+      medianLocalSyncedMiBps: median(localSynced),
       medianDeviceMiBps: median(device),
       ratio: median(device) / median(local),
+      ratioToSynced: median(device) / median(localSynced),
       medianDumpToRunningSeconds: median(recovery),
       cpuSecondsPerDevicedump: {
         dumpd: median(cpuDumpd),
@@ -225,7 +256,9 @@ async function main(): Promise<void> {
         `dump of ${memMiB} MiB guest (${format}), median of ${rounds}:`,
         `  local file (dump-guest-memory file:)     ${result.medianLocalMiBps.toFixed(0)} MiB/s`,
         `  dump device (FIFO -> NBD -> Ballast)     ${result.medianDeviceMiBps.toFixed(0)} MiB/s`,
+        `  local file, then fdatasync               ${result.medianLocalSyncedMiBps.toFixed(0)} MiB/s`,
         `  ratio device / local                     ${result.ratio.toFixed(2)} (target >= 0.80)`,
+        `  ratio device / local with fdatasync      ${result.ratioToSynced.toFixed(2)}`,
         `  dump start -> guest running (reboot)     ${result.medianDumpToRunningSeconds.toFixed(2)} s`,
         `  CPU per device dump: dumpd ${median(cpuDumpd).toFixed(2)} s, server ${median(cpuServer).toFixed(2)} s, QEMU ${median(cpuQemu).toFixed(2)} s`,
         `  load average during the run: ${os

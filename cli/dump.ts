@@ -165,7 +165,7 @@ export function registerDump(program: Command): void {
         'directory) it keeps a QMP connection, reconnecting when QEMU restarts. On GUEST_PANICKED ' +
         '(QEMU started with -device pvpanic -action panic=pause) it streams dump-guest-memory ' +
         "through a FIFO onto the guest's dump device over NBD, marks the dump complete with its " +
-        'SHA-256 (or failed), then applies the after-dump policy. /metrics and the control API ' +
+        'CRC-32 (or failed), then applies the after-dump policy. /metrics and the control API ' +
         'are on --listen (default 127.0.0.1:9411). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
     )
     .option(
@@ -254,7 +254,7 @@ Config example:
         if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
         else if (r.ok && r.entry)
           process.stdout.write(
-            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, sha256 ${r.entry.sha256}\n`,
+            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}\n`,
           );
         if (!r.ok)
           throw new DumpError(
@@ -279,7 +279,7 @@ Config example:
           }
           process.stdout.write(
             `${table(
-              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'SHA256'],
+              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'CHECKSUM'],
               es.map((e) => [
                 String(e.id),
                 e.guest,
@@ -287,7 +287,7 @@ Config example:
                 e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
                 human(e.length),
                 new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
-                e.sha256 ? e.sha256.slice(0, 16) : '-',
+                e.checksum ? e.checksum.slice(0, 23) : '-',
               ]),
             )}\n`,
           );
@@ -301,7 +301,7 @@ Config example:
     dump
       .command('get')
       .description(
-        'copy a dump off the device into FILE, verifying its SHA-256. kdump dumps are stored ' +
+        'copy a dump off the device into FILE, verifying its checksum. kdump dumps are stored ' +
           "in makedumpfile's flattened format; --reassemble writes a regular kdump file instead " +
           '(what makedumpfile -R does), which crash opens directly.',
       )
@@ -339,20 +339,20 @@ Config example:
                 `dump ${e.id} (${e.format}) is not in the flattened format`,
               );
             const fd = openSync(o.output, 'w', 0o600);
-            let sha: string;
+            let sum: string;
             try {
               if (flat) {
                 const fr = new FlattenedReader((off, data) => {
                   writeSync(fd, data, 0, data.length, off);
                 });
-                sha = await dev.read(e, async (chunk) => {
+                sum = await dev.read(e, async (chunk) => {
                   await fr.push(chunk);
                   done += chunk.length;
                   bar(done);
                 });
                 fr.finish();
               } else {
-                sha = await dev.read(e, (chunk, pos) => {
+                sum = await dev.read(e, (chunk, pos) => {
                   writeSync(fd, chunk, 0, chunk.length, pos);
                   done += chunk.length;
                   bar(done);
@@ -362,15 +362,15 @@ Config example:
               closeSync(fd);
             }
             bar(done, true);
-            if (sha !== e.sha256) {
+            if (sum !== e.checksum) {
               rmSync(o.output, { force: true });
               throw new DumpError(
                 'DUMP_CHECKSUM_MISMATCH',
-                `dump ${e.id}: SHA-256 ${sha}, catalog says ${e.sha256}`,
+                `dump ${e.id}: read back ${sum}, the catalog says ${e.checksum}`,
               );
             }
             process.stderr.write(
-              `dump ${e.id}: ${human(e.length)}, sha256 ${sha} verified${flat ? ', reassembled' : ''}\n`,
+              `dump ${e.id}: ${human(e.length)}, ${sum} verified${flat ? ', reassembled' : ''}\n`,
             );
           } finally {
             await dev.close();

@@ -4,7 +4,6 @@ import {
   type Catalog,
   chooseCatalog,
   completeDump,
-  crc32,
   DATA_START,
   decodeSlot,
   emptyCatalog,
@@ -18,9 +17,10 @@ import {
   SLOT_SIZE,
   slotFor,
 } from './catalog.js';
+import { checksummer, crc32, crc32js, parseChecksum } from './checksum.js';
 
 const MiB = 1024 * 1024;
-const SHA = 'ab'.repeat(32);
+const SUM = 'crc32:0badcafe';
 
 /** A device simulated as its two slots, written the way dumpd writes them. */
 class Device {
@@ -39,14 +39,32 @@ class Device {
 function dumpOnce(d: Device, size: number, guest: string, len: number, now: number, keep = 3) {
   const p = planDump(d.read(), size, { guest, format: 'elf', now, keep });
   d.commit(p.catalog);
-  const done = completeDump(p.catalog, p.entry.id, { length: len, sha256: SHA, now: now + 1 });
+  const done = completeDump(p.catalog, p.entry.id, { length: len, checksum: SUM, now: now + 1 });
   d.commit(done);
   return { plan: p, catalog: done };
 }
 
-describe('crc32', () => {
-  it('matches the standard check value', () => {
+describe('checksums', () => {
+  it('CRC-32 matches the standard check value, in zlib and in JavaScript', () => {
     expect(crc32(Buffer.from('123456789'))).toBe(0xcbf43926);
+    expect(crc32js(Buffer.from('123456789'))).toBe(0xcbf43926);
+    const b = Buffer.from('a longer buffer, fed in two pieces');
+    expect(crc32(b.subarray(9), crc32(b.subarray(0, 9)))).toBe(crc32js(b));
+  });
+
+  it('checksummers name their algorithm, and parseChecksum takes only what they make', () => {
+    const c = checksummer('crc32');
+    c.update(Buffer.from('1234'));
+    c.update(Buffer.from('56789'));
+    expect(c.digest()).toBe('crc32:cbf43926');
+    const s = checksummer('sha256');
+    s.update(Buffer.from('abc'));
+    expect(s.digest()).toBe(
+      'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad',
+    );
+    expect(parseChecksum('crc32:cbf43926')).toEqual({ alg: 'crc32', hex: 'cbf43926' });
+    for (const bad of ['', 'crc32:cbf4392', 'md5:cbf43926', 'sha256:cbf43926', 'CRC32:cbf43926'])
+      expect(parseChecksum(bad)).toBeNull();
   });
 });
 
@@ -57,7 +75,11 @@ describe('slots', () => {
     const f = failDump(p.catalog, p.entry.id, { length: 5000, reason: 'QEMU said no', now: 1800 });
     const back = decodeSlot(encodeSlot(f));
     expect(back).toEqual(f);
-    const done = completeDump(p.catalog, p.entry.id, { length: 3 * MiB + 1, sha256: SHA, now: 9 });
+    const done = completeDump(p.catalog, p.entry.id, {
+      length: 3 * MiB + 1,
+      checksum: SUM,
+      now: 9,
+    });
     expect(decodeSlot(encodeSlot(done))).toEqual(done);
   });
 
@@ -80,9 +102,53 @@ describe('slots', () => {
     }
   });
 
+  it('completeDump takes only a checksum it knows', () => {
+    const p = planDump(emptyCatalog(), 64 * MiB, { guest: 'g', format: 'elf', now: 1, keep: 1 });
+    for (const checksum of ['', 'abc', 'md5:00112233'])
+      expect(() => completeDump(p.catalog, p.entry.id, { length: 1, checksum, now: 2 })).toThrow(
+        expect.objectContaining({ code: 'DUMP_STATE' }),
+      );
+  });
+
+  it('entries keep their checksum algorithm (CRC-32 and SHA-256 side by side)', () => {
+    const sha = `sha256:${'ab'.repeat(32)}`;
+    let c = emptyCatalog();
+    for (const checksum of [SUM, sha]) {
+      const p = planDump(c, 64 * MiB, { guest: 'g', format: 'elf', now: 1, keep: 5 });
+      c = completeDump(p.catalog, p.entry.id, { length: MiB, checksum, now: 2 });
+    }
+    const back = decodeSlot(encodeSlot(c));
+    expect(back?.entries.map((e) => e.checksum)).toEqual([SUM, sha]);
+    // An algorithm this version does not know makes the slot unreadable, not wrong.
+    const b = encodeSlot(c);
+    b.writeUInt8(9, 64 + 6);
+    b.writeUInt32LE(0, 36);
+    b.writeUInt32LE(crc32(b), 36);
+    expect(decodeSlot(b)).toBeNull();
+  });
+
+  it('reads version 1 catalogs, whose entries carry a SHA-256 and no algorithm', () => {
+    const sha = 'cd'.repeat(32);
+    let c = emptyCatalog();
+    const p = planDump(c, 64 * MiB, { guest: 'g', format: 'elf', now: 1, keep: 5 });
+    c = completeDump(p.catalog, p.entry.id, { length: MiB, checksum: `sha256:${sha}`, now: 2 });
+    const q = planDump(c, 64 * MiB, { guest: 'g', format: 'elf', now: 3, keep: 5 });
+    // As version 1 wrote it: version 1, algorithm byte 0 (padding), the digest or zeroes.
+    const b = encodeSlot(q.catalog);
+    b.writeUInt32LE(1, 8);
+    b.writeUInt8(0, 64 + 6);
+    b.writeUInt32LE(0, 36);
+    b.writeUInt32LE(crc32(b), 36);
+    const back = decodeSlot(b);
+    expect(back?.entries.map((e) => [e.state, e.checksum])).toEqual([
+      ['complete', `sha256:${sha}`],
+      ['writing', ''],
+    ]);
+  });
+
   it('a newer layout version is DUMP_BAD_VERSION', () => {
     const b = encodeSlot(emptyCatalog());
-    b.writeUInt32LE(2, 8);
+    b.writeUInt32LE(3, 8);
     b.writeUInt32LE(0, 36);
     b.writeUInt32LE(crc32(b), 36);
     expect(() => decodeSlot(b)).toThrow(expect.objectContaining({ code: 'DUMP_BAD_VERSION' }));
@@ -127,7 +193,7 @@ describe('crash safety', () => {
     for (let i = 0; i < 6; i++) {
       const p = planDump(c, 256 * MiB, { guest: 'g', format: 'elf', now: i, keep: 10 });
       d.commit(p.catalog);
-      c = completeDump(p.catalog, p.entry.id, { length: MiB, sha256: SHA, now: i });
+      c = completeDump(p.catalog, p.entry.id, { length: MiB, checksum: SUM, now: i });
       d.commit(c);
       gens.push(
         decodeSlot(d.slots[0] as Buffer)?.generation ?? -1,
@@ -176,7 +242,7 @@ describe('space and retention', () => {
 
   it('completion shrinks the reservation to the data, aligned', () => {
     const p = planDump(emptyCatalog(), 100 * MiB, { guest: 'g', format: 'elf', now: 1, keep: 2 });
-    const c = completeDump(p.catalog, p.entry.id, { length: 5 * MiB + 1, sha256: SHA, now: 2 });
+    const c = completeDump(p.catalog, p.entry.id, { length: 5 * MiB + 1, checksum: SUM, now: 2 });
     expect(c.entries[0]?.capacity).toBe(6 * MiB);
     expect(freeGaps(c, 100 * MiB)).toEqual([{ offset: 7 * MiB, length: 93 * MiB }]);
   });
@@ -212,7 +278,7 @@ describe('space and retention', () => {
       offset,
       capacity: len,
       length: len,
-      sha256: SHA,
+      checksum: SUM,
       reason: '',
     });
     c.entries.push(mk(1, 1 * MiB, 2 * MiB), mk(2, 40 * MiB, 10 * MiB), mk(3, 60 * MiB, 30 * MiB));
@@ -233,7 +299,7 @@ describe('space and retention', () => {
     let c = emptyCatalog();
     for (let i = 0; i < MAX_ENTRIES; i++) {
       const p = planDump(c, 1024 * 1024 * MiB, { guest: 'g', format: 'elf', now: i, keep: 1000 });
-      c = completeDump(p.catalog, p.entry.id, { length: ALIGN, sha256: SHA, now: i });
+      c = completeDump(p.catalog, p.entry.id, { length: ALIGN, checksum: SUM, now: i });
     }
     expect(() => encodeSlot(c)).not.toThrow();
     expect(() =>
@@ -251,7 +317,7 @@ describe('space and retention', () => {
     expect(() => removeDump(catalog, 7)).toThrow(
       expect.objectContaining({ code: 'DUMP_NOT_FOUND' }),
     );
-    expect(() => completeDump(catalog, 1, { length: 1, sha256: SHA, now: 1 })).toThrow(
+    expect(() => completeDump(catalog, 1, { length: 1, checksum: SUM, now: 1 })).toThrow(
       expect.objectContaining({ code: 'DUMP_STATE' }),
     );
   });
@@ -259,7 +325,7 @@ describe('space and retention', () => {
   it('completing beyond the reservation is DUMP_NO_SPACE', () => {
     const p = planDump(emptyCatalog(), 10 * MiB, { guest: 'g', format: 'elf', now: 1, keep: 1 });
     expect(() =>
-      completeDump(p.catalog, p.entry.id, { length: 10 * MiB, sha256: SHA, now: 2 }),
+      completeDump(p.catalog, p.entry.id, { length: 10 * MiB, checksum: SUM, now: 2 }),
     ).toThrow(expect.objectContaining({ code: 'DUMP_NO_SPACE' }));
   });
 });

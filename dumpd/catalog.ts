@@ -14,11 +14,19 @@
 // Slot (64 KiB): header (64 bytes) then up to 255 entries of 256 bytes.
 //   header: magic "BALDUMP1"(8) version u32 headerSize u32 generation u64 count u32
 //           entrySize u32 nextId u32 crc32 u32 (over the slot with this field zero)
-//   entry:  id u32, state u8, format u8, pad u16, createdAt u64 (ms), finishedAt u64,
-//           offset u64, capacity u64, length u64, sha256 [32], guest [64], reason [96]
+//   entry:  id u32, state u8, format u8, checksum algorithm u8, pad u8, createdAt u64
+//           (ms), finishedAt u64, offset u64, capacity u64, length u64, checksum [32]
+//           (the digest from its first byte), guest [64], reason [96]
+//
+// Version 2 added the checksum algorithm (0 none, 1 SHA-256, 2 CRC-32: checksum.ts);
+// version 1 had a zero there and always a SHA-256, and is still read.
+
+import { CHECKSUM_ALGS, CHECKSUM_BYTES, crc32, parseChecksum } from './checksum.js';
 
 export const MAGIC = Buffer.from('BALDUMP1', 'latin1');
-export const VERSION = 1;
+export const VERSION = 2;
+/** The oldest layout still read. */
+export const MIN_VERSION = 1;
 export const SLOT_SIZE = 64 * 1024;
 export const SLOT_OFFSETS = [0, SLOT_SIZE] as const;
 export const HEADER_SIZE = 64;
@@ -59,8 +67,8 @@ export interface DumpEntry {
   capacity: number;
   /** Bytes of dump data (final for complete and failed dumps). */
   length: number;
-  /** Hex SHA-256 of the `length` bytes; '' unless complete. */
-  sha256: string;
+  /** "<alg>:<hex>" of the `length` bytes (checksum.ts); '' unless complete. */
+  checksum: string;
   /** Why a dump failed ('' otherwise). */
   reason: string;
 }
@@ -82,23 +90,6 @@ export class DumpError extends Error {
 
 export function emptyCatalog(): Catalog {
   return { generation: 0, nextId: 1, entries: [] };
-}
-
-const CRC_TABLE = (() => {
-  const t = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    t[n] = c >>> 0;
-  }
-  return t;
-})();
-
-export function crc32(b: Uint8Array, crc = 0): number {
-  let c = ~crc >>> 0;
-  for (let i = 0; i < b.length; i++)
-    c = (CRC_TABLE[(c ^ (b[i] as number)) & 0xff] as number) ^ (c >>> 8);
-  return ~c >>> 0;
 }
 
 export const alignUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
@@ -142,7 +133,11 @@ export function encodeSlot(cat: Catalog): Buffer {
     b.writeBigUInt64LE(BigInt(e.offset), p + 24);
     b.writeBigUInt64LE(BigInt(e.capacity), p + 32);
     b.writeBigUInt64LE(BigInt(e.length), p + 40);
-    if (e.sha256) Buffer.from(e.sha256, 'hex').copy(b, p + 48, 0, 32);
+    const sum = parseChecksum(e.checksum);
+    if (sum) {
+      b.writeUInt8(CHECKSUM_ALGS.indexOf(sum.alg) + 1, p + 6);
+      Buffer.from(sum.hex, 'hex').copy(b, p + 48);
+    }
     utf8Fit(e.guest, GUEST_MAX).copy(b, p + 80);
     utf8Fit(e.reason, REASON_MAX).copy(b, p + 144);
   });
@@ -161,8 +156,11 @@ export function decodeSlot(b: Buffer): Catalog | null {
   copy.writeUInt32LE(0, 36);
   if (crc32(copy) !== crc) return null;
   const version = b.readUInt32LE(8);
-  if (version !== VERSION)
-    throw new DumpError('DUMP_BAD_VERSION', `dump catalog version ${version}, expected ${VERSION}`);
+  if (version < MIN_VERSION || version > VERSION)
+    throw new DumpError(
+      'DUMP_BAD_VERSION',
+      `dump catalog version ${version}: this ballast reads versions ${MIN_VERSION} to ${VERSION}`,
+    );
   const count = b.readUInt32LE(24);
   if (
     b.readUInt32LE(12) !== HEADER_SIZE ||
@@ -176,7 +174,18 @@ export function decodeSlot(b: Buffer): Catalog | null {
     const state = STATES[b.readUInt8(p + 4)];
     const format = FORMATS[b.readUInt8(p + 5)];
     if (!state || !format) return null;
-    const sha = b.subarray(p + 48, p + 80);
+    const algByte = b.readUInt8(p + 6);
+    // Version 1: no algorithm byte, a SHA-256 or zeroes.
+    const alg =
+      version === 1
+        ? b.subarray(p + 48, p + 80).some((x) => x !== 0)
+          ? 'sha256'
+          : undefined
+        : algByte === 0
+          ? undefined
+          : CHECKSUM_ALGS[algByte - 1];
+    if (version > 1 && algByte !== 0 && !alg) return null;
+    const checksum = alg ? `${alg}:${b.toString('hex', p + 48, p + 48 + CHECKSUM_BYTES[alg])}` : '';
     entries.push({
       id: b.readUInt32LE(p),
       state,
@@ -186,7 +195,7 @@ export function decodeSlot(b: Buffer): Catalog | null {
       offset: Number(b.readBigUInt64LE(p + 24)),
       capacity: Number(b.readBigUInt64LE(p + 32)),
       length: Number(b.readBigUInt64LE(p + 40)),
-      sha256: sha.every((x) => x === 0) ? '' : sha.toString('hex'),
+      checksum,
       guest: readString(b, p + 80, GUEST_MAX),
       reason: readString(b, p + 144, REASON_MAX),
     });
@@ -310,7 +319,7 @@ export function planDump(cat: Catalog, deviceSize: number, o: PlanOptions): Plan
     offset: best.offset,
     capacity: best.length,
     length: 0,
-    sha256: '',
+    checksum: '',
     reason: '',
   };
   const nextId = cat.nextId >= 0xffffffff ? 1 : cat.nextId + 1;
@@ -334,18 +343,23 @@ function update(cat: Catalog, id: number, f: (e: DumpEntry) => DumpEntry): Catal
 export function completeDump(
   cat: Catalog,
   id: number,
-  r: { length: number; sha256: string; now: number },
+  r: { length: number; checksum: string; now: number },
 ): Catalog {
   return update(cat, id, (e) => {
     if (e.state !== 'writing')
       throw new DumpError('DUMP_STATE', `dump ${id} is ${e.state}, not writing`);
     if (r.length > e.capacity)
       throw new DumpError('DUMP_NO_SPACE', `dump ${id} is larger than its reservation`);
+    if (!parseChecksum(r.checksum))
+      throw new DumpError(
+        'DUMP_STATE',
+        `dump ${id}: not a checksum: ${JSON.stringify(r.checksum)}`,
+      );
     return {
       ...e,
       state: 'complete',
       length: r.length,
-      sha256: r.sha256,
+      checksum: r.checksum,
       finishedAt: r.now,
       capacity: alignUp(r.length),
     };
@@ -362,7 +376,7 @@ export function failDump(
     ...e,
     state: 'failed',
     length: Math.min(r.length, e.capacity),
-    sha256: '',
+    checksum: '',
     reason: r.reason,
     finishedAt: r.now,
     capacity: Math.min(e.capacity, alignUp(r.length)),

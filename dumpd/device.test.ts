@@ -1,14 +1,16 @@
-// DumpWriter against `ballast serve`: pieces read in place, hashed, and the space a
-// dropped dump held under the new reservation trimmed past the new dump's end.
+// DumpWriter against `ballast serve`: pieces read in place, checksummed, flushed as
+// they go, and the space a dropped dump held under the new reservation trimmed past the
+// new dump's end.
 
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type ServerHandle, startServer } from '../test/helpers/server.js';
+import { crc32 } from './checksum.js';
 import { DumpDevice, type DumpWriter } from './device.js';
 
 let server: ServerHandle;
 beforeAll(async () => {
-  server = await startServer({ size: '16M' });
+  server = await startServer({ size: '96M' });
 });
 afterAll(async () => {
   await server?.stop();
@@ -35,7 +37,7 @@ it('writes and hashes a dump, and trims what a dropped dump left past the new on
     const e1 = await w1.finish();
     expect(e1.state).toBe('complete');
     expect(e1.length).toBe(big.length);
-    expect(e1.sha256).toBe(createHash('sha256').update(big).digest('hex'));
+    expect(e1.checksum).toBe(`crc32:${crc32(big).toString(16).padStart(8, '0')}`);
     const back: Buffer[] = [];
     await dev.read(e1, (c) => {
       back.push(Buffer.from(c));
@@ -48,12 +50,37 @@ it('writes and hashes a dump, and trims what a dropped dump left past the new on
     expect(w2.entry.offset).toBe(e1.offset);
     await feed(w2, small, 1 << 20);
     const e2 = await w2.finish();
-    expect(e2.sha256).toBe(createHash('sha256').update(small).digest('hex'));
+    expect(e2.checksum).toBe(`crc32:${crc32(small).toString(16).padStart(8, '0')}`);
     expect(dev.catalog.entries.map((e) => e.id)).toEqual([e2.id]);
     // Past the second dump's last MiB, nothing of the first is left.
     const tail = e1.offset + 2 * 1024 * 1024;
     const rest = await dev.nbd.read(tail, e1.offset + big.length - tail);
     expect(rest.equals(Buffer.alloc(rest.length))).toBe(true);
+  } finally {
+    await dev.close();
+  }
+});
+
+it('flushes every 32 MiB while the dump streams, not only at the end', async () => {
+  const dev = await DumpDevice.open(`nbd+unix:///?socket=${server.socket}`);
+  try {
+    const nbd = dev.nbd;
+    const flush = nbd.flush.bind(nbd);
+    const at: number[] = [];
+    let w: DumpWriter | null = null;
+    nbd.flush = () => {
+      at.push(w?.length ?? -1);
+      return flush();
+    };
+    const data = randomBytes(70 * 1024 * 1024 + 5);
+    w = await dev.begin({ guest: 'g', format: 'elf', keep: 1 });
+    await feed(w, data, 1 << 20);
+    const e = await w.finish();
+    // Two while streaming (after 32 and 64 MiB were sent), one before `complete`.
+    expect(at.length).toBe(3);
+    expect(at.slice(0, 2).every((n) => n < data.length)).toBe(true);
+    expect(at[2]).toBe(data.length);
+    expect(e.checksum).toBe(`crc32:${crc32(data).toString(16).padStart(8, '0')}`);
   } finally {
     await dev.close();
   }

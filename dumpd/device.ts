@@ -4,8 +4,8 @@
 // Order of writes for one dump (each step durable before the next):
 //   1. catalog with the new `writing` entry (and dropped dumps removed)   FUA / flush
 //   2. trims of the dropped dumps' regions outside the new reservation
-//   3. dump data into the reserved region                                  flush
-//   4. catalog with the entry `complete` (length, SHA-256) or `failed`     FUA / flush
+//   3. dump data into the reserved region, a flush every 32 MiB         flush
+//   4. catalog with the entry `complete` (length, CRC-32) or `failed`      FUA / flush
 //   5. trims of the dropped regions inside the reservation past the data
 //
 // Dropped regions inside the reservation are not trimmed before the dump: it
@@ -14,7 +14,6 @@
 // catalog entry refers to those bytes after step 1; a dumpd that dies before step 5
 // leaves the entry `writing`, and recovery trims its whole reservation.
 
-import { createHash } from 'node:crypto';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import {
   type Catalog,
@@ -33,7 +32,7 @@ import {
   slotFor,
   type Trim,
 } from './catalog.js';
-import { Hasher } from './hasher.js';
+import { type ChecksumAlg, checksummer, parseChecksum } from './checksum.js';
 
 /** Dumps are read back in pieces of this size. */
 const READ_SIZE = 4 * 1024 * 1024;
@@ -46,10 +45,20 @@ const READ_SIZE = 4 * 1024 * 1024;
  */
 const PIECE_SIZE = 1024 * 1024;
 /**
- * At most this many bytes are in flight (written and not acknowledged, or not yet
- * hashed): below the server's retained buffers, and the reader stops until it is.
+ * At most this many bytes are in flight (written and not acknowledged): below the
+ * server's retained buffers, and the reader stops until it is.
  */
 const MAX_OUTSTANDING = 12 * 1024 * 1024;
+/**
+ * A flush goes out after every this many bytes, not waited for by the data path: the
+ * server writes the dump back while more arrives, so the last flush before the dump
+ * is marked complete finds little left to write (with one flush at the end, it took
+ * 170-220 ms of a 512 MiB dump here), and the agent's host never holds more than a
+ * few of these in dirty pages for a dump of any size.
+ */
+const FLUSH_EVERY = 32 * 1024 * 1024;
+/** What new dumps are checksummed with (checksum.ts). */
+const CHECKSUM: ChecksumAlg = 'crc32';
 
 export class DumpDevice {
   catalog: Catalog;
@@ -155,14 +164,15 @@ export class DumpDevice {
 
   /**
    * Streams a dump's bytes to `sink` in order, in pieces of up to 4 MiB, with a few
-   * reads in flight. Returns the SHA-256 of what was read.
+   * reads in flight. Returns the checksum of what was read ("<alg>:<hex>"), with the
+   * algorithm of the entry's checksum (CRC-32 when it has none).
    */
   async read(
     e: DumpEntry,
     sink: (chunk: Buffer, pos: number) => Promise<void> | void,
     opts: { start?: number; end?: number } = {},
   ): Promise<string> {
-    const hash = createHash('sha256');
+    const hash = checksummer(parseChecksum(e.checksum)?.alg ?? CHECKSUM);
     const start = opts.start ?? 0;
     const end = Math.min(opts.end ?? e.length, e.length);
     const step = Math.min(READ_SIZE, this.nbd.maxBlock);
@@ -185,7 +195,7 @@ export class DumpDevice {
       await sink(chunk, pos);
       pos += chunk.length;
     }
-    return hash.digest('hex');
+    return hash.digest();
   }
 
   async close(): Promise<void> {
@@ -195,14 +205,15 @@ export class DumpDevice {
 
 /**
  * Appends one dump's data into its reservation. The data is read straight into the
- * writer's buffers (window() / filled()); each full piece is written over NBD and
- * hashed from the same buffer, which is reused once both are done. A write past the
- * reservation fails with DUMP_NO_SPACE; any failure makes later calls throw it.
+ * writer's buffers (window() / filled()); each full piece is checksummed and written
+ * over NBD from the same buffer, which is reused once the write is acknowledged. A
+ * write past the reservation fails with DUMP_NO_SPACE; any failure makes later calls
+ * throw it.
  */
 export class DumpWriter {
   /** Bytes accepted so far. */
   length = 0;
-  private readonly hash = new Hasher();
+  private readonly sum = checksummer(CHECKSUM);
   private readonly pieceSize: number;
   /** Pieces free for reuse. */
   private readonly free: Buffer[] = [];
@@ -210,12 +221,15 @@ export class DumpWriter {
   private cur: Buffer | null = null;
   private fill = 0;
   private written = 0;
-  /** Bytes of pieces handed out and not yet both acknowledged and hashed. */
+  /** Bytes of pieces handed out and not yet acknowledged. */
   private outstanding = 0;
   private readonly inflight = new Set<Promise<void>>();
   private waiters: (() => void)[] = [];
   private failure: Error | null = null;
   private settled = false;
+  /** Bytes written since the last flush was sent, and that flush while it runs. */
+  private unflushed = 0;
+  private flushing: Promise<void> | null = null;
 
   /**
    * @param overwrite dropped regions inside the reservation, not trimmed yet: what of
@@ -239,8 +253,7 @@ export class DumpWriter {
    */
   window(): Buffer {
     if (!this.cur) {
-      // Shared, so the hashing worker reads the piece where it lies.
-      this.cur = this.free.pop() ?? Buffer.from(new SharedArrayBuffer(this.pieceSize));
+      this.cur = this.free.pop() ?? Buffer.allocUnsafeSlow(this.pieceSize);
       this.fill = 0;
     }
     return this.cur.subarray(this.fill);
@@ -286,7 +299,7 @@ export class DumpWriter {
     for (const f of w) f();
   }
 
-  /** Writes and hashes the filled part of the current piece. */
+  /** Checksums and writes the filled part of the current piece. */
   private issue(): void {
     const piece = this.cur;
     const n = this.fill;
@@ -297,19 +310,41 @@ export class DumpWriter {
     const at = this.entry.offset + this.written;
     this.written += n;
     this.outstanding += n;
-    // Hashed in order, from the buffer the write is sent from; the piece is reused
-    // only after both are done with it.
-    const hashed = this.hash.update(data);
-    const wrote = this.dev.nbd.write(at, data).catch((e: Error) => {
-      this.failure ??= e;
-    });
-    const p: Promise<void> = Promise.all([wrote, hashed]).then(() => {
+    // In order, on this thread: about 0.25 ms per MiB, less than handing it to a worker.
+    this.sum.update(data);
+    const p: Promise<void> = this.dev.nbd.write(at, data).then(
+      () => this.settle(p, piece, n),
+      (e: Error) => {
+        this.failure ??= e;
+        this.settle(p, piece, n);
+      },
+    );
+    this.inflight.add(p);
+    this.unflushed += n;
+    if (this.unflushed >= FLUSH_EVERY && !this.flushing && this.dev.nbd.canFlush) {
+      this.unflushed = 0;
+      // Covers the writes acknowledged before it; finish() sends the last one.
+      const f: Promise<void> = this.dev.nbd.flush().then(
+        () => this.settle(f),
+        (e: Error) => {
+          this.failure ??= e;
+          this.settle(f);
+        },
+      );
+      this.flushing = f;
+      this.inflight.add(f);
+    }
+  }
+
+  /** A write (with its piece, now free) or a flush is done. */
+  private settle(p: Promise<void>, piece?: Buffer, n = 0): void {
+    this.inflight.delete(p);
+    if (p === this.flushing) this.flushing = null;
+    if (piece) {
       this.outstanding -= n;
-      this.inflight.delete(p);
       this.free.push(piece);
       this.wake();
-    });
-    this.inflight.add(p);
+    }
   }
 
   /** Writes what is buffered and waits for every write. */
@@ -324,9 +359,12 @@ export class DumpWriter {
   async finish(now = Date.now()): Promise<DumpEntry> {
     if (this.settled) throw new DumpError('DUMP_STATE', 'the dump is already settled');
     await this.drain();
-    const sha256 = await this.hash.digest();
     await this.dev.commit(
-      completeDump(this.dev.catalog, this.entry.id, { length: this.length, sha256, now }),
+      completeDump(this.dev.catalog, this.entry.id, {
+        length: this.length,
+        checksum: this.sum.digest(),
+        now,
+      }),
     );
     this.settled = true;
     await this.trimPast(this.length);
@@ -345,7 +383,6 @@ export class DumpWriter {
     this.settled = true;
     this.failure ??= new DumpError('DUMP_FAILED', reason);
     this.wake();
-    this.hash.close();
     try {
       this.issue();
       while (this.inflight.size) await Promise.all(this.inflight);

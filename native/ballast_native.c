@@ -1,8 +1,8 @@
 // Syscalls Node lacks, for the sparse-file backend: fallocate (punch/zero),
 // lseek with SEEK_DATA/SEEK_HOLE, flock, and preadv2/pwritev2 with RWF_NOWAIT
 // so page-cached I/O can complete on the event loop without a thread-pool
-// round trip; and SO_PEERCRED, to name Unix socket clients. Hot-path calls
-// return a negative errno instead of throwing.
+// round trip; SO_PEERCRED, to name Unix socket clients; and for dumpd, mkfifo
+// and F_SETPIPE_SZ. Hot-path calls return a negative errno instead of throwing.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -44,6 +45,36 @@ static int get_args(napi_env env, napi_callback_info info, size_t want, napi_val
   return 0;
 }
 
+/*
+ * Buffered writes go to the kernel in pieces of at most WRITE_CHUNK. The page cache
+ * sizes the folios it allocates for a write by the write's length, and allocating
+ * large folios into memory that is fragmented, or that a hypervisor took back (free
+ * page reporting), costs far more than the copy: measured on a 2-CPU KVM guest,
+ * writing 512 MiB into a new file ran at 330-400 MB/s with 256 KiB-16 MiB writes and
+ * at 1.9-2.5 GB/s with 16-64 KiB writes. A 1 MiB request costs 16 syscalls instead
+ * of one, a few microseconds.
+ */
+#define WRITE_CHUNK (64 * 1024)
+
+// pwrite/pwritev2 of [data, data+len) at pos in pieces of WRITE_CHUNK: bytes
+// written (short if a piece was short, or after the first if a later one failed:
+// with RWF_NOWAIT, EAGAIN after some progress), or -errno.
+static ssize_t write_chunked(int fd, const char *data, size_t len, int64_t pos, int flags) {
+  size_t done = 0;
+  while (done < len) {
+    size_t n = len - done < WRITE_CHUNK ? len - done : WRITE_CHUNK;
+    struct iovec iov = {.iov_base = (char *)data + done, .iov_len = n};
+    ssize_t r;
+    do {
+      r = pwritev2(fd, &iov, 1, pos + (int64_t)done, flags);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) return done > 0 ? (ssize_t)done : -errno;
+    done += (size_t)r;
+    if ((size_t)r < n) break;
+  }
+  return (ssize_t)done;
+}
+
 // rw(fd, buffer, bufOffset, length, position) -> bytes or -errno
 // write: 0 read (NOWAIT), 1 write (NOWAIT), 2 write (may block)
 static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
@@ -62,12 +93,14 @@ static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
       (uint64_t)len > buflen - (uint64_t)boff) {
     return make_int64(env, -EINVAL);
   }
+  if (write) {
+    ssize_t w = write_chunked(fd, (char *)data + boff, (size_t)len, pos, write == 2 ? 0 : RWF_NOWAIT);
+    return make_int64(env, w);
+  }
   struct iovec iov = {.iov_base = (char *)data + boff, .iov_len = (size_t)len};
   ssize_t r;
   do {
-    if (write == 2) r = pwritev2(fd, &iov, 1, pos, 0);
-    else if (write) r = pwritev2(fd, &iov, 1, pos, RWF_NOWAIT);
-    else r = preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+    r = preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
   } while (r < 0 && errno == EINTR);
   return make_int64(env, r < 0 ? -errno : r);
 }
@@ -118,6 +151,79 @@ static napi_value do_fadvise(napi_env env, napi_callback_info info) {
   CHECK(napi_get_value_int32(env, argv[3], &advice));
   int r = posix_fadvise(fd, (off_t)off, (off_t)len, advice);  // returns the error, no errno
   return make_int64(env, -r);
+}
+
+// pwrite(fd, buffer, bufOffset, length, position) on the thread pool, in pieces of
+// WRITE_CHUNK until all is written or one fails: Promise<bytes | -errno>. The
+// buffer is referenced until the write is done.
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buffer;
+  int fd;
+  char *data;
+  size_t length;
+  int64_t position;
+  ssize_t result;
+} pwrite_job;
+
+static void pwrite_execute(napi_env env, void *data) {
+  (void)env;
+  pwrite_job *job = data;
+  size_t done = 0;
+  ssize_t r = 0;
+  while (done < job->length) {
+    r = write_chunked(job->fd, job->data + done, job->length - done, job->position + (int64_t)done, 0);
+    if (r <= 0) break;
+    done += (size_t)r;
+  }
+  job->result = done == job->length ? (ssize_t)done : (r < 0 && done == 0 ? r : (ssize_t)done);
+}
+
+static void pwrite_complete(napi_env env, napi_status status, void *data) {
+  pwrite_job *job = data;
+  int64_t v = status == napi_ok ? (int64_t)job->result : -ECANCELED;
+  napi_resolve_deferred(env, job->deferred, make_int64(env, v));
+  napi_delete_reference(env, job->buffer);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static napi_value do_pwrite_async(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  if (get_args(env, info, 5, argv) < 0) return NULL;
+  int32_t fd;
+  void *data;
+  size_t buflen;
+  int64_t boff, len, pos;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &buflen));
+  CHECK(napi_get_value_int64(env, argv[2], &boff));
+  CHECK(napi_get_value_int64(env, argv[3], &len));
+  CHECK(napi_get_value_int64(env, argv[4], &pos));
+  napi_value promise, name;
+  napi_deferred deferred;
+  CHECK(napi_create_promise(env, &deferred, &promise));
+  if (boff < 0 || len < 0 || pos < 0 || (uint64_t)boff > buflen ||
+      (uint64_t)len > buflen - (uint64_t)boff) {
+    napi_resolve_deferred(env, deferred, make_int64(env, -EINVAL));
+    return promise;
+  }
+  pwrite_job *job = calloc(1, sizeof(*job));
+  if (!job) {
+    napi_resolve_deferred(env, deferred, make_int64(env, -ENOMEM));
+    return promise;
+  }
+  job->deferred = deferred;
+  job->fd = fd;
+  job->data = (char *)data + boff;
+  job->length = (size_t)len;
+  job->position = pos;
+  napi_create_reference(env, argv[1], 1, &job->buffer);
+  napi_create_string_utf8(env, "ballast.pwrite", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, pwrite_execute, pwrite_complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return promise;
 }
 
 // fallocate runs on the thread pool: punching a large, fragmented range can
@@ -191,6 +297,31 @@ static napi_value do_peer_uid(napi_env env, napi_callback_info info) {
   return make_int64(env, (int64_t)cred.uid);
 }
 
+// mkfifo(path, mode) -> 0 or -errno
+static napi_value do_mkfifo(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv) < 0) return NULL;
+  char path[4096];
+  size_t len;
+  int32_t mode;
+  CHECK(napi_get_value_string_utf8(env, argv[0], path, sizeof(path), &len));
+  CHECK(napi_get_value_int32(env, argv[1], &mode));
+  if (len >= sizeof(path) - 1) return make_int64(env, -ENAMETOOLONG);
+  return make_int64(env, mkfifo(path, (mode_t)mode) < 0 ? -errno : 0);
+}
+
+// setPipeSize(fd, bytes) -> the pipe's capacity now (F_SETPIPE_SZ), or -errno.
+// Without CAP_SYS_RESOURCE the kernel caps it at /proc/sys/fs/pipe-max-size.
+static napi_value do_set_pipe_size(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv) < 0) return NULL;
+  int32_t fd, size;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int32(env, argv[1], &size));
+  int r = fcntl(fd, F_SETPIPE_SZ, size);
+  return make_int64(env, r < 0 ? -errno : r);
+}
+
 static void set_int(napi_env env, napi_value obj, const char *name, int64_t v) {
   napi_set_named_property(env, obj, name, make_int64(env, v));
 }
@@ -205,6 +336,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
       {"fadvise", NULL, do_fadvise, NULL, NULL, NULL, napi_default, NULL},
       {"peerUid", NULL, do_peer_uid, NULL, NULL, NULL, napi_default, NULL},
+      {"pwriteAsync", NULL, do_pwrite_async, NULL, NULL, NULL, napi_default, NULL},
+      {"mkfifo", NULL, do_mkfifo, NULL, NULL, NULL, napi_default, NULL},
+      {"setPipeSize", NULL, do_set_pipe_size, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   napi_value c;

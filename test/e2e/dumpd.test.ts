@@ -183,7 +183,7 @@ describeWithTools(
           agentFlag,
         ]);
         expect(get.code, describeRun(get)).toBe(0);
-        expect(get.stderr).toMatch(/sha256 [0-9a-f]{64} verified/);
+        expect(get.stderr).toMatch(/crc32:[0-9a-f]{8} verified/);
         expect(statSync(out).size).toBe(listed.dumps[0]?.length);
         const core = readFileSync(out);
         const mark = Buffer.from(`BALLAST-MARK-${nonce}\n`);
