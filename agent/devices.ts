@@ -16,11 +16,20 @@ import { BallastError } from './errors.js';
 import { failpoint } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
-import { SparseFileBackend } from './sparse-file.js';
+import { type CacheMode, SparseFileBackend } from './sparse-file.js';
 import type { Store } from './store/store.js';
 
 export type Role = 'paging' | 'dump' | 'data';
 export const ROLES: readonly Role[] = ['paging', 'dump', 'data'];
+
+/**
+ * Dump devices bypass the host's page cache for their (aligned) writes: a dump is
+ * written once and read rarely, and through the cache it would evict what the host's
+ * guests use and leave gigabytes dirty behind it (SparseFileOptions.cache).
+ */
+export function cacheFor(role: Role): CacheMode {
+  return role === 'dump' ? 'none' : 'writeback';
+}
 
 export interface ExtentRecord {
   pool: string;
@@ -188,7 +197,7 @@ export class DeviceManager {
             `extent ${e.file} is in unknown pool ${e.pool}`,
           );
         }
-        const b = await SparseFileBackend.open(e.file, {});
+        const b = await SparseFileBackend.open(e.file, { cache: cacheFor(rec.role) });
         if (b.size < e.size) {
           await b.close();
           throw new BallastError(
@@ -401,7 +410,9 @@ export class DeviceManager {
       let files: SparseFileBackend[] = [];
       try {
         // 2. The file, durable too.
-        files = [await SparseFileBackend.open(rec.extents[0]!.file, { size })];
+        files = [
+          await SparseFileBackend.open(rec.extents[0]!.file, { size, cache: cacheFor(rec.role) }),
+        ];
         fsyncDir(pool.path);
         failpoint('create-after-file');
         // 3. Done: from here on the device exists.
@@ -602,7 +613,7 @@ export class DeviceManager {
       };
       // The file first, then the record: a crash in between leaves an orphan
       // file (reported), never a record pointing at nothing.
-      const f = await SparseFileBackend.open(file, { size: grow });
+      const f = await SparseFileBackend.open(file, { size: grow, cache: cacheFor(rec.role) });
       try {
         fsyncDir(pool.path);
         const revision = await this.save(l, rec);

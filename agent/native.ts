@@ -39,8 +39,16 @@ export interface BallastNative {
   /**
    * pwrite on the thread pool until all is written: resolves to the bytes written
    * (fewer only if a write failed after some progress) or -errno; never rejects.
+   * `direct`: fd is O_DIRECT and pos/len are block-aligned (the buffer need not be).
    */
-  pwriteAsync(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): Promise<number>;
+  pwriteAsync(
+    fd: number,
+    buf: Buffer,
+    bufOff: number,
+    len: number,
+    pos: number,
+    direct?: boolean,
+  ): Promise<number>;
   /** lseek: the resulting offset, or -errno (-ENXIO from SEEK_DATA/SEEK_HOLE past the data). */
   lseek(fd: number, off: number, whence: number): number;
   /** flock: 0 or -errno (-EWOULDBLOCK with LOCK_NB when held elsewhere). */

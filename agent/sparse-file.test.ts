@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Extent, IoRequest } from '../nbd/backend.js';
 import { loadNative } from './native.js';
@@ -319,6 +319,7 @@ describe('read-only', () => {
 describe.each([
   ['nowait', {}],
   ['pool', { nowait: false }],
+  ['cache none', { cache: 'none' }],
 ] as const)('read/write (%s)', (_name, extra) => {
   it('round-trips at odd offsets and buffer offsets', async () => {
     const path = tmpPath();
@@ -425,6 +426,56 @@ describe('nowait and pool paths', () => {
       const want = i === 11 ? Buffer.concat([over, d.subarray(over.length)]) : d;
       expect((await readAt(p, at(i), d.length)).equals(want)).toBe(true);
     }
+  });
+});
+
+describe('cache none', () => {
+  it('writes aligned requests with O_DIRECT and the rest through the page cache, coherently', async () => {
+    const d = await openB(tmpPath(), { size: 8 * MiB, cache: 'none' });
+    const w = await openB(tmpPath(), { size: 8 * MiB });
+    expect(d.cacheMode).toBe('none');
+    expect(w.cacheMode).toBe('writeback');
+    // Aligned (direct), unaligned (page cache) over it, direct again over that, a
+    // 5 MiB one (more than one pass through the aligned buffer), with FUA too.
+    const writes: [number, number, boolean][] = [
+      [0, 64 * KiB, false],
+      [100, 5000, false],
+      [0, 8 * KiB, true],
+      [MiB, 5 * MiB, false],
+      [MiB + 4096, 4096, true],
+      [8 * MiB - 4096, 4096, false],
+    ];
+    for (const [i, [off, len, fua]] of writes.entries()) {
+      // Read first, so direct writes have cached pages to invalidate.
+      await readAt(d, off, len);
+      await writeAt(d, off, pattern(len, i), fua);
+      await writeAt(w, off, pattern(len, i), fua);
+      expect((await readAt(d, off, len)).equals(pattern(len, i))).toBe(true);
+    }
+    expect((await readAt(d, 0, 8 * MiB)).equals(await readAt(w, 0, 8 * MiB))).toBe(true);
+    expect(fs.readFileSync(d.path).equals(fs.readFileSync(w.path))).toBe(true);
+  });
+
+  it('works on tmpfs: O_DIRECT there since Linux 6.6, the page cache before', async (ctx) => {
+    const shm = '/dev/shm';
+    if (!fs.existsSync(shm)) ctx.skip();
+    const path = join(fs.mkdtempSync(join(shm, 'ballast-')), 'f.img');
+    try {
+      const b = await openB(path, { size: MiB, cache: 'none' });
+      expect(['none', 'writeback']).toContain(b.cacheMode);
+      await writeAt(b, 0, pattern(64 * KiB, 1));
+      expect((await readAt(b, 0, 64 * KiB)).equals(pattern(64 * KiB, 1))).toBe(true);
+      await closeB(b);
+    } finally {
+      fs.rmSync(dirname(path), { recursive: true, force: true });
+    }
+  });
+
+  it('read-only files ignore it', async () => {
+    const path = tmpPath();
+    await closeB(await openB(path, { size: MiB }));
+    const b = await openB(path, { readOnly: true, cache: 'none' });
+    expect(b.cacheMode).toBe('writeback');
   });
 });
 

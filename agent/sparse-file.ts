@@ -4,8 +4,10 @@
 // which completes page-cached I/O without a thread-pool round trip; whatever
 // that cannot do (not cached, unsupported, short) finishes on the libuv pool
 // (fs.read; the addon's pwriteAsync, one write at a time). Writes reach the kernel
-// in pieces of at most 64 KiB (native/ballast_native.c, WRITE_CHUNK). Holes are made with fallocate and reported with
-// SEEK_DATA/SEEK_HOLE. A flock keeps two servers from serving one file.
+// in pieces of at most 64 KiB (native/ballast_native.c, WRITE_CHUNK). With cache
+// 'none' (dump devices), aligned writes go to the pool with O_DIRECT instead.
+// Holes are made with fallocate and reported with SEEK_DATA/SEEK_HOLE. A flock
+// keeps two servers from serving one file.
 import * as fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -32,6 +34,12 @@ const INLINE_SLOW_MS = 2;
 /** ...and writes use the thread pool for this long. */
 const INLINE_BACKOFF_MS = 1000;
 
+export type CacheMode = 'writeback' | 'none';
+export const CACHE_MODES: readonly CacheMode[] = ['writeback', 'none'];
+
+/** Offsets and lengths of O_DIRECT writes are multiples of this (any logical block size up to 4 KiB). */
+const DIRECT_ALIGN = 4096;
+
 export interface SparseFileOptions {
   /** Export size. Required to create a missing file; grows (sparsely) a smaller one. */
   size?: number;
@@ -39,6 +47,15 @@ export interface SparseFileOptions {
   readOnly?: boolean;
   /** Advertised rotational hint; detected from sysfs when absent. */
   rotational?: boolean;
+  /**
+   * 'none': writes aligned to 4 KiB bypass the host's page cache (O_DIRECT), as dump
+   * devices' are: write-once data that would only push out what the host caches, and
+   * whose flush then has nothing left to write back. Reads, and writes that are not
+   * aligned, still use the page cache (the kernel keeps the two coherent). Falls back
+   * to 'writeback' (see cacheMode) where the file system has no O_DIRECT.
+   * Default 'writeback'.
+   */
+  cache?: CacheMode;
   /** @internal Testing: false forces every read/write through the thread pool. */
   nowait?: boolean;
   /** @internal Testing: false acts as if fallocate were unsupported. */
@@ -81,6 +98,10 @@ export class SparseFileBackend implements Backend {
   private inlineAfter = 0;
   /** Writes for the thread pool, run one at a time (the head is running). */
   private readonly poolWrites: { req: IoRequest; done: number; fua: boolean }[] = [];
+  /** The file opened again with O_DIRECT (cache 'none'), or -1. */
+  private readonly directFd: number;
+  /** What the file is served with: 'none' only if O_DIRECT could be had. */
+  readonly cacheMode: CacheMode;
   private readonly pwriteInline: BallastNative['pwriteInline'];
   private canPunch: boolean;
   private canZeroRange: boolean;
@@ -93,9 +114,12 @@ export class SparseFileBackend implements Backend {
     caps: BackendCaps,
     native: BallastNative,
     opts: SparseFileOptions,
+    directFd: number,
   ) {
     this.path = path;
     this.fd = fd;
+    this.directFd = directFd;
+    this.cacheMode = directFd >= 0 ? 'none' : 'writeback';
     this.size = size;
     this.caps = caps;
     this.native = native;
@@ -179,7 +203,8 @@ export class SparseFileBackend implements Backend {
         multiConn: true,
         rotational,
       };
-      return new SparseFileBackend(path, fd, size, caps, native, opts);
+      const directFd = opts.cache === 'none' && !readOnly ? openDirect(path) : -1;
+      return new SparseFileBackend(path, fd, size, caps, native, opts, directFd);
     } catch (err) {
       // Closing also drops the lock if it was taken.
       await closeAsync(fd).catch(() => {});
@@ -212,6 +237,10 @@ export class SparseFileBackend implements Backend {
   }
 
   write(req: IoRequest, fua: boolean): void {
+    if (this.directFd >= 0 && this.directOk(req.offset, req.length)) {
+      this.writePool(req, 0, fua);
+      return;
+    }
     if (this.writeNowait) {
       const r = this.pwriteNowait(this.fd, req.buf, req.bufOffset, req.length, req.offset);
       if (r === req.length) {
@@ -318,7 +347,19 @@ export class SparseFileBackend implements Backend {
           );
       }
     };
-    void this.pwriteAsync(this.fd, buf, bufOffset + done, length - done, offset + done).then(step);
+    const direct = this.directFd >= 0 && this.directOk(offset + done, length - done);
+    void this.pwriteAsync(
+      direct ? this.directFd : this.fd,
+      buf,
+      bufOffset + done,
+      length - done,
+      offset + done,
+      direct,
+    ).then(step);
+  }
+
+  private directOk(offset: number, length: number): boolean {
+    return offset % DIRECT_ALIGN === 0 && length % DIRECT_ALIGN === 0;
   }
 
   /** fdatasync on the pool, then done. */
@@ -501,7 +542,23 @@ export class SparseFileBackend implements Backend {
     if (this.closed) return;
     this.closed = true;
     this.native.flock(this.fd, this.native.constants.LOCK_UN);
+    if (this.directFd >= 0) await closeAsync(this.directFd).catch(() => {});
     await closeAsync(this.fd);
+  }
+}
+
+/** The file opened O_WRONLY | O_DIRECT, or -1 where the file system refuses O_DIRECT (tmpfs). */
+function openDirect(path: string): number {
+  try {
+    return fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_DIRECT);
+  } catch (cause) {
+    const errno = errnoOf(cause as NodeJS.ErrnoException);
+    if (errno === osConstants.errno.EINVAL) return -1;
+    throw new BallastError(
+      'BALLAST_FILE_OPEN',
+      `cannot open ${path} for direct I/O: ${errnoName(errno)}`,
+      { cause },
+    );
   }
 }
 

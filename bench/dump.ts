@@ -9,8 +9,11 @@
 // each measurement starts after the same pause (--settle). The local reference is also
 // timed with an fdatasync after it: the device path's dump is durable when it completes.
 //
+// The device is served the way the agent serves dump devices: `--cache none`, aligned
+// writes with O_DIRECT (--cache writeback to compare).
+//
 //   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
-//                         [--settle 3]
+//                         [--settle 3] [--cache none]
 //
 // Results go to stdout and bench-results/dump.json.
 
@@ -88,7 +91,7 @@ const median = (xs: number[]) => {
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
     process.stdout.write(
-      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS]\n',
+      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS] [--cache none|writeback]\n',
     );
     return;
   }
@@ -96,6 +99,8 @@ async function main(): Promise<void> {
   const rounds = Number(arg('rounds', '3'));
   const format = arg('format', 'elf') as DumpFormat;
   const settle = Number(arg('settle', '3'));
+  // As the agent serves dump devices (agent/devices.ts, cacheFor).
+  const cache = arg('cache', 'none');
   const base = arg('dir', os.tmpdir());
   const dir = mkdtempSync(path.join(base, 'ballast-bench-dump-'));
   const children: ReturnType<typeof spawn>[] = [];
@@ -124,6 +129,8 @@ async function main(): Promise<void> {
         devSize,
         '--socket',
         nbdSock,
+        '--cache',
+        cache,
       ],
       { stdio: ['ignore', 'ignore', 'inherit'] },
     );
@@ -235,6 +242,7 @@ async function main(): Promise<void> {
       rounds,
       dumpBytes: bytes,
       settleSeconds: settle,
+      cache,
       localMiBps: local,
       localSyncedMiBps: localSynced,
       deviceMiBps: device,
@@ -255,7 +263,7 @@ async function main(): Promise<void> {
       [
         `dump of ${memMiB} MiB guest (${format}), median of ${rounds}:`,
         `  local file (dump-guest-memory file:)     ${result.medianLocalMiBps.toFixed(0)} MiB/s`,
-        `  dump device (FIFO -> NBD -> Ballast)     ${result.medianDeviceMiBps.toFixed(0)} MiB/s`,
+        `  dump device (FIFO -> NBD -> Ballast)     ${result.medianDeviceMiBps.toFixed(0)} MiB/s (cache ${cache})`,
         `  local file, then fdatasync               ${result.medianLocalSyncedMiBps.toFixed(0)} MiB/s`,
         `  ratio device / local                     ${result.ratio.toFixed(2)} (target >= 0.80)`,
         `  ratio device / local with fdatasync      ${result.ratioToSynced.toFixed(2)}`,

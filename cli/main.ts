@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { isBallastError } from '../agent/errors.js';
+import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
 import { registerDeploy } from './deploy.js';
@@ -58,9 +59,16 @@ export function buildProgram(): Command {
     .option('-n, --name <NAME>', 'export name for FILE (default: the empty name)')
     .option('-r, --read-only', 'serve read-only: writes fail with EPERM, no write flags advertised')
     .option('-d, --description <TEXT>', 'export description shown by nbdinfo and NBD_OPT_LIST')
+    .addOption(
+      new Option(
+        '--cache <MODE>',
+        "host page cache for FILE's writes: writeback, or none (aligned writes use O_DIRECT, " +
+          'as the agent does for dump devices)',
+      ).choices(['writeback', 'none']),
+    )
     .option(
       '-e, --export <SPEC>',
-      'serve another file: name=N,file=F[,size=S][,read-only][,description=D] (repeatable)',
+      'serve another file: name=N,file=F[,size=S][,read-only][,cache=none][,description=D] (repeatable)',
       collect,
     )
     .option(
@@ -127,12 +135,13 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
           size: o.size === undefined ? undefined : parseSize(o.size as string),
           readOnly: Boolean(o.readOnly),
           description: (o.description as string | undefined) ?? '',
+          cache: o.cache as CacheMode | undefined,
         });
-      } else if (o.size !== undefined || o.readOnly || o.name) {
+      } else if (o.size !== undefined || o.readOnly || o.name || o.cache) {
         throw new CommanderError(
           2,
           'ballast.usage',
-          '--size, --name and --read-only apply to FILE; with --export put them in the spec',
+          '--size, --name, --read-only and --cache apply to FILE; with --export put them in the spec',
         );
       }
       for (const spec of (o.export as string[] | undefined) ?? [])

@@ -65,6 +65,13 @@ describe('parseExportSpec', () => {
     });
   });
 
+  it('cache=none or writeback, nothing else', () => {
+    expect(parseExportSpec('name=d,file=d.img,cache=none').cache).toBe('none');
+    expect(parseExportSpec('name=d,file=d.img,cache=writeback').cache).toBe('writeback');
+    for (const bad of ['cache', 'cache=', 'cache=direct', 'cache=None'])
+      expect(codeOf(() => parseExportSpec(`name=d,file=d.img,${bad}`))).toBe('BALLAST_BAD_EXPORT');
+  });
+
   it.each([
     ['no name', 'file=a.img'],
     ['no file', 'name=a'],

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
-import { SparseFileBackend } from '../agent/sparse-file.js';
+import { CACHE_MODES, type CacheMode, SparseFileBackend } from '../agent/sparse-file.js';
 import { IdentityMap, loadTls, peerUid, type TlsSettings } from '../agent/tls-config.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
@@ -18,6 +18,8 @@ export interface ExportSpec {
   size?: number;
   readOnly: boolean;
   description: string;
+  /** Host page cache for writes (SparseFileOptions.cache); default writeback. */
+  cache?: CacheMode;
 }
 
 /** A safety switch: anything unrecognised is an error, never "writable". */
@@ -32,7 +34,7 @@ function parseBool(value: string | undefined, spec: string): boolean {
   );
 }
 
-/** `name=N,file=F[,size=S][,read-only][,description=D]` */
+/** `name=N,file=F[,size=S][,read-only][,cache=MODE][,description=D]` */
 export function parseExportSpec(text: string): ExportSpec {
   const spec: Partial<ExportSpec> = { readOnly: false, description: '' };
   for (const part of text.split(',')) {
@@ -57,10 +59,18 @@ export function parseExportSpec(text: string): ExportSpec {
       case 'description':
         spec.description = value ?? '';
         break;
+      case 'cache':
+        if (!CACHE_MODES.includes(value as CacheMode))
+          throw new BallastError(
+            'BALLAST_BAD_EXPORT',
+            `--export ${JSON.stringify(text)}: cache takes ${CACHE_MODES.join(' or ')}, not ${JSON.stringify(value ?? '')}`,
+          );
+        spec.cache = value as CacheMode;
+        break;
       default:
         throw new BallastError(
           'BALLAST_BAD_EXPORT',
-          `--export ${JSON.stringify(text)}: unknown key ${JSON.stringify(key)} (expected name, file, size, read-only, description)`,
+          `--export ${JSON.stringify(text)}: unknown key ${JSON.stringify(key)} (expected name, file, size, read-only, cache, description)`,
         );
     }
   }
@@ -122,6 +132,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
       const backend = await SparseFileBackend.open(spec.file, {
         size: spec.size,
         readOnly: spec.readOnly,
+        cache: spec.cache,
       });
       exports.push({
         name: spec.name,
@@ -166,8 +177,12 @@ export async function serve(opts: ServeOptions): Promise<never> {
 
   for (const e of exports) {
     const ro = e.readOnly ? ', read-only' : '';
+    const cache =
+      e.backend instanceof SparseFileBackend && e.backend.cacheMode === 'none'
+        ? ', cache none (O_DIRECT)'
+        : '';
     log(
-      `export ${JSON.stringify(e.name)}: ${e.backend.size} bytes (${formatSize(e.backend.size)})${ro}`,
+      `export ${JSON.stringify(e.name)}: ${e.backend.size} bytes (${formatSize(e.backend.size)})${ro}${cache}`,
     );
   }
   log(`listening on ${targets.map(describeTarget).join(', ')}`);

@@ -10,7 +10,9 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <node_api.h>
+#include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -153,9 +155,13 @@ static napi_value do_fadvise(napi_env env, napi_callback_info info) {
   return make_int64(env, -r);
 }
 
-// pwrite(fd, buffer, bufOffset, length, position) on the thread pool, in pieces of
-// WRITE_CHUNK until all is written or one fails: Promise<bytes | -errno>. The
-// buffer is referenced until the write is done.
+// pwrite(fd, buffer, bufOffset, length, position[, direct]) on the thread pool, in
+// pieces of WRITE_CHUNK until all is written or one fails: Promise<bytes | -errno>.
+// The buffer is referenced until the write is done.
+//
+// direct: fd is open with O_DIRECT, and position and length are multiples of the
+// device's logical block size. The bytes go through a page-aligned buffer of the pool
+// thread's (a JavaScript buffer has no alignment to offer), DIRECT_CHUNK at a time.
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
@@ -164,12 +170,40 @@ typedef struct {
   char *data;
   size_t length;
   int64_t position;
+  bool direct;
   ssize_t result;
 } pwrite_job;
+
+#define DIRECT_CHUNK (4 * 1024 * 1024)
+static __thread char *direct_buffer;
+
+static ssize_t write_direct(int fd, const char *data, size_t len, int64_t pos) {
+  if (!direct_buffer && posix_memalign((void **)&direct_buffer, 4096, DIRECT_CHUNK) != 0) {
+    direct_buffer = NULL;
+    return -ENOMEM;
+  }
+  size_t done = 0;
+  while (done < len) {
+    size_t n = len - done < DIRECT_CHUNK ? len - done : DIRECT_CHUNK;
+    memcpy(direct_buffer, data + done, n);
+    ssize_t r;
+    do {
+      r = pwrite(fd, direct_buffer, n, pos + (int64_t)done);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) return done > 0 ? (ssize_t)done : -errno;
+    done += (size_t)r;
+    if ((size_t)r < n) break;
+  }
+  return (ssize_t)done;
+}
 
 static void pwrite_execute(napi_env env, void *data) {
   (void)env;
   pwrite_job *job = data;
+  if (job->direct) {
+    job->result = write_direct(job->fd, job->data, job->length, job->position);
+    return;
+  }
   size_t done = 0;
   ssize_t r = 0;
   while (done < job->length) {
@@ -190,8 +224,14 @@ static void pwrite_complete(napi_env env, napi_status status, void *data) {
 }
 
 static napi_value do_pwrite_async(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  if (get_args(env, info, 5, argv) < 0) return NULL;
+  size_t argc = 6;
+  napi_value argv[6];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
+    napi_throw_type_error(env, "BALLAST_NATIVE_ARG", "missing arguments");
+    return NULL;
+  }
+  bool direct = false;
+  if (argc > 5) CHECK(napi_get_value_bool(env, argv[5], &direct));
   int32_t fd;
   void *data;
   size_t buflen;
@@ -219,6 +259,7 @@ static napi_value do_pwrite_async(napi_env env, napi_callback_info info) {
   job->data = (char *)data + boff;
   job->length = (size_t)len;
   job->position = pos;
+  job->direct = direct;
   napi_create_reference(env, argv[1], 1, &job->buffer);
   napi_create_string_utf8(env, "ballast.pwrite", NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, pwrite_execute, pwrite_complete, job, &job->work);
