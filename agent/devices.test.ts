@@ -1,9 +1,17 @@
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+} from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DynamicCatalog } from './catalog.js';
-import { DeviceManager, type DeviceRecord, validateName } from './devices.js';
+import { cacheFor, DeviceManager, type DeviceRecord, validateName } from './devices.js';
 import { BallastError } from './errors.js';
 import { Pool } from './pools.js';
 import { openMemoryStore } from './store/memory-store.js';
@@ -99,6 +107,34 @@ describe('DeviceManager', () => {
     expect(t.devices.usage().get('p')).toEqual({ provisioned: 8 * MiB, allocated: 0 });
     const rec = JSON.parse((await t.store.get('devices/d'))!.value) as DeviceRecord;
     expect(rec.state).toBe('ready');
+  });
+
+  it('serves dump devices past the page cache (O_DIRECT), others through it', async () => {
+    const t = await setup([{ name: 'p', quota: 64 * MiB }]);
+    const dump = await t.devices.create({ name: 'k', size: 8 * MiB, role: 'dump', guest: 'vm1' });
+    const swap = await t.devices.create({ name: 's', size: 8 * MiB, role: 'paging' });
+    expect(cacheFor('dump')).toBe('none');
+    expect(cacheFor('paging')).toBe('writeback');
+    // The open descriptors of a file, with their flags (octal in fdinfo).
+    const O_DIRECT = 0o40000;
+    const flagsOf = (file: string) =>
+      readdirSync('/proc/self/fd')
+        .filter((fd) => {
+          try {
+            return readlinkSync(`/proc/self/fd/${fd}`) === file;
+          } catch {
+            return false;
+          }
+        })
+        .map((fd) => {
+          const m = /flags:\s+([0-7]+)/.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+          return Number.parseInt(m?.[1] ?? '0', 8);
+        });
+    const dumpFlags = flagsOf(dump.extents[0]!.file);
+    const swapFlags = flagsOf(swap.extents[0]!.file);
+    expect(dumpFlags.some((f) => (f & O_DIRECT) !== 0)).toBe(true);
+    expect(swapFlags.length).toBeGreaterThan(0);
+    expect(swapFlags.every((f) => (f & O_DIRECT) === 0)).toBe(true);
   });
 
   it('refuses what breaks the overcommit limit, and places in the pool with most room', async () => {
