@@ -2,7 +2,7 @@
 // they go, and the space a dropped dump held under the new reservation trimmed past the
 // new dump's end.
 
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type ServerHandle, startServer } from '../test/helpers/server.js';
 import { crc32 } from './checksum.js';
@@ -81,6 +81,32 @@ it('flushes every 32 MiB while the dump streams, not only at the end', async () 
     expect(at.slice(0, 2).every((n) => n < data.length)).toBe(true);
     expect(at[2]).toBe(data.length);
     expect(e.checksum).toBe(`crc32:${crc32(data).toString(16).padStart(8, '0')}`);
+  } finally {
+    await dev.close();
+  }
+});
+
+it('reads back and verifies a dump whose entry carries a SHA-256 (catalog version 1)', async () => {
+  const dev = await DumpDevice.open(`nbd+unix:///?socket=${server.socket}`);
+  try {
+    const data = randomBytes(3 * 1024 * 1024 + 11);
+    const w = await dev.begin({ guest: 'old', format: 'elf', keep: 1 });
+    await feed(w, data, 1 << 20);
+    const e = await w.finish();
+    const sha = `sha256:${createHash('sha256').update(data).digest('hex')}`;
+    // As a dumpd of catalog version 1 would have recorded it.
+    await dev.commit({
+      ...dev.catalog,
+      generation: dev.catalog.generation + 1,
+      entries: dev.catalog.entries.map((x) => (x.id === e.id ? { ...x, checksum: sha } : x)),
+    });
+    await dev.refresh();
+    const old = dev.find(e.id);
+    expect(old.checksum).toBe(sha);
+    expect(await dev.read(old, () => {})).toBe(sha);
+    // Bytes that changed on the device no longer match.
+    await dev.nbd.write(old.offset + 5, Buffer.from([0xff ^ (data[5] as number)]));
+    expect(await dev.read(old, () => {})).not.toBe(sha);
   } finally {
     await dev.close();
   }
