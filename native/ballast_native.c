@@ -58,14 +58,27 @@ static int get_args(napi_env env, napi_callback_info info, size_t want, napi_val
  */
 #define WRITE_CHUNK (64 * 1024)
 
-// pwrite/pwritev2 of [data, data+len) at pos in pieces of WRITE_CHUNK: bytes
-// written (short if a piece was short, or after the first if a later one failed:
-// with RWF_NOWAIT, EAGAIN after some progress), or -errno.
-static ssize_t write_chunked(int fd, const char *data, size_t len, int64_t pos, int flags) {
+#define DIRECT_CHUNK (4 * 1024 * 1024)
+static __thread char *direct_buffer;
+
+// pwritev2 of [data, data+len) at pos in pieces of WRITE_CHUNK, or with direct (fd
+// is O_DIRECT, pos and len block-aligned) DIRECT_CHUNK at a time through the calling
+// thread's page-aligned buffer (a JavaScript buffer has no alignment to offer): bytes
+// written (short if a piece was short, or after the first if a later one failed: with
+// RWF_NOWAIT, EAGAIN after some progress), or -errno.
+static ssize_t write_pieces(int fd, const char *data, size_t len, int64_t pos, int flags,
+                            bool direct) {
+  if (direct && !direct_buffer && posix_memalign((void **)&direct_buffer, 4096, DIRECT_CHUNK) != 0) {
+    direct_buffer = NULL;
+    return -ENOMEM;
+  }
+  size_t piece = direct ? DIRECT_CHUNK : WRITE_CHUNK;
   size_t done = 0;
   while (done < len) {
-    size_t n = len - done < WRITE_CHUNK ? len - done : WRITE_CHUNK;
-    struct iovec iov = {.iov_base = (char *)data + done, .iov_len = n};
+    size_t n = len - done < piece ? len - done : piece;
+    const char *src = data + done;
+    if (direct) src = memcpy(direct_buffer, src, n);
+    struct iovec iov = {.iov_base = (char *)src, .iov_len = n};
     ssize_t r;
     do {
       r = pwritev2(fd, &iov, 1, pos + (int64_t)done, flags);
@@ -77,32 +90,52 @@ static ssize_t write_chunked(int fd, const char *data, size_t len, int64_t pos, 
   return (ssize_t)done;
 }
 
+// The arguments (fd, buffer, bufOffset, length, position) of a read or write: 0,
+// -EINVAL for a range outside the buffer, or -1 with a JavaScript exception pending.
+typedef struct {
+  int32_t fd;
+  char *data;
+  size_t length;
+  int64_t position;
+} io_args;
+
+static int get_io_args(napi_env env, napi_value *argv, io_args *io) {
+  void *data;
+  size_t buflen;
+  int64_t boff, len, pos;
+  if (napi_get_value_int32(env, argv[0], &io->fd) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &data, &buflen) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &boff) != napi_ok ||
+      napi_get_value_int64(env, argv[3], &len) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &pos) != napi_ok) {
+    napi_throw_error(env, "BALLAST_NATIVE_ARG", "bad argument");
+    return -1;
+  }
+  if (boff < 0 || len < 0 || pos < 0 || (uint64_t)boff > buflen ||
+      (uint64_t)len > buflen - (uint64_t)boff)
+    return -EINVAL;
+  io->data = (char *)data + boff;
+  io->length = (size_t)len;
+  io->position = pos;
+  return 0;
+}
+
 // rw(fd, buffer, bufOffset, length, position) -> bytes or -errno
 // write: 0 read (NOWAIT), 1 write (NOWAIT), 2 write (may block)
 static napi_value do_rw(napi_env env, napi_callback_info info, int write) {
   napi_value argv[5];
   if (get_args(env, info, 5, argv) < 0) return NULL;
-  int32_t fd;
-  void *data;
-  size_t buflen;
-  int64_t boff, len, pos;
-  CHECK(napi_get_value_int32(env, argv[0], &fd));
-  CHECK(napi_get_buffer_info(env, argv[1], &data, &buflen));
-  CHECK(napi_get_value_int64(env, argv[2], &boff));
-  CHECK(napi_get_value_int64(env, argv[3], &len));
-  CHECK(napi_get_value_int64(env, argv[4], &pos));
-  if (boff < 0 || len < 0 || pos < 0 || (uint64_t)boff > buflen ||
-      (uint64_t)len > buflen - (uint64_t)boff) {
-    return make_int64(env, -EINVAL);
-  }
-  if (write) {
-    ssize_t w = write_chunked(fd, (char *)data + boff, (size_t)len, pos, write == 2 ? 0 : RWF_NOWAIT);
-    return make_int64(env, w);
-  }
-  struct iovec iov = {.iov_base = (char *)data + boff, .iov_len = (size_t)len};
+  io_args io;
+  int bad = get_io_args(env, argv, &io);
+  if (bad == -1) return NULL;
+  if (bad) return make_int64(env, bad);
+  if (write)
+    return make_int64(env, write_pieces(io.fd, io.data, io.length, io.position,
+                                        write == 2 ? 0 : RWF_NOWAIT, false));
+  struct iovec iov = {.iov_base = io.data, .iov_len = io.length};
   ssize_t r;
   do {
-    r = preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+    r = preadv2(io.fd, &iov, 1, io.position, RWF_NOWAIT);
   } while (r < 0 && errno == EINTR);
   return make_int64(env, r < 0 ? -errno : r);
 }
@@ -155,63 +188,23 @@ static napi_value do_fadvise(napi_env env, napi_callback_info info) {
   return make_int64(env, -r);
 }
 
-// pwrite(fd, buffer, bufOffset, length, position[, direct]) on the thread pool, in
-// pieces of WRITE_CHUNK until all is written or one fails: Promise<bytes | -errno>.
-// The buffer is referenced until the write is done.
-//
-// direct: fd is open with O_DIRECT, and position and length are multiples of the
-// device's logical block size. The bytes go through a page-aligned buffer of the pool
-// thread's (a JavaScript buffer has no alignment to offer), DIRECT_CHUNK at a time.
+// pwrite(fd, buffer, bufOffset, length, position[, direct]) on the thread pool, as
+// write_pieces does it: Promise<bytes | -errno>. The buffer is referenced until the
+// write is done.
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
   napi_ref buffer;
-  int fd;
-  char *data;
-  size_t length;
-  int64_t position;
+  io_args io;
   bool direct;
   ssize_t result;
 } pwrite_job;
 
-#define DIRECT_CHUNK (4 * 1024 * 1024)
-static __thread char *direct_buffer;
-
-static ssize_t write_direct(int fd, const char *data, size_t len, int64_t pos) {
-  if (!direct_buffer && posix_memalign((void **)&direct_buffer, 4096, DIRECT_CHUNK) != 0) {
-    direct_buffer = NULL;
-    return -ENOMEM;
-  }
-  size_t done = 0;
-  while (done < len) {
-    size_t n = len - done < DIRECT_CHUNK ? len - done : DIRECT_CHUNK;
-    memcpy(direct_buffer, data + done, n);
-    ssize_t r;
-    do {
-      r = pwrite(fd, direct_buffer, n, pos + (int64_t)done);
-    } while (r < 0 && errno == EINTR);
-    if (r < 0) return done > 0 ? (ssize_t)done : -errno;
-    done += (size_t)r;
-    if ((size_t)r < n) break;
-  }
-  return (ssize_t)done;
-}
-
 static void pwrite_execute(napi_env env, void *data) {
   (void)env;
   pwrite_job *job = data;
-  if (job->direct) {
-    job->result = write_direct(job->fd, job->data, job->length, job->position);
-    return;
-  }
-  size_t done = 0;
-  ssize_t r = 0;
-  while (done < job->length) {
-    r = write_chunked(job->fd, job->data + done, job->length - done, job->position + (int64_t)done, 0);
-    if (r <= 0) break;
-    done += (size_t)r;
-  }
-  job->result = done == job->length ? (ssize_t)done : (r < 0 && done == 0 ? r : (ssize_t)done);
+  job->result =
+      write_pieces(job->io.fd, job->io.data, job->io.length, job->io.position, 0, job->direct);
 }
 
 static void pwrite_complete(napi_env env, napi_status status, void *data) {
@@ -232,33 +225,19 @@ static napi_value do_pwrite_async(napi_env env, napi_callback_info info) {
   }
   bool direct = false;
   if (argc > 5) CHECK(napi_get_value_bool(env, argv[5], &direct));
-  int32_t fd;
-  void *data;
-  size_t buflen;
-  int64_t boff, len, pos;
-  CHECK(napi_get_value_int32(env, argv[0], &fd));
-  CHECK(napi_get_buffer_info(env, argv[1], &data, &buflen));
-  CHECK(napi_get_value_int64(env, argv[2], &boff));
-  CHECK(napi_get_value_int64(env, argv[3], &len));
-  CHECK(napi_get_value_int64(env, argv[4], &pos));
+  io_args io;
+  int bad = get_io_args(env, argv, &io);
+  if (bad == -1) return NULL;
   napi_value promise, name;
   napi_deferred deferred;
   CHECK(napi_create_promise(env, &deferred, &promise));
-  if (boff < 0 || len < 0 || pos < 0 || (uint64_t)boff > buflen ||
-      (uint64_t)len > buflen - (uint64_t)boff) {
-    napi_resolve_deferred(env, deferred, make_int64(env, -EINVAL));
-    return promise;
-  }
-  pwrite_job *job = calloc(1, sizeof(*job));
+  pwrite_job *job = bad ? NULL : calloc(1, sizeof(*job));
   if (!job) {
-    napi_resolve_deferred(env, deferred, make_int64(env, -ENOMEM));
+    napi_resolve_deferred(env, deferred, make_int64(env, bad ? bad : -ENOMEM));
     return promise;
   }
   job->deferred = deferred;
-  job->fd = fd;
-  job->data = (char *)data + boff;
-  job->length = (size_t)len;
-  job->position = pos;
+  job->io = io;
   job->direct = direct;
   napi_create_reference(env, argv[1], 1, &job->buffer);
   napi_create_string_utf8(env, "ballast.pwrite", NAPI_AUTO_LENGTH, &name);
