@@ -6,6 +6,7 @@ import {
   chmodSync,
   closeSync,
   constants,
+  existsSync,
   fsyncSync,
   linkSync,
   mkdirSync,
@@ -15,7 +16,16 @@ import {
   writeSync,
 } from 'node:fs';
 import type http from 'node:http';
+import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
+import type { Cluster } from '../cluster/cluster.js';
+import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
+import {
+  Cluster as ClusterImpl,
+  catalogApplier,
+  openClusterStore,
+  servingHosts,
+} from '../cluster/node.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
 import { createApiServer } from './api.js';
 import type { NbdEndpoint } from './attach.js';
@@ -28,6 +38,7 @@ import { createMetrics } from './metrics.js';
 import { Pool } from './pools.js';
 import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
+import type { Store } from './store/store.js';
 import { IdentityMap, loadTls, peerUid } from './tls-config.js';
 
 export interface AgentOptions {
@@ -120,11 +131,14 @@ export class Agent {
   private stopping: Promise<void> | null = null;
   private reloads = 0;
   private lastReloadError: string | null = null;
+  /** Set when the config has a cluster: section. */
+  cluster: Cluster | undefined;
+  private roundTrip: (op: string, seconds: number) => void = () => {};
 
   private constructor(
     config: AgentConfig,
     token: string,
-    private readonly store: SqliteStore,
+    private readonly store: Store,
     private readonly opts: AgentOptions,
   ) {
     this.config = config;
@@ -177,11 +191,24 @@ export class Agent {
         `cannot create the data directory ${config.dataDir}: ${(e as Error).message}`,
       );
     }
-    const store = await SqliteStore.open(join(config.dataDir, 'state.db'));
     let agent: Agent | undefined;
+    const trips: { f: (op: string, s: number) => void } = { f: () => {} };
+    const store: Store = config.cluster
+      ? await openClusterStore(config.cluster, (op, s) => trips.f(op, s))
+      : await SqliteStore.open(join(config.dataDir, 'state.db'));
+    if (config.cluster) {
+      try {
+        await refuseUnjoined(config.dataDir);
+      } catch (e) {
+        await store.close().catch(() => {});
+        throw e;
+      }
+    }
     try {
       const token = config.api.token ?? loadOrCreateToken(config.api.tokenFile).token;
       agent = new Agent(config, token, store, opts);
+      agent.roundTrip = (op, s) => trips.f(op, s);
+      trips.f = (op, s) => agent?.roundTrip(op, s);
       await agent.init();
       return agent;
     } catch (e) {
@@ -195,13 +222,36 @@ export class Agent {
     const c = this.config;
     for (const pc of c.pools) this.pools.set(pc.name, await Pool.open(pc));
     await this.reservations.load();
-    await this.devices.reconcile();
+    if (c.cluster) {
+      const cluster = await ClusterImpl.open({
+        store: this.store,
+        config: c.cluster,
+        log: (m) => this.log(m),
+        apply: catalogApplier({
+          device: (name, ev) =>
+            this.devices.applyRemote(name, ev.type === 'put' ? ev.kv : undefined, ev.kv.modRevision),
+        }),
+      });
+      this.cluster = cluster;
+      this.devices.cluster = {
+        host: cluster.host,
+        guard: () => cluster.guard(),
+        servingHosts: (rec) => servingHosts(cluster, rec),
+        // Every member applies every catalog change, so that any agent answers for all.
+        settle: (rev) => cluster.settle(rev, cluster.members().map((m) => m.host)),
+        describeHost: (h) => cluster.member(h)?.api.join(', ') || `host ${h} is not a live member`,
+      };
+      await this.devices.reconcile(cluster.snapshot('devices/'));
+    } else {
+      await this.devices.reconcile();
+    }
     const registry = createMetrics(this.devices, () => this.nbd, {
       store: this.store,
       onApi: (f) => {
         this.apiRequest = f;
       },
     });
+    if (this.cluster) this.roundTrip = clusterMetrics(registry, this.cluster);
 
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
@@ -223,6 +273,9 @@ export class Agent {
       status: () => this.status(),
       version: this.opts.version,
       reservations: this.reservations,
+      extraRoutes: this.cluster ? clusterRoutes(this.cluster) : undefined,
+      stale: () => this.cluster?.staleness() ?? null,
+      endpointOf: (host: string) => this.cluster?.member(host)?.nbd,
     };
     for (const l of c.api.listen) this.apiTargets.push(hostPort(l));
     if (c.api.socket) this.apiTargets.push({ path: c.api.socket });
@@ -255,6 +308,28 @@ export class Agent {
       this.log(
         `pool ${p.name}: ${p.path}, ${p.media}${p.mediaSource === 'configured' ? ' (configured)' : ''}, ` +
           `capacity ${p.capacityBytes} bytes, overcommit ${p.overcommit}`,
+      );
+    }
+    if (this.cluster && c.cluster) {
+      await this.cluster.join({
+        host: c.cluster.host,
+        version: this.opts.version,
+        pid: process.pid,
+        machine: hostname(),
+        dataDir: c.dataDir,
+        nbd: this.endpoint(),
+        api: this.apiUrls(),
+        pools: (await this.devices.poolStatus()).map((p) => ({
+          name: p.name,
+          path: p.path,
+          shared: this.pools.get(p.name)?.config.shared === true,
+          media: p.media,
+        })),
+        startedAt: this.startedAt.toISOString(),
+      });
+      this.log(
+        `cluster ${c.cluster.name}: host ${c.cluster.host}, etcd ${c.cluster.etcd.join(', ')}, ` +
+          `${this.cluster.members().filter((m) => m.state === 'alive').length} member(s) alive`,
       );
     }
     for (const pr of this.devices.problems) this.log(`problem: ${pr.message}`);
@@ -312,7 +387,8 @@ export class Agent {
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       config: this.config.source,
       dataDir: this.config.dataDir,
-      storeRevision: await this.store.revision(),
+      storeRevision: this.cluster ? this.cluster.revision : await this.store.revision(),
+      cluster: this.cluster?.summary(),
       nbd: this.nbdTargets.map(describeTarget),
       api: this.apiTargets.map(describeTarget),
       tokenRequired: this.config.api.requireToken,
@@ -405,10 +481,33 @@ export class Agent {
     await this.nbd.close();
     const failed = await this.devices.flushAll();
     await this.devices.close();
+    await this.cluster?.leave();
     await this.store.close();
     for (const p of this.sockets) rmSync(p, { force: true });
     if (failed.length > 0) {
       throw new BallastError('BALLAST_FLUSH_FAILED', `flush failed for ${failed.join(', ')}`);
     }
+  }
+}
+
+/**
+ * A data dir whose local store still holds devices cannot silently switch to a
+ * cluster: `ballast cluster join` imports them first (docs/errors.md).
+ */
+async function refuseUnjoined(dataDir: string): Promise<void> {
+  const file = join(dataDir, 'state.db');
+  if (!existsSync(file)) return;
+  const local = await SqliteStore.open(file);
+  try {
+    const { kvs } = await local.range('devices/', { limit: 1 });
+    if (kvs.length > 0) {
+      throw new BallastError(
+        'BALLAST_CLUSTER_JOIN_NEEDED',
+        `${file} holds this host's devices: import them into the cluster with ` +
+          '`ballast cluster join --config FILE` (the agent stopped) before starting it with a cluster: section',
+      );
+    }
+  } finally {
+    await local.close();
   }
 }

@@ -29,6 +29,8 @@ const STATUS: Record<string, number> = {
   BALLAST_CONFLICT: 409,
   BALLAST_SHRINK_REFUSED: 409,
   BALLAST_DEVICE_UNAVAILABLE: 409,
+  BALLAST_DEVICE_REMOTE: 409,
+  BALLAST_CLUSTER_NOT_APPLIED: 504,
   BALLAST_POOL_FULL: 507,
   BALLAST_UNAUTHORIZED: 401,
   BALLAST_METHOD_NOT_ALLOWED: 405,
@@ -61,6 +63,14 @@ export interface ApiContext {
   version: string;
   /** Persistent reservations and access lists (the /pr and /acl routes). */
   reservations?: ReservationManager;
+  /** More routes (the cluster's). */
+  extraRoutes?: <R>(
+    route: (method: string, path: string, handler: (...a: Parameters<Handler>) => Promise<unknown>) => R,
+  ) => R[];
+  /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
+  stale?: () => { since: string; reason: string } | null;
+  /** In a cluster: where another host's agent serves NBD (attach --host). */
+  endpointOf?: (host: string) => NbdEndpoint | undefined;
 }
 
 type Handler = (
@@ -135,7 +145,10 @@ export function routes(ctx: ApiContext): Route[] {
         throw new BallastError('BALLAST_POOL_NOT_FOUND', `no pool named ${JSON.stringify(name)}`);
       return p;
     }),
-    r('GET', '/v1/devices', async () => ({ devices: d.list() })),
+    r('GET', '/v1/devices', async () => {
+      const stale = ctx.stale?.();
+      return stale ? { devices: d.list(), stale } : { devices: d.list() };
+    }),
     r('POST', '/v1/devices', async (_q, _p, body) =>
       d.create({
         name: optString(body.name, 'name') ?? '',
@@ -145,7 +158,10 @@ export function routes(ctx: ApiContext): Route[] {
         guest: optString(body.guest, 'guest') ?? null,
       }),
     ),
-    r('GET', '/v1/devices/:name', async (_q, [name]) => d.view(name!)),
+    r('GET', '/v1/devices/:name', async (_q, [name]) => {
+      const stale = ctx.stale?.();
+      return stale ? { ...d.view(name!), stale } : d.view(name!);
+    }),
     r('DELETE', '/v1/devices/:name', async (q, [name], body) => {
       const url = new URL(q.url ?? '/', 'http://x');
       await d.remove(name!, boolParam(url, 'force', body));
@@ -170,13 +186,22 @@ export function routes(ctx: ApiContext): Route[] {
         );
       }
       const view = d.view(name!);
-      if (view.state !== 'ready') {
+      const host = url.searchParams.get('host');
+      let ep = ctx.endpoint();
+      if (host) {
+        if (!view.hosts?.includes(host)) {
+          throw new BallastError(
+            'BALLAST_DEVICE_UNAVAILABLE',
+            `device ${view.name} is not served by host ${host} (served by: ${view.hosts?.join(', ') || 'none'})`,
+          );
+        }
+        ep = { ...(ctx.endpointOf?.(host) ?? {}) };
+      } else if (view.state !== 'ready') {
         throw new BallastError(
           'BALLAST_DEVICE_UNAVAILABLE',
           `device ${view.name} is not exported: ${view.problem ?? view.state}`,
         );
       }
-      const ep = ctx.endpoint();
       const transport = url.searchParams.get('transport');
       if (transport === 'tcp') delete ep.socket;
       if (transport === 'unix') delete ep.tcp;
@@ -195,6 +220,7 @@ export function routes(ctx: ApiContext): Route[] {
       };
     }),
     ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),
+    ...(ctx.extraRoutes ? ctx.extraRoutes(r) : []),
   ];
 }
 

@@ -5,6 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
+import { type ClusterConfig, parseClusterConfig } from '../cluster/config.js';
 import { BallastError } from './errors.js';
 import type { TlsSettings } from './tls-config.js';
 import { parseSize } from './units.js';
@@ -21,6 +22,8 @@ export interface PoolConfig {
   quota?: number;
   /** Provisioned bytes may reach capacity × overcommit. */
   overcommit: number;
+  /** On storage every host of the cluster mounts at the same path: any of them serves its devices. */
+  shared?: boolean;
 }
 
 export interface ListenConfig {
@@ -46,6 +49,8 @@ export interface AgentConfig {
   };
   pools: PoolConfig[];
   limits: { maxInFlight: number; maxBufferedBytes: number };
+  /** Several hosts, one catalog in etcd; absent: a single host on the embedded store. */
+  cluster?: ClusterConfig;
   /** Where the config came from, for messages. */
   source: string;
 }
@@ -169,7 +174,8 @@ export function loadConfig(opts: LoadOptions): AgentConfig {
 export function validateConfig(doc: unknown, source: string, dataDirFlag?: string): AgentConfig {
   const c: Checker = new Checker(source);
   const top = c.object(doc, '(top level)');
-  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits']);
+  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster']);
+  const cluster = parseClusterConfig(top.cluster, (k, problem) => c.fail(k, problem));
   const dataDir = dataDirFlag
     ? resolve(dataDirFlag)
     : top.dataDir !== undefined
@@ -226,7 +232,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     list.forEach((p: unknown, i: number) => {
       const key = `pools[${i}]`;
       const o = c.object(p, key);
-      c.known(o, key, ['name', 'path', 'media', 'quota', 'overcommit']);
+      c.known(o, key, ['name', 'path', 'media', 'quota', 'overcommit', 'shared']);
       const name = c.string(o.name, `${key}.name`);
       if (!NAME.test(name)) {
         c.fail(
@@ -249,6 +255,11 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       if (o.quota !== undefined) pool.quota = c.size(o.quota, `${key}.quota`);
       if (o.overcommit !== undefined)
         pool.overcommit = c.number(o.overcommit, `${key}.overcommit`, 0.01, 1000);
+      if (o.shared !== undefined) {
+        if (typeof o.shared !== 'boolean') c.fail(`${key}.shared`, 'must be true or false');
+        if (o.shared && !cluster) c.fail(`${key}.shared`, 'a shared pool needs a cluster: section');
+        pool.shared = o.shared;
+      }
       pools.push(pool);
     });
   }
@@ -307,6 +318,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
           ? 64 * 1024 * 1024
           : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
     },
+    ...(cluster ? { cluster } : {}),
     source,
   };
 }
