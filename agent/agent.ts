@@ -229,7 +229,11 @@ export class Agent {
         log: (m) => this.log(m),
         apply: catalogApplier({
           device: (name, ev) =>
-            this.devices.applyRemote(name, ev.type === 'put' ? ev.kv : undefined, ev.kv.modRevision),
+            this.devices.applyRemote(
+              name,
+              ev.type === 'put' ? ev.kv : undefined,
+              ev.kv.modRevision,
+            ),
         }),
       });
       this.cluster = cluster;
@@ -238,7 +242,11 @@ export class Agent {
         guard: () => cluster.guard(),
         servingHosts: (rec) => servingHosts(cluster, rec),
         // Every member applies every catalog change, so that any agent answers for all.
-        settle: (rev) => cluster.settle(rev, cluster.members().map((m) => m.host)),
+        settle: (rev) =>
+          cluster.settle(
+            rev,
+            cluster.members().map((m) => m.host),
+          ),
         describeHost: (h) => cluster.member(h)?.api.join(', ') || `host ${h} is not a live member`,
       };
       await this.devices.reconcile(cluster.snapshot('devices/'));

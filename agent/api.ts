@@ -65,7 +65,11 @@ export interface ApiContext {
   reservations?: ReservationManager;
   /** More routes (the cluster's). */
   extraRoutes?: <R>(
-    route: (method: string, path: string, handler: (...a: Parameters<Handler>) => Promise<unknown>) => R,
+    route: (
+      method: string,
+      path: string,
+      handler: (...a: Parameters<Handler>) => Promise<unknown>,
+    ) => R,
   ) => R[];
   /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
   stale?: () => { since: string; reason: string } | null;

@@ -167,7 +167,10 @@ export class SparseFileBackend implements Backend {
         throw new BallastError('BALLAST_FILE_INVALID', `${path} is not a regular file`);
       }
       const c = native.constants;
-      const lockRet = native.flock(fd, (readOnly || opts.sharedLock ? c.LOCK_SH : c.LOCK_EX) | c.LOCK_NB);
+      const lockRet = native.flock(
+        fd,
+        (readOnly || opts.sharedLock ? c.LOCK_SH : c.LOCK_EX) | c.LOCK_NB,
+      );
       if (lockRet === -c.EWOULDBLOCK) {
         throw new BallastError(
           'BALLAST_FILE_LOCKED',

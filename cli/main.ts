@@ -7,6 +7,7 @@ import { isBallastError } from '../agent/errors.js';
 import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
+import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
@@ -166,6 +167,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
 
   registerAgent(program, pkg.version);
   registerManagement(program);
+  registerCluster(program);
   registerDeploy(program);
   registerDump(program);
   registerPr(program);

@@ -4,11 +4,7 @@
 import client from 'prom-client';
 import type { Cluster } from './cluster.js';
 
-type Handler = (
-  req: unknown,
-  params: string[],
-  body: Record<string, unknown>,
-) => Promise<unknown>;
+type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
 
 interface EtcdStatus {
   status(): Promise<unknown>;

@@ -204,7 +204,9 @@ export class Cluster {
         other.pid !== process.pid &&
         !pidAlive(other.pid)
       ) {
-        this.opts.log(`cluster: host ${this.host}: taking over from a dead agent (pid ${other.pid})`);
+        this.opts.log(
+          `cluster: host ${this.host}: taking over from a dead agent (pid ${other.pid})`,
+        );
         await store.revokeLease(other.lease).catch(() => {});
         continue;
       }
@@ -412,7 +414,9 @@ export class Cluster {
           try {
             await this.opts.apply(ev);
           } catch (e) {
-            this.opts.log(`cluster: applying ${ev.kv.key}@${ev.revision} failed: ${(e as Error).message}`);
+            this.opts.log(
+              `cluster: applying ${ev.kv.key}@${ev.revision} failed: ${(e as Error).message}`,
+            );
           }
           this.appliedCatalog = Math.max(this.appliedCatalog, ev.revision);
           catalogTouched = true;
@@ -522,7 +526,8 @@ export class Cluster {
       if (!m || !Array.isArray(m.pools)) continue;
       const ok = extents.every((e) =>
         m.pools.some(
-          (p) => p.name === e.pool && p.shared && e.file.startsWith(`${p.path.replace(/\/$/, '')}/`),
+          (p) =>
+            p.name === e.pool && p.shared && e.file.startsWith(`${p.path.replace(/\/$/, '')}/`),
         ),
       );
       if (ok) out.push(m.host);
@@ -563,7 +568,9 @@ export class Cluster {
       await this.store.put(HOSTS + this.host, JSON.stringify(rec));
       await this.store.revokeLease(this.lease);
     } catch (e) {
-      this.opts.log(`cluster: leaving cleanly failed (${(e as Error).message}); the lease will expire`);
+      this.opts.log(
+        `cluster: leaving cleanly failed (${(e as Error).message}); the lease will expire`,
+      );
     }
   }
 

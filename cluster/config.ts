@@ -45,7 +45,8 @@ export function parseClusterConfig(
   if (typeof v !== 'object' || Array.isArray(v)) fail('cluster', 'must be a mapping');
   const o = v as Record<string, unknown>;
   for (const k of Object.keys(o)) {
-    if (!KEYS.includes(k)) fail(`cluster.${k}`, `unknown key (expected one of: ${KEYS.join(', ')})`);
+    if (!KEYS.includes(k))
+      fail(`cluster.${k}`, `unknown key (expected one of: ${KEYS.join(', ')})`);
   }
   const name = o.name === undefined ? 'default' : o.name;
   if (typeof name !== 'string' || !CLUSTER.test(name)) {
