@@ -20,6 +20,7 @@ import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { Cluster } from '../cluster/cluster.js';
 import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
+import { Fence } from '../cluster/fence.js';
 import {
   Cluster as ClusterImpl,
   catalogApplier,
@@ -133,6 +134,8 @@ export class Agent {
   private lastReloadError: string | null = null;
   /** Set when the config has a cluster: section. */
   cluster: Cluster | undefined;
+  /** The self-fence of shared devices (cluster only). */
+  private fence: Fence | undefined;
   private roundTrip: (op: string, seconds: number) => void = () => {};
 
   private constructor(
@@ -145,6 +148,7 @@ export class Agent {
     this.token = token;
     const credentials = loadTls(config.nbd.tls);
     const identities = new IdentityMap(config.nbd.identities);
+    const hostIdentity = config.cluster?.host;
     this.reservations = new ReservationManager(
       store,
       () => this.nbd,
@@ -154,7 +158,11 @@ export class Agent {
     this.nbd = new NbdServer({
       catalog: this.catalog,
       tls: credentials ? { mode: config.nbd.tls.mode, credentials } : undefined,
-      identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,
+      // In a cluster a client TLS does not name is this host (docs: identities across hosts).
+      identify:
+        identities.size > 0 || hostIdentity
+          ? (c) => identities.lookup(c.raw, peerUid) ?? hostIdentity ?? null
+          : undefined,
       authorize: (exp, conn) => this.reservations.authorize(exp.name, conn),
       readOnlyFor: (exp, conn) => this.reservations.readOnlyFor(exp.name, conn),
       maxConnections: config.nbd.maxConnections,
@@ -172,7 +180,11 @@ export class Agent {
       () => this.nbd,
       (m) => this.log(m),
     );
-    this.devices.exportAccess = (name) => this.reservations.access(name);
+    this.devices.exportAccess = (name, shared) => {
+      const acc = this.reservations.access(name);
+      acc.fence = shared ? this.fence : undefined;
+      return acc;
+    };
     this.devices.onRemoved = (name) => this.reservations.forget(name);
   }
 
@@ -234,19 +246,29 @@ export class Agent {
               ev.type === 'put' ? ev.kv : undefined,
               ev.kv.modRevision,
             ),
+          reservation: (name, kind, ev) =>
+            this.reservations.applyRemote(name, kind, ev.type === 'put' ? ev.kv : undefined),
         }),
       });
       this.cluster = cluster;
+      this.fence = new Fence(cluster, {
+        marginMs: c.cluster.fenceMarginMs,
+        holdMs: c.cluster.holdMs,
+        log: (m) => this.log(m),
+        watchdog: c.cluster.watchdog,
+      });
+      cluster.fence = this.fence;
+      const everyone = () => cluster.members().map((m) => m.host);
+      this.reservations.settle = (rev) => cluster.settle(rev, everyone());
+      this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
       this.devices.cluster = {
         host: cluster.host,
         guard: () => cluster.guard(),
         servingHosts: (rec) => servingHosts(cluster, rec),
         // Every member applies every catalog change, so that any agent answers for all.
-        settle: (rev) =>
-          cluster.settle(
-            rev,
-            cluster.members().map((m) => m.host),
-          ),
+        settle: async (rev) => {
+          await cluster.settle(rev, everyone());
+        },
         describeHost: (h) => cluster.member(h)?.api.join(', ') || `host ${h} is not a live member`,
       };
       await this.devices.reconcile(cluster.snapshot('devices/'));
@@ -259,7 +281,11 @@ export class Agent {
         this.apiRequest = f;
       },
     });
-    if (this.cluster) this.roundTrip = clusterMetrics(registry, this.cluster);
+    if (this.cluster && this.fence) {
+      const m = clusterMetrics(registry, this.cluster, this.fence);
+      this.roundTrip = m.roundTrip;
+      this.reservations.onChange = m.prChange;
+    }
 
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
@@ -489,6 +515,7 @@ export class Agent {
     await this.nbd.close();
     const failed = await this.devices.flushAll();
     await this.devices.close();
+    this.fence?.close();
     await this.cluster?.leave();
     await this.store.close();
     for (const p of this.sockets) rmSync(p, { force: true });

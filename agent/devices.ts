@@ -153,7 +153,7 @@ export class DeviceManager {
   /** One device change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /** Per-request access control of a device's export (reservations, access lists). */
-  exportAccess?: (name: string) => AccessControl;
+  exportAccess?: (name: string, shared: boolean) => AccessControl;
   /** Told once a device is deleted, to drop what else is kept about it. */
   onRemoved?: (name: string) => Promise<void>;
   /** Set when the agent is part of a cluster. */
@@ -314,7 +314,7 @@ export class DeviceManager {
       backend: l.backend,
       readOnly: false,
       stats: l.stats,
-      access: this.exportAccess?.(rec.name),
+      access: this.exportAccess?.(rec.name, this.cluster !== undefined && !rec.host),
     };
   }
 

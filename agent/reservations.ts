@@ -29,7 +29,7 @@ import {
   readKeys,
   readReservation,
 } from './pr.js';
-import { cmp, op, type Store } from './store/store.js';
+import { cmp, type KeyValue, op, type Store } from './store/store.js';
 
 const PR_PREFIX = 'pr/';
 const AUDIT_PREFIX = 'pr-audit/';
@@ -51,6 +51,20 @@ interface PrRecord {
   state: PrStateJson;
   /** Audit entries written so far (the next one's number). */
   seq: number;
+  /** In a cluster: identities whose connections every agent aborts on applying this change. */
+  abort?: string[];
+}
+
+/** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
+export interface SettleReport {
+  waitedMs: number;
+  hosts: { host: string; how: 'self' | 'acked' | 'expired' }[];
+}
+
+/** Open or fenced: the gate a shared device's data path asks (cluster/fence.ts). */
+export interface Gate {
+  gate(): 'open' | 'hold' | 'fail';
+  onOpen(wake: () => void): void;
 }
 
 export interface AuditEntry {
@@ -77,6 +91,17 @@ class DeviceAccess implements AccessControl {
   generation = 0;
   state: PrState = EMPTY_PR;
   acl: Map<string, AclAccess> | null = null;
+  /** Set for shared devices of a cluster: the agent's self-fence. */
+  fence: Gate | undefined;
+
+  gate(): 'open' | 'hold' | 'fail' {
+    return this.fence === undefined ? 'open' : this.fence.gate();
+  }
+
+  onOpen(wake: () => void): void {
+    if (this.fence) this.fence.onOpen(wake);
+    else wake();
+  }
 
   mask(identity: string): number {
     let m = 0xffff & ~(READ_COMMANDS | WRITE_COMMANDS);
@@ -110,8 +135,10 @@ export interface PrOutResult {
   changed: boolean;
   generation: number;
   preempted: string[];
-  /** Connections closed by PREEMPT AND ABORT. */
+  /** Connections closed by PREEMPT AND ABORT (on this agent). */
   aborted: number;
+  /** In a cluster: whom the change waited for before it returned. */
+  settled?: SettleReport;
 }
 
 function identityOk(s: unknown): s is string {
@@ -123,6 +150,15 @@ export class ReservationManager {
   private readonly revisions = new Map<string, { pr: number; seq: number }>();
   /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
+  /**
+   * In a cluster: resolves once every other agent has applied the change at
+   * `revision` (aborting preempted connections first), or its lease has expired.
+   */
+  settle?: (revision: number) => Promise<SettleReport>;
+  /** PR OUT latency, for metrics. */
+  onChange?: (seconds: number) => void;
+  /** In a cluster: which agents have applied the device's current reservation state. */
+  appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
 
   constructor(
     private readonly store: Store,
@@ -210,6 +246,9 @@ export class ReservationManager {
         key: formatKey(r.key),
         holder: r.holder,
       })),
+      ...(this.appliedBy
+        ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0) }
+        : {}),
     };
   }
 
@@ -226,7 +265,103 @@ export class ReservationManager {
 
   // ---- PERSISTENT RESERVE OUT ----
 
-  apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
+  async apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
+    const t0 = performance.now();
+    let out: { result: PrOutResult; revision: number } | undefined;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        out = await this.applyOnce(device, req, actor);
+        break;
+      } catch (e) {
+        // Another agent changed the reservation first: judge the request on the new state.
+        if (!this.settle || (e as BallastError).code !== 'BALLAST_CONFLICT' || attempt >= 5) {
+          throw e;
+        }
+        await this.reload(device);
+      }
+    }
+    if (this.settle && out.revision > 0) out.result.settled = await this.settle(out.revision);
+    this.onChange?.((performance.now() - t0) / 1000);
+    return out.result;
+  }
+
+  /** Reads one device's reservation record again (after losing a race to another agent). */
+  private async reload(device: string): Promise<void> {
+    const kv = await this.store.get(PR_PREFIX + device);
+    await this.mutex.run(async () => this.applyRecord(device, kv, kv?.modRevision ?? 0, false));
+  }
+
+  /**
+   * A reservation or access list record as another agent wrote it (the cluster
+   * watch, in revision order): the data path follows it, and connections the
+   * change preempted with abort are closed here before the change is acked.
+   */
+  applyRemote(device: string, kind: 'pr' | 'acl', kv: KeyValue | undefined): Promise<void> {
+    return this.mutex.run(async () => {
+      if (kind === 'acl') {
+        const acc = this.access(device);
+        let entries: AclEntry[] | null = null;
+        if (kv) {
+          try {
+            entries = (JSON.parse(kv.value) as { entries: AclEntry[] }).entries;
+          } catch {
+            this.log(`device ${device}: unreadable access list from the cluster; everyone refused`);
+            entries = [];
+          }
+        }
+        acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+        acc.generation++;
+        return;
+      }
+      await this.applyRecord(device, kv, kv?.modRevision ?? 0, true);
+    });
+  }
+
+  private async applyRecord(
+    device: string,
+    kv: KeyValue | undefined,
+    modRevision: number,
+    abort: boolean,
+  ): Promise<void> {
+    const known = this.revisions.get(device);
+    if (kv && known && modRevision <= known.pr) return; // already applied (our own change)
+    const acc = this.access(device);
+    if (!kv) {
+      acc.state = EMPTY_PR;
+      acc.generation++;
+      this.revisions.delete(device);
+      return;
+    }
+    let rec: PrRecord;
+    try {
+      rec = JSON.parse(kv.value) as PrRecord;
+      acc.state = prFromJson(rec.state);
+    } catch (e) {
+      // Never "no reservation" for a record we cannot read: nobody may write.
+      this.log(`device ${device}: unreadable reservation record: ${(e as Error).message}`);
+      acc.acl = new Map();
+      acc.generation++;
+      return;
+    }
+    acc.generation++;
+    this.revisions.set(device, { pr: modRevision, seq: rec.seq });
+    if (abort && rec.abort && rec.abort.length > 0) {
+      const gone = new Set(rec.abort);
+      const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
+        gone.has(c.identity),
+      );
+      if (conns.length > 0) {
+        this.log(`device ${device}: aborting ${conns.length} connection(s) of ${rec.abort.join(', ')}`);
+        await Promise.all(conns.map((c) => c.abort()));
+      }
+    }
+  }
+
+  private applyOnce(
+    device: string,
+    req: PrOutRequest,
+    actor: string,
+  ): Promise<{ result: PrOutResult; revision: number }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
       if (!identityOk(req.as)) {
@@ -266,6 +401,9 @@ export class ReservationManager {
         ...(result.ok && result.preempted.length > 0 ? { preempted: result.preempted } : {}),
       };
       const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
+      if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
+        record.abort = result.preempted;
+      }
       const key = PR_PREFIX + device;
       const t = await this.store.txn({
         compare: [cmp.modRevision(key, '=', rev.pr)],
@@ -307,13 +445,16 @@ export class ReservationManager {
         }
       }
       return {
-        device,
-        action: req.action,
-        initiator: req.as,
-        changed: result.changed,
-        generation: result.state.generation,
-        preempted: result.preempted,
-        aborted,
+        result: {
+          device,
+          action: req.action,
+          initiator: req.as,
+          changed: result.changed,
+          generation: result.state.generation,
+          preempted: result.preempted,
+          aborted,
+        },
+        revision: t.revision,
       };
     });
   }
@@ -329,10 +470,19 @@ export class ReservationManager {
   }
 
   /** Replaces the access list (null: everyone may connect, read-write). */
-  setAcl(
+  async setAcl(
     device: string,
     entries: AclEntry[] | null,
   ): Promise<{ device: string; entries: AclEntry[] | null }> {
+    const r = await this.setAclLocked(device, entries);
+    if (this.settle && r.revision > 0) await this.settle(r.revision);
+    return r.view;
+  }
+
+  private setAclLocked(
+    device: string,
+    entries: AclEntry[] | null,
+  ): Promise<{ view: { device: string; entries: AclEntry[] | null }; revision: number }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
       const seen = new Set<string>();
@@ -349,12 +499,14 @@ export class ReservationManager {
         seen.add(e.identity);
       }
       const key = ACL_PREFIX + device;
-      if (entries === null) await this.store.delete(key);
-      else await this.store.put(key, JSON.stringify({ entries }));
+      const revision =
+        entries === null
+          ? (await this.store.delete(key)).revision
+          : (await this.store.put(key, JSON.stringify({ entries }))).revision;
       acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
-      return this.acl(device);
+      return { view: this.acl(device), revision };
     });
   }
 

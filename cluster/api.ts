@@ -3,6 +3,7 @@
 
 import client from 'prom-client';
 import type { Cluster } from './cluster.js';
+import type { Fence } from './fence.js';
 
 type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
 
@@ -43,7 +44,39 @@ export function clusterRoutes(cluster: Cluster) {
 export function clusterMetrics(
   registry: client.Registry,
   cluster: Cluster,
-): (op: string, seconds: number) => void {
+  fence: Fence,
+): { roundTrip: (op: string, seconds: number) => void; prChange: (seconds: number) => void } {
+  new client.Gauge({
+    name: 'ballast_cluster_fenced',
+    help: '1 while this agent has fenced itself (I/O to shared devices held or failed), else 0',
+    registers: [registry],
+    collect() {
+      this.set(fence.fenced() ? 1 : 0);
+    },
+  });
+  new client.Gauge({
+    name: 'ballast_cluster_held_connections',
+    help: 'Connections whose requests are held by the fence',
+    registers: [registry],
+    collect() {
+      this.set(fence.held());
+    },
+  });
+  new client.Counter({
+    name: 'ballast_cluster_fences_total',
+    help: 'Times this agent fenced itself',
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(fence.fences);
+    },
+  });
+  const pr = new client.Histogram({
+    name: 'ballast_pr_change_seconds',
+    help: 'PR OUT commands, from the request to every serving agent having applied it',
+    buckets: [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [registry],
+  });
   new client.Gauge({
     name: 'ballast_cluster_members',
     help: 'Members of the cluster by state (alive, expired, left), as this agent sees them',
@@ -88,5 +121,8 @@ export function clusterMetrics(
     buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
     registers: [registry],
   });
-  return (op, seconds) => rtt.observe({ op }, seconds);
+  return {
+    roundTrip: (op, seconds) => rtt.observe({ op }, seconds),
+    prChange: (seconds) => pr.observe(seconds),
+  };
 }

@@ -27,6 +27,7 @@ import {
   type Watcher,
 } from '../agent/store/store.js';
 import type { ClusterConfig } from './config.js';
+import type { Fence } from './fence.js';
 
 export const MEMBERS = 'members/';
 export const HOSTS = 'hosts/';
@@ -127,6 +128,10 @@ export class Cluster {
   readonly garbage = new Set<string>();
   /** The newest revision seen from the store (for the watch lag). */
   storeRevision = 0;
+  /** After the lease was lost: the revision the cache must reach before serving again. */
+  private catchUpTo = 0;
+  /** The data path's fence, told when the agent may serve again. */
+  fence: Fence | undefined;
 
   private constructor(private readonly opts: ClusterOptions) {
     this.host = opts.config.host;
@@ -229,6 +234,7 @@ export class Cluster {
         await this.store.keepAlive(this.lease);
         this.lastAckSent = t0;
         this.setHealthy();
+        this.fence?.check();
         this.storeRevision = Math.max(this.storeRevision, await this.store.revision());
       } catch (e) {
         if (this.stopped) return;
@@ -248,6 +254,8 @@ export class Cluster {
   private async rejoin(): Promise<void> {
     try {
       await this.register();
+      // Whatever other hosts did while the lease was gone must be applied before serving.
+      this.catchUpTo = await this.store.revision();
       this.stats.reRegistrations++;
       this.opts.log(`cluster: host ${this.host}: lease lost, registered again`);
       // Whatever happened while we were away comes through the watch (or a relist).
@@ -279,6 +287,11 @@ export class Cluster {
   /** Whether the last keepalive was acknowledged (reads are fresh, mutations may go ahead). */
   isHealthy(): boolean {
     return this.healthy;
+  }
+
+  /** Whether the agent may serve shared devices again: lease renewed, cache caught up. */
+  canServe(): boolean {
+    return this.healthy && this.revision >= this.catchUpTo;
   }
 
   /** Monotonic deadline (performance.now()) before which etcd cannot have expired our lease. */
@@ -429,6 +442,7 @@ export class Cluster {
     } finally {
       this.draining = false;
     }
+    this.fence?.check();
   }
 
   private wake(): void {
@@ -537,17 +551,48 @@ export class Cluster {
 
   /**
    * Waits until every host in `hosts` but this one has applied `revision`, or
-   * is no longer a member (its lease ended, so it serves nothing).
+   * is no longer a member (its lease ended: it has fenced itself and serves
+   * nothing). Says whom it waited for and how each was settled.
    */
-  async settle(revision: number, hosts: string[]): Promise<void> {
-    const pending = () =>
-      hosts.filter((h) => h !== this.host && this.alive(h) && this.ackOf(h) < revision);
+  async settle(
+    revision: number,
+    hosts: string[],
+  ): Promise<{ waitedMs: number; hosts: { host: string; how: 'self' | 'acked' | 'expired' }[] }> {
+    const t0 = performance.now();
+    const how = new Map<string, 'self' | 'acked' | 'expired'>();
+    const pending = () => {
+      const left: string[] = [];
+      for (const h of hosts) {
+        if (how.has(h)) continue;
+        if (h === this.host) how.set(h, 'self');
+        else if (!this.alive(h)) how.set(h, 'expired');
+        else if (this.ackOf(h) >= revision) how.set(h, 'acked');
+        else left.push(h);
+      }
+      return left;
+    };
     const ttlMs = this.opts.config.leaseTtl * 1000;
-    if (await this.waitUntil(() => pending().length === 0, ttlMs + 2000)) return;
-    throw new BallastError(
-      'BALLAST_CLUSTER_NOT_APPLIED',
-      `the change (revision ${revision}) is committed, but host(s) ${pending().join(', ')} have not applied it yet`,
-    );
+    if (!(await this.waitUntil(() => pending().length === 0, ttlMs + 2000))) {
+      throw new BallastError(
+        'BALLAST_CLUSTER_NOT_APPLIED',
+        `the change (revision ${revision}) is committed, but host(s) ${pending().join(', ')} have not applied it yet`,
+      );
+    }
+    return {
+      waitedMs: Math.round(performance.now() - t0),
+      hosts: [...how].map(([host, h]) => ({ host, how: h })),
+    };
+  }
+
+  /** Which hosts have applied `revision` (for `ballast pr show`). */
+  appliedBy(revision: number): { host: string; applied: boolean; revision: number }[] {
+    return this.members()
+      .filter((m) => m.state === 'alive')
+      .map((m) => ({
+        host: m.host,
+        applied: m.host === this.host ? this.appliedCatalog >= revision : this.ackOf(m.host) >= revision,
+        revision: m.host === this.host ? this.appliedCatalog : this.ackOf(m.host),
+      }));
   }
 
   /** Leaves the cluster: marks the host left and revokes the lease (its keys go with it). */

@@ -16,6 +16,12 @@ export interface ClusterConfig {
   leaseTtl: number;
   /** Per-call deadline for etcd requests, in milliseconds. */
   timeoutMs: number;
+  /** Fenced I/O to shared devices is held this long, then fails with EIO (milliseconds). */
+  holdMs: number;
+  /** Taken off the lease deadline: time for a checked write to reach the file (milliseconds). */
+  fenceMarginMs: number;
+  /** A Linux watchdog device to pet while the lease is valid. */
+  watchdog?: string;
   /** PEM files for etcd client TLS (https:// endpoints). */
   ca?: string;
   cert?: string;
@@ -26,7 +32,19 @@ export interface ClusterConfig {
 
 const HOST = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const CLUSTER = /^[a-z0-9][a-z0-9._-]{0,62}$/;
-const KEYS = ['name', 'etcd', 'host', 'leaseTtl', 'timeout', 'ca', 'cert', 'key'];
+const KEYS = [
+  'name',
+  'etcd',
+  'host',
+  'leaseTtl',
+  'timeout',
+  'holdTimeout',
+  'fenceMargin',
+  'watchdog',
+  'ca',
+  'cert',
+  'key',
+];
 
 /** The host name Ballast uses by default: the system's, lower-cased, up to its first dot. */
 export function defaultHostName(): string {
@@ -87,7 +105,15 @@ export function parseClusterConfig(
   // A call must give up well inside the lease, so that a partitioned agent
   // notices before its lease runs out.
   const timeoutMs = num('timeout', o.timeout, Math.min(2000, leaseTtl * 400), 100, 60_000);
-  const file = (k: 'ca' | 'cert' | 'key'): string | undefined => {
+  const holdMs = num('holdTimeout', o.holdTimeout, 10, 0, 3600) * 1000;
+  const fenceMarginMs = num(
+    'fenceMargin',
+    o.fenceMargin,
+    Math.min(1000, Math.max(250, leaseTtl * 100)),
+    50,
+    leaseTtl * 500,
+  );
+  const file = (k: 'ca' | 'cert' | 'key' | 'watchdog'): string | undefined => {
     const f = o[k];
     if (f === undefined) return undefined;
     if (typeof f !== 'string' || !isAbsolute(f)) fail(`cluster.${k}`, 'must be an absolute path');
@@ -107,8 +133,12 @@ export function parseClusterConfig(
     host,
     leaseTtl,
     timeoutMs,
+    holdMs,
+    fenceMarginMs,
     prefix: `/ballast/${name}/`,
   };
+  const watchdog = file('watchdog');
+  if (watchdog) out.watchdog = watchdog;
   if (tls.ca) out.ca = tls.ca;
   if (tls.cert) out.cert = tls.cert;
   if (tls.key) out.key = tls.key;

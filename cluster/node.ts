@@ -55,7 +55,7 @@ export function servingHosts(cluster: Cluster, rec: Placed): string[] {
 
 export interface CatalogSinks {
   device(name: string, ev: WatchEvent): Promise<void>;
-  reservation?(device: string, ev: WatchEvent): Promise<void>;
+  reservation?(device: string, kind: 'pr' | 'acl', ev: WatchEvent): Promise<void>;
 }
 
 /** Routes catalog events to the managers that keep them. */
@@ -63,8 +63,10 @@ export function catalogApplier(sinks: CatalogSinks): (ev: WatchEvent) => Promise
   return async (ev) => {
     const key = ev.kv.key;
     if (key.startsWith('devices/')) await sinks.device(key.slice('devices/'.length), ev);
-    else if (key.startsWith('pr/')) await sinks.reservation?.(key.slice('pr/'.length), ev);
-    else if (key.startsWith('acl/')) await sinks.reservation?.(key.slice('acl/'.length), ev);
+    else if (key.startsWith('pr/')) await sinks.reservation?.(key.slice('pr/'.length), 'pr', ev);
+    else if (key.startsWith('acl/')) {
+      await sinks.reservation?.(key.slice('acl/'.length), 'acl', ev);
+    }
   };
 }
 

@@ -483,6 +483,13 @@ export class Connection implements HandshakeSink, TransmissionSink {
       if ((this.accessMask & (1 << h.type)) === 0) {
         err = NBD_ERR.EPERM;
         denied = true;
+      } else if (acc.gate !== undefined) {
+        const g = acc.gate();
+        if (g === 'hold') {
+          acc.onOpen?.(this.wakeHeld);
+          return Decision.Stall;
+        }
+        if (g === 'fail') err = NBD_ERR.EIO;
       }
     }
     const carries = !err && (h.type === CMD.READ || h.type === CMD.WRITE) ? h.length : 0;
@@ -637,7 +644,18 @@ export class Connection implements HandshakeSink, TransmissionSink {
     slot.bufOffset = 0;
   }
 
+  /** A held connection asks again (its access control's gate opened or now fails). */
+  private readonly wakeHeld = (): void => {
+    if (this.stalled) this.maybeResume();
+  };
+
   private startWrite(slot: Slot): void {
+    // The payload may have taken a while: the gate is asked again before the write.
+    const g = this.access?.gate?.();
+    if (g !== undefined && g !== 'open') {
+      this.sendError(slot, NBD_ERR.EIO);
+      return;
+    }
     this.server.stats.bytesWritten += slot.length;
     this.backend!.write(slot, (slot.flags & CMD_FLAG.FUA) !== 0);
   }
