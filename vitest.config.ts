@@ -8,6 +8,7 @@ export default defineConfig({
       'cli/**/*.test.ts',
       'dumpd/**/*.test.ts',
       'deploy/**/*.test.ts',
+      'cluster/**/*.test.ts',
       'test/**/*.test.ts',
     ],
     testTimeout: 60_000,
