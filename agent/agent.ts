@@ -18,8 +18,8 @@ import {
 import type http from 'node:http';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import type { Cluster } from '../cluster/cluster.js';
 import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
+import type { Cluster } from '../cluster/cluster.js';
 import { Fence } from '../cluster/fence.js';
 import {
   Cluster as ClusterImpl,
@@ -219,7 +219,6 @@ export class Agent {
     try {
       const token = config.api.token ?? loadOrCreateToken(config.api.tokenFile).token;
       agent = new Agent(config, token, store, opts);
-      agent.roundTrip = (op, s) => trips.f(op, s);
       trips.f = (op, s) => agent?.roundTrip(op, s);
       await agent.init();
       return agent;
@@ -300,6 +299,15 @@ export class Agent {
       if ('path' in t) this.sockets.push(t.path);
     }
 
+    // In a cluster the API answers once the agent has joined (it listens first, so
+    // that its member record can carry its addresses).
+    let markJoined: (err?: unknown) => void = () => {};
+    const joined = {
+      promise: new Promise<void>((resolve, reject) => {
+        markJoined = (err) => (err === undefined ? resolve() : reject(err));
+      }),
+    };
+    joined.promise.catch(() => {});
     const ctx = {
       devices: this.devices,
       metrics: registry,
@@ -310,6 +318,7 @@ export class Agent {
       extraRoutes: this.cluster ? clusterRoutes(this.cluster) : undefined,
       stale: () => this.cluster?.staleness() ?? null,
       endpointOf: (host: string) => this.cluster?.member(host)?.nbd,
+      ready: joined.promise,
     };
     for (const l of c.api.listen) this.apiTargets.push(hostPort(l));
     if (c.api.socket) this.apiTargets.push({ path: c.api.socket });
@@ -345,27 +354,14 @@ export class Agent {
       );
     }
     if (this.cluster && c.cluster) {
-      await this.cluster.join({
-        host: c.cluster.host,
-        version: this.opts.version,
-        pid: process.pid,
-        machine: hostname(),
-        dataDir: c.dataDir,
-        nbd: this.endpoint(),
-        api: this.apiUrls(),
-        pools: (await this.devices.poolStatus()).map((p) => ({
-          name: p.name,
-          path: p.path,
-          shared: this.pools.get(p.name)?.config.shared === true,
-          media: p.media,
-        })),
-        startedAt: this.startedAt.toISOString(),
-      });
-      this.log(
-        `cluster ${c.cluster.name}: host ${c.cluster.host}, etcd ${c.cluster.etcd.join(', ')}, ` +
-          `${this.cluster.members().filter((m) => m.state === 'alive').length} member(s) alive`,
-      );
+      try {
+        await this.joinCluster(c);
+      } catch (e) {
+        markJoined(e);
+        throw e;
+      }
     }
+    markJoined();
     for (const pr of this.devices.problems) this.log(`problem: ${pr.message}`);
     this.log(`${this.devices.list().length} device(s)`);
     this.log(`NBD on ${this.nbdTargets.map(describeTarget).join(', ') || 'nothing'}`);
@@ -377,6 +373,37 @@ export class Agent {
   }
 
   private apiRequest: (method: string, route: string, status: number) => void = () => {};
+
+  private async joinCluster(c: AgentConfig): Promise<void> {
+    const cc = c.cluster!;
+    const cluster = this.cluster!;
+    await cluster.join({
+      host: cc.host,
+      version: this.opts.version,
+      pid: process.pid,
+      machine: hostname(),
+      dataDir: c.dataDir,
+      nbd: this.endpoint(),
+      api: this.apiUrls(),
+      pools: (await this.devices.poolStatus()).map((p) => ({
+        name: p.name,
+        path: p.path,
+        shared: this.pools.get(p.name)?.config.shared === true,
+        media: p.media,
+      })),
+      startedAt: this.startedAt.toISOString(),
+    });
+    const alive = new Set(
+      cluster
+        .members()
+        .filter((m) => m.state === 'alive')
+        .map((m) => m.host),
+    );
+    alive.add(cc.host);
+    this.log(
+      `cluster ${cc.name}: host ${cc.host}, etcd ${cc.etcd.join(', ')}, ${alive.size} member(s) alive`,
+    );
+  }
 
   private async prepareSocket(path: string): Promise<void> {
     try {

@@ -73,6 +73,8 @@ export interface ApiContext {
   ) => R[];
   /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
   stale?: () => { since: string; reason: string } | null;
+  /** Requests wait for this (an agent that is still joining its cluster). */
+  ready?: Promise<void>;
   /** In a cluster: where another host's agent serves NBD (attach --host). */
   endpointOf?: (host: string) => NbdEndpoint | undefined;
 }
@@ -248,6 +250,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
       res.end(text);
     };
     try {
+      if (ctx.ready) await ctx.ready;
       const url = new URL(req.url ?? '/', 'http://localhost');
       const token = opts.token?.();
       const want = token ? Buffer.from(`Bearer ${token}`) : null;

@@ -812,7 +812,7 @@ export class DeviceManager {
         this.log(`cluster: the record of device ${name} is unreadable; ignored`);
         return;
       }
-      if (!rec || rec.state !== 'ready' || !this.servesHere(rec)) {
+      if (rec?.state !== 'ready' || !this.servesHere(rec)) {
         await this.unexport(name, rec ? `${rec.state} by ${rec.by ?? 'another host'}` : 'deleted');
         this.broken.delete(name);
         if (rec) this.remote.set(name, { record: rec, modRevision });

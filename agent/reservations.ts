@@ -246,9 +246,7 @@ export class ReservationManager {
         key: formatKey(r.key),
         holder: r.holder,
       })),
-      ...(this.appliedBy
-        ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0) }
-        : {}),
+      ...(this.appliedBy ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0) } : {}),
     };
   }
 
@@ -351,7 +349,9 @@ export class ReservationManager {
         gone.has(c.identity),
       );
       if (conns.length > 0) {
-        this.log(`device ${device}: aborting ${conns.length} connection(s) of ${rec.abort.join(', ')}`);
+        this.log(
+          `device ${device}: aborting ${conns.length} connection(s) of ${rec.abort.join(', ')}`,
+        );
         await Promise.all(conns.map((c) => c.abort()));
       }
     }

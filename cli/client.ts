@@ -36,6 +36,12 @@ export const EXIT: Record<string, number> = {
   PR_INVALID_RELEASE: 8,
   PR_INVALID_REQUEST: 8,
   BALLAST_BAD_ACL: 8,
+  BALLAST_DEVICE_REMOTE: 5,
+  BALLAST_CLUSTER_HOST_TAKEN: 5,
+  BALLAST_CLUSTER_JOIN_NEEDED: 5,
+  BALLAST_CLUSTER_UNREACHABLE: 3,
+  STORE_UNAVAILABLE: 3,
+  STORE_TIMEOUT: 3,
 };
 
 /** An error from (or about reaching) the agent, with the exit code for it. */

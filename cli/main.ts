@@ -7,6 +7,7 @@ import { isBallastError } from '../agent/errors.js';
 import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
+import { EXIT } from './client.js';
 import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
@@ -192,7 +193,11 @@ export async function main(argv: string[]): Promise<void> {
     }
     if (isBallastError(e)) {
       process.stderr.write(`ballast: error ${e.code}: ${e.message}\n`);
-      process.exit(e.code === 'BALLAST_USAGE' ? 2 : ((e as { exitCode?: number }).exitCode ?? 1));
+      process.exit(
+        e.code === 'BALLAST_USAGE'
+          ? 2
+          : ((e as { exitCode?: number }).exitCode ?? EXIT[e.code] ?? 1),
+      );
     }
     process.stderr.write(`ballast: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
     process.exit(1);

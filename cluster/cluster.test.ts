@@ -65,9 +65,9 @@ describe('cluster config', () => {
     expect(() => parseClusterConfig({ etcd: ['http://x:1'], bogus: 1 }, fail)).toThrow(
       /cluster.bogus: unknown key/,
     );
-    expect(() =>
-      parseClusterConfig({ etcd: ['http://x:1', 'https://y:2'] }, fail),
-    ).toThrow(/mixes/);
+    expect(() => parseClusterConfig({ etcd: ['http://x:1', 'https://y:2'] }, fail)).toThrow(
+      /mixes/,
+    );
   });
 });
 

@@ -151,6 +151,8 @@ export class Cluster {
   // ---- membership ----
 
   private baseInfo: Omit<MemberInfo, 'lease'> | undefined;
+  /** Whether this agent ever held its member key (a refused agent leaves nothing behind). */
+  private registered = false;
 
   private info(): MemberInfo {
     return { ...this.baseInfo!, lease: this.lease };
@@ -192,6 +194,7 @@ export class Cluster {
         failure: [op.get(key)],
       });
       if (r.succeeded) {
+        this.registered = true;
         this.lastAckSent = t0;
         this.setHealthy();
         return;
@@ -590,7 +593,8 @@ export class Cluster {
       .filter((m) => m.state === 'alive')
       .map((m) => ({
         host: m.host,
-        applied: m.host === this.host ? this.appliedCatalog >= revision : this.ackOf(m.host) >= revision,
+        applied:
+          m.host === this.host ? this.appliedCatalog >= revision : this.ackOf(m.host) >= revision,
         revision: m.host === this.host ? this.appliedCatalog : this.ackOf(m.host),
       }));
   }
@@ -602,7 +606,7 @@ export class Cluster {
     clearTimeout(this.keepTimer);
     this.wake();
     await this.watcher?.cancel().catch(() => {});
-    if (!this.baseInfo) return;
+    if (!this.baseInfo || !this.registered) return;
     const rec: HostRecord = {
       host: this.host,
       state: 'left',

@@ -9,7 +9,7 @@ import type { AgentConfig } from '../agent/config.js';
 import { parseRecord } from '../agent/devices.js';
 import { BallastError } from '../agent/errors.js';
 import { SqliteStore } from '../agent/store/sqlite-store.js';
-import { cmp, type KeyValue, op, type Op } from '../agent/store/store.js';
+import { cmp, type KeyValue, type Op, op } from '../agent/store/store.js';
 import { openClusterStore } from './node.js';
 
 /** Keys a single host keeps that move into the cluster. */

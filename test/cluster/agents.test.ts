@@ -106,7 +106,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     expect(forB.stdout.trim()).toBe(b.uri('swap1'));
 
     // a host-local device belongs to its host: listed everywhere, changed only there
-    expect((await b.cli('device', 'create', 'bonly', '--size', '1M', '--pool', 'local')).code).toBe(0);
+    expect((await b.cli('device', 'create', 'bonly', '--size', '1M', '--pool', 'local')).code).toBe(
+      0,
+    );
     await until('a lists bonly', async () =>
       (await devices(a)).devices.some((d) => d.name === 'bonly' && d.state === 'remote'),
     );
@@ -148,7 +150,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     const listed = (await devices(c)).devices.map((d) => d.name).sort();
     expect(listed).toEqual([...names].sort());
     // exactly one file per device on the shared storage
-    expect(readdirSync(path.join(shared, name)).filter((f) => f.endsWith('.img'))).toHaveLength(100);
+    expect(readdirSync(path.join(shared, name)).filter((f) => f.endsWith('.img'))).toHaveLength(
+      100,
+    );
     await Promise.all([a.stop(), b.stop(), c.stop()]);
   });
 
@@ -187,7 +191,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     try {
       const a = await agent(name, 'a', { endpoints: proxies.map((p) => p.url) });
       const [b, c] = await Promise.all([agent(name, 'b'), agent(name, 'c')]);
-      expect((await a.cli('device', 'create', 'before', '--size', '1M', '--pool', 'shared')).code).toBe(0);
+      expect(
+        (await a.cli('device', 'create', 'before', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
       for (const p of proxies) p.partition();
       await until('a cut off', async () => (await devices(a)).stale !== undefined, 10_000);
       const ls = await a.cli('device', 'ls');
@@ -204,12 +210,18 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
         };
         return m.members.find((x) => x.host === 'a')?.state === 'expired';
       });
-      expect((await b.cli('device', 'create', 'during-b', '--size', '1M', '--pool', 'shared')).code).toBe(0);
+      expect(
+        (await b.cli('device', 'create', 'during-b', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
       for (const p of proxies) p.heal();
-      await until('a converged', async () => {
-        const d = await devices(a);
-        return d.stale === undefined && d.devices.some((x) => x.name === 'during-b');
-      }, 20_000);
+      await until(
+        'a converged',
+        async () => {
+          const d = await devices(a);
+          return d.stale === undefined && d.devices.some((x) => x.name === 'during-b');
+        },
+        20_000,
+      );
       const names = (await devices(a)).devices.map((d) => d.name).sort();
       expect(names).toEqual(['before', 'during-b']);
       await until('c sees a alive', async () => {
@@ -218,7 +230,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
         };
         return m.members.find((x) => x.host === 'a')?.state === 'alive';
       });
-      expect((await a.cli('device', 'create', 'after', '--size', '1M', '--pool', 'shared')).code).toBe(0);
+      expect(
+        (await a.cli('device', 'create', 'after', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
       await Promise.all([a.stop(), b.stop(), c.stop()]);
     } finally {
       for (const p of proxies) await p.close();
@@ -282,7 +296,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     };
     expect(st.problems.some((p) => p.device === 'junk')).toBe(true);
     expect(st.cluster.foreignKeyCount).toBe(1);
-    expect((await a.cli('device', 'create', 'ok', '--size', '1M', '--pool', 'shared')).code).toBe(0);
+    expect((await a.cli('device', 'create', 'ok', '--size', '1M', '--pool', 'shared')).code).toBe(
+      0,
+    );
     await a.stop();
 
     // a host that ran alone: its devices are imported by join, never silently dropped
@@ -292,9 +308,9 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     expect((await solo.cli('device', 'create', 'ok', '--size', '2M')).code).toBe(0);
     await solo.stop();
     const cfg = { etcd: etcd.endpoints, host: 'solo', name, leaseTtl: 2 };
-    await expect(startAgent({ dir: solo.dir, pools: [{ name: 'default' }], cluster: cfg })).rejects.toThrow(
-      /BALLAST_CLUSTER_JOIN_NEEDED/,
-    );
+    await expect(
+      startAgent({ dir: solo.dir, pools: [{ name: 'default' }], cluster: cfg }),
+    ).rejects.toThrow(/BALLAST_CLUSTER_JOIN_NEEDED/);
     const clash = await solo.cli('cluster', 'join', '--config', solo.configFile);
     expect(clash.code).toBe(5);
     expect(clash.stderr).toMatch(/BALLAST_DEVICE_EXISTS[\s\S]*ok/);
