@@ -158,10 +158,13 @@ export class Agent {
     this.nbd = new NbdServer({
       catalog: this.catalog,
       tls: credentials ? { mode: config.nbd.tls.mode, credentials } : undefined,
-      // In a cluster a client TLS does not name is this host (docs: identities across hosts).
+      // In a cluster a local (Unix socket) client that TLS and the map do not name is
+      // this host: a QEMU here and a QEMU on another host never share an identity.
       identify:
         identities.size > 0 || hostIdentity
-          ? (c) => identities.lookup(c.raw, peerUid) ?? hostIdentity ?? null
+          ? (c) =>
+              identities.lookup(c.raw, peerUid) ??
+              (c.raw.remoteAddress === undefined ? (hostIdentity ?? null) : null)
           : undefined,
       authorize: (exp, conn) => this.reservations.authorize(exp.name, conn),
       readOnlyFor: (exp, conn) => this.reservations.readOnlyFor(exp.name, conn),

@@ -62,6 +62,16 @@ function actorOf(req: unknown): string {
   return uid === null ? 'unix' : `uid:${uid}`;
 }
 
+function generationField(v: unknown): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0 || v > 0xffffffff) {
+    throw new BallastError(
+      'PR_INVALID_REQUEST',
+      'ifGeneration must be a whole number from 0 to 2^32-1',
+    );
+  }
+  return v;
+}
+
 /** The routes, built with the API's own route maker. */
 export function prRoutes<R>(
   res: ReservationManager,
@@ -95,6 +105,9 @@ export function prRoutes<R>(
           type: type(body.type),
           target: typeof body.target === 'string' ? body.target : undefined,
           unregister: body.unregister === true,
+          ...(body.ifGeneration !== undefined
+            ? { ifGeneration: generationField(body.ifGeneration) }
+            : {}),
         },
         actorOf(q),
       );

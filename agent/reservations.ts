@@ -29,7 +29,7 @@ import {
   readKeys,
   readReservation,
 } from './pr.js';
-import { cmp, type KeyValue, op, type Store } from './store/store.js';
+import { cmp, isStoreError, type KeyValue, op, type Store, StoreError } from './store/store.js';
 
 const PR_PREFIX = 'pr/';
 const AUDIT_PREFIX = 'pr-audit/';
@@ -126,6 +126,11 @@ export interface PrOutRequest {
   type?: PrType;
   target?: string;
   unregister?: boolean;
+  /**
+   * Apply only if the device's PRgeneration is still this (what the caller last
+   * read); otherwise PR_CONFLICT [stale-generation] and nothing changes.
+   */
+  ifGeneration?: number;
 }
 
 export interface PrOutResult {
@@ -283,6 +288,19 @@ export class ReservationManager {
     return out.result;
   }
 
+  /** A read retried through retryable failures for up to 20 s (an etcd election). */
+  private async untilAnswered<T>(fn: () => Promise<T>): Promise<T> {
+    const until = performance.now() + 20_000;
+    for (;;) {
+      try {
+        return await fn();
+      } catch (e) {
+        if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  }
+
   /** Reads one device's reservation record again (after losing a race to another agent). */
   private async reload(device: string): Promise<void> {
     const kv = await this.store.get(PR_PREFIX + device);
@@ -364,6 +382,12 @@ export class ReservationManager {
   ): Promise<{ result: PrOutResult; revision: number }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
+      if (req.ifGeneration !== undefined && acc.state.generation !== req.ifGeneration) {
+        throw new BallastError(
+          'PR_CONFLICT',
+          `reservation conflict [stale-generation]: the PRgeneration of ${device} is ${acc.state.generation}, not ${req.ifGeneration}; read it again`,
+        );
+      }
       if (!identityOk(req.as)) {
         throw new BallastError(
           'BALLAST_BAD_REQUEST',
@@ -405,16 +429,30 @@ export class ReservationManager {
         record.abort = result.preempted;
       }
       const key = PR_PREFIX + device;
-      const t = await this.store.txn({
-        compare: [cmp.modRevision(key, '=', rev.pr)],
-        success: [
-          op.put(key, JSON.stringify(record)),
-          op.put(
-            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
-            JSON.stringify(entry),
-          ),
-        ],
-      });
+      const value = JSON.stringify(record);
+      const auditKey = `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`;
+      let t: { succeeded: boolean; revision: number };
+      try {
+        t = await this.store.txn({
+          compare: [cmp.modRevision(key, '=', rev.pr)],
+          success: [op.put(key, value), op.put(auditKey, JSON.stringify(entry))],
+        });
+      } catch (e) {
+        // A store that timed out (an etcd election) may or may not have made the
+        // change: read until it answers, and say which.
+        if (!isStoreError(e) || !e.retryable) throw e;
+        const kv = await this.untilAnswered(() => this.store.get(key));
+        const audit = await this.untilAnswered(() => this.store.get(auditKey));
+        if (!kv || kv.value !== value || audit?.value !== JSON.stringify(entry)) {
+          throw new StoreError(
+            e.code,
+            `${e.message}; read back afterwards: the change to ${device} was NOT made, nothing changed (retry)`,
+            { cause: e },
+          );
+        }
+        this.log(`device ${device}: the store answered late; read back: the change was made`);
+        t = { succeeded: true, revision: kv.modRevision };
+      }
       if (!t.succeeded) {
         throw new BallastError(
           'BALLAST_CONFLICT',
