@@ -277,8 +277,10 @@ export class Agent {
     } else {
       await this.devices.reconcile();
     }
+    const cached = this.cluster;
     const registry = createMetrics(this.devices, () => this.nbd, {
-      store: this.store,
+      // In a cluster, from the cache: a scrape must answer while etcd does not.
+      store: cached ? { revision: async () => cached.revision } : this.store,
       onApi: (f) => {
         this.apiRequest = f;
       },

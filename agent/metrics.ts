@@ -12,7 +12,7 @@ const LATENCY_HELP = 'NBD request latency from header read to reply sent, per de
 const OPS = Array.from({ length: STAT_COMMANDS }, (_, i) => cmdName(i).toLowerCase());
 
 export interface MetricsOptions {
-  store?: Store;
+  store?: Pick<Store, 'revision'>;
   /** Receives the function the API calls once per answered request. */
   onApi?: (record: (method: string, route: string, status: number) => void) => void;
 }
