@@ -46,10 +46,14 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
 
   async function open(
     prefix: string,
-    how: 'direct' | 'proxied',
+    how: 'direct' | 'proxied' | 'leader-first',
     extra: Partial<EtcdStoreOptions> = {},
   ): Promise<EtcdStore> {
-    const endpoints = how === 'direct' ? cluster.endpoints : proxies.map((p) => p.url);
+    let endpoints = how === 'proxied' ? proxies.map((p) => p.url) : cluster.endpoints;
+    if (how === 'leader-first') {
+      const l = await cluster.leader();
+      endpoints = [endpoints[l]!, ...endpoints.filter((_, i) => i !== l)];
+    }
     const s = await EtcdStore.connect({ endpoints, prefix, timeoutMs: 1000, ...extra });
     stores.push(s);
     return s;
@@ -180,7 +184,8 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
 
   it('killing the leader mid-run: calls fail only retryably during the election, succeed after, and the watch loses nothing', async () => {
     const prefix = newPrefix();
-    const s = await open(prefix, 'direct', { timeoutMs: 2000 });
+    // The store talks to the leader: its calls and its watch lose their member.
+    const s = await open(prefix, 'leader-first', { timeoutMs: 2000 });
     const start = (await s.revision()) + 1;
     const { events, errors } = await collect(s, 'k/', start);
     const codes: string[] = [];
@@ -190,6 +195,7 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
       acked.push(await putRetrying(s, `k/${i % 5}`, `v${i}`, codes));
       if (i === 20) {
         killed = await cluster.leader();
+        expect(s.currentEndpoint()).toBe(cluster.endpoints[killed]);
         await cluster.kill(killed);
       }
       // Reads too: retryable failures only.
@@ -210,6 +216,7 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     await expectSameAsHistory(s, events, 'k/', start, acked[acked.length - 1]!);
     for (const r of acked) expect(events.map((e) => e.revision)).toContain(r);
     expect(errors).toEqual([]);
+    expect(s.watchResumes).toBeGreaterThanOrEqual(1);
     console.log(
       `leader kill: ${codes.length} retryable failures (${[...new Set(codes)].join(', ') || 'none'}), ` +
         `${s.watchResumes} watch resumes`,
@@ -295,6 +302,32 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     const last = (await direct.put('after', '1')).revision;
     await expectSameAsHistory(s, events, '', start, last);
     expect(errors).toEqual([]);
+  });
+
+  it('close() ends calls in flight with STORE_CLOSED at once, even against a silent peer; onRoundTrip sees every call', async () => {
+    const seen: [string, number][] = [];
+    const s = await open(newPrefix(), 'proxied', {
+      timeoutMs: 5000,
+      onRoundTrip: (name, seconds) => seen.push([name, seconds]),
+    });
+    await s.put('k', 'v');
+    await s.get('k');
+    await s.keepAlive(await s.grantLease(10));
+    expect(seen.map(([n]) => n)).toEqual(['txn', 'range', 'lease_grant', 'lease_keepalive']);
+    for (const [, sec] of seen) expect(sec).toBeGreaterThan(0);
+
+    for (const p of proxies) p.partition();
+    const pending = [s.get('k'), s.put('k', 'w'), s.revision()].map((p) =>
+      p.then(
+        () => 'ok',
+        (e: unknown) => (isStoreError(e) ? e.code : String(e)),
+      ),
+    );
+    await sleep(100);
+    const t0 = performance.now();
+    await s.close();
+    expect(await Promise.all(pending)).toEqual(['STORE_CLOSED', 'STORE_CLOSED', 'STORE_CLOSED']);
+    expect(performance.now() - t0).toBeLessThan(500);
   });
 
   it('a watch that cannot resume because history was compacted meanwhile ends with STORE_COMPACTED', async () => {

@@ -343,10 +343,10 @@ export class EtcdStore extends TxnStore {
 
   // ---- calls ----
 
-  private metadata(): grpc.Metadata {
+  private metadata(requireLeader = true): grpc.Metadata {
     const md = new grpc.Metadata();
     // etcd: fail at once with "no leader" rather than wait on a member cut off from its quorum.
-    md.set('hasleader', 'true');
+    if (requireLeader) md.set('hasleader', 'true');
     return md;
   }
 
@@ -370,6 +370,7 @@ export class EtcdStore extends TxnStore {
     method: string,
     req: unknown,
     ms: number,
+    requireLeader = true,
   ): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       let done = false;
@@ -383,7 +384,7 @@ export class EtcdStore extends TxnStore {
       };
       const call = m.unary(service, method)(
         req,
-        this.metadata(),
+        this.metadata(requireLeader),
         { deadline: Date.now() + ms },
         (err, res) => finish(err, res),
       );
@@ -807,6 +808,7 @@ export class EtcdStore extends TxnStore {
             'Status',
             {},
             this.timeoutMs,
+            false, // a member without a leader still says how it is
           );
           const memberId = hexId(r.header.member_id);
           return [
