@@ -330,6 +330,17 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect(performance.now() - t0).toBeLessThan(500);
   });
 
+  it('a quiet watch keeps its stream: etcd answers the progress requests that check it', async () => {
+    const s = await open(newPrefix(), 'direct', { timeoutMs: 300 });
+    const { events, errors } = await collect(s, '', (await s.revision()) + 1);
+    // Five deadlines of silence: the watch asked for progress several times.
+    await sleep(1500);
+    expect(s.watchResumes).toBe(0);
+    await s.put('k', 'v');
+    await waitFor(() => events.length === 1, 5000, 'the event');
+    expect(errors).toEqual([]);
+  });
+
   it('a watch that cannot resume because history was compacted meanwhile ends with STORE_COMPACTED', async () => {
     const prefix = newPrefix();
     const s = await open(prefix, 'proxied');
