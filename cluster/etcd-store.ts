@@ -42,7 +42,9 @@
 // the other endpoints within their deadline; writes never retry (a timed-out
 // write may have happened: the caller decides). Every call has a deadline
 // (timeoutMs), enforced by gRPC and by our own timer, so a black-holed peer
-// cannot hang it. Calls carry etcd's "hasleader" metadata, so a member cut off
+// cannot hang it. watch() and compactRevision() make several round trips within
+// one deadline; a STORE_COMPACTED error may take one more to find the
+// compaction point it reports. Calls carry etcd's "hasleader" metadata, so a member cut off
 // from its quorum answers "no leader" at once instead of waiting.
 //
 // Errors: toStoreError (etcd-wire.ts) is the one mapping; see its comment.
@@ -343,10 +345,10 @@ export class EtcdStore extends TxnStore {
 
   // ---- calls ----
 
-  private metadata(): grpc.Metadata {
+  private metadata(requireLeader = true): grpc.Metadata {
     const md = new grpc.Metadata();
     // etcd: fail at once with "no leader" rather than wait on a member cut off from its quorum.
-    md.set('hasleader', 'true');
+    if (requireLeader) md.set('hasleader', 'true');
     return md;
   }
 
@@ -370,6 +372,7 @@ export class EtcdStore extends TxnStore {
     method: string,
     req: unknown,
     ms: number,
+    requireLeader = true,
   ): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       let done = false;
@@ -383,7 +386,7 @@ export class EtcdStore extends TxnStore {
       };
       const call = m.unary(service, method)(
         req,
-        this.metadata(),
+        this.metadata(requireLeader),
         { deadline: Date.now() + ms },
         (err, res) => finish(err, res),
       );
@@ -396,9 +399,15 @@ export class EtcdStore extends TxnStore {
     });
   }
 
+  /** The deadline (performance.now() ms) of a call that starts now. */
+  private deadline(): number {
+    return performance.now() + this.timeoutMs;
+  }
+
   /**
    * A unary call on the current member. Reads (`retry`) go on to the other
-   * members within the deadline when one is unavailable or slow.
+   * members within the deadline when one is unavailable or slow. `end` is the
+   * deadline of a call made of several round trips (default: timeoutMs from now).
    */
   private async call<T>(
     opName: string,
@@ -406,15 +415,16 @@ export class EtcdStore extends TxnStore {
     method: string,
     req: unknown,
     retry = false,
+    end = this.deadline(),
   ): Promise<T> {
     this.checkOpen();
     const start = performance.now();
-    const end = start + this.timeoutMs;
     let tries = 0;
     try {
       for (;;) {
         const m = this.currentMember();
-        const left = Math.max(1, Math.round(end - performance.now()));
+        const left = Math.round(end - performance.now());
+        if (left <= 0) throw toStoreError(new CallDeadline(this.timeoutMs), `etcd ${opName}`);
         try {
           return await this.callOn<T>(m, service, method, req, left);
         } catch (e) {
@@ -581,7 +591,7 @@ export class EtcdStore extends TxnStore {
   }
 
   /** Whether history at `rev` can still be read. */
-  private async readableAt(rev: number): Promise<'ok' | 'compacted' | 'future'> {
+  private async readableAt(rev: number, end: number): Promise<'ok' | 'compacted' | 'future'> {
     try {
       await this.call(
         'range',
@@ -589,6 +599,7 @@ export class EtcdStore extends TxnStore {
         'Range',
         { key: this.ks.probeKey(), revision: rev, count_only: true },
         true,
+        end,
       );
       return 'ok';
     } catch (e) {
@@ -630,14 +641,16 @@ export class EtcdStore extends TxnStore {
     }
     const from = opts.fromRevision ?? 0;
     checkRevision(from, 'fromRevision');
+    // Setting a watch up takes a few round trips, all within one deadline.
+    const end = this.deadline();
     let start: number;
     if (from === 0) {
       // Our own start rather than etcd's "now", so that the cursor is known from the first moment.
-      start = (await this.revision()) + 1;
+      start = (await this.revisionBy(end)) + 1;
     } else {
       start = from;
-      if ((await this.readableAt(from)) === 'compacted') {
-        const point = await this.compactRevision();
+      if ((await this.readableAt(from, end)) === 'compacted') {
+        const point = await this.compactRevisionBy(end);
         throw new StoreError(
           'STORE_COMPACTED',
           `cannot watch from revision ${from}: compacted (history kept from ${point})`,
@@ -648,7 +661,7 @@ export class EtcdStore extends TxnStore {
     const w = new EtcdWatcher(this, this.ks, this.ks.range(prefix), start, opts);
     this.watchers.add(w);
     try {
-      await w.start();
+      await w.start(end);
     } catch (e) {
       this.watchers.delete(w);
       throw e;
@@ -763,6 +776,10 @@ export class EtcdStore extends TxnStore {
   }
 
   async revision(): Promise<number> {
+    return this.revisionBy(this.deadline());
+  }
+
+  private async revisionBy(end: number): Promise<number> {
     this.checkOpen();
     const r = await this.call<PbRangeResponse>(
       'range',
@@ -770,20 +787,26 @@ export class EtcdStore extends TxnStore {
       'Range',
       { key: this.ks.probeKey(), count_only: true },
       true,
+      end,
     );
     return Number(r.header.revision);
   }
 
+  /** The whole search has one deadline: timeoutMs. */
   async compactRevision(): Promise<number> {
+    return this.compactRevisionBy(this.deadline());
+  }
+
+  private async compactRevisionBy(end: number): Promise<number> {
     this.checkOpen();
     // Invariant: the smallest readable revision is in [lo, hi]; the current one is always readable.
-    let hi = await this.revision();
+    let hi = await this.revisionBy(end);
     let lo = Math.min(Math.max(1, this.knownCompact), hi);
-    if ((await this.readableAt(lo)) !== 'ok') {
+    if ((await this.readableAt(lo, end)) !== 'ok') {
       lo++;
       while (lo < hi) {
         const mid = Math.floor((lo + hi) / 2);
-        const at = await this.readableAt(mid);
+        const at = await this.readableAt(mid, end);
         if (at === 'compacted') lo = mid + 1;
         else hi = mid;
       }
@@ -807,6 +830,7 @@ export class EtcdStore extends TxnStore {
             'Status',
             {},
             this.timeoutMs,
+            false, // a member without a leader still says how it is
           );
           const memberId = hexId(r.header.member_id);
           return [
@@ -931,9 +955,11 @@ class EtcdWatcher implements Watcher {
     this.cursor = new WatchCursor(start);
   }
 
-  /** The first stream: resolves on etcd's "created", rejects (mapped) if it cannot be had. */
-  async start(): Promise<void> {
-    await this.open();
+  /** The first stream: resolves on etcd's "created", rejects (mapped) if it cannot be had by `end`. */
+  async start(end: number): Promise<void> {
+    const left = Math.round(end - performance.now());
+    if (left <= 0) throw toStoreError(new CallDeadline(this.store.timeoutMs), 'etcd watch');
+    await this.open(left);
   }
 
   /**
@@ -941,9 +967,8 @@ class EtcdWatcher implements Watcher {
    * confirms it; rejects with a StoreError if the stream fails first or no
    * confirmation comes within the deadline.
    */
-  private open(): Promise<void> {
+  private open(timeoutMs = this.store.timeoutMs): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      const timeoutMs = this.store.timeoutMs;
       let member: Member;
       let call: grpc.ClientDuplexStream<unknown, unknown>;
       try {

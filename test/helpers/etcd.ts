@@ -5,6 +5,8 @@
 // Election settings are short (heartbeat 50 ms, election 500 ms) so that a
 // killed leader is replaced within about a second, and so that etcd's minimum
 // lease TTL (1.5 election timeouts) is below one second: TTL 1 leases work.
+// Health, member ids and leadership are read from each member's plain-HTTP
+// metrics listener, so that they work the same when clients must use TLS.
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -18,8 +20,10 @@ export const ETCD_TOOLS = ['etcd', 'etcdctl'] as const;
 
 export interface EtcdMember {
   name: string;
-  /** http://127.0.0.1:port */
+  /** http://127.0.0.1:port, or https:// with `tls`. */
   clientUrl: string;
+  /** http://127.0.0.1:port: /health and /metrics. */
+  metricsUrl: string;
   clientPort: number;
   peerUrl: string;
   dataDir: string;
@@ -48,7 +52,14 @@ export interface EtcdClusterOptions {
   size?: 1 | 3;
   heartbeatMs?: number;
   electionMs?: number;
+  /**
+   * Serve clients over TLS with this server certificate and key, and require
+   * client certificates signed by `ca` (PEM files). Peers talk plain HTTP.
+   */
+  tls?: { cert: string; key: string; ca: string } | undefined;
 }
+
+type ClusterConfig = Required<Omit<EtcdClusterOptions, 'tls'>> & Pick<EtcdClusterOptions, 'tls'>;
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -64,29 +75,24 @@ function freePort(): Promise<number> {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function getJson(url: string, body?: unknown): Promise<unknown> {
-  const res = await fetch(url, {
-    method: body === undefined ? 'GET' : 'POST',
-    body: body === undefined ? undefined : JSON.stringify(body),
-    signal: AbortSignal.timeout(2000),
-  });
+async function getText(url: string): Promise<string> {
+  const res = await fetch(url, { signal: AbortSignal.timeout(2000) });
   if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
-  return res.json();
+  return res.text();
 }
 
-/** Maintenance.Status through etcd's JSON gateway: this member's id and its leader's (decimal strings). */
-async function memberStatus(clientUrl: string): Promise<{ id: string; leader: string }> {
-  const j = (await getJson(`${clientUrl}/v3/maintenance/status`, {})) as {
-    header?: { member_id?: string };
-    leader?: string;
-  };
-  return { id: j.header?.member_id ?? '', leader: j.leader ?? '0' };
+/** This member's id (16 hex digits) and whether it leads, from its metrics. */
+async function memberStatus(metricsUrl: string): Promise<{ id: string; leader: boolean }> {
+  const text = await getText(`${metricsUrl}/metrics`);
+  const id = /^etcd_server_id\{server_id="([0-9a-f]+)"\} 1$/m.exec(text)?.[1] ?? '';
+  return { id: id.padStart(16, '0'), leader: /^etcd_server_is_leader 1$/m.test(text) };
 }
 
-async function healthy(clientUrl: string): Promise<boolean> {
+async function healthy(metricsUrl: string): Promise<boolean> {
   try {
-    const j = (await getJson(`${clientUrl}/health`)) as { health?: string };
-    return j.health === 'true';
+    return (
+      (JSON.parse(await getText(`${metricsUrl}/health`)) as { health?: string }).health === 'true'
+    );
   } catch {
     return false;
   }
@@ -104,7 +110,7 @@ class Cluster implements EtcdCluster {
 
   constructor(
     readonly root: string,
-    private readonly opts: Required<EtcdClusterOptions>,
+    private readonly opts: ClusterConfig,
   ) {
     process.once('exit', this.onExit);
   }
@@ -112,19 +118,20 @@ class Cluster implements EtcdCluster {
   async init(): Promise<void> {
     const n = this.opts.size;
     const ports: number[] = [];
-    while (ports.length < 2 * n) {
+    while (ports.length < 3 * n) {
       const p = await freePort();
       if (!ports.includes(p)) ports.push(p);
     }
     const token = `ballast-test-${process.pid}-${path.basename(this.root)}`;
     const peers: string[] = [];
     for (let i = 0; i < n; i++) {
-      const clientPort = ports[2 * i]!;
-      const peerUrl = `http://127.0.0.1:${ports[2 * i + 1]!}`;
+      const clientPort = ports[3 * i]!;
+      const peerUrl = `http://127.0.0.1:${ports[3 * i + 1]!}`;
       const name = `m${i}`;
       this.members.push({
         name,
-        clientUrl: `http://127.0.0.1:${clientPort}`,
+        clientUrl: `${this.opts.tls ? 'https' : 'http'}://127.0.0.1:${clientPort}`,
+        metricsUrl: `http://127.0.0.1:${ports[3 * i + 2]!}`,
         clientPort,
         peerUrl,
         dataDir: path.join(this.root, name),
@@ -143,6 +150,19 @@ class Cluster implements EtcdCluster {
         m.clientUrl,
         '--advertise-client-urls',
         m.clientUrl,
+        '--listen-metrics-urls',
+        m.metricsUrl,
+        ...(this.opts.tls
+          ? [
+              '--cert-file',
+              this.opts.tls.cert,
+              '--key-file',
+              this.opts.tls.key,
+              '--trusted-ca-file',
+              this.opts.tls.ca,
+              '--client-cert-auth',
+            ]
+          : []),
         '--listen-peer-urls',
         m.peerUrl,
         '--initial-advertise-peer-urls',
@@ -169,11 +189,7 @@ class Cluster implements EtcdCluster {
     }
     for (let i = 0; i < n; i++) this.spawnMember(i);
     await Promise.all(this.members.map((_, i) => this.waitHealthy(i)));
-    for (const m of this.members) {
-      m.id = BigInt((await memberStatus(m.clientUrl)).id)
-        .toString(16)
-        .padStart(16, '0');
-    }
+    for (const m of this.members) m.id = (await memberStatus(m.metricsUrl)).id;
   }
 
   private spawnMember(i: number): void {
@@ -198,7 +214,7 @@ class Cluster implements EtcdCluster {
       if (!this.children[i]) {
         throw new Error(`etcd member ${m.name} exited while starting:\n${this.logs[i]}`);
       }
-      if (await healthy(m.clientUrl)) return;
+      if (await healthy(m.metricsUrl)) return;
       await sleep(50);
     }
     throw new Error(`etcd member ${m.name} did not become healthy in 20 s:\n${this.logs[i]}`);
@@ -228,11 +244,7 @@ class Cluster implements EtcdCluster {
       for (let i = 0; i < this.members.length; i++) {
         if (!this.children[i]) continue;
         try {
-          const s = await memberStatus(this.members[i]!.clientUrl);
-          if (s.leader === '0') continue;
-          const hex = BigInt(s.leader).toString(16).padStart(16, '0');
-          const idx = this.members.findIndex((m) => m.id === hex);
-          if (idx >= 0 && this.children[idx]) return idx;
+          if ((await memberStatus(this.members[i]!.metricsUrl)).leader) return i;
         } catch {
           // this member does not answer: ask the next
         }
@@ -251,10 +263,11 @@ class Cluster implements EtcdCluster {
 
 /** Starts a real etcd cluster on loopback and waits until every member is healthy. */
 export async function startEtcdCluster(opts: EtcdClusterOptions = {}): Promise<EtcdCluster> {
-  const full: Required<EtcdClusterOptions> = {
+  const full: ClusterConfig = {
     size: opts.size ?? 3,
     heartbeatMs: opts.heartbeatMs ?? 50,
     electionMs: opts.electionMs ?? 500,
+    tls: opts.tls,
   };
   // Another process may take a port between our probe and etcd's bind: try afresh.
   let lastErr: unknown;
