@@ -49,6 +49,17 @@ export interface AgentConfig {
   };
   pools: PoolConfig[];
   limits: { maxInFlight: number; maxBufferedBytes: number };
+  /** Configuration-change events: pool rescans and delivery to recipients. */
+  events: {
+    /** Seconds between rescans of the pools' media and capacity (0: only on SIGHUP and `pool rescan`). */
+    rescanIntervalS: number;
+    /** A pool is full once this share of its filesystem is used (pool.full when crossed). */
+    poolFull: number;
+    /** Deadline of one delivery POST, ms. */
+    deliveryTimeoutMs: number;
+    /** Delivery retries back off up to this, ms. */
+    retryCapMs: number;
+  };
   /** Several hosts, one catalog in etcd; absent: a single host on the embedded store. */
   cluster?: ClusterConfig;
   /** Where the config came from, for messages. */
@@ -174,7 +185,9 @@ export function loadConfig(opts: LoadOptions): AgentConfig {
 export function validateConfig(doc: unknown, source: string, dataDirFlag?: string): AgentConfig {
   const c: Checker = new Checker(source);
   const top = c.object(doc, '(top level)');
-  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster']);
+  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster', 'events']);
+  const ev = c.object(top.events, 'events');
+  c.known(ev, 'events', ['rescanInterval', 'poolFull', 'deliveryTimeout', 'retryCap']);
   const cluster = parseClusterConfig(top.cluster, (k, problem) => c.fail(k, problem));
   const dataDir = dataDirFlag
     ? resolve(dataDirFlag)
@@ -317,6 +330,20 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
         limits.maxBufferedBytes === undefined
           ? 64 * 1024 * 1024
           : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
+    },
+    events: {
+      rescanIntervalS:
+        ev.rescanInterval === undefined
+          ? 60
+          : c.number(ev.rescanInterval, 'events.rescanInterval', 0, 86400),
+      poolFull: ev.poolFull === undefined ? 0.9 : c.number(ev.poolFull, 'events.poolFull', 0.01, 1),
+      deliveryTimeoutMs:
+        (ev.deliveryTimeout === undefined
+          ? 5
+          : c.number(ev.deliveryTimeout, 'events.deliveryTimeout', 0.1, 600)) * 1000,
+      retryCapMs:
+        (ev.retryCap === undefined ? 300 : c.number(ev.retryCap, 'events.retryCap', 0.1, 86400)) *
+        1000,
     },
     ...(cluster ? { cluster } : {}),
     source,

@@ -53,6 +53,8 @@ interface PrRecord {
   seq: number;
   /** In a cluster: identities whose connections every agent aborts on applying this change. */
   abort?: string[];
+  /** The command that made this state (for the reservation.changed event). */
+  last?: { action: PrAction; initiator: string; actor: string; time: string; host?: string };
 }
 
 /** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
@@ -160,6 +162,8 @@ export class ReservationManager {
    * `revision` (aborting preempted connections first), or its lease has expired.
    */
   settle?: (revision: number) => Promise<SettleReport>;
+  /** This host's name, recorded with each change. */
+  host?: string;
   /** PR OUT latency, for metrics. */
   onChange?: (seconds: number) => void;
   /** In a cluster: which agents have applied the device's current reservation state. */
@@ -428,6 +432,13 @@ export class ReservationManager {
       if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
         record.abort = result.preempted;
       }
+      record.last = {
+        action: req.action,
+        initiator: req.as,
+        actor,
+        time: entry.time,
+        ...(this.host ? { host: this.host } : {}),
+      };
       const key = PR_PREFIX + device;
       const value = JSON.stringify(record);
       const auditKey = `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`;

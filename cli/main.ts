@@ -12,6 +12,7 @@ import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
+import { registerNotify } from './notify.js';
 import { positiveInt } from './options.js';
 import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
@@ -169,6 +170,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerAgent(program, pkg.version);
   registerManagement(program);
   registerCluster(program);
+  registerNotify(program);
   registerDeploy(program);
   registerDump(program);
   registerPr(program);

@@ -287,6 +287,11 @@ export class Cluster {
     this.unhealthyReason = reason;
   }
 
+  /** The membership lease while registered (notification leadership lives under it). */
+  leaseId(): string | undefined {
+    return this.registered && !this.stopped ? this.lease : undefined;
+  }
+
   /** Whether the last keepalive was acknowledged (reads are fresh, mutations may go ahead). */
   isHealthy(): boolean {
     return this.healthy;

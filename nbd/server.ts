@@ -443,7 +443,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.session = s;
     this.backend = s.export.backend;
     this.stats = s.export.stats ?? null;
-    if (this.stats) this.stats.connections++;
+    if (this.stats) {
+      this.stats.connections++;
+      this.stats.onConnections?.(this.stats.connections, 1);
+    }
     this.access = s.export.access ?? null;
     this.accessGeneration = -1;
     this.vctx = {
@@ -917,7 +920,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private onClose(): void {
-    if (this.stats && this.phase !== 'closed') this.stats.connections--;
+    if (this.stats && this.phase !== 'closed') {
+      this.stats.connections--;
+      this.stats.onConnections?.(this.stats.connections, -1);
+    }
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.phase = 'closed';
