@@ -551,7 +551,8 @@ export class ReservationManager {
       const revision =
         entries === null
           ? (await this.store.delete(key)).revision
-          : (await this.store.put(key, JSON.stringify({ entries }))).revision;
+          : (await this.store.put(key, JSON.stringify({ entries, at: new Date().toISOString() })))
+              .revision;
       acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);

@@ -240,7 +240,7 @@ export class Translator {
       push({
         kind: 'acl.changed',
         subject: device,
-        time: now,
+        time: typeof a?.at === 'string' ? a.at : now,
         data: { before: b?.entries ?? null, after: a?.entries ?? null },
       });
     } else if (key.startsWith('hosts/')) {

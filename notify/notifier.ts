@@ -9,6 +9,8 @@
 // under its membership lease. A recipient whose cursor fell behind the store's
 // history gets one `resync` event with the current state, never a silent gap.
 
+import http from 'node:http';
+import https from 'node:https';
 import { performance } from 'node:perf_hooks';
 import { BallastError } from '../agent/errors.js';
 import { isStoreError, op, type Store, type Watcher } from '../agent/store/store.js';
@@ -471,34 +473,61 @@ export class Notifier {
       'user-agent': 'ballast-notify',
     };
     if (r.secret) headers['x-ballast-signature'] = sign(body, r.secret);
-    try {
-      const res = await fetch(r.url, {
-        method: 'POST',
-        headers,
-        body,
-        signal: AbortSignal.timeout(this.opts.timeoutMs ?? 5000),
-        redirect: 'manual',
+    headers['content-length'] = String(Buffer.byteLength(body));
+    const u = new URL(r.url);
+    const timeoutMs = this.opts.timeoutMs ?? 5000;
+    // node:http rather than fetch: fetch refuses some ports outright ("bad port").
+    const res = await new Promise<
+      { status: number; retryAfter: string | null } | { error: string; timeout: boolean }
+    >((resolve) => {
+      const req = (u.protocol === 'https:' ? https : http).request(
+        u,
+        { method: 'POST', headers, timeout: timeoutMs },
+        (resp) => {
+          resp.resume();
+          resp.on('end', () =>
+            resolve({
+              status: resp.statusCode ?? 0,
+              retryAfter: (resp.headers['retry-after'] as string | undefined) ?? null,
+            }),
+          );
+          resp.on('error', (e) => resolve({ error: e.message, timeout: false }));
+        },
+      );
+      const deadline = setTimeout(() => {
+        req.destroy();
+        resolve({ error: 'no answer in time', timeout: true });
+      }, timeoutMs);
+      req.on('timeout', () => {
+        req.destroy();
+        resolve({ error: 'no answer in time', timeout: true });
       });
-      await res.arrayBuffer().catch(() => {});
-      if (res.status >= 200 && res.status < 300) return { outcome: 'delivered' };
-      if (res.status === 410) return { outcome: 'gone', error: 'HTTP 410 Gone' };
-      if (res.status === 429) {
-        return {
-          outcome: 'throttled',
-          error: 'HTTP 429',
-          retryAfterMs: retryAfterMs(res.headers.get('retry-after')),
-        };
-      }
-      return {
-        outcome: 'failed',
-        error: `HTTP ${res.status}`,
-        retryAfterMs: retryAfterMs(res.headers.get('retry-after')),
-      };
-    } catch (e) {
-      const err = e as Error & { cause?: { code?: string } };
-      if (err.name === 'TimeoutError') return { outcome: 'timeout', error: 'no answer in time' };
-      return { outcome: 'unreachable', error: err.cause?.code ?? err.message };
+      req.on('error', (e: NodeJS.ErrnoException) =>
+        resolve({ error: e.code ?? e.message, timeout: false }),
+      );
+      req.on('close', () => clearTimeout(deadline));
+      req.end(body);
+    });
+    if ('error' in res) {
+      return res.timeout
+        ? { outcome: 'timeout', error: res.error }
+        : { outcome: 'unreachable', error: res.error };
     }
+    if (res.status >= 200 && res.status < 300) return { outcome: 'delivered' };
+    if (res.status === 410) return { outcome: 'gone', error: 'HTTP 410 Gone' };
+    const retryAfter = retryAfterMs(res.retryAfter);
+    if (res.status === 429) {
+      return {
+        outcome: 'throttled',
+        error: 'HTTP 429',
+        ...(retryAfter !== undefined ? { retryAfterMs: retryAfter } : {}),
+      };
+    }
+    return {
+      outcome: 'failed',
+      error: `HTTP ${res.status}`,
+      ...(retryAfter !== undefined ? { retryAfterMs: retryAfter } : {}),
+    };
   }
 
   async disable(name: string, reason: string): Promise<void> {

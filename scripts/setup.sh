@@ -22,6 +22,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(openssh-server openssh-client)
   # the cluster store: real etcd clusters on loopback ports
   want+=(etcd-server etcd-client)
+  # notifications: a pool on a real loop-device filesystem whose medium flips
+  want+=(mount e2fsprogs)
 fi
 
 missing=()

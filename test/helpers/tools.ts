@@ -32,6 +32,8 @@ const PACKAGE: Record<string, string> = {
   /** Not a program: a guest kernel in /boot (see guestKernel). */
   vmlinuz: 'linux-image-amd64',
   openssl: 'openssl',
+  losetup: 'mount',
+  'mkfs.ext4': 'e2fsprogs',
   etcd: 'etcd-server',
   etcdctl: 'etcd-client',
 };
