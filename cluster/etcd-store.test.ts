@@ -330,6 +330,22 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect(performance.now() - t0).toBeLessThan(500);
   });
 
+  it('compactRevision() finds a compaction another client made (etcdctl), each time it moves', async () => {
+    const s = await open(newPrefix(), 'direct');
+    const other = await open(newPrefix(), 'direct');
+    const points: number[] = [];
+    for (let round = 0; round < 3; round++) {
+      for (let i = 0; i < 40; i++) await other.put(`k${i % 4}`, String(i));
+      const point = (await s.revision()) - 7 * round - 3;
+      await runOk('etcdctl', [`--endpoints=${cluster.endpoints[2]}`, 'compaction', String(point)]);
+      const t0 = performance.now();
+      expect(await s.compactRevision()).toBe(point);
+      points.push(performance.now() - t0);
+      expect(await s.compactRevision()).toBe(point);
+    }
+    console.log(`compactRevision(): ${points.map((ms) => ms.toFixed(1)).join(', ')} ms`);
+  });
+
   it('a quiet watch keeps its stream: etcd answers the progress requests that check it', async () => {
     const s = await open(newPrefix(), 'direct', { timeoutMs: 300 });
     const { events, errors } = await collect(s, '', (await s.revision()) + 1);
