@@ -190,6 +190,26 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     const { events, errors } = await collect(s, 'k/', start);
     const codes: string[] = [];
     const acked: number[] = [];
+    // A member's lease, kept alive through the election.
+    const lease = await s.grantLease(3);
+    await s.put('member', 'me', { lease });
+    let keeping = true;
+    let lastKept = performance.now();
+    let longestGap = 0;
+    const keeper = (async () => {
+      while (keeping) {
+        const sent = performance.now();
+        try {
+          await s.keepAlive(lease);
+          longestGap = Math.max(longestGap, sent - lastKept);
+          lastKept = sent;
+        } catch (e) {
+          if (!isStoreError(e) || !e.retryable) throw e;
+          codes.push(e.code);
+        }
+        await sleep(300);
+      }
+    })();
     let killed = -1;
     for (let i = 0; i < 80; i++) {
       acked.push(await putRetrying(s, `k/${i % 5}`, `v${i}`, codes));
@@ -208,8 +228,12 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
         }
       }
     }
+    keeping = false;
+    await keeper;
     expect(killed).toBeGreaterThanOrEqual(0);
     expect(cluster.running(killed)).toBe(false);
+    expect(longestGap).toBeLessThan(3000);
+    expect((await s.get('member'))?.lease).toBe(lease);
     for (const c of codes) expect(RETRYABLE).toContain(c);
     const newLeader = await cluster.leader();
     expect(newLeader).not.toBe(killed);
@@ -219,7 +243,7 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect(s.watchResumes).toBeGreaterThanOrEqual(1);
     console.log(
       `leader kill: ${codes.length} retryable failures (${[...new Set(codes)].join(', ') || 'none'}), ` +
-        `${s.watchResumes} watch resumes`,
+        `${s.watchResumes} watch resumes, longest keepalive gap ${longestGap.toFixed(0)} ms`,
     );
   });
 
