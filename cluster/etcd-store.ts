@@ -449,15 +449,7 @@ export class EtcdStore extends TxnStore {
   // ---- conversions ----
 
   private kv(pb: PbKv): KeyValue {
-    const kv: KeyValue = {
-      key: this.ks.strip(pb.key),
-      value: pb.value.toString('utf8'),
-      createRevision: Number(pb.create_revision),
-      modRevision: Number(pb.mod_revision),
-      version: Number(pb.version),
-    };
-    if (pb.lease && pb.lease !== '0') kv.lease = pb.lease;
-    return kv;
+    return toKv(this.ks, pb);
   }
 
   private leaseField(lease: string | undefined): string {
@@ -910,6 +902,29 @@ export class EtcdStore extends TxnStore {
   }
 }
 
+/** etcd's KeyValue as ours: the key without the prefix, lease 0 as none. */
+function toKv(ks: Keyspace, pb: PbKv): KeyValue {
+  const kv: KeyValue = {
+    key: ks.strip(pb.key),
+    value: pb.value.toString('utf8'),
+    createRevision: Number(pb.create_revision),
+    modRevision: Number(pb.mod_revision),
+    version: Number(pb.version),
+  };
+  if (pb.lease && pb.lease !== '0') kv.lease = pb.lease;
+  return kv;
+}
+
+/** etcd's watch event as ours: a delete's kv is the tombstone etcd sends. */
+function toEvent(ks: Keyspace, pe: PbEvent & { kv: PbKv }): WatchEvent {
+  const revision = Number(pe.kv.mod_revision);
+  const del = pe.type === EVENT_DELETE;
+  const kv = del ? tombstone(ks.strip(pe.kv.key), revision) : toKv(ks, pe.kv);
+  const ev: WatchEvent = { type: del ? 'delete' : 'put', kv, revision };
+  if (pe.prev_kv) ev.prevKv = toKv(ks, pe.prev_kv);
+  return ev;
+}
+
 function sslCredentials(opts: EtcdStoreOptions): grpc.ChannelCredentials {
   const read = (file: string | undefined, what: string): Buffer | null => {
     if (file === undefined) return null;
@@ -1047,38 +1062,14 @@ class EtcdWatcher implements Watcher {
   }
 
   private deliver(pbEvents: PbEvent[]): void {
-    const events: WatchEvent[] = [];
-    for (const pe of pbEvents) {
-      if (!pe.kv) continue;
-      const revision = Number(pe.kv.mod_revision);
-      const key = this.ks.strip(pe.kv.key);
-      let kv: KeyValue;
-      if (pe.type === EVENT_DELETE) {
-        kv = tombstone(key, revision);
-      } else {
-        kv = {
-          key,
-          value: pe.kv.value.toString('utf8'),
-          createRevision: Number(pe.kv.create_revision),
-          modRevision: revision,
-          version: Number(pe.kv.version),
-        };
-        if (pe.kv.lease && pe.kv.lease !== '0') kv.lease = pe.kv.lease;
-      }
-      const ev: WatchEvent = { type: pe.type === EVENT_DELETE ? 'delete' : 'put', kv, revision };
-      if (pe.prev_kv) {
-        const p = pe.prev_kv;
-        const prev: KeyValue = {
-          key,
-          value: p.value.toString('utf8'),
-          createRevision: Number(p.create_revision),
-          modRevision: Number(p.mod_revision),
-          version: Number(p.version),
-        };
-        if (p.lease && p.lease !== '0') prev.lease = p.lease;
-        ev.prevKv = prev;
-      }
-      events.push(ev);
+    let events: WatchEvent[];
+    try {
+      events = pbEvents
+        .filter((pe): pe is PbEvent & { kv: PbKv } => pe.kv !== null)
+        .map((pe) => toEvent(this.ks, pe));
+    } catch (e) {
+      this.finish(e);
+      return;
     }
     const fresh = this.cursor.fresh(events);
     for (const ev of fresh) {
