@@ -151,6 +151,21 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect((await b.range('')).kvs.map((k) => k.key)).toEqual(['k', 'other']);
   });
 
+  it("etcd's request limits answer STORE_INVALID_ARGUMENT, whichever layer enforces them", async () => {
+    const s = await open(newPrefix(), 'direct');
+    const mib = 1024 * 1024;
+    // etcd's --max-request-bytes (1.5 MiB), then gRPC's message limit (2 MiB).
+    for (const size of [1.8 * mib, 3 * mib]) {
+      const e = await s.put('big', 'x'.repeat(size)).catch((x: unknown) => x);
+      expect(isStoreError(e, 'STORE_INVALID_ARGUMENT')).toBe(true);
+    }
+    // --max-txn-ops (128).
+    const ops = Array.from({ length: 200 }, (_, i) => op.put(`k${i}`, 'v'));
+    const e = await s.txn({ compare: [], success: ops }).catch((x: unknown) => x);
+    expect(isStoreError(e, 'STORE_INVALID_ARGUMENT')).toBe(true);
+    expect((await s.range('')).kvs).toEqual([]);
+  });
+
   it('status and memberList report every member and the one leader; a dead member is reported, not thrown', async () => {
     const s = await open(newPrefix(), 'direct');
     const st = await s.status();
