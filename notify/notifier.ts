@@ -149,6 +149,7 @@ class Delivery {
   private wake: (() => void) | undefined;
   private queue: BallastEvent[] = [];
   private watchError: unknown;
+  private savedAt = 0;
   readonly stats: Stats = {
     attempts: 0,
     lastError: null,
@@ -222,7 +223,13 @@ class Delivery {
           if (!ok) break; // stopped, or disabled
         }
         cursor = { revision: e.revision, n: e.n };
-        if (filter(e.kind) || this.queue.length === 0) await this.saveCursor(e.id);
+        // The cursor is written when caught up, else at most every 100 ms: a crash
+        // re-delivers what came after it (same ids), never skips.
+        const now = performance.now();
+        if (this.queue.length === 0 || now - this.savedAt >= 100) {
+          await this.saveCursor(e.id);
+          this.savedAt = now;
+        }
       }
       await this.watcher?.cancel().catch(() => {});
       if (isStoreError(this.watchError, 'STORE_COMPACTED')) {
@@ -330,6 +337,9 @@ export class Notifier {
   produced?: (kind: string) => void;
   readonly store: Store;
   readonly host: string;
+  /** Connections to receivers are kept open between deliveries. */
+  private readonly httpAgent = new http.Agent({ keepAlive: true, maxSockets: 4 });
+  private readonly httpsAgent = new https.Agent({ keepAlive: true, maxSockets: 4 });
 
   constructor(readonly opts: NotifierOptions) {
     this.store = opts.store;
@@ -480,9 +490,15 @@ export class Notifier {
     const res = await new Promise<
       { status: number; retryAfter: string | null } | { error: string; timeout: boolean }
     >((resolve) => {
-      const req = (u.protocol === 'https:' ? https : http).request(
+      const tls = u.protocol === 'https:';
+      const req = (tls ? https : http).request(
         u,
-        { method: 'POST', headers, timeout: timeoutMs },
+        {
+          method: 'POST',
+          headers,
+          timeout: timeoutMs,
+          agent: tls ? this.httpsAgent : this.httpAgent,
+        },
         (resp) => {
           resp.resume();
           resp.on('end', () =>
@@ -638,5 +654,7 @@ export class Notifier {
     for (const d of all) d.stop();
     await Promise.all(all.map((d) => d.done));
     this.deliveries.clear();
+    this.httpAgent.destroy();
+    this.httpsAgent.destroy();
   }
 }
