@@ -22,6 +22,8 @@ const BLOCKS = 256;
 const MAGIC = 'BALLASTW';
 const EPERM = 1;
 const EIO = 5;
+/** Iterations per fault in the suite; BALLAST_FENCE_ITERATIONS=N for longer runs by hand. */
+const ITERATIONS = Number(process.env.BALLAST_FENCE_ITERATIONS ?? 3);
 
 interface WriteRec {
   seq: number;
@@ -242,7 +244,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations across hosts, fenc
   const modes = ['healthy', 'partition', 'sigstop', 'kill9'] as const;
   for (const mode of modes) {
     it(`two writers: B preempts A (A ${mode}); nothing A sent after the preempt returned lands`, async () => {
-      for (let iter = 0; iter < 3; iter++) {
+      for (let iter = 0; iter < ITERATIONS; iter++) {
         const name = `f-${mode}-${iter}`;
         const file = await device(name);
         expect((await pr(a, name, { action: 'register', as: 'a', saKey: '0xa' })).status).toBe(200);
