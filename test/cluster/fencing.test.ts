@@ -230,10 +230,16 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations across hosts, fenc
         const got = `${await ask(c, 'read')} ${await ask(c, 'write')}`;
         expect({ type: name, who, got }).toEqual({ type: name, who, got: want(id) });
       }
-      const show = (await b.api('GET', '/v1/devices/matrix/pr')).body as {
-        agents: { host: string; applied: boolean }[];
-      };
-      expect(show.agents.every((x) => x.applied)).toBe(true);
+      // what each agent applied, as B's cache sees their acks (they follow shortly)
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const show = (await b.api('GET', '/v1/devices/matrix/pr')).body as {
+          agents: { host: string; applied: boolean }[];
+        };
+        if (show.agents.length === 2 && show.agents.every((x) => x.applied)) break;
+        expect(Date.now(), JSON.stringify(show.agents)).toBeLessThan(deadline);
+        await sleep(50);
+      }
       expect(
         (await pr(b, 'matrix', { action: 'release', as: 'a', key: '0xa', type: name })).status,
       ).toBe(200);
