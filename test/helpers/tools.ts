@@ -32,6 +32,7 @@ const PACKAGE: Record<string, string> = {
   /** Not a program: a guest kernel in /boot (see guestKernel). */
   vmlinuz: 'linux-image-amd64',
   openssl: 'openssl',
+  setpriv: 'util-linux',
 };
 
 /** nbdsh is a shell script that runs `python3 -m nbd`; it needs the system python. */
