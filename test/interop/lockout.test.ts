@@ -12,12 +12,22 @@ import {
   FLAG_C_NO_ZEROES,
   IHAVEOPT,
   RawClient,
+  REP_ACK,
 } from '../helpers/nbd-raw.js';
 import { dedent } from '../helpers/nbdsh.js';
-import { MiB, rssBytes, type ServerHandle, serverKind, startServer } from '../helpers/server.js';
+import {
+  MiB,
+  makeTempDir,
+  rssBytes,
+  type ServerHandle,
+  serverKind,
+  startServer,
+} from '../helpers/server.js';
+import { makePki, x509Args } from '../helpers/tls.js';
 import { describeRun, describeWithTools, run, SYSTEM_PYTHON } from '../helpers/tools.js';
 
 const IDLE = 1000;
+const OPT_STARTTLS = 5;
 const DEADLINE_S = 3;
 
 /** Opens `n` sockets to the server, `n/2` silent and `n/2` stopped in the middle of an option. */
@@ -192,6 +202,40 @@ describeWithTools(['nbdsh'], 'per-source limits', () => {
       await u.handshake('disk');
       for (const x of [a, b, c, u]) x.destroy();
       expect(server.stderr()).toContain('at its limit of 3');
+    },
+    30_000,
+  );
+});
+
+describeWithTools(['openssl'], 'the handshake deadline covers TLS', () => {
+  let server: ServerHandle;
+
+  beforeAll(async () => {
+    if (!ballastOnly) return;
+    const pki = await makePki(makeTempDir('ballast-pki-'), ['host-a']);
+    server = await startServer({
+      size: 4 * MiB,
+      name: 'disk',
+      extraArgs: [...x509Args(pki, 'require'), '--handshake-limit', '2'],
+    });
+  }, 60_000);
+
+  afterAll(async () => {
+    if (server) expect(await server.stop()).toBe(0);
+  });
+
+  it.runIf(ballastOnly)(
+    'a client that sends STARTTLS and then no TLS handshake is closed at the deadline',
+    async () => {
+      const c = await RawClient.connect(server.socket);
+      await c.greeting();
+      await c.sendClientFlags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+      await c.sendOption(OPT_STARTTLS);
+      const ack = await c.readOptionReply();
+      expect(ack.type).toBe(REP_ACK);
+      const t0 = performance.now();
+      expect(await c.waitClose(10_000)).toBe('closed');
+      expect((performance.now() - t0) / 1000).toBeGreaterThan(1);
     },
     30_000,
   );
