@@ -387,7 +387,13 @@ export class ReservationManager {
       const acc = this.need(device);
       const seen = new Set<string>();
       for (const e of entries ?? []) {
-        if (!identityOk(e.identity) || (e.access !== 'ro' && e.access !== 'rw')) {
+        // Entries come from a JSON body: anything, null included (found by fuzzing).
+        if (
+          typeof e !== 'object' ||
+          e === null ||
+          !identityOk(e.identity) ||
+          (e.access !== 'ro' && e.access !== 'rw')
+        ) {
           throw new BallastError(
             'BALLAST_BAD_ACL',
             `bad access list entry ${JSON.stringify(e)}: expected IDENTITY:ro or IDENTITY:rw`,
@@ -399,9 +405,11 @@ export class ReservationManager {
         seen.add(e.identity);
       }
       const key = ACL_PREFIX + device;
-      if (entries === null) await this.store.delete(key);
-      else await this.store.put(key, JSON.stringify({ entries }));
-      acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+      // Only what an entry means is kept, not whatever else the body carried.
+      const clean = entries?.map((e) => ({ identity: e.identity, access: e.access })) ?? null;
+      if (clean === null) await this.store.delete(key);
+      else await this.store.put(key, JSON.stringify({ entries: clean }));
+      acc.acl = clean === null ? null : new Map(clean.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
       return this.acl(device);

@@ -140,6 +140,7 @@ function fioArgs(uri: string, seconds: number, verifyOnly: boolean, seed: number
     '--rw=randwrite',
     '--verify=crc32c',
     '--verify_fatal=1',
+    '--verify_state_save=0',
     '--do_verify=1',
     `--randseed=${seed}`,
     ...(verifyOnly ? ['--verify_only'] : [`--runtime=${seconds}`, '--time_based=0', '--loops=1']),
