@@ -20,6 +20,8 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(openssl)
   # deploy: real OpenSSH servers on loopback ports
   want+=(openssh-server openssh-client)
+  # hardening: another uid (setpriv), full and failing disks (tmpfs, loop devices, ext4)
+  want+=(util-linux mount e2fsprogs)
 fi
 
 missing=()
