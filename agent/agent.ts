@@ -4,6 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import {
   chmodSync,
+  chownSync,
   closeSync,
   constants,
   existsSync,
@@ -33,6 +34,7 @@ import { Notifier } from '../notify/notifier.js';
 import { serveEvents } from '../notify/sse.js';
 import { tierChanges, tierOf } from '../notify/tier.js';
 import { createApiServer } from './api.js';
+import { createApiGuard } from './api-guard.js';
 import type { NbdEndpoint } from './attach.js';
 import { DynamicCatalog } from './catalog.js';
 import { type AgentConfig, loadConfig, type Media, type PoolConfig } from './config.js';
@@ -44,7 +46,7 @@ import { Pool } from './pools.js';
 import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
 import type { Store } from './store/store.js';
-import { IdentityMap, loadTls, peerUid } from './tls-config.js';
+import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
 export interface AgentOptions {
   configFile?: string;
@@ -120,6 +122,47 @@ function hostPort(text: string): { host: string; port: number } {
   return { host: host === '' ? '127.0.0.1' : host, port: Number(text.slice(i + 1)) };
 }
 
+/**
+ * Why a client without a name (no TLS identity, no `identities` entry) may not
+ * open a device, or null when it may. On the Unix socket the socket's mode
+ * already decided who could connect.
+ */
+export function anonymousRefusal(
+  policy: 'unix' | 'any' | 'none',
+  conn: { identityMethod: string; raw: { remoteAddress?: string } },
+): string | null {
+  if (conn.identityMethod !== 'anonymous' || policy === 'any') return null;
+  if (policy === 'unix' && !conn.raw.remoteAddress) return null;
+  return policy === 'unix'
+    ? 'anonymous clients are served on the Unix socket only: use TLS or an nbd.identities entry'
+    : 'anonymous clients are refused: use TLS or an nbd.identities entry';
+}
+
+/** The gid for the NBD socket: the group if it exists; a configured group must. */
+export function socketGroupId(
+  name: string | null,
+  configured: boolean,
+  groupFile = '/etc/group',
+): number | null {
+  if (name === null) return null;
+  let text = '';
+  try {
+    text = readFileSync(groupFile, 'utf8');
+  } catch {}
+  for (const line of text.split('\n')) {
+    const [n, , gid] = line.split(':');
+    if (n === name && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  if (/^\d+$/.test(name)) return Number(name);
+  if (configured) {
+    throw new BallastError(
+      'BALLAST_CONFIG_INVALID',
+      `nbd.socketGroup: no group named ${JSON.stringify(name)} in ${groupFile}`,
+    );
+  }
+  return null;
+}
+
 export class Agent {
   private config: AgentConfig;
   private token: string;
@@ -175,10 +218,14 @@ export class Agent {
               identities.lookup(c.raw, peerUid) ??
               (c.raw.remoteAddress === undefined ? (hostIdentity ?? null) : null)
           : undefined,
-      authorize: (exp, conn) => this.reservations.authorize(exp.name, conn),
+      authorize: (exp, conn) =>
+        anonymousRefusal(config.nbd.anonymous, conn) ?? this.reservations.authorize(exp.name, conn),
       readOnlyFor: (exp, conn) => this.reservations.readOnlyFor(exp.name, conn),
       maxConnections: config.nbd.maxConnections,
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
+      maxHandshakes: config.nbd.maxHandshakes,
+      maxPerSource: config.nbd.maxPerSource,
+      sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,
       log: (level, msg) => {
@@ -345,6 +392,7 @@ export class Agent {
 
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
+    const nbdGroup = socketGroupId(c.nbd.socketGroup, c.nbd.socketGroupConfigured);
     for (const t of this.nbdTargets) {
       if ('path' in t) await this.prepareSocket(t.path);
       try {
@@ -353,7 +401,16 @@ export class Agent {
       } catch (e) {
         throw listenError(t, e);
       }
-      if ('path' in t) this.sockets.push(t.path);
+      if ('path' in t) {
+        this.sockets.push(t.path);
+        // Root, and the group QEMU runs in (libvirt's kvm) when there is one.
+        if (nbdGroup !== null) {
+          chownSync(t.path, process.getuid?.() ?? 0, nbdGroup);
+          chmodSync(t.path, 0o660);
+        } else {
+          chmodSync(t.path, 0o600);
+        }
+      }
     }
 
     // In a cluster the API answers once the agent has joined (it listens first, so
@@ -394,6 +451,11 @@ export class Agent {
         token: tcp ? () => (this.config.api.requireToken ? this.token : undefined) : undefined,
         log: (m) => this.log(m),
         onRequest: (method, route, status) => this.apiRequest(method, route, status),
+      });
+      createApiGuard(srv, {
+        maxConnections: c.api.maxConnections,
+        headersTimeoutMs: c.api.headersTimeoutMs,
+        requestTimeoutMs: c.api.requestTimeoutMs,
       });
       if (!tcp) await this.prepareSocket(t.path);
       await new Promise<void>((resolve, reject) => {
@@ -442,6 +504,12 @@ export class Agent {
     this.log(`${this.devices.list().length} device(s)`);
     this.log(`NBD on ${this.nbdTargets.map(describeTarget).join(', ') || 'nothing'}`);
     if (c.nbd.tls.mode !== 'off') this.log(`NBD TLS ${c.nbd.tls.mode}`);
+    if (c.nbd.socket) {
+      this.log(
+        `NBD socket for root${nbdGroup !== null ? ` and group ${c.nbd.socketGroup}` : ' only'}` +
+          `; anonymous clients: ${c.nbd.anonymous === 'unix' ? 'Unix socket only' : c.nbd.anonymous}`,
+      );
+    }
     this.log(
       `API on ${this.apiTargets.map(describeTarget).join(', ') || 'nothing'}` +
         (this.config.api.requireToken ? ' (TCP needs the bearer token)' : ''),

@@ -122,6 +122,18 @@ async function readBody(req: http.IncomingMessage): Promise<Record<string, unkno
   }
 }
 
+/** A path parameter, or BALLAST_BAD_REQUEST for a malformed %-escape (found by fuzzing). */
+function decodePathPart(p: string): string {
+  try {
+    return decodeURIComponent(p);
+  } catch {
+    throw new BallastError(
+      'BALLAST_BAD_REQUEST',
+      `malformed %-escape in the path: ${p.slice(0, 80)}`,
+    );
+  }
+}
+
 function sizeField(v: unknown, key: string): number {
   if (typeof v === 'number') return v;
   if (typeof v === 'string') return parseSize(v, key);
@@ -292,7 +304,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
         pathMatched = true;
         routeName = route.path;
         if (route.method !== req.method) continue;
-        const params = m.slice(1).map((p) => decodeURIComponent(p));
+        const params = m.slice(1).map((p) => decodePathPart(p));
         const body = await readBody(req);
         const out = await route.handler(req, params, body);
         send(req.method === 'POST' && route.path === '/v1/devices' ? 201 : 200, out);

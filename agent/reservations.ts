@@ -508,6 +508,56 @@ export class ReservationManager {
     });
   }
 
+  /**
+   * Records in the audit trail a request refused before it reached the
+   * reservation logic (a bad type, key or action): whoever probes a device's
+   * reservations with garbage leaves a trace too. The state is unchanged.
+   */
+  recordRefusal(
+    device: string,
+    raw: { action: unknown; as: unknown; key: unknown; saKey: unknown; type: unknown },
+    code: string,
+    reason: string,
+    actor: string,
+  ): Promise<void> {
+    return this.mutex.run(async () => {
+      if (!this.exists(device)) return;
+      const acc = this.access(device);
+      const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+      // What the caller sent, as text, kept short: it is not trusted input.
+      const text = (v: unknown) => String(v).slice(0, 80);
+      const entry = {
+        seq: rev.seq,
+        time: new Date().toISOString(),
+        actor,
+        initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
+        action: text(raw.action) as PrAction,
+        key: raw.key === undefined ? formatKey(0n) : text(raw.key),
+        ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
+        ...(raw.type !== undefined && raw.type !== null
+          ? { type: text(raw.type) as unknown as PrType }
+          : {}),
+        outcome: 'refused',
+        code,
+        reason,
+        generation: acc.state.generation,
+      } satisfies AuditEntry;
+      const record: PrRecord = { state: prToJson(acc.state), seq: rev.seq + 1 };
+      const key = PR_PREFIX + device;
+      const t = await this.store.txn({
+        compare: [cmp.modRevision(key, '=', rev.pr)],
+        success: [
+          op.put(key, JSON.stringify(record)),
+          op.put(
+            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
+            JSON.stringify(entry),
+          ),
+        ],
+      });
+      if (t.succeeded) this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
+    });
+  }
+
   // ---- access lists ----
 
   acl(device: string): { device: string; entries: AclEntry[] | null } {
@@ -536,7 +586,13 @@ export class ReservationManager {
       const acc = this.need(device);
       const seen = new Set<string>();
       for (const e of entries ?? []) {
-        if (!identityOk(e.identity) || (e.access !== 'ro' && e.access !== 'rw')) {
+        // Entries come from a JSON body: anything, null included (found by fuzzing).
+        if (
+          typeof e !== 'object' ||
+          e === null ||
+          !identityOk(e.identity) ||
+          (e.access !== 'ro' && e.access !== 'rw')
+        ) {
           throw new BallastError(
             'BALLAST_BAD_ACL',
             `bad access list entry ${JSON.stringify(e)}: expected IDENTITY:ro or IDENTITY:rw`,
@@ -548,12 +604,18 @@ export class ReservationManager {
         seen.add(e.identity);
       }
       const key = ACL_PREFIX + device;
+      // Only what an entry means is kept, not whatever else the body carried.
+      const clean = entries?.map((e) => ({ identity: e.identity, access: e.access })) ?? null;
       const revision =
-        entries === null
+        clean === null
           ? (await this.store.delete(key)).revision
-          : (await this.store.put(key, JSON.stringify({ entries, at: new Date().toISOString() })))
-              .revision;
-      acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+          : (
+              await this.store.put(
+                key,
+                JSON.stringify({ entries: clean, at: new Date().toISOString() }),
+              )
+            ).revision;
+      acc.acl = clean === null ? null : new Map(clean.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
       return { view: this.acl(device), revision };

@@ -4,7 +4,8 @@
 
 import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
-import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET } from '../agent/config.js';
+import { join } from 'node:path';
+import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET, DEFAULT_DATA_DIR } from '../agent/config.js';
 import { BallastError } from '../agent/errors.js';
 
 /**
@@ -109,7 +110,7 @@ export function resolveAgent(flag?: string): Target {
   return parseAgent(`http://${DEFAULT_API_LISTEN}`);
 }
 
-function readToken(opts: ClientOptions): string | undefined {
+function readToken(opts: ClientOptions, target: Target): string | undefined {
   if (opts.tokenFile) {
     try {
       return readFileSync(opts.tokenFile, 'utf8').trim();
@@ -121,7 +122,19 @@ function readToken(opts: ClientOptions): string | undefined {
     }
   }
   const env = process.env.BALLAST_TOKEN;
-  return env ? env.trim() : undefined;
+  if (env) return env.trim();
+  // The local agent's own token, for whoever may read it (root): the TCP API
+  // demands it even on loopback.
+  if (target.host !== undefined && isLoopbackHost(target.host)) {
+    try {
+      return readFileSync(join(DEFAULT_DATA_DIR, 'api-token'), 'utf8').trim() || undefined;
+    } catch {}
+  }
+  return undefined;
+}
+
+function isLoopbackHost(h: string): boolean {
+  return h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h);
 }
 
 export class Client {
@@ -130,7 +143,7 @@ export class Client {
 
   constructor(opts: ClientOptions = {}) {
     this.target = resolveAgent(opts.agent);
-    this.token = readToken(opts);
+    this.token = readToken(opts, this.target);
   }
 
   get where(): string {
