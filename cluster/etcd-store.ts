@@ -361,7 +361,7 @@ export class EtcdStore extends TxnStore {
     if (this.members[this.current] === m) this.current = (this.current + 1) % this.members.length;
   }
 
-  currentMember(): Member {
+  private currentMember(): Member {
     return this.members[this.current]!;
   }
 
@@ -661,23 +661,24 @@ export class EtcdStore extends TxnStore {
     return w;
   }
 
-  /** For EtcdWatcher: a watch stream on the current member. */
+  /** @internal For EtcdWatcher: a watch stream on the current member. */
   openWatchStream(): { member: Member; call: grpc.ClientDuplexStream<unknown, unknown> } {
     this.checkOpen();
     const member = this.currentMember();
     return { member, call: member.duplex('Watch', 'Watch')(this.metadata()) };
   }
 
-  /** For EtcdWatcher. */
+  /** @internal For EtcdWatcher. */
   watcherFailedOver(m: Member): void {
     this.failedOver(m);
   }
 
-  /** For EtcdWatcher. */
+  /** @internal For EtcdWatcher. */
   watcherEnded(w: EtcdWatcher): void {
     this.watchers.delete(w);
   }
 
+  /** @internal For EtcdWatcher. */
   isClosed(): boolean {
     return this.closed;
   }
