@@ -10,6 +10,7 @@ export default defineConfig({
       'deploy/**/*.test.ts',
       'cluster/**/*.test.ts',
       'test/**/*.test.ts',
+      'bench/**/*.test.ts',
     ],
     testTimeout: 60_000,
     hookTimeout: 60_000,

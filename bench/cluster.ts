@@ -7,7 +7,7 @@
 // bench-results/cluster.json.
 
 import { existsSync, linkSync, unlinkSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -589,6 +589,15 @@ function gateCostNs(iterations = 5_000_000): number {
   return ns;
 }
 
+async function datasync(file: string): Promise<void> {
+  const fh = await open(file, 'r+');
+  try {
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** Replaces a device's sparse file by a hard link to `image` (the agent is stopped). */
 function linkImage(file: string, image: string): void {
   unlinkSync(file);
@@ -665,6 +674,8 @@ async function datapathPart(
         );
       }
       await stopAll(ctx, [agent]);
+      // Outside the measurement: no session starts with the previous one's dirty pages.
+      await datasync(image);
     }
   }
   const gateNs = [gateCostNs(), gateCostNs(), gateCostNs()];
