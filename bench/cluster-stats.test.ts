@@ -1,6 +1,14 @@
 import { describe, expect, it } from 'vitest';
 import { parseClusterOptions, splitSuite } from './cluster-options.js';
-import { fmtMs, markdownTable, median, percentile, percentiles } from './cluster-stats.js';
+import {
+  fmtMs,
+  histogramDelta,
+  histogramSums,
+  markdownTable,
+  median,
+  percentile,
+  percentiles,
+} from './cluster-stats.js';
 
 describe('percentiles (nearest rank)', () => {
   const xs = Array.from({ length: 100 }, (_, i) => 100 - i); // 100..1, unsorted
@@ -78,5 +86,35 @@ describe('cluster bench options', () => {
     expect(() => parseClusterOptions(['--ttls', '1'])).toThrow(/2 to 300/);
     expect(() => parseClusterOptions(['--ops', '0'])).toThrow(/>= 1/);
     expect(() => parseClusterOptions(['--nope'])).toThrow();
+  });
+});
+
+describe('Prometheus histogram sums', () => {
+  const before = [
+    '# HELP ballast_store_round_trip_seconds Round trips',
+    'ballast_store_round_trip_seconds_bucket{le="0.001",op="txn"} 1',
+    'ballast_store_round_trip_seconds_sum{op="txn"} 0.5',
+    'ballast_store_round_trip_seconds_count{op="txn"} 10',
+    'etcd_disk_wal_fsync_duration_seconds_sum 2',
+    'etcd_disk_wal_fsync_duration_seconds_count 100',
+  ].join('\n');
+  const after = before
+    .replace('_sum{op="txn"} 0.5', '_sum{op="txn"} 0.9')
+    .replace('_count{op="txn"} 10', '_count{op="txn"} 20')
+    .concat('\nballast_store_round_trip_seconds_sum{op="get"} 0.01')
+    .concat('\nballast_store_round_trip_seconds_count{op="get"} 2');
+
+  it('reads _sum and _count by label set; deltas skip labels that did not move', () => {
+    const b = histogramSums(before, 'ballast_store_round_trip_seconds');
+    expect(b.get('op="txn"')).toEqual({ count: 10, sum: 0.5 });
+    expect(histogramSums(before, 'etcd_disk_wal_fsync_duration_seconds').get('')).toEqual({
+      count: 100,
+      sum: 2,
+    });
+    const d = histogramDelta(b, histogramSums(after, 'ballast_store_round_trip_seconds'));
+    expect([...d.keys()]).toEqual(['op="txn"', 'op="get"']);
+    expect(d.get('op="txn"')?.count).toBe(10);
+    expect(d.get('op="txn"')?.sum).toBeCloseTo(0.4);
+    expect(d.get('op="get"')).toEqual({ count: 2, sum: 0.01 });
   });
 });

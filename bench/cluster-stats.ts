@@ -58,3 +58,40 @@ export function markdownTable(header: string[], rows: string[][], leftCols = 1):
   const sep = `| ${widths.map((w, i) => (i < leftCols ? '-'.repeat(w) : `${'-'.repeat(w - 1)}:`)).join(' | ')} |`;
   return [line(header), sep, ...rows.map((r) => line(header.map((_, i) => r[i] ?? '')))].join('\n');
 }
+
+export interface HistogramSums {
+  count: number;
+  /** Seconds. */
+  sum: number;
+}
+
+/**
+ * The `_sum` and `_count` of one Prometheus histogram (text exposition format)
+ * by label set (`op="txn"`, or '' without labels).
+ */
+export function histogramSums(text: string, metric: string): Map<string, HistogramSums> {
+  const out = new Map<string, HistogramSums>();
+  const re = new RegExp(`^${metric}_(sum|count)(?:\\{([^}]*)\\})? (\\S+)$`, 'gm');
+  for (const m of text.matchAll(re)) {
+    const labels = m[2] ?? '';
+    const v = Number(m[3]);
+    const e = out.get(labels) ?? { count: 0, sum: 0 };
+    if (m[1] === 'sum') e.sum = v;
+    else e.count = v;
+    out.set(labels, e);
+  }
+  return out;
+}
+
+/** `after` minus `before`, label by label (labels absent before count from zero). */
+export function histogramDelta(
+  before: Map<string, HistogramSums>,
+  after: Map<string, HistogramSums>,
+): Map<string, HistogramSums> {
+  const out = new Map<string, HistogramSums>();
+  for (const [k, a] of after) {
+    const b = before.get(k) ?? { count: 0, sum: 0 };
+    if (a.count - b.count > 0) out.set(k, { count: a.count - b.count, sum: a.sum - b.sum });
+  }
+  return out;
+}

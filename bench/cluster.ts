@@ -6,7 +6,7 @@
 // Tables (Markdown) go to stdout, progress to stderr, every sample to
 // bench-results/cluster.json.
 
-import { existsSync, linkSync, unlinkSync } from 'node:fs';
+import { existsSync, linkSync, readFileSync, unlinkSync } from 'node:fs';
 import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -16,7 +16,16 @@ import { type EtcdCluster, startEtcdCluster } from '../cluster/local-etcd.js';
 import { NbdClient } from '../nbd/client.js';
 import { BenchAgent } from './cluster-agent.js';
 import { type ClusterBenchOptions, type Part, parseClusterOptions } from './cluster-options.js';
-import { fmtMs, markdownTable, median, type Percentiles, percentiles } from './cluster-stats.js';
+import {
+  fmtMs,
+  type HistogramSums,
+  histogramDelta,
+  histogramSums,
+  markdownTable,
+  median,
+  type Percentiles,
+  percentiles,
+} from './cluster-stats.js';
 import { JOBS, prefill, runFio } from './fio.js';
 import { killAll, run } from './proc.js';
 import { ballastInvocation } from './servers.js';
@@ -103,6 +112,62 @@ const pctCells = (p: Percentiles): string[] => [
 ];
 const PCT_HEADER = ['n', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms'];
 
+// ---- where the time goes: the agent's store round trips, etcd's disk -----------
+
+interface Scrape {
+  store: Map<string, HistogramSums>;
+  wal: HistogramSums;
+  commit: HistogramSums;
+}
+
+async function scrape(ctx: Ctx, a: BenchAgent): Promise<Scrape> {
+  const text = (await a.must('GET', '/metrics', undefined, 200)).text;
+  const sum = (texts: string[], metric: string): HistogramSums => {
+    const t = { count: 0, sum: 0 };
+    for (const x of texts) {
+      const h = histogramSums(x, metric).get('') ?? { count: 0, sum: 0 };
+      t.count += h.count;
+      t.sum += h.sum;
+    }
+    return t;
+  };
+  const etcdTexts = await Promise.all(
+    ctx.etcd.endpoints.map(async (e) => (await fetch(`${e}/metrics`)).text()),
+  );
+  return {
+    store: histogramSums(text, 'ballast_store_round_trip_seconds'),
+    wal: sum(etcdTexts, 'etcd_disk_wal_fsync_duration_seconds'),
+    commit: sum(etcdTexts, 'etcd_disk_backend_commit_duration_seconds'),
+  };
+}
+
+/** Per operation: the store calls the agent made (count x mean) and etcd's disk syncs. */
+function profileCells(before: Scrape, after: Scrape, ops: number): string[] {
+  const d = histogramDelta(before.store, after.store);
+  const calls = [...d]
+    .sort((x, y) => y[1].sum - x[1].sum)
+    .map(
+      ([k, h]) =>
+        `${k.replace(/^op="(.*)"$/, '$1')} ${(h.count / ops).toFixed(1)} x ${fmtMs((h.sum / h.count) * 1000)} ms`,
+    );
+  const mean = (a: HistogramSums, b: HistogramSums) =>
+    a.count > b.count ? fmtMs(((a.sum - b.sum) / (a.count - b.count)) * 1000) : '-';
+  const inStore = [...d.values()].reduce((t, h) => t + h.sum, 0);
+  return [
+    calls.join(', '),
+    fmtMs((inStore / ops) * 1000),
+    mean(after.wal, before.wal),
+    mean(after.commit, before.commit),
+  ];
+}
+
+const PROFILE_HEADER = [
+  'store calls per op (count x mean)',
+  'in store calls, ms/op',
+  'etcd WAL fsync, mean ms',
+  'etcd backend commit, mean ms',
+];
+
 // ---- 1. catalog operations --------------------------------------------------
 
 interface CatalogResult {
@@ -118,6 +183,7 @@ async function catalogPart(ctx: Ctx): Promise<{ table: string; raw: CatalogResul
     { label: 'etcd (3 members), 3 agents', cluster: true, agents: 3 },
   ];
   const raw: CatalogResult[] = [];
+  const profiles: string[][] = [];
   for (const c of configs) {
     const name = c.cluster ? clusterName(ctx, 'catalog') : null;
     const agents = makeAgents(ctx, name, ['a', 'b', 'c'].slice(0, c.agents));
@@ -132,11 +198,14 @@ async function catalogPart(ctx: Ctx): Promise<{ table: string; raw: CatalogResul
       await a.must('DELETE', `/v1/devices/w${i}`, undefined, 200);
     }
     const ops: Record<string, number[]> = { create: [], resize: [], list: [], delete: [] };
+    const before = c.cluster ? await scrape(ctx, a) : undefined;
     for (let i = 0; i < n; i++) {
       ops.create!.push(
         await timed(() => a.must('POST', '/v1/devices', { name: `d${i}`, size: '1M', pool }, 201)),
       );
     }
+    if (before)
+      profiles.push([c.label, 'create', ...profileCells(before, await scrape(ctx, a), n)]);
     for (let i = 0; i < n; i++) {
       ops.resize!.push(
         await timed(() => a.must('POST', `/v1/devices/d${i}/resize`, { size: '2M' }, 200)),
@@ -159,7 +228,12 @@ async function catalogPart(ctx: Ctx): Promise<{ table: string; raw: CatalogResul
   for (const op of ['create', 'resize', 'list', 'delete']) {
     for (const r of raw) rows.push([op, r.config, ...pctCells(percentiles(r.ops[op]!))]);
   }
-  return { table: markdownTable(['operation', 'store', ...PCT_HEADER], rows, 2), raw };
+  const table =
+    `${markdownTable(['operation', 'store', ...PCT_HEADER], rows, 2)}\n\n` +
+    `Where a create's time goes (agent A's ballast_store_round_trip_seconds over the timed creates; ` +
+    `etcd's disk metrics, all members)\n\n` +
+    markdownTable(['store', 'operation', ...PROFILE_HEADER], profiles, 3);
+  return { table, raw };
 }
 
 // ---- 2. watch propagation ---------------------------------------------------
@@ -392,9 +466,12 @@ async function prPart(
   const pr = (body: Record<string, unknown>) =>
     a.must('POST', '/v1/devices/prdev/pr', { as: 'x', ...body }, 200);
   const raw: Record<string, Record<string, number[]>> = {};
+  const profiles: string[][] = [];
   const measure = async (label: string, hosts: number) => {
     const out: Record<string, number[]> = { register: [], unregister: [] };
+    let before: Scrape | undefined;
     for (let i = -5; i < ctx.opts.ops; i++) {
+      if (i === 0) before = await scrape(ctx, a);
       const reg = await timed(() => pr({ action: 'register', key: '0', saKey: '0x1' }));
       const unreg = await timed(() => pr({ action: 'register', key: '0x1', saKey: '0' }));
       if (i < 0) continue; // warm-up
@@ -407,6 +484,12 @@ async function prPart(
     if (applied.length !== hosts || !applied.every((x) => x.applied)) {
       throw new Error(`pr: expected ${hosts} agents to have applied the change: ${show.text}`);
     }
+    if (before)
+      profiles.push([
+        label,
+        'register + unregister',
+        ...profileCells(before, await scrape(ctx, a), 2 * ctx.opts.ops),
+      ]);
     raw[label] = out;
     log(`pr, ${label}: register p99 ${fmtMs(percentiles(out.register!).p99)} ms`);
   };
@@ -419,7 +502,11 @@ async function prPart(
     for (const [op, xs] of Object.entries(ops))
       rows.push([op, label, ...pctCells(percentiles(xs))]);
   }
-  return { table: markdownTable(['PR change via agent A', 'agents', ...PCT_HEADER], rows, 2), raw };
+  const table =
+    `${markdownTable(['PR change via agent A', 'agents', ...PCT_HEADER], rows, 2)}\n\n` +
+    `Where a PR change's time goes (as for creates)\n\n` +
+    markdownTable(['agents', 'operation', ...PROFILE_HEADER], profiles, 3);
+  return { table, raw };
 }
 
 // ---- 5. fail-over ---------------------------------------------------------------
@@ -519,7 +606,8 @@ async function failoverPart(ctx: Ctx): Promise<{ table: string; raw: FailoverSam
         ttl,
         preemptMs: preempted - t0,
         writeMs: wrote - t0,
-        firstAnyWriteMs: firstAny - t0,
+        // The retrying writer may have stopped before its next try: the write after counts too.
+        firstAnyWriteMs: Math.min(Number.isFinite(firstAny) ? firstAny : wrote, wrote) - t0,
         attempts,
         howA: settled?.hosts?.find((h) => h.host === 'a')?.how ?? '?',
         phaseMs,
@@ -568,8 +656,22 @@ interface DatapathRun {
   kind: 'cluster' | 'single';
   job: string;
   value: number;
+  /** The agent's CPU (user + system) per request over the whole fio run (ramp included), microseconds. */
+  cpuUsPerRequest: number;
   ok: boolean;
   error?: string;
+}
+
+/** utime + stime of a process, in seconds (from /proc/PID/stat; 10 ms resolution). */
+function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch {
+    return Number.NaN;
+  }
 }
 
 /** Nanoseconds per Fence.gate() call with an open fence (what each request pays). */
@@ -648,6 +750,7 @@ async function datapathPart(
       await agent.must('GET', '/v1/devices/bench', undefined, 200);
       for (const job of opts.jobs) {
         const spec = JOBS[job];
+        const cpu0 = cpuSeconds(agent.pid);
         const res = await runFio({
           uri: `nbd+unix:///bench?socket=${agent.nbdSocket}`,
           job: spec,
@@ -655,21 +758,27 @@ async function datapathPart(
           ramp: opts.ramp,
           outFile: join(ctx.tmp, 'fio.json'),
         });
+        const cpu = cpuSeconds(agent.pid) - cpu0;
         const value = spec.metric === 'mibps' ? res.mibps : res.iops;
+        // Requests over ramp + runtime, at the measured rate (1 MiB per sequential request).
+        const requests =
+          (spec.metric === 'mibps' ? res.mibps : res.iops) * (opts.runtime + opts.ramp);
         runs.push({
           round,
           kind,
           job,
           value,
+          cpuUsPerRequest: (cpu / requests) * 1e6,
           ok: res.ok,
           ...(res.error ? { error: res.error } : {}),
         });
         log(
           `datapath r${round} ${kind} ${job}: ` +
             (res.ok
-              ? spec.metric === 'mibps'
-                ? `${value.toFixed(0)} MiB/s`
-                : `${Math.round(value)} IOPS`
+              ? (spec.metric === 'mibps'
+                  ? `${value.toFixed(0)} MiB/s`
+                  : `${Math.round(value)} IOPS`) +
+                `, agent CPU ${((cpu / requests) * 1e6).toFixed(1)} us per request`
               : `FAILED ${res.error}`),
         );
       }
@@ -690,6 +799,8 @@ async function datapathPart(
       const xs = of(k).map((r) => r.value);
       return xs.length === 0 ? '-' : `${fmt(Math.min(...xs))}-${fmt(Math.max(...xs))}`;
     };
+    const cc = median(of('cluster').map((r) => r.cpuUsPerRequest));
+    const cs = median(of('single').map((r) => r.cpuUsPerRequest));
     return [
       job,
       spec.metric === 'mibps' ? 'MiB/s' : 'IOPS',
@@ -698,6 +809,9 @@ async function datapathPart(
       `${(mc / ms).toFixed(2)}x`,
       range('cluster'),
       range('single'),
+      cc.toFixed(1),
+      cs.toFixed(1),
+      `${(cc / cs).toFixed(2)}x`,
     ];
   });
   const table = markdownTable(
@@ -709,6 +823,9 @@ async function datapathPart(
       'cluster/single',
       'cluster range',
       'single range',
+      'agent CPU us/req, cluster',
+      'single',
+      'CPU cluster/single',
     ],
     rows,
     2,
