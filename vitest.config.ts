@@ -11,6 +11,7 @@ export default defineConfig({
       'cluster/**/*.test.ts',
       'notify/**/*.test.ts',
       'test/**/*.test.ts',
+      'bench/**/*.test.ts',
     ],
     testTimeout: 60_000,
     hookTimeout: 60_000,

@@ -95,6 +95,21 @@ class DeviceAccess implements AccessControl {
   acl: Map<string, AclAccess> | null = null;
   /** Set for shared devices of a cluster: the agent's self-fence. */
   fence: Gate | undefined;
+  /**
+   * In a cluster: states replaced by changes that not every agent has applied
+   * yet, with the revision that replaced each. Until then a connection may do
+   * only what the old and the new state both allow: a revocation holds at
+   * once, a grant (a preempting new holder) only once the old holder can
+   * write nowhere.
+   */
+  unsettled: { revision: number; state: PrState }[] = [];
+
+  /** Every agent has applied `revision`: what older states withheld is lifted. */
+  settled(revision: number): void {
+    const before = this.unsettled.length;
+    this.unsettled = this.unsettled.filter((u) => u.revision > revision);
+    if (this.unsettled.length !== before) this.generation++;
+  }
 
   gate(): 'open' | 'hold' | 'fail' {
     return this.fence === undefined ? 'open' : this.fence.gate();
@@ -108,8 +123,14 @@ class DeviceAccess implements AccessControl {
   mask(identity: string): number {
     let m = 0xffff & ~(READ_COMMANDS | WRITE_COMMANDS);
     const a = prAccess(this.state, identity);
-    if (a.read) m |= READ_COMMANDS;
-    if (a.write) m |= WRITE_COMMANDS;
+    let { read, write } = a;
+    for (const u of this.unsettled) {
+      const old = prAccess(u.state, identity);
+      read &&= old.read;
+      write &&= old.write;
+    }
+    if (read) m |= READ_COMMANDS;
+    if (write) m |= WRITE_COMMANDS;
     if (this.acl) {
       const entry = this.acl.get(identity);
       if (entry === undefined) return 0;
@@ -287,9 +308,36 @@ export class ReservationManager {
         await this.reload(device);
       }
     }
-    if (this.settle && out.revision > 0) out.result.settled = await this.settle(out.revision);
+    if (this.settle && out.revision > 0) {
+      try {
+        out.result.settled = await this.settle(out.revision);
+        this.devices.get(device)?.settled(out.revision);
+      } catch (e) {
+        this.settleLater(device, out.revision);
+        throw e;
+      }
+    }
     this.onChange?.((performance.now() - t0) / 1000);
     return out.result;
+  }
+
+  /** Lifts what the states older than `revision` withhold once every agent has applied it. */
+  private settleLater(device: string, revision: number, attempt = 0): void {
+    const settle = this.settle;
+    if (!settle) return;
+    settle(revision).then(
+      () => this.devices.get(device)?.settled(revision),
+      (e: unknown) => {
+        // Until then the device keeps the stricter access: safe, and lifted by any later settled change.
+        if (attempt >= 10 || !this.devices.has(device)) {
+          this.log(
+            `device ${device}: change ${revision} not applied everywhere: ${(e as Error).message}`,
+          );
+          return;
+        }
+        this.settleLater(device, revision, attempt + 1);
+      },
+    );
   }
 
   /** A read retried through retryable failures for up to 20 s (an etcd election). */
@@ -348,6 +396,7 @@ export class ReservationManager {
     const acc = this.access(device);
     if (!kv) {
       acc.state = EMPTY_PR;
+      acc.unsettled = [];
       acc.generation++;
       this.revisions.delete(device);
       return;
@@ -355,7 +404,12 @@ export class ReservationManager {
     let rec: PrRecord;
     try {
       rec = JSON.parse(kv.value) as PrRecord;
-      acc.state = prFromJson(rec.state);
+      const next = prFromJson(rec.state);
+      if (this.settle) {
+        acc.unsettled.push({ revision: modRevision, state: acc.state });
+        this.settleLater(device, modRevision);
+      }
+      acc.state = next;
     } catch (e) {
       // Never "no reservation" for a record we cannot read: nobody may write.
       this.log(`device ${device}: unreadable reservation record: ${(e as Error).message}`);
@@ -478,6 +532,7 @@ export class ReservationManager {
       }
       let aborted = 0;
       if (result.changed) {
+        if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
         acc.state = result.state;
         acc.generation++;
         this.log(

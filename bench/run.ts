@@ -12,6 +12,8 @@ import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises'
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { clusterMain } from './cluster.js';
+import { splitSuite } from './cluster-options.js';
 import { failedFio, JOBS, prefill, runFio } from './fio.js';
 import {
   AGENT_DEVICE,
@@ -209,9 +211,18 @@ function rotate<T>(xs: readonly T[], by: number): T[] {
 }
 
 async function main(): Promise<number> {
+  let argv: string[];
+  try {
+    const split = splitSuite(process.argv.slice(2));
+    if (split.suite === 'cluster') return clusterMain(split.rest, findRoot());
+    argv = split.rest;
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
   let opts: Options;
   try {
-    opts = parseOptions(process.argv.slice(2));
+    opts = parseOptions(argv);
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);
     return 2;
