@@ -13,7 +13,7 @@ import { expect, it } from 'vitest';
 import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 
-const SCRIPT = String.raw`
+const SCRIPT = `
 set -euo pipefail
 mount -t tmpfs -o mode=0755 ballast-run /run
 mount -t tmpfs -o mode=0755 ballast-lib /var/lib
