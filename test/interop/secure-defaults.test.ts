@@ -102,11 +102,24 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
     expect(statSync(`${agent.dataDir}/api-token`).mode & 0o777).toBe(0o600);
   });
 
-  it.runIf(isRoot)('an unprivileged user cannot open a device on the NBD socket', async () => {
-    const r = await asNobody('nbdinfo', ['--size', agent.uri(dev)]);
-    expect(r.code, describeRun(r)).not.toBe(0);
-    expect(r.stderr).toMatch(/Permission denied/);
-  });
+  it.runIf(isRoot)(
+    'an unprivileged user cannot read or write a device on the NBD socket',
+    async () => {
+      const r = await asNobody('nbdinfo', ['--size', agent.uri(dev)]);
+      expect(r.code, describeRun(r)).not.toBe(0);
+      expect(r.stderr).toMatch(/Permission denied/);
+      const w = await asNobody('nbdsh', [
+        '-u',
+        agent.uri(dev),
+        '-c',
+        "h.pwrite(b'\\x00' * 4096, 0)",
+      ]);
+      expect(w.code, describeRun(w)).not.toBe(0);
+      expect(w.stderr).toMatch(/Permission denied/);
+      await runOk('qemu-io', ['-f', 'raw', agent.uri(dev), '-c', 'read -P 0x5a 0 64k']);
+    },
+    30_000,
+  );
 
   it.runIf(isRoot)(
     'an unprivileged user cannot read or write a device over TCP: ERR_POLICY',
@@ -137,6 +150,14 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
         ['POST', `/v1/devices/${dev}/pr`, { action: 'register', as: 'x', saKey: '0x1' }],
         ['PUT', `/v1/devices/${dev}/acl`, { entries: null }],
         ['GET', '/metrics', undefined],
+        // Every other route that changes something.
+        ['POST', `/v1/devices/${dev}/resize`, { size: '32M' }],
+        ['POST', `/v1/devices/${dev}/extend`, { pool: 'default', size: '+1M' }],
+        ['POST', '/v1/pools/rescan', {}],
+        ['POST', '/v1/notify', { name: 'stolen', url: 'http://127.0.0.1:9/' }],
+        ['DELETE', '/v1/notify/stolen', undefined],
+        ['POST', '/v1/events', { kind: 'dump.completed', subject: 'vm1' }],
+        ['GET', '/v1/events', undefined],
       ];
       for (const [method, path, body] of tries) {
         const r = await httpAsNobody(tcp, method, path, body);
@@ -175,6 +196,11 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
       const pr = await agent.cli('pr', dev, 'show', '--json');
       expect(pr.code, describeRun(pr)).toBe(0);
       expect(pr.stdout).not.toContain('"x"');
+      const show = await agent.cli('device', 'show', dev, '--json');
+      expect(JSON.parse(show.stdout).size, describeRun(show)).toBe(16 * 1024 * 1024);
+      const notify = await agent.cli('notify', 'ls', '--json');
+      expect(notify.code, describeRun(notify)).toBe(0);
+      expect(notify.stdout).not.toContain('stolen');
     },
     60_000,
   );
