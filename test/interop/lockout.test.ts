@@ -5,6 +5,7 @@
 // stays bounded. Connections in transmission are never timed out. The same
 // holds for the agent with its default limits, on its TCP and Unix listeners.
 
+import { chmodSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
@@ -272,6 +273,52 @@ describeWithTools(['nbdsh'], 'per-source limits', () => {
       await u.handshake('disk');
       for (const x of [a, b, c, u]) x.destroy();
       expect(server.stderr()).toContain('at its limit of 3');
+    },
+    30_000,
+  );
+});
+
+describeWithTools(['nbdinfo', 'setpriv'], 'per-uid limits on the Unix socket', () => {
+  // The agent's NBD socket opened to group nogroup (65534), so that uid 65534
+  // may connect too: each uid is a source of its own.
+  let agent: AgentHandle;
+  const isRoot = process.getuid?.() === 0;
+
+  beforeAll(async () => {
+    if (!isRoot) return;
+    agent = await startAgent({ nbd: { maxPerSource: 2, socketGroup: 'nogroup' } });
+    chmodSync(agent.dir, 0o755);
+    const c = await agent.cli('device', 'create', 'disk', '--size', '4M');
+    expect(c.code, describeRun(c)).toBe(0);
+  }, 60_000);
+
+  afterAll(async () => {
+    if (agent) expect(await agent.stop()).toBe(0);
+  });
+
+  it.runIf(isRoot)(
+    "a uid at its limit is refused; another uid's client is served",
+    async () => {
+      const a = await RawClient.connect(agent.nbdSocket);
+      await a.handshake('disk');
+      const b = await RawClient.connect(agent.nbdSocket);
+      await b.handshake('disk');
+      const c = await RawClient.connect(agent.nbdSocket);
+      expect(await c.waitClose(5_000)).toBe('closed');
+      const other = await run('setpriv', [
+        '--reuid=65534',
+        '--regid=65534',
+        '--clear-groups',
+        '--',
+        'nbdinfo',
+        '--size',
+        agent.uri('disk'),
+      ]);
+      expect(other.code, describeRun(other)).toBe(0);
+      expect(other.stdout.trim()).toBe(String(4 * MiB));
+      expect(agent.stderr()).toContain('source uid:0 at its limit of 2');
+      a.destroy();
+      b.destroy();
     },
     30_000,
   );
