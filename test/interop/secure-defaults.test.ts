@@ -6,9 +6,12 @@
 // group QEMU runs in under libvirt) reaches the NBD socket.
 
 import { chmodSync, readFileSync, statSync } from 'node:fs';
+import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { parseConfig } from '../../dumpd/config.js';
+import { Dumpd } from '../../dumpd/daemon.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { BALLAST_BIN } from '../helpers/server.js';
+import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import {
   describeRun,
   describeWithTools,
@@ -226,5 +229,52 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
     ]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.stdout).toContain(dev);
+  });
+});
+
+describeWithTools(['setpriv'], "secure defaults: dumpd's control API", () => {
+  // A dump reads a guest's memory onto its dump device and may reboot or power
+  // the guest off: on dumpd's TCP listener it needs the token only root reads.
+  let d: Dumpd;
+  let addr: string;
+  let dir: string;
+  const isRoot = process.getuid?.() === 0;
+
+  beforeAll(async () => {
+    if (!isRoot) return;
+    dir = makeTempDir('ballast-sd-dumpd-');
+    chmodSync(dir, 0o755);
+    const cfg = parseConfig(`
+listen: 127.0.0.1:0
+runDir: ${path.join(dir, 'run')}
+guests:
+  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, device: "nbd+unix:///vm1-dump?socket=/nonexistent" }
+`);
+    d = new Dumpd(cfg, { resolveDevice: async () => '', log: () => {} });
+    addr = await d.start();
+  });
+
+  afterAll(async () => {
+    await d?.stop();
+  });
+
+  it.runIf(isRoot)('an unprivileged user cannot ask for a dump; root can', async () => {
+    const token = path.join(dir, 'run', 'token');
+    expect(statSync(token).mode & 0o777).toBe(0o600);
+    const now = (extra: string[]) => [BALLAST_BIN, 'dump', 'now', 'vm1', '--dumpd', addr, ...extra];
+    for (const extra of [[], ['--after', 'poweroff'], ['--dumpd-token-file', token]]) {
+      const r = await asNobody(process.execPath, now(extra));
+      expect(r.code, describeRun(r)).not.toBe(0);
+      expect(r.stderr).toContain('DUMP_UNAUTHORIZED');
+    }
+    const raw = await httpAsNobody(
+      { port: Number(addr.split(':').pop()) },
+      'POST',
+      '/v1/guests/vm1/dump?after=reboot',
+    );
+    expect(raw.stdout, describeRun(raw)).toMatch(/^401 [\s\S]*DUMP_UNAUTHORIZED/);
+    // Root's CLI with the token gets past the check (the guest is not running).
+    const root = await run(process.execPath, now(['--dumpd-token-file', token]));
+    expect(root.stderr, describeRun(root)).toContain('DUMP_GUEST_OFFLINE');
   });
 });
