@@ -1,9 +1,12 @@
 // Secure by default: a local unprivileged user (uid 65534, through setpriv)
 // tries what the agent's defaults once allowed: reading and writing a guest's
 // device over NBD (Unix socket and TCP), creating devices, changing a
-// reservation, scraping /metrics. Each is refused with its documented error;
-// root's CLI works with no flags, and a member of the socket's group (the kvm
-// group QEMU runs in under libvirt) reaches the NBD socket.
+// reservation, scraping /metrics, any other mutating route, asking dumpd for a
+// dump (which reads a guest's memory and may reboot it). Each is refused with
+// its documented error; root's CLI works with the token it reads itself (with
+// no flags at all on the default paths: root-defaults.test.ts), and a member of
+// the socket's group (the kvm group QEMU runs in under libvirt) reaches the NBD
+// socket.
 
 import { chmodSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
