@@ -7,8 +7,8 @@ import http from 'node:http';
 import type { Command } from 'commander';
 import { BallastError } from '../agent/errors.js';
 import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
-import { DEFAULT_LISTEN, type DeviceRef, parseConfig } from '../dumpd/config.js';
-import { Dumpd } from '../dumpd/daemon.js';
+import { DEFAULT_LISTEN, DEFAULT_RUN_DIR, type DeviceRef, parseConfig } from '../dumpd/config.js';
+import { Dumpd, tokenPath } from '../dumpd/daemon.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
 import type { DumpResult } from '../dumpd/job.js';
@@ -132,7 +132,36 @@ function progress(total: number, enabled: boolean) {
   return draw;
 }
 
-function dumpdRequest(where: string, method: string, path: string): Promise<unknown> {
+/**
+ * The bearer token for dumpd's TCP listener: --dumpd-token-file, else
+ * BALLAST_DUMPD_TOKEN, else the local dumpd's own (DEFAULT_RUN_DIR/token, for
+ * whoever may read it: root).
+ */
+function dumpdToken(file: string | undefined): string | undefined {
+  if (file !== undefined) {
+    try {
+      return readFileSync(file, 'utf8').trim();
+    } catch (e) {
+      throw new DumpError(
+        'DUMP_UNAUTHORIZED',
+        `cannot read the token file ${file}: ${(e as Error).message}`,
+      );
+    }
+  }
+  if (process.env.BALLAST_DUMPD_TOKEN) return process.env.BALLAST_DUMPD_TOKEN.trim();
+  try {
+    return readFileSync(tokenPath(DEFAULT_RUN_DIR), 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function dumpdRequest(
+  where: string,
+  method: string,
+  path: string,
+  token?: string,
+): Promise<unknown> {
   const target =
     where.startsWith('/') || where.startsWith('unix:')
       ? { socketPath: where.replace(/^unix:/, '') }
@@ -142,7 +171,15 @@ function dumpdRequest(where: string, method: string, path: string): Promise<unkn
         })();
   return new Promise((resolve, reject) => {
     const req = http.request(
-      { ...target, method, path, headers: { accept: 'application/json' } },
+      {
+        ...target,
+        method,
+        path,
+        headers: {
+          accept: 'application/json',
+          ...(token && !('socketPath' in target) ? { authorization: `Bearer ${token}` } : {}),
+        },
+      },
       (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
@@ -189,7 +226,8 @@ export function registerDump(program: Command): void {
         '(QEMU started with -device pvpanic -action panic=pause) it streams dump-guest-memory ' +
         "through a FIFO onto the guest's dump device over NBD, marks the dump complete with its " +
         'CRC-32 (or failed), then applies the after-dump policy. /metrics and the control API ' +
-        'are on --listen (default 127.0.0.1:9411). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
+        'are on --listen (default 127.0.0.1:9411); on TCP a dump on request needs the bearer token ' +
+        'dumpd writes to RUNDIR/token (mode 0600). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
     )
     .option(
       '-c, --config <FILE>',
@@ -265,30 +303,40 @@ Config example:
     .argument('<GUEST>')
     .option('--dumpd <ADDR>', `dumpd's listener (default BALLAST_DUMPD or ${DEFAULT_LISTEN})`)
     .option(
+      '--dumpd-token-file <FILE>',
+      `dumpd's bearer token, for a TCP listener (default BALLAST_DUMPD_TOKEN, else ${tokenPath(DEFAULT_RUN_DIR)})`,
+    )
+    .option(
       '--after <WHAT>',
       "then: reboot | pause | poweroff | none (default: the guest's configured policy if it sits panicked, else none)",
     )
     .option('--json', 'print the result as JSON')
     .action(
-      action(async (guest: string, o: { dumpd?: string; after?: string; json?: boolean }) => {
-        const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
-        const q = o.after === undefined ? '' : `?after=${encodeURIComponent(o.after)}`;
-        const r = (await dumpdRequest(
-          where,
-          'POST',
-          `/v1/guests/${encodeURIComponent(guest)}/dump${q}`,
-        )) as DumpResult;
-        if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
-        else if (r.ok && r.entry)
-          process.stdout.write(
-            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}\n`,
-          );
-        if (!r.ok)
-          throw new DumpError(
-            r.error?.code ?? 'DUMP_FAILED',
-            r.error?.message ?? 'the dump failed',
-          );
-      }),
+      action(
+        async (
+          guest: string,
+          o: { dumpd?: string; dumpdTokenFile?: string; after?: string; json?: boolean },
+        ) => {
+          const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
+          const q = o.after === undefined ? '' : `?after=${encodeURIComponent(o.after)}`;
+          const r = (await dumpdRequest(
+            where,
+            'POST',
+            `/v1/guests/${encodeURIComponent(guest)}/dump${q}`,
+            dumpdToken(o.dumpdTokenFile),
+          )) as DumpResult;
+          if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+          else if (r.ok && r.entry)
+            process.stdout.write(
+              `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}\n`,
+            );
+          if (!r.ok)
+            throw new DumpError(
+              r.error?.code ?? 'DUMP_FAILED',
+              r.error?.message ?? 'the dump failed',
+            );
+        },
+      ),
     );
 
   common(dump.command('ls').description('list the dumps on a dump device').argument('<DEVICE>'))
