@@ -1,8 +1,11 @@
 // A tiny Linux guest for end-to-end tests: Debian's kernel (/boot/vmlinuz-*) and an
 // initramfs built here from Debian's static busybox and the pvpanic modules. The guest
 // prints BALLAST-BOOT on every boot, then takes commands on its serial console:
-//   mark NONCE   fill 20000 lines of BALLAST-MARK-NONCE into a RAM file
-//   panic        echo c > /proc/sysrq-trigger
+//   mark NONCE      fill 20000 lines of BALLAST-MARK-NONCE into a RAM file
+//   markphys NONCE  fill the 4 MiB at guest-physical PHYS_MARK_GPA (kept out of the
+//                   kernel's hands by memmap=...$...) with BALLAST-PHYS-NONCE through
+//                   /dev/mem: every boot writes the same memory
+//   panic           echo c > /proc/sysrq-trigger
 // The console is a Unix socket (QEMU's server), read and written by GuestConsole.
 
 import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
@@ -24,10 +27,17 @@ while true; do
   read cmd arg || sleep 1
   case "$cmd" in
     mark) yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; echo BALLAST-MARKED ;;
+    markphys) yes "BALLAST-PHYS-$arg" | head -c 4194304 > /tmp/phys
+      if dd if=/tmp/phys of=/dev/mem bs=65536 seek=1024 conv=notrunc 2>/dev/null; then echo BALLAST-PHYS-DONE; else echo BALLAST-PHYS-FAILED; fi
+      rm -f /tmp/phys ;;
     panic) echo c > /proc/sysrq-trigger ;;
   esac
 done
 `;
+
+/** Where `markphys` writes (64 MiB; dd's seek=1024 of 64 KiB blocks), and how much. */
+export const PHYS_MARK_GPA = 0x4000000;
+export const PHYS_MARK_SIZE = 4 * 1024 * 1024;
 
 /** The kernel's release, from /boot/vmlinuz-RELEASE. */
 function release(kernel: string): string {
@@ -76,7 +86,8 @@ export function guestArgs(
     '-initrd',
     g.initrd,
     '-append',
-    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off',
+    // The memmap reserves markphys's region (guests need more than 68 MiB).
+    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off memmap=4M$0x4000000',
     '-device',
     'pvpanic',
     '-action',

@@ -1,0 +1,405 @@
+// Early reboot: a panicked guest runs again as soon as a background snapshot of its
+// memory has fixed its point in time, while the snapshot streams onto its dump device.
+//
+//   probe     QEMU offers `background-snapshot`, no migration is running, and QEMU
+//             accepts the capability (it checks userfaultfd write-protect on the host
+//             and every RAM block of the guest, and the other capabilities)
+//   describe  `info registers -a` and `info mtree -f`, while the guest is still
+//             stopped at the panic: the CPU state and the guest-physical map, which the
+//             stream does not carry in a form we read (migration.ts)
+//   reserve   catalog entry `streaming` (format `migration`), the header written first
+//   snapshot  `cont` + `stop` (QEMU 7.2 aborts on guest-panicked -> paused, which a
+//             snapshot started from guest-panicked asks for; from paused it is fine),
+//             then `migrate` to a Unix socket dumpd listens on
+//   reboot    at RESUME (QEMU resumes the guest once RAM is write-protected: the
+//             snapshot's instant is fixed) `system_reset`: the guest runs again
+//   stream    the socket into the reservation, paced to `streamMiBps` when set; QEMU
+//             copies out each page just before the rebooted guest first writes it
+//   settle    end of stream and `completed`: entry `complete` with its CRC-32, or
+//             `failed`; background-snapshot is turned off again
+//
+// Nothing is staged on the host's disk. When the probe, the capability or the start of
+// the snapshot fails, the dump is taken the old way (dump-then-reboot, job.ts) and the
+// catalog entry notes why. A failure after the reboot fails the dump, never the guest.
+
+import { mkdirSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import type { NbdClientOptions } from '../nbd/client.js';
+import { type DumpEntry, DumpError, type DumpFormat, REASON_MAX } from './catalog.js';
+import { DumpDevice, type DumpWriter } from './device.js';
+import { codeOf, type DumpResult, runDump } from './job.js';
+import {
+  encodeSnapshotHeader,
+  parseFlatView,
+  parseRegisters,
+  type SnapshotMeta,
+} from './migration.js';
+import type { QmpClient } from './qmp.js';
+
+export interface EarlyRebootOptions {
+  guest: string;
+  qmp: QmpClient;
+  uri: string;
+  nbd?: NbdClientOptions;
+  /** The format of a fallback dump (dump-then-reboot). */
+  format: DumpFormat;
+  keep: number;
+  runDir: string;
+  timeoutMs: number;
+  /** When the guest panicked (or the dump was asked for), ms since the epoch. */
+  panicAt: number;
+  /** Cap on the stream, MiB/s (0: none). */
+  streamMiBps?: number;
+  onProgress?: (bytes: number) => void;
+  onStart?: (entry: DumpEntry) => void;
+  /** The guest runs again (ms since the epoch). */
+  onRunning?: (at: number) => void;
+  log?: (line: string) => void;
+}
+
+const T = { timeoutMs: 30_000 };
+const LIVE = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'wait-unplug']);
+
+async function hmp(qmp: QmpClient, cmd: string): Promise<string> {
+  return String(await qmp.execute('human-monitor-command', { 'command-line': cmd }, T));
+}
+
+async function setSnapshotCap(qmp: QmpClient, on: boolean): Promise<void> {
+  await qmp.execute(
+    'migrate-set-capabilities',
+    { capabilities: [{ capability: 'background-snapshot', state: on }] },
+    T,
+  );
+}
+
+/** Why QEMU refused, without the command's name in front. */
+const why = (e: unknown) => String((e as Error).message ?? e).replace(/^[a-z-]+: /, '');
+
+/**
+ * Checks that a background snapshot can be taken and describes the guest; null with a
+ * reason when not (nothing of the guest was touched).
+ */
+async function probe(
+  o: EarlyRebootOptions,
+): Promise<{ meta: SnapshotMeta; status: string } | { fallback: string }> {
+  const caps = await o.qmp.execute<{ capability: string; state: boolean }[]>(
+    'query-migrate-capabilities',
+    undefined,
+    T,
+  );
+  if (!caps.some((c) => c.capability === 'background-snapshot'))
+    return { fallback: 'this QEMU has no background-snapshot capability' };
+  const mig = await o.qmp.execute<{ status?: string }>('query-migrate', undefined, T);
+  if (mig.status && LIVE.has(mig.status))
+    return { fallback: `a migration of the guest is ${mig.status}` };
+  const { status } = await o.qmp.execute<{ status: string }>('query-status', undefined, T);
+  if (!['guest-panicked', 'paused', 'running', 'prelaunch'].includes(status))
+    return { fallback: `the guest is ${status}` };
+  try {
+    await setSnapshotCap(o.qmp, true);
+  } catch (e) {
+    return { fallback: `QEMU refused background-snapshot: ${why(e)}` };
+  }
+  try {
+    const cpus = parseRegisters(await hmp(o.qmp, 'info registers -a'));
+    const memory = parseFlatView(await hmp(o.qmp, 'info mtree -f'));
+    const v = await o.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>(
+      'query-version',
+      undefined,
+      T,
+    );
+    if (!memory.length) throw new Error('no RAM in the flat view of the system memory');
+    if (!cpus.length) throw new Error('no CPU registers');
+    return {
+      status,
+      meta: {
+        guest: o.guest,
+        qemu: `${v.qemu.major}.${v.qemu.minor}.${v.qemu.micro}`,
+        panicAt: o.panicAt,
+        pageSize: 4096,
+        memory,
+        cpus,
+      },
+    };
+  } catch (e) {
+    await setSnapshotCap(o.qmp, false).catch(() => {});
+    return { fallback: `cannot describe the guest: ${why(e)}` };
+  }
+}
+
+/** Takes the dump the old way, noting why in the result and the catalog. */
+async function fallback(o: EarlyRebootOptions, reason: string): Promise<DumpResult> {
+  o.log?.(`guest ${o.guest}: early reboot not possible (${reason}); dump-then-reboot instead`);
+  const r = await runDump({
+    guest: o.guest,
+    qmp: o.qmp,
+    uri: o.uri,
+    ...(o.nbd ? { nbd: o.nbd } : {}),
+    format: o.format,
+    keep: o.keep,
+    after: 'reboot',
+    runDir: o.runDir,
+    timeoutMs: o.timeoutMs,
+    panicAt: o.panicAt,
+    note: `dump-then-reboot: ${reason}`.slice(0, REASON_MAX),
+    ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+    ...(o.onStart ? { onStart: o.onStart } : {}),
+  });
+  r.fallback = reason;
+  if (r.runningAt) o.onRunning?.(r.runningAt);
+  return r;
+}
+
+/** Resolves at RESUME; rejects when the migration fails first (polled: events are optional). */
+async function pointInTime(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const resumed = qmp.waitEvent('RESUME', timeoutMs);
+  resumed.catch(() => {});
+  let done = false;
+  const failed = (async () => {
+    while (!done) {
+      await new Promise((r) => setTimeout(r, 50));
+      if (done) return;
+      const m = await qmp
+        .execute<{ status?: string; 'error-desc'?: string }>('query-migrate', undefined, T)
+        .catch(() => ({}) as { status?: string; 'error-desc'?: string });
+      if (m.status === 'failed' || m.status === 'cancelled')
+        throw new DumpError(
+          'DUMP_SNAPSHOT_FAILED',
+          `the background snapshot ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''}`,
+        );
+    }
+  })();
+  try {
+    await Promise.race([resumed, failed]);
+  } finally {
+    done = true;
+    failed.catch(() => {});
+  }
+}
+
+/** Waits for QEMU's verdict on the migration once the stream has ended. */
+async function migrationResult(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const m = await qmp.execute<{ status?: string; 'error-desc'?: string }>(
+      'query-migrate',
+      undefined,
+      T,
+    );
+    if (m.status === 'completed') return;
+    if (m.status === 'failed' || m.status === 'cancelled')
+      throw new DumpError(
+        'DUMP_QEMU_FAILED',
+        `QEMU's background snapshot ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''}`,
+      );
+    if (performance.now() > deadline)
+      throw new DumpError('DUMP_TIMEOUT', `the snapshot stream ended but QEMU says ${m.status}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * Copies what QEMU sends into the writer until the end of the stream, holding the
+ * socket while the writer has too much in flight or the pace is ahead of `mibps`.
+ */
+function pump(
+  sock: net.Socket,
+  w: DumpWriter,
+  o: { mibps: number; timeoutMs: number; onBytes: (n: number) => void },
+): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let holds = 0;
+    let streamed = 0;
+    const t0 = performance.now();
+    const rate = o.mibps > 0 ? o.mibps * 1024 * 1024 : 0;
+    const hold = () => {
+      if (holds++ === 0) sock.pause();
+      return () => {
+        if (--holds === 0) sock.resume();
+      };
+    };
+    const fail = (e: unknown) => {
+      clearTimeout(limit);
+      sock.destroy();
+      reject(e);
+    };
+    const limit = setTimeout(
+      () => fail(new DumpError('DUMP_TIMEOUT', `the dump did not finish within ${o.timeoutMs} ms`)),
+      o.timeoutMs,
+    );
+    limit.unref();
+    sock.on('data', (chunk: Buffer) => {
+      let more = true;
+      try {
+        for (let off = 0; off < chunk.length; ) {
+          const win = w.window();
+          const n = Math.min(win.length, chunk.length - off);
+          chunk.copy(win, 0, off, off + n);
+          more = w.filled(n);
+          off += n;
+        }
+      } catch (e) {
+        // Closing the socket makes QEMU's migration fail; the guest runs on.
+        fail(e);
+        return;
+      }
+      streamed += chunk.length;
+      o.onBytes(chunk.length);
+      if (!more) {
+        const release = hold();
+        w.ready().then(release, fail);
+      }
+      if (rate) {
+        const ahead = streamed / rate - (performance.now() - t0) / 1000;
+        if (ahead > 0.005) setTimeout(hold(), ahead * 1000);
+      }
+    });
+    sock.on('end', () => {
+      clearTimeout(limit);
+      resolve();
+    });
+    sock.on('error', fail);
+  });
+}
+
+export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult> {
+  const t0 = Date.now();
+  const p = await probe(o);
+  if ('fallback' in p) return fallback(o, p.fallback);
+
+  let device: DumpDevice | null = null;
+  let writer: DumpWriter | null = null;
+  let entry: DumpEntry | null = null;
+  let server: net.Server | null = null;
+  let sockPath: string | null = null;
+  let conn: net.Socket | null = null;
+  let bytes = 0;
+  let runningAt = 0;
+  let failure: unknown = null;
+  let afterError: { code: string; message: string } | undefined;
+  const capOff = () => setSnapshotCap(o.qmp, false).catch(() => {});
+  try {
+    try {
+      device = await DumpDevice.open(o.uri, o.nbd);
+      await device.recover(Date.now(), o.guest);
+      writer = await device.begin({
+        guest: o.guest,
+        format: 'migration',
+        keep: o.keep,
+        state: 'streaming',
+        panicAt: o.panicAt,
+      });
+    } catch (e) {
+      // No dump device: the guest still reboots at once (nothing to wait for).
+      await capOff();
+      throw e;
+    }
+    o.onStart?.(writer.entry);
+    writer.append(encodeSnapshotHeader(p.meta));
+    bytes = writer.length;
+
+    mkdirSync(o.runDir, { recursive: true, mode: 0o700 });
+    sockPath = path.join(o.runDir, `${o.guest}.${writer.entry.id}.${process.pid}.mig`);
+    rmSync(sockPath, { force: true });
+    const srv = net.createServer();
+    server = srv;
+    const connected = new Promise<net.Socket>((resolve) => srv.once('connection', resolve));
+    await new Promise<void>((resolve, reject) => {
+      srv.once('error', reject);
+      srv.listen(sockPath as string, () => resolve());
+    });
+
+    // Out of guest-panicked into paused (see the top), at once: the panicked kernel
+    // spins with interrupts off for the microseconds between the two.
+    try {
+      if (p.status === 'running') await o.qmp.execute('stop', undefined, T);
+      else
+        await Promise.all([
+          o.qmp.execute('cont', undefined, T),
+          o.qmp.execute('stop', undefined, T),
+        ]);
+      const fixed = pointInTime(o.qmp, 30_000);
+      fixed.catch(() => {});
+      await o.qmp.execute('migrate', { uri: `unix:${sockPath}` }, T);
+      await fixed;
+    } catch (e) {
+      // Nothing streamed and the guest is stopped: forget the entry, dump the old way.
+      await o.qmp.execute('migrate_cancel', undefined, T).catch(() => {});
+      await capOff();
+      const id = writer.entry.id;
+      writer = null;
+      await device.remove(id).catch(() => {});
+      await device.close().catch(() => {});
+      device = null;
+      server.close();
+      server = null;
+      return fallback(o, why(e));
+    }
+
+    // The snapshot's instant is fixed: the guest boots again while the stream goes on.
+    try {
+      await o.qmp.execute('system_reset', undefined, T);
+      const st = await o.qmp.execute<{ running: boolean }>('query-status', undefined, T);
+      if (!st.running) await o.qmp.execute('cont', undefined, T);
+      runningAt = Date.now();
+      o.onRunning?.(runningAt);
+    } catch (e) {
+      afterError = { code: codeOf(e), message: (e as Error).message };
+    }
+    if (runningAt) await device.annotate(writer.entry.id, { runningAt }).catch(() => {});
+
+    conn = await connected;
+    const w = writer;
+    await pump(conn, w, {
+      mibps: o.streamMiBps ?? 0,
+      timeoutMs: Math.max(1000, o.timeoutMs - (Date.now() - t0)),
+      onBytes: (n) => {
+        bytes += n;
+        o.onProgress?.(bytes);
+      },
+    });
+    await migrationResult(o.qmp, 30_000);
+    entry = await w.finish(Date.now());
+  } catch (e) {
+    failure = e;
+    conn?.destroy();
+    await o.qmp.execute('migrate_cancel', undefined, T).catch(() => {});
+    if (writer) entry = await writer.fail(`${codeOf(e)}: ${(e as Error).message ?? e}`);
+  } finally {
+    server?.close();
+    if (sockPath) rmSync(sockPath, { force: true });
+    // Off again, or the guest's next live migration would be a snapshot.
+    await waitIdle(o.qmp);
+    await capOff();
+    await device?.close().catch(() => {});
+  }
+  const r: DumpResult = {
+    guest: o.guest,
+    ok: failure === null,
+    entry,
+    bytes,
+    durationMs: Date.now() - t0,
+    after: 'reboot',
+    mode: 'early-reboot',
+    panicAt: o.panicAt,
+    settledAt: Date.now(),
+    ...(runningAt ? { runningAt } : {}),
+    ...(afterError ? { afterError } : {}),
+  };
+  if (failure !== null)
+    r.error = { code: codeOf(failure), message: (failure as Error).message ?? String(failure) };
+  return r;
+}
+
+/** Waits (briefly) until no migration is live, so that capabilities may change. */
+async function waitIdle(qmp: QmpClient): Promise<void> {
+  const deadline = performance.now() + 10_000;
+  while (performance.now() < deadline) {
+    const m = await qmp
+      .execute<{ status?: string }>('query-migrate', undefined, T)
+      .catch(() => ({ status: 'none' }));
+    if (!m.status || !LIVE.has(m.status)) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
