@@ -331,6 +331,12 @@ export class Dumpd extends EventEmitter {
       } finally {
         await dev.close();
       }
+      // Died before the snapshot started: the guest is still stopped at its panic.
+      const q = await c.execute<{ status: string }>('query-status', undefined, t);
+      if (q.status === 'paused' && !st.running) {
+        this.log(`guest ${st.cfg.name}: still stopped at its panic; dumping it again`);
+        this.onPanic(st, { event: 'GUEST_PANICKED', data: { action: 'pause', found: true } });
+      }
     } catch (e) {
       this.log(
         `guest ${st.cfg.name}: cleanup after an interrupted stream: ${(e as Error).message}`,

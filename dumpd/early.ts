@@ -273,7 +273,7 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
   let entry: DumpEntry | null = null;
   let server: net.Server | null = null;
   let sockPath: string | null = null;
-  let conn: net.Socket | null = null;
+  let conn: net.Socket | null = null as net.Socket | null;
   let bytes = 0;
   let runningAt = 0;
   let failure: unknown = null;
@@ -304,7 +304,25 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
     rmSync(sockPath, { force: true });
     const srv = net.createServer();
     server = srv;
-    const connected = new Promise<net.Socket>((resolve) => srv.once('connection', resolve));
+    // Read from the first byte on: QEMU's reset of the guest writes guest RAM (ROM
+    // blobs) from its main thread, which then waits for the snapshot to copy those
+    // pages out, which waits for room in the socket. A reader that only starts after
+    // the reset makes the reset wait for it.
+    const w = writer;
+    const streamed = new Promise<net.Socket>((resolve) => srv.once('connection', resolve)).then(
+      (c) => {
+        conn = c;
+        return pump(c, w, {
+          mibps: o.streamMiBps ?? 0,
+          timeoutMs: Math.max(1000, o.timeoutMs - (Date.now() - t0)),
+          onBytes: (n) => {
+            bytes += n;
+            o.onProgress?.(bytes);
+          },
+        });
+      },
+    );
+    streamed.catch(() => {});
     await new Promise<void>((resolve, reject) => {
       srv.once('error', reject);
       srv.listen(sockPath as string, () => resolve());
@@ -326,6 +344,7 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
     } catch (e) {
       // Nothing streamed and the guest is stopped: forget the entry, dump the old way.
       await o.qmp.execute('migrate_cancel', undefined, T).catch(() => {});
+      conn?.destroy();
       await capOff();
       const id = writer.entry.id;
       writer = null;
@@ -349,16 +368,7 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
     }
     if (runningAt) await device.annotate(writer.entry.id, { runningAt }).catch(() => {});
 
-    conn = await connected;
-    const w = writer;
-    await pump(conn, w, {
-      mibps: o.streamMiBps ?? 0,
-      timeoutMs: Math.max(1000, o.timeoutMs - (Date.now() - t0)),
-      onBytes: (n) => {
-        bytes += n;
-        o.onProgress?.(bytes);
-      },
-    });
+    await streamed;
     await migrationResult(o.qmp, 30_000);
     entry = await w.finish(Date.now());
   } catch (e) {

@@ -5,6 +5,9 @@
 //   markphys NONCE  fill the 4 MiB at guest-physical PHYS_MARK_GPA (kept out of the
 //                   kernel's hands by memmap=...$...) with BALLAST-PHYS-NONCE through
 //                   /dev/mem: every boot writes the same memory
+//   fill MIB        write MIB MiB of text at guest-physical FILL_GPA through /dev/mem
+//                   (memory worth dumping that no boot touches: guestArgs' fillMiB
+//                   reserves it)
 //   panic           echo c > /proc/sysrq-trigger
 // The console is a Unix socket (QEMU's server), read and written by GuestConsole.
 
@@ -26,10 +29,13 @@ while true; do
   echo BALLAST-READY
   read cmd arg || sleep 1
   case "$cmd" in
-    mark) yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; echo BALLAST-MARKED ;;
-    markphys) yes "BALLAST-PHYS-$arg" | head -c 4194304 > /tmp/phys
-      if dd if=/tmp/phys of=/dev/mem bs=65536 seek=1024 conv=notrunc 2>/dev/null; then echo BALLAST-PHYS-DONE; else echo BALLAST-PHYS-FAILED; fi
-      rm -f /tmp/phys ;;
+    mark) if yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; then echo BALLAST-MARKED; else echo BALLAST-MARK-FAILED; fi ;;
+    markphys) if yes "BALLAST-PHYS-$arg" | head -c 4194304 |
+        dd of=/dev/mem bs=65536 seek=1024 conv=notrunc 2>/dev/null; then
+        echo BALLAST-PHYS-DONE; else echo BALLAST-PHYS-FAILED; fi ;;
+    fill) if yes "BALLAST-FILL-$arg" | head -c $((arg * 1048576)) |
+        dd of=/dev/mem bs=65536 seek=1088 conv=notrunc 2>/dev/null; then
+        echo BALLAST-FILLED; else echo BALLAST-FILL-FAILED; fi ;;
     panic) echo c > /proc/sysrq-trigger ;;
   esac
 done
@@ -38,6 +44,8 @@ done
 /** Where `markphys` writes (64 MiB; dd's seek=1024 of 64 KiB blocks), and how much. */
 export const PHYS_MARK_GPA = 0x4000000;
 export const PHYS_MARK_SIZE = 4 * 1024 * 1024;
+/** Where `fill` writes, right after markphys's region (dd's seek=1088 of 64 KiB blocks). */
+export const FILL_GPA = 0x4400000;
 
 /** The kernel's release, from /boot/vmlinuz-RELEASE. */
 function release(kernel: string): string {
@@ -75,7 +83,10 @@ export function guestArgs(
   g: { kernel: string; initrd: string },
   consoleSock: string,
   memMiB = 256,
+  opts: { fillMiB?: number } = {},
 ): string[] {
+  // One reserved region for both (a second memmap= made /dev/mem writes to the first fail).
+  const reserved = 4 + (opts.fillMiB ?? 0);
   return [
     '-machine',
     'pc,accel=tcg',
@@ -86,8 +97,8 @@ export function guestArgs(
     '-initrd',
     g.initrd,
     '-append',
-    // The memmap reserves markphys's region (guests need more than 68 MiB).
-    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off memmap=4M$0x4000000',
+    // The memmap reserves markphys's and fill's regions (guests need more than 68 MiB).
+    `console=ttyS0 panic=0 quiet loglevel=3 mitigations=off memmap=${reserved}M$0x4000000`,
     '-device',
     'pvpanic',
     '-action',
