@@ -29,6 +29,8 @@ const STATUS: Record<string, number> = {
   BALLAST_CONFLICT: 409,
   BALLAST_SHRINK_REFUSED: 409,
   BALLAST_DEVICE_UNAVAILABLE: 409,
+  BALLAST_DEVICE_REMOTE: 409,
+  BALLAST_CLUSTER_NOT_APPLIED: 504,
   BALLAST_POOL_FULL: 507,
   BALLAST_UNAUTHORIZED: 401,
   BALLAST_METHOD_NOT_ALLOWED: 405,
@@ -61,7 +63,28 @@ export interface ApiContext {
   version: string;
   /** Persistent reservations and access lists (the /pr and /acl routes). */
   reservations?: ReservationManager;
+  /** More routes (the cluster's, the notifications'). */
+  extraRoutes?: RouteSet[];
+  /** POST /v1/pools/rescan: the pools' media and fullness looked at again. */
+  rescan?: () => Promise<Record<string, unknown>>;
+  /** GET /v1/events: a stream the handler writes itself (Server-Sent Events). */
+  events?: (req: http.IncomingMessage, res: http.ServerResponse, url: URL) => Promise<void>;
+  /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
+  stale?: () => { since: string; reason: string } | null;
+  /** Requests wait for this (an agent that is still joining its cluster). */
+  ready?: Promise<void>;
+  /** In a cluster: where another host's agent serves NBD (attach --host). */
+  endpointOf?: (host: string) => NbdEndpoint | undefined;
 }
+
+/** A group of routes built with the API's route maker (see prRoutes). */
+export type RouteSet = <R>(
+  route: (
+    method: string,
+    path: string,
+    handler: (...a: Parameters<Handler>) => Promise<unknown>,
+  ) => R,
+) => R[];
 
 type Handler = (
   req: http.IncomingMessage,
@@ -99,6 +122,18 @@ async function readBody(req: http.IncomingMessage): Promise<Record<string, unkno
   }
 }
 
+/** A path parameter, or BALLAST_BAD_REQUEST for a malformed %-escape (found by fuzzing). */
+function decodePathPart(p: string): string {
+  try {
+    return decodeURIComponent(p);
+  } catch {
+    throw new BallastError(
+      'BALLAST_BAD_REQUEST',
+      `malformed %-escape in the path: ${p.slice(0, 80)}`,
+    );
+  }
+}
+
 function sizeField(v: unknown, key: string): number {
   if (typeof v === 'number') return v;
   if (typeof v === 'string') return parseSize(v, key);
@@ -129,13 +164,20 @@ export function routes(ctx: ApiContext): Route[] {
     r('GET', '/healthz', async () => ({ status: 'ok', version: ctx.version })),
     r('GET', '/v1/status', async () => ctx.status()),
     r('GET', '/v1/pools', async () => ({ pools: await d.poolStatus() })),
+    r('POST', '/v1/pools/rescan', async () => {
+      if (!ctx.rescan) throw new BallastError('BALLAST_NOT_FOUND', 'no rescan here');
+      return ctx.rescan();
+    }),
     r('GET', '/v1/pools/:name', async (_q, [name]) => {
       const p = (await d.poolStatus()).find((x) => x.name === name);
       if (!p)
         throw new BallastError('BALLAST_POOL_NOT_FOUND', `no pool named ${JSON.stringify(name)}`);
       return p;
     }),
-    r('GET', '/v1/devices', async () => ({ devices: d.list() })),
+    r('GET', '/v1/devices', async () => {
+      const stale = ctx.stale?.();
+      return stale ? { devices: d.list(), stale } : { devices: d.list() };
+    }),
     r('POST', '/v1/devices', async (_q, _p, body) =>
       d.create({
         name: optString(body.name, 'name') ?? '',
@@ -145,7 +187,10 @@ export function routes(ctx: ApiContext): Route[] {
         guest: optString(body.guest, 'guest') ?? null,
       }),
     ),
-    r('GET', '/v1/devices/:name', async (_q, [name]) => d.view(name!)),
+    r('GET', '/v1/devices/:name', async (_q, [name]) => {
+      const stale = ctx.stale?.();
+      return stale ? { ...d.view(name!), stale } : d.view(name!);
+    }),
     r('DELETE', '/v1/devices/:name', async (q, [name], body) => {
       const url = new URL(q.url ?? '/', 'http://x');
       await d.remove(name!, boolParam(url, 'force', body));
@@ -170,13 +215,22 @@ export function routes(ctx: ApiContext): Route[] {
         );
       }
       const view = d.view(name!);
-      if (view.state !== 'ready') {
+      const host = url.searchParams.get('host');
+      let ep = ctx.endpoint();
+      if (host) {
+        if (!view.hosts?.includes(host)) {
+          throw new BallastError(
+            'BALLAST_DEVICE_UNAVAILABLE',
+            `device ${view.name} is not served by host ${host} (served by: ${view.hosts?.join(', ') || 'none'})`,
+          );
+        }
+        ep = { ...(ctx.endpointOf?.(host) ?? {}) };
+      } else if (view.state !== 'ready') {
         throw new BallastError(
           'BALLAST_DEVICE_UNAVAILABLE',
           `device ${view.name} is not exported: ${view.problem ?? view.state}`,
         );
       }
-      const ep = ctx.endpoint();
       const transport = url.searchParams.get('transport');
       if (transport === 'tcp') delete ep.socket;
       if (transport === 'unix') delete ep.tcp;
@@ -195,6 +249,7 @@ export function routes(ctx: ApiContext): Route[] {
       };
     }),
     ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),
+    ...(ctx.extraRoutes ?? []).flatMap((set) => set(r)),
   ];
 }
 
@@ -218,6 +273,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
       res.end(text);
     };
     try {
+      if (ctx.ready) await ctx.ready;
       const url = new URL(req.url ?? '/', 'http://localhost');
       const token = opts.token?.();
       const want = token ? Buffer.from(`Bearer ${token}`) : null;
@@ -229,6 +285,12 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
             'a valid bearer token is required (Authorization: Bearer TOKEN)',
           );
         }
+      }
+      if (url.pathname === '/v1/events' && req.method === 'GET' && ctx.events) {
+        routeName = '/v1/events';
+        opts.onRequest?.('GET', routeName, 200);
+        await ctx.events(req, res, url);
+        return;
       }
       if (url.pathname === '/metrics' && req.method === 'GET') {
         routeName = '/metrics';
@@ -242,7 +304,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
         pathMatched = true;
         routeName = route.path;
         if (route.method !== req.method) continue;
-        const params = m.slice(1).map((p) => decodeURIComponent(p));
+        const params = m.slice(1).map((p) => decodePathPart(p));
         const body = await readBody(req);
         const out = await route.handler(req, params, body);
         send(req.method === 'POST' && route.path === '/v1/devices' ? 201 : 200, out);

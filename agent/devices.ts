@@ -6,7 +6,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import type { AccessControl, Export } from '../nbd/export.js';
 import type { NbdServer } from '../nbd/server.js';
 import { ExportStats } from '../nbd/stats.js';
@@ -17,7 +17,7 @@ import { failpoint } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, SparseFileBackend } from './sparse-file.js';
-import type { Store } from './store/store.js';
+import { isStoreError, type KeyValue, type Store } from './store/store.js';
 
 export type Role = 'paging' | 'dump' | 'data';
 export const ROLES: readonly Role[] = ['paging', 'dump', 'data'];
@@ -47,14 +47,35 @@ export interface DeviceRecord {
   state: 'creating' | 'ready' | 'deleting';
   createdAt: string;
   updatedAt: string;
+  /** In a cluster: the host a device in a host-local pool belongs to; null when its pools are shared. */
+  host?: string | null;
+  /** In a cluster: the host whose agent made the last change (it finishes or undoes it after a crash). */
+  by?: string;
+}
+
+/** What the device manager needs from the cluster layer (absent on a single host). */
+export interface DeviceCluster {
+  /** This host's name. */
+  readonly host: string;
+  /** Throws STORE_UNAVAILABLE while this agent is cut off from the cluster: mutations fail fast. */
+  guard(): void;
+  /** The hosts whose agents serve the device (alive members only). */
+  servingHosts(rec: DeviceRecord): string[];
+  /** Resolves once every other host serving `rec` has applied `revision` (or its lease ended). */
+  settle(revision: number, rec: DeviceRecord): Promise<void>;
+  /** How to reach a host's agent, for messages. */
+  describeHost(host: string): string;
 }
 
 export interface DeviceView extends Omit<DeviceRecord, 'state'> {
-  state: 'ready' | 'missing' | 'creating' | 'deleting';
+  /** `remote`: a device of the cluster that another host serves, not this one. */
+  state: 'ready' | 'missing' | 'creating' | 'deleting' | 'remote';
   allocatedBytes: number;
   connections: number;
   exported: boolean;
   problem?: string;
+  /** In a cluster: the hosts that serve it. */
+  hosts?: string[];
 }
 
 const PREFIX = 'devices/';
@@ -68,6 +89,26 @@ export function validateName(name: unknown, what = 'device name'): string {
     );
   }
   return name;
+}
+
+/** A device record from its JSON, or undefined if it is not one. */
+export function parseRecord(text: string): DeviceRecord | undefined {
+  try {
+    const r = JSON.parse(text) as DeviceRecord;
+    if (
+      typeof r !== 'object' ||
+      r === null ||
+      typeof r.name !== 'string' ||
+      !Number.isSafeInteger(r.size) ||
+      !Array.isArray(r.extents) ||
+      !r.extents.every((e) => typeof e?.file === 'string' && typeof e.pool === 'string')
+    ) {
+      return undefined;
+    }
+    return r;
+  } catch {
+    return undefined;
+  }
 }
 
 function fsyncDir(dir: string): void {
@@ -112,9 +153,17 @@ export class DeviceManager {
   /** One device change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /** Per-request access control of a device's export (reservations, access lists). */
-  exportAccess?: (name: string) => AccessControl;
+  exportAccess?: (name: string, shared: boolean) => AccessControl;
   /** Told once a device is deleted, to drop what else is kept about it. */
   onRemoved?: (name: string) => Promise<void>;
+  /** Told of each device's export counters when they are made (to hook first/last client). */
+  onStats?: (name: string, stats: ExportStats) => void;
+  /** Told after a device got a new extent (its tier may have changed). */
+  onExtended?: (name: string, before: ExtentRecord[], after: ExtentRecord[]) => void;
+  /** Set when the agent is part of a cluster. */
+  cluster?: DeviceCluster;
+  /** Cluster devices this host does not serve (another host's, or not ready yet). */
+  private readonly remote = new Map<string, { record: DeviceRecord; modRevision: number }>();
 
   constructor(
     private readonly store: Store,
@@ -127,10 +176,11 @@ export class DeviceManager {
   // ---- startup ----
 
   /** Bring the files and the records into agreement after a start or a crash. */
-  async reconcile(): Promise<void> {
-    const { kvs } = await this.store.range(PREFIX);
+  async reconcile(fromKvs?: KeyValue[]): Promise<void> {
+    const kvs = fromKvs ?? (await this.store.range(PREFIX)).kvs;
     const referenced = new Set<string>();
     for (const kv of kvs) {
+      if (!kv.key.startsWith(PREFIX)) continue;
       let rec: DeviceRecord;
       try {
         rec = JSON.parse(kv.value) as DeviceRecord;
@@ -145,6 +195,11 @@ export class DeviceManager {
         continue;
       }
       for (const e of rec.extents) referenced.add(e.file);
+      if (this.cluster && (!this.ours(rec) || !this.servesHere(rec))) {
+        // Another host's change in progress, or a device this host does not serve.
+        this.remote.set(rec.name, { record: rec, modRevision: kv.modRevision });
+        continue;
+      }
       if (rec.state === 'creating' || rec.state === 'deleting') {
         // Interrupted: a create is undone, a delete finished. The files are
         // ours: their names were recorded before they were made.
@@ -187,6 +242,34 @@ export class DeviceManager {
     }
   }
 
+  private newStats(name: string): ExportStats {
+    const st = new ExportStats();
+    this.onStats?.(name, st);
+    return st;
+  }
+
+  /** How a device's files are opened: shared pools of a cluster share the file lock. */
+  private fileOptions(rec: DeviceRecord): { cache: CacheMode; sharedLock: boolean } {
+    return { cache: cacheFor(rec.role), sharedLock: this.cluster !== undefined && !rec.host };
+  }
+
+  /** Whether this host's agent made the record's last change (always, on a single host). */
+  private ours(rec: DeviceRecord): boolean {
+    if (!this.cluster || rec.state === 'ready') return true;
+    return (rec.by ?? rec.host) === this.cluster.host;
+  }
+
+  /** Whether this agent serves the device: always on a single host; in a cluster its own or a shared one. */
+  servesHere(rec: DeviceRecord): boolean {
+    const c = this.cluster;
+    if (!c) return true;
+    if (rec.host) return rec.host === c.host;
+    return rec.extents.every((e) => {
+      const p = this.pools.get(e.pool);
+      return p?.config.shared === true && dirname(e.file) === p.path;
+    });
+  }
+
   private async open(rec: DeviceRecord, modRevision: number): Promise<Live> {
     const files: SparseFileBackend[] = [];
     try {
@@ -197,7 +280,7 @@ export class DeviceManager {
             `extent ${e.file} is in unknown pool ${e.pool}`,
           );
         }
-        const b = await SparseFileBackend.open(e.file, { cache: cacheFor(rec.role) });
+        const b = await SparseFileBackend.open(e.file, this.fileOptions(rec));
         if (b.size < e.size) {
           await b.close();
           throw new BallastError(
@@ -211,7 +294,7 @@ export class DeviceManager {
       for (const f of files) await f.close().catch(() => {});
       throw e;
     }
-    const live = this.install(rec, modRevision, files, new ExportStats());
+    const live = this.install(rec, modRevision, files, this.newStats(rec.name));
     return live;
   }
 
@@ -228,6 +311,7 @@ export class DeviceManager {
     const live: Live = { record: rec, modRevision, files, backend, stats };
     this.live.set(rec.name, live);
     this.broken.delete(rec.name);
+    this.remote.delete(rec.name);
     this.catalog.set(this.exportOf(live));
     return live;
   }
@@ -240,7 +324,7 @@ export class DeviceManager {
       backend: l.backend,
       readOnly: false,
       stats: l.stats,
-      access: this.exportAccess?.(rec.name),
+      access: this.exportAccess?.(rec.name, this.cluster !== undefined && !rec.host),
     };
   }
 
@@ -251,6 +335,12 @@ export class DeviceManager {
   }
 
   view(name: string): DeviceView {
+    const v = this.viewOf(name);
+    if (this.cluster) v.hosts = this.cluster.servingHosts(v as DeviceRecord & DeviceView);
+    return v;
+  }
+
+  private viewOf(name: string): DeviceView {
     const l = this.live.get(name);
     if (l) {
       return {
@@ -272,11 +362,23 @@ export class DeviceManager {
         problem: b.problem,
       };
     }
+    const r = this.remote.get(name);
+    if (r) {
+      return {
+        ...r.record,
+        state: r.record.state === 'ready' ? 'remote' : r.record.state,
+        allocatedBytes: this.servesHere(r.record)
+          ? r.record.extents.reduce((a, e) => a + allocated(e.file), 0)
+          : 0,
+        connections: 0,
+        exported: false,
+      };
+    }
     throw new BallastError('BALLAST_DEVICE_NOT_FOUND', `no device named ${JSON.stringify(name)}`);
   }
 
   list(): DeviceView[] {
-    const names = [...this.live.keys(), ...this.broken.keys()].sort();
+    const names = [...this.live.keys(), ...this.broken.keys(), ...this.remote.keys()].sort();
     return names.map((n) => this.view(n));
   }
 
@@ -363,82 +465,138 @@ export class DeviceManager {
     return join(pool.path, `${name}.${randomBytes(4).toString('hex')}.img`);
   }
 
-  create(req: {
+  async create(req: {
     name: string;
     size: number;
     pool?: string;
     role?: Role;
     guest?: string | null;
   }): Promise<DeviceView> {
-    return this.mutex.run(async () => {
-      const name = validateName(req.name);
-      const size = req.size;
-      if (!Number.isSafeInteger(size) || size <= 0) {
-        throw new BallastError(
-          'BALLAST_BAD_SIZE',
-          `bad size ${size}: must be a positive number of bytes`,
-        );
-      }
-      const role = req.role ?? 'data';
-      if (!ROLES.includes(role)) {
-        throw new BallastError(
-          'BALLAST_BAD_ROLE',
-          `bad role ${JSON.stringify(role)}: expected ${ROLES.join(', ')}`,
-        );
-      }
-      const guest = req.guest ? validateName(req.guest, 'guest name') : null;
-      if (this.live.has(name) || this.broken.has(name)) {
-        throw new BallastError('BALLAST_DEVICE_EXISTS', `device ${name} already exists`);
-      }
-      const pool = await this.placement(size, req.pool);
-      const now = new Date().toISOString();
-      const rec: DeviceRecord = {
-        name,
-        size,
-        role,
-        guest,
-        extents: [{ pool: pool.name, file: this.extentPath(pool, name), size }],
-        state: 'creating',
-        createdAt: now,
-        updatedAt: now,
-      };
+    this.cluster?.guard();
+    const { view, revision, record } = await this.mutex.run(() => this.createLocked(req));
+    await this.cluster?.settle(revision, record);
+    return view;
+  }
+
+  private async createLocked(req: {
+    name: string;
+    size: number;
+    pool?: string;
+    role?: Role;
+    guest?: string | null;
+  }): Promise<{ view: DeviceView; revision: number; record: DeviceRecord }> {
+    const name = validateName(req.name);
+    const size = req.size;
+    if (!Number.isSafeInteger(size) || size <= 0) {
+      throw new BallastError(
+        'BALLAST_BAD_SIZE',
+        `bad size ${size}: must be a positive number of bytes`,
+      );
+    }
+    const role = req.role ?? 'data';
+    if (!ROLES.includes(role)) {
+      throw new BallastError(
+        'BALLAST_BAD_ROLE',
+        `bad role ${JSON.stringify(role)}: expected ${ROLES.join(', ')}`,
+      );
+    }
+    const guest = req.guest ? validateName(req.guest, 'guest name') : null;
+    if (this.live.has(name) || this.broken.has(name) || this.remote.has(name)) {
+      throw new BallastError('BALLAST_DEVICE_EXISTS', `device ${name} already exists`);
+    }
+    const pool = await this.placement(size, req.pool);
+    const now = new Date().toISOString();
+    const rec: DeviceRecord = {
+      name,
+      size,
+      role,
+      guest,
+      extents: [{ pool: pool.name, file: this.extentPath(pool, name), size }],
+      state: 'creating',
+      createdAt: now,
+      updatedAt: now,
+    };
+    if (this.cluster) {
+      rec.host = pool.config.shared ? null : this.cluster.host;
+      rec.by = this.cluster.host;
+    }
+    let files: SparseFileBackend[] = [];
+    try {
       // 1. The intent, durable before any file exists.
       const created = await this.store.createIfAbsent(PREFIX + name, JSON.stringify(rec));
       if (!created.succeeded)
         throw new BallastError('BALLAST_DEVICE_EXISTS', `device ${name} already exists`);
       failpoint('create-after-intent');
-      let files: SparseFileBackend[] = [];
-      try {
-        // 2. The file, durable too.
-        files = [
-          await SparseFileBackend.open(rec.extents[0]!.file, { size, cache: cacheFor(rec.role) }),
-        ];
-        fsyncDir(pool.path);
-        failpoint('create-after-file');
-        // 3. Done: from here on the device exists.
-        rec.state = 'ready';
-        const done = await this.store.updateIf(
-          PREFIX + name,
-          JSON.stringify(rec),
-          created.revision,
-        );
-        if (!done.succeeded)
-          throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
-        failpoint('create-after-commit');
-        this.install(rec, done.revision, files, new ExportStats());
-      } catch (e) {
-        for (const f of files) await f.close().catch(() => {});
-        await this.removeFiles(rec);
-        await this.store.delete(PREFIX + name).catch(() => {});
-        throw e;
-      }
+      // 2. The file, durable too.
+      files = [
+        await SparseFileBackend.open(rec.extents[0]!.file, { size, ...this.fileOptions(rec) }),
+      ];
+      fsyncDir(pool.path);
+      failpoint('create-after-file');
+      // 3. Done: from here on the device exists.
+      const ready: DeviceRecord = { ...rec, state: 'ready' };
+      const done = await this.store.updateIf(
+        PREFIX + name,
+        JSON.stringify(ready),
+        created.revision,
+      );
+      if (!done.succeeded)
+        throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
+      failpoint('create-after-commit');
+      this.install(ready, done.revision, files, this.newStats(name));
       this.log(`device ${name}: created, ${size} bytes in pool ${pool.name} (${role})`);
-      return this.view(name);
-    });
+      return { view: this.view(name), revision: done.revision, record: ready };
+    } catch (e) {
+      // A store that timed out may have committed: the record says which.
+      const kv = await this.settledRecord(name);
+      const mine = kv && parseRecord(kv.value)?.extents[0]?.file === rec.extents[0]!.file;
+      if (mine && files.length > 0 && parseRecord(kv.value)?.state === 'ready') {
+        const ready = parseRecord(kv.value)!;
+        this.install(ready, kv.modRevision, files, this.newStats(name));
+        this.log(`device ${name}: created (the store answered late)`);
+        return { view: this.view(name), revision: kv.modRevision, record: ready };
+      }
+      for (const f of files) await f.close().catch(() => {});
+      await this.removeFiles(rec);
+      if (mine) await this.retryStore(() => this.store.deleteIf(PREFIX + name, kv.modRevision));
+      throw e;
+    }
+  }
+
+  /** The device's record once the store answers (a timed-out write may or may not have landed). */
+  private async settledRecord(name: string): Promise<KeyValue | undefined> {
+    try {
+      return await this.retryStore(() => this.store.get(PREFIX + name));
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Runs a store call until it answers, for up to 20 s of retryable failures (an etcd election). */
+  private async retryStore<T>(fn: () => Promise<T>): Promise<T> {
+    const until = performance.now() + 20_000;
+    for (;;) {
+      try {
+        return await fn();
+      } catch (e) {
+        if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
   }
 
   private need(name: string): Live {
     const l = this.live.get(name);
+    const r = this.remote.get(name);
+    if (!l && r && this.cluster) {
+      const owner = r.record.host;
+      throw new BallastError(
+        'BALLAST_DEVICE_REMOTE',
+        owner
+          ? `device ${name} belongs to host ${owner}: run the command against its agent (${this.cluster.describeHost(owner)})`
+          : `device ${name} is ${r.record.state === 'ready' ? 'in a shared pool this host does not have' : `being changed by host ${r.record.by ?? '?'} (${r.record.state})`}`,
+      );
+    }
     if (!l) {
       if (this.broken.has(name)) {
         throw new BallastError(
@@ -481,6 +639,7 @@ export class DeviceManager {
 
   private async save(l: Live, rec: DeviceRecord): Promise<number> {
     rec.updatedAt = new Date().toISOString();
+    if (this.cluster) rec.by = this.cluster.host;
     const r = await this.store.updateIf(PREFIX + rec.name, JSON.stringify(rec), l.modRevision);
     if (!r.succeeded)
       throw new BallastError(
@@ -490,15 +649,24 @@ export class DeviceManager {
     return r.revision;
   }
 
-  remove(nameIn: string, force = false): Promise<void> {
-    return this.mutex.run(async () => {
+  async remove(nameIn: string, force = false): Promise<void> {
+    this.cluster?.guard();
+    const done = await this.mutex.run(() => this.removeLocked(nameIn, force));
+    if (done) await this.cluster?.settle(done.revision, done.record);
+  }
+
+  private removeLocked(
+    nameIn: string,
+    force: boolean,
+  ): Promise<{ revision: number; record: DeviceRecord } | undefined> {
+    return (async () => {
       const name = validateName(nameIn);
       const b = this.broken.get(name);
       if (b) {
         await this.store.delete(PREFIX + name);
         this.broken.delete(name);
         this.log(`device ${name}: record removed (its files were unavailable)`);
-        return;
+        return undefined;
       }
       const l = this.need(name);
       await this.busy(name, force, 'delete');
@@ -515,10 +683,11 @@ export class DeviceManager {
       this.live.delete(name);
       for (const f of l.files) await f.close().catch(() => {});
       await this.removeFiles(rec);
-      await this.store.delete(PREFIX + name);
+      const del = await this.retryStore(() => this.store.delete(PREFIX + name));
       await this.onRemoved?.(name);
       this.log(`device ${name}: deleted`);
-    });
+      return { revision: del.revision, record: rec };
+    })();
   }
 
   private async removeFiles(rec: DeviceRecord): Promise<void> {
@@ -534,8 +703,17 @@ export class DeviceManager {
     }
   }
 
+  /** Runs a change of an existing device, then waits until every host serving it has it. */
+  private async change(name: string, fn: () => Promise<DeviceView>): Promise<DeviceView> {
+    this.cluster?.guard();
+    const view = await this.mutex.run(fn);
+    const l = this.live.get(name);
+    if (this.cluster && l) await this.cluster.settle(l.modRevision, l.record);
+    return view;
+  }
+
   resize(nameIn: string, newSize: number, force = false): Promise<DeviceView> {
-    return this.mutex.run(async () => {
+    return this.change(nameIn, async () => {
       const name = validateName(nameIn);
       const l = this.need(name);
       if (!Number.isSafeInteger(newSize) || newSize <= 0) {
@@ -592,7 +770,7 @@ export class DeviceManager {
   }
 
   extend(nameIn: string, poolName: string, grow: number): Promise<DeviceView> {
-    return this.mutex.run(async () => {
+    return this.change(nameIn, async () => {
       const name = validateName(nameIn);
       const l = this.need(name);
       if (!Number.isSafeInteger(grow) || grow <= 0) {
@@ -613,7 +791,7 @@ export class DeviceManager {
       };
       // The file first, then the record: a crash in between leaves an orphan
       // file (reported), never a record pointing at nothing.
-      const f = await SparseFileBackend.open(file, { size: grow, cache: cacheFor(rec.role) });
+      const f = await SparseFileBackend.open(file, { size: grow, ...this.fileOptions(rec) });
       try {
         fsyncDir(pool.path);
         const revision = await this.save(l, rec);
@@ -624,8 +802,81 @@ export class DeviceManager {
         throw e;
       }
       this.log(`device ${name}: extended by ${grow} bytes in pool ${pool.name}`);
+      this.onExtended?.(name, l.record.extents, rec.extents);
       return this.view(name);
     });
+  }
+
+  // ---- changes made by other hosts (cluster) ----
+
+  /**
+   * Applies a device record as another host's agent wrote it (from the cluster
+   * watch, in revision order): this host's export follows it. `kv` undefined: deleted.
+   * Files are never created or removed here; the host that made the change does that.
+   */
+  applyRemote(name: string, kv: KeyValue | undefined, modRevision: number): Promise<void> {
+    return this.mutex.run(async () => {
+      const known = this.live.get(name)?.modRevision ?? this.remote.get(name)?.modRevision ?? 0;
+      if (modRevision <= known) return; // our own change, already applied
+      const rec = kv ? parseRecord(kv.value) : undefined;
+      if (kv && !rec) {
+        this.log(`cluster: the record of device ${name} is unreadable; ignored`);
+        return;
+      }
+      if (rec?.state !== 'ready' || !this.servesHere(rec)) {
+        await this.unexport(name, rec ? `${rec.state} by ${rec.by ?? 'another host'}` : 'deleted');
+        this.broken.delete(name);
+        if (rec) this.remote.set(name, { record: rec, modRevision });
+        else {
+          this.remote.delete(name);
+          this.catalog.delete(name);
+        }
+        return;
+      }
+      const l = this.live.get(name);
+      if (!l) {
+        try {
+          await this.open(rec, modRevision);
+          this.log(`device ${name}: now served here (made by ${rec.by ?? 'another host'})`);
+        } catch (e) {
+          this.remote.delete(name);
+          this.broken.set(name, { record: rec, problem: (e as Error).message });
+          this.log(`device ${name}: cannot serve it: ${(e as Error).message}`);
+        }
+        return;
+      }
+      // Same device, changed: keep the open files that are still extents, open new ones.
+      if (rec.size < l.record.size) await this.busy(name, true, 'shrink on another host');
+      const files: SparseFileBackend[] = [];
+      try {
+        for (const [i, e] of rec.extents.entries()) {
+          const old = l.record.extents[i];
+          const f = old?.file === e.file ? l.files[i] : undefined;
+          if (f) {
+            if (f.size !== e.size) await f.resize(e.size);
+            files.push(f);
+          } else {
+            files.push(await SparseFileBackend.open(e.file, this.fileOptions(rec)));
+          }
+        }
+      } catch (e) {
+        for (const f of files) if (!l.files.includes(f)) await f.close().catch(() => {});
+        this.log(`device ${name}: cannot follow the change: ${(e as Error).message}`);
+        return;
+      }
+      for (const f of l.files) if (!files.includes(f)) await f.close().catch(() => {});
+      this.install(rec, modRevision, files, l.stats);
+    });
+  }
+
+  /** Stops serving a device here: no new clients, current ones disconnected, files closed. */
+  private async unexport(name: string, why: string): Promise<void> {
+    const l = this.live.get(name);
+    if (!l) return;
+    this.catalog.delete(name);
+    await this.busy(name, true, why);
+    this.live.delete(name);
+    for (const f of l.files) await f.close().catch(() => {});
   }
 
   /** FLUSH every device; returns the names of those whose flush failed. */

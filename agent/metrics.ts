@@ -12,7 +12,7 @@ const LATENCY_HELP = 'NBD request latency from header read to reply sent, per de
 const OPS = Array.from({ length: STAT_COMMANDS }, (_, i) => cmdName(i).toLowerCase());
 
 export interface MetricsOptions {
-  store?: Store;
+  store?: Pick<Store, 'revision'>;
   /** Receives the function the API calls once per answered request. */
   onApi?: (record: (method: string, route: string, status: number) => void) => void;
 }
@@ -167,6 +167,27 @@ export function createMetrics(
     registers: [registry],
     collect() {
       this.set(server()?.connections.size ?? 0);
+    },
+  });
+  new client.Gauge({
+    name: 'ballast_nbd_handshakes',
+    help: 'NBD connections still in the handshake',
+    registers: [registry],
+    collect() {
+      this.set(server()?.handshakes ?? 0);
+    },
+  });
+  new client.Counter({
+    name: 'ballast_nbd_closed_connections_total',
+    help: 'NBD connections the server closed before they were served, by reason',
+    labelNames: ['reason'],
+    registers: [registry],
+    collect() {
+      const st = server()?.stats;
+      this.reset();
+      this.inc({ reason: 'handshake_timeout' }, st?.handshakeTimeouts ?? 0);
+      this.inc({ reason: 'evicted' }, st?.handshakesEvicted ?? 0);
+      this.inc({ reason: 'refused' }, st?.connectionsRefused ?? 0);
     },
   });
   new client.Gauge({

@@ -29,7 +29,7 @@ import {
   readKeys,
   readReservation,
 } from './pr.js';
-import { cmp, op, type Store } from './store/store.js';
+import { cmp, isStoreError, type KeyValue, op, type Store, StoreError } from './store/store.js';
 
 const PR_PREFIX = 'pr/';
 const AUDIT_PREFIX = 'pr-audit/';
@@ -51,6 +51,22 @@ interface PrRecord {
   state: PrStateJson;
   /** Audit entries written so far (the next one's number). */
   seq: number;
+  /** In a cluster: identities whose connections every agent aborts on applying this change. */
+  abort?: string[];
+  /** The command that made this state (for the reservation.changed event). */
+  last?: { action: PrAction; initiator: string; actor: string; time: string; host?: string };
+}
+
+/** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
+export interface SettleReport {
+  waitedMs: number;
+  hosts: { host: string; how: 'self' | 'acked' | 'expired' }[];
+}
+
+/** Open or fenced: the gate a shared device's data path asks (cluster/fence.ts). */
+export interface Gate {
+  gate(): 'open' | 'hold' | 'fail';
+  onOpen(wake: () => void): void;
 }
 
 export interface AuditEntry {
@@ -77,12 +93,44 @@ class DeviceAccess implements AccessControl {
   generation = 0;
   state: PrState = EMPTY_PR;
   acl: Map<string, AclAccess> | null = null;
+  /** Set for shared devices of a cluster: the agent's self-fence. */
+  fence: Gate | undefined;
+  /**
+   * In a cluster: states replaced by changes that not every agent has applied
+   * yet, with the revision that replaced each. Until then a connection may do
+   * only what the old and the new state both allow: a revocation holds at
+   * once, a grant (a preempting new holder) only once the old holder can
+   * write nowhere.
+   */
+  unsettled: { revision: number; state: PrState }[] = [];
+
+  /** Every agent has applied `revision`: what older states withheld is lifted. */
+  settled(revision: number): void {
+    const before = this.unsettled.length;
+    this.unsettled = this.unsettled.filter((u) => u.revision > revision);
+    if (this.unsettled.length !== before) this.generation++;
+  }
+
+  gate(): 'open' | 'hold' | 'fail' {
+    return this.fence === undefined ? 'open' : this.fence.gate();
+  }
+
+  onOpen(wake: () => void): void {
+    if (this.fence) this.fence.onOpen(wake);
+    else wake();
+  }
 
   mask(identity: string): number {
     let m = 0xffff & ~(READ_COMMANDS | WRITE_COMMANDS);
     const a = prAccess(this.state, identity);
-    if (a.read) m |= READ_COMMANDS;
-    if (a.write) m |= WRITE_COMMANDS;
+    let { read, write } = a;
+    for (const u of this.unsettled) {
+      const old = prAccess(u.state, identity);
+      read &&= old.read;
+      write &&= old.write;
+    }
+    if (read) m |= READ_COMMANDS;
+    if (write) m |= WRITE_COMMANDS;
     if (this.acl) {
       const entry = this.acl.get(identity);
       if (entry === undefined) return 0;
@@ -101,6 +149,11 @@ export interface PrOutRequest {
   type?: PrType;
   target?: string;
   unregister?: boolean;
+  /**
+   * Apply only if the device's PRgeneration is still this (what the caller last
+   * read); otherwise PR_CONFLICT [stale-generation] and nothing changes.
+   */
+  ifGeneration?: number;
 }
 
 export interface PrOutResult {
@@ -110,8 +163,10 @@ export interface PrOutResult {
   changed: boolean;
   generation: number;
   preempted: string[];
-  /** Connections closed by PREEMPT AND ABORT. */
+  /** Connections closed by PREEMPT AND ABORT (on this agent). */
   aborted: number;
+  /** In a cluster: whom the change waited for before it returned. */
+  settled?: SettleReport;
 }
 
 function identityOk(s: unknown): s is string {
@@ -123,6 +178,17 @@ export class ReservationManager {
   private readonly revisions = new Map<string, { pr: number; seq: number }>();
   /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
+  /**
+   * In a cluster: resolves once every other agent has applied the change at
+   * `revision` (aborting preempted connections first), or its lease has expired.
+   */
+  settle?: (revision: number) => Promise<SettleReport>;
+  /** This host's name, recorded with each change. */
+  host?: string;
+  /** PR OUT latency, for metrics. */
+  onChange?: (seconds: number) => void;
+  /** In a cluster: which agents have applied the device's current reservation state. */
+  appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
 
   constructor(
     private readonly store: Store,
@@ -210,6 +276,7 @@ export class ReservationManager {
         key: formatKey(r.key),
         holder: r.holder,
       })),
+      ...(this.appliedBy ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0) } : {}),
     };
   }
 
@@ -226,9 +293,159 @@ export class ReservationManager {
 
   // ---- PERSISTENT RESERVE OUT ----
 
-  apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
+  async apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
+    const t0 = performance.now();
+    let out: { result: PrOutResult; revision: number } | undefined;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        out = await this.applyOnce(device, req, actor);
+        break;
+      } catch (e) {
+        // Another agent changed the reservation first: judge the request on the new state.
+        if (!this.settle || (e as BallastError).code !== 'BALLAST_CONFLICT' || attempt >= 5) {
+          throw e;
+        }
+        await this.reload(device);
+      }
+    }
+    if (this.settle && out.revision > 0) {
+      try {
+        out.result.settled = await this.settle(out.revision);
+        this.devices.get(device)?.settled(out.revision);
+      } catch (e) {
+        this.settleLater(device, out.revision);
+        throw e;
+      }
+    }
+    this.onChange?.((performance.now() - t0) / 1000);
+    return out.result;
+  }
+
+  /** Lifts what the states older than `revision` withhold once every agent has applied it. */
+  private settleLater(device: string, revision: number, attempt = 0): void {
+    const settle = this.settle;
+    if (!settle) return;
+    settle(revision).then(
+      () => this.devices.get(device)?.settled(revision),
+      (e: unknown) => {
+        // Until then the device keeps the stricter access: safe, and lifted by any later settled change.
+        if (attempt >= 10 || !this.devices.has(device)) {
+          this.log(
+            `device ${device}: change ${revision} not applied everywhere: ${(e as Error).message}`,
+          );
+          return;
+        }
+        this.settleLater(device, revision, attempt + 1);
+      },
+    );
+  }
+
+  /** A read retried through retryable failures for up to 20 s (an etcd election). */
+  private async untilAnswered<T>(fn: () => Promise<T>): Promise<T> {
+    const until = performance.now() + 20_000;
+    for (;;) {
+      try {
+        return await fn();
+      } catch (e) {
+        if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  }
+
+  /** Reads one device's reservation record again (after losing a race to another agent). */
+  private async reload(device: string): Promise<void> {
+    const kv = await this.store.get(PR_PREFIX + device);
+    await this.mutex.run(async () => this.applyRecord(device, kv, kv?.modRevision ?? 0, false));
+  }
+
+  /**
+   * A reservation or access list record as another agent wrote it (the cluster
+   * watch, in revision order): the data path follows it, and connections the
+   * change preempted with abort are closed here before the change is acked.
+   */
+  applyRemote(device: string, kind: 'pr' | 'acl', kv: KeyValue | undefined): Promise<void> {
+    return this.mutex.run(async () => {
+      if (kind === 'acl') {
+        const acc = this.access(device);
+        let entries: AclEntry[] | null = null;
+        if (kv) {
+          try {
+            entries = (JSON.parse(kv.value) as { entries: AclEntry[] }).entries;
+          } catch {
+            this.log(`device ${device}: unreadable access list from the cluster; everyone refused`);
+            entries = [];
+          }
+        }
+        acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+        acc.generation++;
+        return;
+      }
+      await this.applyRecord(device, kv, kv?.modRevision ?? 0, true);
+    });
+  }
+
+  private async applyRecord(
+    device: string,
+    kv: KeyValue | undefined,
+    modRevision: number,
+    abort: boolean,
+  ): Promise<void> {
+    const known = this.revisions.get(device);
+    if (kv && known && modRevision <= known.pr) return; // already applied (our own change)
+    const acc = this.access(device);
+    if (!kv) {
+      acc.state = EMPTY_PR;
+      acc.unsettled = [];
+      acc.generation++;
+      this.revisions.delete(device);
+      return;
+    }
+    let rec: PrRecord;
+    try {
+      rec = JSON.parse(kv.value) as PrRecord;
+      const next = prFromJson(rec.state);
+      if (this.settle) {
+        acc.unsettled.push({ revision: modRevision, state: acc.state });
+        this.settleLater(device, modRevision);
+      }
+      acc.state = next;
+    } catch (e) {
+      // Never "no reservation" for a record we cannot read: nobody may write.
+      this.log(`device ${device}: unreadable reservation record: ${(e as Error).message}`);
+      acc.acl = new Map();
+      acc.generation++;
+      return;
+    }
+    acc.generation++;
+    this.revisions.set(device, { pr: modRevision, seq: rec.seq });
+    if (abort && rec.abort && rec.abort.length > 0) {
+      const gone = new Set(rec.abort);
+      const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
+        gone.has(c.identity),
+      );
+      if (conns.length > 0) {
+        this.log(
+          `device ${device}: aborting ${conns.length} connection(s) of ${rec.abort.join(', ')}`,
+        );
+        await Promise.all(conns.map((c) => c.abort()));
+      }
+    }
+  }
+
+  private applyOnce(
+    device: string,
+    req: PrOutRequest,
+    actor: string,
+  ): Promise<{ result: PrOutResult; revision: number }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
+      if (req.ifGeneration !== undefined && acc.state.generation !== req.ifGeneration) {
+        throw new BallastError(
+          'PR_CONFLICT',
+          `reservation conflict [stale-generation]: the PRgeneration of ${device} is ${acc.state.generation}, not ${req.ifGeneration}; read it again`,
+        );
+      }
       if (!identityOk(req.as)) {
         throw new BallastError(
           'BALLAST_BAD_REQUEST',
@@ -266,17 +483,41 @@ export class ReservationManager {
         ...(result.ok && result.preempted.length > 0 ? { preempted: result.preempted } : {}),
       };
       const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
+      if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
+        record.abort = result.preempted;
+      }
+      record.last = {
+        action: req.action,
+        initiator: req.as,
+        actor,
+        time: entry.time,
+        ...(this.host ? { host: this.host } : {}),
+      };
       const key = PR_PREFIX + device;
-      const t = await this.store.txn({
-        compare: [cmp.modRevision(key, '=', rev.pr)],
-        success: [
-          op.put(key, JSON.stringify(record)),
-          op.put(
-            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
-            JSON.stringify(entry),
-          ),
-        ],
-      });
+      const value = JSON.stringify(record);
+      const auditKey = `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`;
+      let t: { succeeded: boolean; revision: number };
+      try {
+        t = await this.store.txn({
+          compare: [cmp.modRevision(key, '=', rev.pr)],
+          success: [op.put(key, value), op.put(auditKey, JSON.stringify(entry))],
+        });
+      } catch (e) {
+        // A store that timed out (an etcd election) may or may not have made the
+        // change: read until it answers, and say which.
+        if (!isStoreError(e) || !e.retryable) throw e;
+        const kv = await this.untilAnswered(() => this.store.get(key));
+        const audit = await this.untilAnswered(() => this.store.get(auditKey));
+        if (!kv || kv.value !== value || audit?.value !== JSON.stringify(entry)) {
+          throw new StoreError(
+            e.code,
+            `${e.message}; read back afterwards: the change to ${device} was NOT made, nothing changed (retry)`,
+            { cause: e },
+          );
+        }
+        this.log(`device ${device}: the store answered late; read back: the change was made`);
+        t = { succeeded: true, revision: kv.modRevision };
+      }
       if (!t.succeeded) {
         throw new BallastError(
           'BALLAST_CONFLICT',
@@ -291,6 +532,7 @@ export class ReservationManager {
       }
       let aborted = 0;
       if (result.changed) {
+        if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
         acc.state = result.state;
         acc.generation++;
         this.log(
@@ -307,14 +549,67 @@ export class ReservationManager {
         }
       }
       return {
-        device,
-        action: req.action,
-        initiator: req.as,
-        changed: result.changed,
-        generation: result.state.generation,
-        preempted: result.preempted,
-        aborted,
+        result: {
+          device,
+          action: req.action,
+          initiator: req.as,
+          changed: result.changed,
+          generation: result.state.generation,
+          preempted: result.preempted,
+          aborted,
+        },
+        revision: t.revision,
       };
+    });
+  }
+
+  /**
+   * Records in the audit trail a request refused before it reached the
+   * reservation logic (a bad type, key or action): whoever probes a device's
+   * reservations with garbage leaves a trace too. The state is unchanged.
+   */
+  recordRefusal(
+    device: string,
+    raw: { action: unknown; as: unknown; key: unknown; saKey: unknown; type: unknown },
+    code: string,
+    reason: string,
+    actor: string,
+  ): Promise<void> {
+    return this.mutex.run(async () => {
+      if (!this.exists(device)) return;
+      const acc = this.access(device);
+      const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+      // What the caller sent, as text, kept short: it is not trusted input.
+      const text = (v: unknown) => String(v).slice(0, 80);
+      const entry = {
+        seq: rev.seq,
+        time: new Date().toISOString(),
+        actor,
+        initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
+        action: text(raw.action) as PrAction,
+        key: raw.key === undefined ? formatKey(0n) : text(raw.key),
+        ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
+        ...(raw.type !== undefined && raw.type !== null
+          ? { type: text(raw.type) as unknown as PrType }
+          : {}),
+        outcome: 'refused',
+        code,
+        reason,
+        generation: acc.state.generation,
+      } satisfies AuditEntry;
+      const record: PrRecord = { state: prToJson(acc.state), seq: rev.seq + 1 };
+      const key = PR_PREFIX + device;
+      const t = await this.store.txn({
+        compare: [cmp.modRevision(key, '=', rev.pr)],
+        success: [
+          op.put(key, JSON.stringify(record)),
+          op.put(
+            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
+            JSON.stringify(entry),
+          ),
+        ],
+      });
+      if (t.succeeded) this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
     });
   }
 
@@ -329,15 +624,30 @@ export class ReservationManager {
   }
 
   /** Replaces the access list (null: everyone may connect, read-write). */
-  setAcl(
+  async setAcl(
     device: string,
     entries: AclEntry[] | null,
   ): Promise<{ device: string; entries: AclEntry[] | null }> {
+    const r = await this.setAclLocked(device, entries);
+    if (this.settle && r.revision > 0) await this.settle(r.revision);
+    return r.view;
+  }
+
+  private setAclLocked(
+    device: string,
+    entries: AclEntry[] | null,
+  ): Promise<{ view: { device: string; entries: AclEntry[] | null }; revision: number }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
       const seen = new Set<string>();
       for (const e of entries ?? []) {
-        if (!identityOk(e.identity) || (e.access !== 'ro' && e.access !== 'rw')) {
+        // Entries come from a JSON body: anything, null included (found by fuzzing).
+        if (
+          typeof e !== 'object' ||
+          e === null ||
+          !identityOk(e.identity) ||
+          (e.access !== 'ro' && e.access !== 'rw')
+        ) {
           throw new BallastError(
             'BALLAST_BAD_ACL',
             `bad access list entry ${JSON.stringify(e)}: expected IDENTITY:ro or IDENTITY:rw`,
@@ -349,12 +659,21 @@ export class ReservationManager {
         seen.add(e.identity);
       }
       const key = ACL_PREFIX + device;
-      if (entries === null) await this.store.delete(key);
-      else await this.store.put(key, JSON.stringify({ entries }));
-      acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+      // Only what an entry means is kept, not whatever else the body carried.
+      const clean = entries?.map((e) => ({ identity: e.identity, access: e.access })) ?? null;
+      const revision =
+        clean === null
+          ? (await this.store.delete(key)).revision
+          : (
+              await this.store.put(
+                key,
+                JSON.stringify({ entries: clean, at: new Date().toISOString() }),
+              )
+            ).revision;
+      acc.acl = clean === null ? null : new Map(clean.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
-      return this.acl(device);
+      return { view: this.acl(device), revision };
     });
   }
 

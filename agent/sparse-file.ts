@@ -61,6 +61,12 @@ export interface SparseFileOptions {
    * Default 'writeback'.
    */
   cache?: CacheMode;
+  /**
+   * Several agents serve the file at once (a shared pool of a cluster, where the
+   * reservations arbitrate writers): a shared lock, which still keeps out a server
+   * that wants the file to itself.
+   */
+  sharedLock?: boolean;
   /** @internal Testing: false forces every read/write through the thread pool. */
   nowait?: boolean;
   /** @internal Testing: false acts as if fallocate were unsupported. */
@@ -161,7 +167,10 @@ export class SparseFileBackend implements Backend {
         throw new BallastError('BALLAST_FILE_INVALID', `${path} is not a regular file`);
       }
       const c = native.constants;
-      const lockRet = native.flock(fd, (readOnly ? c.LOCK_SH : c.LOCK_EX) | c.LOCK_NB);
+      const lockRet = native.flock(
+        fd,
+        (readOnly || opts.sharedLock ? c.LOCK_SH : c.LOCK_EX) | c.LOCK_NB,
+      );
       if (lockRet === -c.EWOULDBLOCK) {
         throw new BallastError(
           'BALLAST_FILE_LOCKED',

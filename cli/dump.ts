@@ -79,6 +79,28 @@ function human(n: number): string {
   return i === 0 ? `${n} B` : `${v.toFixed(1)} ${u[i]}`;
 }
 
+/** How long a finished dump took, and its rate; nulls while it is written. */
+export function dumpTiming(e: Pick<DumpEntry, 'createdAt' | 'finishedAt' | 'length'>): {
+  durationMs: number | null;
+  bytesPerSecond: number | null;
+} {
+  if (!e.finishedAt || e.finishedAt < e.createdAt)
+    return { durationMs: null, bytesPerSecond: null };
+  const durationMs = e.finishedAt - e.createdAt;
+  return {
+    durationMs,
+    bytesPerSecond: durationMs > 0 ? Math.round((e.length * 1000) / durationMs) : null,
+  };
+}
+
+/** "12.3 s", "850 ms", "2 min 5 s". */
+export function humanDuration(ms: number): string {
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  return `${Math.floor(s / 60)} min ${s % 60} s`;
+}
+
 function entryJson(e: DumpEntry) {
   const iso = (t: number) => (t ? new Date(t).toISOString() : null);
   return {
@@ -91,6 +113,7 @@ function entryJson(e: DumpEntry) {
     panicToRunningMs: e.panicAt && e.runningAt ? e.runningAt - e.panicAt : null,
     panicToCompleteMs:
       e.panicAt && e.finishedAt && e.state === 'complete' ? e.finishedAt - e.panicAt : null,
+    ...dumpTiming(e),
   };
 }
 
@@ -292,7 +315,10 @@ Config example:
     .description('ask dumpd to dump a guest now; waits until the dump is settled')
     .argument('<GUEST>')
     .option('--dumpd <ADDR>', `dumpd's listener (default BALLAST_DUMPD or ${DEFAULT_LISTEN})`)
-    .option('--after <WHAT>', 'then: reboot | pause | poweroff | none', 'none')
+    .option(
+      '--after <WHAT>',
+      "then: reboot | pause | poweroff | none (default: the guest's configured policy if it sits panicked, else none)",
+    )
     .option(
       '--early-reboot',
       'reboot the guest as soon as a background snapshot of its memory has started, and stream the snapshot to the device meanwhile (falls back to dump-then-reboot where QEMU cannot)',
@@ -302,19 +328,25 @@ Config example:
       action(
         async (
           guest: string,
-          o: { dumpd?: string; after: string; earlyReboot?: boolean; json?: boolean },
+          o: { dumpd?: string; after?: string; earlyReboot?: boolean; json?: boolean },
         ) => {
           const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
-          const mode = o.earlyReboot ? '&mode=early-reboot' : '';
+          const params = new URLSearchParams();
+          // An early reboot reboots: that is its point.
+          if (o.earlyReboot) params.set('after', 'reboot');
+          else if (o.after !== undefined) params.set('after', o.after);
+          if (o.earlyReboot) params.set('mode', 'early-reboot');
+          const qs = params.toString();
+          const q = qs ? `?${qs}` : '';
           const r = (await dumpdRequest(
             where,
             'POST',
-            `/v1/guests/${encodeURIComponent(guest)}/dump?after=${encodeURIComponent(o.earlyReboot ? 'reboot' : o.after)}${mode}`,
+            `/v1/guests/${encodeURIComponent(guest)}/dump${q}`,
           )) as DumpResult;
           if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
           else if (r.ok && r.entry)
             process.stdout.write(
-              `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}${r.fallback ? ` (dump-then-reboot: ${r.fallback})` : ''}${r.runningAt && r.panicAt ? `; running again after ${r.runningAt - r.panicAt} ms` : ''}\n`,
+              `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}${r.fallback ? ` (dump-then-reboot: ${r.fallback})` : ''}${r.runningAt && r.panicAt ? `; running again after ${r.runningAt - r.panicAt} ms` : ''}\n`,
             );
           if (!r.ok)
             throw new DumpError(
@@ -340,17 +372,33 @@ Config example:
           }
           process.stdout.write(
             `${table(
-              ['ID', 'GUEST', 'FORMAT', 'STATE', 'DOWNTIME', 'SIZE', 'CREATED', 'CHECKSUM'],
-              es.map((e) => [
-                String(e.id),
-                e.guest,
-                e.format,
-                e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
-                e.panicAt && e.runningAt ? `${e.runningAt - e.panicAt} ms` : '-',
-                human(e.length),
-                new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
-                e.checksum ? e.checksum.slice(0, 23) : '-',
-              ]),
+              [
+                'ID',
+                'GUEST',
+                'FORMAT',
+                'STATE',
+                'DOWNTIME',
+                'SIZE',
+                'CREATED',
+                'TOOK',
+                'RATE',
+                'CHECKSUM',
+              ],
+              es.map((e) => {
+                const t = dumpTiming(e);
+                return [
+                  String(e.id),
+                  e.guest,
+                  e.format,
+                  e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
+                  e.panicAt && e.runningAt ? `${e.runningAt - e.panicAt} ms` : '-',
+                  human(e.length),
+                  new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
+                  t.durationMs === null ? '-' : humanDuration(t.durationMs),
+                  t.bytesPerSecond === null ? '-' : `${human(t.bytesPerSecond)}/s`,
+                  e.checksum ? e.checksum.slice(0, 23) : '-',
+                ];
+              }),
             )}\n`,
           );
         } finally {

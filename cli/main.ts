@@ -7,10 +7,13 @@ import { isBallastError } from '../agent/errors.js';
 import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
 import { registerAgent } from './agent.js';
+import { EXIT } from './client.js';
+import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
-import { positiveInt } from './options.js';
+import { registerNotify } from './notify.js';
+import { nonNegativeInt, positiveInt } from './options.js';
 import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -84,11 +87,32 @@ export function buildProgram(): Command {
     )
     .addOption(
       new Option(
-        '--handshake-timeout <SECONDS>',
-        'drop clients that have not finished the handshake',
+        '--handshake-limit <SECONDS>',
+        'drop clients that have not finished the handshake (TLS included) in this time; 0: no limit',
       )
         .default(10)
-        .argParser(positiveInt('--handshake-timeout')),
+        .argParser(nonNegativeInt('--handshake-limit')),
+    )
+    .addOption(
+      new Option('--handshake-timeout <SECONDS>', 'the former name of --handshake-limit')
+        .argParser(nonNegativeInt('--handshake-timeout'))
+        .hideHelp(),
+    )
+    .addOption(
+      new Option(
+        '--max-handshakes <N>',
+        'connections still in handshake at once; past it the oldest of them is closed',
+      )
+        .default(64)
+        .argParser(positiveInt('--max-handshakes')),
+    )
+    .addOption(
+      new Option(
+        '--max-per-source <N>',
+        'connections per client address (or per uid on a Unix socket); 0: no limit',
+      )
+        .default(0)
+        .argParser(nonNegativeInt('--max-per-source')),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
     .addOption(
@@ -151,7 +175,10 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
         listen: (o.listen as string[] | undefined) ?? [],
         socket: (o.socket as string[] | undefined) ?? [],
         maxConnections: o.maxConnections as number,
-        handshakeTimeoutMs: (o.handshakeTimeout as number) * 1000,
+        handshakeTimeoutMs:
+          ((o.handshakeTimeout as number | undefined) ?? (o.handshakeLimit as number)) * 1000,
+        maxHandshakes: o.maxHandshakes as number,
+        maxPerSource: o.maxPerSource as number,
         verbose: Boolean(o.verbose),
         tls: {
           mode: o.tls as 'off' | 'allow' | 'require',
@@ -166,6 +193,8 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
 
   registerAgent(program, pkg.version);
   registerManagement(program);
+  registerCluster(program);
+  registerNotify(program);
   registerDeploy(program);
   registerDump(program);
   registerPr(program);
@@ -190,7 +219,11 @@ export async function main(argv: string[]): Promise<void> {
     }
     if (isBallastError(e)) {
       process.stderr.write(`ballast: error ${e.code}: ${e.message}\n`);
-      process.exit(e.code === 'BALLAST_USAGE' ? 2 : ((e as { exitCode?: number }).exitCode ?? 1));
+      process.exit(
+        e.code === 'BALLAST_USAGE'
+          ? 2
+          : ((e as { exitCode?: number }).exitCode ?? EXIT[e.code] ?? 1),
+      );
     }
     process.stderr.write(`ballast: internal error: ${(e as Error)?.stack ?? String(e)}\n`);
     process.exit(1);

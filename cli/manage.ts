@@ -8,7 +8,7 @@ import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import { AgentError, Client } from './client.js';
 
-interface Common {
+export interface Common {
   agent?: string;
   tokenFile?: string;
   json?: boolean;
@@ -27,6 +27,18 @@ interface DeviceView {
   connections: number;
   exported: boolean;
   problem?: string;
+  /** In a cluster: the hosts that serve it, and its owner when it is host-local. */
+  hosts?: string[];
+  host?: string | null;
+}
+
+/** In a cluster, an agent cut off from etcd answers from its cache: say so on stderr. */
+export function warnStale(r: { stale?: { since: string; reason: string } | null }): void {
+  if (r.stale) {
+    process.stderr.write(
+      `warning: stale: the agent is cut off from the cluster since ${r.stale.since} (${r.stale.reason}); this is its cached view\n`,
+    );
+  }
 }
 
 /** With --json, errors are also printed on stdout as {"error": {code, message}}. */
@@ -58,7 +70,7 @@ async function callAsync<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-function withCommon(cmd: Command): Command {
+export function withCommon(cmd: Command): Command {
   cmd.hook('preAction', (_self, action) => {
     jsonErrors = Boolean(action.opts().json);
   });
@@ -74,7 +86,7 @@ function withCommon(cmd: Command): Command {
     .option('--json', 'print JSON (for scripts) instead of tables');
 }
 
-function client(o: Common): Pick<Client, 'request' | 'where'> {
+export function client(o: Common): Pick<Client, 'request' | 'where'> {
   return call(() => {
     const c = new Client({ agent: o.agent, tokenFile: o.tokenFile });
     return {
@@ -85,11 +97,11 @@ function client(o: Common): Pick<Client, 'request' | 'where'> {
   });
 }
 
-function out(text: string): void {
+export function out(text: string): void {
   process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
 }
 
-function json(v: unknown): void {
+export function json(v: unknown): void {
   out(JSON.stringify(v, null, 2));
 }
 
@@ -140,6 +152,11 @@ function showDevice(d: DeviceView): string {
     `role:        ${d.role}`,
     `guest:       ${d.guest ?? '-'}`,
     `state:       ${d.state}${d.problem ? ` (${d.problem})` : ''}`,
+    ...(d.hosts
+      ? [
+          `hosts:       ${d.hosts.join(', ') || '-'}${d.host ? ` (belongs to ${d.host})` : ' (shared pool)'}`,
+        ]
+      : []),
     `exported:    ${d.exported ? 'yes' : 'no'}`,
     `connections: ${d.connections}`,
     `allocated:   ${size(d.allocatedBytes)}`,
@@ -184,6 +201,25 @@ export function registerManagement(program: Command): void {
         ]),
       ),
     );
+  });
+  withCommon(
+    pool
+      .command('rescan')
+      .description(
+        "look at every pool's medium and fullness again; a changed medium sends tier.changed for its devices",
+      ),
+  ).action(async (o: Common) => {
+    const r = (await client(o).request('POST', '/v1/pools/rescan')) as {
+      media: { pool: string; before: string; after: string }[];
+      tiers: { device: string; before: string[]; after: string[] }[];
+      full: string[];
+    };
+    if (o.json) return json(r);
+    if (r.media.length === 0) out('no medium changed');
+    for (const m of r.media) out(`pool ${m.pool}: ${m.before} -> ${m.after}`);
+    for (const t of r.tiers)
+      out(`device ${t.device}: tier ${t.before.join('+')} -> ${t.after.join('+')}`);
+    for (const p of r.full) out(`pool ${p}: full`);
   });
   withCommon(pool.command('show').description('show one pool').argument('<NAME>')).action(
     async (name: string, o: Common) => {
@@ -243,11 +279,26 @@ export function registerManagement(program: Command): void {
     },
   );
   withCommon(device.command('ls').description('list the devices')).action(async (o: Common) => {
-    const r = (await client(o).request('GET', '/v1/devices')) as { devices: DeviceView[] };
+    const r = (await client(o).request('GET', '/v1/devices')) as {
+      devices: DeviceView[];
+      stale?: { since: string; reason: string };
+    };
+    warnStale(r);
     if (o.json) return json(r);
+    const cluster = r.devices.some((d) => d.hosts !== undefined);
     out(
       table(
-        ['NAME', 'SIZE', 'ROLE', 'GUEST', 'POOLS', 'STATE', 'CONN', 'ALLOCATED'],
+        [
+          'NAME',
+          'SIZE',
+          'ROLE',
+          'GUEST',
+          'POOLS',
+          'STATE',
+          'CONN',
+          'ALLOCATED',
+          ...(cluster ? ['HOSTS'] : []),
+        ],
         r.devices.map((d) => [
           d.name,
           size(d.size),
@@ -256,14 +307,18 @@ export function registerManagement(program: Command): void {
           devicePools(d),
           d.state,
           String(d.connections),
-          size(d.allocatedBytes),
+          d.state === 'remote' ? '-' : size(d.allocatedBytes),
+          ...(cluster ? [(d.hosts ?? []).join(',') || '-'] : []),
         ]),
       ),
     );
   });
   withCommon(device.command('show').description('show one device').argument('<NAME>')).action(
     async (name: string, o: Common) => {
-      const d = (await client(o).request('GET', `/v1/devices/${enc(name)}`)) as DeviceView;
+      const d = (await client(o).request('GET', `/v1/devices/${enc(name)}`)) as DeviceView & {
+        stale?: { since: string; reason: string };
+      };
+      warnStale(d);
       if (o.json) return json(d);
       out(showDevice(d));
     },
@@ -338,20 +393,27 @@ export function registerManagement(program: Command): void {
           .choices(['qemu', 'libvirt', 'uri'])
           .default('qemu'),
       )
-      .addOption(new Option('-t, --transport <T>', 'NBD transport').choices(['unix', 'tcp'])),
-  ).action(async (name: string, o: Common & { format: string; transport?: string }) => {
-    const q = new URLSearchParams({ format: o.format });
-    if (o.transport) q.set('transport', o.transport);
-    const r = (await client(o).request('GET', `/v1/devices/${enc(name)}/attach?${q}`)) as {
-      uri: string;
-      qemu: string[];
-      libvirt: string;
-    };
-    if (o.json) return json(r);
-    if (o.format === 'uri') out(r.uri);
-    else if (o.format === 'libvirt') out(r.libvirt);
-    else out(r.qemu.join(' '));
-  });
+      .addOption(new Option('-t, --transport <T>', 'NBD transport').choices(['unix', 'tcp']))
+      .option(
+        '-H, --host <HOST>',
+        "in a cluster: for a guest on HOST (that host's agent socket or address)",
+      ),
+  ).action(
+    async (name: string, o: Common & { format: string; transport?: string; host?: string }) => {
+      const q = new URLSearchParams({ format: o.format });
+      if (o.transport) q.set('transport', o.transport);
+      if (o.host) q.set('host', o.host);
+      const r = (await client(o).request('GET', `/v1/devices/${enc(name)}/attach?${q}`)) as {
+        uri: string;
+        qemu: string[];
+        libvirt: string;
+      };
+      if (o.json) return json(r);
+      if (o.format === 'uri') out(r.uri);
+      else if (o.format === 'libvirt') out(r.libvirt);
+      else out(r.qemu.join(' '));
+    },
+  );
 
   // ---- status ----
   withCommon(

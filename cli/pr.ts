@@ -21,6 +21,8 @@ interface PrOptions extends Common {
   as?: string;
   target?: string;
   unregister?: boolean;
+  ifGeneration?: string;
+  wait?: boolean;
 }
 
 const OUT_ACTIONS = PR_ACTIONS;
@@ -73,6 +75,7 @@ interface Status {
   generation: number;
   reservation: { type: number; key: string; holder: string | null } | null;
   registrations: { identity: string; key: string; holder: boolean }[];
+  agents?: { host: string; applied: boolean; revision: number }[];
 }
 
 export function registerPr(program: Command): void {
@@ -99,7 +102,15 @@ export function registerPr(program: Command): void {
       )
       .option('--as <IDENTITY>', 'act for this initiator identity')
       .option('--target <IDENTITY>', 'register-move: the identity that gets the reservation')
-      .option('--unregister', 'register-move: drop the mover’s own registration'),
+      .option('--unregister', 'register-move: drop the mover’s own registration')
+      .option(
+        '--if-generation <N>',
+        'only if the PRgeneration is still N (as last read); else PR_CONFLICT [stale-generation]',
+      )
+      .option(
+        '--wait',
+        'in a cluster: say whom the change waited for (agents applying it, or a lease running out)',
+      ),
   ).addHelpText(
     'after',
     `
@@ -137,6 +148,12 @@ Conflicts exit 5 with PR_CONFLICT and the reason; bad keys or types exit 8
         out(`  ${g.identity}  ${g.key}${g.holder ? '  (holder)' : ''}`);
       }
       if (r.registrations.length === 0) out('  none');
+      if (r.agents) {
+        out('agents (the state each serving agent has applied):');
+        for (const g of r.agents) {
+          out(`  ${g.host}  ${g.applied ? 'current' : `behind (at revision ${g.revision})`}`);
+        }
+      }
       return;
     }
     if (action === 'audit') {
@@ -172,18 +189,38 @@ Conflicts exit 5 with PR_CONFLICT and the reason; bad keys or types exit 8
     if (o.type !== undefined) body.type = o.type;
     if (o.target !== undefined) body.target = o.target;
     if (o.unregister) body.unregister = true;
+    if (o.ifGeneration !== undefined) {
+      const g = Number(o.ifGeneration);
+      if (!/^\d+$/.test(o.ifGeneration) || !Number.isSafeInteger(g)) {
+        usage(o, 'BALLAST_USAGE', `--if-generation must be a whole number, not ${o.ifGeneration}`);
+      }
+      body.ifGeneration = g;
+    }
     const r = (await request(o, 'POST', `${path}/pr`, body)) as {
       changed: boolean;
       generation: number;
       preempted: string[];
       aborted: number;
+      settled?: { waitedMs: number; hosts: { host: string; how: string }[] };
     };
     if (o.json) return json(r);
     const what = r.changed ? 'done' : 'nothing to change';
     const pre = r.preempted.length
-      ? `; preempted ${r.preempted.join(', ')}${r.aborted ? ` (${r.aborted} connection(s) aborted)` : ''}`
+      ? `; preempted ${r.preempted.join(', ')}${r.aborted ? ` (${r.aborted} connection(s) aborted here)` : ''}`
       : '';
     out(`${device}: ${action} as ${o.as}: ${what}, generation ${r.generation}${pre}`);
+    if (r.settled && (o.wait || r.settled.waitedMs >= 1000)) {
+      const why = r.settled.hosts
+        .map((h) =>
+          h.how === 'acked'
+            ? `${h.host} applied it`
+            : h.how === 'expired'
+              ? `${h.host}'s lease expired (it fenced itself)`
+              : `${h.host} (this agent)`,
+        )
+        .join('; ');
+      out(`waited ${(r.settled.waitedMs / 1000).toFixed(2)} s: ${why}`);
+    }
   });
 
   const acl = common(

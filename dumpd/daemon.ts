@@ -5,7 +5,8 @@
 //   GET  /metrics                     Prometheus text
 //   GET  /v1/guests                   guests, connection state, last dump
 //   POST /v1/guests/NAME/dump[?after=reboot|pause|poweroff|none][&mode=early-reboot]
-//                                     dump now; answers when done (after defaults to none;
+//                                     dump now; answers when done (after defaults to the
+//                                     guest's policy if it sits panicked, else none;
 //                                     early-reboot reboots the guest while the dump streams)
 //
 // One dump per guest at a time. A panic while a dump of the guest runs (an early-reboot
@@ -51,6 +52,47 @@ interface GuestState {
   panics: number;
   /** A panic that came while a dump ran: dumped once that one is settled. */
   pending: QmpEvent | null;
+  /** performance.now() of the recent panics, for the loop limit. */
+  recentPanics: number[];
+}
+
+/**
+ * The after-dump action for this panic: the guest's policy, or 'pause' when
+ * it reboots into a panic again and again (loopLimit: N dumps in M minutes).
+ */
+export function loopGuard(
+  st: Pick<GuestState, 'cfg' | 'recentPanics'>,
+  log: (m: string) => void,
+  now = performance.now(),
+): After {
+  const { dumps, minutes } = st.cfg.loopLimit;
+  const window = minutes * 60_000;
+  st.recentPanics = st.recentPanics.filter((t) => now - t < window);
+  const before = st.recentPanics.length;
+  st.recentPanics.push(now);
+  if (st.cfg.after !== 'reboot' || dumps === 0 || before < dumps) return st.cfg.after;
+  log(
+    `guest ${st.cfg.name}: warning: ${before + 1} panics within ${minutes} min (loopLimit ${dumps}): ` +
+      'dumping and pausing it instead of rebooting it; resume it with QMP "cont" or virsh resume',
+  );
+  return 'pause';
+}
+
+/** Whether QEMU has a pvpanic device (ISA or PCI); null when QMP cannot tell. */
+export async function hasPvpanic(c: QmpClient): Promise<boolean | null> {
+  let answered = false;
+  for (const path of ['/machine/peripheral-anon', '/machine/peripheral']) {
+    try {
+      const props = await c.execute<{ name: string; type: string }[]>(
+        'qom-list',
+        { path },
+        { timeoutMs: 10_000 },
+      );
+      answered = true;
+      if (props.some((p) => /^child<pvpanic/.test(p.type))) return true;
+    } catch {}
+  }
+  return answered ? false : null;
 }
 
 export class Dumpd extends EventEmitter {
@@ -230,6 +272,7 @@ export class Dumpd extends EventEmitter {
       last: null,
       panics: 0,
       pending: null,
+      recentPanics: [],
     };
     this.guests.set(cfg.name, st);
     monitor.on('connected', (c: QmpClient) => {
@@ -247,6 +290,14 @@ export class Dumpd extends EventEmitter {
         },
         () => {},
       );
+      // Without a pvpanic device a panic is never reported: say so now.
+      void hasPvpanic(c).then((has) => {
+        if (has === false)
+          this.log(
+            `guest ${cfg.name}: warning: no pvpanic device, so its panics will not be seen; ` +
+              'start QEMU with -device pvpanic -action panic=pause (the guest needs its pvpanic driver)',
+          );
+      });
       // Say now, not at the first panic, when this QEMU cannot write the configured format.
       c.execute<{ formats: string[] }>('query-dump-guest-memory-capability', undefined, {
         timeoutMs: 10_000,
@@ -366,10 +417,12 @@ export class Dumpd extends EventEmitter {
       );
       return;
     }
+    const after = loopGuard(st, this.log.bind(this));
     void this.dump(st.cfg.name, {
       reason: 'panic',
-      after: st.cfg.after,
-      mode: st.cfg.mode,
+      after,
+      // A guest paused by the loop limit is not rebooted early either.
+      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
       panicAt: at,
     }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
   }
@@ -386,12 +439,31 @@ export class Dumpd extends EventEmitter {
     if (q?.status !== 'guest-panicked') return;
     const at = Number(ev.data.panicAt) || Date.now();
     this.log(`guest ${st.cfg.name}: dumping the panic that waited`);
+    const after = loopGuard(st, this.log.bind(this));
     void this.dump(st.cfg.name, {
       reason: 'panic',
-      after: st.cfg.after,
-      mode: st.cfg.mode,
+      after,
+      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
       panicAt: at,
     }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+  }
+
+  /**
+   * What an on-demand dump does after, when the request does not say: the
+   * guest's policy if it sits panicked, else nothing (a running guest stays up).
+   */
+  private async defaultAfter(name: string): Promise<After> {
+    const st = this.guests.get(name);
+    const qmp = st?.monitor.client;
+    if (!st || !qmp) return 'none';
+    try {
+      const q = await qmp.execute<{ status: string }>('query-status', undefined, {
+        timeoutMs: 10_000,
+      });
+      return q.status === 'guest-panicked' ? st.cfg.after : 'none';
+    } catch {
+      return 'none';
+    }
   }
 
   /** Dumps a guest now. Rejects with DUMP_UNKNOWN_GUEST, DUMP_GUEST_OFFLINE or DUMP_BUSY. */
@@ -593,7 +665,8 @@ export class Dumpd extends EventEmitter {
       }
       const m = /^\/v1\/guests\/([^/]+)\/dump$/.exec(url.pathname);
       if (m && req.method === 'POST') {
-        const after = url.searchParams.get('after') ?? 'none';
+        const name = decodeURIComponent(m[1] as string);
+        const after = url.searchParams.get('after') ?? (await this.defaultAfter(name));
         if (!(AFTER as readonly string[]).includes(after)) {
           send(400, {
             code: 'DUMP_BAD_REQUEST',
@@ -609,7 +682,7 @@ export class Dumpd extends EventEmitter {
           });
           return;
         }
-        const r = await this.dump(decodeURIComponent(m[1] as string), {
+        const r = await this.dump(name, {
           after: after as After,
           mode: mode as Mode,
         });

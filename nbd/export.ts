@@ -12,6 +12,16 @@ export interface AccessControl {
   readonly generation: number;
   /** The commands (bit `1 << CMD.*`) a client of this identity may send now. */
   mask(identity: string): number;
+  /**
+   * Whether requests may reach the backend now, asked on every request and again
+   * just before a write's payload goes to the backend (so it must be cheap):
+   * 'hold' stalls the connection until a waker given to `onOpen` is called, 'fail'
+   * answers EIO. For an owner that cannot vouch for its right to write at this
+   * moment (a cluster member whose lease may have lapsed). Absent: always open.
+   */
+  gate?(): 'open' | 'hold' | 'fail';
+  /** Registers a waker for a held connection: called once when it should ask again. */
+  onOpen?(wake: () => void): void;
 }
 
 /** A named export as the protocol sees it. */

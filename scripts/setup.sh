@@ -3,7 +3,7 @@
 #   scripts/setup.sh          what running the agent needs: a C toolchain for the
 #                             native addon, npm packages, the build
 #   scripts/setup.sh --test   also the real peers the tests and benchmarks use:
-#                             QEMU tools, libnbd tools, nbdkit, fio
+#                             QEMU tools, libnbd tools, nbdkit, fio, etcd
 # Debian packages are installed only when missing; nothing here relies on what
 # an earlier run left behind.
 set -euo pipefail
@@ -20,6 +20,11 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(openssl)
   # deploy: real OpenSSH servers on loopback ports
   want+=(openssh-server openssh-client)
+  # the cluster store: real etcd clusters on loopback ports
+  want+=(etcd-server etcd-client)
+  # notifications: a pool on a real loop-device filesystem whose medium flips
+  # hardening: another uid (setpriv), full and failing disks (tmpfs, loop devices, ext4)
+  want+=(util-linux mount e2fsprogs)
 fi
 
 missing=()

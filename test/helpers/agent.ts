@@ -17,6 +17,7 @@ export interface PoolSpec {
   media?: string;
   quota?: string;
   overcommit?: number;
+  shared?: boolean;
 }
 
 export interface AgentStartOptions {
@@ -29,6 +30,10 @@ export interface AgentStartOptions {
   env?: Record<string, string>;
   /** Reuse this directory (a restart after a crash). */
   dir?: string;
+  /** A `cluster:` section (etcd endpoints, host, leaseTtl...). */
+  cluster?: Record<string, unknown>;
+  /** An `events:` section (rescanInterval, deliveryTimeout, retryCap...). */
+  events?: Record<string, unknown>;
 }
 
 export interface ApiReply {
@@ -186,6 +191,8 @@ export function writeAgentConfig(dir: string, opts: AgentStartOptions = {}): str
     `api: ${JSON.stringify({ listen: '127.0.0.1:0', socket: path.join(dir, 'api.sock'), ...(opts.api ?? {}) })}`,
     'pools:',
     ...pools.map((p) => `  - ${JSON.stringify(p)}`),
+    ...(opts.cluster ? [`cluster: ${JSON.stringify(opts.cluster)}`] : []),
+    ...(opts.events ? [`events: ${JSON.stringify(opts.events)}`] : []),
   ];
   const file = path.join(dir, 'agent.yaml');
   writeFileSync(file, `${lines.join('\n')}\n`);

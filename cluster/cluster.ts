@@ -1,0 +1,663 @@
+// One agent's membership of the cluster and its view of the shared catalog.
+//
+// - Membership is a lease: `members/<host>` lives while this agent keeps its
+//   lease alive. A clean stop marks `hosts/<host>` left and revokes the lease; a
+//   crash lets it expire. The keepalive loop is also the agent's health: while a
+//   keepalive fails, mutations are refused at once (STORE_UNAVAILABLE) and reads
+//   are answered from the local cache, marked stale.
+// - The cache is the whole cluster prefix: listed once, then watched from that
+//   revision; a compacted history means list again and diff, never guess.
+//   Events are applied in revision order by one worker; catalog events (devices,
+//   reservations, access lists) go to the agent's handler.
+// - Acks: after applying catalog events up to revision R, the agent writes
+//   `acks/<host>` = R under its lease. A change returns once every other host
+//   serving the device has acked its revision, or its lease is gone.
+
+import { hostname } from 'node:os';
+import { performance } from 'node:perf_hooks';
+import { BallastError } from '../agent/errors.js';
+import {
+  cmp,
+  isStoreError,
+  type KeyValue,
+  op,
+  type Store,
+  StoreError,
+  type WatchEvent,
+  type Watcher,
+} from '../agent/store/store.js';
+import type { ClusterConfig } from './config.js';
+import type { Fence } from './fence.js';
+
+export const MEMBERS = 'members/';
+export const HOSTS = 'hosts/';
+export const ACKS = 'acks/';
+/** Key prefixes whose changes every serving agent must apply before a change returns. */
+export const CATALOG = ['devices/', 'pr/', 'acl/'];
+
+export interface PoolInfo {
+  name: string;
+  path: string;
+  shared: boolean;
+  media: string;
+}
+
+export interface MemberInfo {
+  host: string;
+  version: string;
+  pid: number;
+  /** The machine's own hostname (several agents may run on one machine). */
+  machine: string;
+  dataDir: string;
+  nbd: { socket?: string; tcp?: { host: string; port: number } };
+  api: string[];
+  pools: PoolInfo[];
+  startedAt: string;
+  lease: string;
+}
+
+export type MemberState = 'alive' | 'expired' | 'left';
+
+export interface MemberView extends Partial<MemberInfo> {
+  host: string;
+  state: MemberState;
+  /** The last catalog revision the member applied (alive members). */
+  applied?: number;
+  since?: string;
+}
+
+interface HostRecord {
+  host: string;
+  state: 'up' | 'left';
+  since: string;
+  info?: MemberInfo;
+}
+
+export interface ClusterOptions {
+  store: Store;
+  config: ClusterConfig;
+  log: (msg: string) => void;
+  /** Catalog events, in revision order. */
+  apply: (ev: WatchEvent) => Promise<void>;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+function parse<T>(text: string): T | undefined {
+  try {
+    const v = JSON.parse(text) as unknown;
+    return typeof v === 'object' && v !== null ? (v as T) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export class Cluster {
+  readonly host: string;
+  private lease = '';
+  private readonly kvs = new Map<string, KeyValue>();
+  /** The revision the cache reflects. */
+  revision = 0;
+  /** The last catalog revision applied (what this host acks). */
+  private appliedCatalog = 0;
+  private ackedCatalog = 0;
+  private acking = false;
+  private watcher: Watcher | undefined;
+  private queue: WatchEvent[] = [];
+  private draining = false;
+  private waiters = new Set<() => void>();
+  private stopped = false;
+  private keepTimer: NodeJS.Timeout | undefined;
+  /** performance.now() at the send of the last keepalive (or grant) etcd acknowledged. */
+  private lastAckSent = 0;
+  private healthy = false;
+  private unhealthySince: number | null = null;
+  private unhealthyReason = '';
+  /** Counters for metrics and status. */
+  readonly stats = { keepaliveFailures: 0, relists: 0, reRegistrations: 0, skippedKeys: 0 };
+  /** Keys under the prefix that are not Ballast's (reported, never fatal). */
+  readonly garbage = new Set<string>();
+  /** The newest revision seen from the store (for the watch lag). */
+  storeRevision = 0;
+  /** After the lease was lost: the revision the cache must reach before serving again. */
+  private catchUpTo = 0;
+  /** The data path's fence, told when the agent may serve again. */
+  fence: Fence | undefined;
+
+  private constructor(private readonly opts: ClusterOptions) {
+    this.host = opts.config.host;
+  }
+
+  get store(): Store {
+    return this.opts.store;
+  }
+
+  /** Lists the cluster's keys (the agent reconciles its devices from them before it serves). */
+  static async open(opts: ClusterOptions): Promise<Cluster> {
+    const c = new Cluster(opts);
+    await c.list();
+    return c;
+  }
+
+  // ---- membership ----
+
+  private baseInfo: Omit<MemberInfo, 'lease'> | undefined;
+  /** Whether this agent ever held its member key (a refused agent leaves nothing behind). */
+  private registered = false;
+
+  private info(): MemberInfo {
+    return { ...this.baseInfo!, lease: this.lease };
+  }
+
+  /**
+   * Registers this host under a new lease, refusing a name that another live agent
+   * holds; then watches the cluster and keeps the lease alive.
+   */
+  async join(info: Omit<MemberInfo, 'lease'>): Promise<void> {
+    this.baseInfo = info;
+    await this.register();
+    await this.startWatch();
+    this.startKeepalive();
+  }
+
+  private async register(): Promise<void> {
+    const { store, config } = this.opts;
+    const me = this.baseInfo!;
+    for (let attempt = 0; ; attempt++) {
+      const t0 = performance.now();
+      const lease = await store.grantLease(config.leaseTtl);
+      this.lease = lease;
+      const key = MEMBERS + this.host;
+      const info = this.info();
+      const hostRec: HostRecord = {
+        host: this.host,
+        state: 'up',
+        since: new Date().toISOString(),
+        info,
+      };
+      const r = await store.txn({
+        compare: [cmp.version(key, '=', 0)],
+        success: [
+          op.put(key, JSON.stringify(info), { lease }),
+          op.put(HOSTS + this.host, JSON.stringify(hostRec)),
+          op.put(ACKS + this.host, String(this.appliedCatalog), { lease }),
+        ],
+        failure: [op.get(key)],
+      });
+      if (r.succeeded) {
+        this.registered = true;
+        this.lastAckSent = t0;
+        this.setHealthy();
+        return;
+      }
+      await store.revokeLease(lease).catch(() => {});
+      const got = r.responses[0];
+      const other = got?.type === 'get' && got.kv ? parse<MemberInfo>(got.kv.value) : undefined;
+      // Our own predecessor on this machine and data dir, killed before its lease
+      // ran out: its lease goes now rather than making the restart wait.
+      if (
+        attempt === 0 &&
+        other &&
+        other.machine === me.machine &&
+        other.dataDir === me.dataDir &&
+        other.pid !== process.pid &&
+        !pidAlive(other.pid)
+      ) {
+        this.opts.log(
+          `cluster: host ${this.host}: taking over from a dead agent (pid ${other.pid})`,
+        );
+        await store.revokeLease(other.lease).catch(() => {});
+        continue;
+      }
+      throw new BallastError(
+        'BALLAST_CLUSTER_HOST_TAKEN',
+        `host name ${this.host} is held by another live agent` +
+          (other ? ` (pid ${other.pid} on ${other.machine}, data dir ${other.dataDir})` : '') +
+          `; give this agent another cluster.host, or stop that one`,
+      );
+    }
+  }
+
+  /** Keepalives every TTL/3; the agent is healthy while they are acknowledged. */
+  private startKeepalive(): void {
+    const period = Math.max(250, (this.opts.config.leaseTtl * 1000) / 3);
+    const tick = async (): Promise<void> => {
+      if (this.stopped) return;
+      const t0 = performance.now();
+      try {
+        await this.store.keepAlive(this.lease);
+        this.lastAckSent = t0;
+        this.setHealthy();
+        this.fence?.check();
+        this.storeRevision = Math.max(this.storeRevision, await this.store.revision());
+      } catch (e) {
+        if (this.stopped) return;
+        this.stats.keepaliveFailures++;
+        if (isStoreError(e, 'STORE_LEASE_NOT_FOUND')) {
+          this.setUnhealthy('the membership lease expired');
+          await this.rejoin();
+        } else {
+          this.setUnhealthy(`keepalive failed: ${(e as Error).message}`);
+        }
+      }
+      if (!this.stopped) this.keepTimer = setTimeout(() => void tick(), period);
+    };
+    this.keepTimer = setTimeout(() => void tick(), period);
+  }
+
+  private async rejoin(): Promise<void> {
+    try {
+      await this.register();
+      // Whatever other hosts did while the lease was gone must be applied before serving.
+      this.catchUpTo = await this.store.revision();
+      this.stats.reRegistrations++;
+      this.opts.log(`cluster: host ${this.host}: lease lost, registered again`);
+      // Whatever happened while we were away comes through the watch (or a relist).
+      this.ackedCatalog = 0;
+      this.scheduleAck();
+    } catch (e) {
+      this.opts.log(`cluster: re-registering failed: ${(e as Error).message}`);
+    }
+  }
+
+  private setHealthy(): void {
+    if (!this.healthy && this.unhealthySince !== null) {
+      this.opts.log('cluster: etcd reachable again');
+    }
+    this.healthy = true;
+    this.unhealthySince = null;
+    this.unhealthyReason = '';
+  }
+
+  private setUnhealthy(reason: string): void {
+    if (this.healthy || this.unhealthySince === null) {
+      this.unhealthySince = Date.now();
+      this.opts.log(`cluster: cut off from etcd: ${reason}`);
+    }
+    this.healthy = false;
+    this.unhealthyReason = reason;
+  }
+
+  /** The membership lease while registered (notification leadership lives under it). */
+  leaseId(): string | undefined {
+    return this.registered && !this.stopped ? this.lease : undefined;
+  }
+
+  /** Whether the last keepalive was acknowledged (reads are fresh, mutations may go ahead). */
+  isHealthy(): boolean {
+    return this.healthy;
+  }
+
+  /** Whether the agent may serve shared devices again: lease renewed, cache caught up. */
+  canServe(): boolean {
+    return this.healthy && this.revision >= this.catchUpTo;
+  }
+
+  /** Monotonic deadline (performance.now()) before which etcd cannot have expired our lease. */
+  leaseValidUntil(): number {
+    return this.lastAckSent + this.opts.config.leaseTtl * 1000;
+  }
+
+  /** Why reads are stale, or null when they are fresh. */
+  staleness(): { since: string; reason: string } | null {
+    if (this.healthy) return null;
+    return {
+      since: new Date(this.unhealthySince ?? Date.now()).toISOString(),
+      reason: this.unhealthyReason || 'not connected',
+    };
+  }
+
+  /** Mutations fail fast while the agent is cut off, rather than hang. */
+  guard(): void {
+    if (this.healthy && !this.stopped) return;
+    throw new StoreError(
+      'STORE_UNAVAILABLE',
+      `this agent is cut off from etcd (${this.unhealthyReason || 'stopping'}); changes are refused until it is back, reads come from its cache`,
+    );
+  }
+
+  // ---- the cache ----
+
+  private async list(): Promise<void> {
+    const r = await this.store.range('');
+    this.kvs.clear();
+    this.garbage.clear();
+    for (const kv of r.kvs) this.remember(kv);
+    this.revision = r.revision;
+    this.storeRevision = Math.max(this.storeRevision, r.revision);
+    this.appliedCatalog = r.revision;
+  }
+
+  private remember(kv: KeyValue): void {
+    const known = [MEMBERS, HOSTS, ACKS, ...CATALOG, 'pr-audit/', 'notify/', 'events/'];
+    if (!known.some((p) => kv.key.startsWith(p))) {
+      if (!this.garbage.has(kv.key)) this.opts.log(`cluster: skipping foreign key ${kv.key}`);
+      this.garbage.add(kv.key);
+      this.stats.skippedKeys = this.garbage.size;
+      return;
+    }
+    this.kvs.set(kv.key, kv);
+  }
+
+  /** The cached keys under a prefix, in key order. */
+  snapshot(prefix: string): KeyValue[] {
+    return [...this.kvs.values()]
+      .filter((kv) => kv.key.startsWith(prefix))
+      .sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  }
+
+  /** Starts the watch from where the listing left off. */
+  private async startWatch(): Promise<void> {
+    this.scheduleAck();
+    await this.watchFrom(this.revision + 1);
+  }
+
+  private async watchFrom(rev: number): Promise<void> {
+    this.watcher = await this.store.watch('', {
+      fromRevision: rev,
+      onEvent: (ev) => {
+        this.queue.push(ev);
+        void this.drain();
+      },
+      onError: (err) => {
+        this.watcher = undefined;
+        if (this.stopped || isStoreError(err, 'STORE_CLOSED')) return;
+        this.opts.log(`cluster: watch ended (${(err as Error).message}); listing again`);
+        void this.relist();
+      },
+    });
+  }
+
+  /** History is gone (or the watch broke): list again, apply the difference as events. */
+  private async relist(): Promise<void> {
+    this.stats.relists++;
+    for (let delay = 200; !this.stopped; delay = Math.min(delay * 2, 5000)) {
+      try {
+        const r = await this.store.range('');
+        const seen = new Set<string>();
+        const events: WatchEvent[] = [];
+        for (const kv of r.kvs) {
+          seen.add(kv.key);
+          const old = this.kvs.get(kv.key);
+          if (!old || old.modRevision !== kv.modRevision) {
+            events.push({
+              type: 'put',
+              kv,
+              ...(old ? { prevKv: old } : {}),
+              revision: kv.modRevision,
+            });
+          }
+        }
+        for (const [key, old] of this.kvs) {
+          if (!seen.has(key)) {
+            events.push({
+              type: 'delete',
+              kv: { key, value: '', createRevision: 0, modRevision: r.revision, version: 0 },
+              prevKv: old,
+              revision: r.revision,
+            });
+          }
+        }
+        events.sort((a, b) => a.revision - b.revision);
+        this.queue.push(...events);
+        await this.drain();
+        this.revision = Math.max(this.revision, r.revision);
+        this.appliedCatalog = Math.max(this.appliedCatalog, r.revision);
+        this.scheduleAck();
+        await this.watchFrom(r.revision + 1);
+        return;
+      } catch (e) {
+        this.opts.log(`cluster: listing failed (${(e as Error).message}); retrying`);
+        await sleep(delay);
+      }
+    }
+  }
+
+  private async drain(): Promise<void> {
+    if (this.draining) return;
+    this.draining = true;
+    try {
+      let catalogTouched = false;
+      while (this.queue.length > 0) {
+        const ev = this.queue.shift()!;
+        if (ev.type === 'put') this.remember(ev.kv);
+        else this.kvs.delete(ev.kv.key);
+        if (CATALOG.some((p) => ev.kv.key.startsWith(p))) {
+          try {
+            await this.opts.apply(ev);
+          } catch (e) {
+            this.opts.log(
+              `cluster: applying ${ev.kv.key}@${ev.revision} failed: ${(e as Error).message}`,
+            );
+          }
+          this.appliedCatalog = Math.max(this.appliedCatalog, ev.revision);
+          catalogTouched = true;
+        }
+        this.revision = Math.max(this.revision, ev.revision);
+        this.storeRevision = Math.max(this.storeRevision, ev.revision);
+        if (this.queue.length === 0 || this.waiters.size > 0) this.wake();
+      }
+      if (catalogTouched) this.scheduleAck();
+    } finally {
+      this.draining = false;
+    }
+    this.fence?.check();
+  }
+
+  private wake(): void {
+    const w = [...this.waiters];
+    this.waiters.clear();
+    for (const f of w) f();
+  }
+
+  /** Writes `acks/<host>` once at a time, always the newest applied catalog revision. */
+  private scheduleAck(): void {
+    if (this.acking || this.stopped || this.appliedCatalog <= this.ackedCatalog) return;
+    this.acking = true;
+    const rev = this.appliedCatalog;
+    this.store
+      .put(ACKS + this.host, String(rev), { lease: this.lease })
+      .then(
+        () => {
+          this.ackedCatalog = Math.max(this.ackedCatalog, rev);
+        },
+        (e) => {
+          if (!this.stopped) this.opts.log(`cluster: ack ${rev} failed: ${(e as Error).message}`);
+        },
+      )
+      .finally(() => {
+        this.acking = false;
+        if (this.appliedCatalog > this.ackedCatalog && !this.stopped) {
+          setTimeout(() => this.scheduleAck(), this.healthy ? 0 : 200);
+        }
+      });
+  }
+
+  /** Resolves when `pred` holds, re-checked after each applied event; false on timeout. */
+  async waitUntil(pred: () => boolean, timeoutMs: number): Promise<boolean> {
+    const deadline = performance.now() + timeoutMs;
+    while (!pred()) {
+      const left = deadline - performance.now();
+      if (left <= 0 || this.stopped) return false;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, Math.min(left, 250));
+        this.waiters.add(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+    return true;
+  }
+
+  // ---- queries ----
+
+  member(host: string): MemberInfo | undefined {
+    const kv = this.kvs.get(MEMBERS + host);
+    return kv ? parse<MemberInfo>(kv.value) : undefined;
+  }
+
+  alive(host: string): boolean {
+    return this.kvs.has(MEMBERS + host);
+  }
+
+  ackOf(host: string): number {
+    const kv = this.kvs.get(ACKS + host);
+    return kv ? Number(kv.value) || 0 : 0;
+  }
+
+  members(): MemberView[] {
+    const out = new Map<string, MemberView>();
+    for (const kv of this.snapshot(HOSTS)) {
+      const h = parse<HostRecord>(kv.value);
+      if (!h || typeof h.host !== 'string') continue;
+      out.set(h.host, {
+        ...(h.info ?? {}),
+        host: h.host,
+        state: h.state === 'left' ? 'left' : 'expired',
+        since: h.since,
+      });
+    }
+    for (const kv of this.snapshot(MEMBERS)) {
+      const m = parse<MemberInfo>(kv.value);
+      if (!m || typeof m.host !== 'string') continue;
+      out.set(m.host, {
+        ...m,
+        state: 'alive',
+        applied: this.ackOf(m.host),
+        since: out.get(m.host)?.since ?? m.startedAt,
+      });
+    }
+    return [...out.values()].sort((a, b) => (a.host < b.host ? -1 : 1));
+  }
+
+  /** Alive hosts that declare every pool (shared, same path) in `pools`. */
+  hostsWithSharedPools(extents: { pool: string; file: string }[]): string[] {
+    const out: string[] = [];
+    for (const kv of this.snapshot(MEMBERS)) {
+      const m = parse<MemberInfo>(kv.value);
+      if (!m || !Array.isArray(m.pools)) continue;
+      const ok = extents.every((e) =>
+        m.pools.some(
+          (p) =>
+            p.name === e.pool && p.shared && e.file.startsWith(`${p.path.replace(/\/$/, '')}/`),
+        ),
+      );
+      if (ok) out.push(m.host);
+    }
+    return out;
+  }
+
+  /**
+   * Waits until every host in `hosts` but this one has applied `revision`, or
+   * is no longer a member (its lease ended: it has fenced itself and serves
+   * nothing). Says whom it waited for and how each was settled.
+   */
+  async settle(
+    revision: number,
+    hosts: string[],
+  ): Promise<{ waitedMs: number; hosts: { host: string; how: 'self' | 'acked' | 'expired' }[] }> {
+    const t0 = performance.now();
+    const how = new Map<string, 'self' | 'acked' | 'expired'>();
+    const pending = () => {
+      const left: string[] = [];
+      for (const h of hosts) {
+        if (how.has(h)) continue;
+        if (h === this.host) how.set(h, 'self');
+        else if (!this.alive(h)) how.set(h, 'expired');
+        else if (this.ackOf(h) >= revision) how.set(h, 'acked');
+        else left.push(h);
+      }
+      return left;
+    };
+    // A member that cannot apply loses its lease within the TTL; one that keeps its
+    // lease but is slow (a loaded host) is waited for, up to a bound.
+    const boundMs = Math.max(15_000, this.opts.config.leaseTtl * 3000);
+    if (!(await this.waitUntil(() => pending().length === 0, boundMs))) {
+      throw new BallastError(
+        'BALLAST_CLUSTER_NOT_APPLIED',
+        `the change (revision ${revision}) is committed, but host(s) ${pending().join(', ')} have not applied it yet`,
+      );
+    }
+    return {
+      waitedMs: Math.round(performance.now() - t0),
+      hosts: [...how].map(([host, h]) => ({ host, how: h })),
+    };
+  }
+
+  /** Which hosts have applied `revision` (for `ballast pr show`). */
+  appliedBy(revision: number): { host: string; applied: boolean; revision: number }[] {
+    return this.members()
+      .filter((m) => m.state === 'alive')
+      .map((m) => ({
+        host: m.host,
+        applied:
+          m.host === this.host ? this.appliedCatalog >= revision : this.ackOf(m.host) >= revision,
+        revision: m.host === this.host ? this.appliedCatalog : this.ackOf(m.host),
+      }));
+  }
+
+  /** Leaves the cluster: marks the host left and revokes the lease (its keys go with it). */
+  async leave(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    clearTimeout(this.keepTimer);
+    this.wake();
+    await this.watcher?.cancel().catch(() => {});
+    if (!this.baseInfo || !this.registered) return;
+    const rec: HostRecord = {
+      host: this.host,
+      state: 'left',
+      since: new Date().toISOString(),
+      info: this.info(),
+    };
+    try {
+      await this.store.put(HOSTS + this.host, JSON.stringify(rec));
+      await this.store.revokeLease(this.lease);
+    } catch (e) {
+      this.opts.log(
+        `cluster: leaving cleanly failed (${(e as Error).message}); the lease will expire`,
+      );
+    }
+  }
+
+  /** For `ballast cluster status`. */
+  summary(): Record<string, unknown> {
+    const members = this.members();
+    const count = (s: MemberState) => members.filter((m) => m.state === s).length;
+    return {
+      name: this.opts.config.name,
+      host: this.host,
+      prefix: this.opts.config.prefix,
+      endpoints: this.opts.config.etcd,
+      leaseTtl: this.opts.config.leaseTtl,
+      lease: this.lease,
+      healthy: this.healthy,
+      stale: this.staleness(),
+      revision: this.revision,
+      storeRevision: this.storeRevision,
+      watchLag: Math.max(0, this.storeRevision - this.revision),
+      applied: this.appliedCatalog,
+      members: { alive: count('alive'), expired: count('expired'), left: count('left') },
+      keepaliveFailures: this.stats.keepaliveFailures,
+      reRegistrations: this.stats.reRegistrations,
+      relists: this.stats.relists,
+      foreignKeys: [...this.garbage].slice(0, 20),
+      foreignKeyCount: this.garbage.size,
+    };
+  }
+}
+
+/** This machine's name, recorded in the member record (several hosts may share a machine in tests). */
+export function machineName(): string {
+  return hostname();
+}

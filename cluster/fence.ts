@@ -1,0 +1,144 @@
+// Self-fencing: an agent that cannot prove its membership lease is still alive
+// stops all I/O to shared devices before etcd can expire that lease and let
+// another host take the device over.
+//
+// The deadline is the send time of the last keepalive etcd acknowledged, plus
+// the TTL, minus a margin, on the monotonic clock: etcd restarted the lease's
+// TTL no earlier than we sent that keepalive, so its expiry cannot come before
+// our deadline + margin. (A leader change in etcd only extends TTLs.) The gate
+// is asked on every request, from the clock, so an agent frozen by SIGSTOP and
+// continued serves nothing before it has noticed: no timer has to run first.
+//
+// While fenced, requests are held (a bounded time, like multipath's
+// no_path_retry) and then failed with EIO, never written. The fence opens again
+// once a keepalive is acknowledged and, if the lease was lost meanwhile, the
+// agent's cache has caught up with everything that happened while it was away
+// (reservations changed by other hosts are applied before anyone is served).
+
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
+
+export interface FenceSource {
+  /** performance.now() before which etcd cannot have expired the lease. */
+  leaseValidUntil(): number;
+  /** Whether the agent may serve again after a fence (lease renewed, caught up). */
+  canServe(): boolean;
+}
+
+export interface FenceOptions {
+  /** Subtracted from the lease deadline: time for a checked write to reach the file. */
+  marginMs: number;
+  /** How long requests are held once fenced before they fail with EIO. */
+  holdMs: number;
+  log: (msg: string) => void;
+  /** A Linux watchdog device petted only while the lease is valid (see docs). */
+  watchdog?: string;
+  /** Told when the agent fences itself, and when it serves again. */
+  onChange?: (fenced: boolean, heldMs?: number) => void;
+}
+
+export class Fence {
+  private fencedAt: number | null = null;
+  private readonly wakers = new Set<() => void>();
+  private failTimer: NodeJS.Timeout | undefined;
+  private petTimer: NodeJS.Timeout | undefined;
+  private watchdogFd = -1;
+  /** Times the agent fenced itself, requests held now (connections), for metrics. */
+  fences = 0;
+  closed = false;
+
+  constructor(
+    private readonly src: FenceSource,
+    private readonly opts: FenceOptions,
+  ) {
+    if (opts.watchdog) {
+      this.watchdogFd = openSync(opts.watchdog, 'w');
+      this.petTimer = setInterval(() => this.pet(), 1000);
+      this.petTimer.unref();
+    }
+  }
+
+  /** The monotonic deadline after which this agent serves nothing shared. */
+  deadline(): number {
+    return this.src.leaseValidUntil() - this.opts.marginMs;
+  }
+
+  /** Whether I/O to shared devices is stopped now. */
+  fenced(): boolean {
+    this.gate();
+    return this.fencedAt !== null;
+  }
+
+  /** Connections held now (waiting for the fence to open). */
+  held(): number {
+    return this.wakers.size;
+  }
+
+  /** The data path's question, per request. */
+  gate(): 'open' | 'hold' | 'fail' {
+    const now = performance.now();
+    if (this.fencedAt === null) {
+      if (now < this.deadline() && !this.closed) return 'open';
+      this.fencedAt = now;
+      this.fences++;
+      this.opts.log(
+        `cluster: fenced: the membership lease could not be renewed in time; I/O to shared devices is held for ${this.opts.holdMs} ms, then fails with EIO`,
+      );
+      this.opts.onChange?.(true);
+      clearTimeout(this.failTimer);
+      this.failTimer = setTimeout(() => this.wakeAll(), this.opts.holdMs + 1);
+      this.failTimer.unref();
+    }
+    return now - this.fencedAt >= this.opts.holdMs ? 'fail' : 'hold';
+  }
+
+  onOpen(wake: () => void): void {
+    this.wakers.add(wake);
+  }
+
+  /** Asked after each acknowledged keepalive and each applied batch of changes. */
+  check(): void {
+    if (this.fencedAt === null || this.closed) return;
+    if (performance.now() < this.deadline() && this.src.canServe()) {
+      const ms = Math.round(performance.now() - this.fencedAt);
+      this.fencedAt = null;
+      clearTimeout(this.failTimer);
+      this.opts.log(`cluster: unfenced after ${ms} ms: lease renewed and state caught up`);
+      this.opts.onChange?.(false, ms);
+      this.wakeAll();
+    }
+  }
+
+  private wakeAll(): void {
+    const w = [...this.wakers];
+    this.wakers.clear();
+    for (const f of w) f();
+  }
+
+  /** Pets the watchdog only while the lease is surely alive: a hung agent gets its host reset. */
+  private pet(): void {
+    if (this.watchdogFd < 0 || this.closed) return;
+    if (performance.now() < this.deadline()) {
+      try {
+        writeSync(this.watchdogFd, '1');
+      } catch (e) {
+        this.opts.log(`cluster: watchdog: ${(e as Error).message}`);
+      }
+    }
+  }
+
+  /** Stops fencing decisions (agent shutdown); disarms the watchdog with its magic close. */
+  close(): void {
+    this.closed = true;
+    clearTimeout(this.failTimer);
+    clearInterval(this.petTimer);
+    if (this.watchdogFd >= 0) {
+      try {
+        writeSync(this.watchdogFd, 'V');
+        closeSync(this.watchdogFd);
+      } catch {}
+      this.watchdogFd = -1;
+    }
+    this.wakeAll();
+  }
+}

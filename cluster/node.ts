@@ -1,0 +1,73 @@
+// What an agent does to be one host of a cluster: open the etcd store, list
+// the catalog, let the device manager ask the cluster who serves what, and
+// feed it the changes other hosts make.
+
+import { BallastError } from '../agent/errors.js';
+import type { Store, WatchEvent } from '../agent/store/store.js';
+import { Cluster, type MemberInfo } from './cluster.js';
+import type { ClusterConfig } from './config.js';
+import { EtcdStore } from './etcd-store.js';
+
+/** Exit code of `ballast agent` when etcd cannot be reached at start (docs/errors.md). */
+export const EXIT_CLUSTER_UNREACHABLE = 3;
+
+/** Connects to etcd and checks that it answers; a clear error naming the endpoints otherwise. */
+export async function openClusterStore(
+  config: ClusterConfig,
+  onRoundTrip?: (op: string, seconds: number) => void,
+): Promise<EtcdStore> {
+  let store: EtcdStore | undefined;
+  try {
+    store = await EtcdStore.connect({
+      endpoints: config.etcd,
+      prefix: config.prefix,
+      ca: config.ca,
+      cert: config.cert,
+      key: config.key,
+      timeoutMs: config.timeoutMs,
+      onRoundTrip,
+    });
+    await store.revision();
+    return store;
+  } catch (e) {
+    await store?.close().catch(() => {});
+    const err = new BallastError(
+      'BALLAST_CLUSTER_UNREACHABLE',
+      `cannot reach etcd at ${config.etcd.join(', ')}: ${(e as Error).message}`,
+      { cause: e },
+    );
+    Object.assign(err, { exitCode: EXIT_CLUSTER_UNREACHABLE });
+    throw err;
+  }
+}
+
+/** A record as the device manager keeps it (the fields the cluster needs). */
+interface Placed {
+  host?: string | null;
+  extents: { pool: string; file: string }[];
+}
+
+/** Who serves a device: its owner, or every alive host that has all its (shared) pools. */
+export function servingHosts(cluster: Cluster, rec: Placed): string[] {
+  if (rec.host) return cluster.alive(rec.host) ? [rec.host] : [];
+  return cluster.hostsWithSharedPools(rec.extents);
+}
+
+export interface CatalogSinks {
+  device(name: string, ev: WatchEvent): Promise<void>;
+  reservation?(device: string, kind: 'pr' | 'acl', ev: WatchEvent): Promise<void>;
+}
+
+/** Routes catalog events to the managers that keep them. */
+export function catalogApplier(sinks: CatalogSinks): (ev: WatchEvent) => Promise<void> {
+  return async (ev) => {
+    const key = ev.kv.key;
+    if (key.startsWith('devices/')) await sinks.device(key.slice('devices/'.length), ev);
+    else if (key.startsWith('pr/')) await sinks.reservation?.(key.slice('pr/'.length), 'pr', ev);
+    else if (key.startsWith('acl/')) {
+      await sinks.reservation?.(key.slice('acl/'.length), 'acl', ev);
+    }
+  };
+}
+
+export { Cluster, type MemberInfo, type Store };

@@ -1,0 +1,396 @@
+// Several agents, one catalog in a real 3-member etcd on loopback: each agent a
+// "host" of its own (data dir, sockets, ports), one shared pool directory all of
+// them declare. Real NBD clients (qemu-io, nbdinfo) judge the data path.
+
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { FaultProxy } from '../../cluster/fault-proxy.js';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
+import { idKey, Receiver } from '../helpers/receiver.js';
+import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
+import { describeWithTools, run } from '../helpers/tools.js';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface Dev {
+  name: string;
+  state: string;
+  size: number;
+  hosts?: string[];
+}
+
+async function qemuIo(uri: string, ...cmds: string[]) {
+  return run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
+}
+
+async function devices(a: AgentHandle): Promise<{ devices: Dev[]; stale?: unknown }> {
+  const r = await a.api('GET', '/v1/devices');
+  expect(r.status).toBe(200);
+  return r.body as unknown as { devices: Dev[]; stale?: unknown };
+}
+
+async function until(what: string, pred: () => Promise<boolean>, ms = 15_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on one etcd', () => {
+  let etcd: EtcdCluster;
+  let shared: string;
+  const started: AgentHandle[] = [];
+
+  beforeAll(async () => {
+    etcd = await startEtcdCluster({ size: 3 });
+    shared = makeTempDir('ballast-shared-');
+  }, 60_000);
+  afterAll(async () => {
+    await Promise.all(started.map((a) => a.kill9().catch(() => {})));
+    await etcd?.stop();
+  });
+
+  /** A fresh cluster name per test: one etcd, many clusters. */
+  function clusterName(): string {
+    return `t${randomBytes(4).toString('hex')}`;
+  }
+
+  async function agent(
+    cluster: string,
+    host: string,
+    extra: { endpoints?: string[]; leaseTtl?: number; pool?: string } = {},
+  ): Promise<AgentHandle> {
+    const a = await startAgent({
+      pools: [
+        { name: 'shared', path: extra.pool ?? path.join(shared, cluster), shared: true },
+        { name: 'local' },
+      ],
+      cluster: {
+        name: cluster,
+        etcd: extra.endpoints ?? etcd.endpoints,
+        host,
+        leaseTtl: extra.leaseTtl ?? 2,
+      },
+    });
+    started.push(a);
+    return a;
+  }
+
+  it('a device created on A is listed by B and C; written through C, read back through A', async () => {
+    const name = clusterName();
+    const [a, b, c] = await Promise.all([agent(name, 'a'), agent(name, 'b'), agent(name, 'c')]);
+    const r = await a.cli('device', 'create', 'swap1', '--size', '16M', '--pool', 'shared');
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    for (const x of [b, c]) {
+      const d = (await devices(x)).devices.find((v) => v.name === 'swap1');
+      expect(d).toMatchObject({ state: 'ready', size: 16 * 2 ** 20 });
+      expect(d?.hosts).toEqual(['a', 'b', 'c']);
+    }
+    const ls = await b.cli('device', 'ls');
+    expect(ls.stdout).toMatch(/swap1\s+16 MiB\s+data\s+-\s+shared\s+ready\s+0\s+\S+.*\s+a,b,c/);
+
+    const uriC = (await c.cli('attach', 'swap1', '--format', 'uri')).stdout.trim();
+    expect(uriC).toBe(c.uri('swap1'));
+    const w = await qemuIo(uriC, 'write -P 0x5a 0 1M', 'write -P 0xc3 15M 1M');
+    expect(w.code, w.stderr).toBe(0);
+    const rd = await qemuIo(a.uri('swap1'), 'read -P 0x5a 0 1M', 'read -P 0xc3 15M 1M');
+    expect(rd.code, rd.stderr + rd.stdout).toBe(0);
+    expect(rd.stdout).not.toMatch(/Pattern verification failed/);
+
+    // attach for a guest on another host: that host's socket
+    const forB = await a.cli('attach', 'swap1', '--format', 'uri', '--host', 'b');
+    expect(forB.stdout.trim()).toBe(b.uri('swap1'));
+
+    // a host-local device belongs to its host: listed everywhere, changed only there
+    expect((await b.cli('device', 'create', 'bonly', '--size', '1M', '--pool', 'local')).code).toBe(
+      0,
+    );
+    await until('a lists bonly', async () =>
+      (await devices(a)).devices.some((d) => d.name === 'bonly' && d.state === 'remote'),
+    );
+    const rm = await a.cli('device', 'rm', 'bonly', '--json');
+    expect(rm.code).not.toBe(0);
+    expect(rm.stdout).toMatch(/BALLAST_DEVICE_REMOTE/);
+    expect(rm.stdout).toMatch(/host b/);
+
+    // a resize is seen by every serving agent before the command returns
+    expect((await a.cli('device', 'resize', 'swap1', '--size', '32M')).code).toBe(0);
+    for (const x of [b, c]) {
+      const info = await run('nbdinfo', ['--size', x.uri('swap1')]);
+      expect(info.stdout.trim()).toBe(String(32 * 2 ** 20));
+    }
+    // and a delete everywhere
+    expect((await c.cli('device', 'rm', 'swap1')).code).toBe(0);
+    for (const x of [a, b]) {
+      expect((await devices(x)).devices.map((d) => d.name)).not.toContain('swap1');
+    }
+    const status = await a.cli('cluster', 'status');
+    expect(status.code, status.stderr).toBe(0);
+    expect(status.stdout).toMatch(/members:\s+3 alive/);
+    await Promise.all([a.stop(), b.stop(), c.stop()]);
+  });
+
+  it('two agents racing to create the same 100 names: each name exists once', async () => {
+    const name = clusterName();
+    const [a, b, c] = await Promise.all([agent(name, 'a'), agent(name, 'b'), agent(name, 'c')]);
+    const names = Array.from({ length: 100 }, (_, i) => `r${i}`);
+    const create = async (x: AgentHandle, n: string) =>
+      (await x.api('POST', '/v1/devices', { name: n, size: '1M', pool: 'shared' })).status;
+    const results = await Promise.all(
+      names.flatMap((n) => [create(a, n), create(b, n)]).map((p) => p),
+    );
+    for (let i = 0; i < names.length; i++) {
+      const pair = [results[2 * i], results[2 * i + 1]].sort();
+      expect(pair, names[i]).toEqual([201, 409]);
+    }
+    const listed = (await devices(c)).devices.map((d) => d.name).sort();
+    expect(listed).toEqual([...names].sort());
+    // exactly one file per device on the shared storage
+    expect(readdirSync(path.join(shared, name)).filter((f) => f.endsWith('.img'))).toHaveLength(
+      100,
+    );
+    await Promise.all([a.stop(), b.stop(), c.stop()]);
+  });
+
+  it('members: a kill -9 expires within the TTL, a clean stop leaves; one host name, one agent', async () => {
+    const name = clusterName();
+    const [a, b] = await Promise.all([agent(name, 'a'), agent(name, 'b')]);
+    await expect(agent(name, 'b')).rejects.toThrow(/BALLAST_CLUSTER_HOST_TAKEN/);
+    const killedAt = Date.now();
+    await b.kill9();
+    await until('b expired', async () => {
+      const m = (await a.api('GET', '/v1/cluster/members')).body as {
+        members: { host: string; state: string }[];
+      };
+      return m.members.find((x) => x.host === 'b')?.state === 'expired';
+    });
+    // TTL 2 s; etcd checks expiry about every 500 ms
+    expect(Date.now() - killedAt).toBeLessThan(2000 + 2500);
+    // the same host restarted on its data dir comes back at once
+    await b.start();
+    const c = await agent(name, 'c');
+    await c.stop();
+    const m = await a.cli('cluster', 'members', '--json');
+    const states = Object.fromEntries(
+      (JSON.parse(m.stdout) as { members: { host: string; state: string }[] }).members.map((x) => [
+        x.host,
+        x.state,
+      ]),
+    );
+    expect(states).toEqual({ a: 'alive', b: 'alive', c: 'left' });
+    await Promise.all([a.stop(), b.stop()]);
+  });
+
+  it('partitioned from etcd: reads from the cache marked stale, mutations fail fast; heal converges', async () => {
+    const name = clusterName();
+    const proxies = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
+    try {
+      const a = await agent(name, 'a', { endpoints: proxies.map((p) => p.url) });
+      const [b, c] = await Promise.all([agent(name, 'b'), agent(name, 'c')]);
+      expect(
+        (await a.cli('device', 'create', 'before', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
+      for (const p of proxies) p.partition();
+      await until('a cut off', async () => (await devices(a)).stale !== undefined, 10_000);
+      const ls = await a.cli('device', 'ls');
+      expect(ls.code).toBe(0);
+      expect(ls.stderr).toMatch(/stale/);
+      expect(ls.stdout).toMatch(/before/);
+      const t0 = Date.now();
+      const r = await a.cli('device', 'create', 'during-a', '--size', '1M', '--json');
+      expect(Date.now() - t0).toBeLessThan(1000);
+      expect(r.stdout).toMatch(/STORE_UNAVAILABLE/);
+      await until('b sees a expire', async () => {
+        const m = (await b.api('GET', '/v1/cluster/members')).body as {
+          members: { host: string; state: string }[];
+        };
+        return m.members.find((x) => x.host === 'a')?.state === 'expired';
+      });
+      expect(
+        (await b.cli('device', 'create', 'during-b', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
+      for (const p of proxies) p.heal();
+      await until(
+        'a converged',
+        async () => {
+          const d = await devices(a);
+          return d.stale === undefined && d.devices.some((x) => x.name === 'during-b');
+        },
+        20_000,
+      );
+      const names = (await devices(a)).devices.map((d) => d.name).sort();
+      expect(names).toEqual(['before', 'during-b']);
+      await until('c sees a alive', async () => {
+        const m = (await c.api('GET', '/v1/cluster/members')).body as {
+          members: { host: string; state: string }[];
+        };
+        return m.members.find((x) => x.host === 'a')?.state === 'alive';
+      });
+      expect(
+        (await a.cli('device', 'create', 'after', '--size', '1M', '--pool', 'shared')).code,
+      ).toBe(0);
+      await Promise.all([a.stop(), b.stop(), c.stop()]);
+    } finally {
+      for (const p of proxies) await p.close();
+    }
+  });
+
+  it('etcd leader killed during a burst of creates: what succeeded exists, what failed left nothing', async () => {
+    const name = clusterName();
+    const a = await agent(name, 'a', { leaseTtl: 5 });
+    const outcomes: { name: string; status: number }[] = [];
+    const burst = (async () => {
+      for (let i = 0; i < 60; i++) {
+        const n = `b${i}`;
+        const r = await a.api('POST', '/v1/devices', { name: n, size: '1M', pool: 'shared' });
+        outcomes.push({ name: n, status: r.status });
+      }
+    })();
+    await sleep(300);
+    const leader = await etcd.leader();
+    await etcd.kill(leader, 'SIGKILL');
+    await burst;
+    await etcd.restart(leader);
+    await until('a healthy', async () => (await devices(a)).stale === undefined);
+    const listed = new Map((await devices(a)).devices.map((d) => [d.name, d.state]));
+    const files = readdirSync(path.join(shared, name)).filter((f) => f.endsWith('.img'));
+    for (const o of outcomes) {
+      if (o.status === 201) expect(listed.get(o.name), o.name).toBe('ready');
+      else {
+        expect(listed.has(o.name), `${o.name} failed with ${o.status} but exists`).toBe(false);
+        expect(files.some((f) => f.startsWith(`${o.name}.`))).toBe(false);
+      }
+    }
+    expect(outcomes.filter((o) => o.status === 201).length).toBeGreaterThan(0);
+    expect(files).toHaveLength(listed.size);
+    await a.stop();
+  });
+
+  it('notifications across hosts: changes on A and B reach a recipient registered on C; its deliverer dies, another takes over', async () => {
+    const name = clusterName();
+    const [a, b, c] = await Promise.all([agent(name, 'a'), agent(name, 'b'), agent(name, 'c')]);
+    const rx = new Receiver();
+    await rx.start();
+    const add = await c.cli(
+      'notify',
+      'add',
+      'ops',
+      '--url',
+      rx.url,
+      '--types',
+      'device.*,member.*',
+    );
+    expect(add.code, add.stderr).toBe(0);
+    // `ballast events --follow` on B sees what A does
+    const follow = spawn(
+      process.execPath,
+      [BALLAST_BIN, 'events', '--follow', '--json', '--types', 'device.created'],
+      {
+        env: { ...process.env, BALLAST_AGENT: `unix:${b.apiSocket}` },
+      },
+    );
+    let streamed = '';
+    follow.stdout.on('data', (d: Buffer) => {
+      streamed += d.toString();
+    });
+    await sleep(300);
+    expect(
+      (await a.cli('device', 'create', 'from-a', '--size', '1M', '--pool', 'shared')).code,
+    ).toBe(0);
+    expect(
+      (await b.cli('device', 'create', 'from-b', '--size', '1M', '--pool', 'shared')).code,
+    ).toBe(0);
+    await until(
+      'C delivered both',
+      async () => rx.got.filter((g) => g.type === 'io.ballast.device.created').length >= 2,
+    );
+    await until('the stream on B saw A', async () => streamed.includes('from-a'));
+    follow.kill('SIGINT');
+    const ls = JSON.parse((await c.cli('notify', 'ls', '--json')).stdout) as {
+      recipients: { deliveredBy: string }[];
+    };
+    const by = ls.recipients[0]!.deliveredBy;
+    const victim = { a, b, c }[by as 'a' | 'b' | 'c'];
+    const survivor = [a, b, c].find((x) => x !== victim)!;
+    await victim.kill9();
+    expect(
+      (await survivor.cli('device', 'create', 'after-kill', '--size', '1M', '--pool', 'shared'))
+        .code,
+    ).toBe(0);
+    await until('another agent delivered after the kill', async () =>
+      rx.got.some((g) => g.subject === 'after-kill'),
+    );
+    await until('the expiry of the dead deliverer', async () =>
+      rx.got.some((g) => g.type === 'io.ballast.member.expired' && g.subject === by),
+    );
+    const kinds = rx.ids().map((id) => rx.got.find((g) => g.id === id)!.type);
+    expect(kinds.filter((k) => k === 'io.ballast.device.created')).toHaveLength(3);
+    const keys = rx.ids().map(idKey);
+    expect([...keys].sort((x, y) => x - y)).toEqual(keys);
+    for (const x of [a, b, c]) if (x !== victim) await x.stop();
+    await rx.stop();
+  });
+
+  it('bad input: unreachable etcd (exit 3), garbage under the prefix, a local store not joined', async () => {
+    const dead = makeTempDir('ballast-dead-');
+    await expect(
+      startAgent({
+        dir: dead,
+        pools: [{ name: 'default' }],
+        cluster: { etcd: ['http://127.0.0.1:9'], host: 'x', timeout: 500 },
+      }),
+    ).rejects.toThrow(/exited \(3\)[\s\S]*BALLAST_CLUSTER_UNREACHABLE[\s\S]*127\.0\.0\.1:9/);
+
+    const name = clusterName();
+    const put = await run('etcdctl', [
+      `--endpoints=${etcd.endpoints.join(',')}`,
+      'put',
+      `/ballast/${name}/devices/junk`,
+      '{not json',
+    ]);
+    expect(put.code, put.stderr).toBe(0);
+    await run('etcdctl', [`--endpoints=${etcd.endpoints[0]}`, 'put', `/ballast/${name}/zzz`, 'x']);
+    const a = await agent(name, 'a');
+    const st = (await a.api('GET', '/v1/status')).body as {
+      problems: { device?: string }[];
+      cluster: { foreignKeyCount: number };
+    };
+    expect(st.problems.some((p) => p.device === 'junk')).toBe(true);
+    expect(st.cluster.foreignKeyCount).toBe(1);
+    expect((await a.cli('device', 'create', 'ok', '--size', '1M', '--pool', 'shared')).code).toBe(
+      0,
+    );
+    await a.stop();
+
+    // a host that ran alone: its devices are imported by join, never silently dropped
+    const solo = await startAgent({ pools: [{ name: 'default' }] });
+    started.push(solo);
+    expect((await solo.cli('device', 'create', 'mine', '--size', '2M')).code).toBe(0);
+    expect((await solo.cli('device', 'create', 'ok', '--size', '2M')).code).toBe(0);
+    await solo.stop();
+    const cfg = { etcd: etcd.endpoints, host: 'solo', name, leaseTtl: 2 };
+    await expect(
+      startAgent({ dir: solo.dir, pools: [{ name: 'default' }], cluster: cfg }),
+    ).rejects.toThrow(/BALLAST_CLUSTER_JOIN_NEEDED/);
+    const clash = await solo.cli('cluster', 'join', '--config', solo.configFile);
+    expect(clash.code).toBe(5);
+    expect(clash.stderr).toMatch(/BALLAST_DEVICE_EXISTS[\s\S]*ok/);
+    await a.start();
+    expect((await a.cli('device', 'rm', 'ok')).code).toBe(0);
+    const join = await solo.cli('cluster', 'join', '--config', solo.configFile);
+    expect(join.code, join.stderr).toBe(0);
+    expect(join.stdout).toMatch(/imported 2 device\(s\)/);
+    await solo.start();
+    const mine = (await devices(a)).devices.find((d) => d.name === 'mine');
+    expect(mine).toMatchObject({ state: 'remote', hosts: ['solo'] });
+    const w = await qemuIo(solo.uri('mine'), 'write -P 0x11 0 64k');
+    expect(w.code, w.stderr).toBe(0);
+    await Promise.all([a.stop(), solo.stop()]);
+  });
+});
