@@ -9,7 +9,7 @@ import { BallastError } from '../agent/errors.js';
 import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
 import { DEFAULT_LISTEN, type DeviceRef, parseConfig } from '../dumpd/config.js';
 import { kdumpFromElf, writeElfFromStream } from '../dumpd/core.js';
-import { Dumpd } from '../dumpd/daemon.js';
+import { type AgentDeviceRef, Dumpd, type DumpEvent } from '../dumpd/daemon.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
 import type { DumpResult } from '../dumpd/job.js';
@@ -53,6 +53,12 @@ async function agentDeviceUri(agent: string | undefined, device: string, tokenFi
 export async function resolveDevice(ref: DeviceRef): Promise<string> {
   if ('uri' in ref) return ref.uri;
   return agentDeviceUri(ref.agent, ref.device, ref.tokenFile);
+}
+
+/** A dump event to the agent of an agent device: POST /v1/events (recorded for its recipients). */
+export async function postDumpEvent(ref: AgentDeviceRef, ev: DumpEvent): Promise<void> {
+  const c = new Client({ agent: ref.agent, tokenFile: ref.tokenFile });
+  await c.request('POST', '/v1/events', ev);
 }
 
 interface DeviceOpts {
@@ -276,6 +282,7 @@ Config example:
         if (o.listen) cfg.listen = o.listen;
         const d = new Dumpd(cfg, {
           resolveDevice: (ref) => resolveDevice(ref),
+          postEvent: postDumpEvent,
           log: (s) => process.stderr.write(`dumpd: ${s}\n`),
         });
         const addr = await d.start();

@@ -40,7 +40,47 @@ import { type QmpEvent, QmpMonitor } from './qmp.js';
 export interface DumpdDeps {
   /** Turns a device reference into an NBD URI (agent devices need the agent's API). */
   resolveDevice(ref: DeviceRef, guest: string): Promise<string>;
+  /**
+   * Posts a dump.completed or dump.failed event to the agent that holds an agent
+   * device (POST /v1/events), so that its notification recipients learn of the dump.
+   * Best effort: a rejection is logged, the dump is unaffected.
+   */
+  postEvent?(ref: AgentDeviceRef, event: DumpEvent): Promise<void>;
   log?(line: string): void;
+}
+
+/** A dump device named on an agent (rather than by an NBD URI). */
+export type AgentDeviceRef = Exclude<DeviceRef, { uri: string }>;
+
+/** What dumpd tells an agent about a dump on one of its devices. */
+export interface DumpEvent {
+  kind: 'dump.completed' | 'dump.failed';
+  /** The agent's device. */
+  subject: string;
+  data: Record<string, unknown>;
+}
+
+/** The event for a settled dump. */
+export function dumpEvent(device: string, r: DumpResult): DumpEvent {
+  const e = r.entry;
+  return {
+    kind: r.ok ? 'dump.completed' : 'dump.failed',
+    subject: device,
+    data: {
+      guest: r.guest,
+      device,
+      ...(e ? { id: e.id, format: e.format, state: e.state } : {}),
+      ...(e?.checksum ? { checksum: e.checksum } : {}),
+      bytes: r.bytes,
+      durationMs: r.durationMs,
+      mode: r.mode ?? 'dump-then-reboot',
+      after: r.after,
+      ...(r.fallback ? { fallback: r.fallback } : {}),
+      ...(r.panicAt ? { panicAt: new Date(r.panicAt).toISOString() } : {}),
+      ...(r.runningAt ? { runningAt: new Date(r.runningAt).toISOString() } : {}),
+      ...(r.error ? { error: r.error } : {}),
+    },
+  };
 }
 
 interface GuestState {
@@ -378,7 +418,24 @@ export class Dumpd extends EventEmitter {
       );
       try {
         const n = await dev.recover(Date.now(), st.cfg.name);
-        if (n) this.log(`guest ${st.cfg.name}: ${n} interrupted dump(s) marked failed`);
+        if (n) {
+          this.log(`guest ${st.cfg.name}: ${n} interrupted dump(s) marked failed`);
+          if ('device' in st.cfg.device)
+            this.post(st, {
+              kind: 'dump.failed',
+              subject: st.cfg.device.device,
+              data: {
+                guest: st.cfg.name,
+                device: st.cfg.device.device,
+                mode: 'early-reboot',
+                interrupted: n,
+                error: {
+                  code: 'DUMP_INTERRUPTED',
+                  message: 'dumpd stopped while the dump streamed',
+                },
+              },
+            });
+        }
       } finally {
         await dev.close();
       }
@@ -393,6 +450,19 @@ export class Dumpd extends EventEmitter {
         `guest ${st.cfg.name}: cleanup after an interrupted stream: ${(e as Error).message}`,
       );
     }
+  }
+
+  /** Tells the agent of an agent device about a dump; best effort (logged, never thrown). */
+  private post(st: GuestState, ev: DumpEvent): void {
+    const ref = st.cfg.device;
+    if ('uri' in ref || !this.deps.postEvent) return;
+    void this.deps.postEvent(ref, ev).then(
+      () => this.log(`guest ${st.cfg.name}: ${ev.kind} posted to the agent of ${ref.device}`),
+      (e: unknown) =>
+        this.log(
+          `guest ${st.cfg.name}: warning: ${ev.kind} not posted to the agent of ${ref.device}: ${(e as Error).message}`,
+        ),
+    );
   }
 
   private onPanic(st: GuestState, ev: QmpEvent): void {
@@ -596,6 +666,7 @@ export class Dumpd extends EventEmitter {
         `guest ${name}: dump ${r.ok ? `${r.entry?.id} complete` : `failed: ${r.error?.code} ${r.error?.message}`}, ${r.bytes} bytes in ${r.durationMs} ms (${how}${r.fallback ? `, fell back: ${r.fallback}` : ''}); after: ${r.after}${r.afterError ? ` (failed: ${r.afterError.message})` : ''}${timeline}`,
       );
       this.emit('dump', r);
+      this.post(st, dumpEvent('device' in st.cfg.device ? st.cfg.device.device : '', r));
       return r;
     } finally {
       st.running = null;
