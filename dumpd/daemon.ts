@@ -32,7 +32,12 @@ import {
   watchedGuest,
 } from './config.js';
 import { DumpDevice } from './device.js';
-import { runEarlyReboot } from './early.js';
+import {
+  QEMU_DEFAULT_BANDWIDTH,
+  runEarlyReboot,
+  SNAPSHOT_BANDWIDTH,
+  setMaxBandwidth,
+} from './early.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
 import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
@@ -411,6 +416,14 @@ export class Dumpd extends EventEmitter {
         { capabilities: [{ capability: 'background-snapshot', state: false }] },
         t,
       );
+      // The stream's lifted bandwidth cap: QEMU's default again (the old one is not known).
+      const p = await c.execute<{ 'max-bandwidth'?: number }>(
+        'query-migrate-parameters',
+        undefined,
+        t,
+      );
+      if (p['max-bandwidth'] === SNAPSHOT_BANDWIDTH)
+        await setMaxBandwidth(c, QEMU_DEFAULT_BANDWIDTH);
       this.log(`guest ${st.cfg.name}: an early-reboot stream was interrupted (dumpd restarted)`);
       const dev = await DumpDevice.open(
         await this.deps.resolveDevice(st.cfg.device, st.cfg.name),

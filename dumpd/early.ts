@@ -73,6 +73,25 @@ async function setSnapshotCap(qmp: QmpClient, on: boolean): Promise<void> {
   );
 }
 
+/**
+ * QEMU caps a migration, the snapshot's stream included, at `max-bandwidth` (128 MiB/s
+ * by default): lifted for the snapshot, to this value, and restored after. A dumpd that
+ * died mid-stream recognises the value (daemon.ts) and sets QEMU's default again.
+ */
+export const SNAPSHOT_BANDWIDTH = 2 ** 50;
+export const QEMU_DEFAULT_BANDWIDTH = 128 * 1024 * 1024;
+
+async function maxBandwidth(qmp: QmpClient): Promise<number | undefined> {
+  const p = await qmp
+    .execute<{ 'max-bandwidth'?: number }>('query-migrate-parameters', undefined, T)
+    .catch(() => ({}) as { 'max-bandwidth'?: number });
+  return p['max-bandwidth'];
+}
+
+export async function setMaxBandwidth(qmp: QmpClient, bytesPerSecond: number): Promise<void> {
+  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bytesPerSecond }, T);
+}
+
 /** Why QEMU refused, without the command's name in front. */
 const why = (e: unknown) => String((e as Error).message ?? e).replace(/^[a-z-]+: /, '');
 
@@ -278,7 +297,15 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
   let runningAt = 0;
   let failure: unknown = null;
   let afterError: { code: string; message: string } | undefined;
-  const capOff = () => setSnapshotCap(o.qmp, false).catch(() => {});
+  let bandwidth: number | undefined;
+  const capOff = async () => {
+    if (bandwidth !== undefined) {
+      const b = bandwidth;
+      bandwidth = undefined;
+      await setMaxBandwidth(o.qmp, b).catch(() => {});
+    }
+    await setSnapshotCap(o.qmp, false).catch(() => {});
+  };
   try {
     try {
       device = await DumpDevice.open(o.uri, o.nbd);
@@ -337,6 +364,11 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
           o.qmp.execute('cont', undefined, T),
           o.qmp.execute('stop', undefined, T),
         ]);
+      const before = await maxBandwidth(o.qmp);
+      if (before !== undefined && before !== SNAPSHOT_BANDWIDTH) {
+        await setMaxBandwidth(o.qmp, SNAPSHOT_BANDWIDTH);
+        bandwidth = before;
+      }
       const fixed = pointInTime(o.qmp, 30_000);
       fixed.catch(() => {});
       await o.qmp.execute('migrate', { uri: `unix:${sockPath}` }, T);

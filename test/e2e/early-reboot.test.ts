@@ -236,7 +236,8 @@ describeWithTools(
         [
           `listen: 127.0.0.1:${port}`,
           `runDir: ${path.join(dir, 'run')}`,
-          `defaults: { format: elf, after: reboot, keep: 5, mode: early-reboot, streamMiBps: ${STREAM_MIBPS} }`,
+          // No loop limit: the guest panics four times within minutes here, on purpose.
+          `defaults: { format: elf, after: reboot, keep: 5, mode: early-reboot, streamMiBps: ${STREAM_MIBPS}, loopLimit: { dumps: 0 } }`,
           'guests:',
           `  - { name: vm1, qmp: ${vmQmp}, agent: "${agentFlag}", agentDevice: er-dump }`,
           `  - { name: fb, qmp: ${path.join(dir, 'fb.qmp')}, agent: "${agentFlag}", agentDevice: fb-dump }`,
@@ -391,6 +392,31 @@ describeWithTools(
           agentFlag,
         ]);
         expect(bad.stderr).toContain('DUMP_NOT_COMPLETE');
+        // The agent's event log: the three dumps completed, the interrupted one failed.
+        for (let i = 0; ; i++) {
+          const ev = await ballast(['events', '--json', '--types', 'dump.*', '--agent', agentFlag]);
+          expect(ev.code, ev.stderr).toBe(0);
+          const evs = ev.stdout
+            .split('\n')
+            .filter(Boolean)
+            .map(
+              (l) =>
+                JSON.parse(l) as { type: string; subject?: string; data: Record<string, unknown> },
+            )
+            .filter((e) => e.subject === 'er-dump');
+          const failed = evs.find((e) => e.type === 'io.ballast.dump.failed');
+          if (failed || i > 50) {
+            expect(
+              evs.filter((e) => e.type === 'io.ballast.dump.completed').map((e) => e.data.id),
+            ).toEqual([1, 2, 3]);
+            expect(failed?.data).toMatchObject({
+              guest: 'vm1',
+              error: { code: 'DUMP_INTERRUPTED' },
+            });
+            break;
+          }
+          await sleep(100);
+        }
         const core = readFileSync(await getCore(1));
         expect(count(core, `BALLAST-MARK-${n1}\n`)).toBeGreaterThanOrEqual(10_000);
         // A later live migration of the guest is not turned into a snapshot.
