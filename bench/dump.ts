@@ -130,6 +130,7 @@ async function main(): Promise<void> {
         log,
         waitFor,
         median,
+        procCpu,
       });
       process.stdout.write(
         `${earlyRebootTable(figs, rounds)}  load average during the run: ${os

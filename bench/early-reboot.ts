@@ -33,6 +33,7 @@ export interface EarlyRebootBenchOptions {
   log: (m: string) => void;
   waitFor: (sock: string) => Promise<void>;
   median: (xs: number[]) => number;
+  procCpu: (pid: number | undefined) => number;
 }
 
 export interface ModeFigures {
@@ -42,6 +43,9 @@ export interface ModeFigures {
   medianDowntimeMs: number;
   medianMiBps: number;
   medianPanicToCompleteMs: number;
+  /** CPU seconds per dump: dumpd (this process), the NBD server, QEMU (all its threads, the guest's too). */
+  cpu: { dumpd: number[]; server: number[]; qemu: number[] };
+  medianCpu: { dumpd: number; server: number; qemu: number };
   bytes: number;
   fallback?: string;
 }
@@ -117,6 +121,8 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
         medianDowntimeMs: 0,
         medianMiBps: 0,
         medianPanicToCompleteMs: 0,
+        cpu: { dumpd: [], server: [], qemu: [] },
+        medianCpu: { dumpd: 0, server: 0, qemu: 0 },
         bytes: 0,
       });
       const dtr = fig();
@@ -129,6 +135,9 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
           await sleep(300);
           await qmp.execute('stop');
           await sleep(o.settle * 1000);
+          const cpu0 = process.cpuUsage();
+          const srv0 = o.procCpu(srv.pid);
+          const qemu0 = o.procCpu(qemu.pid);
           const panicAt = Date.now();
           let res: DumpResult;
           if (which === 'dtr') {
@@ -157,6 +166,10 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
           }
           if (!res.ok) throw new Error(`dump failed: ${res.error?.code} ${res.error?.message}`);
           const f = which === 'dtr' ? dtr : er;
+          const cpu = process.cpuUsage(cpu0);
+          f.cpu.dumpd.push((cpu.user + cpu.system) / 1e6);
+          f.cpu.server.push(o.procCpu(srv.pid) - srv0);
+          f.cpu.qemu.push(o.procCpu(qemu.pid) - qemu0);
           if (res.fallback) f.fallback = res.fallback;
           const completeAt = res.entry?.finishedAt ?? res.settledAt ?? Date.now();
           const down = (res.runningAt ?? completeAt) - panicAt;
@@ -179,6 +192,11 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
         f.medianDowntimeMs = o.median(f.downtimeMs);
         f.medianMiBps = o.median(f.MiBps);
         f.medianPanicToCompleteMs = o.median(f.panicToCompleteMs);
+        f.medianCpu = {
+          dumpd: o.median(f.cpu.dumpd),
+          server: o.median(f.cpu.server),
+          qemu: o.median(f.cpu.qemu),
+        };
       }
       out.push({
         memMiB,
@@ -194,19 +212,22 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
   return out;
 }
 
+const cpuCell = (f: ModeFigures) =>
+  `${f.medianCpu.dumpd.toFixed(2)} / ${f.medianCpu.server.toFixed(2)} / ${f.medianCpu.qemu.toFixed(2)}`;
+
 /** The table BENCHMARKING.md quotes. */
 export function earlyRebootTable(figs: SizeFigures[], rounds: number): string {
   const rows = [
     `early reboot against dump-then-reboot, median of ${rounds} rounds each:`,
-    '| guest RAM | mode | downtime (panic → running) | panic → dump complete | dump throughput | early / dump-then-reboot |',
-    '|---|---|---|---|---|---|',
+    '| guest RAM | mode | downtime (panic → running) | panic → dump complete | dump throughput | early / dump-then-reboot | CPU s per dump (dumpd / server / QEMU) |',
+    '|---|---|---|---|---|---|---|',
   ];
   for (const f of figs) {
     rows.push(
-      `| ${f.memMiB} MiB | dump-then-reboot | ${f.dumpThenReboot.medianDowntimeMs} ms | ${f.dumpThenReboot.medianPanicToCompleteMs} ms | ${f.dumpThenReboot.medianMiBps.toFixed(0)} MiB/s | |`,
+      `| ${f.memMiB} MiB | dump-then-reboot | ${f.dumpThenReboot.medianDowntimeMs} ms | ${f.dumpThenReboot.medianPanicToCompleteMs} ms | ${f.dumpThenReboot.medianMiBps.toFixed(0)} MiB/s | | ${cpuCell(f.dumpThenReboot)} |`,
     );
     rows.push(
-      `| ${f.memMiB} MiB | early-reboot${f.earlyReboot.fallback ? ' (fell back!)' : ''} | ${f.earlyReboot.medianDowntimeMs} ms | ${f.earlyReboot.medianPanicToCompleteMs} ms | ${f.earlyReboot.medianMiBps.toFixed(0)} MiB/s | ${f.throughputRatio.toFixed(2)}× (goal ≥ 0.80) |`,
+      `| ${f.memMiB} MiB | early-reboot${f.earlyReboot.fallback ? ' (fell back!)' : ''} | ${f.earlyReboot.medianDowntimeMs} ms | ${f.earlyReboot.medianPanicToCompleteMs} ms | ${f.earlyReboot.medianMiBps.toFixed(0)} MiB/s | ${f.throughputRatio.toFixed(2)}× (goal ≥ 0.80) | ${cpuCell(f.earlyReboot)} |`,
     );
   }
   return `${rows.join('\n')}\n`;

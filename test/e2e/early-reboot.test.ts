@@ -27,7 +27,7 @@ import { startQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
 
-const SLOW = 420_000;
+const SLOW = 600_000;
 /**
  * Paces the stream so that it outlasts a boot of the guest under TCG here. The boot is
  * paced too (each page it first writes waits for that page's turn in the stream), so
@@ -35,7 +35,9 @@ const SLOW = 420_000;
  * kernel), which makes the stream longer and not the boot.
  */
 const STREAM_MIBPS = 4;
-const FILL_MIB = 96;
+const FILL_MIB = 224;
+/** Room for the kernel besides the 4 MiB markphys region and the fill. */
+const GUEST_MIB = 384;
 
 const ballast = (args: string[], timeoutMs = 180_000) =>
   run(process.execPath, [BALLAST_BIN, ...args], { timeoutMs });
@@ -196,7 +198,7 @@ describeWithTools(
       agent = await startAgent();
       agentFlag = `unix:${agent.apiSocket}`;
       for (const [name, size] of [
-        ['er-dump', '1G'],
+        ['er-dump', '2G'],
         ['fb-dump', '256M'],
       ]) {
         const r = await agent.api('POST', '/v1/devices', { name, size, role: 'dump' });
@@ -208,7 +210,7 @@ describeWithTools(
       testQmp = path.join(dir, 'vm1-test.qmp');
       await startQemu(
         [
-          ...guestArgs(g, consoleSock, 256, { fillMiB: FILL_MIB }),
+          ...guestArgs(g, consoleSock, GUEST_MIB, { fillMiB: FILL_MIB }),
           '-qmp',
           `unix:${testQmp},server=on,wait=off`,
         ],
@@ -258,7 +260,7 @@ describeWithTools(
       async () => {
         await ready(1);
         con.send(`fill ${FILL_MIB}`);
-        await con.waitFor('BALLAST-FILLED', 1, 120_000);
+        await con.waitFor('BALLAST-FILLED', 1, 240_000);
         await mark(n1);
         con.send('panic');
         await waitLog('guest vm1: GUEST_PANICKED');
