@@ -403,13 +403,24 @@ export class Dumpd extends EventEmitter {
       );
       if (!caps.some((x) => x.capability === 'background-snapshot' && x.state)) return;
       if (st.running) return;
-      const m = await c.execute<{ status?: string }>('query-migrate', undefined, t);
-      if (m.status === 'active' || m.status === 'setup')
-        await c.execute('migrate_cancel', undefined, t);
-      for (let i = 0; i < 100; i++) {
+      // The snapshot drains into /dev/null once nobody reads it (early.ts,
+      // snapshotTarget): wait for its end rather than cancel it, which can deadlock QEMU
+      // while the rebooted guest waits for a page.
+      const deadline = Date.now() + this.cfg.dumpTimeoutMs;
+      for (let logged = false; ; ) {
         const q = await c.execute<{ status?: string }>('query-migrate', undefined, t);
         if (q.status !== 'active' && q.status !== 'setup' && q.status !== 'cancelling') break;
-        await new Promise((r) => setTimeout(r, 50));
+        if (Date.now() > deadline) {
+          this.log(
+            `guest ${st.cfg.name}: the interrupted snapshot is still ${q.status}; background-snapshot stays on`,
+          );
+          return;
+        }
+        if (!logged) {
+          this.log(`guest ${st.cfg.name}: waiting for an interrupted snapshot to drain`);
+          logged = true;
+        }
+        await new Promise((r) => setTimeout(r, 100));
       }
       await c.execute(
         'migrate-set-capabilities',

@@ -22,13 +22,13 @@
 // the snapshot fails, the dump is taken the old way (dump-then-reboot, job.ts) and the
 // catalog entry notes why. A failure after the reboot fails the dump, never the guest.
 
-import { mkdirSync, rmSync } from 'node:fs';
+import { constants as fsc, mkdirSync, openSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { NbdClientOptions } from '../nbd/client.js';
 import { type DumpEntry, DumpError, type DumpFormat, REASON_MAX } from './catalog.js';
 import { DumpDevice, type DumpWriter } from './device.js';
-import { codeOf, type DumpResult, runDump } from './job.js';
+import { codeOf, type DumpResult, growPipe, mkfifo, runDump } from './job.js';
 import {
   encodeSnapshotHeader,
   parseFlatView,
@@ -219,67 +219,91 @@ async function migrationResult(qmp: QmpClient, timeoutMs: number): Promise<void>
 }
 
 /**
- * Copies what QEMU sends into the writer until the end of the stream, holding the
- * socket while the writer has too much in flight or the pace is ahead of `mibps`.
+ * Reads the FIFO into the writer until the end of the stream, holding it while the
+ * writer has too much in flight or the pace is ahead of `mibps`. Each read lands in the
+ * writer's current piece (onread, as job.ts reads its FIFO). Returns the reader (to
+ * destroy when the dump fails: the helper then drains the rest) and the end of the stream.
  */
 function pump(
-  sock: net.Socket,
+  fd: number,
   w: DumpWriter,
   o: { mibps: number; timeoutMs: number; onBytes: (n: number) => void },
-): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
-    let holds = 0;
-    let streamed = 0;
-    const t0 = performance.now();
-    const rate = o.mibps > 0 ? o.mibps * 1024 * 1024 : 0;
-    const hold = () => {
-      if (holds++ === 0) sock.pause();
-      return () => {
-        if (--holds === 0) sock.resume();
-      };
+): { reader: net.Socket; done: Promise<void> } {
+  let holds = 0;
+  let streamed = 0;
+  const t0 = performance.now();
+  const rate = o.mibps > 0 ? o.mibps * 1024 * 1024 : 0;
+  let fail: (e: unknown) => void = () => {};
+  const hold = () => {
+    if (holds++ === 0) reader.pause();
+    return () => {
+      if (--holds === 0) reader.resume();
     };
-    const fail = (e: unknown) => {
-      clearTimeout(limit);
-      sock.destroy();
-      reject(e);
-    };
+  };
+  // `onread` is in Node's documentation of net.Socket, not in its typings.
+  const opts: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
+    fd,
+    readable: true,
+    writable: false,
+    onread: {
+      buffer: () => w.window(),
+      callback: (n: number): boolean => {
+        let more: boolean;
+        try {
+          more = w.filled(n);
+        } catch (e) {
+          fail(e);
+          return false;
+        }
+        streamed += n;
+        o.onBytes(n);
+        if (!more) {
+          const release = hold();
+          w.ready().then(release, (e: unknown) => fail(e));
+        }
+        if (rate) {
+          const ahead = streamed / rate - (performance.now() - t0) / 1000;
+          if (ahead > 0.005) setTimeout(hold(), ahead * 1000);
+        }
+        return holds === 0;
+      },
+    },
+  };
+  const reader = new net.Socket(opts);
+  const done = new Promise<void>((resolve, reject) => {
     const limit = setTimeout(
       () => fail(new DumpError('DUMP_TIMEOUT', `the dump did not finish within ${o.timeoutMs} ms`)),
       o.timeoutMs,
     );
     limit.unref();
-    sock.on('data', (chunk: Buffer) => {
-      let more = true;
-      try {
-        for (let off = 0; off < chunk.length; ) {
-          const win = w.window();
-          const n = Math.min(win.length, chunk.length - off);
-          chunk.copy(win, 0, off, off + n);
-          more = w.filled(n);
-          off += n;
-        }
-      } catch (e) {
-        // Closing the socket makes QEMU's migration fail; the guest runs on.
-        fail(e);
-        return;
-      }
-      streamed += chunk.length;
-      o.onBytes(chunk.length);
-      if (!more) {
-        const release = hold();
-        w.ready().then(release, fail);
-      }
-      if (rate) {
-        const ahead = streamed / rate - (performance.now() - t0) / 1000;
-        if (ahead > 0.005) setTimeout(hold(), ahead * 1000);
-      }
-    });
-    sock.on('end', () => {
+    fail = (e: unknown) => {
+      clearTimeout(limit);
+      reader.destroy();
+      reject(e);
+    };
+    reader.on('end', () => {
       clearTimeout(limit);
       resolve();
     });
-    sock.on('error', fail);
+    reader.on('error', (e) => fail(e));
   });
+  return { reader, done };
+}
+
+/** A path for sh -c. */
+const shq = (p: string) => `'${p.replace(/'/g, `'\\''`)}'`;
+
+/**
+ * The migration's target: a shell QEMU starts (`exec:`) that copies the stream into
+ * dumpd's FIFO and, should dumpd stop reading (a failure, a crash), reads the rest into
+ * /dev/null. So the snapshot always runs to its end: QEMU 7.2 deadlocks when a background
+ * snapshot's stream breaks while the rebooted guest waits for a page to be copied out
+ * with the big lock held (a DMA of the firmware loading the kernel, for one) — the
+ * migration thread waits for that lock to clean up, and nothing copies the page.
+ * For the same reason dumpd never cancels a snapshot once the guest runs.
+ */
+export function snapshotTarget(fifo: string): string {
+  return `exec:cat > ${shq(fifo)} 2>/dev/null; exec cat > /dev/null`;
 }
 
 export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult> {
@@ -290,9 +314,8 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
   let device: DumpDevice | null = null;
   let writer: DumpWriter | null = null;
   let entry: DumpEntry | null = null;
-  let server: net.Server | null = null;
-  let sockPath: string | null = null;
-  let conn: net.Socket | null = null as net.Socket | null;
+  let fifo: string | null = null;
+  let reader: net.Socket | null = null;
   let bytes = 0;
   let runningAt = 0;
   let failure: unknown = null;
@@ -327,33 +350,27 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
     bytes = writer.length;
 
     mkdirSync(o.runDir, { recursive: true, mode: 0o700 });
-    sockPath = path.join(o.runDir, `${o.guest}.${writer.entry.id}.${process.pid}.mig`);
-    rmSync(sockPath, { force: true });
-    const srv = net.createServer();
-    server = srv;
-    // Read from the first byte on: QEMU's reset of the guest writes guest RAM (ROM
-    // blobs) from its main thread, which then waits for the snapshot to copy those
-    // pages out, which waits for room in the socket. A reader that only starts after
-    // the reset makes the reset wait for it.
+    fifo = path.join(o.runDir, `${o.guest}.${writer.entry.id}.${process.pid}.mig`);
+    rmSync(fifo, { force: true });
+    await mkfifo(fifo);
+    // Non-blocking, so opening does not wait for a writer; the helper's open then finds
+    // a reader. Read from the first byte on: QEMU's reset of the guest writes guest RAM
+    // (ROM blobs) from its main thread, which then waits for the snapshot to copy those
+    // pages out, which waits for room in the FIFO.
+    const fd = openSync(fifo, fsc.O_RDONLY | fsc.O_NONBLOCK);
+    growPipe(fd);
     const w = writer;
-    const streamed = new Promise<net.Socket>((resolve) => srv.once('connection', resolve)).then(
-      (c) => {
-        conn = c;
-        return pump(c, w, {
-          mibps: o.streamMiBps ?? 0,
-          timeoutMs: Math.max(1000, o.timeoutMs - (Date.now() - t0)),
-          onBytes: (n) => {
-            bytes += n;
-            o.onProgress?.(bytes);
-          },
-        });
+    const pumped = pump(fd, w, {
+      mibps: o.streamMiBps ?? 0,
+      timeoutMs: Math.max(1000, o.timeoutMs - (Date.now() - t0)),
+      onBytes: (n) => {
+        bytes += n;
+        o.onProgress?.(bytes);
       },
-    );
-    streamed.catch(() => {});
-    await new Promise<void>((resolve, reject) => {
-      srv.once('error', reject);
-      srv.listen(sockPath as string, () => resolve());
     });
+    reader = pumped.reader;
+    const streamed = pumped.done;
+    streamed.catch(() => {});
 
     // Out of guest-panicked into paused (see the top), at once: the panicked kernel
     // spins with interrupts off for the microseconds between the two.
@@ -371,20 +388,20 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
       }
       const fixed = pointInTime(o.qmp, 30_000);
       fixed.catch(() => {});
-      await o.qmp.execute('migrate', { uri: `unix:${sockPath}` }, T);
+      await o.qmp.execute('migrate', { uri: snapshotTarget(fifo) }, T);
       await fixed;
     } catch (e) {
-      // Nothing streamed and the guest is stopped: forget the entry, dump the old way.
+      // Nothing streamed and the guest is stopped (nothing waits for a page): cancel,
+      // forget the entry, dump the old way.
       await o.qmp.execute('migrate_cancel', undefined, T).catch(() => {});
-      conn?.destroy();
+      reader?.destroy();
+      await waitIdle(o.qmp, 30_000);
       await capOff();
       const id = writer.entry.id;
       writer = null;
       await device.remove(id).catch(() => {});
       await device.close().catch(() => {});
       device = null;
-      server.close();
-      server = null;
       return fallback(o, why(e));
     }
 
@@ -405,14 +422,15 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
     entry = await w.finish(Date.now());
   } catch (e) {
     failure = e;
-    conn?.destroy();
-    await o.qmp.execute('migrate_cancel', undefined, T).catch(() => {});
+    // The helper drains the rest of the snapshot (see snapshotTarget); no cancel.
+    reader?.destroy();
     if (writer) entry = await writer.fail(`${codeOf(e)}: ${(e as Error).message ?? e}`);
   } finally {
-    server?.close();
-    if (sockPath) rmSync(sockPath, { force: true });
-    // Off again, or the guest's next live migration would be a snapshot.
-    await waitIdle(o.qmp);
+    reader?.destroy();
+    if (fifo) rmSync(fifo, { force: true });
+    // Off again, or the guest's next live migration would be a snapshot (once the
+    // snapshot has ended: drained, after a failure).
+    await waitIdle(o.qmp, failure ? o.timeoutMs : 30_000);
     await capOff();
     await device?.close().catch(() => {});
   }
@@ -435,8 +453,8 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
 }
 
 /** Waits (briefly) until no migration is live, so that capabilities may change. */
-async function waitIdle(qmp: QmpClient): Promise<void> {
-  const deadline = performance.now() + 10_000;
+async function waitIdle(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
   while (performance.now() < deadline) {
     const m = await qmp
       .execute<{ status?: string }>('query-migrate', undefined, T)

@@ -93,7 +93,7 @@ function nativeOrNull(): BallastNative | null {
   }
 }
 
-async function mkfifo(p: string): Promise<void> {
+export async function mkfifo(p: string): Promise<void> {
   const native = nativeOrNull();
   try {
     if (!native) await run('mkfifo', ['-m', '600', p]);
@@ -112,7 +112,7 @@ async function mkfifo(p: string): Promise<void> {
  * Grows the pipe behind `fd` to PIPE_SIZE, or to what /proc/sys/fs/pipe-max-size
  * allows without CAP_SYS_RESOURCE; best effort (the default size works, only slower).
  */
-function growPipe(fd: number): void {
+export function growPipe(fd: number): void {
   const native = nativeOrNull();
   if (!native || native.setPipeSize(fd, PIPE_SIZE) >= 0) return;
   try {
