@@ -10,17 +10,19 @@
 //   reserve   catalog entry `streaming` (format `migration`), the header written first
 //   snapshot  `cont` + `stop` (QEMU 7.2 aborts on guest-panicked -> paused, which a
 //             snapshot started from guest-panicked asks for; from paused it is fine),
-//             then `migrate` to a Unix socket dumpd listens on
+//             then `migrate` to a helper that copies the stream into dumpd's FIFO
+//             (snapshotTarget)
 //   reboot    at RESUME (QEMU resumes the guest once RAM is write-protected: the
 //             snapshot's instant is fixed) `system_reset`: the guest runs again
-//   stream    the socket into the reservation, paced to `streamMiBps` when set; QEMU
+//   stream    the FIFO into the reservation, paced to `streamMiBps` when set; QEMU
 //             copies out each page just before the rebooted guest first writes it
 //   settle    end of stream and `completed`: entry `complete` with its CRC-32, or
 //             `failed`; background-snapshot is turned off again
 //
 // Nothing is staged on the host's disk. When the probe, the capability or the start of
 // the snapshot fails, the dump is taken the old way (dump-then-reboot, job.ts) and the
-// catalog entry notes why. A failure after the reboot fails the dump, never the guest.
+// catalog entry notes why. A failure after the reboot fails the dump, never the guest:
+// the snapshot then drains into /dev/null, never cancelled.
 
 import { constants as fsc, mkdirSync, openSync, rmSync } from 'node:fs';
 import net from 'node:net';
