@@ -12,10 +12,14 @@
 // The device is served the way the agent serves dump devices: `--cache none`, aligned
 // writes with O_DIRECT (--cache writeback to compare).
 //
-//   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
-//                         [--settle 3] [--cache none]
+// Then early reboot against dump-then-reboot (early-reboot.ts): service downtime and
+// dump throughput for guests of --sizes MiB.
 //
-// Results go to stdout and bench-results/dump.json.
+//   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
+//                         [--settle 3] [--cache none] [--suite all|throughput|early-reboot]
+//                         [--sizes 512,1024]
+//
+// Results go to stdout, bench-results/dump.json and bench-results/early-reboot.json.
 
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -40,6 +44,7 @@ import type { DumpFormat } from '../dumpd/catalog.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { runDump } from '../dumpd/job.js';
 import { QmpClient } from '../dumpd/qmp.js';
+import { earlyRebootBench, earlyRebootTable } from './early-reboot.js';
 
 const log = (m: string) => process.stderr.write(`[bench:dump] ${m}\n`);
 
@@ -91,7 +96,7 @@ const median = (xs: number[]) => {
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
     process.stdout.write(
-      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS] [--cache none|writeback]\n',
+      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS] [--cache none|writeback] [--suite all|throughput|early-reboot] [--sizes 512,1024]\n',
     );
     return;
   }
@@ -109,7 +114,41 @@ async function main(): Promise<void> {
     rmSync(dir, { recursive: true, force: true });
   };
   process.on('exit', cleanup);
+  const suite = arg('suite', 'all');
   try {
+    if (suite === 'all' || suite === 'throughput') await throughput();
+    if (suite === 'all' || suite === 'early-reboot') {
+      const sizesMiB = arg('sizes', '512,1024').split(',').map(Number);
+      const figs = await earlyRebootBench({
+        sizesMiB,
+        rounds,
+        format,
+        settle,
+        cache,
+        dir,
+        root: ROOT,
+        log,
+        waitFor,
+        median,
+        procCpu,
+      });
+      process.stdout.write(
+        `${earlyRebootTable(figs, rounds)}  load average during the run: ${os
+          .loadavg()
+          .map((l) => l.toFixed(1))
+          .join(' ')} (on ${os.cpus().length} CPUs)\n`,
+      );
+      mkdirSync(path.join(ROOT, 'bench-results'), { recursive: true });
+      writeFileSync(
+        path.join(ROOT, 'bench-results', 'early-reboot.json'),
+        `${JSON.stringify({ format, rounds, cache, sizes: figs, loadAverage: os.loadavg() }, null, 2)}\n`,
+      );
+    }
+  } finally {
+    cleanup();
+  }
+
+  async function throughput(): Promise<void> {
     log(`guest RAM ${memMiB} MiB of random bytes, format ${format}, ${rounds} rounds, in ${dir}`);
     const ram = path.join(dir, 'ram.bin');
     const fd = openSync(ram, 'w');
@@ -281,8 +320,8 @@ async function main(): Promise<void> {
       path.join(ROOT, 'bench-results', 'dump.json'),
       `${JSON.stringify(result, null, 2)}\n`,
     );
-  } finally {
-    cleanup();
+    for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+    rmSync(ram, { force: true });
   }
 }
 

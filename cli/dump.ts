@@ -8,10 +8,12 @@ import type { Command } from 'commander';
 import { BallastError } from '../agent/errors.js';
 import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
 import { DEFAULT_LISTEN, DEFAULT_RUN_DIR, type DeviceRef, parseConfig } from '../dumpd/config.js';
-import { Dumpd, tokenPath } from '../dumpd/daemon.js';
+import { kdumpFromElf, writeElfFromStream } from '../dumpd/core.js';
+import { type AgentDeviceRef, Dumpd, type DumpEvent, tokenPath } from '../dumpd/daemon.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
 import type { DumpResult } from '../dumpd/job.js';
+import { Pull, readSnapshotHeader } from '../dumpd/migration.js';
 import { Client } from './client.js';
 import { table } from './manage.js';
 
@@ -51,6 +53,12 @@ async function agentDeviceUri(agent: string | undefined, device: string, tokenFi
 export async function resolveDevice(ref: DeviceRef): Promise<string> {
   if ('uri' in ref) return ref.uri;
   return agentDeviceUri(ref.agent, ref.device, ref.tokenFile);
+}
+
+/** A dump event to the agent of an agent device: POST /v1/events (recorded for its recipients). */
+export async function postDumpEvent(ref: AgentDeviceRef, ev: DumpEvent): Promise<void> {
+  const c = new Client({ agent: ref.agent, tokenFile: ref.tokenFile });
+  await c.request('POST', '/v1/events', ev);
 }
 
 interface DeviceOpts {
@@ -100,12 +108,61 @@ export function humanDuration(ms: number): string {
 }
 
 function entryJson(e: DumpEntry) {
+  const iso = (t: number) => (t ? new Date(t).toISOString() : null);
   return {
     ...e,
     createdAt: new Date(e.createdAt).toISOString(),
-    finishedAt: e.finishedAt ? new Date(e.finishedAt).toISOString() : null,
+    finishedAt: iso(e.finishedAt),
+    panicAt: iso(e.panicAt),
+    runningAt: iso(e.runningAt),
+    // The timeline of a panic, when known: service downtime and time to a complete dump.
+    panicToRunningMs: e.panicAt && e.runningAt ? e.runningAt - e.panicAt : null,
+    panicToCompleteMs:
+      e.panicAt && e.finishedAt && e.state === 'complete' ? e.finishedAt - e.panicAt : null,
     ...dumpTiming(e),
   };
+}
+
+/**
+ * Writes an early-reboot dump (a migration stream) as an ELF core or a kdump file,
+ * reading the stream off the device once. Returns the checksum of everything read.
+ */
+async function convertStream(
+  dev: DumpDevice,
+  e: DumpEntry,
+  output: string,
+  format: 'elf' | 'kdump-zlib',
+  onBytes: (n: number) => void,
+): Promise<string> {
+  const { chunks, checksum } = dev.pieces(e);
+  const counting: AsyncIterator<Buffer> = {
+    next: async () => {
+      const r = await chunks.next();
+      if (!r.done) onBytes(r.value.length);
+      return r;
+    },
+  };
+  const p = new Pull(counting);
+  const meta = await readSnapshotHeader(p);
+  const elfPath = format === 'elf' ? output : `${output}.elf~`;
+  const fd = openSync(elfPath, 'w+', 0o600);
+  try {
+    await writeElfFromStream(p, meta, fd);
+    // The device state after the RAM is not needed, but the checksum covers it.
+    for (let r = await counting.next(); !r.done; r = await counting.next());
+    if (format === 'kdump-zlib') {
+      const out = openSync(output, 'w', 0o600);
+      try {
+        kdumpFromElf(fd, out, meta.cpus.length);
+      } finally {
+        closeSync(out);
+      }
+    }
+  } finally {
+    closeSync(fd);
+    if (format !== 'elf') rmSync(elfPath, { force: true });
+  }
+  return checksum();
 }
 
 function parseId(s: string): number {
@@ -263,6 +320,7 @@ Config example:
         if (o.listen) cfg.listen = o.listen;
         const d = new Dumpd(cfg, {
           resolveDevice: (ref) => resolveDevice(ref),
+          postEvent: postDumpEvent,
           log: (s) => process.stderr.write(`dumpd: ${s}\n`),
         });
         const addr = await d.start();
@@ -310,15 +368,31 @@ Config example:
       '--after <WHAT>',
       "then: reboot | pause | poweroff | none (default: the guest's configured policy if it sits panicked, else none)",
     )
+    .option(
+      '--early-reboot',
+      'reboot the guest as soon as a background snapshot of its memory has started, and stream the snapshot to the device meanwhile (falls back to dump-then-reboot where QEMU cannot)',
+    )
     .option('--json', 'print the result as JSON')
     .action(
       action(
         async (
           guest: string,
-          o: { dumpd?: string; dumpdTokenFile?: string; after?: string; json?: boolean },
+          o: {
+            dumpd?: string;
+            dumpdTokenFile?: string;
+            after?: string;
+            earlyReboot?: boolean;
+            json?: boolean;
+          },
         ) => {
           const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
-          const q = o.after === undefined ? '' : `?after=${encodeURIComponent(o.after)}`;
+          const params = new URLSearchParams();
+          // An early reboot reboots: that is its point.
+          if (o.earlyReboot) params.set('after', 'reboot');
+          else if (o.after !== undefined) params.set('after', o.after);
+          if (o.earlyReboot) params.set('mode', 'early-reboot');
+          const qs = params.toString();
+          const q = qs ? `?${qs}` : '';
           const r = (await dumpdRequest(
             where,
             'POST',
@@ -328,7 +402,7 @@ Config example:
           if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
           else if (r.ok && r.entry)
             process.stdout.write(
-              `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}\n`,
+              `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}${r.fallback ? ` (dump-then-reboot: ${r.fallback})` : ''}${r.runningAt && r.panicAt ? `; running again after ${r.runningAt - r.panicAt} ms` : ''}\n`,
             );
           if (!r.ok)
             throw new DumpError(
@@ -354,7 +428,18 @@ Config example:
           }
           process.stdout.write(
             `${table(
-              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'TOOK', 'RATE', 'CHECKSUM'],
+              [
+                'ID',
+                'GUEST',
+                'FORMAT',
+                'STATE',
+                'DOWNTIME',
+                'SIZE',
+                'CREATED',
+                'TOOK',
+                'RATE',
+                'CHECKSUM',
+              ],
               es.map((e) => {
                 const t = dumpTiming(e);
                 return [
@@ -362,6 +447,7 @@ Config example:
                   e.guest,
                   e.format,
                   e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
+                  e.panicAt && e.runningAt ? `${e.runningAt - e.panicAt} ms` : '-',
                   human(e.length),
                   new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
                   t.durationMs === null ? '-' : humanDuration(t.durationMs),
@@ -383,13 +469,19 @@ Config example:
       .description(
         'copy a dump off the device into FILE, verifying its checksum. kdump dumps are stored ' +
           "in makedumpfile's flattened format; --reassemble writes a regular kdump file instead " +
-          '(what makedumpfile -R does), which crash opens directly.',
+          '(what makedumpfile -R does), which crash opens directly. Early-reboot dumps are ' +
+          "stored as QEMU's migration stream and written as an ELF core (--format elf, the " +
+          'default) or a kdump file (--format kdump-zlib); --format migration copies the stream.',
       )
       .argument('<DEVICE>')
       .argument('<ID>'),
   )
     .requiredOption('-o, --output <FILE>', 'where to write the dump')
     .option('--reassemble', 'turn a flattened kdump into a regular kdump file')
+    .option(
+      '--format <FORMAT>',
+      'for early-reboot dumps: elf (default) | kdump-zlib | migration (the stored stream)',
+    )
     .option('--progress', 'show a progress bar (default: when stderr is a terminal)')
     .option('--no-progress', 'no progress bar')
     .action(
@@ -397,7 +489,12 @@ Config example:
         async (
           device: string,
           id: string,
-          o: DeviceOpts & { output: string; reassemble?: boolean; progress?: boolean },
+          o: DeviceOpts & {
+            output: string;
+            reassemble?: boolean;
+            progress?: boolean;
+            format?: string;
+          },
         ) => {
           const dev = await openDevice(device, o);
           try {
@@ -409,6 +506,30 @@ Config example:
               );
             const bar = progress(e.length, o.progress ?? process.stderr.isTTY === true);
             let done = 0;
+            const want = o.format ?? (e.format === 'migration' ? 'elf' : e.format);
+            if (want !== e.format) {
+              if (e.format !== 'migration' || (want !== 'elf' && want !== 'kdump-zlib'))
+                throw new DumpError(
+                  'DUMP_BAD_FORMAT',
+                  `dump ${e.id} is stored as ${e.format}; only early-reboot dumps (migration) convert, to elf or kdump-zlib`,
+                );
+              const sum = await convertStream(dev, e, o.output, want, (n) => {
+                done += n;
+                bar(done);
+              });
+              bar(done, true);
+              if (sum !== e.checksum) {
+                rmSync(o.output, { force: true });
+                throw new DumpError(
+                  'DUMP_CHECKSUM_MISMATCH',
+                  `dump ${e.id}: read back ${sum}, the catalog says ${e.checksum}`,
+                );
+              }
+              process.stderr.write(
+                `dump ${e.id}: ${human(e.length)} stream, ${sum} verified, written as ${want}\n`,
+              );
+              return;
+            }
             const head = e.length
               ? await dev.nbd.read(e.offset, Math.min(16, e.length))
               : Buffer.alloc(0);

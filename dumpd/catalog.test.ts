@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import {
   ALIGN,
+  annotateDump,
   type Catalog,
   chooseCatalog,
   completeDump,
@@ -16,6 +17,7 @@ import {
   removeDump,
   SLOT_SIZE,
   slotFor,
+  VERSION,
 } from './catalog.js';
 import { checksummer, crc32, crc32js, parseChecksum } from './checksum.js';
 
@@ -146,9 +148,41 @@ describe('slots', () => {
     ]);
   });
 
+  it('a streaming dump keeps its panic and running-again times, is recovered as interrupted', () => {
+    const p = planDump(emptyCatalog(), 64 * MiB, {
+      guest: 'vm1',
+      format: 'migration',
+      now: 1_000_000,
+      keep: 3,
+      state: 'streaming',
+      panicAt: 999_250,
+    });
+    let c = annotateDump(p.catalog, p.entry.id, { runningAt: 1_000_040 });
+    const back = decodeSlot(encodeSlot(c));
+    expect(back?.entries[0]).toMatchObject({
+      state: 'streaming',
+      format: 'migration',
+      panicAt: 999_250,
+      runningAt: 1_000_040,
+    });
+    // Its whole reservation is held while it streams.
+    expect(freeGaps(c, 64 * MiB)).toEqual([]);
+    expect(recoverInterrupted(c, 5, 'other')).toBeNull();
+    const r = recoverInterrupted(c, 5, 'vm1');
+    expect(r?.catalog.entries[0]).toMatchObject({ state: 'failed', reason: 'interrupted' });
+    c = completeDump(c, p.entry.id, { length: 10, checksum: SUM, now: 2_000_000, note: 'n' });
+    expect(decodeSlot(encodeSlot(c))?.entries[0]).toMatchObject({
+      state: 'complete',
+      reason: 'n',
+      panicAt: 999_250,
+      runningAt: 1_000_040,
+      finishedAt: 2_000_000,
+    });
+  });
+
   it('a newer layout version is DUMP_BAD_VERSION', () => {
     const b = encodeSlot(emptyCatalog());
-    b.writeUInt32LE(3, 8);
+    b.writeUInt32LE(VERSION + 1, 8);
     b.writeUInt32LE(0, 36);
     b.writeUInt32LE(crc32(b), 36);
     expect(() => decodeSlot(b)).toThrow(expect.objectContaining({ code: 'DUMP_BAD_VERSION' }));
@@ -280,6 +314,8 @@ describe('space and retention', () => {
       length: len,
       checksum: SUM,
       reason: '',
+      panicAt: 0,
+      runningAt: 0,
     });
     c.entries.push(mk(1, 1 * MiB, 2 * MiB), mk(2, 40 * MiB, 10 * MiB), mk(3, 60 * MiB, 30 * MiB));
     expect(freeGaps(c, 100 * MiB)).toEqual([

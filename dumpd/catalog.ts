@@ -16,15 +16,20 @@
 //           entrySize u32 nextId u32 crc32 u32 (over the slot with this field zero)
 //   entry:  id u32, state u8, format u8, checksum algorithm u8, pad u8, createdAt u64
 //           (ms), finishedAt u64, offset u64, capacity u64, length u64, checksum [32]
-//           (the digest from its first byte), guest [64], reason [96]
+//           (the digest from its first byte), guest [64], reason [96], panic i32,
+//           running i32 (ms relative to createdAt; 0x80000000 = none), 8 spare bytes
 //
 // Version 2 added the checksum algorithm (0 none, 1 SHA-256, 2 CRC-32: checksum.ts);
 // version 1 had a zero there and always a SHA-256, and is still read.
+// Version 3 added the state `streaming` (an early-reboot dump: the guest runs again
+// while its snapshot streams in), the format `migration` (that snapshot, stored as
+// QEMU's migration stream: snapshot.ts) and the panic and running-again times.
+// Earlier versions read as having no times.
 
 import { CHECKSUM_ALGS, CHECKSUM_BYTES, crc32, parseChecksum } from './checksum.js';
 
 export const MAGIC = Buffer.from('BALDUMP1', 'latin1');
-export const VERSION = 2;
+export const VERSION = 3;
 /** The oldest layout still read. */
 export const MIN_VERSION = 1;
 export const SLOT_SIZE = 64 * 1024;
@@ -38,8 +43,11 @@ export const DATA_START = ALIGN;
 export const GUEST_MAX = 64;
 export const REASON_MAX = 96;
 
-export type DumpState = 'writing' | 'complete' | 'failed';
-const STATES: DumpState[] = ['writing', 'complete', 'failed'];
+export type DumpState = 'writing' | 'complete' | 'failed' | 'streaming';
+const STATES: DumpState[] = ['writing', 'complete', 'failed', 'streaming'];
+
+/** Whether a dump is still being written (its whole reservation is held). */
+export const inProgress = (e: DumpEntry) => e.state === 'writing' || e.state === 'streaming';
 
 /** What `query-dump-guest-memory-capability` may offer. */
 export const FORMATS = [
@@ -51,6 +59,8 @@ export const FORMATS = [
   'kdump-raw-zlib',
   'kdump-raw-lzo',
   'kdump-raw-snappy',
+  // A background snapshot as QEMU's migration stream (early reboot); not a QEMU dump format.
+  'migration',
 ] as const;
 export type DumpFormat = (typeof FORMATS)[number];
 
@@ -69,9 +79,20 @@ export interface DumpEntry {
   length: number;
   /** "<alg>:<hex>" of the `length` bytes (checksum.ts); '' unless complete. */
   checksum: string;
-  /** Why a dump failed ('' otherwise). */
+  /**
+   * Why a dump failed; for a complete one, a note (why an early-reboot dump fell back to
+   * dump-then-reboot); '' otherwise.
+   */
   reason: string;
+  /** When the guest panicked (or the dump was asked for), ms; 0 when unknown. */
+  panicAt: number;
+  /** When the guest ran again after it, ms; 0 when it has not (yet). */
+  runningAt: number;
 }
+
+const NO_TIME = -0x80000000;
+const relTime = (t: number, base: number) =>
+  t > 0 ? Math.max(NO_TIME + 1, Math.min(0x7fffffff, t - base)) : NO_TIME;
 
 export interface Catalog {
   generation: number;
@@ -140,6 +161,8 @@ export function encodeSlot(cat: Catalog): Buffer {
     }
     utf8Fit(e.guest, GUEST_MAX).copy(b, p + 80);
     utf8Fit(e.reason, REASON_MAX).copy(b, p + 144);
+    b.writeInt32LE(relTime(e.panicAt, e.createdAt), p + 240);
+    b.writeInt32LE(relTime(e.runningAt, e.createdAt), p + 244);
   });
   b.writeUInt32LE(crc32(b), 36);
   return b;
@@ -186,11 +209,16 @@ export function decodeSlot(b: Buffer): Catalog | null {
           : CHECKSUM_ALGS[algByte - 1];
     if (version > 1 && algByte !== 0 && !alg) return null;
     const checksum = alg ? `${alg}:${b.toString('hex', p + 48, p + 48 + CHECKSUM_BYTES[alg])}` : '';
+    const createdAt = Number(b.readBigUInt64LE(p + 8));
+    const time = (at: number) => {
+      const d = version >= 3 ? b.readInt32LE(at) : NO_TIME;
+      return d === NO_TIME ? 0 : createdAt + d;
+    };
     entries.push({
       id: b.readUInt32LE(p),
       state,
       format,
-      createdAt: Number(b.readBigUInt64LE(p + 8)),
+      createdAt,
       finishedAt: Number(b.readBigUInt64LE(p + 16)),
       offset: Number(b.readBigUInt64LE(p + 24)),
       capacity: Number(b.readBigUInt64LE(p + 32)),
@@ -198,6 +226,8 @@ export function decodeSlot(b: Buffer): Catalog | null {
       checksum,
       guest: readString(b, p + 80, GUEST_MAX),
       reason: readString(b, p + 144, REASON_MAX),
+      panicAt: time(p + 240),
+      runningAt: time(p + 244),
     });
   }
   return { generation: Number(b.readBigUInt64LE(16)), nextId: b.readUInt32LE(32), entries };
@@ -229,7 +259,7 @@ export function slotFor(generation: number): 0 | 1 {
 
 /** Bytes an entry holds on the device. Writing entries hold their whole reservation. */
 export function footprint(e: DumpEntry): number {
-  return e.state === 'writing' ? e.capacity : Math.min(e.capacity, alignUp(e.length));
+  return inProgress(e) ? e.capacity : Math.min(e.capacity, alignUp(e.length));
 }
 
 /** Free gaps (aligned) between DATA_START and the device's end, in offset order. */
@@ -266,6 +296,9 @@ export interface PlanOptions {
   now: number;
   /** Dumps to keep on the device, counting the new one (at least 1). */
   keep: number;
+  /** `streaming` for an early-reboot dump (default `writing`). */
+  state?: 'writing' | 'streaming';
+  panicAt?: number;
 }
 
 export interface Plan {
@@ -311,7 +344,7 @@ export function planDump(cat: Catalog, deviceSize: number, o: PlanOptions): Plan
     );
   const entry: DumpEntry = {
     id: cat.nextId,
-    state: 'writing',
+    state: o.state ?? 'writing',
     format: o.format,
     guest: o.guest,
     createdAt: o.now,
@@ -321,6 +354,8 @@ export function planDump(cat: Catalog, deviceSize: number, o: PlanOptions): Plan
     length: 0,
     checksum: '',
     reason: '',
+    panicAt: o.panicAt ?? 0,
+    runningAt: 0,
   };
   const nextId = cat.nextId >= 0xffffffff ? 1 : cat.nextId + 1;
   return {
@@ -343,11 +378,10 @@ function update(cat: Catalog, id: number, f: (e: DumpEntry) => DumpEntry): Catal
 export function completeDump(
   cat: Catalog,
   id: number,
-  r: { length: number; checksum: string; now: number },
+  r: { length: number; checksum: string; now: number; note?: string },
 ): Catalog {
   return update(cat, id, (e) => {
-    if (e.state !== 'writing')
-      throw new DumpError('DUMP_STATE', `dump ${id} is ${e.state}, not writing`);
+    if (!inProgress(e)) throw new DumpError('DUMP_STATE', `dump ${id} is ${e.state}, not writing`);
     if (r.length > e.capacity)
       throw new DumpError('DUMP_NO_SPACE', `dump ${id} is larger than its reservation`);
     if (!parseChecksum(r.checksum))
@@ -362,8 +396,22 @@ export function completeDump(
       checksum: r.checksum,
       finishedAt: r.now,
       capacity: alignUp(r.length),
+      reason: r.note ?? e.reason,
     };
   });
+}
+
+/** Records when the guest ran again, or a note on how the dump was taken. */
+export function annotateDump(
+  cat: Catalog,
+  id: number,
+  r: { runningAt?: number; note?: string },
+): Catalog {
+  return update(cat, id, (e) => ({
+    ...e,
+    ...(r.runningAt !== undefined ? { runningAt: r.runningAt } : {}),
+    ...(r.note !== undefined ? { reason: r.note } : {}),
+  }));
 }
 
 /** Marks a dump failed, keeping what was written (up to `length`) for inspection. */
@@ -397,19 +445,23 @@ export function removeDump(cat: Catalog, id: number): { catalog: Catalog; trim: 
 }
 
 /**
- * Dumps left `writing` by a dumpd that died: they are failed ('interrupted') and their
- * reservations freed (trim them). Returns null when there is nothing to recover.
+ * Dumps left `writing` or `streaming` by a dumpd that died (of one guest, or all):
+ * they are failed ('interrupted') and their reservations freed (trim them). Returns
+ * null when there is nothing to recover.
  */
 export function recoverInterrupted(
   cat: Catalog,
   now: number,
+  guest?: string,
 ): { catalog: Catalog; trims: Trim[] } | null {
-  const stale = cat.entries.filter((e) => e.state === 'writing');
+  const stale = cat.entries.filter(
+    (e) => inProgress(e) && (guest === undefined || e.guest === guest),
+  );
   if (!stale.length) return null;
   const catalog = next(
     cat,
     cat.entries.map((e) =>
-      e.state === 'writing'
+      stale.includes(e)
         ? {
             ...e,
             state: 'failed' as const,

@@ -13,7 +13,7 @@ describe('dumpd config', () => {
 defaults: { format: kdump-zlib, keep: 2 }
 guests:
   - { name: a, qmp: /run/a.qmp, device: "nbd+unix:///a?socket=/s" }
-  - { name: b, qmp: tcp:127.0.0.1:4444, agent: unix:/run/api.sock, agentDevice: b-dump, after: pause, format: elf, keep: 5 }
+  - { name: b, qmp: tcp:127.0.0.1:4444, agent: unix:/run/api.sock, agentDevice: b-dump, after: pause, format: elf, keep: 5, mode: early-reboot, streamMiBps: 40 }
 `);
     expect(c.listen).toBe(DEFAULT_LISTEN);
     expect(c.dumpTimeoutMs).toBe(1_800_000);
@@ -25,6 +25,8 @@ guests:
         format: 'kdump-zlib',
         after: 'reboot',
         keep: 2,
+        mode: 'dump-then-reboot',
+        streamMiBps: 0,
         loopLimit: { dumps: 3, minutes: 10 },
       },
       {
@@ -34,6 +36,8 @@ guests:
         format: 'elf',
         after: 'pause',
         keep: 5,
+        mode: 'early-reboot',
+        streamMiBps: 40,
         loopLimit: { dumps: 3, minutes: 10 },
       },
     ]);
@@ -52,6 +56,9 @@ guests:
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, format: pdf }]', /format must be one of/);
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, after: explode }]', /after must be one of/);
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, keep: 0 }]', /keep must be/);
+    bad('guests: [{ name: a, qmp: /q, device: nbd://h/, mode: later }]', /mode must be one of/);
+    bad('guests: [{ name: a, qmp: /q, device: nbd://h/, format: migration }]', /format must be/);
+    bad('guests: [{ name: a, qmp: /q, device: nbd://h/, streamMiBps: -1 }]', /streamMiBps/);
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, colour: red }]', /unknown key "colour"/);
     bad('guests: [{ name: "a b", qmp: /q, device: nbd://h/ }]', /bad guest name/);
     bad(
@@ -66,7 +73,7 @@ guests:
 
   it('maps watched sockets to guests', () => {
     const c = parseConfig(`
-defaults: { after: none }
+defaults: { after: none, mode: early-reboot }
 watch:
   - { dir: /run/qemu/, device: "nbd+unix:///{guest}-dump?socket=/s", keep: 7 }
 `);
@@ -80,6 +87,8 @@ watch:
       format: 'elf',
       after: 'none',
       keep: 7,
+      mode: 'early-reboot',
+      streamMiBps: 0,
       loopLimit: { dumps: 3, minutes: 10 },
     });
     expect(watchedGuest(w, 'web1.sock', c.defaults)).toBeNull();

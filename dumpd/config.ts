@@ -3,6 +3,9 @@
 //   listen: 127.0.0.1:9411          # /metrics and the control API (loopback only by default)
 //   runDir: /run/ballast-dumpd      # FIFOs live here while a dump runs
 //   defaults: { format: elf, after: reboot, keep: 3 }
+//                                   # mode: early-reboot reboots a panicked guest at once
+//                                   # while its memory streams to the device (early.ts);
+//                                   # streamMiBps caps that stream (0: no cap)
 //   guests:
 //     - name: web1
 //       qmp: /run/qemu/web1.qmp     # unix:PATH, PATH or tcp:HOST:PORT
@@ -25,10 +28,17 @@ import { DumpError, type DumpFormat, FORMATS, validGuestName } from './catalog.j
 export const AFTER = ['reboot', 'pause', 'poweroff', 'none'] as const;
 export type After = (typeof AFTER)[number];
 
+/** What a panic does: stop the guest for the dump, or reboot it while the dump streams. */
+export const MODES = ['dump-then-reboot', 'early-reboot'] as const;
+export type Mode = (typeof MODES)[number];
+
 export interface Policy {
   format: DumpFormat;
   after: After;
   keep: number;
+  mode: Mode;
+  /** Cap on an early-reboot stream, MiB/s; 0 for none. */
+  streamMiBps: number;
   /**
    * A guest that panics at every boot: after `dumps` panics within `minutes`,
    * the next one is dumped and the guest paused instead of rebooted.
@@ -75,6 +85,8 @@ export const DEFAULT_POLICY: Policy = {
   format: 'elf',
   after: 'reboot',
   keep: 3,
+  mode: 'dump-then-reboot',
+  streamMiBps: 0,
   loopLimit: { dumps: 3, minutes: 10 },
 };
 export const DEFAULT_LISTEN = '127.0.0.1:9411';
@@ -101,14 +113,22 @@ function str(
 
 function policy(o: Record<string, unknown>, where: string, base: Policy): Policy {
   const format = o.format ?? base.format;
-  if (typeof format !== 'string' || !(FORMATS as readonly string[]).includes(format))
-    bad(`${where}: format must be one of ${FORMATS.join(', ')}`);
+  // `migration` is how early-reboot dumps are stored, not a format QEMU dumps in.
+  const dumpFormats = FORMATS.filter((f) => f !== 'migration');
+  if (typeof format !== 'string' || !(dumpFormats as readonly string[]).includes(format))
+    bad(`${where}: format must be one of ${dumpFormats.join(', ')}`);
   const after = o.after ?? base.after;
   if (typeof after !== 'string' || !(AFTER as readonly string[]).includes(after))
     bad(`${where}: after must be one of ${AFTER.join(', ')}`);
   const keep = o.keep ?? base.keep;
   if (typeof keep !== 'number' || !Number.isInteger(keep) || keep < 1 || keep > 200)
     bad(`${where}: keep must be a whole number from 1 to 200`);
+  const mode = o.mode ?? base.mode;
+  if (typeof mode !== 'string' || !(MODES as readonly string[]).includes(mode))
+    bad(`${where}: mode must be one of ${MODES.join(', ')}`);
+  const streamMiBps = o.streamMiBps ?? base.streamMiBps;
+  if (typeof streamMiBps !== 'number' || !(streamMiBps >= 0))
+    bad(`${where}: streamMiBps must be a number of MiB/s, 0 for no cap`);
   let loopLimit = base.loopLimit;
   if (o.loopLimit !== undefined) {
     const l = o.loopLimit as Record<string, unknown> | null;
@@ -124,10 +144,17 @@ function policy(o: Record<string, unknown>, where: string, base: Policy): Policy
       bad(`${where}: loopLimit.minutes must be a number of minutes above 0, at most a week`);
     loopLimit = { dumps, minutes };
   }
-  return { format: format as DumpFormat, after: after as After, keep, loopLimit };
+  return {
+    format: format as DumpFormat,
+    after: after as After,
+    keep,
+    mode: mode as Mode,
+    streamMiBps,
+    loopLimit,
+  };
 }
 
-const POLICY_KEYS = ['format', 'after', 'keep', 'loopLimit'];
+const POLICY_KEYS = ['format', 'after', 'keep', 'mode', 'streamMiBps', 'loopLimit'];
 
 function known(o: Record<string, unknown>, where: string, keys: readonly string[]): void {
   for (const k of Object.keys(o))
@@ -252,6 +279,8 @@ export function watchedGuest(w: WatchConfig, file: string, defaults: Policy): Gu
     format: w.format ?? defaults.format,
     after: w.after ?? defaults.after,
     keep: w.keep ?? defaults.keep,
+    mode: w.mode ?? defaults.mode,
+    streamMiBps: w.streamMiBps ?? defaults.streamMiBps,
     loopLimit: w.loopLimit ?? defaults.loopLimit,
   };
 }

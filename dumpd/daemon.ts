@@ -4,9 +4,10 @@
 //
 //   GET  /metrics                     Prometheus text
 //   GET  /v1/guests                   guests, connection state, last dump
-//   POST /v1/guests/NAME/dump[?after=reboot|pause|poweroff|none]
+//   POST /v1/guests/NAME/dump[?after=reboot|pause|poweroff|none][&mode=early-reboot]
 //                                     dump now; answers when done (after defaults to the
-//                                     guest's policy if it sits panicked, else none)
+//                                     guest's policy if it sits panicked, else none;
+//                                     early-reboot reboots the guest while the dump streams)
 //
 // On a TCP listener the POST needs `Authorization: Bearer TOKEN`, the token dumpd
 // writes to RUNDIR/token (mode 0600) at start: a dump reads a guest's memory and
@@ -14,7 +15,11 @@
 // socket the socket's mode (0600) guards it. Slow or idle HTTP clients are cut
 // off as on the agent's API (api-guard.ts).
 //
-// One dump per guest at a time; a panic while a dump runs is logged and ignored.
+// One dump per guest at a time. A panic while a dump of the guest runs (an early-reboot
+// dump streams while the rebooted guest runs, and may panic again) waits: QEMU keeps the
+// guest stopped in guest-panicked, and once the running dump is settled the new panic is
+// dumped (and the guest rebooted) by the guest's policy. The running dump is never
+// touched by it; a third panic cannot happen while the guest is stopped.
 
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
@@ -40,8 +45,17 @@ import {
   type DeviceRef,
   type DumpdConfig,
   type GuestConfig,
+  MODES,
+  type Mode,
   watchedGuest,
 } from './config.js';
+import { DumpDevice } from './device.js';
+import {
+  QEMU_DEFAULT_BANDWIDTH,
+  runEarlyReboot,
+  SNAPSHOT_BANDWIDTH,
+  setMaxBandwidth,
+} from './early.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
 import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
@@ -49,7 +63,47 @@ import { type QmpEvent, QmpMonitor } from './qmp.js';
 export interface DumpdDeps {
   /** Turns a device reference into an NBD URI (agent devices need the agent's API). */
   resolveDevice(ref: DeviceRef, guest: string): Promise<string>;
+  /**
+   * Posts a dump.completed or dump.failed event to the agent that holds an agent
+   * device (POST /v1/events), so that its notification recipients learn of the dump.
+   * Best effort: a rejection is logged, the dump is unaffected.
+   */
+  postEvent?(ref: AgentDeviceRef, event: DumpEvent): Promise<void>;
   log?(line: string): void;
+}
+
+/** A dump device named on an agent (rather than by an NBD URI). */
+export type AgentDeviceRef = Exclude<DeviceRef, { uri: string }>;
+
+/** What dumpd tells an agent about a dump on one of its devices. */
+export interface DumpEvent {
+  kind: 'dump.completed' | 'dump.failed';
+  /** The agent's device. */
+  subject: string;
+  data: Record<string, unknown>;
+}
+
+/** The event for a settled dump. */
+export function dumpEvent(device: string, r: DumpResult): DumpEvent {
+  const e = r.entry;
+  return {
+    kind: r.ok ? 'dump.completed' : 'dump.failed',
+    subject: device,
+    data: {
+      guest: r.guest,
+      device,
+      ...(e ? { id: e.id, format: e.format, state: e.state } : {}),
+      ...(e?.checksum ? { checksum: e.checksum } : {}),
+      bytes: r.bytes,
+      durationMs: r.durationMs,
+      mode: r.mode ?? 'dump-then-reboot',
+      after: r.after,
+      ...(r.fallback ? { fallback: r.fallback } : {}),
+      ...(r.panicAt ? { panicAt: new Date(r.panicAt).toISOString() } : {}),
+      ...(r.runningAt ? { runningAt: new Date(r.runningAt).toISOString() } : {}),
+      ...(r.error ? { error: r.error } : {}),
+    },
+  };
 }
 
 interface GuestState {
@@ -59,6 +113,8 @@ interface GuestState {
   running: Promise<DumpResult> | null;
   last: DumpResult | null;
   panics: number;
+  /** A panic that came while a dump ran: dumped once that one is settled. */
+  pending: QmpEvent | null;
   /** performance.now() of the recent panics, for the loop limit. */
   recentPanics: number[];
 }
@@ -171,8 +227,31 @@ export class Dumpd extends EventEmitter {
       }),
       recovery: new Gauge({
         name: 'ballast_dumpd_panic_to_running_seconds',
-        help: 'Time from the last panic to the guest running again (after: reboot)',
+        help: 'Service downtime: time from the last panic to the guest running again (after: reboot)',
         labelNames: ['guest'],
+        registers: r,
+      }),
+      toComplete: new Gauge({
+        name: 'ballast_dumpd_panic_to_dump_complete_seconds',
+        help: 'Time from the last panic to its dump complete on the device',
+        labelNames: ['guest', 'mode'],
+        registers: r,
+      }),
+      throughput: new Gauge({
+        name: 'ballast_dumpd_dump_throughput_bytes_per_second',
+        help: 'Bytes of the last complete dump over the time from its start to complete',
+        labelNames: ['guest', 'mode'],
+        registers: r,
+      }),
+      fallbacks: new Counter({
+        name: 'ballast_dumpd_early_reboot_fallbacks_total',
+        help: 'Early-reboot dumps taken as dump-then-reboot instead (no background snapshot possible)',
+        labelNames: ['guest'],
+        registers: r,
+      }),
+      streaming: new Gauge({
+        name: 'ballast_dumpd_dumps_streaming',
+        help: 'Early-reboot dumps streaming while their guest runs again',
         registers: r,
       }),
       connected: new Gauge({
@@ -257,12 +336,14 @@ export class Dumpd extends EventEmitter {
       running: null,
       last: null,
       panics: 0,
+      pending: null,
       recentPanics: [],
     };
     this.guests.set(cfg.name, st);
     monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
       this.emit('connected', cfg.name);
+      void this.cleanupStream(st, c);
       // A guest that panicked while nobody watched (dumpd restarting) is still paused in
       // guest-panicked: handle it as if the event had just come.
       c.execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 }).then(
@@ -327,8 +408,112 @@ export class Dumpd extends EventEmitter {
       .map((g) => g.cfg.name);
   }
 
+  /**
+   * A dumpd that died while an early-reboot dump streamed leaves background-snapshot on
+   * (the guest's next live migration would be a snapshot) and the dump `streaming`:
+   * turn it off, and mark the dump failed (interrupted). The guest ran on meanwhile.
+   */
+  private async cleanupStream(st: GuestState, c: QmpClient): Promise<void> {
+    const t = { timeoutMs: 10_000 };
+    try {
+      const caps = await c.execute<{ capability: string; state: boolean }[]>(
+        'query-migrate-capabilities',
+        undefined,
+        t,
+      );
+      if (!caps.some((x) => x.capability === 'background-snapshot' && x.state)) return;
+      if (st.running) return;
+      // The snapshot drains into /dev/null once nobody reads it (early.ts,
+      // snapshotTarget): wait for its end rather than cancel it, which can deadlock QEMU
+      // while the rebooted guest waits for a page.
+      const deadline = Date.now() + this.cfg.dumpTimeoutMs;
+      for (let logged = false; ; ) {
+        const q = await c.execute<{ status?: string }>('query-migrate', undefined, t);
+        if (q.status !== 'active' && q.status !== 'setup' && q.status !== 'cancelling') break;
+        if (Date.now() > deadline) {
+          this.log(
+            `guest ${st.cfg.name}: the interrupted snapshot is still ${q.status}; background-snapshot stays on`,
+          );
+          return;
+        }
+        if (!logged) {
+          this.log(`guest ${st.cfg.name}: waiting for an interrupted snapshot to drain`);
+          logged = true;
+        }
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await c.execute(
+        'migrate-set-capabilities',
+        { capabilities: [{ capability: 'background-snapshot', state: false }] },
+        t,
+      );
+      // The stream's lifted bandwidth cap: QEMU's default again (the old one is not known).
+      const p = await c.execute<{ 'max-bandwidth'?: number }>(
+        'query-migrate-parameters',
+        undefined,
+        t,
+      );
+      if (p['max-bandwidth'] === SNAPSHOT_BANDWIDTH)
+        await setMaxBandwidth(c, QEMU_DEFAULT_BANDWIDTH);
+      this.log(`guest ${st.cfg.name}: an early-reboot stream was interrupted (dumpd restarted)`);
+      const dev = await DumpDevice.open(
+        await this.deps.resolveDevice(st.cfg.device, st.cfg.name),
+        st.cfg.tlsCerts ? { tls: { dir: st.cfg.tlsCerts } } : {},
+      );
+      try {
+        const n = await dev.recover(Date.now(), st.cfg.name);
+        if (n) {
+          this.log(`guest ${st.cfg.name}: ${n} interrupted dump(s) marked failed`);
+          if ('device' in st.cfg.device)
+            this.post(st, {
+              kind: 'dump.failed',
+              subject: st.cfg.device.device,
+              data: {
+                guest: st.cfg.name,
+                device: st.cfg.device.device,
+                mode: 'early-reboot',
+                interrupted: n,
+                error: {
+                  code: 'DUMP_INTERRUPTED',
+                  message: 'dumpd stopped while the dump streamed',
+                },
+              },
+            });
+        }
+      } finally {
+        await dev.close();
+      }
+      // Died before the snapshot started: the guest is still stopped at its panic.
+      const q = await c.execute<{ status: string }>('query-status', undefined, t);
+      if (q.status === 'paused' && !st.running) {
+        this.log(`guest ${st.cfg.name}: still stopped at its panic; dumping it again`);
+        this.onPanic(st, { event: 'GUEST_PANICKED', data: { action: 'pause', found: true } });
+      }
+    } catch (e) {
+      this.log(
+        `guest ${st.cfg.name}: cleanup after an interrupted stream: ${(e as Error).message}`,
+      );
+    }
+  }
+
+  /** Tells the agent of an agent device about a dump; best effort (logged, never thrown). */
+  private post(st: GuestState, ev: DumpEvent): void {
+    const ref = st.cfg.device;
+    if ('uri' in ref || !this.deps.postEvent) return;
+    void this.deps.postEvent(ref, ev).then(
+      () => this.log(`guest ${st.cfg.name}: ${ev.kind} posted to the agent of ${ref.device}`),
+      (e: unknown) =>
+        this.log(
+          `guest ${st.cfg.name}: warning: ${ev.kind} not posted to the agent of ${ref.device}: ${(e as Error).message}`,
+        ),
+    );
+  }
+
   private onPanic(st: GuestState, ev: QmpEvent): void {
-    const at = Date.now();
+    // QEMU's timestamp of the event: when the guest stopped, not when we heard of it.
+    const ts = ev.timestamp;
+    const at =
+      ts && ts.seconds > 0 ? ts.seconds * 1000 + Math.floor(ts.microseconds / 1000) : Date.now();
     st.panics++;
     this.m.panics.inc({ guest: st.cfg.name });
     const action = String(ev.data.action ?? '');
@@ -339,16 +524,42 @@ export class Dumpd extends EventEmitter {
       return;
     }
     if (st.running) {
-      this.log(`guest ${st.cfg.name}: a dump is already running; this panic is not dumped`);
+      if (st.pending) return; // the guest is stopped: it cannot panic twice meanwhile
+      st.pending = { ...ev, data: { ...ev.data, panicAt: at } };
+      this.log(
+        `guest ${st.cfg.name}: a dump is running; this panic waits for it (the guest stays stopped in guest-panicked)`,
+      );
       return;
     }
     const after = loopGuard(st, this.log.bind(this));
-    void this.dump(st.cfg.name, { reason: 'panic', after })
-      .then((r) => {
-        if (r.ok && st.cfg.after === 'reboot' && !r.afterError)
-          this.m.recovery.set({ guest: st.cfg.name }, (Date.now() - at) / 1000);
-      })
-      .catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+    void this.dump(st.cfg.name, {
+      reason: 'panic',
+      after,
+      // A guest paused by the loop limit is not rebooted early either.
+      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
+      panicAt: at,
+    }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+  }
+
+  /** After a dump is settled: the panic that waited for it, if the guest is still stopped there. */
+  private async takePending(st: GuestState): Promise<void> {
+    const ev = st.pending;
+    st.pending = null;
+    const qmp = st.monitor.client;
+    if (!ev || !qmp || this.stopped) return;
+    const q = await qmp
+      .execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 })
+      .catch(() => null);
+    if (q?.status !== 'guest-panicked') return;
+    const at = Number(ev.data.panicAt) || Date.now();
+    this.log(`guest ${st.cfg.name}: dumping the panic that waited`);
+    const after = loopGuard(st, this.log.bind(this));
+    void this.dump(st.cfg.name, {
+      reason: 'panic',
+      after,
+      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
+      panicAt: at,
+    }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
   }
 
   /**
@@ -370,14 +581,20 @@ export class Dumpd extends EventEmitter {
   }
 
   /** Dumps a guest now. Rejects with DUMP_UNKNOWN_GUEST, DUMP_GUEST_OFFLINE or DUMP_BUSY. */
-  async dump(name: string, o: { reason?: string; after?: After } = {}): Promise<DumpResult> {
+  async dump(
+    name: string,
+    o: { reason?: string; after?: After; mode?: Mode; panicAt?: number } = {},
+  ): Promise<DumpResult> {
     const st = this.guests.get(name);
     if (!st) throw new DumpError('DUMP_UNKNOWN_GUEST', `dumpd does not know a guest named ${name}`);
     if (st.running) throw new DumpError('DUMP_BUSY', `a dump of ${name} is already running`);
     const qmp = st.monitor.client;
     if (!qmp) throw new DumpError('DUMP_GUEST_OFFLINE', `guest ${name}: QMP is not connected`);
     const reason = o.reason ?? 'request';
-    const after = o.after ?? 'none';
+    const mode = o.mode ?? 'dump-then-reboot';
+    // An early reboot is a reboot.
+    const after = mode === 'early-reboot' ? 'reboot' : (o.after ?? 'none');
+    const panicAt = o.panicAt ?? Date.now();
     const job = (async (): Promise<DumpResult> => {
       this.m.started.inc({ guest: name, reason });
       const end = this.m.duration.startTimer({ guest: name });
@@ -395,15 +612,55 @@ export class Dumpd extends EventEmitter {
           bytes: 0,
           durationMs: 0,
           after,
+          mode,
+          panicAt,
           error: { code, message: (e as Error).message },
         };
-        await applyAfter(qmp, after).catch((x: unknown) => {
-          r.afterError = {
-            code: (x as { code?: string }).code ?? 'DUMP_FAILED',
-            message: (x as Error).message,
-          };
-        });
+        await applyAfter(qmp, after).then(
+          () => {
+            if (after === 'reboot') r.runningAt = Date.now();
+          },
+          (x: unknown) => {
+            r.afterError = {
+              code: (x as { code?: string }).code ?? 'DUMP_FAILED',
+              message: (x as Error).message,
+            };
+          },
+        );
         return r;
+      }
+      const progress = (b: number) => {
+        this.m.bytes.inc({ guest: name }, b - counted);
+        counted = b;
+      };
+      if (mode === 'early-reboot') {
+        this.log(`guest ${name}: early reboot (${reason}): snapshot streaming to ${uri}`);
+        this.m.streaming.inc();
+        try {
+          const r = await runEarlyReboot({
+            guest: name,
+            qmp,
+            uri,
+            ...(st.cfg.tlsCerts ? { nbd: { tls: { dir: st.cfg.tlsCerts } } } : {}),
+            format: st.cfg.format,
+            keep: st.cfg.keep,
+            runDir: this.cfg.runDir,
+            timeoutMs: this.cfg.dumpTimeoutMs,
+            panicAt,
+            streamMiBps: st.cfg.streamMiBps,
+            onProgress: progress,
+            onRunning: (t) => {
+              this.log(`guest ${name}: running again ${t - panicAt} ms after the panic`);
+              this.emit('running', name, t);
+            },
+            log: (s) => this.log(s),
+          });
+          if (r.fallback) this.m.fallbacks.inc({ guest: name });
+          end();
+          return r;
+        } finally {
+          this.m.streaming.dec();
+        }
       }
       this.log(`guest ${name}: dumping (${reason}, ${st.cfg.format}) to ${uri}`);
       const r = await runDump({
@@ -416,10 +673,8 @@ export class Dumpd extends EventEmitter {
         after,
         runDir: this.cfg.runDir,
         timeoutMs: this.cfg.dumpTimeoutMs,
-        onProgress: (b) => {
-          this.m.bytes.inc({ guest: name }, b - counted);
-          counted = b;
-        },
+        panicAt,
+        onProgress: progress,
         onQemuProgress: (done, total) => {
           if (total > 0) this.m.progress.set({ guest: name }, done / total);
         },
@@ -432,7 +687,14 @@ export class Dumpd extends EventEmitter {
       const r = await job;
       st.last = r;
       const now = Date.now() / 1000;
+      const how = r.mode ?? mode;
+      if (r.runningAt && r.panicAt)
+        this.m.recovery.set({ guest: name }, (r.runningAt - r.panicAt) / 1000);
       if (r.ok) {
+        if (r.settledAt && r.panicAt)
+          this.m.toComplete.set({ guest: name, mode: how }, (r.settledAt - r.panicAt) / 1000);
+        if (r.durationMs > 0)
+          this.m.throughput.set({ guest: name, mode: how }, r.bytes / (r.durationMs / 1000));
         this.m.progress.set({ guest: name }, 1);
         this.m.completed.inc({ guest: name });
         this.m.last.set({ guest: name, result: 'complete' }, now);
@@ -440,13 +702,19 @@ export class Dumpd extends EventEmitter {
         this.m.failed.inc({ guest: name, code: r.error?.code ?? 'DUMP_FAILED' });
         this.m.last.set({ guest: name, result: 'failed' }, now);
       }
+      const timeline =
+        r.panicAt && r.runningAt
+          ? `; panic -> running ${r.runningAt - r.panicAt} ms, panic -> settled ${(r.settledAt ?? 0) - r.panicAt} ms`
+          : '';
       this.log(
-        `guest ${name}: dump ${r.ok ? `${r.entry?.id} complete` : `failed: ${r.error?.code} ${r.error?.message}`}, ${r.bytes} bytes in ${r.durationMs} ms; after: ${r.after}${r.afterError ? ` (failed: ${r.afterError.message})` : ''}`,
+        `guest ${name}: dump ${r.ok ? `${r.entry?.id} complete` : `failed: ${r.error?.code} ${r.error?.message}`}, ${r.bytes} bytes in ${r.durationMs} ms (${how}${r.fallback ? `, fell back: ${r.fallback}` : ''}); after: ${r.after}${r.afterError ? ` (failed: ${r.afterError.message})` : ''}${timeline}`,
       );
       this.emit('dump', r);
+      this.post(st, dumpEvent('device' in st.cfg.device ? st.cfg.device.device : '', r));
       return r;
     } finally {
       st.running = null;
+      if (st.pending) void this.takePending(st);
     }
   }
 
@@ -542,6 +810,7 @@ export class Dumpd extends EventEmitter {
             dumping: g.running !== null,
             format: g.cfg.format,
             after: g.cfg.after,
+            mode: g.cfg.mode,
             keep: g.cfg.keep,
             panics: g.panics,
             last: g.last,
@@ -566,7 +835,18 @@ export class Dumpd extends EventEmitter {
           });
           return;
         }
-        const r = await this.dump(name, { after: after as After });
+        const mode = url.searchParams.get('mode') ?? 'dump-then-reboot';
+        if (!(MODES as readonly string[]).includes(mode)) {
+          send(400, {
+            code: 'DUMP_BAD_REQUEST',
+            message: `mode must be one of ${MODES.join(', ')}`,
+          });
+          return;
+        }
+        const r = await this.dump(name, {
+          after: after as After,
+          mode: mode as Mode,
+        });
         send(200, r);
         return;
       }

@@ -16,6 +16,7 @@
 
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import {
+  annotateDump,
   type Catalog,
   chooseCatalog,
   completeDump,
@@ -123,9 +124,12 @@ export class DumpDevice {
     }
   }
 
-  /** Marks dumps left `writing` by a dead dumpd as failed and frees their space. */
-  async recover(now = Date.now()): Promise<number> {
-    const r = recoverInterrupted(this.catalog, now);
+  /**
+   * Marks dumps left `writing` or `streaming` by a dead dumpd (of one guest, or all)
+   * as failed and frees their space.
+   */
+  async recover(now = Date.now(), guest?: string): Promise<number> {
+    const r = recoverInterrupted(this.catalog, now, guest);
     if (!r) return 0;
     await this.commit(r.catalog);
     await this.trim(r.trims);
@@ -146,12 +150,20 @@ export class DumpDevice {
     return e;
   }
 
+  /** Records when the guest ran again, or a note, in a dump's entry. */
+  async annotate(id: number, r: { runningAt?: number; note?: string }): Promise<DumpEntry> {
+    await this.commit(annotateDump(this.catalog, id, r));
+    return this.find(id);
+  }
+
   /** Reserves space for a new dump (dropping old ones per `keep`) and returns its writer. */
   async begin(o: {
     guest: string;
     format: DumpFormat;
     keep: number;
     now?: number;
+    state?: 'writing' | 'streaming';
+    panicAt?: number;
   }): Promise<DumpWriter> {
     const plan = planDump(this.catalog, this.size, { ...o, now: o.now ?? Date.now() });
     await this.commit(plan.catalog);
@@ -196,6 +208,38 @@ export class DumpDevice {
       pos += chunk.length;
     }
     return hash.digest();
+  }
+
+  /**
+   * A dump's bytes in order, in pieces of up to 4 MiB with a few reads in flight, for
+   * readers that pull (the migration stream parser). `checksum()` is valid once the
+   * iteration has ended: compare it with the entry's.
+   */
+  pieces(e: DumpEntry): { chunks: AsyncGenerator<Buffer>; checksum: () => string } {
+    const hash = checksummer(parseChecksum(e.checksum)?.alg ?? CHECKSUM);
+    const step = Math.min(READ_SIZE, this.nbd.maxBlock);
+    const nbd = this.nbd;
+    async function* gen(): AsyncGenerator<Buffer> {
+      const ahead: Promise<Buffer>[] = [];
+      let next = 0;
+      const fill = () => {
+        while (ahead.length < 4 && next < e.length) {
+          const n = Math.min(step, e.length - next);
+          const p = nbd.read(e.offset + next, n);
+          p.catch(() => {});
+          ahead.push(p);
+          next += n;
+        }
+      };
+      fill();
+      while (ahead.length) {
+        const chunk = await (ahead.shift() as Promise<Buffer>);
+        fill();
+        hash.update(chunk);
+        yield chunk;
+      }
+    }
+    return { chunks: gen(), checksum: () => hash.digest() };
   }
 
   async close(): Promise<void> {
@@ -283,6 +327,19 @@ export class DumpWriter {
     return this.outstanding <= MAX_OUTSTANDING;
   }
 
+  /** Copies `data` in (a header: small); returns as filled() does. */
+  append(data: Buffer): boolean {
+    let more = true;
+    for (let off = 0; off < data.length; ) {
+      const w = this.window();
+      const n = Math.min(w.length, data.length - off);
+      data.copy(w, 0, off, off + n);
+      more = this.filled(n);
+      off += n;
+    }
+    return more;
+  }
+
   /** Resolves once more may be read (rejects with the failure, if any). */
   ready(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
@@ -355,8 +412,8 @@ export class DumpWriter {
     if (this.dev.nbd.canFlush) await this.dev.nbd.flush();
   }
 
-  /** Makes the data durable and marks the dump complete. */
-  async finish(now = Date.now()): Promise<DumpEntry> {
+  /** Makes the data durable and marks the dump complete (with a note, if any). */
+  async finish(now = Date.now(), note?: string): Promise<DumpEntry> {
     if (this.settled) throw new DumpError('DUMP_STATE', 'the dump is already settled');
     await this.drain();
     await this.dev.commit(
@@ -364,6 +421,7 @@ export class DumpWriter {
         length: this.length,
         checksum: this.sum.digest(),
         now,
+        ...(note !== undefined ? { note } : {}),
       }),
     );
     this.settled = true;

@@ -44,6 +44,10 @@ export interface DumpJobOptions {
   onQemuProgress?: (completed: number, total: number) => void;
   /** Called once the entry is reserved (for logs). */
   onStart?: (entry: DumpEntry) => void;
+  /** When the guest panicked (or the dump was asked for), ms; recorded in the entry. */
+  panicAt?: number;
+  /** Recorded in a complete entry (why an early reboot fell back to this path). */
+  note?: string;
 }
 
 export interface DumpResult {
@@ -57,9 +61,19 @@ export interface DumpResult {
   error?: { code: string; message: string };
   /** Set when applying `after` failed. */
   afterError?: { code: string; message: string };
+  /** How the dump was taken: the guest stopped for it, or rebooted while it streamed. */
+  mode?: 'dump-then-reboot' | 'early-reboot';
+  /** Why an early reboot was not possible (dump-then-reboot was used instead). */
+  fallback?: string;
+  /** When the guest panicked (or the dump was asked for), ms since the epoch. */
+  panicAt?: number;
+  /** When the guest ran again (after: reboot), ms since the epoch. */
+  runningAt?: number;
+  /** When the dump was settled, ms since the epoch. */
+  settledAt?: number;
 }
 
-function codeOf(e: unknown): string {
+export function codeOf(e: unknown): string {
   const c = (e as { code?: unknown })?.code;
   return typeof c === 'string' && /^[A-Z][A-Z0-9_]+$/.test(c) ? c : 'DUMP_FAILED';
 }
@@ -79,7 +93,7 @@ function nativeOrNull(): BallastNative | null {
   }
 }
 
-async function mkfifo(p: string): Promise<void> {
+export async function mkfifo(p: string): Promise<void> {
   const native = nativeOrNull();
   try {
     if (!native) await run('mkfifo', ['-m', '600', p]);
@@ -98,7 +112,7 @@ async function mkfifo(p: string): Promise<void> {
  * Grows the pipe behind `fd` to PIPE_SIZE, or to what /proc/sys/fs/pipe-max-size
  * allows without CAP_SYS_RESOURCE; best effort (the default size works, only slower).
  */
-function growPipe(fd: number): void {
+export function growPipe(fd: number): void {
   const native = nativeOrNull();
   if (!native || native.setPipeSize(fd, PIPE_SIZE) >= 0) return;
   try {
@@ -161,8 +175,14 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
       throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
 
     device = await DumpDevice.open(o.uri, o.nbd);
-    await device.recover();
-    writer = await device.begin({ guest: o.guest, format: o.format, keep: o.keep });
+    // Only this guest's: another dumpd may be writing a dump of another guest here.
+    await device.recover(Date.now(), o.guest);
+    writer = await device.begin({
+      guest: o.guest,
+      format: o.format,
+      keep: o.keep,
+      ...(o.panicAt ? { panicAt: o.panicAt } : {}),
+    });
     o.onStart?.(writer.entry);
 
     mkdirSync(o.runDir, { recursive: true, mode: 0o700 });
@@ -273,7 +293,7 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
         'DUMP_QEMU_FAILED',
         `QEMU's dump failed: ${String(ev.data.error ?? result?.status ?? 'unknown')}`,
       );
-    entry = await writer.finish();
+    entry = await writer.finish(Date.now(), o.note);
   } catch (e) {
     failure = e;
     if (writer) entry = await writer.fail(`${codeOf(e)}: ${(e as Error).message ?? e}`);
@@ -281,7 +301,6 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     if (writer) await waitDumpIdle(o.qmp, 30_000).catch(() => {});
   } finally {
     if (fifo) rmSync(fifo, { force: true });
-    await device?.close().catch(() => {});
   }
   const result: DumpResult = {
     guest: o.guest,
@@ -290,6 +309,9 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     bytes,
     durationMs: Date.now() - t0,
     after: o.after,
+    mode: 'dump-then-reboot',
+    settledAt: Date.now(),
+    ...(o.panicAt ? { panicAt: o.panicAt } : {}),
   };
   if (failure !== null)
     result.error = {
@@ -298,9 +320,16 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     };
   try {
     await applyAfter(o.qmp, o.after);
+    if (o.after === 'reboot') result.runningAt = Date.now();
   } catch (e) {
     result.afterError = { code: codeOf(e), message: (e as Error).message };
   }
+  // The guest runs again: now record when, in the entry (it waited for nothing here).
+  if (result.runningAt && entry && device)
+    result.entry = await device
+      .annotate(entry.id, { runningAt: result.runningAt })
+      .catch(() => entry);
+  await device?.close().catch(() => {});
   return result;
 }
 

@@ -1,8 +1,14 @@
 // A tiny Linux guest for end-to-end tests: Debian's kernel (/boot/vmlinuz-*) and an
 // initramfs built here from Debian's static busybox and the pvpanic modules. The guest
 // prints BALLAST-BOOT on every boot, then takes commands on its serial console:
-//   mark NONCE   fill 20000 lines of BALLAST-MARK-NONCE into a RAM file
-//   panic        echo c > /proc/sysrq-trigger
+//   mark NONCE      fill 20000 lines of BALLAST-MARK-NONCE into a RAM file
+//   markphys NONCE  fill the 4 MiB at guest-physical PHYS_MARK_GPA (kept out of the
+//                   kernel's hands by memmap=...$...) with BALLAST-PHYS-NONCE through
+//                   /dev/mem: every boot writes the same memory
+//   fill MIB        write MIB MiB of text at guest-physical FILL_GPA through /dev/mem
+//                   (memory worth dumping that no boot touches: guestArgs' fillMiB
+//                   reserves it)
+//   panic           echo c > /proc/sysrq-trigger
 // The console is a Unix socket (QEMU's server), read and written by GuestConsole.
 
 import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
@@ -23,11 +29,23 @@ while true; do
   echo BALLAST-READY
   read cmd arg || sleep 1
   case "$cmd" in
-    mark) yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; echo BALLAST-MARKED ;;
+    mark) if yes "BALLAST-MARK-$arg" | head -n 20000 > /tmp/pattern; then echo BALLAST-MARKED; else echo BALLAST-MARK-FAILED; fi ;;
+    markphys) if yes "BALLAST-PHYS-$arg" | head -c 4194304 |
+        dd of=/dev/mem bs=65536 seek=1024 conv=notrunc 2>/dev/null; then
+        echo BALLAST-PHYS-DONE; else echo BALLAST-PHYS-FAILED; fi ;;
+    fill) if yes "BALLAST-FILL-$arg" | head -c $((arg * 1048576)) |
+        dd of=/dev/mem bs=65536 seek=1088 conv=notrunc 2>/dev/null; then
+        echo BALLAST-FILLED; else echo BALLAST-FILL-FAILED; fi ;;
     panic) echo c > /proc/sysrq-trigger ;;
   esac
 done
 `;
+
+/** Where `markphys` writes (64 MiB; dd's seek=1024 of 64 KiB blocks), and how much. */
+export const PHYS_MARK_GPA = 0x4000000;
+export const PHYS_MARK_SIZE = 4 * 1024 * 1024;
+/** Where `fill` writes, right after markphys's region (dd's seek=1088 of 64 KiB blocks). */
+export const FILL_GPA = 0x4400000;
 
 /** The kernel's release, from /boot/vmlinuz-RELEASE. */
 function release(kernel: string): string {
@@ -65,7 +83,10 @@ export function guestArgs(
   g: { kernel: string; initrd: string },
   consoleSock: string,
   memMiB = 256,
+  opts: { fillMiB?: number } = {},
 ): string[] {
+  // One reserved region for both (a second memmap= made /dev/mem writes to the first fail).
+  const reserved = 4 + (opts.fillMiB ?? 0);
   return [
     '-machine',
     'pc,accel=tcg',
@@ -76,7 +97,8 @@ export function guestArgs(
     '-initrd',
     g.initrd,
     '-append',
-    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off',
+    // The memmap reserves markphys's and fill's regions (guests need more than 68 MiB).
+    `console=ttyS0 panic=0 quiet loglevel=3 mitigations=off memmap=${reserved}M$0x4000000`,
     '-device',
     'pvpanic',
     '-action',
