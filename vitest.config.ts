@@ -9,6 +9,7 @@ export default defineConfig({
       'dumpd/**/*.test.ts',
       'deploy/**/*.test.ts',
       'cluster/**/*.test.ts',
+      'migrate/**/*.test.ts',
       'test/**/*.test.ts',
     ],
     testTimeout: 60_000,
