@@ -9,7 +9,7 @@ import { type AgentApi, MigrateError } from '../migrate/handoff.js';
 import { migrateLive } from '../migrate/live.js';
 import type { Progress } from '../migrate/qemu.js';
 import { resumeGuest, suspendGuest } from '../migrate/suspend.js';
-import { takeover } from '../migrate/takeover.js';
+import { movableLibvirt, movableQemuArgs, takeover } from '../migrate/takeover.js';
 import { client, json, out, withCommon } from './manage.js';
 import { positiveInt } from './options.js';
 
@@ -272,10 +272,10 @@ export function registerGuest(program: Command): void {
         s.did === 'taken' ? `taken from ${s.from}` : s.did === 'reserved' ? 'reserved' : 'held';
       process.stderr.write(`${s.device}: ${what} by ${r.host} in ${s.ms.toFixed(0)} ms\n`);
     }
-    for (const a of r.attach) {
-      if (o.format === 'qemu') out(a.qemu.map(shellQuote).join(' '));
-      else if (o.format === 'libvirt') out(a.libvirt);
+    r.attach.forEach((a, i) => {
+      if (o.format === 'qemu') out(movableQemuArgs(a.qemu).map(shellQuote).join(' '));
+      else if (o.format === 'libvirt') out(movableLibvirt(a.libvirt, i));
       else out(a.uri);
-    }
+    });
   });
 }

@@ -80,7 +80,20 @@ export async function guestDevices(
         if (!d) throw new MigrateError('BALLAST_DEVICE_NOT_FOUND', `no device named ${n}`);
         return d;
       })
-    : all.filter((d) => d.guest === guest);
+    : all
+        .filter((d) => d.guest === guest)
+        // paging devices first (a guest's first disk), then by name: the same order everywhere
+        .sort((x, y) =>
+          x.role !== y.role
+            ? x.role === 'paging'
+              ? -1
+              : y.role === 'paging'
+                ? 1
+                : 0
+            : x.name < y.name
+              ? -1
+              : 1,
+        );
   if (out.length === 0) {
     throw new MigrateError(
       'MIGRATE_NO_DEVICES',

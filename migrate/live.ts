@@ -192,8 +192,9 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
     // start
     const uri = o.uri ?? `unix:/tmp/ballast-migrate-${o.guest.replace(/[^\w.-]/g, '_')}.sock`;
     try {
-      await setCapabilities(dstQ, { 'late-block-activate': true });
-      await setCapabilities(srcQ, { 'pause-before-switchover': true });
+      // events: MIGRATION events wake the waits at once (else they poll)
+      await setCapabilities(dstQ, { 'late-block-activate': true, events: true });
+      await setCapabilities(srcQ, { 'pause-before-switchover': true, events: true });
       await srcQ.execute('migrate-set-parameters', {
         'max-bandwidth': o.maxBandwidth ?? 64 * 1024 ** 3,
         'downtime-limit': o.downtimeLimitMs ?? 300,

@@ -231,7 +231,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       await q.execute('stop');
       stopped = true;
     }
-    await setCapabilities(q, { 'pause-before-switchover': false });
+    await setCapabilities(q, { 'pause-before-switchover': false, events: true });
     await q.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
     await q.execute('migrate', { uri: `unix:${sock}` });
     await Promise.all([
@@ -352,7 +352,7 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
     const id = await qemuIdentity(q);
     const why = incompatibility(h, { qemu: id.version, machine: id.machine });
     if (why) throw new MigrateError('SUSPEND_INCOMPATIBLE', why);
-    await setCapabilities(q, { 'late-block-activate': true });
+    await setCapabilities(q, { 'late-block-activate': true, events: true });
 
     const { dir, sock } = tempSocket();
     const hash = createHash('sha256');

@@ -52,3 +52,36 @@ export async function takeover(
   }
   return { guest, host, steps, attach };
 }
+
+/** How long a moving guest's NBD client keeps trying to reconnect (seconds). */
+export const RECONNECT_DELAY = 60;
+
+/**
+ * `attach` arguments made fit for a guest that moves: its NBD client reconnects (a
+ * source whose connections a hand-off aborted, and that gets the device back), and a
+ * refused write pauses the guest instead of failing its I/O.
+ */
+export function movableQemuArgs(args: string[]): string[] {
+  return args.map((a, i) => {
+    if (
+      args[i - 1] === '-blockdev' &&
+      a.startsWith('driver=nbd,') &&
+      !a.includes('reconnect-delay=')
+    )
+      return `${a},reconnect-delay=${RECONNECT_DELAY}`;
+    if (args[i - 1] === '-device' && !a.includes('werror=')) return `${a},werror=stop,rerror=stop`;
+    return a;
+  });
+}
+
+/** `attach --format libvirt` with its own target (vdb, vdc, ...) and the same error policy. */
+export function movableLibvirt(xml: string, index: number): string {
+  const dev = `vd${String.fromCharCode('b'.charCodeAt(0) + index)}`;
+  return xml
+    .replace(/<target dev='[^']*'/, `<target dev='${dev}'`)
+    .replace(/<driver ([^>]*?)\/>/, (m, attrs: string) =>
+      attrs.includes('error_policy')
+        ? m
+        : `<driver ${attrs} error_policy='stop' rerror_policy='stop'/>`,
+    );
+}
