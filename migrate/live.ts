@@ -229,10 +229,11 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
     // hand-off
     const tHand = performance.now();
     try {
-      for (const d of devices) {
-        movedAny = true;
-        await handOff(o.to.api, d, fromHost, toHost, generations.get(d) ?? 0);
-      }
+      movedAny = true;
+      // all devices at once: the guest is stopped while this runs
+      await Promise.all(
+        devices.map((d) => handOff(o.to.api, d, fromHost, toHost, generations.get(d) ?? 0)),
+      );
       handedOff = true;
       await o.hooks?.handedOff?.();
     } catch (e) {

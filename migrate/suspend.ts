@@ -69,6 +69,8 @@ export interface SuspendReport {
   qemu: string;
   machine: string;
   ms: number;
+  /** From stopping the guest to the header on disk: the stream's own time. */
+  streamMs: number;
   mibPerSec: number;
 }
 
@@ -96,13 +98,18 @@ function tempSocket(): { dir: string; sock: string } {
   return { dir, sock: path.join(dir, 'stream.sock') };
 }
 
-/** Writes a byte stream at [offset, end) of the device, piece by piece, hashing it. */
+/**
+ * Writes a byte stream at [offset, end) of the device in pieces of 4 MiB, hashing it.
+ * `push` is synchronous (no promise per socket chunk); the caller pauses the socket while
+ * `busy` says that IN_FLIGHT writes are out, and resumes on `onIdle`.
+ */
 class DeviceWriter {
   private piece = Buffer.allocUnsafe(PIECE);
   private fill = 0;
   private pos: number;
-  private readonly inFlight = new Set<Promise<void>>();
-  private failed: Error | null = null;
+  private inFlight = 0;
+  private readonly waiters: (() => void)[] = [];
+  failed: Error | null = null;
   readonly hash = createHash('sha256');
   bytes = 0;
 
@@ -114,9 +121,18 @@ class DeviceWriter {
     this.pos = offset;
   }
 
-  /** Takes a chunk; resolves when the caller may send more (backpressure). */
-  async push(chunk: Buffer): Promise<void> {
-    if (this.failed) throw this.failed;
+  get busy(): boolean {
+    return this.inFlight >= IN_FLIGHT;
+  }
+
+  /** Calls `f` once fewer than IN_FLIGHT writes are out. */
+  onIdle(f: () => void): void {
+    if (!this.busy) f();
+    else this.waiters.push(f);
+  }
+
+  push(chunk: Buffer): void {
+    if (this.failed) return;
     this.hash.update(chunk);
     this.bytes += chunk.length;
     let at = 0;
@@ -125,40 +141,44 @@ class DeviceWriter {
       chunk.copy(this.piece, this.fill, at, at + n);
       this.fill += n;
       at += n;
-      if (this.fill === PIECE) await this.flushPiece();
+      if (this.fill === PIECE) this.writePiece();
     }
   }
 
-  private async flushPiece(): Promise<void> {
-    if (this.fill === 0) return;
+  private writePiece(): void {
+    if (this.fill === 0 || this.failed) return;
     if (this.pos + this.fill > this.end) {
       this.failed = new MigrateError(
         'SUSPEND_NO_ROOM',
         `the stream outgrew the suspend area (${this.end - this.offset} bytes)`,
       );
-      throw this.failed;
+      this.wake();
+      return;
     }
-    const data = this.piece.subarray(0, this.fill);
-    const p = this.nbd.write(this.pos, data).then(
+    this.inFlight++;
+    this.nbd.write(this.pos, this.piece.subarray(0, this.fill)).then(
       () => {
-        this.inFlight.delete(p);
+        this.inFlight--;
+        this.wake();
       },
       (e: Error) => {
-        this.inFlight.delete(p);
+        this.inFlight--;
         this.failed ??= e;
+        this.wake();
       },
     );
-    this.inFlight.add(p);
     this.pos += this.fill;
     this.piece = Buffer.allocUnsafe(PIECE);
     this.fill = 0;
-    while (this.inFlight.size >= IN_FLIGHT) await Promise.race(this.inFlight);
-    if (this.failed) throw this.failed;
+  }
+
+  private wake(): void {
+    while (this.waiters.length && (!this.busy || this.failed)) this.waiters.shift()?.();
   }
 
   async finish(): Promise<void> {
-    await this.flushPiece();
-    await Promise.all(this.inFlight);
+    this.writePiece();
+    while (this.inFlight > 0) await new Promise<void>((r) => this.waiters.push(r));
     if (this.failed) throw this.failed;
     await this.nbd.flush();
   }
@@ -201,23 +221,20 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     const received = new Promise<void>((resolve, reject) => {
       server?.once('connection', (c) => {
         server?.close();
-        // One piece at a time, in order; the socket pauses while a piece is written.
-        let chain = Promise.resolve();
         const fail = (e: Error) => {
           c.destroy();
           reject(e);
         };
         c.on('data', (chunk: Buffer) => {
-          c.pause();
-          chain = chain
-            .then(() => writer.push(chunk))
-            .then(() => {
-              c.resume();
-            });
-          chain.catch(fail);
+          writer.push(chunk);
+          if (writer.failed) fail(writer.failed);
+          else if (writer.busy) {
+            c.pause();
+            writer.onIdle(() => (writer.failed ? fail(writer.failed) : c.resume()));
+          }
         });
         c.on('end', () => {
-          chain.then(() => writer.finish()).then(resolve, fail);
+          writer.finish().then(resolve, fail);
         });
         c.on('error', reject);
       });
@@ -227,6 +244,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       server?.once('error', reject);
       server?.listen(sock, resolve);
     });
+    const tStream = performance.now();
     if (wasRunning) {
       await q.execute('stop');
       stopped = true;
@@ -251,6 +269,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     };
     await nbd.write(end, encodeHeader(header));
     await nbd.flush();
+    const streamMs = performance.now() - tStream;
     if (!o.keepQemu) await tryExecute(q, 'quit');
     const ms = performance.now() - t0;
     return {
@@ -262,7 +281,8 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       qemu: id.version,
       machine: id.machine,
       ms,
-      mibPerSec: writer.bytes / 1048576 / (ms / 1000),
+      streamMs,
+      mibPerSec: writer.bytes / 1048576 / (streamMs / 1000),
     };
   } catch (e) {
     await tryExecute(q, 'migrate_cancel');
@@ -303,7 +323,7 @@ export interface ResumeReport {
   host: string;
   bytes: number;
   checksum: string;
-  /** Stream fed and verified, then the whole resume. */
+  /** From migrate-incoming to the stream loaded and verified; then the whole resume. */
   streamMs: number;
   ms: number;
   mibPerSec: number;
@@ -357,6 +377,7 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
     const { dir, sock } = tempSocket();
     const hash = createHash('sha256');
     let fed = false;
+    const tStream = performance.now();
     try {
       await q.execute('migrate-incoming', { uri: `unix:${sock}` });
       started = true;
@@ -410,8 +431,8 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
       );
     }
     if (!fed) throw new MigrateError('SUSPEND_FAILED', 'the stream was not fed');
-    await waitMigration(q, ['completed'], { timeoutMs: 600_000, step: 'resume', t0 });
-    const streamMs = performance.now() - t0;
+    await waitMigration(q, ['completed'], { timeoutMs: 600_000, step: 'resume', t0, pollMs: 20 });
+    const streamMs = performance.now() - tStream;
     const taken: { device: string; did: string }[] = [];
     for (const d of await guestDevices(o.api, o.guest)) {
       taken.push({ device: d.name, did: await ensureHeld(o.api, d.name, host) });
