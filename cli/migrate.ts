@@ -185,7 +185,7 @@ export function registerGuest(program: Command): void {
       .command('suspend')
       .description(
         'Stop a guest and stream its state (QEMU’s migration stream) into the suspend area ' +
-          'of its paging device over NBD, then record it (size, SHA-256, QEMU version, machine ' +
+          'of its paging device over NBD, then record it (size, checksum, QEMU version, machine ' +
           'type) in the header in the device’s last 4 KiB and quit QEMU. The suspend area is ' +
           'the end of the device: by default room for the guest’s RAM plus an eighth and ' +
           '16 MiB; the guest must see only the part before it (a raw node with size=OFFSET). ' +
@@ -195,7 +195,12 @@ export function registerGuest(program: Command): void {
       .requiredOption('--qmp <QMP>', "the guest's QMP socket (unix:/path or tcp:HOST:PORT)")
       .option('--device <NAME>', 'the device to suspend into (default: the guest’s paging device)')
       .option('--offset <SIZE>', 'where the suspend area starts on the device')
-      .option('--keep-qemu', 'leave QEMU (stopped) instead of quitting it'),
+      .option('--keep-qemu', 'leave QEMU (stopped) instead of quitting it')
+      .addOption(
+        new Option('--checksum <ALG>', 'checksum of the stream')
+          .choices(['crc32', 'sha256'])
+          .default('crc32'),
+      ),
   ).action(
     async (
       name: string,
@@ -204,6 +209,7 @@ export function registerGuest(program: Command): void {
         device?: string;
         offset?: string;
         keepQemu?: boolean;
+        checksum: 'crc32' | 'sha256';
       },
     ) => {
       const r = await suspendGuest({
@@ -213,6 +219,7 @@ export function registerGuest(program: Command): void {
         device: o.device,
         offset: o.offset === undefined ? undefined : parseSize(o.offset),
         keepQemu: o.keepQemu,
+        checksum: o.checksum,
       });
       if (o.json) return json(r);
       out(
@@ -227,7 +234,7 @@ export function registerGuest(program: Command): void {
       .description(
         'Resume a suspended guest on this agent’s host: start QEMU with the guest’s devices ' +
           '(ballast attach) and -incoming defer -S first. Refuses a stream written by a newer ' +
-          'QEMU or for another machine type, and one whose SHA-256 does not match (that QEMU is ' +
+          'QEMU or for another machine type, and one whose checksum does not match (that QEMU is ' +
           'told to quit and nothing is taken); then takes every device of the guest for this ' +
           'host (preempt-and-abort) and starts the guest.',
       )

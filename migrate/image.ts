@@ -1,6 +1,6 @@
 // A suspended guest on its paging device: QEMU's migration stream written into the
 // device's suspend area, and a 4 KiB header in the device's last 4 KiB that says where
-// the stream is, how long, its SHA-256, and which QEMU and machine type wrote it.
+// the stream is, how long, its checksum, and which QEMU and machine type wrote it.
 //
 // Layout of the device (the guest sees only the part before the area: give QEMU a raw
 // node with size=OFFSET over the NBD node):
@@ -25,7 +25,7 @@ export interface ImageHeader {
   /** Where the stream starts on the device, and its length in bytes. */
   offset: number;
   length: number;
-  /** "sha256:<hex>" of the stream. */
+  /** "crc32:<hex>" or "sha256:<hex>" of the stream. */
   checksum: string;
   /** The QEMU that wrote it ("7.2.22") and its machine's QOM type. */
   qemu: string;

@@ -37,6 +37,7 @@ import {
   connectQmp,
   type MigrationInfo,
   type Progress,
+  queryMigrate,
   runState,
   setCapabilities,
   tryExecute,
@@ -231,9 +232,12 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
     try {
       movedAny = true;
       // all devices at once: the guest is stopped while this runs
-      await Promise.all(
+      // every one settled before a rollback looks at who holds what
+      const done = await Promise.allSettled(
         devices.map((d) => handOff(o.to.api, d, fromHost, toHost, generations.get(d) ?? 0)),
       );
+      const refused = done.find((r) => r.status === 'rejected');
+      if (refused) throw refused.reason;
       handedOff = true;
       await o.hooks?.handedOff?.();
     } catch (e) {
@@ -258,6 +262,11 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
         onProgress: o.onProgress,
         pollMs: 20,
       });
+      // QEMU fills in the downtime just after it reports `completed`
+      for (let i = 0; i < 50 && done.downtime === undefined; i++) {
+        await new Promise((r) => setTimeout(r, 10));
+        done = await queryMigrate(srcQ);
+      }
       await waitMigration(dstQ, ['completed'], {
         timeoutMs: 120_000,
         step: 'switchover (destination)',

@@ -11,12 +11,12 @@
 //          is wrong (that QEMU is told to quit, nothing was taken), take every device of
 //          the guest for this host, `cont`, zero the header (resumed once only).
 
-import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { type ChecksumAlg, checksummer, parseChecksum } from '../dumpd/checksum.js';
 import type { QmpClient } from '../dumpd/qmp.js';
 import { NbdClient } from '../nbd/client.js';
 import {
@@ -58,6 +58,8 @@ export interface SuspendOptions {
   offset?: number | undefined;
   /** Leave QEMU running (paused, migrated) instead of quitting it. */
   keepQemu?: boolean | undefined;
+  /** The stream's checksum (default crc32). */
+  checksum?: ChecksumAlg | undefined;
 }
 
 export interface SuspendReport {
@@ -110,15 +112,19 @@ class DeviceWriter {
   private inFlight = 0;
   private readonly waiters: (() => void)[] = [];
   failed: Error | null = null;
-  readonly hash = createHash('sha256');
+  // CRC-32 by default, as dumps: it catches changed bytes at 3.5-5 GB/s, where SHA-256
+  // (1.8 GB/s here) took a fifth of the stream's time on the main thread
+  readonly hash;
   bytes = 0;
 
   constructor(
     private readonly nbd: NbdClient,
     private readonly offset: number,
     private readonly end: number,
+    alg: ChecksumAlg,
   ) {
     this.pos = offset;
+    this.hash = checksummer(alg);
   }
 
   get busy(): boolean {
@@ -216,7 +222,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     }
     await nbd.write(end, Buffer.alloc(HEADER_BYTES));
     await nbd.flush();
-    const writer = new DeviceWriter(nbd, offset, end);
+    const writer = new DeviceWriter(nbd, offset, end, o.checksum ?? 'crc32');
     server = net.createServer();
     const received = new Promise<void>((resolve, reject) => {
       server?.once('connection', (c) => {
@@ -261,7 +267,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       guest: o.guest,
       offset,
       length: writer.bytes,
-      checksum: `sha256:${writer.hash.digest('hex')}`,
+      checksum: writer.hash.digest(),
       qemu: id.version,
       machine: id.machine,
       ramBytes: ram,
@@ -375,7 +381,9 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
     await setCapabilities(q, { 'late-block-activate': true, events: true });
 
     const { dir, sock } = tempSocket();
-    const hash = createHash('sha256');
+    const alg = parseChecksum(h.checksum)?.alg;
+    if (!alg) throw new MigrateError('SUSPEND_BAD_IMAGE', `unknown checksum ${h.checksum}`);
+    const hash = checksummer(alg);
     let fed = false;
     const tStream = performance.now();
     try {
@@ -423,7 +431,7 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
-    const sum = `sha256:${hash.digest('hex')}`;
+    const sum = hash.digest();
     if (sum !== h.checksum) {
       throw new MigrateError(
         'SUSPEND_BAD_CHECKSUM',

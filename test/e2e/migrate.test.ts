@@ -16,7 +16,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it, onTestFinished } from 'vitest';
 import { BallastError } from '../../agent/errors.js';
 import { QmpClient } from '../../dumpd/qmp.js';
 import { type AgentApi, hostKey, MigrateError, type PrView } from '../../migrate/handoff.js';
@@ -27,7 +27,7 @@ import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { GuestConsole } from '../helpers/guest.js';
 import { type QemuHandle, startQemu, stopQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, makeTempDir } from '../helpers/server.js';
-import { buildSwapGuest, swapGuestArgs } from '../helpers/swap-guest.js';
+import { buildSwapGuest, swapGuestArgs, waitLine } from '../helpers/swap-guest.js';
 import { describeRun, describeWithTools, run, toolEnv } from '../helpers/tools.js';
 
 const SLOW = 300_000;
@@ -47,14 +47,8 @@ function apiOf(h: AgentHandle): AgentApi {
   };
 }
 
-/** Waits for the n-th BALLAST-CHECKED line to be complete (it arrives in pieces). */
-async function waitChecked(c: GuestConsole, n: number, timeoutMs = 300_000): Promise<void> {
-  await c.waitFor('BALLAST-CHECKED', n, timeoutMs);
-  const deadline = Date.now() + 10_000;
-  while (!/BALLAST-CHECKED [^\n]*\n/.test(c.text.slice(c.text.lastIndexOf('BALLAST-CHECKED')))) {
-    if (Date.now() > deadline) break;
-    await sleep(20);
-  }
+async function waitChecked(c: GuestConsole, n: number): Promise<void> {
+  await waitLine(c, 'BALLAST-CHECKED', n);
 }
 
 /** ok= and bad= of the last BALLAST-CHECKED line, and the swap counters. */
@@ -113,7 +107,7 @@ describeWithTools(
     async function say(c: GuestConsole, line: string, marker: string): Promise<void> {
       const before = c.count(marker);
       c.send(line);
-      await c.waitFor(marker, before + 1, 240_000);
+      await waitLine(c, marker, before + 1, 240_000);
     }
 
     async function writeAs(h: AgentHandle, device: string): Promise<number | 'ok'> {
@@ -212,9 +206,9 @@ describeWithTools(
         await con.waitFor('BALLAST-READY', 1, 180_000);
         expect(con.text).toMatch(/BALLAST-BOOT vda=1048576/);
         con.send('swapon');
-        await con.waitFor('BALLAST-SWAPON', 1, 60_000);
+        await waitLine(con, 'BALLAST-SWAPON', 1, 60_000);
         con.send(`fill ${CHUNKS}`);
-        await con.waitFor('BALLAST-FILLED', 1, 240_000);
+        await waitLine(con, 'BALLAST-FILLED', 1, 240_000);
         const free = Number(/BALLAST-FILLED \d+ SwapFree: (\d+)/.exec(con.text)?.[1]);
         expect(free).toBeLessThan(500 * 1024); // kB: pages went out to the device
         const port = await startDumpd(a, qemu.qmp);
@@ -279,6 +273,7 @@ describeWithTools(
       'the dump device follows: a panic on b is dumped by dumpd on b, the dump from a is still listed',
       async () => {
         const port = await startDumpd(b, qemu.qmp);
+        onTestFinished(() => stopDumpd());
         const boots = con.count('BALLAST-BOOT');
         con.send('panic');
         await con.waitFor('BALLAST-BOOT', boots + 1, 240_000);

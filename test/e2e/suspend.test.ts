@@ -15,7 +15,7 @@ import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { GuestConsole } from '../helpers/guest.js';
 import { type QemuHandle, startQemu } from '../helpers/qemu.js';
 import { MiB, makeTempDir } from '../helpers/server.js';
-import { buildSwapGuest, swapGuestArgs } from '../helpers/swap-guest.js';
+import { buildSwapGuest, swapGuestArgs, waitLine } from '../helpers/swap-guest.js';
 import { describeRun, describeWithTools } from '../helpers/tools.js';
 
 const SLOW = 300_000;
@@ -123,9 +123,9 @@ describeWithTools(
         await con.waitFor('BALLAST-READY', 1, 180_000);
         expect(con.text).toContain(`BALLAST-BOOT vda=${(AREA?.offset ?? 0) / 512}`);
         con.send('swapon');
-        await con.waitFor('BALLAST-SWAPON', 1, 60_000);
+        await waitLine(con, 'BALLAST-SWAPON', 1, 60_000);
         con.send(`fill ${CHUNKS}`);
-        await con.waitFor('BALLAST-FILLED', 1, 240_000);
+        await waitLine(con, 'BALLAST-FILLED', 1, 240_000);
         con.send('check 4');
         await con.waitFor('BALLAST-PASS 1', 1, 240_000);
 
@@ -163,9 +163,7 @@ describeWithTools(
         expect(header()).toBeNull(); // spent: never resumed twice
 
         const con2 = await GuestConsole.connect(good.cons);
-        await con2.waitFor('BALLAST-CHECKED', 1, 300_000);
-        await con2.waitFor('BALLAST-READY', 1, 30_000);
-        const line = con2.text.split('\n').find((l) => l.startsWith('BALLAST-CHECKED')) ?? '';
+        const line = await waitLine(con2, 'BALLAST-CHECKED', 1);
         expect(line, con2.text.slice(-1500)).toMatch(new RegExp(`ok=${4 * CHUNKS} bad=0 `));
         expect(Number(/pswpin=(\d+)/.exec(line)?.[1])).toBeGreaterThan(0);
         con2.close();

@@ -157,3 +157,24 @@ export function swapGuestArgs(g: SwapGuestSpec): string[] {
   if (g.incoming) args.push('-incoming', 'defer', '-S');
   return args;
 }
+
+/**
+ * Waits until `marker` has appeared `n` times on the console and the line holding the
+ * last one is complete (a console line arrives in pieces); returns that line.
+ */
+export async function waitLine(
+  c: { text: string; waitFor(s: string, n?: number, timeoutMs?: number): Promise<void> },
+  marker: string,
+  n: number,
+  timeoutMs = 300_000,
+): Promise<string> {
+  await c.waitFor(marker, n, timeoutMs);
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const rest = c.text.slice(c.text.lastIndexOf(marker));
+    const nl = rest.indexOf('\n');
+    if (nl >= 0) return rest.slice(0, nl).trim();
+    if (Date.now() > deadline) return rest.trim();
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
