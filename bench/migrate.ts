@@ -39,7 +39,7 @@ import { QmpClient, type QmpEvent } from '../dumpd/qmp.js';
 import { type AgentApi, ensureHeld } from '../migrate/handoff.js';
 import { suspendArea } from '../migrate/image.js';
 import { migrateLive } from '../migrate/live.js';
-import { setCapabilities, waitMigration } from '../migrate/qemu.js';
+import { queryMigrate, setCapabilities, waitMigration } from '../migrate/qemu.js';
 import { resumeGuest, suspendGuest } from '../migrate/suspend.js';
 import { Child, killAll } from './proc.js';
 
@@ -293,7 +293,12 @@ async function main(): Promise<void> {
         const uri = `unix:${path.join(dir, 'mig.sock')}`;
         await d.execute('migrate-incoming', { uri });
         await s.execute('migrate', { uri });
-        const done = await waitMigration(s, ['completed'], { timeoutMs: 300_000, step: 'x', t0 });
+        let done = await waitMigration(s, ['completed'], { timeoutMs: 300_000, step: 'x', t0 });
+        // QEMU fills in the downtime just after it reports `completed`
+        for (let i = 0; i < 50 && done.downtime === undefined; i++) {
+          await sleep(10);
+          done = await queryMigrate(s);
+        }
         await waitMigration(d, ['completed'], { timeoutMs: 60_000, step: 'x', t0, pollMs: 20 });
         await d.execute('cont');
         await until('RESUME', () => resume !== undefined, 5000);
