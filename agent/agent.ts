@@ -4,6 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import {
   chmodSync,
+  chownSync,
   closeSync,
   constants,
   existsSync,
@@ -28,10 +29,15 @@ import {
   servingHosts,
 } from '../cluster/node.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
+import { notifyMetrics, notifyRoutes } from '../notify/api.js';
+import { Notifier } from '../notify/notifier.js';
+import { serveEvents } from '../notify/sse.js';
+import { tierChanges, tierOf } from '../notify/tier.js';
 import { createApiServer } from './api.js';
+import { createApiGuard } from './api-guard.js';
 import type { NbdEndpoint } from './attach.js';
 import { DynamicCatalog } from './catalog.js';
-import { type AgentConfig, loadConfig, type PoolConfig } from './config.js';
+import { type AgentConfig, loadConfig, type Media, type PoolConfig } from './config.js';
 import { DeviceManager } from './devices.js';
 import { BallastError } from './errors.js';
 import { describeTarget, listenError, prepareSocketPath } from './listen.js';
@@ -40,7 +46,7 @@ import { Pool } from './pools.js';
 import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
 import type { Store } from './store/store.js';
-import { IdentityMap, loadTls, peerUid } from './tls-config.js';
+import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
 export interface AgentOptions {
   configFile?: string;
@@ -116,6 +122,47 @@ function hostPort(text: string): { host: string; port: number } {
   return { host: host === '' ? '127.0.0.1' : host, port: Number(text.slice(i + 1)) };
 }
 
+/**
+ * Why a client without a name (no TLS identity, no `identities` entry) may not
+ * open a device, or null when it may. On the Unix socket the socket's mode
+ * already decided who could connect.
+ */
+export function anonymousRefusal(
+  policy: 'unix' | 'any' | 'none',
+  conn: { identityMethod: string; raw: { remoteAddress?: string } },
+): string | null {
+  if (conn.identityMethod !== 'anonymous' || policy === 'any') return null;
+  if (policy === 'unix' && !conn.raw.remoteAddress) return null;
+  return policy === 'unix'
+    ? 'anonymous clients are served on the Unix socket only: use TLS or an nbd.identities entry'
+    : 'anonymous clients are refused: use TLS or an nbd.identities entry';
+}
+
+/** The gid for the NBD socket: the group if it exists; a configured group must. */
+export function socketGroupId(
+  name: string | null,
+  configured: boolean,
+  groupFile = '/etc/group',
+): number | null {
+  if (name === null) return null;
+  let text = '';
+  try {
+    text = readFileSync(groupFile, 'utf8');
+  } catch {}
+  for (const line of text.split('\n')) {
+    const [n, , gid] = line.split(':');
+    if (n === name && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  if (/^\d+$/.test(name)) return Number(name);
+  if (configured) {
+    throw new BallastError(
+      'BALLAST_CONFIG_INVALID',
+      `nbd.socketGroup: no group named ${JSON.stringify(name)} in ${groupFile}`,
+    );
+  }
+  return null;
+}
+
 export class Agent {
   private config: AgentConfig;
   private token: string;
@@ -136,6 +183,11 @@ export class Agent {
   cluster: Cluster | undefined;
   /** The self-fence of shared devices (cluster only). */
   private fence: Fence | undefined;
+  /** Configuration-change events and their recipients. */
+  readonly notifier: Notifier;
+  private rescanTimer: NodeJS.Timeout | undefined;
+  /** Pools found full at the last rescan (pool.full is sent when one crosses the threshold). */
+  private readonly fullPools = new Set<string>();
   private roundTrip: (op: string, seconds: number) => void = () => {};
 
   private constructor(
@@ -166,10 +218,14 @@ export class Agent {
               identities.lookup(c.raw, peerUid) ??
               (c.raw.remoteAddress === undefined ? (hostIdentity ?? null) : null)
           : undefined,
-      authorize: (exp, conn) => this.reservations.authorize(exp.name, conn),
+      authorize: (exp, conn) =>
+        anonymousRefusal(config.nbd.anonymous, conn) ?? this.reservations.authorize(exp.name, conn),
       readOnlyFor: (exp, conn) => this.reservations.readOnlyFor(exp.name, conn),
       maxConnections: config.nbd.maxConnections,
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
+      maxHandshakes: config.nbd.maxHandshakes,
+      maxPerSource: config.nbd.maxPerSource,
+      sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,
       log: (level, msg) => {
@@ -183,6 +239,44 @@ export class Agent {
       () => this.nbd,
       (m) => this.log(m),
     );
+    this.notifier = new Notifier({
+      store,
+      cluster: config.cluster?.name ?? 'default',
+      host: this.hostName(),
+      log: (m) => this.log(m),
+      lease: config.cluster ? () => this.cluster?.leaseId() : undefined,
+      timeoutMs: config.events.deliveryTimeoutMs,
+      retryCapMs: config.events.retryCapMs,
+      snapshot: async () => ({
+        devices: this.devices.list().map((d) => ({
+          name: d.name,
+          size: d.size,
+          role: d.role,
+          guest: d.guest,
+          state: d.state,
+          pools: d.extents.map((e) => e.pool),
+        })),
+      }),
+    });
+    this.reservations.host = config.cluster?.host;
+    this.devices.onExtended = (name, before, after) => {
+      const b = this.tierOfDevice(before);
+      const a = this.tierOfDevice(after);
+      if (b.join() !== a.join()) {
+        this.notifier.emit('tier.changed', name, {
+          before: b,
+          after: a,
+          pools: [...new Set(after.map((e) => e.pool))],
+          reason: 'extended onto a pool of another medium',
+        });
+      }
+    };
+    this.devices.onStats = (name, stats) => {
+      stats.onConnections = (n, delta) => {
+        if (n === 1 && delta > 0) this.notifier.emit('device.attached', name, { connections: n });
+        if (n === 0 && delta < 0) this.notifier.emit('device.detached', name, { connections: n });
+      };
+    };
     this.devices.exportAccess = (name, shared) => {
       const acc = this.reservations.access(name);
       acc.fence = shared ? this.fence : undefined;
@@ -258,6 +352,11 @@ export class Agent {
         holdMs: c.cluster.holdMs,
         log: (m) => this.log(m),
         watchdog: c.cluster.watchdog,
+        onChange: (fenced, heldMs) =>
+          this.notifier.emit('member.fenced', cluster.host, {
+            fenced,
+            ...(heldMs !== undefined ? { fencedForMs: heldMs } : {}),
+          }),
       });
       cluster.fence = this.fence;
       const everyone = () => cluster.members().map((m) => m.host);
@@ -293,6 +392,7 @@ export class Agent {
 
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
+    const nbdGroup = socketGroupId(c.nbd.socketGroup, c.nbd.socketGroupConfigured);
     for (const t of this.nbdTargets) {
       if ('path' in t) await this.prepareSocket(t.path);
       try {
@@ -301,7 +401,16 @@ export class Agent {
       } catch (e) {
         throw listenError(t, e);
       }
-      if ('path' in t) this.sockets.push(t.path);
+      if ('path' in t) {
+        this.sockets.push(t.path);
+        // Root, and the group QEMU runs in (libvirt's kvm) when there is one.
+        if (nbdGroup !== null) {
+          chownSync(t.path, process.getuid?.() ?? 0, nbdGroup);
+          chmodSync(t.path, 0o660);
+        } else {
+          chmodSync(t.path, 0o600);
+        }
+      }
     }
 
     // In a cluster the API answers once the agent has joined (it listens first, so
@@ -320,7 +429,16 @@ export class Agent {
       status: () => this.status(),
       version: this.opts.version,
       reservations: this.reservations,
-      extraRoutes: this.cluster ? clusterRoutes(this.cluster) : undefined,
+      extraRoutes: [
+        ...(this.cluster ? [clusterRoutes(this.cluster)] : []),
+        notifyRoutes(this.notifier),
+      ],
+      rescan: () => this.rescanPools('pool rescan'),
+      events: (req: http.IncomingMessage, res: http.ServerResponse, url: URL) =>
+        serveEvents(this.store, req, res, url, {
+          cluster: this.config.cluster?.name ?? 'default',
+          host: this.hostName(),
+        }),
       stale: () => this.cluster?.staleness() ?? null,
       endpointOf: (host: string) => this.cluster?.member(host)?.nbd,
       ready: joined.promise,
@@ -333,6 +451,11 @@ export class Agent {
         token: tcp ? () => (this.config.api.requireToken ? this.token : undefined) : undefined,
         log: (m) => this.log(m),
         onRequest: (method, route, status) => this.apiRequest(method, route, status),
+      });
+      createApiGuard(srv, {
+        maxConnections: c.api.maxConnections,
+        headersTimeoutMs: c.api.headersTimeoutMs,
+        requestTimeoutMs: c.api.requestTimeoutMs,
       });
       if (!tcp) await this.prepareSocket(t.path);
       await new Promise<void>((resolve, reject) => {
@@ -366,11 +489,27 @@ export class Agent {
         throw e;
       }
     }
+    await this.notifier.start();
+    this.notifier.produced = notifyMetrics(registry, this.notifier);
+    await this.rescanPools('start');
+    if (c.events.rescanIntervalS > 0) {
+      this.rescanTimer = setInterval(
+        () => void this.rescanPools('periodic').catch(() => {}),
+        c.events.rescanIntervalS * 1000,
+      );
+      this.rescanTimer.unref();
+    }
     markJoined();
     for (const pr of this.devices.problems) this.log(`problem: ${pr.message}`);
     this.log(`${this.devices.list().length} device(s)`);
     this.log(`NBD on ${this.nbdTargets.map(describeTarget).join(', ') || 'nothing'}`);
     if (c.nbd.tls.mode !== 'off') this.log(`NBD TLS ${c.nbd.tls.mode}`);
+    if (c.nbd.socket) {
+      this.log(
+        `NBD socket for root${nbdGroup !== null ? ` and group ${c.nbd.socketGroup}` : ' only'}` +
+          `; anonymous clients: ${c.nbd.anonymous === 'unix' ? 'Unix socket only' : c.nbd.anonymous}`,
+      );
+    }
     this.log(
       `API on ${this.apiTargets.map(describeTarget).join(', ') || 'nothing'}` +
         (this.config.api.requireToken ? ' (TCP needs the bearer token)' : ''),
@@ -378,6 +517,67 @@ export class Agent {
   }
 
   private apiRequest: (method: string, route: string, status: number) => void = () => {};
+
+  /** This host's name: the cluster's, or the system's. */
+  hostName(): string {
+    return this.config.cluster?.host ?? hostname().split('.')[0]!.toLowerCase();
+  }
+
+  /**
+   * Looks at every pool's medium and fullness again; a changed medium is a
+   * tier.changed event for each device on the pool, a pool crossing the fullness
+   * threshold a pool.full event. Returns what changed.
+   */
+  async rescanPools(why: string, was?: Map<string, Media>): Promise<Record<string, unknown>> {
+    const before = was ?? new Map([...this.pools].map(([n, p]) => [n, p.media]));
+    const media: { pool: string; before: string; after: string }[] = [];
+    for (const p of this.pools.values()) {
+      const ch = await p.rescan();
+      const b = before.get(p.name);
+      if (ch) media.push({ pool: p.name, ...ch });
+      else if (b !== undefined && b !== p.media)
+        media.push({ pool: p.name, before: b, after: p.media });
+    }
+    const served = this.devices.list().filter((d) => d.state === 'ready' || d.state === 'missing');
+    const tiers = tierChanges(
+      served,
+      (pool) => before.get(pool),
+      (pool) => this.pools.get(pool)?.media,
+    );
+    for (const m of media) {
+      this.log(`pool ${m.pool}: medium ${m.before} → ${m.after} (${why})`);
+    }
+    for (const t of tiers) {
+      this.notifier.emit('tier.changed', t.device, {
+        before: t.before,
+        after: t.after,
+        pools: t.pools,
+        reason: `pool medium changed (${why})`,
+      });
+    }
+    const full: string[] = [];
+    for (const st of await this.devices.poolStatus()) {
+      const used = st.capacityBytes > 0 ? 1 - st.fsAvailBytes / st.capacityBytes : 0;
+      const isFull = used >= this.config.events.poolFull;
+      if (isFull && !this.fullPools.has(st.name)) {
+        full.push(st.name);
+        this.notifier.emit('pool.full', st.name, {
+          usedRatio: Number(used.toFixed(4)),
+          threshold: this.config.events.poolFull,
+          fsAvailBytes: st.fsAvailBytes,
+          capacityBytes: st.capacityBytes,
+        });
+      }
+      if (isFull) this.fullPools.add(st.name);
+      else this.fullPools.delete(st.name);
+    }
+    return { media, tiers, full };
+  }
+
+  /** A device extended onto a pool of another medium changes tier too. */
+  tierOfDevice(extents: { pool: string }[]): string[] {
+    return tierOf({ name: '', extents }, (p) => this.pools.get(p)?.media);
+  }
 
   private async joinCluster(c: AgentConfig): Promise<void> {
     const cc = c.cluster!;
@@ -502,6 +702,7 @@ export class Agent {
       this.log(`reload failed, keeping the running config: ${this.lastReloadError}`);
       return;
     }
+    const mediaBefore = new Map([...this.pools].map(([n, p]) => [n, p.media]));
     this.pools.clear();
     for (const [n, p] of opened) this.pools.set(n, p);
     const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b);
@@ -521,6 +722,13 @@ export class Agent {
     };
     this.reloads++;
     this.lastReloadError = null;
+    for (const n of opened.keys()) {
+      if (!mediaBefore.has(n)) this.notifier.emit('pool.added', n, { path: opened.get(n)!.path });
+    }
+    for (const n of mediaBefore.keys()) {
+      if (!opened.has(n)) this.notifier.emit('pool.removed', n, {});
+    }
+    await this.rescanPools('SIGHUP', mediaBefore).catch(() => {});
     this.log(`reloaded ${next.source}: ${this.pools.size} pool(s)`);
   }
 
@@ -547,6 +755,8 @@ export class Agent {
     await this.nbd.close();
     const failed = await this.devices.flushAll();
     await this.devices.close();
+    clearInterval(this.rescanTimer);
+    await this.notifier.stop();
     this.fence?.close();
     await this.cluster?.leave();
     await this.store.close();

@@ -63,14 +63,12 @@ export interface ApiContext {
   version: string;
   /** Persistent reservations and access lists (the /pr and /acl routes). */
   reservations?: ReservationManager;
-  /** More routes (the cluster's). */
-  extraRoutes?: <R>(
-    route: (
-      method: string,
-      path: string,
-      handler: (...a: Parameters<Handler>) => Promise<unknown>,
-    ) => R,
-  ) => R[];
+  /** More routes (the cluster's, the notifications'). */
+  extraRoutes?: RouteSet[];
+  /** POST /v1/pools/rescan: the pools' media and fullness looked at again. */
+  rescan?: () => Promise<Record<string, unknown>>;
+  /** GET /v1/events: a stream the handler writes itself (Server-Sent Events). */
+  events?: (req: http.IncomingMessage, res: http.ServerResponse, url: URL) => Promise<void>;
   /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
   stale?: () => { since: string; reason: string } | null;
   /** Requests wait for this (an agent that is still joining its cluster). */
@@ -78,6 +76,15 @@ export interface ApiContext {
   /** In a cluster: where another host's agent serves NBD (attach --host). */
   endpointOf?: (host: string) => NbdEndpoint | undefined;
 }
+
+/** A group of routes built with the API's route maker (see prRoutes). */
+export type RouteSet = <R>(
+  route: (
+    method: string,
+    path: string,
+    handler: (...a: Parameters<Handler>) => Promise<unknown>,
+  ) => R,
+) => R[];
 
 type Handler = (
   req: http.IncomingMessage,
@@ -115,6 +122,18 @@ async function readBody(req: http.IncomingMessage): Promise<Record<string, unkno
   }
 }
 
+/** A path parameter, or BALLAST_BAD_REQUEST for a malformed %-escape (found by fuzzing). */
+function decodePathPart(p: string): string {
+  try {
+    return decodeURIComponent(p);
+  } catch {
+    throw new BallastError(
+      'BALLAST_BAD_REQUEST',
+      `malformed %-escape in the path: ${p.slice(0, 80)}`,
+    );
+  }
+}
+
 function sizeField(v: unknown, key: string): number {
   if (typeof v === 'number') return v;
   if (typeof v === 'string') return parseSize(v, key);
@@ -145,6 +164,10 @@ export function routes(ctx: ApiContext): Route[] {
     r('GET', '/healthz', async () => ({ status: 'ok', version: ctx.version })),
     r('GET', '/v1/status', async () => ctx.status()),
     r('GET', '/v1/pools', async () => ({ pools: await d.poolStatus() })),
+    r('POST', '/v1/pools/rescan', async () => {
+      if (!ctx.rescan) throw new BallastError('BALLAST_NOT_FOUND', 'no rescan here');
+      return ctx.rescan();
+    }),
     r('GET', '/v1/pools/:name', async (_q, [name]) => {
       const p = (await d.poolStatus()).find((x) => x.name === name);
       if (!p)
@@ -226,7 +249,7 @@ export function routes(ctx: ApiContext): Route[] {
       };
     }),
     ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),
-    ...(ctx.extraRoutes ? ctx.extraRoutes(r) : []),
+    ...(ctx.extraRoutes ?? []).flatMap((set) => set(r)),
   ];
 }
 
@@ -263,6 +286,12 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
           );
         }
       }
+      if (url.pathname === '/v1/events' && req.method === 'GET' && ctx.events) {
+        routeName = '/v1/events';
+        opts.onRequest?.('GET', routeName, 200);
+        await ctx.events(req, res, url);
+        return;
+      }
       if (url.pathname === '/metrics' && req.method === 'GET') {
         routeName = '/metrics';
         send(200, await ctx.metrics.metrics(), ctx.metrics.contentType);
@@ -275,7 +304,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
         pathMatched = true;
         routeName = route.path;
         if (route.method !== req.method) continue;
-        const params = m.slice(1).map((p) => decodeURIComponent(p));
+        const params = m.slice(1).map((p) => decodePathPart(p));
         const body = await readBody(req);
         const out = await route.handler(req, params, body);
         send(req.method === 'POST' && route.path === '/v1/devices' ? 201 : 200, out);

@@ -14,17 +14,56 @@ function problem(doc: unknown): string {
 }
 
 describe('agent config', () => {
-  it('runs on defaults: one pool in the data dir, loopback listeners, sockets in /run/ballast', () => {
+  it('runs on safe defaults: NBD on the socket only, the TCP API behind the token', () => {
     const c = validateConfig(undefined, '(defaults)', '/tmp/d');
     expect(c.dataDir).toBe('/tmp/d');
     expect(c.pools).toEqual([{ name: 'default', path: '/tmp/d/pools/default', overcommit: 1 }]);
-    expect(c.nbd).toMatchObject({ listen: ['127.0.0.1:10809'], socket: '/run/ballast/nbd.sock' });
+    expect(c.nbd).toMatchObject({
+      listen: [],
+      socket: '/run/ballast/nbd.sock',
+      handshakeTimeoutMs: 10_000,
+      maxHandshakes: 64,
+      maxPerSource: 0,
+      anonymous: 'unix',
+      socketGroup: 'kvm',
+      socketGroupConfigured: false,
+    });
     expect(c.api).toMatchObject({
       listen: ['127.0.0.1:10810'],
       socket: '/run/ballast/api.sock',
       tokenFile: '/tmp/d/api-token',
-      requireToken: false,
+      requireToken: true,
+      maxConnections: 128,
+      headersTimeoutMs: 10_000,
+      requestTimeoutMs: 30_000,
     });
+  });
+
+  it('reads the connection limits; 0 means no handshake deadline', () => {
+    const c = validateConfig(
+      {
+        nbd: { handshakeLimit: 0, maxHandshakes: 8, maxPerSource: 4, anonymous: 'any' },
+        api: { maxConnections: 16, headersTimeout: 2, requestTimeout: 5 },
+      },
+      'x',
+    );
+    expect(c.nbd).toMatchObject({
+      handshakeTimeoutMs: 0,
+      maxHandshakes: 8,
+      maxPerSource: 4,
+      anonymous: 'any',
+    });
+    expect(c.api).toMatchObject({
+      maxConnections: 16,
+      headersTimeoutMs: 2000,
+      requestTimeoutMs: 5000,
+    });
+    // The former name still reads.
+    expect(validateConfig({ nbd: { handshakeTimeout: 3 } }, 'x').nbd.handshakeTimeoutMs).toBe(3000);
+    expect(problem({ nbd: { handshakeLimit: 1, handshakeTimeout: 1 } })).toMatch(/give only one/);
+    expect(problem({ nbd: { anonymous: 'yes' } })).toMatch(/nbd\.anonymous: must be unix, any/);
+    expect(problem({ nbd: { handshakeLimit: -1 } })).toMatch(/nbd\.handshakeLimit/);
+    expect(validateConfig({ nbd: { socketGroup: null } }, 'x').nbd.socketGroup).toBeNull();
   });
 
   it('reads the shape ops scripts rely on', () => {
@@ -51,7 +90,12 @@ describe('agent config', () => {
     ]);
   });
 
-  it('demands the token when the API listens beyond loopback', () => {
+  it('demands the token on every TCP listener unless told otherwise on loopback', () => {
+    expect(validateConfig({ api: { requireToken: false } }, 'x').api.requireToken).toBe(false);
+    expect(
+      validateConfig({ api: { listen: '0.0.0.0:10810', requireToken: false } }, 'x').api
+        .requireToken,
+    ).toBe(true);
     expect(validateConfig({ api: { listen: '0.0.0.0:10810' } }, 'x').api.requireToken).toBe(true);
     expect(
       validateConfig({ api: { listen: '[::1]:10810', requireToken: false } }, 'x').api.requireToken,

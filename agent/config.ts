@@ -35,7 +35,21 @@ export interface AgentConfig {
   dataDir: string;
   nbd: ListenConfig & {
     maxConnections: number;
+    /** 0: no deadline. */
     handshakeTimeoutMs: number;
+    /** Connections in handshake at once; past it the oldest is closed. */
+    maxHandshakes: number;
+    /** Connections per source address or Unix peer uid; 0: no limit. */
+    maxPerSource: number;
+    /**
+     * Who may open a device without a name (TLS or `identities`): 'unix' (the
+     * default: only on the Unix socket, whose mode guards it), 'any', 'none'.
+     */
+    anonymous: 'unix' | 'any' | 'none';
+    /** The group that may connect to the NBD socket (mode 0660); null: root only (0600). */
+    socketGroup: string | null;
+    /** Whether socketGroup was configured (then it must exist) or is the default. */
+    socketGroupConfigured: boolean;
     /** STARTTLS for the NBD listeners. */
     tls: TlsSettings;
     /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
@@ -44,11 +58,28 @@ export interface AgentConfig {
   api: ListenConfig & {
     token?: string;
     tokenFile: string;
-    /** Demand the bearer token on every TCP listener, loopback included. */
+    /** Demand the bearer token on every TCP listener, loopback included (the default). */
     requireToken: boolean;
+    /** Open connections per TCP listener; past it the oldest idle one is closed. */
+    maxConnections: number;
+    /** A request's headers must arrive within this time (ms). */
+    headersTimeoutMs: number;
+    /** A whole request, body included, must arrive within this time (ms). */
+    requestTimeoutMs: number;
   };
   pools: PoolConfig[];
   limits: { maxInFlight: number; maxBufferedBytes: number };
+  /** Configuration-change events: pool rescans and delivery to recipients. */
+  events: {
+    /** Seconds between rescans of the pools' media and capacity (0: only on SIGHUP and `pool rescan`). */
+    rescanIntervalS: number;
+    /** A pool is full once this share of its filesystem is used (pool.full when crossed). */
+    poolFull: number;
+    /** Deadline of one delivery POST, ms. */
+    deliveryTimeoutMs: number;
+    /** Delivery retries back off up to this, ms. */
+    retryCapMs: number;
+  };
   /** Several hosts, one catalog in etcd; absent: a single host on the embedded store. */
   cluster?: ClusterConfig;
   /** Where the config came from, for messages. */
@@ -174,7 +205,9 @@ export function loadConfig(opts: LoadOptions): AgentConfig {
 export function validateConfig(doc: unknown, source: string, dataDirFlag?: string): AgentConfig {
   const c: Checker = new Checker(source);
   const top = c.object(doc, '(top level)');
-  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster']);
+  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster', 'events']);
+  const ev = c.object(top.events, 'events');
+  c.known(ev, 'events', ['rescanInterval', 'poolFull', 'deliveryTimeout', 'retryCap']);
   const cluster = parseClusterConfig(top.cluster, (k, problem) => c.fail(k, problem));
   const dataDir = dataDirFlag
     ? resolve(dataDirFlag)
@@ -191,6 +224,11 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     'socket',
     'maxConnections',
     'handshakeTimeout',
+    'handshakeLimit',
+    'maxHandshakes',
+    'maxPerSource',
+    'anonymous',
+    'socketGroup',
     'tls',
     'identities',
   ]);
@@ -209,7 +247,16 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
         ? nbd.identities.map((x: unknown, i: number) => c.string(x, `nbd.identities[${i}]`))
         : c.fail('nbd.identities', 'must be a list of ADDRESS=NAME or uid:N=NAME');
   const api = c.object(top.api, 'api');
-  c.known(api, 'api', ['listen', 'socket', 'token', 'tokenFile', 'requireToken']);
+  c.known(api, 'api', [
+    'listen',
+    'socket',
+    'token',
+    'tokenFile',
+    'requireToken',
+    'maxConnections',
+    'headersTimeout',
+    'requestTimeout',
+  ]);
   const limits = c.object(top.limits, 'limits');
   c.known(limits, 'limits', ['maxInFlight', 'maxBufferedBytes']);
 
@@ -273,21 +320,49 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
   }
   const apiListen =
     api.listen === undefined ? [DEFAULT_API_LISTEN] : c.listen(api.listen, 'api.listen');
-  const remote = apiListen.some((l) => !isLoopback(l));
+  if (nbd.handshakeLimit !== undefined && nbd.handshakeTimeout !== undefined) {
+    c.fail('nbd.handshakeTimeout', 'is the former name of nbd.handshakeLimit: give only one');
+  }
+  const handshakeLimit =
+    nbd.handshakeLimit !== undefined
+      ? c.number(nbd.handshakeLimit, 'nbd.handshakeLimit', 0, 3600)
+      : nbd.handshakeTimeout !== undefined
+        ? c.number(nbd.handshakeTimeout, 'nbd.handshakeTimeout', 0, 3600)
+        : 10;
+  const anonymous = nbd.anonymous === undefined ? 'unix' : nbd.anonymous;
+  if (anonymous !== 'unix' && anonymous !== 'any' && anonymous !== 'none') {
+    c.fail('nbd.anonymous', 'must be unix, any or none');
+  }
+  const socketGroup =
+    nbd.socketGroup === undefined
+      ? 'kvm'
+      : nbd.socketGroup === null || nbd.socketGroup === false
+        ? null
+        : c.string(nbd.socketGroup, 'nbd.socketGroup');
+  const seconds = (v: unknown, key: string, dflt: number, min: number) =>
+    (v === undefined ? dflt : c.number(v, key, min, 3600)) * 1000;
 
   return {
     dataDir,
     nbd: {
-      listen: nbd.listen === undefined ? [DEFAULT_NBD_LISTEN] : c.listen(nbd.listen, 'nbd.listen'),
+      // No TCP listener unless configured: loopback is no trust boundary, and
+      // the Unix socket is what this host's QEMU uses.
+      listen: nbd.listen === undefined ? [] : c.listen(nbd.listen, 'nbd.listen'),
       socket: socketOf(nbd.socket, 'nbd.socket', join(runDir, 'nbd.sock')),
       maxConnections:
         nbd.maxConnections === undefined
           ? 1024
           : c.int(nbd.maxConnections, 'nbd.maxConnections', 1, 100000),
-      handshakeTimeoutMs:
-        (nbd.handshakeTimeout === undefined
-          ? 10
-          : c.number(nbd.handshakeTimeout, 'nbd.handshakeTimeout', 0.1, 3600)) * 1000,
+      handshakeTimeoutMs: handshakeLimit * 1000,
+      maxHandshakes:
+        nbd.maxHandshakes === undefined
+          ? 64
+          : c.int(nbd.maxHandshakes, 'nbd.maxHandshakes', 1, 100000),
+      maxPerSource:
+        nbd.maxPerSource === undefined ? 0 : c.int(nbd.maxPerSource, 'nbd.maxPerSource', 0, 100000),
+      anonymous,
+      socketGroup,
+      socketGroupConfigured: nbd.socketGroup !== undefined && socketGroup !== null,
       tls: {
         mode: tlsMode,
         cert: tlsFile('cert'),
@@ -301,7 +376,15 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       listen: apiListen,
       socket: socketOf(api.socket, 'api.socket', join(runDir, 'api.sock')),
       token,
-      requireToken: remote || api.requireToken === true,
+      // Every TCP listener demands the token unless told otherwise: loopback
+      // is shared by every user and container of the host.
+      requireToken: api.requireToken !== false || apiListen.some((l) => !isLoopback(l)),
+      maxConnections:
+        api.maxConnections === undefined
+          ? 128
+          : c.int(api.maxConnections, 'api.maxConnections', 1, 100000),
+      headersTimeoutMs: seconds(api.headersTimeout, 'api.headersTimeout', 10, 0.1),
+      requestTimeoutMs: seconds(api.requestTimeout, 'api.requestTimeout', 30, 0.1),
       tokenFile:
         api.tokenFile === undefined
           ? join(dataDir, 'api-token')
@@ -317,6 +400,20 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
         limits.maxBufferedBytes === undefined
           ? 64 * 1024 * 1024
           : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
+    },
+    events: {
+      rescanIntervalS:
+        ev.rescanInterval === undefined
+          ? 60
+          : c.number(ev.rescanInterval, 'events.rescanInterval', 0, 86400),
+      poolFull: ev.poolFull === undefined ? 0.9 : c.number(ev.poolFull, 'events.poolFull', 0.01, 1),
+      deliveryTimeoutMs:
+        (ev.deliveryTimeout === undefined
+          ? 5
+          : c.number(ev.deliveryTimeout, 'events.deliveryTimeout', 0.1, 600)) * 1000,
+      retryCapMs:
+        (ev.retryCap === undefined ? 300 : c.number(ev.retryCap, 'events.retryCap', 0.1, 86400)) *
+        1000,
     },
     ...(cluster ? { cluster } : {}),
     source,

@@ -156,6 +156,10 @@ export class DeviceManager {
   exportAccess?: (name: string, shared: boolean) => AccessControl;
   /** Told once a device is deleted, to drop what else is kept about it. */
   onRemoved?: (name: string) => Promise<void>;
+  /** Told of each device's export counters when they are made (to hook first/last client). */
+  onStats?: (name: string, stats: ExportStats) => void;
+  /** Told after a device got a new extent (its tier may have changed). */
+  onExtended?: (name: string, before: ExtentRecord[], after: ExtentRecord[]) => void;
   /** Set when the agent is part of a cluster. */
   cluster?: DeviceCluster;
   /** Cluster devices this host does not serve (another host's, or not ready yet). */
@@ -238,6 +242,12 @@ export class DeviceManager {
     }
   }
 
+  private newStats(name: string): ExportStats {
+    const st = new ExportStats();
+    this.onStats?.(name, st);
+    return st;
+  }
+
   /** How a device's files are opened: shared pools of a cluster share the file lock. */
   private fileOptions(rec: DeviceRecord): { cache: CacheMode; sharedLock: boolean } {
     return { cache: cacheFor(rec.role), sharedLock: this.cluster !== undefined && !rec.host };
@@ -284,7 +294,7 @@ export class DeviceManager {
       for (const f of files) await f.close().catch(() => {});
       throw e;
     }
-    const live = this.install(rec, modRevision, files, new ExportStats());
+    const live = this.install(rec, modRevision, files, this.newStats(rec.name));
     return live;
   }
 
@@ -533,7 +543,7 @@ export class DeviceManager {
       if (!done.succeeded)
         throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
       failpoint('create-after-commit');
-      this.install(ready, done.revision, files, new ExportStats());
+      this.install(ready, done.revision, files, this.newStats(name));
       this.log(`device ${name}: created, ${size} bytes in pool ${pool.name} (${role})`);
       return { view: this.view(name), revision: done.revision, record: ready };
     } catch (e) {
@@ -542,7 +552,7 @@ export class DeviceManager {
       const mine = kv && parseRecord(kv.value)?.extents[0]?.file === rec.extents[0]!.file;
       if (mine && files.length > 0 && parseRecord(kv.value)?.state === 'ready') {
         const ready = parseRecord(kv.value)!;
-        this.install(ready, kv.modRevision, files, new ExportStats());
+        this.install(ready, kv.modRevision, files, this.newStats(name));
         this.log(`device ${name}: created (the store answered late)`);
         return { view: this.view(name), revision: kv.modRevision, record: ready };
       }
@@ -792,6 +802,7 @@ export class DeviceManager {
         throw e;
       }
       this.log(`device ${name}: extended by ${grow} bytes in pool ${pool.name}`);
+      this.onExtended?.(name, l.record.extents, rec.extents);
       return this.view(name);
     });
   }

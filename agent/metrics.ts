@@ -170,6 +170,27 @@ export function createMetrics(
     },
   });
   new client.Gauge({
+    name: 'ballast_nbd_handshakes',
+    help: 'NBD connections still in the handshake',
+    registers: [registry],
+    collect() {
+      this.set(server()?.handshakes ?? 0);
+    },
+  });
+  new client.Counter({
+    name: 'ballast_nbd_closed_connections_total',
+    help: 'NBD connections the server closed before they were served, by reason',
+    labelNames: ['reason'],
+    registers: [registry],
+    collect() {
+      const st = server()?.stats;
+      this.reset();
+      this.inc({ reason: 'handshake_timeout' }, st?.handshakeTimeouts ?? 0);
+      this.inc({ reason: 'evicted' }, st?.handshakesEvicted ?? 0);
+      this.inc({ reason: 'refused' }, st?.connectionsRefused ?? 0);
+    },
+  });
+  new client.Gauge({
     name: 'ballast_device_size_bytes',
     help: 'Virtual size of each device',
     labelNames: ['device', 'role'],

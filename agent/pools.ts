@@ -61,6 +61,23 @@ export class Pool {
     return p;
   }
 
+  /**
+   * Looks at the medium under the pool again (unless configured): a pool on a
+   * device whose type changed (a loop device flipped to rotational, storage
+   * moved underneath) reports the change.
+   */
+  async rescan(): Promise<{ before: Media; after: Media } | null> {
+    if (this.config.media) return null;
+    const before = this.media;
+    const m = await detectMedia(this.config.path).catch(() => ({
+      media: 'unknown' as Media,
+      device: undefined,
+    }));
+    this.media = m.media;
+    this.device = m.device;
+    return before === m.media ? null : { before, after: m.media };
+  }
+
   async capacity(): Promise<{ capacityBytes: number; fsAvailBytes: number; limitBytes: number }> {
     const fs = await fsCapacity(this.path);
     const capacityBytes = this.config.quota ?? fs.totalBytes;

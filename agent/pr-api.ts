@@ -10,7 +10,7 @@
 import type http from 'node:http';
 import { BallastError } from './errors.js';
 import { PR_ACTIONS, type PrAction, type PrType, parseKey, parseType } from './pr.js';
-import type { AclEntry, ReservationManager } from './reservations.js';
+import type { AclEntry, PrOutRequest, ReservationManager } from './reservations.js';
 import { peerUid } from './tls-config.js';
 
 type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
@@ -24,6 +24,9 @@ export const PR_STATUS: Record<string, number> = {
   PR_INVALID_REQUEST: 400,
   BALLAST_BAD_ACL: 400,
 };
+
+/** Refusals of the request itself that the audit trail records. */
+const AUDITED = new Set(['PR_BAD_TYPE', 'PR_BAD_KEY', 'PR_INVALID_REQUEST', 'BALLAST_BAD_REQUEST']);
 
 function key(v: unknown, name: string, required: boolean): bigint | undefined {
   if (v === undefined || v === null) {
@@ -85,19 +88,19 @@ export function prRoutes<R>(
       entries: await res.audit(name!),
     })),
     route('POST', '/v1/devices/:name/pr', async (q, [name], body) => {
-      const action = body.action as PrAction;
-      if (!PR_ACTIONS.includes(action)) {
-        throw new BallastError(
-          'PR_INVALID_REQUEST',
-          `action must be one of ${PR_ACTIONS.join(', ')}, not ${JSON.stringify(body.action)}`,
-        );
-      }
-      if (typeof body.as !== 'string') {
-        throw new BallastError('BALLAST_BAD_REQUEST', 'as (the identity to act for) is required');
-      }
-      return res.apply(
-        name!,
-        {
+      let req: PrOutRequest;
+      try {
+        const action = body.action as PrAction;
+        if (!PR_ACTIONS.includes(action)) {
+          throw new BallastError(
+            'PR_INVALID_REQUEST',
+            `action must be one of ${PR_ACTIONS.join(', ')}, not ${JSON.stringify(body.action)}`,
+          );
+        }
+        if (typeof body.as !== 'string') {
+          throw new BallastError('BALLAST_BAD_REQUEST', 'as (the identity to act for) is required');
+        }
+        req = {
           action,
           as: body.as,
           key: key(body.key, 'key', true)!,
@@ -108,9 +111,17 @@ export function prRoutes<R>(
           ...(body.ifGeneration !== undefined
             ? { ifGeneration: generationField(body.ifGeneration) }
             : {}),
-        },
-        actorOf(q),
-      );
+        };
+      } catch (e) {
+        // Refused before the reservation logic: still on the audit trail.
+        if (e instanceof BallastError && AUDITED.has(e.code)) {
+          await res
+            .recordRefusal(name!, body as never, e.code, e.message, actorOf(q))
+            .catch(() => {});
+        }
+        throw e;
+      }
+      return res.apply(name!, req, actorOf(q));
     }),
     route('GET', '/v1/devices/:name/acl', async (_q, [name]) => res.acl(name!)),
     route('PUT', '/v1/devices/:name/acl', async (_q, [name], body) => {

@@ -53,6 +53,8 @@ interface PrRecord {
   seq: number;
   /** In a cluster: identities whose connections every agent aborts on applying this change. */
   abort?: string[];
+  /** The command that made this state (for the reservation.changed event). */
+  last?: { action: PrAction; initiator: string; actor: string; time: string; host?: string };
 }
 
 /** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
@@ -93,6 +95,21 @@ class DeviceAccess implements AccessControl {
   acl: Map<string, AclAccess> | null = null;
   /** Set for shared devices of a cluster: the agent's self-fence. */
   fence: Gate | undefined;
+  /**
+   * In a cluster: states replaced by changes that not every agent has applied
+   * yet, with the revision that replaced each. Until then a connection may do
+   * only what the old and the new state both allow: a revocation holds at
+   * once, a grant (a preempting new holder) only once the old holder can
+   * write nowhere.
+   */
+  unsettled: { revision: number; state: PrState }[] = [];
+
+  /** Every agent has applied `revision`: what older states withheld is lifted. */
+  settled(revision: number): void {
+    const before = this.unsettled.length;
+    this.unsettled = this.unsettled.filter((u) => u.revision > revision);
+    if (this.unsettled.length !== before) this.generation++;
+  }
 
   gate(): 'open' | 'hold' | 'fail' {
     return this.fence === undefined ? 'open' : this.fence.gate();
@@ -106,8 +123,14 @@ class DeviceAccess implements AccessControl {
   mask(identity: string): number {
     let m = 0xffff & ~(READ_COMMANDS | WRITE_COMMANDS);
     const a = prAccess(this.state, identity);
-    if (a.read) m |= READ_COMMANDS;
-    if (a.write) m |= WRITE_COMMANDS;
+    let { read, write } = a;
+    for (const u of this.unsettled) {
+      const old = prAccess(u.state, identity);
+      read &&= old.read;
+      write &&= old.write;
+    }
+    if (read) m |= READ_COMMANDS;
+    if (write) m |= WRITE_COMMANDS;
     if (this.acl) {
       const entry = this.acl.get(identity);
       if (entry === undefined) return 0;
@@ -160,6 +183,8 @@ export class ReservationManager {
    * `revision` (aborting preempted connections first), or its lease has expired.
    */
   settle?: (revision: number) => Promise<SettleReport>;
+  /** This host's name, recorded with each change. */
+  host?: string;
   /** PR OUT latency, for metrics. */
   onChange?: (seconds: number) => void;
   /** In a cluster: which agents have applied the device's current reservation state. */
@@ -283,9 +308,36 @@ export class ReservationManager {
         await this.reload(device);
       }
     }
-    if (this.settle && out.revision > 0) out.result.settled = await this.settle(out.revision);
+    if (this.settle && out.revision > 0) {
+      try {
+        out.result.settled = await this.settle(out.revision);
+        this.devices.get(device)?.settled(out.revision);
+      } catch (e) {
+        this.settleLater(device, out.revision);
+        throw e;
+      }
+    }
     this.onChange?.((performance.now() - t0) / 1000);
     return out.result;
+  }
+
+  /** Lifts what the states older than `revision` withhold once every agent has applied it. */
+  private settleLater(device: string, revision: number, attempt = 0): void {
+    const settle = this.settle;
+    if (!settle) return;
+    settle(revision).then(
+      () => this.devices.get(device)?.settled(revision),
+      (e: unknown) => {
+        // Until then the device keeps the stricter access: safe, and lifted by any later settled change.
+        if (attempt >= 10 || !this.devices.has(device)) {
+          this.log(
+            `device ${device}: change ${revision} not applied everywhere: ${(e as Error).message}`,
+          );
+          return;
+        }
+        this.settleLater(device, revision, attempt + 1);
+      },
+    );
   }
 
   /** A read retried through retryable failures for up to 20 s (an etcd election). */
@@ -344,6 +396,7 @@ export class ReservationManager {
     const acc = this.access(device);
     if (!kv) {
       acc.state = EMPTY_PR;
+      acc.unsettled = [];
       acc.generation++;
       this.revisions.delete(device);
       return;
@@ -351,7 +404,12 @@ export class ReservationManager {
     let rec: PrRecord;
     try {
       rec = JSON.parse(kv.value) as PrRecord;
-      acc.state = prFromJson(rec.state);
+      const next = prFromJson(rec.state);
+      if (this.settle) {
+        acc.unsettled.push({ revision: modRevision, state: acc.state });
+        this.settleLater(device, modRevision);
+      }
+      acc.state = next;
     } catch (e) {
       // Never "no reservation" for a record we cannot read: nobody may write.
       this.log(`device ${device}: unreadable reservation record: ${(e as Error).message}`);
@@ -428,6 +486,13 @@ export class ReservationManager {
       if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
         record.abort = result.preempted;
       }
+      record.last = {
+        action: req.action,
+        initiator: req.as,
+        actor,
+        time: entry.time,
+        ...(this.host ? { host: this.host } : {}),
+      };
       const key = PR_PREFIX + device;
       const value = JSON.stringify(record);
       const auditKey = `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`;
@@ -467,6 +532,7 @@ export class ReservationManager {
       }
       let aborted = 0;
       if (result.changed) {
+        if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
         acc.state = result.state;
         acc.generation++;
         this.log(
@@ -494,6 +560,56 @@ export class ReservationManager {
         },
         revision: t.revision,
       };
+    });
+  }
+
+  /**
+   * Records in the audit trail a request refused before it reached the
+   * reservation logic (a bad type, key or action): whoever probes a device's
+   * reservations with garbage leaves a trace too. The state is unchanged.
+   */
+  recordRefusal(
+    device: string,
+    raw: { action: unknown; as: unknown; key: unknown; saKey: unknown; type: unknown },
+    code: string,
+    reason: string,
+    actor: string,
+  ): Promise<void> {
+    return this.mutex.run(async () => {
+      if (!this.exists(device)) return;
+      const acc = this.access(device);
+      const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+      // What the caller sent, as text, kept short: it is not trusted input.
+      const text = (v: unknown) => String(v).slice(0, 80);
+      const entry = {
+        seq: rev.seq,
+        time: new Date().toISOString(),
+        actor,
+        initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
+        action: text(raw.action) as PrAction,
+        key: raw.key === undefined ? formatKey(0n) : text(raw.key),
+        ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
+        ...(raw.type !== undefined && raw.type !== null
+          ? { type: text(raw.type) as unknown as PrType }
+          : {}),
+        outcome: 'refused',
+        code,
+        reason,
+        generation: acc.state.generation,
+      } satisfies AuditEntry;
+      const record: PrRecord = { state: prToJson(acc.state), seq: rev.seq + 1 };
+      const key = PR_PREFIX + device;
+      const t = await this.store.txn({
+        compare: [cmp.modRevision(key, '=', rev.pr)],
+        success: [
+          op.put(key, JSON.stringify(record)),
+          op.put(
+            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
+            JSON.stringify(entry),
+          ),
+        ],
+      });
+      if (t.succeeded) this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
     });
   }
 
@@ -525,7 +641,13 @@ export class ReservationManager {
       const acc = this.need(device);
       const seen = new Set<string>();
       for (const e of entries ?? []) {
-        if (!identityOk(e.identity) || (e.access !== 'ro' && e.access !== 'rw')) {
+        // Entries come from a JSON body: anything, null included (found by fuzzing).
+        if (
+          typeof e !== 'object' ||
+          e === null ||
+          !identityOk(e.identity) ||
+          (e.access !== 'ro' && e.access !== 'rw')
+        ) {
           throw new BallastError(
             'BALLAST_BAD_ACL',
             `bad access list entry ${JSON.stringify(e)}: expected IDENTITY:ro or IDENTITY:rw`,
@@ -537,11 +659,18 @@ export class ReservationManager {
         seen.add(e.identity);
       }
       const key = ACL_PREFIX + device;
+      // Only what an entry means is kept, not whatever else the body carried.
+      const clean = entries?.map((e) => ({ identity: e.identity, access: e.access })) ?? null;
       const revision =
-        entries === null
+        clean === null
           ? (await this.store.delete(key)).revision
-          : (await this.store.put(key, JSON.stringify({ entries }))).revision;
-      acc.acl = entries === null ? null : new Map(entries.map((e) => [e.identity, e.access]));
+          : (
+              await this.store.put(
+                key,
+                JSON.stringify({ entries: clean, at: new Date().toISOString() }),
+              )
+            ).revision;
+      acc.acl = clean === null ? null : new Map(clean.map((e) => [e.identity, e.access]));
       acc.generation++;
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
       return { view: this.acl(device), revision };

@@ -121,3 +121,10 @@ export function peerUid(sock: net.Socket): number | null {
   const uid = loadNative().peerUid(fd);
   return uid < 0 ? null : uid;
 }
+
+/** What a connection counts against for a per-source limit: its address, or its uid on a Unix socket. */
+export function sourceKey(sock: net.Socket): string {
+  if (sock.remoteAddress) return normalizeAddress(sock.remoteAddress);
+  const uid = peerUid(sock);
+  return uid === null ? 'unix' : `uid:${uid}`;
+}

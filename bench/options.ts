@@ -97,6 +97,8 @@ Options:
   --dir DIR             where to make the temporary directory (default the OS temp dir)
   --out FILE            raw results as JSON (default bench-results/latest.json)
   --ballast PATH        the ballast launcher (default bin/ballast)
+  --suite cluster       run the cluster benchmarks instead (etcd and agents; see
+                        npm run bench -- --suite cluster --help)
   -h, --help            this text
 `;
 

@@ -14,9 +14,9 @@ export function registerAgent(program: Command, version: string): void {
     .summary('run the agent: pools, devices over NBD, the management API and /metrics')
     .description(
       'Run the per-host agent. It keeps its state in an SQLite database in the data directory, ' +
-        'serves every device over NBD (default 127.0.0.1:10809 and /run/ballast/nbd.sock) and ' +
-        'answers the management API and /metrics (default 127.0.0.1:10810 and ' +
-        '/run/ballast/api.sock). Without --config it runs one pool in DATA_DIR/pools/default. ' +
+        'serves every device over NBD (default /run/ballast/nbd.sock, root and group kvm; no TCP ' +
+        'listener unless configured) and answers the management API and /metrics (default ' +
+        '/run/ballast/api.sock, root only, and 127.0.0.1:10810 with the bearer token). Without --config it runs one pool in DATA_DIR/pools/default. ' +
         'SIGTERM or SIGINT stops taking connections, finishes the requests in flight, flushes ' +
         'and exits 0; SIGHUP reloads the config (pools, quotas, overcommit, token).',
     )
@@ -33,8 +33,12 @@ Config example:
     - { name: fast, path: /srv/ballast/fast }            # media type detected
     - { name: bulk, path: /srv/ballast/bulk, media: hdd, quota: 2T, overcommit: 4.0 }
 
-A TCP API address other than loopback demands the bearer token in DATA_DIR/api-token
-(made on first start, mode 0600); api.requireToken: true demands it on loopback too.
+Every TCP API listener demands the bearer token in DATA_DIR/api-token (made on first
+start, mode 0600); api.requireToken: false lifts that on loopback only. On a TCP NBD
+listener, clients must be named by TLS or nbd.identities (nbd.anonymous: any lifts it).
+Limits: nbd.handshakeLimit (10 s, 0: none), nbd.maxHandshakes (64), nbd.maxConnections
+(1024), nbd.maxPerSource (none); api.maxConnections (128), api.headersTimeout (10 s),
+api.requestTimeout (30 s).
 
 NBD clients can be made to use TLS, and are then named by their certificate CN or PSK
 username (for access lists and persistent reservations: ballast acl, ballast pr):

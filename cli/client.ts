@@ -4,7 +4,8 @@
 
 import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
-import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET } from '../agent/config.js';
+import { join } from 'node:path';
+import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET, DEFAULT_DATA_DIR } from '../agent/config.js';
 import { BallastError } from '../agent/errors.js';
 
 /**
@@ -37,6 +38,12 @@ export const EXIT: Record<string, number> = {
   PR_INVALID_REQUEST: 8,
   BALLAST_BAD_ACL: 8,
   BALLAST_DEVICE_REMOTE: 5,
+  NOTIFY_EXISTS: 5,
+  NOTIFY_NOT_FOUND: 4,
+  NOTIFY_BAD_URL: 8,
+  NOTIFY_BAD_TYPES: 8,
+  NOTIFY_BAD_RECIPIENT: 8,
+  NOTIFY_BAD_SECRET: 8,
   BALLAST_CLUSTER_HOST_TAKEN: 5,
   BALLAST_CLUSTER_JOIN_NEEDED: 5,
   BALLAST_CLUSTER_UNREACHABLE: 3,
@@ -103,7 +110,7 @@ export function resolveAgent(flag?: string): Target {
   return parseAgent(`http://${DEFAULT_API_LISTEN}`);
 }
 
-function readToken(opts: ClientOptions): string | undefined {
+function readToken(opts: ClientOptions, target: Target): string | undefined {
   if (opts.tokenFile) {
     try {
       return readFileSync(opts.tokenFile, 'utf8').trim();
@@ -115,7 +122,19 @@ function readToken(opts: ClientOptions): string | undefined {
     }
   }
   const env = process.env.BALLAST_TOKEN;
-  return env ? env.trim() : undefined;
+  if (env) return env.trim();
+  // The local agent's own token, for whoever may read it (root): the TCP API
+  // demands it even on loopback.
+  if (target.host !== undefined && isLoopbackHost(target.host)) {
+    try {
+      return readFileSync(join(DEFAULT_DATA_DIR, 'api-token'), 'utf8').trim() || undefined;
+    } catch {}
+  }
+  return undefined;
+}
+
+function isLoopbackHost(h: string): boolean {
+  return h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h);
 }
 
 export class Client {
@@ -124,11 +143,71 @@ export class Client {
 
   constructor(opts: ClientOptions = {}) {
     this.target = resolveAgent(opts.agent);
-    this.token = readToken(opts);
+    this.token = readToken(opts, this.target);
   }
 
   get where(): string {
     return this.target.describe;
+  }
+
+  /**
+   * A streamed GET (Server-Sent Events): `onChunk` gets the body as it comes;
+   * resolves when the agent ends the stream. An error reply throws AgentError.
+   */
+  stream(
+    path: string,
+    headers: Record<string, string>,
+    onChunk: (text: string) => void,
+  ): Promise<void> {
+    const h: Record<string, string> = { accept: 'text/event-stream', ...headers };
+    if (this.token && this.target.socketPath === undefined)
+      h.authorization = `Bearer ${this.token}`;
+    return new Promise((resolve, reject) => {
+      const req = http.request(
+        {
+          method: 'GET',
+          path,
+          headers: h,
+          socketPath: this.target.socketPath,
+          host: this.target.host,
+          port: this.target.port,
+        },
+        (res) => {
+          const status = res.statusCode ?? 0;
+          if (status !== 200) {
+            const chunks: Buffer[] = [];
+            res.on('data', (c: Buffer) => chunks.push(c));
+            res.on('end', () => {
+              let err: { code?: string; message?: string } = {};
+              try {
+                err = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+              } catch {}
+              reject(
+                new AgentError(
+                  err.code ?? 'BALLAST_AGENT_PROTOCOL',
+                  err.message ?? `${this.where} answered GET ${path} with HTTP ${status}`,
+                ),
+              );
+            });
+            return;
+          }
+          res.setEncoding('utf8');
+          res.on('data', (t: string) => onChunk(t));
+          res.on('end', () => resolve());
+          res.on('error', (e) => reject(e));
+        },
+      );
+      req.on('error', (e: NodeJS.ErrnoException) =>
+        reject(
+          new AgentError(
+            'BALLAST_AGENT_UNREACHABLE',
+            `cannot reach the agent at ${this.where}: ${e.code ?? e.message}`,
+            { cause: e },
+          ),
+        ),
+      );
+      req.end();
+    });
   }
 
   /** One API call; resolves with the parsed JSON, throws AgentError on an error reply. */

@@ -10,7 +10,15 @@ import { KnownHosts } from '../deploy/known-hosts.js';
 import { execAll, logs, status } from '../deploy/ops.js';
 import type { Outcome } from '../deploy/pool.js';
 import { packageRoot, packRelease, type Release } from '../deploy/release.js';
-import { apply, plan, type RunContext, rollback } from '../deploy/rollout.js';
+import {
+  apply,
+  plan,
+  type RunContext,
+  rollback,
+  type StopResult,
+  stopAgents,
+  uninstall,
+} from '../deploy/rollout.js';
 import { positiveInt } from './options.js';
 
 /** OpenSSH's system-wide file, read with the user's when --known-hosts is not given. */
@@ -119,6 +127,15 @@ function outcomesJson<T>(results: Outcome<T>[]): unknown[] {
   );
 }
 
+function printStopped(results: Outcome<StopResult>[], json: boolean): void {
+  if (json) {
+    process.stdout.write(`${JSON.stringify(outcomesJson(results), null, 2)}\n`);
+    return;
+  }
+  for (const r of results)
+    process.stdout.write(`${r.host}: ${r.status === 'ok' ? r.value.result : outcomeError(r)}\n`);
+}
+
 function table(rows: string[][]): string {
   const widths = rows[0]?.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length))) ?? [];
   return rows
@@ -153,9 +170,16 @@ function failIfAny<T>(results: Outcome<T>[], code: DeployError['code'], what: st
       (o.status === 'skipped' && o.reason === 'interrupted') ||
       (o.status === 'failed' && isDeployError(o.error) && o.error.code === 'DEPLOY_INTERRUPTED'),
   );
+  // The host's own code goes into the summary: scripts see why, not only that.
+  const why = (o: Outcome<T>): string =>
+    o.status === 'skipped'
+      ? o.reason
+      : o.status === 'failed' && isDeployError(o.error)
+        ? `failed: ${o.error.code}`
+        : 'failed';
   throw new DeployError(
     interrupted ? 'DEPLOY_INTERRUPTED' : code,
-    `${what}: ${bad.map((o) => `${o.host} (${o.status === 'skipped' ? o.reason : 'failed'})`).join(', ')}`,
+    `${what}: ${bad.map((o) => `${o.host} (${why(o)})`).join(', ')}`,
   );
 }
 
@@ -286,6 +310,50 @@ DEPLOY_ROLLOUT_FAILED, DEPLOY_INTERRUPTED, ... (docs/errors.md).`,
           }
           failIfAny(results, 'DEPLOY_ROLLOUT_FAILED', 'rollout stopped');
         });
+      }),
+    ),
+  );
+
+  common(
+    deploy
+      .command('stop')
+      .summary('stop the agent on the hosts and keep it stopped')
+      .description(
+        'Stop the agent on each host (SIGTERM: requests in flight finish, devices are ' +
+          'flushed) and keep it stopped across reboots (its systemd unit is disabled). ' +
+          '`apply` or `rollback` starts it again. Everything deployed stays in place.',
+      ),
+    { parallel: 1, json: true },
+  ).action(
+    run((o: Common) =>
+      interruptible(async (signal) => {
+        const ctx = context(o, signal);
+        const results = await stopAgents(ctx);
+        printStopped(results, Boolean(o.json));
+        failIfAny(results, 'DEPLOY_HOSTS_FAILED', 'stop failed');
+      }),
+    ),
+  );
+
+  common(
+    deploy
+      .command('uninstall')
+      .summary('remove the agent from the hosts')
+      .description(
+        'Stop the agent on each host and remove what deploy put there: the systemd unit, and ' +
+          "under the host's prefix the releases, deploys, links, run and log directories. The " +
+          "rest of the prefix (PREFIX/data: the agent's state; pools under the prefix: the " +
+          'devices) is kept unless --purge. Nothing outside the prefix is touched.',
+      )
+      .option('--purge', 'remove the whole prefix, data and pools in it: those devices are lost'),
+    { parallel: 1, json: true },
+  ).action(
+    run((o: Common & { purge?: boolean }) =>
+      interruptible(async (signal) => {
+        const ctx = context(o, signal);
+        const results = await uninstall(ctx, Boolean(o.purge));
+        printStopped(results, Boolean(o.json));
+        failIfAny(results, 'DEPLOY_HOSTS_FAILED', 'uninstall failed');
       }),
     ),
   );

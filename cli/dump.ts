@@ -77,11 +77,34 @@ function human(n: number): string {
   return i === 0 ? `${n} B` : `${v.toFixed(1)} ${u[i]}`;
 }
 
+/** How long a finished dump took, and its rate; nulls while it is written. */
+export function dumpTiming(e: Pick<DumpEntry, 'createdAt' | 'finishedAt' | 'length'>): {
+  durationMs: number | null;
+  bytesPerSecond: number | null;
+} {
+  if (!e.finishedAt || e.finishedAt < e.createdAt)
+    return { durationMs: null, bytesPerSecond: null };
+  const durationMs = e.finishedAt - e.createdAt;
+  return {
+    durationMs,
+    bytesPerSecond: durationMs > 0 ? Math.round((e.length * 1000) / durationMs) : null,
+  };
+}
+
+/** "12.3 s", "850 ms", "2 min 5 s". */
+export function humanDuration(ms: number): string {
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  return `${Math.floor(s / 60)} min ${s % 60} s`;
+}
+
 function entryJson(e: DumpEntry) {
   return {
     ...e,
     createdAt: new Date(e.createdAt).toISOString(),
     finishedAt: e.finishedAt ? new Date(e.finishedAt).toISOString() : null,
+    ...dumpTiming(e),
   };
 }
 
@@ -241,20 +264,24 @@ Config example:
     .description('ask dumpd to dump a guest now; waits until the dump is settled')
     .argument('<GUEST>')
     .option('--dumpd <ADDR>', `dumpd's listener (default BALLAST_DUMPD or ${DEFAULT_LISTEN})`)
-    .option('--after <WHAT>', 'then: reboot | pause | poweroff | none', 'none')
+    .option(
+      '--after <WHAT>',
+      "then: reboot | pause | poweroff | none (default: the guest's configured policy if it sits panicked, else none)",
+    )
     .option('--json', 'print the result as JSON')
     .action(
-      action(async (guest: string, o: { dumpd?: string; after: string; json?: boolean }) => {
+      action(async (guest: string, o: { dumpd?: string; after?: string; json?: boolean }) => {
         const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
+        const q = o.after === undefined ? '' : `?after=${encodeURIComponent(o.after)}`;
         const r = (await dumpdRequest(
           where,
           'POST',
-          `/v1/guests/${encodeURIComponent(guest)}/dump?after=${encodeURIComponent(o.after)}`,
+          `/v1/guests/${encodeURIComponent(guest)}/dump${q}`,
         )) as DumpResult;
         if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
         else if (r.ok && r.entry)
           process.stdout.write(
-            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}\n`,
+            `dump ${r.entry.id} of ${guest}: ${human(r.bytes)} in ${(r.durationMs / 1000).toFixed(1)} s, ${r.entry.checksum}; after: ${r.after}\n`,
           );
         if (!r.ok)
           throw new DumpError(
@@ -279,16 +306,21 @@ Config example:
           }
           process.stdout.write(
             `${table(
-              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'CHECKSUM'],
-              es.map((e) => [
-                String(e.id),
-                e.guest,
-                e.format,
-                e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
-                human(e.length),
-                new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
-                e.checksum ? e.checksum.slice(0, 23) : '-',
-              ]),
+              ['ID', 'GUEST', 'FORMAT', 'STATE', 'SIZE', 'CREATED', 'TOOK', 'RATE', 'CHECKSUM'],
+              es.map((e) => {
+                const t = dumpTiming(e);
+                return [
+                  String(e.id),
+                  e.guest,
+                  e.format,
+                  e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
+                  human(e.length),
+                  new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
+                  t.durationMs === null ? '-' : humanDuration(t.durationMs),
+                  t.bytesPerSecond === null ? '-' : `${human(t.bytesPerSecond)}/s`,
+                  e.checksum ? e.checksum.slice(0, 23) : '-',
+                ];
+              }),
             )}\n`,
           );
         } finally {

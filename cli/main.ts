@@ -13,7 +13,8 @@ import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
 import { registerGuest, registerMigrate } from './migrate.js';
-import { positiveInt } from './options.js';
+import { registerNotify } from './notify.js';
+import { nonNegativeInt, positiveInt } from './options.js';
 import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -87,11 +88,32 @@ export function buildProgram(): Command {
     )
     .addOption(
       new Option(
-        '--handshake-timeout <SECONDS>',
-        'drop clients that have not finished the handshake',
+        '--handshake-limit <SECONDS>',
+        'drop clients that have not finished the handshake (TLS included) in this time; 0: no limit',
       )
         .default(10)
-        .argParser(positiveInt('--handshake-timeout')),
+        .argParser(nonNegativeInt('--handshake-limit')),
+    )
+    .addOption(
+      new Option('--handshake-timeout <SECONDS>', 'the former name of --handshake-limit')
+        .argParser(nonNegativeInt('--handshake-timeout'))
+        .hideHelp(),
+    )
+    .addOption(
+      new Option(
+        '--max-handshakes <N>',
+        'connections still in handshake at once; past it the oldest of them is closed',
+      )
+        .default(64)
+        .argParser(positiveInt('--max-handshakes')),
+    )
+    .addOption(
+      new Option(
+        '--max-per-source <N>',
+        'connections per client address (or per uid on a Unix socket); 0: no limit',
+      )
+        .default(0)
+        .argParser(nonNegativeInt('--max-per-source')),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
     .addOption(
@@ -154,7 +176,10 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
         listen: (o.listen as string[] | undefined) ?? [],
         socket: (o.socket as string[] | undefined) ?? [],
         maxConnections: o.maxConnections as number,
-        handshakeTimeoutMs: (o.handshakeTimeout as number) * 1000,
+        handshakeTimeoutMs:
+          ((o.handshakeTimeout as number | undefined) ?? (o.handshakeLimit as number)) * 1000,
+        maxHandshakes: o.maxHandshakes as number,
+        maxPerSource: o.maxPerSource as number,
         verbose: Boolean(o.verbose),
         tls: {
           mode: o.tls as 'off' | 'allow' | 'require',
@@ -170,6 +195,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerAgent(program, pkg.version);
   registerManagement(program);
   registerCluster(program);
+  registerNotify(program);
   registerDeploy(program);
   registerDump(program);
   registerPr(program);

@@ -202,6 +202,25 @@ export function registerManagement(program: Command): void {
       ),
     );
   });
+  withCommon(
+    pool
+      .command('rescan')
+      .description(
+        "look at every pool's medium and fullness again; a changed medium sends tier.changed for its devices",
+      ),
+  ).action(async (o: Common) => {
+    const r = (await client(o).request('POST', '/v1/pools/rescan')) as {
+      media: { pool: string; before: string; after: string }[];
+      tiers: { device: string; before: string[]; after: string[] }[];
+      full: string[];
+    };
+    if (o.json) return json(r);
+    if (r.media.length === 0) out('no medium changed');
+    for (const m of r.media) out(`pool ${m.pool}: ${m.before} -> ${m.after}`);
+    for (const t of r.tiers)
+      out(`device ${t.device}: tier ${t.before.join('+')} -> ${t.after.join('+')}`);
+    for (const p of r.full) out(`pool ${p}: full`);
+  });
   withCommon(pool.command('show').description('show one pool').argument('<NAME>')).action(
     async (name: string, o: Common) => {
       const p = (await client(o).request('GET', `/v1/pools/${enc(name)}`)) as PoolStatus;

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
 import { CACHE_MODES, type CacheMode, SparseFileBackend } from '../agent/sparse-file.js';
-import { IdentityMap, loadTls, peerUid, type TlsSettings } from '../agent/tls-config.js';
+import { IdentityMap, loadTls, peerUid, sourceKey, type TlsSettings } from '../agent/tls-config.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
@@ -88,7 +88,10 @@ export interface ServeOptions {
   listen: string[];
   socket: string[];
   maxConnections: number;
+  /** 0: no deadline. */
   handshakeTimeoutMs: number;
+  maxHandshakes?: number;
+  maxPerSource?: number;
   verbose: boolean;
   tls?: TlsSettings;
   /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
@@ -150,6 +153,9 @@ export async function serve(opts: ServeOptions): Promise<never> {
     catalog: new StaticCatalog(exports),
     maxConnections: opts.maxConnections,
     handshakeTimeoutMs: opts.handshakeTimeoutMs,
+    maxHandshakes: opts.maxHandshakes,
+    maxPerSource: opts.maxPerSource,
+    sourceOf: sourceKey,
     tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,
     identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,
     log: (level, msg) => {

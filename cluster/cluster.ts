@@ -287,6 +287,11 @@ export class Cluster {
     this.unhealthyReason = reason;
   }
 
+  /** The membership lease while registered (notification leadership lives under it). */
+  leaseId(): string | undefined {
+    return this.registered && !this.stopped ? this.lease : undefined;
+  }
+
   /** Whether the last keepalive was acknowledged (reads are fresh, mutations may go ahead). */
   isHealthy(): boolean {
     return this.healthy;
@@ -574,8 +579,10 @@ export class Cluster {
       }
       return left;
     };
-    const ttlMs = this.opts.config.leaseTtl * 1000;
-    if (!(await this.waitUntil(() => pending().length === 0, ttlMs + 2000))) {
+    // A member that cannot apply loses its lease within the TTL; one that keeps its
+    // lease but is slow (a loaded host) is waited for, up to a bound.
+    const boundMs = Math.max(15_000, this.opts.config.leaseTtl * 3000);
+    if (!(await this.waitUntil(() => pending().length === 0, boundMs))) {
       throw new BallastError(
         'BALLAST_CLUSTER_NOT_APPLIED',
         `the change (revision ${revision}) is committed, but host(s) ${pending().join(', ')} have not applied it yet`,

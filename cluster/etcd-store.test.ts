@@ -151,6 +151,21 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect((await b.range('')).kvs.map((k) => k.key)).toEqual(['k', 'other']);
   });
 
+  it("etcd's request limits answer STORE_INVALID_ARGUMENT, whichever layer enforces them", async () => {
+    const s = await open(newPrefix(), 'direct');
+    const mib = 1024 * 1024;
+    // etcd's --max-request-bytes (1.5 MiB), then gRPC's message limit (2 MiB).
+    for (const size of [1.8 * mib, 3 * mib]) {
+      const e = await s.put('big', 'x'.repeat(size)).catch((x: unknown) => x);
+      expect(isStoreError(e, 'STORE_INVALID_ARGUMENT')).toBe(true);
+    }
+    // --max-txn-ops (128).
+    const ops = Array.from({ length: 200 }, (_, i) => op.put(`k${i}`, 'v'));
+    const e = await s.txn({ compare: [], success: ops }).catch((x: unknown) => x);
+    expect(isStoreError(e, 'STORE_INVALID_ARGUMENT')).toBe(true);
+    expect((await s.range('')).kvs).toEqual([]);
+  });
+
   it('status and memberList report every member and the one leader; a dead member is reported, not thrown', async () => {
     const s = await open(newPrefix(), 'direct');
     const st = await s.status();
@@ -190,6 +205,26 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     const { events, errors } = await collect(s, 'k/', start);
     const codes: string[] = [];
     const acked: number[] = [];
+    // A member's lease, kept alive through the election.
+    const lease = await s.grantLease(3);
+    await s.put('member', 'me', { lease });
+    let keeping = true;
+    let lastKept = performance.now();
+    let longestGap = 0;
+    const keeper = (async () => {
+      while (keeping) {
+        const sent = performance.now();
+        try {
+          await s.keepAlive(lease);
+          longestGap = Math.max(longestGap, sent - lastKept);
+          lastKept = sent;
+        } catch (e) {
+          if (!isStoreError(e) || !e.retryable) throw e;
+          codes.push(e.code);
+        }
+        await sleep(300);
+      }
+    })();
     let killed = -1;
     for (let i = 0; i < 80; i++) {
       acked.push(await putRetrying(s, `k/${i % 5}`, `v${i}`, codes));
@@ -208,8 +243,12 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
         }
       }
     }
+    keeping = false;
+    await keeper;
     expect(killed).toBeGreaterThanOrEqual(0);
     expect(cluster.running(killed)).toBe(false);
+    expect(longestGap).toBeLessThan(3000);
+    expect((await s.get('member'))?.lease).toBe(lease);
     for (const c of codes) expect(RETRYABLE).toContain(c);
     const newLeader = await cluster.leader();
     expect(newLeader).not.toBe(killed);
@@ -219,7 +258,7 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     expect(s.watchResumes).toBeGreaterThanOrEqual(1);
     console.log(
       `leader kill: ${codes.length} retryable failures (${[...new Set(codes)].join(', ') || 'none'}), ` +
-        `${s.watchResumes} watch resumes`,
+        `${s.watchResumes} watch resumes, longest keepalive gap ${longestGap.toFixed(0)} ms`,
     );
   });
 
@@ -272,22 +311,36 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
       ['revision', () => s.revision()],
       ['keepAlive', () => s.keepAlive(lease)],
       ['grantLease', () => s.grantLease(5)],
+      // Held requests reach etcd once healed (they may happen): nothing here may break what follows.
+      ['revokeLease', () => s.revokeLease('12345')],
+      ['compact', () => s.compact(start)],
+      ['compactRevision', () => s.compactRevision()],
+      ['watch', () => s.watch('', { fromRevision: start, onEvent: () => {} })],
+      ['memberList', () => s.memberList()],
     ];
-    for (const [name, call] of calls) {
-      const t0 = performance.now();
-      const got = await call().then(
-        () => 'ok',
-        (e: unknown) => (isStoreError(e) ? e.code : String(e)),
-      );
-      const took = performance.now() - t0;
-      expect([name, RETRYABLE.includes(got)]).toEqual([name, true]);
-      expect([name, took < deadline + 300]).toEqual([name, true]);
-      // Meanwhile the cluster itself goes on.
-      await direct.put(`during/${name}`, 'x');
-    }
+    // All at once: each call must end by its own deadline.
+    const results = await Promise.all(
+      calls.map(async ([name, call]) => {
+        const t0 = performance.now();
+        const got = await call().then(
+          () => 'ok',
+          (e: unknown) => (isStoreError(e) ? e.code : String(e)),
+        );
+        const took = performance.now() - t0;
+        // Meanwhile the cluster itself goes on.
+        await direct.put(`during/${name}`, 'x');
+        return [name, RETRYABLE.includes(got), took < deadline + 300];
+      }),
+    );
+    expect(results).toEqual(calls.map(([name]) => [name, true, true]));
+    const t0 = performance.now();
     const st = await s.status();
+    expect(performance.now() - t0).toBeLessThan(deadline + 300);
     expect(st.endpoints.map((e) => e.ok)).toEqual([false, false, false]);
 
+    // Long enough for the watch to find its stream silent and start over.
+    await sleep(2 * deadline + 300);
+    expect(s.watchResumes).toBeGreaterThanOrEqual(1);
     for (const p of proxies) p.heal();
     await waitFor(
       async () =>
@@ -328,6 +381,22 @@ describeWithTools([...ETCD_TOOLS], 'EtcdStore on a real etcd, under faults', () 
     await s.close();
     expect(await Promise.all(pending)).toEqual(['STORE_CLOSED', 'STORE_CLOSED', 'STORE_CLOSED']);
     expect(performance.now() - t0).toBeLessThan(500);
+  });
+
+  it('compactRevision() finds a compaction another client made (etcdctl), each time it moves', async () => {
+    const s = await open(newPrefix(), 'direct');
+    const other = await open(newPrefix(), 'direct');
+    const points: number[] = [];
+    for (let round = 0; round < 3; round++) {
+      for (let i = 0; i < 40; i++) await other.put(`k${i % 4}`, String(i));
+      const point = (await s.revision()) - 7 * round - 3;
+      await runOk('etcdctl', [`--endpoints=${cluster.endpoints[2]}`, 'compaction', String(point)]);
+      const t0 = performance.now();
+      expect(await s.compactRevision()).toBe(point);
+      points.push(performance.now() - t0);
+      expect(await s.compactRevision()).toBe(point);
+    }
+    console.log(`compactRevision(): ${points.map((ms) => ms.toFixed(1)).join(', ')} ms`);
   });
 
   it('a quiet watch keeps its stream: etcd answers the progress requests that check it', async () => {

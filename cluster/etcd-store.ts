@@ -23,8 +23,8 @@
 // binary search with revision-only reads at past revisions (a read at r fails
 // as compacted iff r < the point): about log2(revision) reads, each a few
 // milliseconds on a LAN. It returns 0 when nothing was forgotten (a read at
-// revision 1 works). The largest point seen is remembered as the lower bound of
-// the next search (the point never moves back).
+// revision 1 works). The last point found is checked first next time (two
+// reads when it has not moved).
 //
 // Watch: one gRPC stream per watch, created with prev_kv. The watcher keeps its
 // own cursor, the revision after the last event it delivered; after any stream
@@ -44,8 +44,8 @@
 // (timeoutMs), enforced by gRPC and by our own timer, so a black-holed peer
 // cannot hang it. watch() and compactRevision() make several round trips within
 // one deadline; a STORE_COMPACTED error may take one more to find the
-// compaction point it reports. Calls carry etcd's "hasleader" metadata, so a member cut off
-// from its quorum answers "no leader" at once instead of waiting.
+// compaction point it reports. Calls carry etcd's "hasleader" metadata, so a
+// member cut off from its quorum answers "no leader" at once instead of waiting.
 //
 // Errors: toStoreError (etcd-wire.ts) is the one mapping; see its comment.
 
@@ -361,7 +361,7 @@ export class EtcdStore extends TxnStore {
     if (this.members[this.current] === m) this.current = (this.current + 1) % this.members.length;
   }
 
-  currentMember(): Member {
+  private currentMember(): Member {
     return this.members[this.current]!;
   }
 
@@ -449,15 +449,7 @@ export class EtcdStore extends TxnStore {
   // ---- conversions ----
 
   private kv(pb: PbKv): KeyValue {
-    const kv: KeyValue = {
-      key: this.ks.strip(pb.key),
-      value: pb.value.toString('utf8'),
-      createRevision: Number(pb.create_revision),
-      modRevision: Number(pb.mod_revision),
-      version: Number(pb.version),
-    };
-    if (pb.lease && pb.lease !== '0') kv.lease = pb.lease;
-    return kv;
+    return toKv(this.ks, pb);
   }
 
   private leaseField(lease: string | undefined): string {
@@ -669,23 +661,24 @@ export class EtcdStore extends TxnStore {
     return w;
   }
 
-  /** For EtcdWatcher: a watch stream on the current member. */
+  /** @internal For EtcdWatcher: a watch stream on the current member. */
   openWatchStream(): { member: Member; call: grpc.ClientDuplexStream<unknown, unknown> } {
     this.checkOpen();
     const member = this.currentMember();
     return { member, call: member.duplex('Watch', 'Watch')(this.metadata()) };
   }
 
-  /** For EtcdWatcher. */
+  /** @internal For EtcdWatcher. */
   watcherFailedOver(m: Member): void {
     this.failedOver(m);
   }
 
-  /** For EtcdWatcher. */
+  /** @internal For EtcdWatcher. */
   watcherEnded(w: EtcdWatcher): void {
     this.watchers.delete(w);
   }
 
+  /** @internal For EtcdWatcher. */
   isClosed(): boolean {
     return this.closed;
   }
@@ -772,7 +765,7 @@ export class EtcdStore extends TxnStore {
     } catch (e) {
       return this.withCompactRevision(e);
     }
-    if (revision > this.knownCompact) this.knownCompact = revision;
+    this.knownCompact = revision;
   }
 
   async revision(): Promise<number> {
@@ -801,17 +794,21 @@ export class EtcdStore extends TxnStore {
     this.checkOpen();
     // Invariant: the smallest readable revision is in [lo, hi]; the current one is always readable.
     let hi = await this.revisionBy(end);
-    let lo = Math.min(Math.max(1, this.knownCompact), hi);
-    if ((await this.readableAt(lo, end)) !== 'ok') {
-      lo++;
-      while (lo < hi) {
-        const mid = Math.floor((lo + hi) / 2);
-        const at = await this.readableAt(mid, end);
-        if (at === 'compacted') lo = mid + 1;
-        else hi = mid;
-      }
+    let lo = 1;
+    // Most often the point has not moved since the last search: look there first.
+    const k = Math.min(Math.max(1, this.knownCompact), hi);
+    if ((await this.readableAt(k, end)) === 'compacted') {
+      lo = k + 1;
+    } else {
+      hi = k;
+      if (k === 1 || (await this.readableAt(k - 1, end)) === 'compacted') lo = k;
     }
-    if (lo > this.knownCompact) this.knownCompact = lo;
+    while (lo < hi) {
+      const mid = Math.floor((lo + hi) / 2);
+      if ((await this.readableAt(mid, end)) === 'compacted') lo = mid + 1;
+      else hi = mid;
+    }
+    this.knownCompact = lo;
     return lo <= 1 ? 0 : lo;
   }
 
@@ -904,6 +901,29 @@ export class EtcdStore extends TxnStore {
   currentEndpoint(): string {
     return this.currentMember().endpoint.url;
   }
+}
+
+/** etcd's KeyValue as ours: the key without the prefix, lease 0 as none. */
+function toKv(ks: Keyspace, pb: PbKv): KeyValue {
+  const kv: KeyValue = {
+    key: ks.strip(pb.key),
+    value: pb.value.toString('utf8'),
+    createRevision: Number(pb.create_revision),
+    modRevision: Number(pb.mod_revision),
+    version: Number(pb.version),
+  };
+  if (pb.lease && pb.lease !== '0') kv.lease = pb.lease;
+  return kv;
+}
+
+/** etcd's watch event as ours: a delete's kv is the tombstone etcd sends. */
+function toEvent(ks: Keyspace, pe: PbEvent & { kv: PbKv }): WatchEvent {
+  const revision = Number(pe.kv.mod_revision);
+  const del = pe.type === EVENT_DELETE;
+  const kv = del ? tombstone(ks.strip(pe.kv.key), revision) : toKv(ks, pe.kv);
+  const ev: WatchEvent = { type: del ? 'delete' : 'put', kv, revision };
+  if (pe.prev_kv) ev.prevKv = toKv(ks, pe.prev_kv);
+  return ev;
 }
 
 function sslCredentials(opts: EtcdStoreOptions): grpc.ChannelCredentials {
@@ -1043,38 +1063,14 @@ class EtcdWatcher implements Watcher {
   }
 
   private deliver(pbEvents: PbEvent[]): void {
-    const events: WatchEvent[] = [];
-    for (const pe of pbEvents) {
-      if (!pe.kv) continue;
-      const revision = Number(pe.kv.mod_revision);
-      const key = this.ks.strip(pe.kv.key);
-      let kv: KeyValue;
-      if (pe.type === EVENT_DELETE) {
-        kv = tombstone(key, revision);
-      } else {
-        kv = {
-          key,
-          value: pe.kv.value.toString('utf8'),
-          createRevision: Number(pe.kv.create_revision),
-          modRevision: revision,
-          version: Number(pe.kv.version),
-        };
-        if (pe.kv.lease && pe.kv.lease !== '0') kv.lease = pe.kv.lease;
-      }
-      const ev: WatchEvent = { type: pe.type === EVENT_DELETE ? 'delete' : 'put', kv, revision };
-      if (pe.prev_kv) {
-        const p = pe.prev_kv;
-        const prev: KeyValue = {
-          key,
-          value: p.value.toString('utf8'),
-          createRevision: Number(p.create_revision),
-          modRevision: Number(p.mod_revision),
-          version: Number(p.version),
-        };
-        if (p.lease && p.lease !== '0') prev.lease = p.lease;
-        ev.prevKv = prev;
-      }
-      events.push(ev);
+    let events: WatchEvent[];
+    try {
+      events = pbEvents
+        .filter((pe): pe is PbEvent & { kv: PbKv } => pe.kv !== null)
+        .map((pe) => toEvent(this.ks, pe));
+    } catch (e) {
+      this.finish(e);
+      return;
     }
     const fresh = this.cursor.fresh(events);
     for (const ev of fresh) {

@@ -91,6 +91,21 @@ describe('toStoreError', () => {
       false,
     ],
     [
+      'a message over the limit',
+      grpcError(
+        status.RESOURCE_EXHAUSTED,
+        'grpc: received message larger than max (3145753 vs. 2097152)',
+      ),
+      'STORE_INVALID_ARGUMENT',
+      false,
+    ],
+    [
+      'overload',
+      grpcError(status.RESOURCE_EXHAUSTED, 'etcdserver: too many requests'),
+      'STORE_UNAVAILABLE',
+      true,
+    ],
+    [
       'permission denied',
       grpcError(status.PERMISSION_DENIED, 'etcdserver: permission denied'),
       'STORE_UNAVAILABLE',

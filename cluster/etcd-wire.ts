@@ -3,7 +3,7 @@
 // the watch cursor, lease ids and endpoint URLs.
 
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { prefixEnd, StoreError } from '../agent/store/store.js';
+import { prefixEnd, StoreError, type StoreErrorCode } from '../agent/store/store.js';
 
 /** Our own per-call deadline fired (grpc's may not have yet: e.g. while connecting). */
 export class CallDeadline extends Error {
@@ -29,12 +29,16 @@ function isGrpcError(e: unknown): e is GrpcErrorLike {
   );
 }
 
-// etcd's error texts (server/etcdserver/api/v3rpc/rpctypes), stable across 3.x.
-// Matched on a fragment, since the "etcdserver: " / "mvcc: " heads vary.
-const BY_TEXT: [string, 'STORE_COMPACTED' | 'STORE_FUTURE_REVISION' | 'STORE_LEASE_NOT_FOUND'][] = [
+// etcd's error texts (server/etcdserver/api/v3rpc/rpctypes) and gRPC's, stable
+// across 3.x. Matched on a fragment, since the "etcdserver: " / "mvcc: " heads vary.
+const BY_TEXT: [string, StoreErrorCode][] = [
   ['required revision has been compacted', 'STORE_COMPACTED'],
   ['required revision is a future revision', 'STORE_FUTURE_REVISION'],
   ['lease not found', 'STORE_LEASE_NOT_FOUND'],
+  // RESOURCE_EXHAUSTED, three ways: the disk quota, a message over gRPC's limit, overload.
+  ['database space exceeded', 'STORE_IO'],
+  ['larger than max', 'STORE_INVALID_ARGUMENT'],
+  ['too many requests', 'STORE_UNAVAILABLE'],
 ];
 
 /**
@@ -49,8 +53,10 @@ const BY_TEXT: [string, 'STORE_COMPACTED' | 'STORE_FUTURE_REVISION' | 'STORE_LEA
  *   own request timeout), CANCELLED (our liveness check cut the stream), and the
  *   transport's INTERNAL/UNKNOWN: STORE_UNAVAILABLE (retryable);
  * - INVALID_ARGUMENT (duplicate key in a txn, too many ops, request too large...)
- *   and FAILED_PRECONDITION: STORE_INVALID_ARGUMENT;
- * - RESOURCE_EXHAUSTED (etcd's "database space exceeded" alarm): STORE_IO;
+ *   and FAILED_PRECONDITION, and a request over gRPC's message limit:
+ *   STORE_INVALID_ARGUMENT;
+ * - etcd's "database space exceeded" alarm: STORE_IO; "too many requests"
+ *   (RESOURCE_EXHAUSTED too): STORE_UNAVAILABLE;
  * - PERMISSION_DENIED / UNAUTHENTICATED: STORE_UNAVAILABLE, not retryable.
  */
 export function toStoreError(e: unknown, what: string, closed = false): StoreError {
@@ -84,7 +90,7 @@ export function toStoreError(e: unknown, what: string, closed = false): StoreErr
     case GrpcStatus.NOT_FOUND:
       return new StoreError('STORE_INVALID_ARGUMENT', msg, { cause: e });
     case GrpcStatus.RESOURCE_EXHAUSTED:
-      return new StoreError('STORE_IO', msg, { cause: e });
+      return new StoreError('STORE_UNAVAILABLE', msg, { cause: e });
     case GrpcStatus.PERMISSION_DENIED:
     case GrpcStatus.UNAUTHENTICATED:
       return new StoreError('STORE_UNAVAILABLE', `${msg} (etcd refused access)`, {

@@ -33,6 +33,8 @@ export interface FenceOptions {
   log: (msg: string) => void;
   /** A Linux watchdog device petted only while the lease is valid (see docs). */
   watchdog?: string;
+  /** Told when the agent fences itself, and when it serves again. */
+  onChange?: (fenced: boolean, heldMs?: number) => void;
 }
 
 export class Fence {
@@ -82,6 +84,7 @@ export class Fence {
       this.opts.log(
         `cluster: fenced: the membership lease could not be renewed in time; I/O to shared devices is held for ${this.opts.holdMs} ms, then fails with EIO`,
       );
+      this.opts.onChange?.(true);
       clearTimeout(this.failTimer);
       this.failTimer = setTimeout(() => this.wakeAll(), this.opts.holdMs + 1);
       this.failTimer.unref();
@@ -101,6 +104,7 @@ export class Fence {
       this.fencedAt = null;
       clearTimeout(this.failTimer);
       this.opts.log(`cluster: unfenced after ${ms} ms: lease renewed and state caught up`);
+      this.opts.onChange?.(false, ms);
       this.wakeAll();
     }
   }

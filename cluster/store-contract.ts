@@ -546,6 +546,12 @@ export function storeContract(name: string, h: StoreHarness): void {
       expect(await rejectionCode(s.put('l/c', '1', { lease: short }))).toBe(
         'STORE_LEASE_NOT_FOUND',
       );
+      // Only the branch that runs needs its leases.
+      const untaken = await s.txn({
+        compare: [cmp.version('l/none', '=', 1)],
+        success: [op.put('l/c', '1', { lease: short })],
+      });
+      expect(untaken.succeeded).toBe(false);
 
       const long = await s.grantLease(60);
       expect(await s.keepAlive(long)).toBe(60);

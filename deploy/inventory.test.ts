@@ -111,8 +111,28 @@ describe('inventory merging', () => {
       port: 22,
       user: 'east-ops',
       key: '/etc/fleet/keys/fleet',
+      keyAsWritten: 'keys/fleet',
     });
     expect(host('kvm2').port).toBe(2222);
+    // Kept so that an unreadable key's message can say where it was looked for.
+    expect(host('kvm1').keyAsWritten).toBe('keys/fleet');
+  });
+
+  it('gives a host whose prefix is not the default its own agent sockets', () => {
+    const two = inv(`
+defaults: { key: /k }
+hosts:
+  a: { address: 10.0.0.1 }
+  b: { address: 10.0.0.1, prefix: /opt/ballast-b }
+  c: { address: 10.0.0.1, prefix: /srv/c, agent: { api: { socket: /run/c-api.sock } } }
+`);
+    const agentOf = (n: string) =>
+      two.hosts.find((h) => h.name === n)!.agent as Record<string, { socket?: string }>;
+    expect(agentOf('a').nbd?.socket).toBeUndefined(); // the agent's own /run/ballast default
+    expect(agentOf('b').nbd?.socket).toBe('/opt/ballast-b/run/nbd.sock');
+    expect(agentOf('b').api?.socket).toBe('/opt/ballast-b/run/api.sock');
+    expect(agentOf('c').api?.socket).toBe('/run/c-api.sock');
+    expect(agentOf('c').nbd?.socket).toBe('/srv/c/run/nbd.sock');
   });
 
   it('fills in service and timeout defaults', () => {

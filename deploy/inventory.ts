@@ -16,6 +16,8 @@ export interface JumpSpec {
   port: number;
   user: string;
   key?: string;
+  /** `key:` as the inventory wrote it, when it was relative (resolved against the inventory's folder). */
+  keyAsWritten?: string;
   sshAgent?: string;
 }
 
@@ -40,6 +42,8 @@ export interface HostSpec {
   user: string;
   /** Absolute path of a private key file. */
   key?: string;
+  /** `key:` as the inventory wrote it, when it was relative (resolved against the inventory's folder). */
+  keyAsWritten?: string;
   /** ssh-agent socket path. */
   sshAgent?: string;
   jump?: JumpSpec;
@@ -175,12 +179,17 @@ function filePath(v: string, base: string): string {
 
 interface Auth {
   key?: string;
+  keyAsWritten?: string;
   sshAgent?: string;
 }
 
 function auth(c: Checker, s: Obj, base: string, prefix = ''): Auth {
   const out: Auth = {};
-  if (s.key !== undefined && s.key !== null) out.key = filePath(c.str(s.key, `${prefix}key`), base);
+  if (s.key !== undefined && s.key !== null) {
+    const written = c.str(s.key, `${prefix}key`);
+    out.key = filePath(written, base);
+    if (!isAbsolute(written) && !written.startsWith('~')) out.keyAsWritten = written;
+  }
   if (s.sshAgent !== undefined && s.sshAgent !== null && s.sshAgent !== false) {
     if (s.sshAgent === true) {
       const sock = process.env.SSH_AUTH_SOCK;
@@ -289,6 +298,20 @@ export function parseInventory(doc: unknown, source: string, baseDir: string): I
     const vars = { prefix, host: name, address };
     const agent = expand(c.obj(s.agent, 'agent'), vars) as Obj;
     if (agent.dataDir === undefined) agent.dataDir = `${prefix}/data`;
+    // The agent's sockets default to /run/ballast; a second prefix on the same
+    // host would take them over, so any other prefix gets its own.
+    if (prefix !== DEFAULT_PREFIX) {
+      for (const [part, file] of [
+        ['nbd', 'nbd.sock'],
+        ['api', 'api.sock'],
+      ] as const) {
+        const sec = agent[part] === undefined ? {} : agent[part];
+        if (isObj(sec) && sec.socket === undefined) {
+          sec.socket = `${prefix}/run/${file}`;
+          agent[part] = sec;
+        }
+      }
+    }
     const api = c.obj(agent.api, 'agent.api');
     const listenV = api.listen === undefined ? DEFAULT_API_LISTEN : api.listen;
     const first = Array.isArray(listenV) ? listenV[0] : listenV;

@@ -297,6 +297,41 @@ rm -rf "$D"; mv "$T" "$D"`,
   }
 
   /**
+   * Stops the agent and keeps it stopped across reboots (the systemd unit is
+   * disabled; `apply` or `rollback` starts it again). Says whether one ran.
+   */
+  async stopAndDisable(): Promise<boolean> {
+    const out = await this.run(
+      `${header(this.host)}pid=$(agentpid || true)
+if ours "$pid"; then echo was=running; fi
+${STOP}
+if issystemd; then systemctl disable --quiet "$UNIT" 2>/dev/null || true; fi`,
+      'stop agent',
+    );
+    return out.includes('was=running');
+  }
+
+  /**
+   * Removes what deploy installed: the agent stopped, its systemd unit, the
+   * releases, deploys, links, logs and run directory under the prefix. The rest
+   * (the data directory, pools under the prefix) stays unless `purge`, which
+   * removes the whole prefix; nothing outside it is touched.
+   */
+  async uninstall(purge: boolean): Promise<void> {
+    await this.run(
+      `${header(this.host)}${STOP}
+if issystemd; then
+  systemctl disable --quiet "$UNIT" 2>/dev/null || true
+  rm -f "/etc/systemd/system/$UNIT.service"; systemctl daemon-reload || true
+fi
+rm -rf "$P/releases" "$P/deploys" "$P/incoming" "$P/run" "$P/log" "$P/current" "$P/previous"
+rm -f "$P/.current.tmp" "$P/.previous.tmp" "$P/.deploy.lock"
+${purge ? 'rm -rf "$P"' : 'rmdir "$P" 2>/dev/null || true'}`,
+      'uninstall',
+    );
+  }
+
+  /**
    * Stops the agent and starts the one of deploy `id`, in one round trip. It runs
    * from its deploy directory, not through `current`, which may still name the old one.
    */

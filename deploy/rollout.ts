@@ -331,3 +331,46 @@ async function rollbackHost(
 export function rollback(ctx: RunContext, to?: string): Promise<Outcome<HostResult>[]> {
   return rolling(ctx, (r, say) => rollbackHost(r, to, ctx.signal, say));
 }
+
+// ---------------------------------------------------------------- stop, uninstall
+
+export interface StopResult {
+  host: string;
+  result: 'stopped' | 'was not running' | 'uninstalled';
+}
+
+/** Stops each host's agent (and keeps it stopped); all hosts, not one at a time. */
+export function stopAgents(ctx: RunContext): Promise<Outcome<StopResult>[]> {
+  return forEachHost(
+    ctx.hosts,
+    { parallel: Math.max(ctx.parallel, 1), stopOnFailure: false, signal: ctx.signal },
+    (h) =>
+      withRemote(h, ctx.knownHosts, (r) =>
+        locked(r, async () => {
+          const was = await r.stopAndDisable();
+          ctx.progress(h.name, was ? 'agent stopped' : 'no agent was running');
+          return { host: h.name, result: was ? 'stopped' : 'was not running' } as StopResult;
+        }),
+      ),
+  );
+}
+
+/** Removes the agent from each host; its data directory too with `purge`. */
+export function uninstall(ctx: RunContext, purge: boolean): Promise<Outcome<StopResult>[]> {
+  return forEachHost(
+    ctx.hosts,
+    { parallel: Math.max(ctx.parallel, 1), stopOnFailure: false, signal: ctx.signal },
+    (h) =>
+      withRemote(h, ctx.knownHosts, async (r) => {
+        // The lock file lives in the prefix, which goes: take it, then remove.
+        const unlock = await r.lock();
+        try {
+          await r.uninstall(purge);
+        } finally {
+          unlock();
+        }
+        ctx.progress(h.name, `uninstalled${purge ? ', data removed' : `, ${h.prefix}/data kept`}`);
+        return { host: h.name, result: 'uninstalled' } as StopResult;
+      }),
+  );
+}

@@ -81,7 +81,7 @@ function connectConfig(
     } catch (e) {
       throw new DeployError(
         'DEPLOY_KEY_UNREADABLE',
-        `${ep.label}: cannot read key ${ep.key}: ${(e as Error).message}`,
+        `${ep.label}: cannot read key ${ep.key}${ep.keyAsWritten ? ` (key: ${JSON.stringify(ep.keyAsWritten)} is relative, so it is taken from the inventory's folder)` : ''}: ${(e as Error).message}`,
         { host: ep.label },
       );
     }

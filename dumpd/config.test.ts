@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { DEFAULT_LISTEN, parseConfig, watchedGuest } from './config.js';
+import { loopGuard } from './daemon.js';
 
 const bad = (text: string, msg: RegExp) =>
   expect(() => parseConfig(text)).toThrow(
@@ -24,6 +25,7 @@ guests:
         format: 'kdump-zlib',
         after: 'reboot',
         keep: 2,
+        loopLimit: { dumps: 3, minutes: 10 },
       },
       {
         name: 'b',
@@ -32,6 +34,7 @@ guests:
         format: 'elf',
         after: 'pause',
         keep: 5,
+        loopLimit: { dumps: 3, minutes: 10 },
       },
     ]);
   });
@@ -77,8 +80,95 @@ watch:
       format: 'elf',
       after: 'none',
       keep: 7,
+      loopLimit: { dumps: 3, minutes: 10 },
     });
     expect(watchedGuest(w, 'web1.sock', c.defaults)).toBeNull();
     expect(watchedGuest(w, '.qmp', c.defaults)).toBeNull();
+  });
+});
+
+describe('papercuts found by a new user', () => {
+  it('a per-guest tlsCerts is read (nbds:// dump devices)', () => {
+    const c = parseConfig(`
+guests:
+  - { name: g1, qmp: /q.sock, device: "nbds://h:10809/g1-dump", tlsCerts: /etc/ballast/tls }
+`);
+    expect(c.guests[0]?.tlsCerts).toBe('/etc/ballast/tls');
+  });
+
+  it('a typo in a watch entry, or in defaults, is an error naming the key', () => {
+    expect(() =>
+      parseConfig('watch:\n  - { dir: /run/qemu, device: "nbd:///{guest}", sufix: .sock }\n'),
+    ).toThrow(/watch\[0\]: unknown key "sufix"/);
+    expect(() => parseConfig('defaults: { keeep: 3 }\n')).toThrow(/defaults: unknown key "keeep"/);
+  });
+
+  it('watch entries take agent and tokenFile; tokenFile needs agent', () => {
+    const c = parseConfig(`
+watch:
+  - { dir: /run/qemu, agent: "http://127.0.0.1:10810", tokenFile: /t, device: "{guest}-dump" }
+`);
+    const g = watchedGuest(c.watch[0]!, 'vm1.qmp', c.defaults);
+    expect(g?.device).toEqual({
+      agent: 'http://127.0.0.1:10810',
+      device: 'vm1-dump',
+      tokenFile: '/t',
+    });
+    expect(() =>
+      parseConfig('watch:\n  - { dir: /run/qemu, device: "nbd:///{guest}", tokenFile: /t }\n'),
+    ).toThrow(/"tokenFile" goes with "agent"/);
+  });
+
+  it('loopLimit: 3 dumps in 10 minutes by default, settable, 0 turns it off', () => {
+    expect(parseConfig('guests: []\n').defaults.loopLimit).toEqual({ dumps: 3, minutes: 10 });
+    const c = parseConfig(`
+defaults: { loopLimit: { dumps: 5, minutes: 30 } }
+guests:
+  - { name: g1, qmp: /q, device: "nbd:///x", loopLimit: { dumps: 0 } }
+`);
+    expect(c.defaults.loopLimit).toEqual({ dumps: 5, minutes: 30 });
+    expect(c.guests[0]?.loopLimit).toEqual({ dumps: 0, minutes: 30 });
+    expect(() => parseConfig('defaults: { loopLimit: { dumps: -1 } }\n')).toThrow(
+      /loopLimit\.dumps/,
+    );
+    expect(() => parseConfig('defaults: { loopLimit: { count: 1 } }\n')).toThrow(
+      /loopLimit: unknown key "count"/,
+    );
+  });
+});
+
+describe('the panic loop guard', () => {
+  const guest = (after: 'reboot' | 'none', dumps = 3, minutes = 10) => ({
+    cfg: {
+      ...parseConfig(`guests: [{ name: g, qmp: /q, device: "nbd:///x", after: ${after} }]\n`)
+        .guests[0]!,
+      loopLimit: { dumps, minutes },
+    },
+    recentPanics: [] as number[],
+  });
+
+  it('reboots up to N times in M minutes, then pauses', () => {
+    const st = guest('reboot');
+    const log: string[] = [];
+    const at = (min: number) => loopGuard(st, (m) => log.push(m), min * 60_000);
+    expect([at(0), at(1), at(2)]).toEqual(['reboot', 'reboot', 'reboot']);
+    expect(at(3)).toBe('pause');
+    expect(log[0]).toMatch(/4 panics within 10 min .*pausing/);
+    // Panics spread wider than the window reboot again.
+    const slow = guest('reboot');
+    expect([0, 6, 12, 18, 24].map((m) => loopGuard(slow, () => {}, m * 60_000))).toEqual([
+      'reboot',
+      'reboot',
+      'reboot',
+      'reboot',
+      'reboot',
+    ]);
+  });
+
+  it('leaves other policies and a zero limit alone', () => {
+    const none = guest('none');
+    for (let i = 0; i < 10; i++) expect(loopGuard(none, () => {}, i)).toBe('none');
+    const off = guest('reboot', 0);
+    for (let i = 0; i < 10; i++) expect(loopGuard(off, () => {}, i)).toBe('reboot');
   });
 });

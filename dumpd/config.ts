@@ -10,6 +10,7 @@
 //     - name: db1
 //       qmp: /run/qemu/db1.qmp
 //       agent: unix:/run/ballast/api.sock   # or http://HOST:PORT
+//       tokenFile: /var/lib/ballast/api-token  # for an agent over TCP
 //       agentDevice: db1-dump
 //       after: pause
 //       tlsCerts: /etc/ballast/tls  # STARTTLS to the device: ca-cert.pem, client-cert.pem, client-key.pem
@@ -28,6 +29,11 @@ export interface Policy {
   format: DumpFormat;
   after: After;
   keep: number;
+  /**
+   * A guest that panics at every boot: after `dumps` panics within `minutes`,
+   * the next one is dumped and the guest paused instead of rebooted.
+   */
+  loopLimit: { dumps: number; minutes: number };
 }
 
 /** Where a guest's dump device is: an NBD URI, or a device of an agent. */
@@ -50,6 +56,8 @@ export interface WatchConfig extends Partial<Policy> {
   device: string;
   /** When set, `device` names an agent device. */
   agent?: string;
+  /** The agent's bearer token, for an agent reached over TCP. */
+  tokenFile?: string;
   tlsCerts?: string;
 }
 
@@ -63,7 +71,12 @@ export interface DumpdConfig {
   dumpTimeoutMs: number;
 }
 
-export const DEFAULT_POLICY: Policy = { format: 'elf', after: 'reboot', keep: 3 };
+export const DEFAULT_POLICY: Policy = {
+  format: 'elf',
+  after: 'reboot',
+  keep: 3,
+  loopLimit: { dumps: 3, minutes: 10 },
+};
 export const DEFAULT_LISTEN = '127.0.0.1:9411';
 
 function bad(msg: string): never {
@@ -95,20 +108,43 @@ function policy(o: Record<string, unknown>, where: string, base: Policy): Policy
   const keep = o.keep ?? base.keep;
   if (typeof keep !== 'number' || !Number.isInteger(keep) || keep < 1 || keep > 200)
     bad(`${where}: keep must be a whole number from 1 to 200`);
-  return { format: format as DumpFormat, after: after as After, keep };
+  let loopLimit = base.loopLimit;
+  if (o.loopLimit !== undefined) {
+    const l = o.loopLimit as Record<string, unknown> | null;
+    if (l === null || typeof l !== 'object' || Array.isArray(l))
+      bad(`${where}: loopLimit must be a mapping { dumps: N, minutes: M }`);
+    for (const k of Object.keys(l))
+      if (k !== 'dumps' && k !== 'minutes') bad(`${where}: loopLimit: unknown key "${k}"`);
+    const dumps = l.dumps ?? base.loopLimit.dumps;
+    const minutes = l.minutes ?? base.loopLimit.minutes;
+    if (typeof dumps !== 'number' || !Number.isInteger(dumps) || dumps < 0 || dumps > 1000)
+      bad(`${where}: loopLimit.dumps must be a whole number from 0 (no limit) to 1000`);
+    if (typeof minutes !== 'number' || !(minutes > 0) || minutes > 10080)
+      bad(`${where}: loopLimit.minutes must be a number of minutes above 0, at most a week`);
+    loopLimit = { dumps, minutes };
+  }
+  return { format: format as DumpFormat, after: after as After, keep, loopLimit };
 }
 
-const GUEST_KEYS = new Set([
+const POLICY_KEYS = ['format', 'after', 'keep', 'loopLimit'];
+
+function known(o: Record<string, unknown>, where: string, keys: readonly string[]): void {
+  for (const k of Object.keys(o))
+    if (!keys.includes(k))
+      bad(`${where}: unknown key "${k}" (expected one of: ${keys.join(', ')})`);
+}
+
+const GUEST_KEYS = [
   'name',
   'qmp',
   'device',
   'agent',
   'agentDevice',
   'tokenFile',
-  'format',
-  'after',
-  'keep',
-]);
+  'tlsCerts',
+  ...POLICY_KEYS,
+];
+const WATCH_KEYS = ['dir', 'suffix', 'device', 'agent', 'tokenFile', 'tlsCerts', ...POLICY_KEYS];
 
 export function parseConfig(text: string, source = 'config'): DumpdConfig {
   let raw: unknown;
@@ -123,11 +159,11 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
   for (const k of Object.keys(r))
     if (!['listen', 'runDir', 'defaults', 'guests', 'watch', 'dumpTimeoutSeconds'].includes(k))
       bad(`${source}: unknown key "${k}"`);
-  const defaults = policy(
-    (r.defaults as Record<string, unknown> | undefined) ?? {},
-    `${source}: defaults`,
-    DEFAULT_POLICY,
-  );
+  const d = r.defaults ?? {};
+  if (d === null || typeof d !== 'object' || Array.isArray(d))
+    bad(`${source}: defaults must be a mapping`);
+  known(d as Record<string, unknown>, `${source}: defaults`, POLICY_KEYS);
+  const defaults = policy(d as Record<string, unknown>, `${source}: defaults`, DEFAULT_POLICY);
   const guests: GuestConfig[] = [];
   const names = new Set<string>();
   const list = r.guests ?? [];
@@ -136,7 +172,7 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
     const where = `${source}: guests[${i}]`;
     if (g === null || typeof g !== 'object' || Array.isArray(g)) bad(`${where} must be a mapping`);
     const o = g as Record<string, unknown>;
-    for (const k of Object.keys(o)) if (!GUEST_KEYS.has(k)) bad(`${where}: unknown key "${k}"`);
+    known(o, where, GUEST_KEYS);
     const name = str(o, 'name', where) as string;
     if (!validGuestName(name) || /[/\s]/.test(name)) bad(`${where}: bad guest name "${name}"`);
     if (names.has(name)) bad(`${where}: guest "${name}" is listed twice`);
@@ -170,6 +206,9 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
     const where = `${source}: watch[${i}]`;
     if (w === null || typeof w !== 'object' || Array.isArray(w)) bad(`${where} must be a mapping`);
     const o = w as Record<string, unknown>;
+    known(o, where, WATCH_KEYS);
+    if (o.tokenFile !== undefined && o.agent === undefined)
+      bad(`${where}: "tokenFile" goes with "agent" (the device is then an agent device)`);
     const device = str(o, 'device', where) as string;
     if (!device.includes('{guest}')) bad(`${where}: device must contain {guest}`);
     watch.push({
@@ -177,6 +216,7 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
       suffix: str(o, 'suffix', where, false) ?? '.qmp',
       device,
       ...(o.agent ? { agent: str(o, 'agent', where) as string } : {}),
+      ...(o.tokenFile ? { tokenFile: str(o, 'tokenFile', where) as string } : {}),
       ...(o.tlsCerts ? { tlsCerts: str(o, 'tlsCerts', where) as string } : {}),
       ...policy(o, where, defaults),
     });
@@ -203,10 +243,14 @@ export function watchedGuest(w: WatchConfig, file: string, defaults: Policy): Gu
   return {
     name,
     qmp: `${w.dir.replace(/\/$/, '')}/${file}`,
-    device: w.agent !== undefined ? { agent: w.agent, device: dev } : { uri: dev },
+    device:
+      w.agent !== undefined
+        ? { agent: w.agent, device: dev, ...(w.tokenFile ? { tokenFile: w.tokenFile } : {}) }
+        : { uri: dev },
     ...(w.tlsCerts ? { tlsCerts: w.tlsCerts } : {}),
     format: w.format ?? defaults.format,
     after: w.after ?? defaults.after,
     keep: w.keep ?? defaults.keep,
+    loopLimit: w.loopLimit ?? defaults.loopLimit,
   };
 }

@@ -5,7 +5,8 @@
 //   GET  /metrics                     Prometheus text
 //   GET  /v1/guests                   guests, connection state, last dump
 //   POST /v1/guests/NAME/dump[?after=reboot|pause|poweroff|none]
-//                                     dump now; answers when done (after defaults to none)
+//                                     dump now; answers when done (after defaults to the
+//                                     guest's policy if it sits panicked, else none)
 //
 // One dump per guest at a time; a panic while a dump runs is logged and ignored.
 
@@ -40,6 +41,47 @@ interface GuestState {
   running: Promise<DumpResult> | null;
   last: DumpResult | null;
   panics: number;
+  /** performance.now() of the recent panics, for the loop limit. */
+  recentPanics: number[];
+}
+
+/**
+ * The after-dump action for this panic: the guest's policy, or 'pause' when
+ * it reboots into a panic again and again (loopLimit: N dumps in M minutes).
+ */
+export function loopGuard(
+  st: Pick<GuestState, 'cfg' | 'recentPanics'>,
+  log: (m: string) => void,
+  now = performance.now(),
+): After {
+  const { dumps, minutes } = st.cfg.loopLimit;
+  const window = minutes * 60_000;
+  st.recentPanics = st.recentPanics.filter((t) => now - t < window);
+  const before = st.recentPanics.length;
+  st.recentPanics.push(now);
+  if (st.cfg.after !== 'reboot' || dumps === 0 || before < dumps) return st.cfg.after;
+  log(
+    `guest ${st.cfg.name}: warning: ${before + 1} panics within ${minutes} min (loopLimit ${dumps}): ` +
+      'dumping and pausing it instead of rebooting it; resume it with QMP "cont" or virsh resume',
+  );
+  return 'pause';
+}
+
+/** Whether QEMU has a pvpanic device (ISA or PCI); null when QMP cannot tell. */
+export async function hasPvpanic(c: QmpClient): Promise<boolean | null> {
+  let answered = false;
+  for (const path of ['/machine/peripheral-anon', '/machine/peripheral']) {
+    try {
+      const props = await c.execute<{ name: string; type: string }[]>(
+        'qom-list',
+        { path },
+        { timeoutMs: 10_000 },
+      );
+      answered = true;
+      if (props.some((p) => /^child<pvpanic/.test(p.type))) return true;
+    } catch {}
+  }
+  return answered ? false : null;
 }
 
 export class Dumpd extends EventEmitter {
@@ -188,7 +230,15 @@ export class Dumpd extends EventEmitter {
   addGuest(cfg: GuestConfig, watched: boolean): void {
     if (this.guests.has(cfg.name)) return;
     const monitor = new QmpMonitor(cfg.qmp, { retryMs: 200, maxRetryMs: 2000 });
-    const st: GuestState = { cfg, monitor, watched, running: null, last: null, panics: 0 };
+    const st: GuestState = {
+      cfg,
+      monitor,
+      watched,
+      running: null,
+      last: null,
+      panics: 0,
+      recentPanics: [],
+    };
     this.guests.set(cfg.name, st);
     monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
@@ -204,6 +254,14 @@ export class Dumpd extends EventEmitter {
         },
         () => {},
       );
+      // Without a pvpanic device a panic is never reported: say so now.
+      void hasPvpanic(c).then((has) => {
+        if (has === false)
+          this.log(
+            `guest ${cfg.name}: warning: no pvpanic device, so its panics will not be seen; ` +
+              'start QEMU with -device pvpanic -action panic=pause (the guest needs its pvpanic driver)',
+          );
+      });
       // Say now, not at the first panic, when this QEMU cannot write the configured format.
       c.execute<{ formats: string[] }>('query-dump-guest-memory-capability', undefined, {
         timeoutMs: 10_000,
@@ -264,12 +322,31 @@ export class Dumpd extends EventEmitter {
       this.log(`guest ${st.cfg.name}: a dump is already running; this panic is not dumped`);
       return;
     }
-    void this.dump(st.cfg.name, { reason: 'panic', after: st.cfg.after })
+    const after = loopGuard(st, this.log.bind(this));
+    void this.dump(st.cfg.name, { reason: 'panic', after })
       .then((r) => {
         if (r.ok && st.cfg.after === 'reboot' && !r.afterError)
           this.m.recovery.set({ guest: st.cfg.name }, (Date.now() - at) / 1000);
       })
       .catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+  }
+
+  /**
+   * What an on-demand dump does after, when the request does not say: the
+   * guest's policy if it sits panicked, else nothing (a running guest stays up).
+   */
+  private async defaultAfter(name: string): Promise<After> {
+    const st = this.guests.get(name);
+    const qmp = st?.monitor.client;
+    if (!st || !qmp) return 'none';
+    try {
+      const q = await qmp.execute<{ status: string }>('query-status', undefined, {
+        timeoutMs: 10_000,
+      });
+      return q.status === 'guest-panicked' ? st.cfg.after : 'none';
+    } catch {
+      return 'none';
+    }
   }
 
   /** Dumps a guest now. Rejects with DUMP_UNKNOWN_GUEST, DUMP_GUEST_OFFLINE or DUMP_BUSY. */
@@ -414,7 +491,8 @@ export class Dumpd extends EventEmitter {
       }
       const m = /^\/v1\/guests\/([^/]+)\/dump$/.exec(url.pathname);
       if (m && req.method === 'POST') {
-        const after = url.searchParams.get('after') ?? 'none';
+        const name = decodeURIComponent(m[1] as string);
+        const after = url.searchParams.get('after') ?? (await this.defaultAfter(name));
         if (!(AFTER as readonly string[]).includes(after)) {
           send(400, {
             code: 'DUMP_BAD_REQUEST',
@@ -422,7 +500,7 @@ export class Dumpd extends EventEmitter {
           });
           return;
         }
-        const r = await this.dump(decodeURIComponent(m[1] as string), { after: after as After });
+        const r = await this.dump(name, { after: after as After });
         send(200, r);
         return;
       }

@@ -41,8 +41,25 @@ export interface ServerOptions {
   catalog: ExportCatalog;
   /** Connections across all listeners; more are closed at once. */
   maxConnections?: number;
-  /** A client must finish the handshake within this time. */
+  /**
+   * A client must finish the whole handshake, STARTTLS and the TLS handshake
+   * included, within this time (default 10 s; 0: no deadline).
+   */
   handshakeTimeoutMs?: number;
+  /**
+   * Connections still in handshake, counted apart from established ones. When
+   * a new connection would exceed it, the oldest of them is closed: idle or
+   * slow handshakes can never keep a prompt client out. Default 64.
+   */
+  maxHandshakes?: number;
+  /**
+   * Connections per source (TCP address, or what `sourceOf` says), all phases.
+   * A source at its limit loses its oldest handshake first; if it has none, the
+   * new connection is refused. 0 or unset: no limit.
+   */
+  maxPerSource?: number;
+  /** The source a connection counts against for `maxPerSource` (default: its address, or "unix"). */
+  sourceOf?: (raw: net.Socket) => string;
   /** Requests in flight per connection before reading stops. */
   maxInFlight?: number;
   /** Request/reply bytes held per connection before reading stops. */
@@ -76,6 +93,10 @@ export interface ServerStats {
   denied: number;
   tlsHandshakes: number;
   tlsFailures: number;
+  /** Handshakes not finished within the deadline. */
+  handshakeTimeouts: number;
+  /** Handshakes closed to make room for a newer connection. */
+  handshakesEvicted: number;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -178,8 +199,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     private readonly server: NbdServer,
     socket: net.Socket,
     id: number,
-    /** The receive buffer when the socket reads through readTarget()/onRead(). */
-    private readonly recvBuf: Buffer | null = null,
+    /** Whether the socket reads through readTarget()/onRead(). */
+    private readonly ownsReads = false,
   ) {
     this.id = id;
     this.raw = socket;
@@ -203,12 +224,23 @@ export class Connection implements HandshakeSink, TransmissionSink {
     socket.setNoDelay?.(true);
     this.attach(socket);
     const t = o.handshakeTimeoutMs ?? 10_000;
-    this.handshakeTimer = setTimeout(() => {
-      this.server.log('info', `conn ${id} ${this.remote}: handshake timed out`);
-      socket.destroy();
-    }, t);
-    this.handshakeTimer.unref();
+    if (t > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        this.server.stats.handshakeTimeouts++;
+        this.server.log('debug', `conn ${id} ${this.remote}: handshake timed out`);
+        this.dropHandshake();
+      }, t);
+      this.handshakeTimer.unref();
+    }
     socket.write(greeting());
+  }
+
+  /** Close a connection still in handshake, the TLS socket and the raw one. */
+  dropHandshake(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.socket.destroy();
+    this.raw.destroy();
   }
 
   private attach(sock: net.Socket, errors = true): void {
@@ -265,14 +297,28 @@ export class Connection implements HandshakeSink, TransmissionSink {
     if (this.phase === 'transmission') {
       const w = this.treader.copyWindow();
       if (w !== null) return w;
+    } else if (this.phase === 'handshake') {
+      // Handshakes read into one buffer shared by all connections (the
+      // readers copy what they keep), so idle or slow ones cost no buffer.
+      return handshakeBuffer();
+    } else {
+      return this.ownRecv ?? handshakeBuffer();
     }
-    return this.recvBuf!;
+    return this.recvBuf();
+  }
+
+  private ownRecv: Buffer | null = null;
+
+  /** The connection's own receive buffer, allocated at its first transmission-phase read. */
+  private recvBuf(): Buffer {
+    this.ownRecv ??= Buffer.allocUnsafeSlow(RECV_BUFFER);
+    return this.ownRecv;
   }
 
   /** `n` bytes arrived in `buf`, the buffer readTarget() gave for this read. */
   onRead(n: number, buf: Buffer): void {
     if (this.phase === 'closed' || this.phase === 'closing') return;
-    if (buf === this.recvBuf) {
+    if (buf === this.ownRecv || buf === sharedHandshakeBuffer) {
       this.process(buf.subarray(0, n), 0);
       return;
     }
@@ -289,7 +335,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Whether `b` is a view of the receive buffer, which the next read overwrites. */
   private inRecvBuf(b: Buffer): boolean {
-    return this.recvBuf !== null && b.buffer === this.recvBuf.buffer;
+    if (!this.ownsReads) return false;
+    return (
+      (this.ownRecv !== null && b.buffer === this.ownRecv.buffer) ||
+      (sharedHandshakeBuffer !== null && b.buffer === sharedHandshakeBuffer.buffer)
+    );
   }
 
   private process(chunk: Buffer, pos: number): void {
@@ -440,10 +490,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private enterTransmission(s: Session): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
+    this.server.handshakeDone(this);
     this.session = s;
     this.backend = s.export.backend;
     this.stats = s.export.stats ?? null;
-    if (this.stats) this.stats.connections++;
+    if (this.stats) {
+      this.stats.connections++;
+      this.stats.onConnections?.(this.stats.connections, 1);
+    }
     this.access = s.export.access ?? null;
     this.accessGeneration = -1;
     this.vctx = {
@@ -917,7 +971,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private onClose(): void {
-    if (this.stats && this.phase !== 'closed') this.stats.connections--;
+    if (this.stats && this.phase !== 'closed') {
+      this.stats.connections--;
+      this.stats.onConnections?.(this.stats.connections, -1);
+    }
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.phase = 'closed';
@@ -941,6 +998,13 @@ export type ListenTarget = { host: string; port: number } | { path: string };
 
 /** Per-connection receive buffer: headers, option data and small payloads land here. */
 const RECV_BUFFER = 256 * 1024;
+/** Where every connection in handshake reads; one for the process. */
+let sharedHandshakeBuffer: Buffer | null = null;
+
+function handshakeBuffer(): Buffer {
+  sharedHandshakeBuffer ??= Buffer.allocUnsafeSlow(64 * 1024);
+  return sharedHandshakeBuffer;
+}
 
 interface NodeSocketInternals {
   _handle?: unknown;
@@ -959,16 +1023,15 @@ interface NodeSocketInternals {
  */
 function ownReads(sock: net.Socket): {
   socket: net.Socket;
-  recvBuf: Buffer | null;
+  owned: boolean;
   bind: (conn: Connection) => void;
 } {
   const old = sock as unknown as NodeSocketInternals;
   const handle = old._handle;
   if (!handle) {
     sock.resume();
-    return { socket: sock, recvBuf: null, bind: () => {} };
+    return { socket: sock, owned: false, bind: () => {} };
   }
-  const recvBuf = Buffer.allocUnsafeSlow(RECV_BUFFER);
   let conn: Connection | null = null;
   old._handle = null;
   // `handle` is what net.Server itself passes; the public typings leave it out.
@@ -978,7 +1041,7 @@ function ownReads(sock: net.Socket): {
     readable: true,
     writable: true,
     onread: {
-      buffer: () => (conn ? conn.readTarget() : recvBuf),
+      buffer: () => (conn ? conn.readTarget() : handshakeBuffer()),
       callback: (n: number, buf: Uint8Array) => {
         conn?.onRead(n, buf as Buffer);
         return true;
@@ -995,7 +1058,7 @@ function ownReads(sock: net.Socket): {
   old.server = null;
   return {
     socket,
-    recvBuf,
+    owned: true,
     bind: (c) => {
       conn = c;
     },
@@ -1014,6 +1077,8 @@ export class NbdServer extends EventEmitter {
     denied: 0,
     tlsHandshakes: 0,
     tlsFailures: 0,
+    handshakeTimeouts: 0,
+    handshakesEvicted: 0,
   };
   private readonly netServers: net.Server[] = [];
   private nextId = 1;
@@ -1049,26 +1114,96 @@ export class NbdServer extends EventEmitter {
 
   private accept(sock: net.Socket): void {
     const max = this.options.maxConnections ?? 256;
-    if (this.closing || this.connections.size >= max) {
+    const maxHs = Math.max(1, Math.min(this.options.maxHandshakes ?? 64, max));
+    const perSource = this.options.maxPerSource ?? 0;
+    const source = this.options.sourceOf?.(sock) ?? sock.remoteAddress ?? 'unix';
+    let refuse: string | null = this.closing ? 'shutting down' : null;
+    if (!refuse && perSource > 0) {
+      const mine = this.bySource.get(source);
+      if (mine && mine.size >= perSource) {
+        // The source's own oldest handshake makes room, else it is refused.
+        const victim = [...mine].find((c) => this.handshaking.has(c));
+        if (victim) this.evict(victim);
+        else refuse = `source ${source} at its limit of ${perSource}`;
+      }
+    }
+    if (!refuse && this.handshaking.size >= maxHs) this.evictOldest();
+    if (!refuse && this.live() >= max) {
+      if (this.handshaking.size > 0) this.evictOldest();
+      else refuse = 'connection limit';
+    }
+    if (refuse) {
       this.stats.connectionsRefused++;
-      this.log(
-        'warn',
-        `refusing connection: ${this.closing ? 'shutting down' : 'connection limit'}`,
-      );
+      this.log('warn', `refusing connection from ${source}: ${refuse}`);
       sock.destroy();
       return;
     }
     this.stats.connectionsTotal++;
-    const { socket, recvBuf, bind } = ownReads(sock);
-    const conn = new Connection(this, socket, this.nextId++, recvBuf);
+    const { socket, owned, bind } = ownReads(sock);
+    const conn = new Connection(this, socket, this.nextId++, owned);
     bind(conn);
     this.connections.add(conn);
+    this.handshaking.add(conn);
+    this.sourceOf.set(conn, source);
+    let mine = this.bySource.get(source);
+    if (!mine) {
+      mine = new Set();
+      this.bySource.set(source, mine);
+    }
+    mine.add(conn);
     this.emit('connection', conn);
+  }
+
+  /** Connections in handshake, oldest first (a Set keeps insertion order). */
+  private readonly handshaking = new Set<Connection>();
+  /** Closed by us and not yet gone: no longer counted. */
+  private readonly evicted = new Set<Connection>();
+  private readonly bySource = new Map<string, Set<Connection>>();
+  private readonly sourceOf = new Map<Connection, string>();
+
+  /** Connections in handshake now (for tests and metrics). */
+  get handshakes(): number {
+    return this.handshaking.size;
+  }
+
+  private live(): number {
+    return this.connections.size - this.evicted.size;
+  }
+
+  private evictOldest(): void {
+    const oldest = this.handshaking.values().next();
+    if (!oldest.done) this.evict(oldest.value);
+  }
+
+  private evict(conn: Connection): void {
+    this.stats.handshakesEvicted++;
+    this.log('debug', `conn ${conn.id} ${conn.remote}: closed to make room for a new connection`);
+    this.handshaking.delete(conn);
+    this.evicted.add(conn);
+    this.untrack(conn);
+    conn.dropHandshake();
+  }
+
+  private untrack(conn: Connection): void {
+    const source = this.sourceOf.get(conn);
+    if (source === undefined) return;
+    this.sourceOf.delete(conn);
+    const mine = this.bySource.get(source);
+    mine?.delete(conn);
+    if (mine?.size === 0) this.bySource.delete(source);
+  }
+
+  /** @internal The connection reached transmission. */
+  handshakeDone(conn: Connection): void {
+    this.handshaking.delete(conn);
   }
 
   /** @internal */
   forget(conn: Connection): void {
     this.connections.delete(conn);
+    this.handshaking.delete(conn);
+    this.evicted.delete(conn);
+    this.untrack(conn);
     this.emit('disconnect', conn);
   }
 

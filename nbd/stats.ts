@@ -21,6 +21,8 @@ export class ExportStats {
   readonly latency: Float64Array[] = [];
   readonly latencySum = new Float64Array(STAT_COMMANDS);
   connections = 0;
+  /** Told after each change of `connections` (the owner's first/last client events). */
+  onConnections?: (connections: number, delta: 1 | -1) => void;
 
   constructor() {
     for (let i = 0; i < STAT_COMMANDS; i++) {

@@ -22,6 +22,9 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(openssh-server openssh-client)
   # the cluster store: real etcd clusters on loopback ports
   want+=(etcd-server etcd-client)
+  # notifications: a pool on a real loop-device filesystem whose medium flips
+  # hardening: another uid (setpriv), full and failing disks (tmpfs, loop devices, ext4)
+  want+=(util-linux mount e2fsprogs)
 fi
 
 missing=()

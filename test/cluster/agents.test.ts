@@ -2,6 +2,7 @@
 // "host" of its own (data dir, sockets, ports), one shared pool directory all of
 // them declare. Real NBD clients (qemu-io, nbdinfo) judge the data path.
 
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import path from 'node:path';
@@ -9,7 +10,8 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
-import { makeTempDir } from '../helpers/server.js';
+import { idKey, Receiver } from '../helpers/receiver.js';
+import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import { describeWithTools, run } from '../helpers/tools.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -268,6 +270,71 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     expect(outcomes.filter((o) => o.status === 201).length).toBeGreaterThan(0);
     expect(files).toHaveLength(listed.size);
     await a.stop();
+  });
+
+  it('notifications across hosts: changes on A and B reach a recipient registered on C; its deliverer dies, another takes over', async () => {
+    const name = clusterName();
+    const [a, b, c] = await Promise.all([agent(name, 'a'), agent(name, 'b'), agent(name, 'c')]);
+    const rx = new Receiver();
+    await rx.start();
+    const add = await c.cli(
+      'notify',
+      'add',
+      'ops',
+      '--url',
+      rx.url,
+      '--types',
+      'device.*,member.*',
+    );
+    expect(add.code, add.stderr).toBe(0);
+    // `ballast events --follow` on B sees what A does
+    const follow = spawn(
+      process.execPath,
+      [BALLAST_BIN, 'events', '--follow', '--json', '--types', 'device.created'],
+      {
+        env: { ...process.env, BALLAST_AGENT: `unix:${b.apiSocket}` },
+      },
+    );
+    let streamed = '';
+    follow.stdout.on('data', (d: Buffer) => {
+      streamed += d.toString();
+    });
+    await sleep(300);
+    expect(
+      (await a.cli('device', 'create', 'from-a', '--size', '1M', '--pool', 'shared')).code,
+    ).toBe(0);
+    expect(
+      (await b.cli('device', 'create', 'from-b', '--size', '1M', '--pool', 'shared')).code,
+    ).toBe(0);
+    await until(
+      'C delivered both',
+      async () => rx.got.filter((g) => g.type === 'io.ballast.device.created').length >= 2,
+    );
+    await until('the stream on B saw A', async () => streamed.includes('from-a'));
+    follow.kill('SIGINT');
+    const ls = JSON.parse((await c.cli('notify', 'ls', '--json')).stdout) as {
+      recipients: { deliveredBy: string }[];
+    };
+    const by = ls.recipients[0]!.deliveredBy;
+    const victim = { a, b, c }[by as 'a' | 'b' | 'c'];
+    const survivor = [a, b, c].find((x) => x !== victim)!;
+    await victim.kill9();
+    expect(
+      (await survivor.cli('device', 'create', 'after-kill', '--size', '1M', '--pool', 'shared'))
+        .code,
+    ).toBe(0);
+    await until('another agent delivered after the kill', async () =>
+      rx.got.some((g) => g.subject === 'after-kill'),
+    );
+    await until('the expiry of the dead deliverer', async () =>
+      rx.got.some((g) => g.type === 'io.ballast.member.expired' && g.subject === by),
+    );
+    const kinds = rx.ids().map((id) => rx.got.find((g) => g.id === id)!.type);
+    expect(kinds.filter((k) => k === 'io.ballast.device.created')).toHaveLength(3);
+    const keys = rx.ids().map(idKey);
+    expect([...keys].sort((x, y) => x - y)).toEqual(keys);
+    for (const x of [a, b, c]) if (x !== victim) await x.stop();
+    await rx.stop();
   });
 
   it('bad input: unreachable etcd (exit 3), garbage under the prefix, a local store not joined', async () => {

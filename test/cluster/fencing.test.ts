@@ -22,6 +22,8 @@ const BLOCKS = 256;
 const MAGIC = 'BALLASTW';
 const EPERM = 1;
 const EIO = 5;
+/** Iterations per fault in the suite; BALLAST_FENCE_ITERATIONS=N for longer runs by hand. */
+const ITERATIONS = Number(process.env.BALLAST_FENCE_ITERATIONS ?? 3);
 
 interface WriteRec {
   seq: number;
@@ -228,10 +230,16 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations across hosts, fenc
         const got = `${await ask(c, 'read')} ${await ask(c, 'write')}`;
         expect({ type: name, who, got }).toEqual({ type: name, who, got: want(id) });
       }
-      const show = (await b.api('GET', '/v1/devices/matrix/pr')).body as {
-        agents: { host: string; applied: boolean }[];
-      };
-      expect(show.agents.every((x) => x.applied)).toBe(true);
+      // what each agent applied, as B's cache sees their acks (they follow shortly)
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const show = (await b.api('GET', '/v1/devices/matrix/pr')).body as {
+          agents: { host: string; applied: boolean }[];
+        };
+        if (show.agents.length === 2 && show.agents.every((x) => x.applied)) break;
+        expect(Date.now(), JSON.stringify(show.agents)).toBeLessThan(deadline);
+        await sleep(50);
+      }
       expect(
         (await pr(b, 'matrix', { action: 'release', as: 'a', key: '0xa', type: name })).status,
       ).toBe(200);
@@ -242,7 +250,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations across hosts, fenc
   const modes = ['healthy', 'partition', 'sigstop', 'kill9'] as const;
   for (const mode of modes) {
     it(`two writers: B preempts A (A ${mode}); nothing A sent after the preempt returned lands`, async () => {
-      for (let iter = 0; iter < 3; iter++) {
+      for (let iter = 0; iter < ITERATIONS; iter++) {
         const name = `f-${mode}-${iter}`;
         const file = await device(name);
         expect((await pr(a, name, { action: 'register', as: 'a', saKey: '0xa' })).status).toBe(200);

@@ -9,6 +9,7 @@ import {
   existsSync,
   mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   readlinkSync,
   rmSync,
@@ -113,6 +114,12 @@ function releaseArgs(): string[] {
 async function health(h: Host): Promise<{ status?: string; version?: string }> {
   const res = await fetch(`http://127.0.0.1:${h.api}/healthz`);
   return (await res.json()) as { status?: string; version?: string };
+}
+
+/** The host agent's bearer token (the TCP API demands it), from its data directory. */
+function bearer(h: Host): Record<string, string> {
+  const token = readFileSync(join(h.prefix, 'data', 'api-token'), 'utf8').trim();
+  return { authorization: `Bearer ${token}` };
 }
 
 function current(h: Host, link = 'current'): string {
@@ -240,7 +247,7 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     // a device, to see in status
     const res = await fetch(`http://127.0.0.1:${hosts.h1.api}/v1/devices`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', ...bearer(hosts.h1) },
       body: JSON.stringify({ name: 'swap0', size: '16M' }),
     });
     expect(res.status).toBe(201);
@@ -300,7 +307,9 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
       expect(current(hosts[n], 'previous')).toBe(v1[n]);
     }
     // the agent's state survives the upgrade
-    const dev = await fetch(`http://127.0.0.1:${hosts.h1.api}/v1/devices/swap0`);
+    const dev = await fetch(`http://127.0.0.1:${hosts.h1.api}/v1/devices/swap0`, {
+      headers: bearer(hosts.h1),
+    });
     expect(dev.status).toBe(200);
   });
 
@@ -320,6 +329,8 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     const r = await deploy(['apply', ...releaseArgs()]);
     expect(r.code, describeRun(r)).toBe(1);
     expect(r.stderr).toContain('DEPLOY_ROLLOUT_FAILED');
+    // The summary names the host's own code, not only that it failed.
+    expect(r.stderr).toMatch(/rollout stopped: h2 \(failed: DEPLOY_HEALTH_FAILED\)/);
     expect(r.stdout).toMatch(/^h1: deployed 9\.0\.3-/m);
     expect(r.stdout).toMatch(/^h2: FAILED: DEPLOY_HEALTH_FAILED/m);
     expect(r.stdout).toContain(`rolled back to ${v2.h2}`);
@@ -408,7 +419,8 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
   });
 
   it('refuses to work on a host another deploy holds', async () => {
-    const holder = spawn('flock', [join(hosts.h1.prefix, '.deploy.lock'), 'sleep', '60'], {
+    // -o: only flock holds the lock, so killing it lets the lock go (sleep would keep it).
+    const holder = spawn('flock', ['-o', join(hosts.h1.prefix, '.deploy.lock'), 'sleep', '60'], {
       stdio: 'ignore',
     });
     try {
@@ -525,5 +537,31 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     const a = await deploy(['apply', '--group', 'h3', '--accept-new', ...releaseArgs()]);
     expect(a.code, describeRun(a)).toBe(1);
     expect(a.stdout).toContain('DEPLOY_HOST_KEY_CHANGED');
+    expect(a.stderr).toMatch(/DEPLOY_ROLLOUT_FAILED: .*h3 \(failed: DEPLOY_HOST_KEY_CHANGED\)/);
+  });
+
+  it('stop keeps an agent stopped; uninstall removes it and keeps its data', async () => {
+    const h = hosts.h1;
+    expect(agentProcess(h)).not.toBeNull();
+    const s = await deploy(['stop', '--group', 'h1']);
+    expectOk(s);
+    expect(s.stdout.trim()).toBe('h1: stopped');
+    expect(agentProcess(h)).toBeNull();
+    await expect(health(h)).rejects.toThrow();
+    const again = await deploy(['stop', '--group', 'h1']);
+    expect(again.stdout.trim()).toBe('h1: was not running');
+
+    const u = await deploy(['uninstall', '--group', 'h1']);
+    expectOk(u);
+    expect(u.stdout.trim()).toBe('h1: uninstalled');
+    for (const gone of ['releases', 'deploys', 'current', 'previous', 'log', 'run'])
+      expect(existsSync(join(h.prefix, gone)), gone).toBe(false);
+    expect(existsSync(join(h.prefix, 'data', 'api-token'))).toBe(true);
+    // h2 was not touched.
+    expect(await health(hosts.h2)).toMatchObject({ status: 'ok' });
+
+    const p = await deploy(['uninstall', '--group', 'h1', '--purge']);
+    expectOk(p);
+    expect(existsSync(h.prefix) ? readdirSync(h.prefix, { recursive: true }) : 'gone').toBe('gone');
   });
 });

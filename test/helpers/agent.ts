@@ -32,6 +32,8 @@ export interface AgentStartOptions {
   dir?: string;
   /** A `cluster:` section (etcd endpoints, host, leaseTtl...). */
   cluster?: Record<string, unknown>;
+  /** An `events:` section (rescanInterval, deliveryTimeout, retryCap...). */
+  events?: Record<string, unknown>;
 }
 
 export interface ApiReply {
@@ -190,6 +192,7 @@ export function writeAgentConfig(dir: string, opts: AgentStartOptions = {}): str
     'pools:',
     ...pools.map((p) => `  - ${JSON.stringify(p)}`),
     ...(opts.cluster ? [`cluster: ${JSON.stringify(opts.cluster)}`] : []),
+    ...(opts.events ? [`events: ${JSON.stringify(opts.events)}`] : []),
   ];
   const file = path.join(dir, 'agent.yaml');
   writeFileSync(file, `${lines.join('\n')}\n`);

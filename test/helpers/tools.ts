@@ -34,6 +34,10 @@ const PACKAGE: Record<string, string> = {
   openssl: 'openssl',
   etcd: 'etcd-server',
   etcdctl: 'etcd-client',
+  setpriv: 'util-linux',
+  losetup: 'mount',
+  'mkfs.ext4': 'e2fsprogs',
+  e2fsck: 'e2fsprogs',
 };
 
 /** nbdsh is a shell script that runs `python3 -m nbd`; it needs the system python. */
@@ -41,7 +45,8 @@ export const SYSTEM_PYTHON = '/usr/bin/python3';
 
 /** PATH with /usr/bin first, so nbdsh's `python3` is the one that has the nbd module. */
 export function systemPath(): string {
-  return ['/usr/bin', '/bin', process.env.PATH ?? ''].join(path.delimiter);
+  // The sbin directories last: mount, losetup and mkfs live there, and a non-login PATH may lack them.
+  return ['/usr/bin', '/bin', process.env.PATH ?? '', '/usr/sbin', '/sbin'].join(path.delimiter);
 }
 
 function onPath(name: string): boolean {

@@ -86,7 +86,7 @@ describeWithTools(
     let agent: AgentHandle;
 
     beforeAll(async () => {
-      agent = await startAgent();
+      agent = await startAgent({ nbd: { identities: ['127.0.0.1=local'] } });
       const r = await agent.cli(
         'device',
         'create',
@@ -214,7 +214,7 @@ describeWithTools(
     let agent: AgentHandle;
 
     beforeAll(async () => {
-      agent = await startAgent();
+      agent = await startAgent({ nbd: { identities: ['127.0.0.1=local'] } });
       const r = await agent.cli('device', 'create', 'dump-vm1', '--size', '8M', '--role', 'dump');
       expect(r.code, describeRun(r)).toBe(0);
     });

@@ -34,6 +34,8 @@ describeWithTools(['qemu-io', 'qemu-img'], 'ballast agent: API and CLI end to en
         { name: 'fast', media: 'ssd' },
         { name: 'bulk', media: 'hdd', quota: '256M', overcommit: 2 },
       ],
+      // TCP clients must be named: this host's loopback is.
+      nbd: { identities: ['127.0.0.1=local'] },
     });
   });
 
@@ -230,7 +232,7 @@ describeWithTools(['qemu-io', 'qemu-img'], 'ballast agent: API and CLI end to en
     expect(s.stdout).toMatch(/devices:\s+2/);
     expect(s.stdout).toContain('problems:    none');
     const j = JSON.parse((await agent.cli('status', '--json')).stdout);
-    expect(j).toMatchObject({ pools: 2, devices: 2, problems: [], tokenRequired: false });
+    expect(j).toMatchObject({ pools: 2, devices: 2, problems: [], tokenRequired: true });
   });
 
   it('answers bad input with stable codes, HTTP statuses and exit codes', async () => {

@@ -26,7 +26,10 @@ import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 
 const SIZE = 64 * MiB;
 /** A short handshake timeout, when the server has the option. */
-const HANDSHAKE_TIMEOUT = ballastServeHas('--handshake-timeout') ? 3 : undefined;
+const HANDSHAKE_FLAG = ballastServeHas('--handshake-limit')
+  ? '--handshake-limit'
+  : '--handshake-timeout';
+const HANDSHAKE_TIMEOUT = ballastServeHas(HANDSHAKE_FLAG) ? 3 : undefined;
 
 describeWithTools(['nbdinfo', 'qemu-io'], 'hostile clients', () => {
   let server: ServerHandle;
@@ -77,7 +80,7 @@ describeWithTools(['nbdinfo', 'qemu-io'], 'hostile clients', () => {
     server = await startServer({
       size: SIZE,
       name: 'disk',
-      extraArgs: HANDSHAKE_TIMEOUT ? ['--handshake-timeout', String(HANDSHAKE_TIMEOUT)] : [],
+      extraArgs: HANDSHAKE_TIMEOUT ? [HANDSHAKE_FLAG, String(HANDSHAKE_TIMEOUT)] : [],
     });
     void server.exited.then((code) => {
       crashed = code;

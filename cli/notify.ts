@@ -1,0 +1,175 @@
+// `ballast notify add|ls|rm|test` (recipients of configuration-change events)
+// and `ballast events` (the event log, or a live stream of it).
+
+import { readFileSync } from 'node:fs';
+import type { Command } from 'commander';
+import { BallastError } from '../agent/errors.js';
+import { EVENT_KINDS, parseTypes } from '../notify/events.js';
+import { AgentError, Client } from './client.js';
+import { type Common, client, json, out, table, withCommon } from './manage.js';
+
+interface RecipientView {
+  name: string;
+  url: string;
+  types: string;
+  signed: boolean;
+  cursor: string | null;
+  deliveredBy: string | null;
+  lastError: string | null;
+  disabled?: { reason: string; at: string };
+}
+
+function checkTypes(spec: string | undefined): void {
+  try {
+    parseTypes(spec);
+  } catch (e) {
+    throw new AgentError('NOTIFY_BAD_TYPES', (e as Error).message);
+  }
+}
+
+export function registerNotify(program: Command): void {
+  const notify = program
+    .command('notify')
+    .summary('recipients of configuration-change events (CloudEvents over HTTP POST)')
+    .description(
+      'Register HTTP endpoints that get every configuration change they ask for — devices ' +
+        'created, resized, attached; tier changes; reservations; members joining, leaving, ' +
+        'fenced; pools full; dumps — as CloudEvents 1.0 (structured JSON), signed with ' +
+        'HMAC-SHA256 (header X-Ballast-Signature: sha256=HEX) when a secret is given. Delivery ' +
+        'is at least once, in event-id order, resumed after restarts from a cursor in the store; ' +
+        'receivers de-duplicate by id. A 410 Gone answer disables the recipient.\n\n' +
+        `Event types: ${EVENT_KINDS.join(', ')}`,
+    );
+  withCommon(
+    notify
+      .command('add')
+      .description('register a recipient; it hears of what happens from now on')
+      .argument('<NAME>')
+      .requiredOption('-u, --url <URL>', 'http:// or https:// endpoint')
+      .option('-t, --types <LIST>', "comma-separated types, * wildcards: 'device.*,tier.changed'")
+      .option('--secret-file <FILE>', 'HMAC key (at least 16 characters) to sign each body with'),
+  ).action(
+    async (name: string, o: Common & { url: string; types?: string; secretFile?: string }) => {
+      checkTypes(o.types);
+      let secret: string | undefined;
+      if (o.secretFile) {
+        try {
+          secret = readFileSync(o.secretFile, 'utf8').trim();
+        } catch (e) {
+          throw new AgentError(
+            'NOTIFY_BAD_SECRET',
+            `cannot read ${o.secretFile}: ${(e as Error).message}`,
+          );
+        }
+      }
+      const r = (await client(o).request('POST', '/v1/notify', {
+        name,
+        url: o.url,
+        types: o.types ?? '',
+        ...(secret !== undefined ? { secret } : {}),
+      })) as RecipientView;
+      if (o.json) return json(r);
+      out(
+        `added recipient ${r.name}: ${r.url} (${r.types || 'every type'}${r.signed ? ', signed' : ''})`,
+      );
+    },
+  );
+  withCommon(notify.command('ls').description('the recipients, their cursor and state')).action(
+    async (o: Common) => {
+      const r = (await client(o).request('GET', '/v1/notify')) as { recipients: RecipientView[] };
+      if (o.json) return json(r);
+      out(
+        table(
+          ['NAME', 'URL', 'TYPES', 'STATE', 'CURSOR', 'BY', 'LAST ERROR'],
+          r.recipients.map((x) => [
+            x.name,
+            x.url,
+            x.types || '*',
+            x.disabled ? `disabled (${x.disabled.reason})` : 'active',
+            x.cursor ?? '-',
+            x.deliveredBy ?? '-',
+            x.lastError ?? '-',
+          ]),
+        ),
+      );
+    },
+  );
+  withCommon(notify.command('rm').description('remove a recipient').argument('<NAME>')).action(
+    async (name: string, o: Common) => {
+      const r = await client(o).request('DELETE', `/v1/notify/${encodeURIComponent(name)}`);
+      if (o.json) return json(r);
+      out(`removed recipient ${name}`);
+    },
+  );
+  withCommon(
+    notify.command('test').description('send a test event to a recipient now').argument('<NAME>'),
+  ).action(async (name: string, o: Common) => {
+    const r = (await client(o).request('POST', `/v1/notify/${encodeURIComponent(name)}/test`)) as {
+      outcome: string;
+      error?: string;
+      id: string;
+    };
+    if (o.json) return json(r);
+    out(`${name}: test event ${r.id}: ${r.outcome}${r.error ? ` (${r.error})` : ''}`);
+    if (r.outcome !== 'delivered') process.exitCode = 1;
+  });
+
+  withCommon(
+    program
+      .command('events')
+      .summary('the configuration-change event log, or a live stream of it')
+      .description(
+        "Print the events still in the store's history (or those after --since), and with " +
+          '--follow keep printing new ones, resuming after a lost connection from the last id seen.',
+      )
+      .option('-f, --follow', 'keep printing events as they happen')
+      .option('--since <ID>', 'only events after this id')
+      .option('-t, --types <LIST>', "comma-separated types, * wildcards: 'device.*,tier.changed'"),
+  ).action(async (o: Common & { follow?: boolean; since?: string; types?: string }) => {
+    checkTypes(o.types);
+    const c = new Client({ agent: o.agent, tokenFile: o.tokenFile });
+    let last = o.since;
+    for (;;) {
+      const q = new URLSearchParams();
+      if (o.follow) q.set('follow', '1');
+      if (o.types) q.set('types', o.types);
+      let buf = '';
+      const headers: Record<string, string> = last ? { 'last-event-id': last } : {};
+      try {
+        await c.stream(`/v1/events?${q}`, headers, (t) => {
+          buf += t;
+          for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
+            const block = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            const data = block
+              .split('\n')
+              .filter((l) => l.startsWith('data: '))
+              .map((l) => l.slice(6))
+              .join('\n');
+            if (!data) continue;
+            const ev = JSON.parse(data) as {
+              id: string;
+              time: string;
+              type: string;
+              subject?: string;
+              source: string;
+              data: unknown;
+            };
+            last = ev.id;
+            if (o.json) out(JSON.stringify(ev));
+            else {
+              out(
+                `${ev.id.padEnd(8)} ${ev.time}  ${ev.type.replace(/^io\.ballast\./, '').padEnd(20)} ${(ev.subject ?? '-').padEnd(16)} ${ev.source}  ${JSON.stringify(ev.data)}`,
+              );
+            }
+          }
+        });
+      } catch (e) {
+        if (!o.follow || !(e instanceof BallastError) || e.code !== 'BALLAST_AGENT_UNREACHABLE')
+          throw e;
+      }
+      if (!o.follow) return;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  });
+}

@@ -1,0 +1,660 @@
+// Recipients of configuration-change events and their delivery.
+//
+// A recipient (`notify/recipients/<name>`) gets every event it asked for, by HTTP
+// POST as a CloudEvent, signed, at least once and in id order. Its cursor
+// (`notify/cursor/<name>`, the id of the last event it acknowledged) is durable in
+// the store, so an agent restart, a kill -9 or (in a cluster) the delivering
+// agent's death resumes from it on the same or another agent. In a cluster one
+// agent delivers to a recipient at a time: the one holding `notify/leader/<name>`
+// under its membership lease. A recipient whose cursor fell behind the store's
+// history gets one `resync` event with the current state, never a silent gap.
+
+import http from 'node:http';
+import https from 'node:https';
+import { performance } from 'node:perf_hooks';
+import { BallastError } from '../agent/errors.js';
+import { isStoreError, op, type Store, type Watcher } from '../agent/store/store.js';
+import {
+  afterId,
+  type BallastEvent,
+  cloudEvent,
+  EVENTS_PREFIX,
+  type EventKind,
+  type ExplicitEvent,
+  parseEventId,
+  parseTypes,
+  sign,
+  Translator,
+} from './events.js';
+
+export const RECIPIENTS = 'notify/recipients/';
+export const CURSORS = 'notify/cursor/';
+export const LEADERS = 'notify/leader/';
+
+export interface Recipient {
+  name: string;
+  url: string;
+  /** The --types filter as given ('' = every kind). */
+  types: string;
+  /** HMAC-SHA256 key for the signature header; absent: unsigned. */
+  secret?: string;
+  createdAt: string;
+  /** Set when the recipient answered 410 Gone: nothing more is sent. */
+  disabled?: { reason: string; at: string };
+}
+
+export interface RecipientView extends Omit<Recipient, 'secret'> {
+  signed: boolean;
+  cursor: string | null;
+  /** The agent delivering to it now (cluster), or this one. */
+  deliveredBy: string | null;
+  lastError: string | null;
+  lastDelivered: string | null;
+  attempts: number;
+}
+
+export interface NotifierOptions {
+  store: Store;
+  cluster: string;
+  host: string;
+  log: (msg: string) => void;
+  /** The membership lease (cluster): delivery leadership lives and dies with it. */
+  lease?: () => string | undefined;
+  /** Per-POST deadline (a receiver that hangs). */
+  timeoutMs?: number;
+  /** Backoff between attempts: base, doubled per attempt up to cap, with jitter. */
+  retryBaseMs?: number;
+  retryCapMs?: number;
+  /** The current state, for a `resync` event. */
+  snapshot?: () => Promise<Record<string, unknown>>;
+}
+
+const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export function validateRecipient(input: {
+  name?: unknown;
+  url?: unknown;
+  types?: unknown;
+  secret?: unknown;
+}): { name: string; url: string; types: string; secret?: string } {
+  if (typeof input.name !== 'string' || !NAME.test(input.name)) {
+    throw new BallastError(
+      'NOTIFY_BAD_RECIPIENT',
+      `bad recipient name ${JSON.stringify(input.name)}: 1 to 63 of a-z 0-9 . _ -`,
+    );
+  }
+  let u: URL;
+  try {
+    u = new URL(String(input.url));
+  } catch {
+    throw new BallastError('NOTIFY_BAD_URL', `not a URL: ${JSON.stringify(input.url)}`);
+  }
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') {
+    throw new BallastError(
+      'NOTIFY_BAD_URL',
+      `a recipient URL must be http:// or https://, not ${u.protocol}`,
+    );
+  }
+  const types = input.types === undefined || input.types === null ? '' : String(input.types);
+  try {
+    parseTypes(types);
+  } catch (e) {
+    throw new BallastError('NOTIFY_BAD_TYPES', (e as Error).message);
+  }
+  if (
+    input.secret !== undefined &&
+    (typeof input.secret !== 'string' || input.secret.length < 16)
+  ) {
+    throw new BallastError('NOTIFY_BAD_SECRET', 'a secret must be at least 16 characters');
+  }
+  return {
+    name: input.name,
+    url: u.toString(),
+    types,
+    ...(typeof input.secret === 'string' ? { secret: input.secret } : {}),
+  };
+}
+
+function parseJson<T>(text: string | undefined): T | undefined {
+  if (text === undefined) return undefined;
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Retry-After: seconds or an HTTP date; ms, or undefined. */
+export function retryAfterMs(h: string | null): number | undefined {
+  if (!h) return undefined;
+  if (/^\d+$/.test(h.trim())) return Number(h.trim()) * 1000;
+  const t = Date.parse(h);
+  return Number.isNaN(t) ? undefined : Math.max(0, t - Date.now());
+}
+
+interface Stats {
+  attempts: number;
+  lastError: string | null;
+  lastDelivered: string | null;
+  /** performance.now() when the event being retried was first tried. */
+  pendingSince: number | null;
+  behind: number;
+}
+
+/** Delivery to one recipient: a loop over the store's history from its cursor. */
+class Delivery {
+  private running = true;
+  private watcher: Watcher | undefined;
+  private wake: (() => void) | undefined;
+  private queue: BallastEvent[] = [];
+  private watchError: unknown;
+  private savedAt = 0;
+  readonly stats: Stats = {
+    attempts: 0,
+    lastError: null,
+    lastDelivered: null,
+    pendingSince: null,
+    behind: 0,
+  };
+  readonly done: Promise<void>;
+
+  constructor(
+    private readonly n: Notifier,
+    readonly recipient: Recipient,
+  ) {
+    this.done = this.loop().catch((e) => {
+      this.n.log(`notify ${recipient.name}: delivery stopped: ${(e as Error).message}`);
+    });
+  }
+
+  stop(): void {
+    this.running = false;
+    this.wake?.();
+    void this.watcher?.cancel();
+  }
+
+  private async loop(): Promise<void> {
+    const store = this.n.store;
+    const filter = parseTypes(this.recipient.types);
+    while (this.running) {
+      const cur = parseEventId((await store.get(CURSORS + this.recipient.name))?.value ?? '') ?? {
+        revision: await store.revision(),
+        n: 0,
+      };
+      let cursor = cur;
+      this.queue = [];
+      this.watchError = undefined;
+      const left = await this.hostsLeft(cursor.revision);
+      const tr = new Translator({ hostsLeft: left });
+      try {
+        this.watcher = await store.watch('', {
+          fromRevision: Math.max(1, cursor.revision),
+          onEvent: (ev) => {
+            for (const e of tr.translate(ev)) this.queue.push(e);
+            this.wake?.();
+          },
+          onError: (err) => {
+            this.watchError = err;
+            this.wake?.();
+          },
+        });
+      } catch (e) {
+        if (isStoreError(e, 'STORE_COMPACTED')) {
+          cursor = await this.resync(e.compactRevision ?? 0);
+          continue;
+        }
+        throw e;
+      }
+      while (this.running && this.watchError === undefined) {
+        const e = this.queue.shift();
+        if (!e) {
+          this.stats.behind = 0;
+          await new Promise<void>((r) => {
+            this.wake = r;
+          });
+          this.wake = undefined;
+          continue;
+        }
+        this.stats.behind = this.queue.length + 1;
+        if (!afterId(e, cursor)) continue;
+        if (filter(e.kind)) {
+          const ok = await this.deliver(e);
+          if (!ok) break; // stopped, or disabled
+        }
+        cursor = { revision: e.revision, n: e.n };
+        // The cursor is written when caught up, else at most every 100 ms: a crash
+        // re-delivers what came after it (same ids), never skips.
+        const now = performance.now();
+        if (this.queue.length === 0 || now - this.savedAt >= 100) {
+          await this.saveCursor(e.id);
+          this.savedAt = now;
+        }
+      }
+      await this.watcher?.cancel().catch(() => {});
+      if (isStoreError(this.watchError, 'STORE_COMPACTED')) {
+        await this.resync((this.watchError as { compactRevision?: number }).compactRevision ?? 0);
+      } else if (this.watchError !== undefined && this.running) {
+        await sleep(500);
+      }
+    }
+  }
+
+  private async hostsLeft(revision: number): Promise<string[]> {
+    try {
+      const r = await this.n.store.range('hosts/', revision > 0 ? { revision } : {});
+      return r.kvs
+        .filter((kv) => parseJson<{ state?: string }>(kv.value)?.state === 'left')
+        .map((kv) => kv.key.slice('hosts/'.length));
+    } catch {
+      return [];
+    }
+  }
+
+  /** History is gone past the cursor: one `resync` event with the state now, then go on from here. */
+  private async resync(compactRevision: number): Promise<{ revision: number; n: number }> {
+    const rev = await this.n.store.revision();
+    const e: BallastEvent = {
+      id: String(rev),
+      revision: rev,
+      n: 0,
+      kind: 'resync',
+      time: new Date().toISOString(),
+      host: this.n.host,
+      data: {
+        reason: `the store's history was compacted (from revision ${compactRevision}) past this recipient's cursor`,
+        ...(this.n.opts.snapshot ? await this.n.opts.snapshot() : {}),
+      },
+    };
+    this.n.log(`notify ${this.recipient.name}: history compacted past its cursor; sending resync`);
+    if (await this.deliver(e)) await this.saveCursor(e.id);
+    return { revision: rev, n: 0 };
+  }
+
+  private async saveCursor(id: string): Promise<void> {
+    for (let i = 0; this.running; i++) {
+      try {
+        await this.n.store.put(CURSORS + this.recipient.name, id);
+        return;
+      } catch (e) {
+        if (i > 50) throw e;
+        await sleep(200);
+      }
+    }
+  }
+
+  /** POSTs until acknowledged (2xx); false if stopped or the recipient is gone (410). */
+  async deliver(e: BallastEvent): Promise<boolean> {
+    const body = JSON.stringify(cloudEvent(e, this.n.opts.cluster, this.n.host));
+    this.stats.pendingSince = performance.now();
+    for (let attempt = 0; this.running; attempt++) {
+      this.stats.attempts++;
+      const r = await this.n.post(this.recipient, body);
+      this.n.count(this.recipient.name, r.outcome);
+      if (r.outcome === 'delivered') {
+        this.stats.lastDelivered = e.id;
+        this.stats.lastError = null;
+        this.stats.pendingSince = null;
+        this.n.delivered?.(this.recipient.name, e);
+        return true;
+      }
+      this.stats.lastError = r.error ?? r.outcome;
+      if (r.outcome === 'gone') {
+        await this.n.disable(this.recipient.name, `${r.error ?? 'HTTP 410 Gone'} at event ${e.id}`);
+        return false;
+      }
+      const cap = this.n.opts.retryCapMs ?? 30_000;
+      const base = this.n.opts.retryBaseMs ?? 200;
+      let wait = Math.min(cap, base * 2 ** Math.min(attempt, 20));
+      wait = wait / 2 + Math.random() * (wait / 2);
+      if (r.retryAfterMs !== undefined) wait = Math.min(Math.max(r.retryAfterMs, wait), 3_600_000);
+      await new Promise<void>((res) => {
+        const t = setTimeout(res, wait);
+        this.wake = () => {
+          if (!this.running) {
+            clearTimeout(t);
+            res();
+          }
+        };
+      });
+      this.wake = undefined;
+    }
+    return false;
+  }
+}
+
+export class Notifier {
+  private readonly deliveries = new Map<string, Delivery>();
+  private watcher: Watcher | undefined;
+  private stopped = false;
+  private readonly pendingEmits: ExplicitEvent[] = [];
+  private emitting = false;
+  /** Counters for metrics: outcome by recipient, events by kind. */
+  readonly outcomes = new Map<string, number>();
+  /** Told of each delivered event (metrics). */
+  delivered?: (recipient: string, e: BallastEvent) => void;
+  /** Told of every event the store's history makes (metrics: events produced by kind). */
+  produced?: (kind: string) => void;
+  readonly store: Store;
+  readonly host: string;
+  /** Connections to receivers are kept open between deliveries. */
+  private readonly httpAgent = new http.Agent({ keepAlive: true, maxSockets: 4 });
+  private readonly httpsAgent = new https.Agent({ keepAlive: true, maxSockets: 4 });
+
+  constructor(readonly opts: NotifierOptions) {
+    this.store = opts.store;
+    this.host = opts.host;
+  }
+
+  log(msg: string): void {
+    this.opts.log(msg);
+  }
+
+  count(recipient: string, outcome: string): void {
+    const k = `${recipient}\u0000${outcome}`;
+    this.outcomes.set(k, (this.outcomes.get(k) ?? 0) + 1);
+  }
+
+  /** Starts delivering to every recipient this agent leads, and follows changes to them. */
+  async start(): Promise<void> {
+    const rev = await this.store.revision();
+    const tr = new Translator();
+    this.watcher = await this.store.watch('', {
+      fromRevision: rev + 1,
+      onEvent: (ev) => {
+        if (ev.kv.key.startsWith(RECIPIENTS) || ev.kv.key.startsWith(LEADERS)) void this.sync();
+        else if (this.produced) for (const e of tr.translate(ev)) this.produced(e.kind);
+      },
+      onError: (err) => {
+        if (!this.stopped) this.log(`notify: watch ended: ${(err as Error).message}`);
+      },
+    });
+    await this.sync();
+  }
+
+  private syncing: Promise<void> | null = null;
+  private again = false;
+
+  /** Brings the running deliveries in line with the recipients and the leadership. */
+  private sync(): Promise<void> {
+    if (this.syncing) {
+      this.again = true;
+      return this.syncing;
+    }
+    this.syncing = (async () => {
+      do {
+        this.again = false;
+        try {
+          await this.syncOnce();
+        } catch (e) {
+          if (!this.stopped) this.log(`notify: ${(e as Error).message}`);
+        }
+      } while (this.again && !this.stopped);
+    })().finally(() => {
+      this.syncing = null;
+    });
+    return this.syncing;
+  }
+
+  private async syncOnce(): Promise<void> {
+    const { kvs } = await this.store.range(RECIPIENTS);
+    const want = new Map<string, Recipient>();
+    for (const kv of kvs) {
+      const r = parseJson<Recipient>(kv.value);
+      if (r && !r.disabled) want.set(r.name, r);
+    }
+    for (const [name, d] of this.deliveries) {
+      const r = want.get(name);
+      if (!r || JSON.stringify(r) !== JSON.stringify(d.recipient) || !(await this.leads(name))) {
+        d.stop();
+        this.deliveries.delete(name);
+        await d.done;
+      }
+    }
+    if (this.stopped) return;
+    for (const [name, r] of want) {
+      if (this.deliveries.has(name)) continue;
+      if (!(await this.lead(name))) continue;
+      this.deliveries.set(name, new Delivery(this, r));
+    }
+  }
+
+  /** Takes the delivery of a recipient if nobody holds it (cluster), or always (single host). */
+  private async lead(name: string): Promise<boolean> {
+    const lease = this.opts.lease?.();
+    if (!this.opts.lease) return true;
+    if (!lease) return false;
+    const r = await this.store.createIfAbsent(LEADERS + name, this.host, { lease });
+    return r.succeeded || r.kv?.value === this.host;
+  }
+
+  private async leads(name: string): Promise<boolean> {
+    if (!this.opts.lease) return true;
+    return (await this.store.get(LEADERS + name))?.value === this.host;
+  }
+
+  /** Records an event the catalog does not (tier change, first connection...). Never throws. */
+  emit(kind: EventKind, subject: string | undefined, data: Record<string, unknown>): void {
+    this.pendingEmits.push({
+      kind,
+      ...(subject !== undefined ? { subject } : {}),
+      host: this.host,
+      time: new Date().toISOString(),
+      data,
+    });
+    void this.flushEmits();
+  }
+
+  private async flushEmits(): Promise<void> {
+    if (this.emitting) return;
+    this.emitting = true;
+    try {
+      while (this.pendingEmits.length > 0 && !this.stopped) {
+        const e = this.pendingEmits[0]!;
+        try {
+          await this.store.put(EVENTS_PREFIX + this.host, JSON.stringify(e));
+          this.pendingEmits.shift();
+        } catch (err) {
+          // Kept in order until the store takes it (etcd unreachable for a while).
+          if (!isStoreError(err) || !err.retryable) {
+            this.log(`notify: event ${e.kind} not recorded: ${(err as Error).message}`);
+            this.pendingEmits.shift();
+          } else {
+            await sleep(500);
+          }
+        }
+      }
+    } finally {
+      this.emitting = false;
+    }
+  }
+
+  /** One signed POST; what came of it. */
+  async post(
+    r: Recipient,
+    body: string,
+  ): Promise<{
+    outcome: 'delivered' | 'gone' | 'throttled' | 'failed' | 'timeout' | 'unreachable';
+    error?: string;
+    retryAfterMs?: number;
+  }> {
+    const headers: Record<string, string> = {
+      'content-type': 'application/cloudevents+json; charset=utf-8',
+      'user-agent': 'ballast-notify',
+    };
+    if (r.secret) headers['x-ballast-signature'] = sign(body, r.secret);
+    headers['content-length'] = String(Buffer.byteLength(body));
+    const u = new URL(r.url);
+    const timeoutMs = this.opts.timeoutMs ?? 5000;
+    // node:http rather than fetch: fetch refuses some ports outright ("bad port").
+    const res = await new Promise<
+      { status: number; retryAfter: string | null } | { error: string; timeout: boolean }
+    >((resolve) => {
+      const tls = u.protocol === 'https:';
+      const req = (tls ? https : http).request(
+        u,
+        {
+          method: 'POST',
+          headers,
+          timeout: timeoutMs,
+          agent: tls ? this.httpsAgent : this.httpAgent,
+        },
+        (resp) => {
+          resp.resume();
+          resp.on('end', () =>
+            resolve({
+              status: resp.statusCode ?? 0,
+              retryAfter: (resp.headers['retry-after'] as string | undefined) ?? null,
+            }),
+          );
+          resp.on('error', (e) => resolve({ error: e.message, timeout: false }));
+        },
+      );
+      const deadline = setTimeout(() => {
+        req.destroy();
+        resolve({ error: 'no answer in time', timeout: true });
+      }, timeoutMs);
+      req.on('timeout', () => {
+        req.destroy();
+        resolve({ error: 'no answer in time', timeout: true });
+      });
+      req.on('error', (e: NodeJS.ErrnoException) =>
+        resolve({ error: e.code ?? e.message, timeout: false }),
+      );
+      req.on('close', () => clearTimeout(deadline));
+      req.end(body);
+    });
+    if ('error' in res) {
+      return res.timeout
+        ? { outcome: 'timeout', error: res.error }
+        : { outcome: 'unreachable', error: res.error };
+    }
+    if (res.status >= 200 && res.status < 300) return { outcome: 'delivered' };
+    if (res.status === 410) return { outcome: 'gone', error: 'HTTP 410 Gone' };
+    const retryAfter = retryAfterMs(res.retryAfter);
+    if (res.status === 429) {
+      return {
+        outcome: 'throttled',
+        error: 'HTTP 429',
+        ...(retryAfter !== undefined ? { retryAfterMs: retryAfter } : {}),
+      };
+    }
+    return {
+      outcome: 'failed',
+      error: `HTTP ${res.status}`,
+      ...(retryAfter !== undefined ? { retryAfterMs: retryAfter } : {}),
+    };
+  }
+
+  async disable(name: string, reason: string): Promise<void> {
+    const kv = await this.store.get(RECIPIENTS + name);
+    const r = parseJson<Recipient>(kv?.value);
+    if (!kv || !r) return;
+    r.disabled = { reason, at: new Date().toISOString() };
+    await this.store.updateIf(RECIPIENTS + name, JSON.stringify(r), kv.modRevision);
+    this.log(`notify ${name}: disabled: ${reason}`);
+  }
+
+  // ---- management ----
+
+  async add(input: {
+    name?: unknown;
+    url?: unknown;
+    types?: unknown;
+    secret?: unknown;
+  }): Promise<RecipientView> {
+    const v = validateRecipient(input);
+    const rec: Recipient = { ...v, createdAt: new Date().toISOString() };
+    const rev = await this.store.revision();
+    // It hears of what happens from now on: its cursor starts at the current revision.
+    const r = await this.store.txn({
+      compare: [{ key: RECIPIENTS + v.name, target: 'version', op: '=', value: 0 }],
+      success: [
+        op.put(RECIPIENTS + v.name, JSON.stringify(rec)),
+        op.put(CURSORS + v.name, String(rev)),
+      ],
+    });
+    if (!r.succeeded) {
+      throw new BallastError('NOTIFY_EXISTS', `a recipient named ${v.name} exists already`);
+    }
+    this.log(`notify: recipient ${v.name} added (${v.url})`);
+    await this.sync();
+    return (await this.list()).find((x) => x.name === v.name)!;
+  }
+
+  async remove(name: string): Promise<void> {
+    const r = await this.store.txn({
+      compare: [{ key: RECIPIENTS + name, target: 'version', op: '>', value: 0 }],
+      success: [op.delete(RECIPIENTS + name), op.delete(CURSORS + name), op.delete(LEADERS + name)],
+    });
+    if (!r.succeeded) throw new BallastError('NOTIFY_NOT_FOUND', `no recipient named ${name}`);
+    await this.sync();
+  }
+
+  async list(): Promise<RecipientView[]> {
+    const [recs, cursors, leaders] = await Promise.all([
+      this.store.range(RECIPIENTS),
+      this.store.range(CURSORS),
+      this.store.range(LEADERS),
+    ]);
+    const cur = new Map(cursors.kvs.map((kv) => [kv.key.slice(CURSORS.length), kv.value]));
+    const lead = new Map(leaders.kvs.map((kv) => [kv.key.slice(LEADERS.length), kv.value]));
+    const out: RecipientView[] = [];
+    for (const kv of recs.kvs) {
+      const r = parseJson<Recipient>(kv.value);
+      if (!r) continue;
+      const { secret, ...rest } = r;
+      const d = this.deliveries.get(r.name);
+      out.push({
+        ...rest,
+        signed: secret !== undefined,
+        cursor: cur.get(r.name) ?? null,
+        deliveredBy: r.disabled ? null : (lead.get(r.name) ?? (this.opts.lease ? null : this.host)),
+        lastError: d?.stats.lastError ?? null,
+        lastDelivered: d?.stats.lastDelivered ?? null,
+        attempts: d?.stats.attempts ?? 0,
+      });
+    }
+    return out;
+  }
+
+  /** Sends one `test` event to a recipient now (not recorded in the log). */
+  async test(name: string): Promise<{ outcome: string; error?: string; id: string }> {
+    const r = parseJson<Recipient>((await this.store.get(RECIPIENTS + name))?.value);
+    if (!r) throw new BallastError('NOTIFY_NOT_FOUND', `no recipient named ${name}`);
+    const id = `test-${Date.now()}`;
+    const e: BallastEvent = {
+      id,
+      revision: 0,
+      n: 0,
+      kind: 'test',
+      host: this.host,
+      time: new Date().toISOString(),
+      data: { message: `a test event for recipient ${name}` },
+    };
+    const res = await this.post(r, JSON.stringify(cloudEvent(e, this.opts.cluster, this.host)));
+    return { ...res, id };
+  }
+
+  /** For metrics: per recipient delivered here, events behind and the oldest undelivered age. */
+  progress(): { name: string; behind: number; oldestUndeliveredSeconds: number }[] {
+    const now = performance.now();
+    return [...this.deliveries.values()].map((d) => ({
+      name: d.recipient.name,
+      behind: d.stats.behind,
+      oldestUndeliveredSeconds:
+        d.stats.pendingSince === null ? 0 : (now - d.stats.pendingSince) / 1000,
+    }));
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.watcher?.cancel().catch(() => {});
+    const all = [...this.deliveries.values()];
+    for (const d of all) d.stop();
+    await Promise.all(all.map((d) => d.done));
+    this.deliveries.clear();
+    this.httpAgent.destroy();
+    this.httpsAgent.destroy();
+  }
+}

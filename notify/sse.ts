@@ -1,0 +1,135 @@
+// GET /v1/events: the event log as a Server-Sent Events stream. History from
+// `since` (or the Last-Event-ID header a reconnecting client sends) onwards,
+// then, with follow, live events as they happen. A `since` older than the
+// store's history gets one `resync` event first, never a silent gap.
+
+import type http from 'node:http';
+import { BallastError } from '../agent/errors.js';
+import { isStoreError, type Store, type Watcher } from '../agent/store/store.js';
+import {
+  afterId,
+  type BallastEvent,
+  cloudEvent,
+  parseEventId,
+  parseTypes,
+  Translator,
+} from './events.js';
+
+export interface SseOptions {
+  cluster: string;
+  host: string;
+  /** Keepalive comments this often on an idle stream (ms). */
+  heartbeatMs?: number;
+}
+
+export async function serveEvents(
+  store: Store,
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  url: URL,
+  opts: SseOptions,
+): Promise<void> {
+  const sinceText =
+    (req.headers['last-event-id'] as string | undefined) ?? url.searchParams.get('since');
+  let cursor = { revision: 0, n: 0 };
+  if (sinceText !== null && sinceText !== undefined && sinceText !== '') {
+    const c = parseEventId(sinceText);
+    if (!c)
+      throw new BallastError(
+        'BALLAST_BAD_REQUEST',
+        `since must be an event id, not ${JSON.stringify(sinceText)}`,
+      );
+    cursor = c;
+  }
+  let filter: (k: string) => boolean;
+  try {
+    filter = parseTypes(url.searchParams.get('types') ?? undefined);
+  } catch (e) {
+    throw new BallastError('NOTIFY_BAD_TYPES', (e as Error).message);
+  }
+  const follow = ['1', 'true', ''].includes(url.searchParams.get('follow') ?? 'x');
+  const end = await store.revision();
+  res.writeHead(200, {
+    'content-type': 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-cache',
+    'x-accel-buffering': 'no',
+  });
+  const send = (e: BallastEvent) => {
+    const ce = cloudEvent(e, opts.cluster, opts.host);
+    res.write(`id: ${e.id}\nevent: io.ballast.${e.kind}\ndata: ${JSON.stringify(ce)}\n\n`);
+  };
+  let watcher: Watcher | undefined;
+  let closed = false;
+  let finish: () => void = () => {};
+  const done = new Promise<void>((r) => {
+    finish = r;
+  });
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    void watcher?.cancel();
+    clearInterval(beat);
+    res.end();
+    finish();
+  };
+  const beat = setInterval(() => res.write(': keepalive\n\n'), opts.heartbeatMs ?? 15_000);
+  req.on('close', close);
+  let idle: NodeJS.Timeout | undefined;
+  const maybeEnd = (rev: number) => {
+    if (follow) return;
+    clearTimeout(idle);
+    if (rev >= end) idle = setTimeout(close, 50);
+    else idle = setTimeout(close, 300);
+  };
+  const tr = new Translator();
+  const start = async (from: number): Promise<void> => {
+    try {
+      watcher = await store.watch('', {
+        fromRevision: Math.max(1, from),
+        onEvent: (ev) => {
+          if (closed) return;
+          for (const e of tr.translate(ev)) {
+            if (afterId(e, cursor) && filter(e.kind)) send(e);
+          }
+          maybeEnd(ev.revision);
+        },
+        onError: (err) => {
+          if (!closed && isStoreError(err, 'STORE_COMPACTED'))
+            void resync(err.compactRevision ?? 0);
+          else close();
+        },
+      });
+      if (from > end) maybeEnd(end);
+      else maybeEnd(from - 1);
+    } catch (e) {
+      if (isStoreError(e, 'STORE_COMPACTED')) await resync(e.compactRevision ?? 0);
+      else close();
+    }
+  };
+  const resync = async (compacted: number): Promise<void> => {
+    const rev = await store.revision();
+    send({
+      id: String(rev),
+      revision: rev,
+      n: 0,
+      kind: 'resync',
+      time: new Date().toISOString(),
+      host: opts.host,
+      data: { reason: `the history before revision ${compacted} was compacted` },
+    });
+    cursor = { revision: rev, n: 0 };
+    await start(rev + 1);
+  };
+  if (sinceText === null || sinceText === undefined || sinceText === '') {
+    // No cursor: with follow, what happens from now on; without, the whole history kept.
+    if (follow) cursor = { revision: end, n: Number.MAX_SAFE_INTEGER };
+  }
+  await start(
+    cursor.revision === 0
+      ? 1
+      : follow && cursor.n === Number.MAX_SAFE_INTEGER
+        ? end + 1
+        : cursor.revision,
+  );
+  await done;
+}
