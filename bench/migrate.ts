@@ -1,6 +1,6 @@
 // Moving guests, in one run:
 //   live   migration total time and downtime of a guest whose paging device is a Ballast
-//          device (two agents on one etcd, the hand-off at pre-switchover), against the
+//          device (two agents on a 3-member etcd, the hand-off at pre-switchover), against the
 //          same guest with its paging device on nbdkit (a plain migration, no hand-off)
 //   save   suspend into the paging device over NBD (`ballast guest suspend`'s path)
 //          against QEMU's `migrate` to a local file (exec:cat, then fdatasync)
@@ -22,6 +22,7 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readFileSync,
   rmSync,
   statSync,
   truncateSync,
@@ -29,12 +30,12 @@ import {
   writeSync,
 } from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { BallastError } from '../agent/errors.js';
+import { startEtcdCluster } from '../cluster/local-etcd.js';
 import { QmpClient, type QmpEvent } from '../dumpd/qmp.js';
 import { type AgentApi, ensureHeld } from '../migrate/handoff.js';
 import { suspendArea } from '../migrate/image.js';
@@ -51,18 +52,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return (i >= 0 ? process.argv[i + 1] : undefined) ?? def;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      const p = typeof a === 'object' && a ? a.port : 0;
-      s.close(() => resolve(p));
-    });
-  });
 }
 
 async function until(what: string, f: () => Promise<boolean> | boolean, ms = 30_000) {
@@ -110,6 +99,12 @@ function median(xs: number[]): number {
   return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
 }
 
+/** CPU time (user + system) of a process so far, in ms (from /proc, 10 ms ticks). */
+function cpuMs(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+  return (Number(f[11]) + Number(f[12])) * 10;
+}
+
 function eventMs(e: QmpEvent | undefined): number {
   return e?.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Number.NaN;
 }
@@ -129,27 +124,11 @@ async function main(): Promise<void> {
   for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
   closeSync(fd);
 
-  // etcd, two agents sharing a pool, one paging device
-  const [cp, pp] = [await freePort(), await freePort()];
-  const etcd = new Child('etcd', [
-    '--name',
-    'm0',
-    '--data-dir',
-    path.join(dir, 'etcd'),
-    '--listen-client-urls',
-    `http://127.0.0.1:${cp}`,
-    '--advertise-client-urls',
-    `http://127.0.0.1:${cp}`,
-    '--listen-peer-urls',
-    `http://127.0.0.1:${pp}`,
-    '--initial-advertise-peer-urls',
-    `http://127.0.0.1:${pp}`,
-    '--initial-cluster',
-    `m0=http://127.0.0.1:${pp}`,
-  ]);
+  // a real 3-member etcd on loopback, two agents sharing a pool, one paging device
+  const etcd = await startEtcdCluster({ size: 3, dir });
   const shared = path.join(dir, 'shared');
   mkdirSync(shared);
-  const agents: Record<string, { api: AgentApi; nbd: string }> = {};
+  const agents: Record<string, { api: AgentApi; nbd: string; pid: number }> = {};
   for (const h of ['a', 'b']) {
     const d = path.join(dir, h);
     mkdirSync(d);
@@ -158,11 +137,11 @@ async function main(): Promise<void> {
       cfg,
       [
         `dataDir: ${path.join(d, 'data')}`,
-        `nbd: { listen: 127.0.0.1:0, socket: ${path.join(d, 'nbd.sock')} }`,
-        `api: { listen: 127.0.0.1:0, socket: ${path.join(d, 'api.sock')} }`,
+        `nbd: { socket: ${path.join(d, 'nbd.sock')} }`,
+        `api: { listen: [], socket: ${path.join(d, 'api.sock')} }`,
         'pools:',
         `  - { name: shared, path: ${shared}, shared: true }`,
-        `cluster: { name: bench, etcd: [http://127.0.0.1:${cp}], host: ${h}, leaseTtl: 5 }`,
+        `cluster: { name: bench, etcd: [${etcd.endpoints.join(', ')}], host: ${h}, leaseTtl: 5 }`,
         '',
       ].join('\n'),
     );
@@ -180,10 +159,10 @@ async function main(): Promise<void> {
         () => false,
       );
     });
-    agents[h] = { api: a, nbd: path.join(d, 'nbd.sock') };
+    agents[h] = { api: a, nbd: path.join(d, 'nbd.sock'), pid: c.pid };
   }
-  const A = agents.a as { api: AgentApi; nbd: string };
-  const B = agents.b as { api: AgentApi; nbd: string };
+  const A = agents.a as { api: AgentApi; nbd: string; pid: number };
+  const B = agents.b as { api: AgentApi; nbd: string; pid: number };
   const devBytes = 2 * memMiB * MiB + 64 * MiB;
   await A.api.request('POST', '/v1/devices', {
     name: 'g-swap',
@@ -294,8 +273,8 @@ async function main(): Promise<void> {
         await d.execute('migrate-incoming', { uri });
         await s.execute('migrate', { uri });
         let done = await waitMigration(s, ['completed'], { timeoutMs: 300_000, step: 'x', t0 });
-        // QEMU fills in the downtime just after it reports `completed`
-        for (let i = 0; i < 50 && done.downtime === undefined; i++) {
+        // QEMU reports `completed` (downtime 0 or absent) a moment before it fills it in
+        for (let i = 0; i < 50 && !done.downtime; i++) {
           await sleep(10);
           done = await queryMigrate(s);
         }
@@ -325,8 +304,14 @@ async function main(): Promise<void> {
       await sleep(500);
       const src = await qemu(A.nbd, 'g-swap', false);
       if (which === 'device') {
+        const cpu0 = process.cpuUsage();
+        const agent0 = cpuMs(A.pid);
         const sus = await suspendGuest({ guest: 'g', qmp: src.qmp, api: A.api });
+        const cpu = process.cpuUsage(cpu0);
         put('save.device', sus.mibPerSec);
+        // where the stream's CPU goes: this process (ballast guest suspend) and the agent
+        put('save.cpu.suspend', (cpu.user + cpu.system) / 1000);
+        put('save.cpu.agent', cpuMs(A.pid) - agent0);
         const dst = await qemu(A.nbd, 'g-swap', true);
         const t0 = performance.now();
         const res2 = await resumeGuest({ guest: 'g', qmp: dst.qmp, api: A.api });
@@ -410,6 +395,12 @@ async function main(): Promise<void> {
       m('load.file').toFixed(0),
       `${(m('load.device') / m('load.file')).toFixed(2)}×`,
     ],
+    [
+      'save, CPU ms per 256 MiB',
+      `suspend ${((m('save.cpu.suspend') * 256 * MiB) / (memMiB * MiB)).toFixed(0)} + agent ${((m('save.cpu.agent') * 256 * MiB) / (memMiB * MiB)).toFixed(0)}`,
+      '(QEMU + cat)',
+      '',
+    ],
   ];
   const w = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
   const line = (r: string[]) => `| ${r.map((c, i) => c.padEnd(w[i] as number)).join(' | ')} |`;
@@ -425,7 +416,7 @@ async function main(): Promise<void> {
     path.join(ROOT, 'bench-results', 'migrate.json'),
     JSON.stringify({ memMiB, rounds, samples: res }, null, 2),
   );
-  await etcd.stop(2000);
+  await etcd.stop();
 }
 
 main().then(

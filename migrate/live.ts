@@ -262,8 +262,8 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
         onProgress: o.onProgress,
         pollMs: 20,
       });
-      // QEMU fills in the downtime just after it reports `completed`
-      for (let i = 0; i < 50 && done.downtime === undefined; i++) {
+      // QEMU reports `completed` (downtime 0 or absent) a moment before it fills it in
+      for (let i = 0; i < 50 && !done.downtime; i++) {
         await new Promise((r) => setTimeout(r, 10));
         done = await queryMigrate(srcQ);
       }
