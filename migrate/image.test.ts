@@ -1,9 +1,11 @@
+import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import {
   compareVersions,
   decodeHeader,
   encodeHeader,
   HEADER_BYTES,
+  HeaderError,
   type ImageHeader,
   incompatibility,
   suspendArea,
@@ -40,6 +42,39 @@ describe('suspend header', () => {
       const b = Buffer.from(good);
       b[at] = (b[at] ?? 0) ^ 0x01;
       expect(() => decodeHeader(b), `byte ${at}`).toThrow(/checksum/);
+    }
+  });
+
+  it('a header with a right checksum but fields suspend never writes is refused', () => {
+    /** A header over any JSON text, checksummed as suspend does. */
+    const raw = (json: string) => {
+      const b = encodeHeader(header);
+      b.fill(0, 16, HEADER_BYTES);
+      const j = Buffer.from(json);
+      b.writeUInt32BE(j.length, 16);
+      j.copy(b, 20);
+      createHash('sha256')
+        .update(b.subarray(0, HEADER_BYTES - 32))
+        .digest()
+        .copy(b, HEADER_BYTES - 32);
+      return b;
+    };
+    const bad = (o: unknown) => raw(JSON.stringify(o));
+    expect(decodeHeader(raw(JSON.stringify(header)))).toEqual(header);
+    for (const [b, why] of [
+      [raw('{"format":1,'), /not JSON/],
+      [raw('[1]'), /not an object/],
+      [raw('null'), /not an object/],
+      [bad({ ...header, format: 2 }), /format 2/],
+      [bad({ ...header, offset: -1 }), /offset/],
+      [bad({ ...header, length: '5' }), /length/],
+      [bad({ ...header, ramBytes: 1.5 }), /ramBytes/],
+      [bad({ ...header, qemu: 7 }), /qemu/],
+      [bad({ ...header, guest: '' }), /guest/],
+      [bad({ ...header, checksum: undefined }), /checksum/],
+    ] as const) {
+      expect(() => decodeHeader(b)).toThrow(HeaderError);
+      expect(() => decodeHeader(b)).toThrow(why);
     }
   });
 

@@ -36,7 +36,7 @@ export interface ImageHeader {
 
 export function encodeHeader(h: ImageHeader): Buffer {
   const json = Buffer.from(JSON.stringify(h), 'utf8');
-  if (json.length > HEADER_BYTES - 32 - 20) throw new Error('suspend header too long');
+  if (json.length > HEADER_BYTES - 32 - 20) throw new HeaderError('suspend header too long');
   const b = Buffer.alloc(HEADER_BYTES);
   MAGIC.copy(b, 0);
   b.writeUInt32BE(json.length, 16);
@@ -48,19 +48,51 @@ export function encodeHeader(h: ImageHeader): Buffer {
   return b;
 }
 
-/** The header, null when there is none (zeros or another magic); throws when it is damaged. */
+/** A suspend header that is there (its magic) but cannot be used. */
+export class HeaderError extends Error {}
+
+const INT_FIELDS = ['offset', 'length', 'ramBytes'] as const;
+const STRING_FIELDS = ['guest', 'checksum', 'qemu', 'machine', 'createdAt'] as const;
+
+/**
+ * The header, null when there is none (zeros or another magic); throws HeaderError when
+ * it is damaged or its fields are not what suspend writes (the device's bytes are input
+ * like any other: a header with a right checksum may still have been written by hand).
+ */
 export function decodeHeader(b: Buffer): ImageHeader | null {
-  if (b.length !== HEADER_BYTES) throw new Error(`a header is ${HEADER_BYTES} bytes`);
+  if (b.length !== HEADER_BYTES) throw new HeaderError(`a header is ${HEADER_BYTES} bytes`);
   if (!b.subarray(0, 16).equals(MAGIC)) return null;
   const sum = createHash('sha256')
     .update(b.subarray(0, HEADER_BYTES - 32))
     .digest();
-  if (!sum.equals(b.subarray(HEADER_BYTES - 32))) throw new Error('the header checksum is wrong');
+  if (!sum.equals(b.subarray(HEADER_BYTES - 32))) {
+    throw new HeaderError('the header checksum is wrong');
+  }
   const len = b.readUInt32BE(16);
-  if (len > HEADER_BYTES - 32 - 20) throw new Error('the header length is wrong');
-  const h = JSON.parse(b.toString('utf8', 20, 20 + len)) as ImageHeader;
-  if (h.format !== 1) throw new Error(`unknown header format ${String(h.format)}`);
-  return h;
+  if (len > HEADER_BYTES - 32 - 20) throw new HeaderError('the header length is wrong');
+  let h: unknown;
+  try {
+    h = JSON.parse(b.toString('utf8', 20, 20 + len));
+  } catch {
+    throw new HeaderError('the header is not JSON');
+  }
+  if (typeof h !== 'object' || h === null || Array.isArray(h)) {
+    throw new HeaderError('the header is not an object');
+  }
+  const o = h as Record<string, unknown>;
+  if (o.format !== 1) throw new HeaderError(`unknown header format ${String(o.format)}`);
+  for (const k of INT_FIELDS) {
+    const v = o[k];
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+      throw new HeaderError(`the header's ${k} is not a byte count`);
+    }
+  }
+  for (const k of STRING_FIELDS) {
+    if (typeof o[k] !== 'string' || (o[k] as string).length === 0) {
+      throw new HeaderError(`the header's ${k} is not a string`);
+    }
+  }
+  return o as unknown as ImageHeader;
 }
 
 function versionTuple(v: string): number[] {

@@ -31,6 +31,7 @@ import {
   decodeHeader,
   encodeHeader,
   HEADER_BYTES,
+  HeaderError,
   type ImageHeader,
   incompatibility,
   suspendArea,
@@ -342,6 +343,7 @@ export async function readImageHeader(nbd: NbdClient): Promise<ImageHeader | nul
   try {
     return decodeHeader(raw);
   } catch (e) {
+    if (!(e instanceof HeaderError)) throw e;
     throw new MigrateError(
       'SUSPEND_BAD_IMAGE',
       `the suspend header is damaged: ${(e as Error).message}`,
@@ -365,6 +367,12 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
       throw new MigrateError(
         'SUSPEND_NO_IMAGE',
         `device ${dev.name} holds a suspended guest ${h.guest}, not ${o.guest}`,
+      );
+    }
+    if (h.offset + h.length > nbd.size - HEADER_BYTES) {
+      throw new MigrateError(
+        'SUSPEND_BAD_IMAGE',
+        `the suspend header puts the stream at ${h.offset}+${h.length}, past the suspend area of ${dev.name} (${nbd.size - HEADER_BYTES} bytes)`,
       );
     }
     q = await connectQmp(o.qmp, 'destination');
