@@ -272,14 +272,17 @@ async function main(): Promise<void> {
         const uri = `unix:${path.join(dir, 'mig.sock')}`;
         await d.execute('migrate-incoming', { uri });
         await s.execute('migrate', { uri });
-        let done = await waitMigration(s, ['completed'], { timeoutMs: 300_000, step: 'x', t0 });
+        // as migrateLive does: both ends completed, then `cont` at once
+        let [done] = await Promise.all([
+          waitMigration(s, ['completed'], { timeoutMs: 300_000, step: 'x', t0, pollMs: 20 }),
+          waitMigration(d, ['completed'], { timeoutMs: 60_000, step: 'x', t0, pollMs: 20 }),
+        ]);
+        await d.execute('cont');
         // QEMU reports `completed` (downtime 0 or absent) a moment before it fills it in
         for (let i = 0; i < 50 && !done.downtime; i++) {
           await sleep(10);
           done = await queryMigrate(s);
         }
-        await waitMigration(d, ['completed'], { timeoutMs: 60_000, step: 'x', t0, pollMs: 20 });
-        await d.execute('cont');
         await until('RESUME', () => resume !== undefined, 5000);
         const total = performance.now() - t0;
         put('nbdkit.total', total);

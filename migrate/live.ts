@@ -255,29 +255,40 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
     let done: MigrationInfo;
     try {
       await srcQ.execute('migrate-continue', { state: 'pre-switchover' });
-      done = await waitMigration(srcQ, ['completed'], {
-        timeoutMs: 120_000,
-        step: 'switchover',
-        t0,
-        onProgress: o.onProgress,
-        pollMs: 20,
-      });
-      // QEMU reports `completed` (downtime 0 or absent) a moment before it fills it in
-      for (let i = 0; i < 50 && !done.downtime; i++) {
-        await new Promise((r) => setTimeout(r, 10));
-        done = await queryMigrate(srcQ);
-      }
-      await waitMigration(dstQ, ['completed'], {
-        timeoutMs: 120_000,
-        step: 'switchover (destination)',
-        t0,
-        pollMs: 20,
-      });
+      // Both ends completed (the source too: one that failed at the end restarts its
+      // guest, and then a takes its reservations back), then at once `cont`: the guest is
+      // stopped until then, so nothing else waits in between.
+      const [s, d] = await Promise.allSettled([
+        waitMigration(srcQ, ['completed'], {
+          timeoutMs: 120_000,
+          step: 'switchover',
+          t0,
+          onProgress: o.onProgress,
+          pollMs: 20,
+        }),
+        waitMigration(dstQ, ['completed'], {
+          timeoutMs: 120_000,
+          step: 'switchover (destination)',
+          t0,
+          pollMs: 20,
+        }),
+      ]);
+      // the source's account first: a destination that died is a failed migration there
+      if (s.status === 'rejected') throw s.reason;
+      if (d.status === 'rejected') throw d.reason;
+      done = s.value;
       await dstQ.execute('cont');
     } catch (e) {
       return await fail(e, 'switchover');
     }
     const switchoverMs = performance.now() - tSw;
+    // QEMU reports `completed` (downtime 0 or absent) a moment before it fills it in
+    for (let i = 0; i < 50 && !done.downtime; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      const again = await queryMigrate(srcQ).catch(() => null);
+      if (!again) break;
+      done = again;
+    }
     // The RESUME event can trail cont's answer by a moment.
     for (let i = 0; i < 50 && !resumeEvent; i++) await new Promise((r) => setTimeout(r, 10));
     step('resumed');
