@@ -61,6 +61,7 @@ interface MigrateOpts {
   to: string;
   toHost?: string;
   toAgent?: string;
+  toTokenFile?: string;
   uri?: string;
   device?: string[];
   maxBandwidth?: string;
@@ -90,6 +91,10 @@ export function registerMigrate(program: Command): void {
       .option('--to-host <HOST>', 'the destination host (its agent is found in the cluster)')
       .option('--to-agent <URL>', "the destination host's agent (default: from --to-host)")
       .option(
+        '--to-token-file <FILE>',
+        "the destination agent's bearer token, for its TCP API (default: as --token-file)",
+      )
+      .option(
         '--uri <URI>',
         'where the destination listens for the stream: tcp:HOST:PORT or unix:/path ' +
           '(default unix:/tmp/ballast-migrate-GUEST.sock, for hosts that share /tmp)',
@@ -117,7 +122,7 @@ Example (host-a → host-b):
         throw new MigrateError('BALLAST_USAGE', 'give --to-host or --to-agent');
       }
       const toAgent = o.toAgent ?? (await agentOf(src, o.toHost as string));
-      const dst = client({ agent: toAgent, tokenFile: o.tokenFile });
+      const dst = client({ agent: toAgent, tokenFile: o.toTokenFile ?? o.tokenFile });
       const report = await migrateLive({
         guest,
         from: { qmp: o.from, api: src },

@@ -5,7 +5,8 @@
 //     checksum right, b holds the reservations, a's identity gets EPERM through a's export
 //   - the dump device follows: a dump taken on a, then a panic on b dumped by dumpd on b
 //     into the same device, both listed
-//   - migration b → a
+//   - migration b → a with the CLI over both agents' TCP APIs (bearer tokens; a's refused
+//     with b's token first)
 //   - migrations failed on purpose at each step (destination QEMU killed during the copy
 //     and after the hand-off, destination agent killed, hand-off refused): the guest keeps
 //     running on a with its data and its reservations
@@ -309,15 +310,44 @@ describeWithTools(
       });
 
     it(
-      'live migration b → a',
+      "live migration b → a, the CLI on both agents' TCP APIs: the wrong token for a refused first",
       async () => {
         const dst = await qemuOn(a);
-        const report = await migrateLive({
-          guest: 'vm1',
-          from: { qmp: qemu.qmp, api: apiOf(b) },
-          to: { qmp: dst.q.qmp, api: apiOf(a) },
-        });
-        expect(report).toMatchObject({ from: 'b', to: 'a' });
+        const tcp = (h: AgentHandle) => `http://127.0.0.1:${h.apiPort}`;
+        const token = (h: AgentHandle) => path.join(h.dataDir, 'api-token');
+        const cli = (...extra: string[]) =>
+          run(
+            process.execPath,
+            [
+              BALLAST_BIN,
+              'migrate',
+              'vm1',
+              '--from',
+              qemu.qmp,
+              '--to',
+              dst.q.qmp,
+              '--agent',
+              tcp(b),
+              '--token-file',
+              token(b),
+              '--to-agent',
+              tcp(a),
+              '--quiet',
+              ...extra,
+            ],
+            { timeoutMs: 240_000 },
+          );
+        // b's token is not a's: refused before anything moved, the guest stays on b
+        const refused = await cli();
+        expect(refused.code, describeRun(refused)).not.toBe(0);
+        expect(refused.stderr).toMatch(/BALLAST_UNAUTHORIZED/);
+        expect(await holder('vm1-swap')).toBe('b');
+        const q = await QmpClient.connect(qemu.qmp);
+        expect(await q.execute('query-status')).toMatchObject({ status: 'running' });
+        q.close();
+        const r = await cli('--to-token-file', token(a));
+        expect(r.code, describeRun(r)).toBe(0);
+        expect(r.stdout).toMatch(/migrated vm1 from b to a/);
         con.close();
         qemu = dst.q;
         con = await GuestConsole.connect(dst.cons);
