@@ -225,6 +225,7 @@ export class Agent {
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
       maxHandshakes: config.nbd.maxHandshakes,
       maxPerSource: config.nbd.maxPerSource,
+      workers: config.nbd.workers,
       sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,

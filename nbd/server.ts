@@ -36,6 +36,7 @@ import {
 import type { ExportStats } from './stats.js';
 import type { TlsCredentials, TlsMode } from './tls.js';
 import { type ValidationContext, validateRequest } from './validate.js';
+import { WorkerPool } from './workers.js';
 
 export interface ServerOptions {
   catalog: ExportCatalog;
@@ -64,6 +65,11 @@ export interface ServerOptions {
   maxInFlight?: number;
   /** Request/reply bytes held per connection before reading stops. */
   maxBufferedBytes?: number;
+  /**
+   * Threads serving established connections (nbd/WORKERS.md). 1 (the
+   * default): everything on the calling thread, as before workers existed.
+   */
+  workers?: number;
   /** Control-path log; the data path never logs. */
   log?: (level: 'debug' | 'info' | 'warn', msg: string) => void;
   /** Access check at GO / EXPORT_NAME: a message refuses with ERR_POLICY. */
@@ -146,6 +152,22 @@ class Slot implements IoRequest {
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
 
+/** A connection that starts in transmission: handed over by another thread after its handshake. */
+export interface Adoption {
+  session: Session;
+  identity: string;
+  identityMethod: IdentityMethod;
+  /** The id the connection had where its handshake ran (for the log). */
+  id?: number;
+}
+
+/** The worker thread serving a connection that was handed over (see WorkerPool). */
+export interface RemoteLink {
+  shutdown(): void;
+  kill(): void;
+  abort(): Promise<void>;
+}
+
 export class Connection implements HandshakeSink, TransmissionSink {
   readonly id: number;
   readonly remote: string;
@@ -201,6 +223,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     id: number,
     /** Whether the socket reads through readTarget()/onRead(). */
     private readonly ownsReads = false,
+    adopted?: Adoption,
   ) {
     this.id = id;
     this.raw = socket;
@@ -223,6 +246,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }
     socket.setNoDelay?.(true);
     this.attach(socket);
+    if (adopted) {
+      this.identity = adopted.identity;
+      this.identityMethod = adopted.identityMethod;
+      this.justAdopted = true;
+      this.enterTransmission(adopted.session);
+      this.justAdopted = false;
+      return;
+    }
     const t = o.handshakeTimeoutMs ?? 10_000;
     if (t > 0) {
       this.handshakeTimer = setTimeout(() => {
@@ -363,6 +394,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
         }
       }
       if ((this.phase as Phase) !== 'transmission') return;
+      if (this.moving !== null) {
+        this.moving.push(Buffer.from(chunk.subarray(pos)));
+        return;
+      }
+      if (this.justEstablished) {
+        this.justEstablished = false;
+        if (this.server.pool?.wants(this)) {
+          this.moving = [Buffer.from(chunk.subarray(pos))];
+          sock.pause();
+          // The GO reply leaves with the uncork below; the worker writes only after it.
+          sock.write(EMPTY, () => this.handOver());
+          return;
+        }
+      }
       pos += this.treader.feed(chunk, pos);
       if (this.treader.stopped) return;
       if (pos < chunk.length || this.treader.hasStagedHeader) {
@@ -387,6 +432,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
     } finally {
       sock.uncork();
     }
+  }
+
+  /** Bytes read before this connection existed (an adopted one's leftover). */
+  feed(b: Buffer): void {
+    if (b.length > 0) this.process(b, 0);
   }
 
   private maybeResume(): void {
@@ -487,7 +537,67 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.raw.destroy();
   }
 
+  private justAdopted = false;
+  /** Set by enterTransmission; the first bytes after it decide whether the connection moves. */
+  private justEstablished = false;
+  /** Bytes read between the handshake and the move to a worker; null when not moving. */
+  private moving: Buffer[] | null = null;
+  /** The worker serving this connection, once handed over; this object then stands for it. */
+  private link: RemoteLink | null = null;
+  private closedWaiters: (() => void)[] = [];
+
+  /** The socket's descriptor, if Node exposes it (TCP and Unix sockets). */
+  get fd(): number {
+    const h = (this.socket as unknown as NodeSocketInternals)._handle as { fd?: number } | null;
+    return typeof h?.fd === 'number' ? h.fd : -1;
+  }
+
+  /** Whether the connection is served by a worker thread. */
+  get remoteServed(): boolean {
+    return this.link !== null;
+  }
+
+  /** The GO reply is on the wire: give the connection to a worker, or keep serving it here. */
+  private handOver(): void {
+    const rest = this.moving;
+    this.moving = null;
+    if (rest === null || this.phase !== 'transmission' || this.socket.destroyed) return;
+    const link = this.server.pool?.adopt(this, Buffer.concat(rest)) ?? null;
+    if (link === null) {
+      // Not possible after all: served here.
+      const b = Buffer.concat(rest);
+      this.process(b, 0);
+      if (!this.stalled && this.phase === 'transmission') this.socket.resume();
+      return;
+    }
+    this.link = link;
+    // This thread's descriptor goes; the worker's duplicate keeps the connection.
+    this.detach(this.socket);
+    if (this.raw !== this.socket) this.detach(this.raw);
+    this.socket.destroy();
+  }
+
+  /** @internal The worker closed the connection it served. */
+  remoteClosed(): void {
+    if (this.phase === 'closed') return;
+    if (this.stats) {
+      this.stats.connections--;
+      this.stats.onConnections?.(this.stats.connections, -1);
+    }
+    this.phase = 'closed';
+    this.link = null;
+    for (const w of this.closedWaiters.splice(0)) w();
+    for (const w of this.idleWaiters.splice(0)) w();
+    this.server.forget(this);
+  }
+
+  /** @internal Counters of requests a worker served for this connection. */
+  get exportStats(): ExportStats | null {
+    return this.stats;
+  }
+
   private enterTransmission(s: Session): void {
+    this.justEstablished = this.server.pool !== null;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.server.handshakeDone(this);
@@ -507,6 +617,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
       allocationContext: s.allocationContext,
     };
     this.phase = 'transmission';
+    if (this.justAdopted) return;
     this.server.log(
       'debug',
       `conn ${this.id} ${this.remote}: serving ${JSON.stringify(s.export.name)}`,
@@ -942,12 +1053,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Stop reading, let requests in flight finish, then close (graceful shutdown). */
   shutdown(): void {
-    this.beginClosing();
+    if (this.link) this.link.shutdown();
+    else this.beginClosing();
   }
 
   /** Drop the connection now (deleted export, forced). */
   kill(): void {
-    this.socket.destroy();
+    if (this.link) this.link.kill();
+    else this.socket.destroy();
   }
 
   /**
@@ -956,6 +1069,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
    * backend: after that, nothing this client sent can reach the export.
    */
   abort(): Promise<void> {
+    if (this.link) return this.link.abort();
     if (this.phase !== 'closed') this.phase = 'closing';
     this.pending = null;
     this.stalled = false;
@@ -984,7 +1098,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Resolves once the socket has closed. */
   closed(): Promise<void> {
-    if (this.socket.closed) return Promise.resolve();
+    if (this.link) return new Promise((resolve) => this.closedWaiters.push(resolve));
+    if (this.phase === 'closed' || this.socket.closed) return Promise.resolve();
     return new Promise((resolve) => this.socket.once('close', () => resolve()));
   }
 }
@@ -1001,7 +1116,8 @@ const RECV_BUFFER = 256 * 1024;
 /** Where every connection in handshake reads; one for the process. */
 let sharedHandshakeBuffer: Buffer | null = null;
 
-function handshakeBuffer(): Buffer {
+/** Where a socket reads before its Connection exists (Node asks for a buffer at once). */
+export function handshakeBuffer(): Buffer {
   sharedHandshakeBuffer ??= Buffer.allocUnsafeSlow(64 * 1024);
   return sharedHandshakeBuffer;
 }
@@ -1083,9 +1199,24 @@ export class NbdServer extends EventEmitter {
   private readonly netServers: net.Server[] = [];
   private nextId = 1;
   private closing = false;
+  /** The worker threads established connections move to (options.workers > 1), else null. */
+  readonly pool: WorkerPool | null;
 
   constructor(readonly options: ServerOptions) {
     super();
+    const n = options.workers ?? 1;
+    this.pool = n > 1 ? new WorkerPool(this, n) : null;
+  }
+
+  /**
+   * Serve a connection whose handshake another thread did (a worker's side of
+   * the hand-over): `leftover` is what that thread read past the handshake.
+   */
+  adopt(socket: net.Socket, adoption: Adoption, leftover: Buffer, owned: boolean): Connection {
+    const conn = new Connection(this, socket, adoption.id ?? this.nextId++, owned, adoption);
+    this.connections.add(conn);
+    conn.feed(leftover);
+    return conn;
   }
 
   log(level: 'debug' | 'info' | 'warn', msg: string): void {
@@ -1093,7 +1224,12 @@ export class NbdServer extends EventEmitter {
   }
 
   /** Start listening; resolves with the bound address. */
-  listen(target: ListenTarget): Promise<net.AddressInfo | string> {
+  async listen(target: ListenTarget): Promise<net.AddressInfo | string> {
+    await this.pool?.start();
+    return this.listenOn(target);
+  }
+
+  private listenOn(target: ListenTarget): Promise<net.AddressInfo | string> {
     const srv = net.createServer(
       { noDelay: true, allowHalfOpen: true, pauseOnConnect: true },
       (sock) => this.accept(sock),
@@ -1233,5 +1369,6 @@ export class NbdServer extends EventEmitter {
     await Promise.race([all, timeout]);
     clearTimeout(timer);
     await Promise.all(stopped);
+    await this.pool?.close();
   }
 }
