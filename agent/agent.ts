@@ -663,6 +663,8 @@ export class Agent {
       devices: devices.length,
       devicesUnavailable: devices.filter((d) => d.state !== 'ready').length,
       connections: this.nbd.connections.size,
+      // Connections each NBD worker thread serves (the rest are on the main thread).
+      nbdWorkers: this.nbd.pool?.load() ?? [],
       problems: this.devices.problems,
       recovered: this.devices.recovered,
       reloads: this.reloads,

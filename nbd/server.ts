@@ -1248,7 +1248,7 @@ export class NbdServer extends EventEmitter {
     });
   }
 
-  private accept(sock: net.Socket): void {
+  private accept(sock: net.Socket, synced = false): void {
     const max = this.options.maxConnections ?? 256;
     const maxHs = Math.max(1, Math.min(this.options.maxHandshakes ?? 64, max));
     const perSource = this.options.maxPerSource ?? 0;
@@ -1267,6 +1267,14 @@ export class NbdServer extends EventEmitter {
     if (!refuse && this.live() >= max) {
       if (this.handshaking.size > 0) this.evictOldest();
       else refuse = 'connection limit';
+    }
+    if (refuse && !synced && this.pool !== null && this.pool.remotes > 0 && !this.closing) {
+      // Workers may have seen some of their clients go and not told us yet: ask
+      // them (their news arrives before their answer), then decide.
+      void this.pool.sync().then(() => {
+        if (!sock.destroyed) this.accept(sock, true);
+      });
+      return;
     }
     if (refuse) {
       this.stats.connectionsRefused++;

@@ -150,12 +150,13 @@ server.on('disconnect', (conn: Connection) => {
   const s = byConn.get(conn);
   if (!s) return;
   byConn.delete(conn);
-  // Once none of its requests is in the backend, the descriptors can go.
+  // The main thread hears at once (the socket is closed); the descriptors go once
+  // none of its requests is in the backend.
+  finish(s);
   void conn.abort().then(async () => {
     const b = s.backend;
     s.backend = null;
     await b?.close().catch(() => {});
-    finish(s);
   });
 });
 
@@ -230,6 +231,12 @@ setInterval(flushStats, 100).unref();
 port.on('message', (m: ToWorker) => {
   if (m.t === 'conn') {
     void adoptConnection(m);
+    return;
+  }
+  if (m.t === 'sync') {
+    // Closes already seen by the loop are reported (their 'close' events run) first.
+    const seq = m.seq;
+    setImmediate(() => setImmediate(() => post({ t: 'synced', seq })));
     return;
   }
   const s = byId.get(m.id);

@@ -47,7 +47,8 @@ export type ToWorker =
       /** Index into the shared access table, or -1: every command allowed. */
       slot: number;
     }
-  | { t: 'shutdown' | 'kill' | 'abort'; id: number };
+  | { t: 'shutdown' | 'kill' | 'abort'; id: number }
+  | { t: 'sync'; seq: number };
 
 /** Counters a worker collected since its last report, per connection. */
 export interface StatsDelta {
@@ -74,6 +75,7 @@ export type FromWorker =
   | { t: 'stats'; server: ServerDelta; conns: { id: number; d: StatsDelta }[] }
   | { t: 'aborted'; id: number }
   | { t: 'closed'; id: number }
+  | { t: 'synced'; seq: number }
   | { t: 'log'; level: 'debug' | 'info' | 'warn'; msg: string };
 
 export interface WorkerInit {
@@ -191,6 +193,7 @@ export class WorkerPool {
     });
     worker.on('exit', (code) => {
       t.dead = true;
+      for (const [seq] of this.syncWaiters) this.synced(t, seq);
       if (!this.closing) this.server.log('warn', `nbd worker ${index} exited (${code})`);
       // Its connections died with it.
       for (const r of [...t.conns.values()]) this.gone(t, r);
@@ -198,7 +201,44 @@ export class WorkerPool {
     return t;
   }
 
+  /** Connections each worker serves now, in worker order. */
+  load(): number[] {
+    return this.threads.map((t) => t.conns.size);
+  }
+
+  /** Connections served by the workers now. */
+  get remotes(): number {
+    let n = 0;
+    for (const t of this.threads) n += t.conns.size;
+    return n;
+  }
+
+  private syncSeq = 0;
+  private readonly syncWaiters = new Map<number, { left: Set<Thread>; done: () => void }>();
+
+  /** Resolves once every worker has answered: what they told before it has arrived. */
+  sync(): Promise<void> {
+    const seq = ++this.syncSeq;
+    const live = this.threads.filter((t) => !t.dead);
+    if (live.length === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.syncWaiters.set(seq, { left: new Set(live), done: resolve });
+      for (const t of live) t.worker.postMessage({ t: 'sync', seq } satisfies ToWorker);
+    });
+  }
+
+  private synced(t: Thread, seq: number): void {
+    const w = this.syncWaiters.get(seq);
+    if (!w) return;
+    w.left.delete(t);
+    if (w.left.size === 0) {
+      this.syncWaiters.delete(seq);
+      w.done();
+    }
+  }
+
   send(t: Thread, m: ToWorker): void {
+    if (m.t === 'sync') return;
     if (t.dead) {
       const r = m.t === 'conn' ? undefined : t.conns.get(m.id);
       if (r) this.gone(t, r);
@@ -249,6 +289,7 @@ export class WorkerPool {
       Atomics.add(this.table, slot * 2, 1);
     }
     const r = new Remote(this, t, conn, slot, acc);
+    this.server.log('debug', `conn ${conn.id} ${conn.remote}: served by worker ${t.index}`);
     if (acc) this.watch(acc, r);
     t.conns.set(conn.id, r);
     try {
@@ -336,6 +377,9 @@ export class WorkerPool {
         if (r) this.gone(t, r);
         return;
       }
+      case 'synced':
+        this.synced(t, m.seq);
+        return;
     }
   }
 
