@@ -149,7 +149,7 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     const a = argv[i]!;
     if (a === '--suite') {
       const v = argv[i + 1];
-      if (v === undefined) throw new Error('--suite: expected nbd or cluster');
+      if (v === undefined) throw new Error('--suite: expected nbd, cluster or connections');
       suite = v;
       i++;
     } else if (a.startsWith('--suite=')) {
@@ -158,8 +158,8 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
       rest.push(a);
     }
   }
-  if (suite !== 'nbd' && suite !== 'cluster') {
-    throw new Error(`--suite: unknown '${suite}' (expected nbd or cluster)`);
+  if (suite !== 'nbd' && suite !== 'cluster' && suite !== 'connections') {
+    throw new Error(`--suite: unknown '${suite}' (expected nbd, cluster or connections)`);
   }
   return { suite, rest };
 }

@@ -67,7 +67,7 @@ describe('cluster bench options', () => {
     });
     expect(splitSuite(['--suite=cluster'])).toEqual({ suite: 'cluster', rest: [] });
     expect(() => splitSuite(['--suite', 'disk'])).toThrow(/unknown 'disk'/);
-    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd or cluster/);
+    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd, cluster or connections/);
   });
 
   it('defaults and lists', () => {
