@@ -226,6 +226,8 @@ export class Agent {
       maxHandshakes: config.nbd.maxHandshakes,
       maxPerSource: config.nbd.maxPerSource,
       workers: config.nbd.workers,
+      // In a cluster a shared device's connections must stay where its fence is.
+      tlsOnWorkers: config.cluster === undefined,
       sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,

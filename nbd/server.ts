@@ -70,6 +70,12 @@ export interface ServerOptions {
    * default): everything on the calling thread, as before workers existed.
    */
   workers?: number;
+  /**
+   * With workers: a STARTTLS connection moves to a worker before its TLS
+   * handshake, so its crypto runs there (default true). Only for exports a
+   * worker can serve (no fence): the agent turns it off in a cluster.
+   */
+  tlsOnWorkers?: boolean;
   /** Control-path log; the data path never logs. */
   log?: (level: 'debug' | 'info' | 'warn', msg: string) => void;
   /** Access check at GO / EXPORT_NAME: a message refuses with ERR_POLICY. */
@@ -161,6 +167,30 @@ export interface Adoption {
   id?: number;
 }
 
+/**
+ * A worker's side of a TLS connection whose handshake options are decided on
+ * the main thread (see WORKERS.md): what the worker tells it.
+ */
+export interface HandshakeRelay {
+  secured(
+    conn: Connection,
+    identity: string | null,
+    method: IdentityMethod,
+    protocol: string | null,
+  ): void;
+  option(conn: Connection, opt: number, data: Buffer | null): void;
+  tlsFailed(conn: Connection, message: string): void;
+}
+
+/** The main thread's answer to a relayed option. */
+export interface RelayAnswer {
+  replies: Buffer[];
+  verdict: 'continue' | 'close' | 'transmission';
+  reason?: string;
+  /** With 'transmission': the session, its export built on this thread. */
+  session?: Session;
+}
+
 /** The worker thread serving a connection that was handed over (see WorkerPool). */
 export interface RemoteLink {
   shutdown(): void;
@@ -223,7 +253,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     id: number,
     /** Whether the socket reads through readTarget()/onRead(). */
     private readonly ownsReads = false,
-    adopted?: Adoption,
+    adopted?: Adoption | 'tls',
+    registered?: (c: Connection) => void,
   ) {
     this.id = id;
     this.raw = socket;
@@ -246,6 +277,15 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }
     socket.setNoDelay?.(true);
     this.attach(socket);
+    if (adopted === 'tls') {
+      // STARTTLS was acknowledged on the main thread: the TLS handshake starts
+      // here, and the options after it are decided there (the relay).
+      this.relayed = true;
+      this.upgrading = true;
+      registered?.(this);
+      this.startTls(socket);
+      return;
+    }
     if (adopted) {
       this.identity = adopted.identity;
       this.identityMethod = adopted.identityMethod;
@@ -270,6 +310,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
   dropHandshake(): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
+    if (this.link) {
+      this.link.kill();
+      return;
+    }
     this.socket.destroy();
     this.raw.destroy();
   }
@@ -386,7 +430,18 @@ export class Connection implements HandshakeSink, TransmissionSink {
           sock.destroy();
           return;
         }
+        if (this.relayWait !== null) {
+          this.relayWait.push(Buffer.from(chunk.subarray(pos)));
+          return;
+        }
         pos += this.hreader.feed(chunk, pos);
+        const waiting = this.relayWait as Buffer[] | null;
+        if (waiting !== null) {
+          // Bytes after the option wait for the main thread's answer.
+          if (pos < chunk.length) waiting.push(Buffer.from(chunk.subarray(pos)));
+          sock.pause();
+          return;
+        }
         if (this.upgrading && pos < chunk.length) {
           this.server.log('info', `conn ${this.id} ${this.remote}: data after STARTTLS; dropping`);
           sock.destroy();
@@ -467,6 +522,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   option(opt: number, data: Buffer | null): boolean {
+    if (this.relayed) {
+      this.relayWait = [];
+      this.server.relay?.option(this, opt, data);
+      return false;
+    }
     const step = this.neg.option(opt, data);
     if (step.verdict !== 'starttls') for (const r of step.replies) this.socket.write(r);
     if (step.verdict === 'continue') return true;
@@ -475,7 +535,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       this.upgrading = true;
       const raw = this.socket;
       raw.pause();
-      raw.write(step.replies[0]!, () => this.startTls(raw));
+      const move = this.server.pool?.wantsTls(this) ?? false;
+      raw.write(step.replies[0]!, () => (move ? this.handOverTls(raw) : this.startTls(raw)));
       return false;
     }
     if (step.verdict === 'close') {
@@ -505,10 +566,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
             this.identity = peer.identity;
             this.identityMethod = peer.method === 'psk' ? 'psk' : 'x509';
           }
-          this.server.log(
-            'debug',
-            `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
-          );
+          if (!this.relayed) {
+            this.server.log(
+              'debug',
+              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
+            );
+          }
+          if (this.relayed) {
+            this.server.relay?.secured(
+              this,
+              peer.identity,
+              peer.method === 'psk' ? 'psk' : peer.identity !== null ? 'x509' : 'anonymous',
+              peer.protocol,
+            );
+          }
           this.hreader.resume();
           s.resume();
         },
@@ -529,7 +600,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
     if (this.upgrading) {
       this.upgrading = false;
       this.server.stats.tlsFailures++;
-      this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
+      // A relayed connection's failure is counted and logged on the main thread.
+      if (this.relayed) this.server.relay?.tlsFailed(this, message);
+      else
+        this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
     } else {
       this.server.log('debug', `conn ${this.id}: ${message}`);
     }
@@ -538,6 +612,82 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private justAdopted = false;
+  /** Handshake options go to the main thread (a TLS connection adopted by a worker). */
+  private relayed = false;
+  /** Bytes read while the main thread decides an option; null when not waiting. */
+  private relayWait: Buffer[] | null = null;
+
+  /** The main thread decided the relayed option. */
+  relayAnswer(a: RelayAnswer): void {
+    if (this.phase !== 'handshake' || this.socket.destroyed) return;
+    const sock = this.socket;
+    for (const r of a.replies) sock.write(r);
+    if (a.verdict === 'close') {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${a.reason ?? 'closed'}`);
+      this.phase = 'closing';
+      sock.end();
+      return;
+    }
+    const rest = Buffer.concat(this.relayWait ?? []);
+    this.relayWait = null;
+    if (a.verdict === 'transmission') this.enterTransmission(a.session!);
+    else this.hreader.resume();
+    this.process(rest, 0);
+    if (!this.stalled && this.relayWait === null && (this.phase as Phase) !== 'closed')
+      sock.resume();
+  }
+
+  /** STARTTLS acknowledged: the raw socket goes to a worker, which runs the TLS handshake. */
+  private handOverTls(raw: net.Socket): void {
+    if (this.phase !== 'handshake' || raw.destroyed) return;
+    const link = this.server.pool?.adoptTls(this) ?? null;
+    if (link === null) {
+      this.startTls(raw);
+      return;
+    }
+    this.link = link;
+    this.detach(raw);
+    raw.destroy();
+  }
+
+  /**
+   * @internal A relayed option of a connection a worker holds in handshake:
+   * decided here, where the catalog and the access decisions are.
+   */
+  decideRelayed(opt: number, data: Buffer | null): RelayAnswer {
+    const step = this.neg.option(opt, data);
+    if (step.verdict === 'starttls') {
+      return { replies: [], verdict: 'close', reason: 'STARTTLS twice' };
+    }
+    if (step.verdict === 'close') {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${step.reason ?? 'closed'}`);
+      return { replies: step.replies, verdict: 'close', reason: step.reason };
+    }
+    if (step.verdict === 'continue') return { replies: step.replies, verdict: 'continue' };
+    this.enterTransmission(this.neg.session!);
+    return { replies: step.replies, verdict: 'transmission', session: this.neg.session! };
+  }
+
+  /** @internal The worker finished this connection's TLS handshake. */
+  relayedSecure(identity: string | null, method: IdentityMethod, protocol: string | null): void {
+    this.server.stats.tlsHandshakes++;
+    this.tlsProtocol = protocol;
+    if (identity !== null) {
+      this.identity = identity;
+      this.identityMethod = method;
+    }
+    this.server.log(
+      'debug',
+      `conn ${this.id} ${this.remote}: ${protocol ?? 'TLS'} as ${this.identity}`,
+    );
+  }
+
+  /** @internal The worker's TLS handshake of this connection failed. */
+  relayedTlsFailed(message: string): void {
+    this.server.stats.tlsFailures++;
+    this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
+  }
+
   /** Set by enterTransmission; the first bytes after it decide whether the connection moves. */
   private justEstablished = false;
   /** Bytes read between the handshake and the move to a worker; null when not moving. */
@@ -617,7 +767,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       allocationContext: s.allocationContext,
     };
     this.phase = 'transmission';
-    if (this.justAdopted) return;
+    // Logged where the handshake was decided.
+    if (this.justAdopted || this.relayed) return;
     this.server.log(
       'debug',
       `conn ${this.id} ${this.remote}: serving ${JSON.stringify(s.export.name)}`,
@@ -1206,6 +1357,19 @@ export class NbdServer extends EventEmitter {
     super();
     const n = options.workers ?? 1;
     this.pool = n > 1 ? new WorkerPool(this, n) : null;
+  }
+
+  /** A worker's link to the main thread for relayed handshakes. */
+  relay: HandshakeRelay | null = null;
+
+  /**
+   * Serve a TLS connection whose STARTTLS another thread acknowledged.
+   * `registered` runs before the TLS handshake starts.
+   */
+  adoptTls(socket: net.Socket, id: number, registered: (c: Connection) => void): Connection {
+    const conn = new Connection(this, socket, id, false, 'tls', registered);
+    this.connections.add(conn);
+    return conn;
   }
 
   /**

@@ -13,6 +13,7 @@ import { adoptBackend, type Backend, releaseShared } from './backend.js';
 import { type AccessControl, type Export, StaticCatalog } from './export.js';
 import { type Connection, handshakeBuffer, NbdServer } from './server.js';
 import { ExportStats } from './stats.js';
+import { TlsCredentials } from './tls.js';
 import type { FromWorker, ServerDelta, StatsDelta, ToWorker, WorkerInit } from './workers.js';
 
 const port = parentPort!;
@@ -34,12 +35,124 @@ class SharedAccess implements AccessControl {
   }
 }
 
+/** Buffers that crossed threads arrive as Uint8Array: Node's TLS wants Buffers. */
+function buf(u: string | Uint8Array | undefined): string | Buffer | undefined {
+  return u === undefined || typeof u === 'string' ? u : Buffer.from(u);
+}
+
+function credentials(): TlsCredentials | undefined {
+  const src = init.tls?.source;
+  if (!src) return undefined;
+  return new TlsCredentials({
+    cert: buf(src.cert as string | Uint8Array | undefined),
+    key: buf(src.key as string | Uint8Array | undefined),
+    ca: buf(src.ca as string | Uint8Array | undefined),
+    psk: src.psk ? new Map([...src.psk].map(([u, k]) => [u, Buffer.from(k)])) : undefined,
+  });
+}
+
+const creds = credentials();
+
 const server = new NbdServer({
   catalog: new StaticCatalog([]),
   maxInFlight: init.maxInFlight,
   maxBufferedBytes: init.maxBufferedBytes,
+  tls: creds && init.tls ? { mode: init.tls.mode, credentials: creds } : undefined,
   log: (level, msg) => post({ t: 'log', level, msg }),
 });
+
+server.relay = {
+  secured(conn, identity, method, protocol) {
+    const s = byConn.get(conn);
+    if (s) post({ t: 'secure', id: s.id, identity, method, protocol });
+  },
+  option(conn, opt, data) {
+    const s = byConn.get(conn);
+    if (s) post({ t: 'opt', id: s.id, opt, data });
+  },
+  tlsFailed(conn, message) {
+    const s = byConn.get(conn);
+    if (s) post({ t: 'tlsFailed', id: s.id, message });
+  },
+};
+
+/** STARTTLS was acknowledged on the main thread: the TLS handshake happens here. */
+function adoptTls(m: Extract<ToWorker, { t: 'tls' }>): void {
+  const s: Served = {
+    id: m.id,
+    conn: null,
+    backend: null,
+    stats: new ExportStats(),
+    dropped: false,
+    abortAsked: false,
+  };
+  byId.set(m.id, s);
+  let socket: net.Socket;
+  try {
+    socket = new net.Socket({
+      fd: m.fd,
+      readable: true,
+      writable: true,
+      allowHalfOpen: true,
+      pauseOnCreate: true,
+    } as net.SocketConstructorOpts);
+  } catch (e) {
+    closeQuietly(m.fd);
+    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    finish(s);
+    return;
+  }
+  // Registered before the TLS handshake can report anything.
+  const conn = server.adoptTls(socket, m.id, (c) => {
+    s.conn = c;
+    byConn.set(c, s);
+  });
+  void conn;
+}
+
+/** The main thread decided a relayed option. */
+async function optReply(m: Extract<ToWorker, { t: 'optReply' }>): Promise<void> {
+  const s = byId.get(m.id);
+  const conn = s?.conn;
+  if (!s || !conn) return;
+  const replies = m.replies.map((r) => Buffer.from(r.buffer, r.byteOffset, r.byteLength));
+  if (m.verdict !== 'transmission') {
+    conn.relayAnswer({ replies, verdict: m.verdict, reason: m.reason });
+    return;
+  }
+  const info = m.session!;
+  try {
+    s.backend = await adoptBackend(info.backend);
+  } catch (e) {
+    releaseShared(info.backend);
+    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    conn.kill();
+    return;
+  }
+  if (conn.phase !== 'handshake') {
+    // Gone meanwhile: the disconnect handler has run already.
+    await s.backend.close().catch(() => {});
+    s.backend = null;
+    return;
+  }
+  conn.relayAnswer({
+    replies,
+    verdict: 'transmission',
+    session: {
+      export: {
+        name: info.name,
+        description: info.description,
+        backend: s.backend,
+        readOnly: false,
+        stats: s.stats,
+        access: info.slot >= 0 ? new SharedAccess(info.slot) : undefined,
+      },
+      flags: info.flags,
+      structured: info.structured,
+      allocationContext: info.allocationContext,
+    },
+  });
+}
 
 interface Served {
   /** The main thread's id for the connection. */
@@ -231,6 +344,14 @@ setInterval(flushStats, 100).unref();
 port.on('message', (m: ToWorker) => {
   if (m.t === 'conn') {
     void adoptConnection(m);
+    return;
+  }
+  if (m.t === 'tls') {
+    adoptTls(m);
+    return;
+  }
+  if (m.t === 'optReply') {
+    void optReply(m);
     return;
   }
   if (m.t === 'sync') {

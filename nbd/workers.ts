@@ -20,6 +20,7 @@ import { type Backend, releaseShared, type SharedBackend } from './backend.js';
 import type { AccessControl } from './export.js';
 import type { Connection, NbdServer, RemoteLink } from './server.js';
 import type { ExportStats } from './stats.js';
+import type { TlsCredentialOptions, TlsMode } from './tls.js';
 
 /** Handed-over connections at once (each holds one slot of the shared access table). */
 const SLOTS = 8192;
@@ -47,8 +48,31 @@ export type ToWorker =
       /** Index into the shared access table, or -1: every command allowed. */
       slot: number;
     }
+  | { t: 'tls'; id: number; fd: number }
+  | {
+      t: 'optReply';
+      id: number;
+      replies: Buffer[];
+      verdict: 'continue' | 'close' | 'transmission';
+      reason?: string;
+      session?: SessionInfo;
+    }
   | { t: 'shutdown' | 'kill' | 'abort'; id: number }
   | { t: 'sync'; seq: number };
+
+/** A negotiated session as a worker needs it. */
+export interface SessionInfo {
+  name: string;
+  description: string;
+  flags: number;
+  structured: boolean;
+  allocationContext: boolean;
+  identity: string;
+  identityMethod: Connection['identityMethod'];
+  backend: SharedBackend;
+  /** Index into the shared access table, or -1: every command allowed. */
+  slot: number;
+}
 
 /** Counters a worker collected since its last report, per connection. */
 export interface StatsDelta {
@@ -76,10 +100,21 @@ export type FromWorker =
   | { t: 'aborted'; id: number }
   | { t: 'closed'; id: number }
   | { t: 'synced'; seq: number }
+  | {
+      t: 'secure';
+      id: number;
+      identity: string | null;
+      method: Connection['identityMethod'];
+      protocol: string | null;
+    }
+  | { t: 'opt'; id: number; opt: number; data: Uint8Array | null }
+  | { t: 'tlsFailed'; id: number; message: string }
   | { t: 'log'; level: 'debug' | 'info' | 'warn'; msg: string };
 
 export interface WorkerInit {
   access: SharedArrayBuffer;
+  /** The TLS credentials' material, for connections whose TLS runs on the worker. */
+  tls?: { mode: TlsMode; source: TlsCredentialOptions };
   maxInFlight?: number;
   maxBufferedBytes?: number;
 }
@@ -108,8 +143,8 @@ class Remote implements RemoteLink {
     readonly pool: WorkerPool,
     readonly thread: Thread,
     readonly conn: Connection,
-    readonly slot: number,
-    readonly access: AccessControl | null,
+    public slot: number,
+    public access: AccessControl | null,
   ) {}
 
   shutdown(): void {
@@ -166,6 +201,7 @@ export class WorkerPool {
       access: this.sab,
       maxInFlight: o.maxInFlight,
       maxBufferedBytes: o.maxBufferedBytes,
+      tls: o.tls ? { mode: o.tls.mode, source: o.tls.credentials.source } : undefined,
     };
     const worker = new Worker(fileURLToPath(workerUrl()), {
       workerData: init,
@@ -261,6 +297,103 @@ export class WorkerPool {
       if (acc.gate !== undefined && acc.gated !== false) return false;
     }
     return conn.fd >= 0 && this.freeSlots.length > 0;
+  }
+
+  /** Whether a connection that just got its STARTTLS acknowledged should do TLS on a worker. */
+  wantsTls(conn: Connection): boolean {
+    if (this.closing || this.server.options.tlsOnWorkers === false) return false;
+    if (!this.threads.some((t) => !t.dead)) return false;
+    return conn.fd >= 0 && this.freeSlots.length > 0;
+  }
+
+  /** The least loaded live worker. */
+  private pick(): Thread | null {
+    let best: Thread | null = null;
+    for (const c of this.threads)
+      if (!c.dead && (!best || c.conns.size < best.conns.size)) best = c;
+    return best;
+  }
+
+  /** Hands a connection over right after its STARTTLS: the worker runs the TLS handshake. */
+  adoptTls(conn: Connection): RemoteLink | null {
+    const t = this.pick();
+    if (!t) return null;
+    const fd = this.native.dup(conn.fd);
+    if (fd < 0) return null;
+    const r = new Remote(this, t, conn, -1, null);
+    t.conns.set(conn.id, r);
+    t.worker.postMessage({ t: 'tls', id: conn.id, fd } satisfies ToWorker);
+    this.server.log('debug', `conn ${conn.id} ${conn.remote}: TLS on worker ${t.index}`);
+    return r;
+  }
+
+  /** A relayed option: decided here, answered to the worker. */
+  private relayOption(t: Thread, r: Remote, opt: number, raw: Uint8Array | null): void {
+    const data = raw === null ? null : Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength);
+    const a = r.conn.decideRelayed(opt, data);
+    if (a.verdict !== 'transmission') {
+      this.send(t, {
+        t: 'optReply',
+        id: r.conn.id,
+        replies: a.replies,
+        verdict: a.verdict,
+        reason: a.reason,
+      });
+      return;
+    }
+    const s = a.session!;
+    const shared = this.wantsSession(s) ? (s.export.backend.share?.() ?? null) : null;
+    if (shared === null) {
+      // Negotiated, but this export cannot be served off the main thread.
+      this.server.log(
+        'warn',
+        `conn ${r.conn.id}: export ${s.export.name} cannot be served by a worker; closing`,
+      );
+      this.send(t, {
+        t: 'optReply',
+        id: r.conn.id,
+        replies: [],
+        verdict: 'close',
+        reason: 'export not servable by a worker',
+      });
+      return;
+    }
+    const acc = s.export.access ?? null;
+    if (acc) {
+      r.slot = this.freeSlots.pop()!;
+      r.access = acc;
+      Atomics.store(this.table, r.slot * 2 + 1, acc.mask(r.conn.identity));
+      Atomics.add(this.table, r.slot * 2, 1);
+      this.watch(acc, r);
+    }
+    this.send(t, {
+      t: 'optReply',
+      id: r.conn.id,
+      replies: a.replies,
+      verdict: 'transmission',
+      session: {
+        name: s.export.name,
+        description: s.export.description,
+        flags: s.flags,
+        structured: s.structured,
+        allocationContext: s.allocationContext,
+        identity: r.conn.identity,
+        identityMethod: r.conn.identityMethod,
+        backend: shared,
+        slot: r.slot,
+      },
+    });
+  }
+
+  /** Whether a worker can serve this session's export (shareable, no fence). */
+  private wantsSession(s: NonNullable<Connection['session']>): boolean {
+    if (typeof s.export.backend.share !== 'function') return false;
+    const acc = s.export.access;
+    if (acc) {
+      if (typeof acc.subscribe !== 'function') return false;
+      if (acc.gate !== undefined && acc.gated !== false) return false;
+    }
+    return this.freeSlots.length > 0;
   }
 
   /**
@@ -380,6 +513,17 @@ export class WorkerPool {
       case 'synced':
         this.synced(t, m.seq);
         return;
+      case 'secure':
+        t.conns.get(m.id)?.conn.relayedSecure(m.identity, m.method, m.protocol);
+        return;
+      case 'tlsFailed':
+        t.conns.get(m.id)?.conn.relayedTlsFailed(m.message);
+        return;
+      case 'opt': {
+        const r = t.conns.get(m.id);
+        if (r) this.relayOption(t, r, m.opt, m.data);
+        return;
+      }
     }
   }
 

@@ -18,7 +18,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { PRELUDE } from '../helpers/nbdsh.js';
-import { MiB, startServer } from '../helpers/server.js';
+import { MiB, makeTempDir, startServer } from '../helpers/server.js';
+import { makePki, type Pki, x509Args } from '../helpers/tls.js';
 import { describeRun, describeWithTools, type RunResult, run, toolEnv } from '../helpers/tools.js';
 
 const expectOk = (r: RunResult) => expect(r.code, describeRun(r)).toBe(0);
@@ -45,6 +46,7 @@ class Conns {
 hs = []
 for i in range(${n}):
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
     h.connect_uri(URI)
     hs.append(h)
 print('ready', flush=True)
@@ -324,4 +326,90 @@ describeWithTools(['nbdcopy', 'nbdinfo'], 'ballast serve --workers', () => {
       }
     });
   }
+});
+
+describeWithTools(['nbdsh', 'nbdcopy', 'openssl'], 'TLS on the worker threads', () => {
+  let pki: Pki;
+  let agent: AgentHandle;
+  const uri = (who: string, device: string) =>
+    `nbds+unix:///${device}?socket=${agent.nbdSocket}&tls-certificates=${pki.clients.get(who)}`;
+  const workers = async () =>
+    ((await agent.api('GET', '/v1/status')).body as { nbdWorkers: number[] }).nbdWorkers;
+  const pr = (device: string, ...args: string[]) => agent.cli('pr', device, ...args);
+
+  beforeAll(async () => {
+    pki = await makePki(path.join(makeTempDir('ballast-pki-'), 'pki'), ['alice', 'bob']);
+    agent = await startAgent({
+      nbd: {
+        workers: 2,
+        tls: { mode: 'require', cert: pki.serverCert, key: pki.serverKey, ca: pki.caCert },
+      },
+    });
+  });
+  afterAll(async () => {
+    await agent?.stop();
+  });
+
+  it('TLS identities decide access on every worker; PREEMPT AND ABORT closes them all', async () => {
+    expectOk(await agent.cli('device', 'create', 'wt0', '--size', '16M'));
+    expectOk(await pr('wt0', 'register', '--as', 'alice', '--sa-key', '0xa'));
+    expectOk(await pr('wt0', 'reserve', '--as', 'alice', '--key', '0xa', '--type', 'WE'));
+    const a = await open(uri('alice', 'wt0'), 4);
+    const b = await open(uri('bob', 'wt0'), 2);
+    expect(await workers()).toEqual([3, 3]);
+    expect(await a.ask('write 0 4')).toEqual(['ok', 'ok', 'ok', 'ok']);
+    expect(await b.ask('write 0 5')).toEqual(['EPERM', 'EPERM']);
+    expectOk(await pr('wt0', 'register', '--as', 'bob', '--sa-key', '0xb'));
+    const r = await pr(
+      'wt0',
+      'preempt-abort',
+      '--as',
+      'bob',
+      '--key',
+      '0xb',
+      '--sa-key',
+      '0xa',
+      '--type',
+      'WE',
+      '--json',
+    );
+    expectOk(r);
+    expect(JSON.parse(r.stdout)).toMatchObject({ preempted: ['alice'], aborted: 4 });
+    for (const res of await a.ask('read 0')) expect(res).not.toBe('ok');
+    expect(await b.ask('write 4096 6')).toEqual(['ok', 'ok']);
+    expect(await workers()).toEqual([1, 1]);
+    await a.end();
+    await b.end();
+  });
+
+  it('a client certificate of another CA is refused on the worker, and logged', async () => {
+    const seen = agent.stderr().split('TLS handshake failed').length;
+    const bad = await run('nbdinfo', [
+      `nbds+unix:///wt0?socket=${agent.nbdSocket}&tls-certificates=${pki.foreign}`,
+    ]);
+    expect(bad.code).not.toBe(0);
+    await agent.api('GET', '/healthz');
+    expect(agent.stderr().split('TLS handshake failed').length).toBe(seen + 1);
+    expect(await workers()).toEqual([0, 0]);
+  });
+
+  it('ballast serve --workers 2 --tls require: nbdcopy over 8 TLS connections', async () => {
+    const srv = await startServer({
+      size: '16M',
+      name: 'disk',
+      extraArgs: ['--workers', '2', ...x509Args(pki, 'require')],
+    });
+    try {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'ballast-wk-'));
+      const src = path.join(dir, 'src.img');
+      const back = path.join(dir, 'back.img');
+      writeFileSync(src, randomBytes(16 * MiB));
+      const u = `nbds+unix:///disk?socket=${srv.socket}&tls-certificates=${pki.clients.get('alice')}`;
+      expectOk(await run('nbdcopy', ['--connections=8', src, u]));
+      expectOk(await run('nbdcopy', ['--connections=8', u, back]));
+      expect(readFileSync(back).equals(readFileSync(src))).toBe(true);
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
+  });
 });
