@@ -225,6 +225,9 @@ export class Agent {
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
       maxHandshakes: config.nbd.maxHandshakes,
       maxPerSource: config.nbd.maxPerSource,
+      workers: config.nbd.workers,
+      // In a cluster a shared device's connections must stay where its fence is.
+      tlsOnWorkers: config.cluster === undefined,
       sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,
@@ -662,6 +665,8 @@ export class Agent {
       devices: devices.length,
       devicesUnavailable: devices.filter((d) => d.state !== 'ready').length,
       connections: this.nbd.connections.size,
+      // Connections each NBD worker thread serves (the rest are on the main thread).
+      nbdWorkers: this.nbd.pool?.load() ?? [],
       problems: this.devices.problems,
       recovered: this.devices.recovered,
       reloads: this.reloads,

@@ -10,7 +10,15 @@
 // with the first error. Nothing is allocated per request once the pools are
 // warm.
 import { constants as osConstants } from 'node:os';
-import type { Backend, BackendCaps, Extent, IoRequest } from '../nbd/backend.js';
+import {
+  adoptBackend,
+  type Backend,
+  type BackendCaps,
+  type Extent,
+  type IoRequest,
+  releaseShared,
+  type SharedBackend,
+} from '../nbd/backend.js';
 import { BallastError } from './errors.js';
 
 const { EINVAL } = osConstants.errno;
@@ -186,6 +194,30 @@ export class ConcatBackend implements Backend {
       throw new BallastError('BALLAST_EXTENT_INVALID', 'cannot grow a closed device backend');
     }
     return new ConcatBackend([...this.parts, extra]);
+  }
+
+  /** For another thread: each distinct child shared once, and the extents over them. */
+  share(): SharedBackend | null {
+    if (this.closed) return null;
+    const children: SharedBackend[] = [];
+    for (const b of this.unique) {
+      const c = b.share?.() ?? null;
+      if (c === null) {
+        for (const done of children) releaseShared(done);
+        return null;
+      }
+      children.push(c);
+    }
+    const data: SharedConcat = {
+      children,
+      parts: this.parts.map((p) => ({ child: this.unique.indexOf(p.backend), length: p.length })),
+    };
+    return {
+      module: import.meta.url,
+      factory: 'adoptConcat',
+      data,
+      fds: children.flatMap((c) => c.fds),
+    };
   }
 
   // ---- routing -------------------------------------------------------------
@@ -421,4 +453,23 @@ function combineCaps(all: readonly BackendCaps[]): BackendCaps {
     multiConn: every('multiConn'),
     rotational: all.some((c) => c.rotational),
   });
+}
+
+interface SharedConcat {
+  children: SharedBackend[];
+  parts: { child: number; length: number }[];
+}
+
+/** The factory named by ConcatBackend.share(). */
+export async function adoptConcat(d: unknown): Promise<ConcatBackend> {
+  const { children, parts } = d as SharedConcat;
+  const adopted: Backend[] = [];
+  try {
+    for (const c of children) adopted.push(await adoptBackend(c));
+  } catch (e) {
+    for (const b of adopted) await b.close().catch(() => {});
+    for (const c of children.slice(adopted.length)) releaseShared(c);
+    throw e;
+  }
+  return new ConcatBackend(parts.map((p) => ({ backend: adopted[p.child]!, length: p.length })));
 }

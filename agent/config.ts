@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { type ClusterConfig, parseClusterConfig } from '../cluster/config.js';
+import { defaultWorkers } from '../nbd/workers.js';
 import { BallastError } from './errors.js';
 import type { TlsSettings } from './tls-config.js';
 import { parseSize } from './units.js';
@@ -41,6 +42,8 @@ export interface AgentConfig {
     maxHandshakes: number;
     /** Connections per source address or Unix peer uid; 0: no limit. */
     maxPerSource: number;
+    /** Threads serving established connections (1: one event loop); default: the cores available. */
+    workers: number;
     /**
      * Who may open a device without a name (TLS or `identities`): 'unix' (the
      * default: only on the Unix socket, whose mode guards it), 'any', 'none'.
@@ -227,6 +230,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     'handshakeLimit',
     'maxHandshakes',
     'maxPerSource',
+    'workers',
     'anonymous',
     'socketGroup',
     'tls',
@@ -360,6 +364,8 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
           : c.int(nbd.maxHandshakes, 'nbd.maxHandshakes', 1, 100000),
       maxPerSource:
         nbd.maxPerSource === undefined ? 0 : c.int(nbd.maxPerSource, 'nbd.maxPerSource', 0, 100000),
+      workers:
+        nbd.workers === undefined ? defaultWorkers() : c.int(nbd.workers, 'nbd.workers', 1, 1024),
       anonymous,
       socketGroup,
       socketGroupConfigured: nbd.socketGroup !== undefined && socketGroup !== null,

@@ -57,6 +57,10 @@ export interface BallastNative {
   fallocate(fd: number, mode: number, off: number, len: number): Promise<number>;
   /** posix_fadvise, synchronously: 0 or -errno. */
   fadvise(fd: number, off: number, len: number, advice: number): number;
+  /** A close-on-exec duplicate of fd (F_DUPFD_CLOEXEC), or -errno. */
+  dup(fd: number): number;
+  /** close(2), synchronously: 0 or -errno. */
+  close(fd: number): number;
   /** The uid of a Unix socket's peer (SO_PEERCRED), or -errno. */
   peerUid(fd: number): number;
   /** mkfifo(path, mode): 0 or -errno. */

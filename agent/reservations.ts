@@ -98,7 +98,29 @@ export interface AuditEntry {
 
 /** One device's access control object, handed to its NBD export. */
 class DeviceAccess implements AccessControl {
-  generation = 0;
+  private gen = 0;
+  private readonly watchers = new Set<() => void>();
+
+  /** Bumped (`generation++`) by every change; the NBD server's watchers hear of it at once. */
+  get generation(): number {
+    return this.gen;
+  }
+
+  set generation(v: number) {
+    this.gen = v;
+    for (const w of this.watchers) w();
+  }
+
+  subscribe(onChange: () => void): () => void {
+    const w = (): void => onChange();
+    this.watchers.add(w);
+    return () => this.watchers.delete(w);
+  }
+
+  get gated(): boolean {
+    return this.fence !== undefined;
+  }
+
   state: PrState = EMPTY_PR;
   acl: Map<string, AclAccess> | null = null;
   /** Set for shared devices of a cluster: the agent's self-fence. */

@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import type { Backend, BackendCaps, Extent, IoRequest } from '../nbd/backend.js';
+import type { Backend, BackendCaps, Extent, IoRequest, SharedBackend } from '../nbd/backend.js';
 import { BallastError } from './errors.js';
 import { type BallastNative, errnoName, loadNative } from './native.js';
 
@@ -567,13 +567,97 @@ export class SparseFileBackend implements Backend {
     this.size = newSize;
   }
 
+  /**
+   * The same open file for another thread: duplicated descriptors (sharing the
+   * open file description, so the lock and O_DIRECT come along) and what this
+   * backend learnt about the file system.
+   */
+  share(): SharedBackend | null {
+    if (this.closed) return null;
+    const fd = this.native.dup(this.fd);
+    if (fd < 0) return null;
+    let directFd = -1;
+    if (this.directFd >= 0) {
+      directFd = this.native.dup(this.directFd);
+      if (directFd < 0) {
+        fs.closeSync(fd);
+        return null;
+      }
+    }
+    const data: SharedFile = {
+      path: this.path,
+      fd,
+      directFd,
+      size: this.size,
+      caps: this.caps,
+      readNowait: this.readNowait,
+      writeNowait: this.writeNowait,
+      inlineWrites: this.inlineWrites,
+      canPunch: this.canPunch,
+      canZeroRange: this.canZeroRange,
+    };
+    return {
+      module: import.meta.url,
+      factory: 'adoptSparseFile',
+      data,
+      fds: directFd >= 0 ? [fd, directFd] : [fd],
+    };
+  }
+
+  /** @internal adoptSparseFile(): a backend on descriptors another thread duplicated. */
+  static adopt(d: SharedFile): SparseFileBackend {
+    const b = new SparseFileBackend(
+      d.path,
+      d.fd,
+      d.size,
+      d.caps,
+      loadNative(),
+      { readOnly: !d.caps.write, nowait: d.inlineWrites || d.readNowait || d.writeNowait },
+      d.directFd,
+    );
+    b.readNowait = d.readNowait;
+    b.writeNowait = d.writeNowait;
+    b.canPunch = d.canPunch;
+    b.canZeroRange = d.canZeroRange;
+    b.adopted = true;
+    return b;
+  }
+
+  /** Opened on another thread's duplicates: closing must not drop that thread's lock. */
+  private adopted = false;
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.adopted) {
+      // Duplicates from another thread: closed without taking Node's fs bookkeeping along.
+      if (this.directFd >= 0) this.native.close(this.directFd);
+      this.native.close(this.fd);
+      return;
+    }
     this.native.flock(this.fd, this.native.constants.LOCK_UN);
     if (this.directFd >= 0) await closeAsync(this.directFd).catch(() => {});
     await closeAsync(this.fd);
   }
+}
+
+/** What SparseFileBackend.share() hands to another thread. */
+export interface SharedFile {
+  path: string;
+  fd: number;
+  directFd: number;
+  size: number;
+  caps: BackendCaps;
+  readNowait: boolean;
+  writeNowait: boolean;
+  inlineWrites: boolean;
+  canPunch: boolean;
+  canZeroRange: boolean;
+}
+
+/** The factory named by SparseFileBackend.share(). */
+export function adoptSparseFile(d: unknown): SparseFileBackend {
+  return SparseFileBackend.adopt(d as SharedFile);
 }
 
 /** The file opened O_WRONLY | O_DIRECT, or -1 where the file system refuses O_DIRECT (tmpfs). */

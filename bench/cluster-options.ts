@@ -141,7 +141,8 @@ export function parseClusterOptions(argv: string[]): ClusterBenchOptions {
 /**
  * Splits `--suite NAME` (or `--suite=NAME`) off the harness's arguments:
  * `nbd` (the default) is the NBD server comparison, `cluster` this suite,
- * `events` the notification delivery benchmark (bench/events.ts).
+ * `events` the notification delivery benchmark (bench/events.ts), `connections` the NBD
+ * comparison along a connections axis.
  */
 export function splitSuite(argv: readonly string[]): { suite: string; rest: string[] } {
   const rest: string[] = [];
@@ -150,7 +151,7 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     const a = argv[i]!;
     if (a === '--suite') {
       const v = argv[i + 1];
-      if (v === undefined) throw new Error('--suite: expected nbd, cluster or events');
+      if (v === undefined) throw new Error('--suite: expected nbd, cluster, events or connections');
       suite = v;
       i++;
     } else if (a.startsWith('--suite=')) {
@@ -159,8 +160,8 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
       rest.push(a);
     }
   }
-  if (suite !== 'nbd' && suite !== 'cluster' && suite !== 'events') {
-    throw new Error(`--suite: unknown '${suite}' (expected nbd, cluster or events)`);
+  if (suite !== 'nbd' && suite !== 'cluster' && suite !== 'events' && suite !== 'connections') {
+    throw new Error(`--suite: unknown '${suite}' (expected nbd, cluster, events or connections)`);
   }
   return { suite, rest };
 }

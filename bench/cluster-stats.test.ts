@@ -68,7 +68,7 @@ describe('cluster bench options', () => {
     expect(splitSuite(['--suite=cluster'])).toEqual({ suite: 'cluster', rest: [] });
     expect(splitSuite(['--suite', 'events'])).toEqual({ suite: 'events', rest: [] });
     expect(() => splitSuite(['--suite', 'disk'])).toThrow(/unknown 'disk'/);
-    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd, cluster or events/);
+    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd, cluster, events or connections/);
   });
 
   it('defaults and lists', () => {

@@ -15,6 +15,7 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clusterMain } from './cluster.js';
 import { splitSuite } from './cluster-options.js';
+import { connectionsMain } from './connections.js';
 import { failedFio, JOBS, prefill, runFio } from './fio.js';
 import {
   AGENT_DEVICE,
@@ -227,6 +228,7 @@ async function main(): Promise<number> {
     const split = splitSuite(process.argv.slice(2));
     if (split.suite === 'cluster') return clusterMain(split.rest, findRoot());
     if (split.suite === 'events') return runEventsBench(split.rest);
+    if (split.suite === 'connections') return connectionsMain(split.rest, findRoot());
     argv = split.rest;
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);

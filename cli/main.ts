@@ -115,6 +115,12 @@ export function buildProgram(): Command {
         .default(0)
         .argParser(nonNegativeInt('--max-per-source')),
     )
+    .addOption(
+      new Option(
+        '--workers <N>',
+        'threads serving established connections (default: the cores this process may use; 1: one event loop)',
+      ).argParser(positiveInt('--workers')),
+    )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
     .addOption(
       new Option('--tls <MODE>', 'STARTTLS: off, allow (offer it) or require (refuse plaintext)')
@@ -180,6 +186,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
           ((o.handshakeTimeout as number | undefined) ?? (o.handshakeLimit as number)) * 1000,
         maxHandshakes: o.maxHandshakes as number,
         maxPerSource: o.maxPerSource as number,
+        workers: o.workers as number | undefined,
         verbose: Boolean(o.verbose),
         tls: {
           mode: o.tls as 'off' | 'allow' | 'require',

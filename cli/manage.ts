@@ -439,7 +439,7 @@ export function registerManagement(program: Command): void {
       `API:         ${(s.api as string[]).join(', ') || '-'}${s.tokenRequired ? ' (TCP: bearer token)' : ''}`,
       `pools:       ${s.pools}`,
       `devices:     ${s.devices}${s.devicesUnavailable ? ` (${s.devicesUnavailable} unavailable)` : ''}`,
-      `connections: ${s.connections}`,
+      `connections: ${s.connections}${(s.nbdWorkers as number[] | undefined)?.length ? ` (NBD worker threads: ${(s.nbdWorkers as number[]).join(' + ')})` : ''}`,
       `store:       revision ${s.storeRevision}`,
     ];
     if (s.lastReloadError) lines.push(`last reload: FAILED: ${s.lastReloadError}`);

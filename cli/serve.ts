@@ -10,6 +10,7 @@ import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
+import { defaultWorkers } from '../nbd/workers.js';
 import { parseHostPort } from './address.js';
 
 export interface ExportSpec {
@@ -92,6 +93,8 @@ export interface ServeOptions {
   handshakeTimeoutMs: number;
   maxHandshakes?: number;
   maxPerSource?: number;
+  /** Threads serving established connections; default: the cores available. */
+  workers?: number;
   verbose: boolean;
   tls?: TlsSettings;
   /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
@@ -155,6 +158,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
     handshakeTimeoutMs: opts.handshakeTimeoutMs,
     maxHandshakes: opts.maxHandshakes,
     maxPerSource: opts.maxPerSource,
+    workers: opts.workers ?? defaultWorkers(),
     sourceOf: sourceKey,
     tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,
     identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,

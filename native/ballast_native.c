@@ -317,6 +317,28 @@ static napi_value do_peer_uid(napi_env env, napi_callback_info info) {
   return make_int64(env, (int64_t)cred.uid);
 }
 
+// dup(fd) -> a new descriptor (close-on-exec) for the same open file, or -errno.
+// How a socket or a file moves to another thread of the process: the receiver
+// owns the copy, so the sender may close its own at any time.
+static napi_value do_dup(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv) < 0) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  return make_int64(env, r < 0 ? -errno : r);
+}
+
+// close(fd) -> 0 or -errno. For descriptors another thread opened (Node's fs
+// warns when a worker closes one it did not open itself).
+static napi_value do_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv) < 0) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  return make_int64(env, close(fd) < 0 ? -errno : 0);
+}
+
 // mkfifo(path, mode) -> 0 or -errno
 static napi_value do_mkfifo(napi_env env, napi_callback_info info) {
   napi_value argv[2];
@@ -357,6 +379,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fadvise", NULL, do_fadvise, NULL, NULL, NULL, napi_default, NULL},
       {"peerUid", NULL, do_peer_uid, NULL, NULL, NULL, napi_default, NULL},
       {"pwriteAsync", NULL, do_pwrite_async, NULL, NULL, NULL, napi_default, NULL},
+      {"dup", NULL, do_dup, NULL, NULL, NULL, napi_default, NULL},
+      {"close", NULL, do_close, NULL, NULL, NULL, napi_default, NULL},
       {"mkfifo", NULL, do_mkfifo, NULL, NULL, NULL, napi_default, NULL},
       {"setPipeSize", NULL, do_set_pipe_size, NULL, NULL, NULL, napi_default, NULL},
   };

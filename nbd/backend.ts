@@ -1,3 +1,5 @@
+import { closeSync } from 'node:fs';
+
 // The contract between the NBD server and whatever stores the bytes.
 // A backend declares what it can do; the server derives the transmission
 // flags from that and never asks for an operation the backend did not claim.
@@ -79,4 +81,40 @@ export interface Backend {
   extents(offset: number, length: number, max: number, out: Extent[]): number;
   /** Release resources; called once no request is in flight. */
   close(): Promise<void>;
+  /**
+   * Describe this backend for another thread (a worker serving connections),
+   * with duplicated descriptors; null if it cannot be shared. Absent: never.
+   */
+  share?(): SharedBackend | null;
+}
+
+/**
+ * A backend described so that another thread of this process can serve it
+ * (nbd/WORKERS.md): `module` exports `factory`, which builds the backend from
+ * `data`. The descriptors in `fds` are duplicates owned by the receiver (its
+ * backend closes them); whoever does not adopt the description closes them
+ * with releaseShared().
+ */
+export interface SharedBackend {
+  module: string;
+  factory: string;
+  data: unknown;
+  fds: number[];
+}
+
+/** Builds the backend a SharedBackend describes (in the thread that will serve it). */
+export async function adoptBackend(s: SharedBackend): Promise<Backend> {
+  const m = (await import(s.module)) as Record<string, unknown>;
+  const f = m[s.factory];
+  if (typeof f !== 'function') throw new Error(`${s.module} has no backend factory ${s.factory}`);
+  return await (f as (d: unknown) => Backend | Promise<Backend>)(s.data);
+}
+
+/** Closes the descriptors of a description that will not be adopted. */
+export function releaseShared(s: SharedBackend): void {
+  for (const fd of s.fds) {
+    try {
+      closeSync(fd);
+    } catch {}
+  }
 }

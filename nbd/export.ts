@@ -22,6 +22,18 @@ export interface AccessControl {
   gate?(): 'open' | 'hold' | 'fail';
   /** Registers a waker for a held connection: called once when it should ask again. */
   onOpen?(wake: () => void): void;
+  /**
+   * False when `gate` can only answer 'open' now (no fence). A connection whose
+   * export has a `gate` that may hold stays on the main thread.
+   */
+  readonly gated?: boolean;
+  /**
+   * Calls `onChange` synchronously after every bump of `generation`, until the
+   * returned function is called. Lets the server copy the new answers to the
+   * worker threads before the change is acknowledged (nbd/WORKERS.md); without
+   * it, connections to the export stay on the main thread.
+   */
+  subscribe?(onChange: () => void): () => void;
 }
 
 /** A named export as the protocol sees it. */

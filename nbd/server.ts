@@ -36,6 +36,7 @@ import {
 import type { ExportStats } from './stats.js';
 import type { TlsCredentials, TlsMode } from './tls.js';
 import { type ValidationContext, validateRequest } from './validate.js';
+import { WorkerPool } from './workers.js';
 
 export interface ServerOptions {
   catalog: ExportCatalog;
@@ -64,6 +65,17 @@ export interface ServerOptions {
   maxInFlight?: number;
   /** Request/reply bytes held per connection before reading stops. */
   maxBufferedBytes?: number;
+  /**
+   * Threads serving established connections (nbd/WORKERS.md). 1 (the
+   * default): everything on the calling thread, as before workers existed.
+   */
+  workers?: number;
+  /**
+   * With workers: a STARTTLS connection moves to a worker before its TLS
+   * handshake, so its crypto runs there (default true). Only for exports a
+   * worker can serve (no fence): the agent turns it off in a cluster.
+   */
+  tlsOnWorkers?: boolean;
   /** Control-path log; the data path never logs. */
   log?: (level: 'debug' | 'info' | 'warn', msg: string) => void;
   /** Access check at GO / EXPORT_NAME: a message refuses with ERR_POLICY. */
@@ -146,6 +158,46 @@ class Slot implements IoRequest {
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
 
+/** A connection that starts in transmission: handed over by another thread after its handshake. */
+export interface Adoption {
+  session: Session;
+  identity: string;
+  identityMethod: IdentityMethod;
+  /** The id the connection had where its handshake ran (for the log). */
+  id?: number;
+}
+
+/**
+ * A worker's side of a TLS connection whose handshake options are decided on
+ * the main thread (see WORKERS.md): what the worker tells it.
+ */
+export interface HandshakeRelay {
+  secured(
+    conn: Connection,
+    identity: string | null,
+    method: IdentityMethod,
+    protocol: string | null,
+  ): void;
+  option(conn: Connection, opt: number, data: Buffer | null): void;
+  tlsFailed(conn: Connection, message: string): void;
+}
+
+/** The main thread's answer to a relayed option. */
+export interface RelayAnswer {
+  replies: Buffer[];
+  verdict: 'continue' | 'close' | 'transmission';
+  reason?: string;
+  /** With 'transmission': the session, its export built on this thread. */
+  session?: Session;
+}
+
+/** The worker thread serving a connection that was handed over (see WorkerPool). */
+export interface RemoteLink {
+  shutdown(): void;
+  kill(): void;
+  abort(): Promise<void>;
+}
+
 export class Connection implements HandshakeSink, TransmissionSink {
   readonly id: number;
   readonly remote: string;
@@ -201,6 +253,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     id: number,
     /** Whether the socket reads through readTarget()/onRead(). */
     private readonly ownsReads = false,
+    adopted?: Adoption | 'tls',
+    registered?: (c: Connection) => void,
   ) {
     this.id = id;
     this.raw = socket;
@@ -223,6 +277,23 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }
     socket.setNoDelay?.(true);
     this.attach(socket);
+    if (adopted === 'tls') {
+      // STARTTLS was acknowledged on the main thread: the TLS handshake starts
+      // here, and the options after it are decided there (the relay).
+      this.relayed = true;
+      this.upgrading = true;
+      registered?.(this);
+      this.startTls(socket);
+      return;
+    }
+    if (adopted) {
+      this.identity = adopted.identity;
+      this.identityMethod = adopted.identityMethod;
+      this.justAdopted = true;
+      this.enterTransmission(adopted.session);
+      this.justAdopted = false;
+      return;
+    }
     const t = o.handshakeTimeoutMs ?? 10_000;
     if (t > 0) {
       this.handshakeTimer = setTimeout(() => {
@@ -239,6 +310,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
   dropHandshake(): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
+    if (this.link) {
+      this.link.kill();
+      return;
+    }
     this.socket.destroy();
     this.raw.destroy();
   }
@@ -355,7 +430,18 @@ export class Connection implements HandshakeSink, TransmissionSink {
           sock.destroy();
           return;
         }
+        if (this.relayWait !== null) {
+          this.relayWait.push(Buffer.from(chunk.subarray(pos)));
+          return;
+        }
         pos += this.hreader.feed(chunk, pos);
+        const waiting = this.relayWait as Buffer[] | null;
+        if (waiting !== null) {
+          // Bytes after the option wait for the main thread's answer.
+          if (pos < chunk.length) waiting.push(Buffer.from(chunk.subarray(pos)));
+          sock.pause();
+          return;
+        }
         if (this.upgrading && pos < chunk.length) {
           this.server.log('info', `conn ${this.id} ${this.remote}: data after STARTTLS; dropping`);
           sock.destroy();
@@ -363,6 +449,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
         }
       }
       if ((this.phase as Phase) !== 'transmission') return;
+      if (this.moving !== null) {
+        this.moving.push(Buffer.from(chunk.subarray(pos)));
+        return;
+      }
+      if (this.justEstablished) {
+        this.justEstablished = false;
+        if (this.server.pool?.wants(this)) {
+          this.moving = [Buffer.from(chunk.subarray(pos))];
+          sock.pause();
+          // The GO reply leaves with the uncork below; the worker writes only after it.
+          sock.write(EMPTY, () => this.handOver());
+          return;
+        }
+      }
       pos += this.treader.feed(chunk, pos);
       if (this.treader.stopped) return;
       if (pos < chunk.length || this.treader.hasStagedHeader) {
@@ -387,6 +487,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
     } finally {
       sock.uncork();
     }
+  }
+
+  /** Bytes read before this connection existed (an adopted one's leftover). */
+  feed(b: Buffer): void {
+    if (b.length > 0) this.process(b, 0);
   }
 
   private maybeResume(): void {
@@ -417,6 +522,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   option(opt: number, data: Buffer | null): boolean {
+    if (this.relayed) {
+      this.relayWait = [];
+      this.server.relay?.option(this, opt, data);
+      return false;
+    }
     const step = this.neg.option(opt, data);
     if (step.verdict !== 'starttls') for (const r of step.replies) this.socket.write(r);
     if (step.verdict === 'continue') return true;
@@ -425,7 +535,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       this.upgrading = true;
       const raw = this.socket;
       raw.pause();
-      raw.write(step.replies[0]!, () => this.startTls(raw));
+      const move = this.server.pool?.wantsTls(this) ?? false;
+      raw.write(step.replies[0]!, () => (move ? this.handOverTls(raw) : this.startTls(raw)));
       return false;
     }
     if (step.verdict === 'close') {
@@ -455,10 +566,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
             this.identity = peer.identity;
             this.identityMethod = peer.method === 'psk' ? 'psk' : 'x509';
           }
-          this.server.log(
-            'debug',
-            `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
-          );
+          if (!this.relayed) {
+            this.server.log(
+              'debug',
+              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
+            );
+          }
+          if (this.relayed) {
+            this.server.relay?.secured(
+              this,
+              peer.identity,
+              peer.method === 'psk' ? 'psk' : peer.identity !== null ? 'x509' : 'anonymous',
+              peer.protocol,
+            );
+          }
           this.hreader.resume();
           s.resume();
         },
@@ -479,7 +600,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
     if (this.upgrading) {
       this.upgrading = false;
       this.server.stats.tlsFailures++;
-      this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
+      // A relayed connection's failure is counted and logged on the main thread.
+      if (this.relayed) this.server.relay?.tlsFailed(this, message);
+      else
+        this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
     } else {
       this.server.log('debug', `conn ${this.id}: ${message}`);
     }
@@ -487,7 +611,143 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.raw.destroy();
   }
 
+  private justAdopted = false;
+  /** Handshake options go to the main thread (a TLS connection adopted by a worker). */
+  private relayed = false;
+  /** Bytes read while the main thread decides an option; null when not waiting. */
+  private relayWait: Buffer[] | null = null;
+
+  /** The main thread decided the relayed option. */
+  relayAnswer(a: RelayAnswer): void {
+    if (this.phase !== 'handshake' || this.socket.destroyed) return;
+    const sock = this.socket;
+    for (const r of a.replies) sock.write(r);
+    if (a.verdict === 'close') {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${a.reason ?? 'closed'}`);
+      this.phase = 'closing';
+      sock.end();
+      return;
+    }
+    const rest = Buffer.concat(this.relayWait ?? []);
+    this.relayWait = null;
+    if (a.verdict === 'transmission') this.enterTransmission(a.session!);
+    else this.hreader.resume();
+    this.process(rest, 0);
+    if (!this.stalled && this.relayWait === null && (this.phase as Phase) !== 'closed')
+      sock.resume();
+  }
+
+  /** STARTTLS acknowledged: the raw socket goes to a worker, which runs the TLS handshake. */
+  private handOverTls(raw: net.Socket): void {
+    if (this.phase !== 'handshake' || raw.destroyed) return;
+    const link = this.server.pool?.adoptTls(this) ?? null;
+    if (link === null) {
+      this.startTls(raw);
+      return;
+    }
+    this.link = link;
+    this.detach(raw);
+    raw.destroy();
+  }
+
+  /**
+   * @internal A relayed option of a connection a worker holds in handshake:
+   * decided here, where the catalog and the access decisions are.
+   */
+  decideRelayed(opt: number, data: Buffer | null): RelayAnswer {
+    const step = this.neg.option(opt, data);
+    if (step.verdict === 'starttls') {
+      return { replies: [], verdict: 'close', reason: 'STARTTLS twice' };
+    }
+    if (step.verdict === 'close') {
+      this.server.log('info', `conn ${this.id} ${this.remote}: ${step.reason ?? 'closed'}`);
+      return { replies: step.replies, verdict: 'close', reason: step.reason };
+    }
+    if (step.verdict === 'continue') return { replies: step.replies, verdict: 'continue' };
+    this.enterTransmission(this.neg.session!);
+    return { replies: step.replies, verdict: 'transmission', session: this.neg.session! };
+  }
+
+  /** @internal The worker finished this connection's TLS handshake. */
+  relayedSecure(identity: string | null, method: IdentityMethod, protocol: string | null): void {
+    this.server.stats.tlsHandshakes++;
+    this.tlsProtocol = protocol;
+    if (identity !== null) {
+      this.identity = identity;
+      this.identityMethod = method;
+    }
+    this.server.log(
+      'debug',
+      `conn ${this.id} ${this.remote}: ${protocol ?? 'TLS'} as ${this.identity}`,
+    );
+  }
+
+  /** @internal The worker's TLS handshake of this connection failed. */
+  relayedTlsFailed(message: string): void {
+    this.server.stats.tlsFailures++;
+    this.server.log('info', `conn ${this.id} ${this.remote}: TLS handshake failed: ${message}`);
+  }
+
+  /** Set by enterTransmission; the first bytes after it decide whether the connection moves. */
+  private justEstablished = false;
+  /** Bytes read between the handshake and the move to a worker; null when not moving. */
+  private moving: Buffer[] | null = null;
+  /** The worker serving this connection, once handed over; this object then stands for it. */
+  private link: RemoteLink | null = null;
+  private closedWaiters: (() => void)[] = [];
+
+  /** The socket's descriptor, if Node exposes it (TCP and Unix sockets). */
+  get fd(): number {
+    const h = (this.socket as unknown as NodeSocketInternals)._handle as { fd?: number } | null;
+    return typeof h?.fd === 'number' ? h.fd : -1;
+  }
+
+  /** Whether the connection is served by a worker thread. */
+  get remoteServed(): boolean {
+    return this.link !== null;
+  }
+
+  /** The GO reply is on the wire: give the connection to a worker, or keep serving it here. */
+  private handOver(): void {
+    const rest = this.moving;
+    this.moving = null;
+    if (rest === null || this.phase !== 'transmission' || this.socket.destroyed) return;
+    const link = this.server.pool?.adopt(this, Buffer.concat(rest)) ?? null;
+    if (link === null) {
+      // Not possible after all: served here.
+      const b = Buffer.concat(rest);
+      this.process(b, 0);
+      if (!this.stalled && this.phase === 'transmission') this.socket.resume();
+      return;
+    }
+    this.link = link;
+    // This thread's descriptor goes; the worker's duplicate keeps the connection.
+    this.detach(this.socket);
+    if (this.raw !== this.socket) this.detach(this.raw);
+    this.socket.destroy();
+  }
+
+  /** @internal The worker closed the connection it served. */
+  remoteClosed(): void {
+    if (this.phase === 'closed') return;
+    if (this.stats) {
+      this.stats.connections--;
+      this.stats.onConnections?.(this.stats.connections, -1);
+    }
+    this.phase = 'closed';
+    this.link = null;
+    for (const w of this.closedWaiters.splice(0)) w();
+    for (const w of this.idleWaiters.splice(0)) w();
+    this.server.forget(this);
+  }
+
+  /** @internal Counters of requests a worker served for this connection. */
+  get exportStats(): ExportStats | null {
+    return this.stats;
+  }
+
   private enterTransmission(s: Session): void {
+    this.justEstablished = this.server.pool !== null;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.server.handshakeDone(this);
@@ -507,6 +767,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       allocationContext: s.allocationContext,
     };
     this.phase = 'transmission';
+    // Logged where the handshake was decided.
+    if (this.justAdopted || this.relayed) return;
     this.server.log(
       'debug',
       `conn ${this.id} ${this.remote}: serving ${JSON.stringify(s.export.name)}`,
@@ -942,12 +1204,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Stop reading, let requests in flight finish, then close (graceful shutdown). */
   shutdown(): void {
-    this.beginClosing();
+    if (this.link) this.link.shutdown();
+    else this.beginClosing();
   }
 
   /** Drop the connection now (deleted export, forced). */
   kill(): void {
-    this.socket.destroy();
+    if (this.link) this.link.kill();
+    else this.socket.destroy();
   }
 
   /**
@@ -956,6 +1220,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
    * backend: after that, nothing this client sent can reach the export.
    */
   abort(): Promise<void> {
+    if (this.link) return this.link.abort();
     if (this.phase !== 'closed') this.phase = 'closing';
     this.pending = null;
     this.stalled = false;
@@ -984,7 +1249,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** Resolves once the socket has closed. */
   closed(): Promise<void> {
-    if (this.socket.closed) return Promise.resolve();
+    if (this.link) return new Promise((resolve) => this.closedWaiters.push(resolve));
+    if (this.phase === 'closed' || this.socket.closed) return Promise.resolve();
     return new Promise((resolve) => this.socket.once('close', () => resolve()));
   }
 }
@@ -1001,7 +1267,8 @@ const RECV_BUFFER = 256 * 1024;
 /** Where every connection in handshake reads; one for the process. */
 let sharedHandshakeBuffer: Buffer | null = null;
 
-function handshakeBuffer(): Buffer {
+/** Where a socket reads before its Connection exists (Node asks for a buffer at once). */
+export function handshakeBuffer(): Buffer {
   sharedHandshakeBuffer ??= Buffer.allocUnsafeSlow(64 * 1024);
   return sharedHandshakeBuffer;
 }
@@ -1083,9 +1350,37 @@ export class NbdServer extends EventEmitter {
   private readonly netServers: net.Server[] = [];
   private nextId = 1;
   private closing = false;
+  /** The worker threads established connections move to (options.workers > 1), else null. */
+  readonly pool: WorkerPool | null;
 
   constructor(readonly options: ServerOptions) {
     super();
+    const n = options.workers ?? 1;
+    this.pool = n > 1 ? new WorkerPool(this, n) : null;
+  }
+
+  /** A worker's link to the main thread for relayed handshakes. */
+  relay: HandshakeRelay | null = null;
+
+  /**
+   * Serve a TLS connection whose STARTTLS another thread acknowledged.
+   * `registered` runs before the TLS handshake starts.
+   */
+  adoptTls(socket: net.Socket, id: number, registered: (c: Connection) => void): Connection {
+    const conn = new Connection(this, socket, id, false, 'tls', registered);
+    this.connections.add(conn);
+    return conn;
+  }
+
+  /**
+   * Serve a connection whose handshake another thread did (a worker's side of
+   * the hand-over): `leftover` is what that thread read past the handshake.
+   */
+  adopt(socket: net.Socket, adoption: Adoption, leftover: Buffer, owned: boolean): Connection {
+    const conn = new Connection(this, socket, adoption.id ?? this.nextId++, owned, adoption);
+    this.connections.add(conn);
+    conn.feed(leftover);
+    return conn;
   }
 
   log(level: 'debug' | 'info' | 'warn', msg: string): void {
@@ -1093,7 +1388,12 @@ export class NbdServer extends EventEmitter {
   }
 
   /** Start listening; resolves with the bound address. */
-  listen(target: ListenTarget): Promise<net.AddressInfo | string> {
+  async listen(target: ListenTarget): Promise<net.AddressInfo | string> {
+    await this.pool?.start();
+    return this.listenOn(target);
+  }
+
+  private listenOn(target: ListenTarget): Promise<net.AddressInfo | string> {
     const srv = net.createServer(
       { noDelay: true, allowHalfOpen: true, pauseOnConnect: true },
       (sock) => this.accept(sock),
@@ -1112,7 +1412,7 @@ export class NbdServer extends EventEmitter {
     });
   }
 
-  private accept(sock: net.Socket): void {
+  private accept(sock: net.Socket, synced = false): void {
     const max = this.options.maxConnections ?? 256;
     const maxHs = Math.max(1, Math.min(this.options.maxHandshakes ?? 64, max));
     const perSource = this.options.maxPerSource ?? 0;
@@ -1131,6 +1431,14 @@ export class NbdServer extends EventEmitter {
     if (!refuse && this.live() >= max) {
       if (this.handshaking.size > 0) this.evictOldest();
       else refuse = 'connection limit';
+    }
+    if (refuse && !synced && this.pool !== null && this.pool.remotes > 0 && !this.closing) {
+      // Workers may have seen some of their clients go and not told us yet: ask
+      // them (their news arrives before their answer), then decide.
+      void this.pool.sync().then(() => {
+        if (!sock.destroyed) this.accept(sock, true);
+      });
+      return;
     }
     if (refuse) {
       this.stats.connectionsRefused++;
@@ -1233,5 +1541,6 @@ export class NbdServer extends EventEmitter {
     await Promise.race([all, timeout]);
     clearTimeout(timer);
     await Promise.all(stopped);
+    await this.pool?.close();
   }
 }

@@ -79,8 +79,11 @@ export class TlsCredentials {
   readonly verifyClients: boolean;
   private readonly context: tls.SecureContext;
   readonly psk: Map<string, Buffer> | null;
+  /** What these were made from (a worker thread makes its own from it). */
+  readonly source: TlsCredentialOptions;
 
   constructor(opts: TlsCredentialOptions) {
+    this.source = opts;
     const haveCert = opts.cert !== undefined || opts.key !== undefined;
     if (haveCert && (opts.cert === undefined || opts.key === undefined)) {
       throw new TlsConfigError('a TLS certificate needs both the certificate and its key');
