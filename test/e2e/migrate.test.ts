@@ -215,7 +215,16 @@ describeWithTools(
         const port = await startDumpd(a, qemu.qmp);
         const now = await run(
           process.execPath,
-          [BALLAST_BIN, 'dump', 'now', 'vm1', '--dumpd', `127.0.0.1:${port}`],
+          [
+            BALLAST_BIN,
+            'dump',
+            'now',
+            'vm1',
+            '--dumpd',
+            `127.0.0.1:${port}`,
+            '--dumpd-token-file',
+            path.join(dir, `run-${port}`, 'token'),
+          ],
           { timeoutMs: 120_000 },
         );
         expect(now.code, describeRun(now)).toBe(0);
