@@ -9,6 +9,7 @@ export default defineConfig({
       'dumpd/**/*.test.ts',
       'deploy/**/*.test.ts',
       'cluster/**/*.test.ts',
+      'migrate/**/*.test.ts',
       'notify/**/*.test.ts',
       'test/**/*.test.ts',
       'bench/**/*.test.ts',

@@ -140,7 +140,8 @@ export function parseClusterOptions(argv: string[]): ClusterBenchOptions {
 
 /**
  * Splits `--suite NAME` (or `--suite=NAME`) off the harness's arguments:
- * `nbd` (the default) is the NBD server comparison, `cluster` this suite.
+ * `nbd` (the default) is the NBD server comparison, `cluster` this suite,
+ * `events` the notification delivery benchmark (bench/events.ts).
  */
 export function splitSuite(argv: readonly string[]): { suite: string; rest: string[] } {
   const rest: string[] = [];
@@ -149,7 +150,7 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     const a = argv[i]!;
     if (a === '--suite') {
       const v = argv[i + 1];
-      if (v === undefined) throw new Error('--suite: expected nbd or cluster');
+      if (v === undefined) throw new Error('--suite: expected nbd, cluster or events');
       suite = v;
       i++;
     } else if (a.startsWith('--suite=')) {
@@ -158,8 +159,8 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
       rest.push(a);
     }
   }
-  if (suite !== 'nbd' && suite !== 'cluster') {
-    throw new Error(`--suite: unknown '${suite}' (expected nbd or cluster)`);
+  if (suite !== 'nbd' && suite !== 'cluster' && suite !== 'events') {
+    throw new Error(`--suite: unknown '${suite}' (expected nbd, cluster or events)`);
   }
   return { suite, rest };
 }

@@ -66,8 +66,9 @@ describe('cluster bench options', () => {
       rest: ['--ops', '5'],
     });
     expect(splitSuite(['--suite=cluster'])).toEqual({ suite: 'cluster', rest: [] });
+    expect(splitSuite(['--suite', 'events'])).toEqual({ suite: 'events', rest: [] });
     expect(() => splitSuite(['--suite', 'disk'])).toThrow(/unknown 'disk'/);
-    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd or cluster/);
+    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd, cluster or events/);
   });
 
   it('defaults and lists', () => {

@@ -7,6 +7,7 @@
 // Progress goes to stderr, the tables to stdout, the raw results to
 // bench-results/latest.json. See BENCHMARKING.md.
 
+import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -210,11 +211,22 @@ function rotate<T>(xs: readonly T[], by: number): T[] {
   return [...xs.slice(k), ...xs.slice(0, k)];
 }
 
+/** `--suite events`: bench/events.ts, as its own process (it reads its own argv). */
+function runEventsBench(argv: string[]): Promise<number> {
+  const script = join(dirname(fileURLToPath(import.meta.url)), 'events.js');
+  return new Promise((res) => {
+    const child = spawn(process.execPath, [script, ...argv], { stdio: 'inherit' });
+    child.once('exit', (code) => res(code ?? 1));
+    child.once('error', () => res(1));
+  });
+}
+
 async function main(): Promise<number> {
   let argv: string[];
   try {
     const split = splitSuite(process.argv.slice(2));
     if (split.suite === 'cluster') return clusterMain(split.rest, findRoot());
+    if (split.suite === 'events') return runEventsBench(split.rest);
     argv = split.rest;
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);

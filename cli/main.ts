@@ -12,6 +12,7 @@ import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
+import { registerGuest, registerMigrate } from './migrate.js';
 import { registerNotify } from './notify.js';
 import { nonNegativeInt, positiveInt } from './options.js';
 import { registerPr } from './pr.js';
@@ -198,6 +199,8 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerDeploy(program);
   registerDump(program);
   registerPr(program);
+  registerMigrate(program);
+  registerGuest(program);
   return program;
 }
 

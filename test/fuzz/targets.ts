@@ -6,6 +6,7 @@
 // back to themselves. Seeds live in corpus/<target>/, inputs that once broke
 // a target in regressions/<target>/; both are replayed on every run.
 
+import { createHash } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -28,6 +29,7 @@ import { chooseCatalog, DumpError, decodeSlot, encodeSlot } from '../../dumpd/ca
 import { parseConfig as parseDumpdConfig } from '../../dumpd/config.js';
 import { FLAT_HEADER_SIZE, FlattenedReader } from '../../dumpd/flattened.js';
 import { QmpError, QmpLineDecoder } from '../../dumpd/qmp.js';
+import { decodeHeader, encodeHeader, HEADER_BYTES, HeaderError } from '../../migrate/image.js';
 import type { Backend, BackendCaps, IoRequest } from '../../nbd/backend.js';
 import {
   type ExportInfo,
@@ -649,6 +651,29 @@ const bodyArb = fc
 
 // ---------------------------------------------------------------- the targets
 
+/** A suspend header whose JSON has random bytes written over it, checksummed again. */
+const suspendHeaderArb = fc
+  .tuple(fc.uint8Array({ maxLength: 64 }), fc.nat({ max: 400 }))
+  .map(([a, at]) => {
+    const b = encodeHeader({
+      format: 1,
+      guest: 'vm1',
+      offset: 368050176,
+      length: 110190592,
+      checksum: 'crc32:03fe2e67',
+      qemu: '7.2.22',
+      machine: 'pc-i440fx-7.2-machine',
+      ramBytes: 134217728,
+      createdAt: '2026-11-29T19:00:00.000Z',
+    });
+    Buffer.from(a).copy(b, Math.min(20 + at, HEADER_BYTES - 32 - a.length));
+    createHash('sha256')
+      .update(b.subarray(0, HEADER_BYTES - 32))
+      .digest()
+      .copy(b, HEADER_BYTES - 32);
+    return b;
+  });
+
 export const TARGETS: Target[] = [
   {
     name: 'nbd-handshake',
@@ -913,6 +938,21 @@ export const TARGETS: Target[] = [
         kh.check('h', 'host', 22, key);
       } catch (e) {
         expected(e, DeployError);
+      }
+    },
+  },
+  {
+    name: 'suspend-header',
+    arbitrary: (seeds) => inputs(seeds, suspendHeaderArb, HEADER_BYTES),
+    run: (b) => {
+      const h = Buffer.alloc(HEADER_BYTES);
+      b.copy(h);
+      try {
+        const got = decodeHeader(h);
+        if (got && JSON.stringify(decodeHeader(encodeHeader(got))) !== JSON.stringify(got))
+          throw new Error('a decoded suspend header does not encode back to itself');
+      } catch (e) {
+        expected(e, HeaderError);
       }
     },
   },
