@@ -100,12 +100,20 @@ describeWithTools(
       }
     };
 
-    /** The console's last line that starts with `prefix`. */
-    const lastLine = (prefix: string) =>
+    /** The console's whole lines (ended by a newline) that start with `prefix`. */
+    const lines = (prefix: string) =>
       con.text
         .split(/\r?\n/)
-        .filter((l) => l.startsWith(prefix))
-        .pop() ?? '';
+        .slice(0, -1)
+        .filter((l) => l.startsWith(prefix));
+    const lastLine = (prefix: string) => lines(prefix).pop() ?? '';
+    /** Waits for the n-th whole line that starts with `prefix`. */
+    const waitLine = async (prefix: string, n = 1, timeoutMs = 60_000) => {
+      await con.waitFor(prefix, n, timeoutMs);
+      const deadline = Date.now() + 10_000;
+      while (lines(prefix).length < n && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 50));
+    };
 
     beforeAll(async () => {
       dir = makeTempDir('ballast-lvt-');
@@ -222,7 +230,7 @@ describeWithTools(
         await con.waitFor('BALLAST-READY', 1, 180_000);
         // The guest names its disks in PCI order; each one's serial is its device's name.
         con.send('disks');
-        await con.waitFor('BALLAST-DISKS', 1, 30_000);
+        await waitLine('BALLAST-DISKS', 1, 30_000);
         const seen = lastLine('BALLAST-DISKS');
         for (const d of ['vm1-swap', 'vm1-dump', 'vm1-data']) expect(seen).toContain(`=${d}`);
         con.send('swap vm1-swap');
@@ -230,7 +238,7 @@ describeWithTools(
         // 96 MiB of data in a guest with 128 MiB of RAM (its kernel holds a good part): much
         // of it goes to swap.
         con.send(`fill ${nonce} 96`);
-        await con.waitFor('BALLAST-FILLED', 1, 300_000);
+        await waitLine('BALLAST-FILLED', 1, 300_000);
         const filled = lastLine('BALLAST-FILLED');
         const m = /BALLAST-FILLED (\w+) swapKiB=(\d+)/.exec(filled);
         expect(m, con.text.slice(-2000)).not.toBeNull();
@@ -272,7 +280,7 @@ describeWithTools(
         const before = con.count('BALLAST-DISKS');
         for (let i = 0; i < 60; i++) {
           con.send('disks');
-          await con.waitFor('BALLAST-DISKS', before + i + 1, 30_000);
+          await waitLine('BALLAST-DISKS', before + i + 1, 30_000);
           if (lastLine('BALLAST-DISKS').includes('=vm1-hot')) break;
           await new Promise((res) => setTimeout(res, 1000));
         }
