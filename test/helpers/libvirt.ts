@@ -68,7 +68,8 @@ export class Libvirtd {
     return run('virsh', ['-c', this.uri, ...args], { timeoutMs: 120_000, ...opts });
   }
 
-  static async start(): Promise<Libvirtd> {
+  /** `hostUuid`: a host UUID of its own, so that two of them can migrate to each other. */
+  static async start(opts: { hostUuid?: string } = {}): Promise<Libvirtd> {
     const dir = makeTempDir('ballast-lv-');
     chmodSync(dir, 0o755);
     for (const [sub] of MOUNTS) mkdirSync(path.join(dir, sub), { mode: 0o755 });
@@ -84,6 +85,7 @@ export class Libvirtd {
         'auth_unix_rw = "none"',
         'auth_unix_ro = "none"',
         `log_outputs = "3:file:${path.join(dir, 'libvirtd.log')}"`,
+        ...(opts.hostUuid ? [`host_uuid = "${opts.hostUuid}"`] : []),
         '',
       ].join('\n'),
     );
