@@ -11,7 +11,7 @@
 //   told of it by libvirt's lifecycle events, dumps it through libvirt (virsh dump
 //   --memory-only into its FIFO) onto its dump device; the dump is listed, fetched and
 //   holds the marks from the guest's memory, and the guest is rebooted through libvirt
-//   (virsh reset + resume).
+//   (virsh reset + resume); `dump now` dumps the running guest through libvirt too.
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -335,6 +335,24 @@ describeWithTools(
         expect(hits).toBeGreaterThanOrEqual(10_000);
         const elf = await runOk('readelf', ['-h', out]);
         expect(elf.stdout).toMatch(/Type:\s+CORE/);
+      },
+      SLOW,
+    );
+
+    it(
+      'dump now: a running libvirt guest is dumped through libvirt and keeps running',
+      async () => {
+        const r = await fetch(`http://127.0.0.1:${port}/v1/guests/vm1/dump`, { method: 'POST' });
+        const body = (await r.json()) as { ok: boolean; after: string; entry: { id: number } };
+        expect(r.status, JSON.stringify(body)).toBe(200);
+        expect(body).toMatchObject({ ok: true, after: 'none', entry: { id: 2 } });
+        expect((await lv.virsh(['domstate', 'vm1'])).stdout.trim()).toBe('running');
+        const ls = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
+        const dumps = (JSON.parse(ls.stdout) as { dumps: { id: number; state: string }[] }).dumps;
+        expect(dumps.map((d) => [d.id, d.state])).toEqual([
+          [1, 'complete'],
+          [2, 'complete'],
+        ]);
       },
       SLOW,
     );
