@@ -11,7 +11,14 @@
 // AppArmor profile (the README says what AppArmor needs).
 
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+} from 'node:fs';
 import path from 'node:path';
 import { killAfterAll, makeTempDir } from './server.js';
 import { type RunResult, run, toolEnv } from './tools.js';
@@ -140,9 +147,17 @@ export class Libvirtd {
       await gone;
       clearTimeout(t);
     }
+    // A QEMU whose libvirtd died (or did not destroy it) is killed by its pid file.
+    const pids = [path.join(this.dir, 'virtlogd.pid')];
     try {
-      const pid = Number(readFileSync(path.join(this.dir, 'virtlogd.pid'), 'utf8'));
-      if (pid > 1) process.kill(pid, 'SIGTERM');
+      for (const f of readdirSync(path.join(this.dir, 'run', 'qemu')))
+        if (f.endsWith('.pid')) pids.push(path.join(this.dir, 'run', 'qemu', f));
     } catch {}
+    for (const f of pids) {
+      try {
+        const pid = Number(readFileSync(f, 'utf8'));
+        if (pid > 1) process.kill(pid, 'SIGTERM');
+      } catch {}
+    }
   }
 }
