@@ -14,6 +14,7 @@ import {
   openSync,
   readFileSync,
   rmSync,
+  statSync,
   writeSync,
 } from 'node:fs';
 import type http from 'node:http';
@@ -138,11 +139,27 @@ export function anonymousRefusal(
     : 'anonymous clients are refused: use TLS or an nbd.identities entry';
 }
 
+/** Whether members of `gid` (not root) can search every directory from / down to `dir`. */
+export function searchable(dir: string, gid: number): boolean {
+  for (let d = dir; ; d = dirname(d)) {
+    let st: ReturnType<typeof statSync>;
+    try {
+      st = statSync(d);
+    } catch {
+      return false;
+    }
+    // A member of the directory's group gets the group bits, never the others' bits.
+    if (!(st.mode & (st.gid === gid ? 0o010 : 0o001))) return false;
+    if (d === dirname(d)) return true;
+  }
+}
+
 /** The gid for the NBD socket: the group if it exists; a configured group must. */
 export function socketGroupId(
   name: string | null,
   configured: boolean,
   groupFile = '/etc/group',
+  key = 'nbd.socketGroup',
 ): number | null {
   if (name === null) return null;
   let text = '';
@@ -157,7 +174,7 @@ export function socketGroupId(
   if (configured) {
     throw new BallastError(
       'BALLAST_CONFIG_INVALID',
-      `nbd.socketGroup: no group named ${JSON.stringify(name)} in ${groupFile}`,
+      `${key}: no group named ${JSON.stringify(name)} in ${groupFile}`,
     );
   }
   return null;
@@ -396,8 +413,9 @@ export class Agent {
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
     const nbdGroup = socketGroupId(c.nbd.socketGroup, c.nbd.socketGroupConfigured);
+    const apiGroup = socketGroupId(c.api.socketGroup, true, undefined, 'api.socketGroup');
     for (const t of this.nbdTargets) {
-      if ('path' in t) await this.prepareSocket(t.path);
+      if ('path' in t) await this.prepareSocket(t.path, nbdGroup);
       try {
         const a = await this.nbd.listen(t);
         if (!('path' in t) && typeof a === 'object') t.port = a.port;
@@ -407,12 +425,8 @@ export class Agent {
       if ('path' in t) {
         this.sockets.push(t.path);
         // Root, and the group QEMU runs in (libvirt's kvm) when there is one.
-        if (nbdGroup !== null) {
-          chownSync(t.path, process.getuid?.() ?? 0, nbdGroup);
-          chmodSync(t.path, 0o660);
-        } else {
-          chmodSync(t.path, 0o600);
-        }
+        if (nbdGroup !== null) chownSync(t.path, process.getuid?.() ?? 0, nbdGroup);
+        chmodSync(t.path, nbdGroup === null ? c.nbd.socketMode & 0o707 : c.nbd.socketMode);
       }
     }
 
@@ -460,7 +474,7 @@ export class Agent {
         headersTimeoutMs: c.api.headersTimeoutMs,
         requestTimeoutMs: c.api.requestTimeoutMs,
       });
-      if (!tcp) await this.prepareSocket(t.path);
+      if (!tcp) await this.prepareSocket(t.path, apiGroup);
       await new Promise<void>((resolve, reject) => {
         srv.once('error', (e) => reject(listenError(t, e)));
         if ('path' in t) srv.listen(t.path, () => resolve());
@@ -470,7 +484,8 @@ export class Agent {
       this.apiServers.push(srv);
       if ('path' in t) {
         // Root's socket: whoever can open it is trusted like root.
-        chmodSync(t.path, 0o600);
+        if (apiGroup !== null) chownSync(t.path, process.getuid?.() ?? 0, apiGroup);
+        chmodSync(t.path, apiGroup === null ? c.api.socketMode & 0o707 : c.api.socketMode);
         this.sockets.push(t.path);
       } else {
         const a = srv.address();
@@ -613,13 +628,33 @@ export class Agent {
     );
   }
 
-  private async prepareSocket(path: string): Promise<void> {
+  /**
+   * Makes the socket's directory if need be, with socketDirMode whatever the umask
+   * (a umask of 077 would otherwise leave /run/ballast 0700, and QEMU in the kvm
+   * group could not reach a socket it may open). An existing directory is left as
+   * it is, with a warning when the socket's group cannot reach through it.
+   */
+  private async prepareSocket(path: string, gid: number | null): Promise<void> {
+    const dir = dirname(path);
     try {
-      mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+      const made = mkdirSync(dir, { recursive: true, mode: this.config.socketDirMode });
+      if (made !== undefined) {
+        // Every directory it made, from the first one down.
+        for (let d = dir; d.length >= made.length; d = dirname(d)) {
+          chmodSync(d, this.config.socketDirMode);
+          if (d === made) break;
+        }
+      }
     } catch (e) {
       throw new BallastError(
         'BALLAST_ADDRESS_DENIED',
-        `cannot create ${dirname(path)} for ${path}: ${(e as Error).message}`,
+        `cannot create ${dir} for ${path}: ${(e as Error).message}`,
+      );
+    }
+    if (gid !== null && !searchable(dir, gid)) {
+      this.log(
+        `warning: group ${gid} cannot reach ${path}: ${dir} (or a directory above it) is not ` +
+          'searchable by that group; QEMU in it will get "Permission denied"',
       );
     }
     await prepareSocketPath(path);

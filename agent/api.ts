@@ -8,10 +8,13 @@ import type { Registry } from 'prom-client';
 import {
   ATTACH_FORMATS,
   type AttachFormat,
+  FIRST_TARGET,
   libvirtXml,
   type NbdEndpoint,
   nbdUri,
   qemuArgs,
+  validTarget,
+  virshAttach,
 } from './attach.js';
 import type { DeviceManager, Role } from './devices.js';
 import { BallastError, isBallastError } from './errors.js';
@@ -248,12 +251,29 @@ export function routes(ctx: ApiContext): Route[] {
           `the agent has no ${transport ?? ''} NBD listener`,
         );
       }
+      const target = url.searchParams.get('target') ?? FIRST_TARGET;
+      if (!validTarget(target)) {
+        throw new BallastError(
+          'BALLAST_BAD_REQUEST',
+          `target must name a virtio disk, vd and 1 to 3 letters (vdb, vdc...), not ${JSON.stringify(target)}`,
+        );
+      }
+      const domain = url.searchParams.get('domain') ?? view.guest ?? null;
+      if (format === 'virsh' && !domain) {
+        throw new BallastError(
+          'BALLAST_BAD_REQUEST',
+          `device ${view.name} has no guest: name the libvirt domain (--domain)`,
+        );
+      }
+      const libvirt = libvirtXml(view.name, ep, { target });
       return {
         device: view.name,
         format,
+        target,
         uri: nbdUri(view.name, ep),
         qemu: qemuArgs(view.name, ep),
-        libvirt: libvirtXml(view.name, ep),
+        libvirt,
+        ...(domain ? { domain, virsh: virshAttach(domain, [libvirt]) } : {}),
       };
     }),
     ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),

@@ -27,11 +27,15 @@ describe('agent config', () => {
       anonymous: 'unix',
       socketGroup: 'kvm',
       socketGroupConfigured: false,
+      socketMode: 0o660,
     });
+    expect(c.socketDirMode).toBe(0o755);
     expect(c.api).toMatchObject({
       listen: ['127.0.0.1:10810'],
       socket: '/run/ballast/api.sock',
       tokenFile: '/tmp/d/api-token',
+      socketGroup: null,
+      socketMode: 0o600,
       requireToken: true,
       maxConnections: 128,
       headersTimeoutMs: 10_000,
@@ -64,6 +68,30 @@ describe('agent config', () => {
     expect(problem({ nbd: { anonymous: 'yes' } })).toMatch(/nbd\.anonymous: must be unix, any/);
     expect(problem({ nbd: { handshakeLimit: -1 } })).toMatch(/nbd\.handshakeLimit/);
     expect(validateConfig({ nbd: { socketGroup: null } }, 'x').nbd.socketGroup).toBeNull();
+  });
+
+  it('reads socket modes and groups as octal, whether YAML saw a string or a number', () => {
+    const c = validateConfig(
+      {
+        nbd: { socketGroup: 'libvirt', socketMode: '0640' },
+        api: { socketGroup: 'ballast' },
+        socketDirMode: 750,
+      },
+      'x',
+    );
+    expect(c.nbd).toMatchObject({ socketGroup: 'libvirt', socketMode: 0o640 });
+    expect(c.api).toMatchObject({ socketGroup: 'ballast', socketMode: 0o660 });
+    expect(c.socketDirMode).toBe(0o750);
+    expect(validateConfig({ nbd: { socketGroup: null } }, 'x').nbd.socketMode).toBe(0o600);
+    expect(validateConfig({ api: { socketMode: '0o640' } }, 'x').api.socketMode).toBe(0o640);
+    expect(problem({ nbd: { socketMode: '0666' } })).toMatch(
+      /nbd\.socketMode: must not let every user write/,
+    );
+    expect(problem({ nbd: { socketMode: '0060' } })).toMatch(/owner \(root\) read and write/);
+    expect(problem({ api: { socketMode: 'rw' } })).toMatch(
+      /api\.socketMode: must be an octal mode/,
+    );
+    expect(problem({ socketDirMode: 999 })).toMatch(/socketDirMode: must be an octal mode/);
   });
 
   it('reads the shape ops scripts rely on', () => {

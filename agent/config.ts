@@ -53,12 +53,18 @@ export interface AgentConfig {
     socketGroup: string | null;
     /** Whether socketGroup was configured (then it must exist) or is the default. */
     socketGroupConfigured: boolean;
+    /** The socket's mode: 0660 with a group, 0600 without, unless configured. */
+    socketMode: number;
     /** STARTTLS for the NBD listeners. */
     tls: TlsSettings;
     /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
     identities: string[];
   };
   api: ListenConfig & {
+    /** A group that may use the API socket (whoever can is trusted like root); null: root only. */
+    socketGroup: string | null;
+    /** The API socket's mode: 0600, or 0660 with a group, unless configured. */
+    socketMode: number;
     token?: string;
     tokenFile: string;
     /** Demand the bearer token on every TCP listener, loopback included (the default). */
@@ -70,6 +76,11 @@ export interface AgentConfig {
     /** A whole request, body included, must arrive within this time (ms). */
     requestTimeoutMs: number;
   };
+  /**
+   * The mode of a socket directory the agent creates (/run/ballast): 0755, so that
+   * QEMU in the socket's group reaches the socket whatever the umask.
+   */
+  socketDirMode: number;
   pools: PoolConfig[];
   limits: { maxInFlight: number; maxBufferedBytes: number };
   /** Configuration-change events: pool rescans and delivery to recipients. */
@@ -180,6 +191,20 @@ export interface LoadOptions {
   dataDir?: string;
 }
 
+/**
+ * A file mode: a string of octal digits ("0660", "660", "0o660") or a YAML number
+ * whose digits are octal (660, as YAML reads 0660). The owner keeps read and write.
+ */
+function fileMode(c: Checker, v: unknown, key: string): number {
+  const text = typeof v === 'number' && Number.isInteger(v) ? String(v) : v;
+  const m = typeof text === 'string' ? /^(?:0o?)?([0-7]{3})$/.exec(text) : null;
+  if (!m) c.fail(key, 'must be an octal mode such as "0660"');
+  const mode = Number.parseInt(m[1] as string, 8);
+  if ((mode & 0o600) !== 0o600) c.fail(key, 'must leave the owner (root) read and write');
+  if (mode & 0o002) c.fail(key, 'must not let every user write (o+w)');
+  return mode;
+}
+
 export function loadConfig(opts: LoadOptions): AgentConfig {
   let doc: unknown = {};
   const source = opts.file ?? '(defaults)';
@@ -208,7 +233,16 @@ export function loadConfig(opts: LoadOptions): AgentConfig {
 export function validateConfig(doc: unknown, source: string, dataDirFlag?: string): AgentConfig {
   const c: Checker = new Checker(source);
   const top = c.object(doc, '(top level)');
-  c.known(top, '', ['dataDir', 'nbd', 'api', 'pools', 'limits', 'cluster', 'events']);
+  c.known(top, '', [
+    'dataDir',
+    'nbd',
+    'api',
+    'socketDirMode',
+    'pools',
+    'limits',
+    'cluster',
+    'events',
+  ]);
   const ev = c.object(top.events, 'events');
   c.known(ev, 'events', ['rescanInterval', 'poolFull', 'deliveryTimeout', 'retryCap']);
   const cluster = parseClusterConfig(top.cluster, (k, problem) => c.fail(k, problem));
@@ -233,6 +267,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     'workers',
     'anonymous',
     'socketGroup',
+    'socketMode',
     'tls',
     'identities',
   ]);
@@ -254,6 +289,8 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
   c.known(api, 'api', [
     'listen',
     'socket',
+    'socketGroup',
+    'socketMode',
     'token',
     'tokenFile',
     'requireToken',
@@ -343,6 +380,10 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       : nbd.socketGroup === null || nbd.socketGroup === false
         ? null
         : c.string(nbd.socketGroup, 'nbd.socketGroup');
+  const apiGroup =
+    api.socketGroup === undefined || api.socketGroup === null || api.socketGroup === false
+      ? null
+      : c.string(api.socketGroup, 'api.socketGroup');
   const seconds = (v: unknown, key: string, dflt: number, min: number) =>
     (v === undefined ? dflt : c.number(v, key, min, 3600)) * 1000;
 
@@ -369,6 +410,12 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       anonymous,
       socketGroup,
       socketGroupConfigured: nbd.socketGroup !== undefined && socketGroup !== null,
+      socketMode:
+        nbd.socketMode === undefined
+          ? socketGroup === null
+            ? 0o600
+            : 0o660
+          : fileMode(c, nbd.socketMode, 'nbd.socketMode'),
       tls: {
         mode: tlsMode,
         cert: tlsFile('cert'),
@@ -381,6 +428,13 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     api: {
       listen: apiListen,
       socket: socketOf(api.socket, 'api.socket', join(runDir, 'api.sock')),
+      socketGroup: apiGroup,
+      socketMode:
+        api.socketMode === undefined
+          ? apiGroup === null
+            ? 0o600
+            : 0o660
+          : fileMode(c, api.socketMode, 'api.socketMode'),
       token,
       // Every TCP listener demands the token unless told otherwise: loopback
       // is shared by every user and container of the host.
@@ -396,6 +450,8 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
           ? join(dataDir, 'api-token')
           : c.path(api.tokenFile, 'api.tokenFile'),
     },
+    socketDirMode:
+      top.socketDirMode === undefined ? 0o755 : fileMode(c, top.socketDirMode, 'socketDirMode'),
     pools,
     limits: {
       maxInFlight:

@@ -3,6 +3,13 @@
 // client.ts (EXIT) and docs/errors.md.
 
 import { type Command, Option } from 'commander';
+import {
+  FIRST_TARGET,
+  nextTarget,
+  targetOrder,
+  validTarget,
+  virshAttach,
+} from '../agent/attach.js';
 import { BallastError } from '../agent/errors.js';
 import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
@@ -381,37 +388,107 @@ export function registerManagement(program: Command): void {
   withCommon(
     program
       .command('attach')
-      .summary('print what attaches a device to a guest')
+      .summary("print what attaches a device (or all of a guest's devices) to a guest")
       .description(
         'Print what a user pastes to give a guest the device: QEMU -blockdev/-device arguments, ' +
-          "a libvirt <disk type='network'> element, or the NBD URI. The Unix socket is used when " +
-          'the agent has one, unless --transport tcp.',
+          "a libvirt <disk type='network'> element, the virsh attach-device command that hot-plugs " +
+          'it into a running domain (and its definition), or the NBD URI. The Unix socket is used ' +
+          'when the agent has one, unless --transport tcp. With --guest, every device of the guest ' +
+          '(paging first, then dump, then the others) with distinct targets from vdb (or --target) on.',
       )
-      .argument('<NAME>', 'the device')
+      .argument('[NAME]', 'the device (or give --guest)')
       .addOption(
         new Option('-f, --format <FORMAT>', 'what to print')
-          .choices(['qemu', 'libvirt', 'uri'])
+          .choices(['qemu', 'libvirt', 'virsh', 'uri'])
           .default('qemu'),
       )
       .addOption(new Option('-t, --transport <T>', 'NBD transport').choices(['unix', 'tcp']))
+      .option(
+        '-g, --guest <GUEST>',
+        'every device created for this guest (--guest of device create)',
+      )
+      .option(
+        '--target <DEV>',
+        "libvirt/virsh: the disk's target (vdb, vdc...); with --guest the first of them",
+      )
+      .option('--domain <DOMAIN>', "virsh: the libvirt domain (default: the device's guest)")
       .option(
         '-H, --host <HOST>',
         "in a cluster: for a guest on HOST (that host's agent socket or address)",
       ),
   ).action(
-    async (name: string, o: Common & { format: string; transport?: string; host?: string }) => {
-      const q = new URLSearchParams({ format: o.format });
-      if (o.transport) q.set('transport', o.transport);
-      if (o.host) q.set('host', o.host);
-      const r = (await client(o).request('GET', `/v1/devices/${enc(name)}/attach?${q}`)) as {
+    async (
+      name: string | undefined,
+      o: Common & {
+        format: string;
+        transport?: string;
+        host?: string;
+        guest?: string;
+        target?: string;
+        domain?: string;
+      },
+    ) => {
+      if ((name === undefined) === (o.guest === undefined)) {
+        throw new BallastError('BALLAST_USAGE', 'give a device NAME or --guest GUEST (not both)');
+      }
+      let names: string[];
+      if (name !== undefined) names = [name];
+      else {
+        const r = (await client(o).request('GET', '/v1/devices')) as {
+          devices: DeviceView[];
+          stale?: { since: string; reason: string };
+        };
+        warnStale(r);
+        names = targetOrder(r.devices.filter((d) => d.guest === o.guest)).map((d) => d.name);
+        if (names.length === 0) {
+          throw new BallastError(
+            'BALLAST_DEVICE_NOT_FOUND',
+            `no device was created for guest ${o.guest} (device create --guest ${o.guest})`,
+          );
+        }
+      }
+      if (o.target !== undefined && !validTarget(o.target)) {
+        throw new BallastError(
+          'BALLAST_USAGE',
+          `--target must name a virtio disk, vd and 1 to 3 letters (vdb, vdc...), not ${o.target}`,
+        );
+      }
+      const domain = o.domain ?? o.guest;
+      let target = o.target ?? FIRST_TARGET;
+      const replies: {
+        device: string;
+        target: string;
         uri: string;
         qemu: string[];
         libvirt: string;
-      };
-      if (o.json) return json(r);
-      if (o.format === 'uri') out(r.uri);
-      else if (o.format === 'libvirt') out(r.libvirt);
-      else out(r.qemu.join(' '));
+        domain?: string;
+        virsh?: string;
+      }[] = [];
+      for (const n of names) {
+        const q = new URLSearchParams({ format: o.format, target });
+        if (o.transport) q.set('transport', o.transport);
+        if (o.host) q.set('host', o.host);
+        if (domain) q.set('domain', domain);
+        replies.push(
+          (await client(o).request(
+            'GET',
+            `/v1/devices/${enc(n)}/attach?${q}`,
+          )) as (typeof replies)[number],
+        );
+        target = nextTarget(target);
+      }
+      if (o.json)
+        return json(name !== undefined ? replies[0] : { guest: o.guest, devices: replies });
+      if (o.format === 'uri') out(replies.map((r) => r.uri).join('\n'));
+      else if (o.format === 'libvirt') out(replies.map((r) => r.libvirt).join('\n'));
+      else if (o.format === 'virsh')
+        out(
+          virshAttach(
+            replies[0]?.domain ?? '',
+            replies.map((r) => r.libvirt),
+          ),
+        );
+      else out(replies.map((r) => r.qemu.join(' ')).join(' '));
     },
   );
 

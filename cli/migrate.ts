@@ -6,6 +6,7 @@ import { type Command, Option } from 'commander';
 import { shellQuote } from '../agent/attach.js';
 import { parseSize } from '../agent/units.js';
 import { type AgentApi, MigrateError } from '../migrate/handoff.js';
+import { migrateLibvirt } from '../migrate/libvirt.js';
 import { migrateLive } from '../migrate/live.js';
 import type { Progress } from '../migrate/qemu.js';
 import { resumeGuest, suspendGuest } from '../migrate/suspend.js';
@@ -57,8 +58,11 @@ interface MigrateOpts {
   agent?: string;
   tokenFile?: string;
   json?: boolean;
-  from: string;
-  to: string;
+  from?: string;
+  to?: string;
+  libvirt?: string;
+  toLibvirt?: string;
+  migrateUri?: string;
   toHost?: string;
   toAgent?: string;
   toTokenFile?: string;
@@ -86,8 +90,15 @@ export function registerMigrate(program: Command): void {
           "host's agent.",
       )
       .argument('<GUEST>')
-      .requiredOption('--from <QMP>', "the source QEMU's QMP socket (unix:/path or tcp:HOST:PORT)")
-      .requiredOption('--to <QMP>', "the destination QEMU's QMP socket")
+      .option('--from <QMP>', "the source QEMU's QMP socket (unix:/path or tcp:HOST:PORT)")
+      .option('--to <QMP>', "the destination QEMU's QMP socket")
+      .option(
+        '--libvirt <URI>',
+        'a guest libvirt runs: the source libvirt connection (instead of --from/--to); ' +
+          'virsh migrate --live --suspend, the hand-off, then virsh resume on the destination',
+      )
+      .option('--to-libvirt <URI>', "with --libvirt: the destination's libvirt connection")
+      .option('--migrate-uri <URI>', 'with --libvirt: virsh migrate --migrateuri')
       .option('--to-host <HOST>', 'the destination host (its agent is found in the cluster)')
       .option('--to-agent <URL>', "the destination host's agent (default: from --to-host)")
       .option(
@@ -123,6 +134,37 @@ Example (host-a → host-b):
       }
       const toAgent = o.toAgent ?? (await agentOf(src, o.toHost as string));
       const dst = client({ agent: toAgent, tokenFile: o.toTokenFile ?? o.tokenFile });
+      if (o.libvirt !== undefined || o.toLibvirt !== undefined) {
+        if (!o.libvirt || !o.toLibvirt || o.from || o.to)
+          throw new MigrateError(
+            'BALLAST_USAGE',
+            'a libvirt guest takes --libvirt and --to-libvirt (not --from/--to)',
+          );
+        const r = await migrateLibvirt({
+          guest,
+          from: { api: src, libvirt: o.libvirt },
+          to: { api: dst, libvirt: o.toLibvirt, host: o.toHost },
+          migrateUri: o.migrateUri,
+          devices: o.device,
+          onStep:
+            o.quiet || o.json
+              ? undefined
+              : (s, t) => out(`${(t / 1000).toFixed(1).padStart(6)} s  ${s}`),
+        });
+        if (o.json) return json(r);
+        out(
+          [
+            `migrated ${r.guest} from ${r.from} to ${r.to} through libvirt (${r.devices.join(', ')})`,
+            `  total ${ms(r.totalMs)}: virsh migrate ${ms(r.migrateMs)}, hand-off ${ms(r.handoffMs)}, resume ${ms(r.resumeMs)}`,
+          ].join('\n'),
+        );
+        return;
+      }
+      if (!o.from || !o.to)
+        throw new MigrateError(
+          'BALLAST_USAGE',
+          'give --from and --to (or --libvirt and --to-libvirt)',
+        );
       const report = await migrateLive({
         guest,
         from: { qmp: o.from, api: src },

@@ -108,6 +108,8 @@ fi`;
 /** Starts deploy $ID: a systemd unit where systemd runs, else a process in its own session. */
 const START = `set -eu; D="$P/deploys/$ID"
 mkdir -p "$P/run" "$P/log" "$P/data"
+# QEMU in the kvm group (libvirt's) must reach the NBD socket in run/, whatever the umask.
+chmod go+x "$P" "$P/run"
 if issystemd; then
   cat > "/etc/systemd/system/$UNIT.service" <<UNIT_EOF
 [Unit]

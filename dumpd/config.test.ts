@@ -43,6 +43,20 @@ guests:
     ]);
   });
 
+  it('reads libvirt guests: a connection URI instead of a QMP socket', () => {
+    const c = parseConfig(`
+guests:
+  - { name: vm1, libvirt: "qemu:///system?socket=/tmp/x/libvirt-sock", agentDevice: vm1-dump }
+  - { name: vm2, libvirt: true, device: "nbd+unix:///vm2-dump?socket=/run/ballast/nbd.sock" }
+`);
+    expect(c.guests[0]).toMatchObject({
+      name: 'vm1',
+      libvirt: 'qemu:///system?socket=/tmp/x/libvirt-sock',
+    });
+    expect(c.guests[0]?.qmp).toBeUndefined();
+    expect(c.guests[1]).toMatchObject({ name: 'vm2', libvirt: 'qemu:///system', after: 'reboot' });
+  });
+
   it('accepts JSON too', () => {
     expect(parseConfig('{"listen": "127.0.0.1:1", "guests": []}').listen).toBe('127.0.0.1:1');
   });
@@ -50,7 +64,9 @@ guests:
   it('refuses what it cannot use, naming the place', () => {
     bad('- 1', /must be a mapping/);
     bad('guests: [{ qmp: /q, device: nbd://h/ }]', /guests\[0\]: "name" is required/);
-    bad('guests: [{ name: a, device: nbd://h/ }]', /"qmp" is required/);
+    bad('guests: [{ name: a, device: nbd://h/ }]', /give either "qmp" .* or "libvirt"/);
+    bad('guests: [{ name: a, qmp: /q, libvirt: true, device: nbd://h/ }]', /either "qmp"/);
+    bad('guests: [{ name: a, libvirt: vm1, device: nbd://h/ }]', /libvirt connection URI/);
     bad('guests: [{ name: a, qmp: /q }]', /either "device"/);
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, agentDevice: d }]', /either "device"/);
     bad('guests: [{ name: a, qmp: /q, device: nbd://h/, format: pdf }]', /format must be one of/);

@@ -17,6 +17,9 @@
 //       agentDevice: db1-dump
 //       after: pause
 //       tlsCerts: /etc/ballast/tls  # STARTTLS to the device: ca-cert.pem, client-cert.pem, client-key.pem
+//     - name: vm1                   # the libvirt domain vm1: panics, the dump and the
+//       libvirt: qemu:///system     # after-dump policy all go through libvirt (virsh)
+//       agentDevice: vm1-dump
 //   watch:                          # every QMP socket in a directory is a guest
 //     - dir: /run/qemu
 //       suffix: .qmp                # guest name = file name without it
@@ -53,7 +56,13 @@ export type DeviceRef =
 
 export interface GuestConfig extends Policy {
   name: string;
-  qmp: string;
+  /** QEMU's QMP socket (a guest QEMU runs under dumpd's eyes); or else `libvirt`. */
+  qmp?: string;
+  /**
+   * The guest is the libvirt domain of this name on this libvirt connection: its
+   * panics, its dumps and the after-dump policy go through libvirt (dumpd/libvirt.ts).
+   */
+  libvirt?: string;
   device: DeviceRef;
   /** X.509 credentials for STARTTLS to the dump device (ca-cert.pem, client-cert.pem, client-key.pem). */
   tlsCerts?: string;
@@ -170,9 +179,20 @@ const GUEST_KEYS = [
   'agentDevice',
   'tokenFile',
   'tlsCerts',
+  'libvirt',
   ...POLICY_KEYS,
 ];
 const WATCH_KEYS = ['dir', 'suffix', 'device', 'agent', 'tokenFile', 'tlsCerts', ...POLICY_KEYS];
+
+/** `libvirt: URI`, or `libvirt: true` for the system connection. */
+function libvirtUri(o: Record<string, unknown>, where: string): string | undefined {
+  if (o.libvirt === undefined || o.libvirt === false || o.libvirt === null) return undefined;
+  if (o.libvirt === true) return 'qemu:///system';
+  const u = str(o, 'libvirt', where) as string;
+  if (!/^[a-z][a-z0-9+]*:\/\//.test(u))
+    bad(`${where}: libvirt must be a libvirt connection URI such as qemu:///system, or true`);
+  return u;
+}
 
 export function parseConfig(text: string, source = 'config'): DumpdConfig {
   let raw: unknown;
@@ -205,7 +225,12 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
     if (!validGuestName(name) || /[/\s]/.test(name)) bad(`${where}: bad guest name "${name}"`);
     if (names.has(name)) bad(`${where}: guest "${name}" is listed twice`);
     names.add(name);
-    const qmp = str(o, 'qmp', where) as string;
+    const qmp = str(o, 'qmp', where, false);
+    const libvirt = libvirtUri(o, where);
+    if ((qmp === undefined) === (libvirt === undefined))
+      bad(
+        `${where}: give either "qmp" (QEMU's QMP socket) or "libvirt" (a libvirt connection URI)`,
+      );
     const uri = str(o, 'device', where, false);
     const agentDevice = str(o, 'agentDevice', where, false);
     if ((uri === undefined) === (agentDevice === undefined))
@@ -221,7 +246,8 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
     const tlsCerts = str(o, 'tlsCerts', where, false);
     guests.push({
       name,
-      qmp,
+      ...(qmp ? { qmp } : {}),
+      ...(libvirt ? { libvirt } : {}),
       device,
       ...(tlsCerts ? { tlsCerts } : {}),
       ...policy(o, where, defaults),

@@ -57,6 +57,7 @@ import {
   setMaxBandwidth,
 } from './early.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
+import { domainState, LibvirtEvents, libvirtAfter } from './libvirt.js';
 import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
 
@@ -108,7 +109,8 @@ export function dumpEvent(device: string, r: DumpResult): DumpEvent {
 
 interface GuestState {
   cfg: GuestConfig;
-  monitor: QmpMonitor;
+  /** QEMU's monitor; null for a libvirt guest. */
+  monitor: QmpMonitor | null;
   watched: boolean;
   running: Promise<DumpResult> | null;
   last: DumpResult | null;
@@ -158,9 +160,28 @@ export async function hasPvpanic(c: QmpClient): Promise<boolean | null> {
   return answered ? false : null;
 }
 
+/**
+ * The FIFO's owner: whoever owns the guest's QMP socket, which QEMU created (libvirt's
+ * QEMU runs as libvirt-qemu:kvm); nothing when that is dumpd itself or QMP is on TCP.
+ */
+export function fifoOwner(qmp: string | undefined): {
+  fifoOwner?: { uid: number; gid: number };
+} {
+  if (!qmp || qmp.startsWith('tcp:')) return {};
+  try {
+    const st = statSync(qmp.replace(/^unix:/, ''));
+    if (st.uid === process.getuid?.()) return {};
+    return { fifoOwner: { uid: st.uid, gid: st.gid } };
+  } catch {
+    return {};
+  }
+}
+
 export class Dumpd extends EventEmitter {
   readonly registry = new Registry();
   private readonly guests = new Map<string, GuestState>();
+  /** One lifecycle-event stream per libvirt connection. */
+  private readonly libvirt = new Map<string, LibvirtEvents>();
   private server: http.Server | null = null;
   /** The bearer token a POST on a TCP listener needs (null on a Unix socket). */
   private token: string | null = null;
@@ -175,6 +196,7 @@ export class Dumpd extends EventEmitter {
     super();
     const r = [this.registry];
     const guests = this.guests;
+    const online = (g: GuestState) => this.online(g);
     this.m = {
       started: new Counter({
         name: 'ballast_dumpd_dumps_started_total',
@@ -260,7 +282,7 @@ export class Dumpd extends EventEmitter {
         registers: r,
         collect(this: Gauge) {
           let n = 0;
-          for (const g of guests.values()) if (g.monitor.client) n++;
+          for (const g of guests.values()) if (online(g)) n++;
           this.set(n);
         },
       }),
@@ -311,7 +333,7 @@ export class Dumpd extends EventEmitter {
         const g = watchedGuest(w, f, this.cfg.defaults);
         if (!g) continue;
         try {
-          if (!statSync(g.qmp).isSocket()) continue;
+          if (!g.qmp || !statSync(g.qmp).isSocket()) continue;
         } catch {
           continue;
         }
@@ -320,14 +342,19 @@ export class Dumpd extends EventEmitter {
       }
     }
     for (const [name, st] of this.guests) {
-      if (st.watched && st.cfg.qmp.startsWith(`${dir.replace(/\/$/, '')}/`) && !seen.has(name)) {
-        if (!existsSync(st.cfg.qmp)) this.removeGuest(name);
+      const q = st.cfg.qmp;
+      if (st.watched && q?.startsWith(`${dir.replace(/\/$/, '')}/`) && !seen.has(name)) {
+        if (!existsSync(q)) this.removeGuest(name);
       }
     }
   }
 
   addGuest(cfg: GuestConfig, watched: boolean): void {
     if (this.guests.has(cfg.name)) return;
+    if (cfg.libvirt || !cfg.qmp) {
+      this.addLibvirtGuest(cfg);
+      return;
+    }
     const monitor = new QmpMonitor(cfg.qmp, { retryMs: 200, maxRetryMs: 2000 });
     const st: GuestState = {
       cfg,
@@ -389,10 +416,65 @@ export class Dumpd extends EventEmitter {
     );
   }
 
+  /** Whether dumpd reaches the guest: its QMP monitor, or its libvirt connection. */
+  private online(g: GuestState): boolean {
+    if (g.monitor) return g.monitor.client !== null;
+    return g.cfg.libvirt !== undefined && this.libvirt.get(g.cfg.libvirt)?.connected === true;
+  }
+
+  /** A libvirt domain: its panics come from the connection's lifecycle events. */
+  private addLibvirtGuest(cfg: GuestConfig): void {
+    const uri = cfg.libvirt as string;
+    const st: GuestState = {
+      cfg,
+      monitor: null,
+      watched: false,
+      running: null,
+      last: null,
+      pending: null,
+      panics: 0,
+      recentPanics: [],
+    };
+    this.guests.set(cfg.name, st);
+    let events = this.libvirt.get(uri);
+    const fresh = !events;
+    if (!events) {
+      events = new LibvirtEvents(uri);
+      this.libvirt.set(uri, events);
+      events.on('down', (why: string) =>
+        this.log(`libvirt ${uri}: disconnected${why ? ` (${why})` : ''}; retrying`),
+      );
+    }
+    const ev = events;
+    ev.on('up', () => {
+      if (!this.guests.has(cfg.name)) return;
+      this.log(`guest ${cfg.name}: libvirt connected (${uri})`);
+      this.emit('connected', cfg.name);
+      // A domain that panicked while nobody watched is still there, crashed.
+      domainState(uri, cfg.name).then(
+        (state) => {
+          if (state === 'crashed' && !st.running) {
+            this.log(`guest ${cfg.name}: found crashed`);
+            this.onPanic(st, { event: 'GUEST_PANICKED', data: { action: 'pause', found: true } });
+          }
+        },
+        (e: unknown) => this.log(`guest ${cfg.name}: ${(e as Error).message}`),
+      );
+    });
+    ev.on('lifecycle', (domain: string, event: string, detail: string) => {
+      if (domain !== cfg.name || !this.guests.has(cfg.name)) return;
+      if (event === 'Crashed')
+        this.onPanic(st, { event: 'GUEST_PANICKED', data: { action: 'pause', detail } });
+    });
+    if (fresh) ev.start();
+    else if (ev.connected) ev.emit('up');
+    this.log(`guest ${cfg.name}: watching libvirt domain ${cfg.name} (${uri})`);
+  }
+
   removeGuest(name: string): void {
     const st = this.guests.get(name);
     if (!st) return;
-    st.monitor.stop();
+    st.monitor?.stop();
     this.guests.delete(name);
     this.log(`guest ${name}: gone`);
   }
@@ -403,9 +485,7 @@ export class Dumpd extends EventEmitter {
 
   /** Guests whose QMP connection is up. */
   connectedGuests(): string[] {
-    return [...this.guests.values()]
-      .filter((g) => g.monitor.client !== null)
-      .map((g) => g.cfg.name);
+    return [...this.guests.values()].filter((g) => this.online(g)).map((g) => g.cfg.name);
   }
 
   /**
@@ -545,7 +625,7 @@ export class Dumpd extends EventEmitter {
   private async takePending(st: GuestState): Promise<void> {
     const ev = st.pending;
     st.pending = null;
-    const qmp = st.monitor.client;
+    const qmp = st.monitor?.client;
     if (!ev || !qmp || this.stopped) return;
     const q = await qmp
       .execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 })
@@ -568,7 +648,11 @@ export class Dumpd extends EventEmitter {
    */
   private async defaultAfter(name: string): Promise<After> {
     const st = this.guests.get(name);
-    const qmp = st?.monitor.client;
+    if (st?.cfg.libvirt) {
+      const state = await domainState(st.cfg.libvirt, st.cfg.name).catch(() => '');
+      return state === 'crashed' ? st.cfg.after : 'none';
+    }
+    const qmp = st?.monitor?.client;
     if (!st || !qmp) return 'none';
     try {
       const q = await qmp.execute<{ status: string }>('query-status', undefined, {
@@ -588,8 +672,13 @@ export class Dumpd extends EventEmitter {
     const st = this.guests.get(name);
     if (!st) throw new DumpError('DUMP_UNKNOWN_GUEST', `dumpd does not know a guest named ${name}`);
     if (st.running) throw new DumpError('DUMP_BUSY', `a dump of ${name} is already running`);
-    const qmp = st.monitor.client;
-    if (!qmp) throw new DumpError('DUMP_GUEST_OFFLINE', `guest ${name}: QMP is not connected`);
+    const lv = st.cfg.libvirt;
+    const qmp = st.monitor?.client ?? undefined;
+    if (!qmp && !(lv && this.libvirt.get(lv)?.connected))
+      throw new DumpError(
+        'DUMP_GUEST_OFFLINE',
+        `guest ${name}: ${lv ? `libvirt (${lv}) is not connected` : 'QMP is not connected'}`,
+      );
     const reason = o.reason ?? 'request';
     const mode = o.mode ?? 'dump-then-reboot';
     // An early reboot is a reboot.
@@ -616,7 +705,7 @@ export class Dumpd extends EventEmitter {
           panicAt,
           error: { code, message: (e as Error).message },
         };
-        await applyAfter(qmp, after).then(
+        await this.applyAfter(st.cfg, qmp, after).then(
           () => {
             if (after === 'reboot') r.runningAt = Date.now();
           },
@@ -633,7 +722,11 @@ export class Dumpd extends EventEmitter {
         this.m.bytes.inc({ guest: name }, b - counted);
         counted = b;
       };
-      if (mode === 'early-reboot') {
+      if (mode === 'early-reboot' && !qmp)
+        this.log(
+          `guest ${name}: early reboot needs QEMU's monitor, which libvirt holds: dumped the old way`,
+        );
+      if (mode === 'early-reboot' && qmp) {
         this.log(`guest ${name}: early reboot (${reason}): snapshot streaming to ${uri}`);
         this.m.streaming.inc();
         try {
@@ -665,7 +758,8 @@ export class Dumpd extends EventEmitter {
       this.log(`guest ${name}: dumping (${reason}, ${st.cfg.format}) to ${uri}`);
       const r = await runDump({
         guest: name,
-        qmp,
+        ...(qmp ? { qmp } : {}),
+        ...(lv ? { libvirt: { uri: lv, domain: name } } : {}),
         uri,
         nbd: st.cfg.tlsCerts ? { tls: { dir: st.cfg.tlsCerts } } : {},
         format: st.cfg.format,
@@ -674,6 +768,8 @@ export class Dumpd extends EventEmitter {
         runDir: this.cfg.runDir,
         timeoutMs: this.cfg.dumpTimeoutMs,
         panicAt,
+        ...fifoOwner(st.cfg.qmp),
+        applyAfter: (a) => this.applyAfter(st.cfg, qmp, a),
         onProgress: progress,
         onQemuProgress: (done, total) => {
           if (total > 0) this.m.progress.set({ guest: name }, done / total);
@@ -716,6 +812,20 @@ export class Dumpd extends EventEmitter {
       st.running = null;
       if (st.pending) void this.takePending(st);
     }
+  }
+
+  /** The after-dump policy: through libvirt for a libvirt guest, else over QMP. */
+  private async applyAfter(
+    cfg: GuestConfig,
+    qmp: QmpClient | undefined,
+    after: After,
+  ): Promise<void> {
+    if (!cfg.libvirt) {
+      if (qmp) await applyAfter(qmp, after);
+      return;
+    }
+    await libvirtAfter(cfg.libvirt, cfg.name, after);
+    if (after !== 'none') this.log(`guest ${cfg.name}: ${after} through libvirt (${cfg.libvirt})`);
   }
 
   private listen(): Promise<string> {
@@ -805,8 +915,8 @@ export class Dumpd extends EventEmitter {
         send(200, {
           guests: [...this.guests.values()].map((g) => ({
             name: g.cfg.name,
-            qmp: g.cfg.qmp,
-            connected: g.monitor.client !== null,
+            ...(g.cfg.qmp ? { qmp: g.cfg.qmp } : { libvirt: g.cfg.libvirt }),
+            connected: this.online(g),
             dumping: g.running !== null,
             format: g.cfg.format,
             after: g.cfg.after,
@@ -873,6 +983,8 @@ export class Dumpd extends EventEmitter {
     const running = [...this.guests.values()].map((g) => g.running).filter((p) => p !== null);
     await Promise.allSettled(running);
     for (const name of [...this.guests.keys()]) this.removeGuest(name);
+    for (const ev of this.libvirt.values()) ev.stop();
+    this.libvirt.clear();
     await new Promise<void>((resolve) => {
       if (!this.server) resolve();
       else this.server.close(() => resolve());

@@ -2,7 +2,8 @@
 //
 //   check    query-dump-guest-memory-capability has the format; no dump active
 //   reserve  open the device, recover interrupted dumps, catalog entry `writing`
-//   dump     mkfifo; open its read end; dump-guest-memory detach=true file:FIFO;
+//   dump     mkfifo; open its read end; dump-guest-memory detach=true file:FIFO (a
+//            libvirt guest: virsh dump --memory-only FIFO, see libvirt.ts);
 //            stream what QEMU writes into the reservation as it arrives
 //   settle   EOF on the FIFO and DUMP_COMPLETED: entry `complete` with its CRC-32,
 //            or `failed` with the reason (QEMU's error, no space, device lost)
@@ -13,7 +14,16 @@
 // so a panicked guest is never left hanging because its dump device is unreachable.
 
 import { execFile } from 'node:child_process';
-import { constants as fsc, mkdirSync, openSync, readFileSync, rmSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  constants as fsc,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmSync,
+} from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -22,13 +32,17 @@ import type { NbdClientOptions } from '../nbd/client.js';
 import { type DumpEntry, DumpError, type DumpFormat } from './catalog.js';
 import type { After } from './config.js';
 import { DumpDevice, type DumpWriter } from './device.js';
+import { libvirtDump } from './libvirt.js';
 import type { QmpClient, QmpEvent } from './qmp.js';
 
 const run = promisify(execFile);
 
 export interface DumpJobOptions {
   guest: string;
-  qmp: QmpClient;
+  /** QEMU's monitor; or else `libvirt`. */
+  qmp?: QmpClient;
+  /** A libvirt guest: the dump goes through libvirtd (virsh dump --memory-only). */
+  libvirt?: { uri: string; domain: string };
   /** The dump device's NBD URI. */
   uri: string;
   /** NBD client options (TLS credentials). */
@@ -48,6 +62,13 @@ export interface DumpJobOptions {
   panicAt?: number;
   /** Recorded in a complete entry (why an early reboot fell back to this path). */
   note?: string;
+  /**
+   * Who QEMU runs as (libvirt's QEMU is libvirt-qemu:kvm, not root): the FIFO is
+   * handed to that user, since QEMU opens it by name.
+   */
+  fifoOwner?: { uid: number; gid: number };
+  /** Applies the after-dump policy instead of QMP (a libvirt guest: through libvirt). */
+  applyAfter?: (after: After) => Promise<void>;
 }
 
 export interface DumpResult {
@@ -160,19 +181,24 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
   let entry: DumpEntry | null = null;
   try {
     const t = { timeoutMs: 30_000 };
-    const caps = await o.qmp.execute<{ formats: string[] }>(
-      'query-dump-guest-memory-capability',
-      undefined,
-      t,
-    );
-    if (!caps.formats.includes(o.format))
-      throw new DumpError(
-        'DUMP_FORMAT_UNSUPPORTED',
-        `QEMU offers ${caps.formats.join(', ')}, not ${o.format}`,
+    const qmp = o.qmp;
+    if (qmp) {
+      const caps = await qmp.execute<{ formats: string[] }>(
+        'query-dump-guest-memory-capability',
+        undefined,
+        t,
       );
-    const st = await o.qmp.execute<{ status: string }>('query-dump', undefined, t);
-    if (st.status === 'active')
-      throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
+      if (!caps.formats.includes(o.format))
+        throw new DumpError(
+          'DUMP_FORMAT_UNSUPPORTED',
+          `QEMU offers ${caps.formats.join(', ')}, not ${o.format}`,
+        );
+      const st = await qmp.execute<{ status: string }>('query-dump', undefined, t);
+      if (st.status === 'active')
+        throw new DumpError('DUMP_BUSY', 'QEMU is already dumping this guest');
+    } else if (!o.libvirt) {
+      throw new DumpError('DUMP_GUEST_OFFLINE', `guest ${o.guest}: neither QMP nor libvirt`);
+    }
 
     device = await DumpDevice.open(o.uri, o.nbd);
     // Only this guest's: another dumpd may be writing a dump of another guest here.
@@ -185,10 +211,13 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     });
     o.onStart?.(writer.entry);
 
-    mkdirSync(o.runDir, { recursive: true, mode: 0o700 });
+    // Searchable, not readable: a QEMU that is not root reaches its own FIFO by name.
+    mkdirSync(o.runDir, { recursive: true, mode: 0o711 });
+    chmodSync(o.runDir, 0o711);
     fifo = path.join(o.runDir, `${o.guest}.${writer.entry.id}.${process.pid}.fifo`);
     rmSync(fifo, { force: true });
     await mkfifo(fifo);
+    if (o.fifoOwner) chownSync(fifo, o.fifoOwner.uid, o.fifoOwner.gid);
     // Non-blocking, so opening does not wait for a writer; QEMU's open then finds a reader.
     const fd = openSync(fifo, fsc.O_RDONLY | fsc.O_NONBLOCK);
     growPipe(fd);
@@ -245,60 +274,79 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
     );
     limit.unref();
     streamed.finally(() => clearTimeout(limit)).catch(() => {});
-    const completed = o.qmp.waitEvent('DUMP_COMPLETED', o.timeoutMs);
-    completed.catch(() => {});
-    try {
-      await o.qmp.execute(
-        'dump-guest-memory',
-        {
-          paging: false,
-          protocol: `file:${fifo}`,
-          detach: true,
-          format: o.format,
-        },
-        t,
+    if (!qmp) {
+      // libvirtd opens the FIFO (as root) and gives QEMU the descriptor; virsh returns
+      // once QEMU is done. A failed dump closes the FIFO, which ends the stream too.
+      const lv = o.libvirt as { uri: string; domain: string };
+      // dumpd holds a write end of its own until virsh returns, so that the reader
+      // sees neither an EOF before libvirtd opens the FIFO nor one between its
+      // open and QEMU's first write.
+      const holder = openSync(fifo, fsc.O_WRONLY | fsc.O_NONBLOCK);
+      pipe.resume();
+      const done = libvirtDump(lv.uri, lv.domain, fifo, o.format, o.timeoutMs).finally(() =>
+        closeSync(holder),
       );
-    } catch (e) {
-      pipe.destroy();
-      throw e;
-    }
-    // QEMU holds the FIFO open now; the name is no longer needed.
-    rmSync(fifo, { force: true });
-    fifo = null;
-    pipe.resume();
-    const poll = setInterval(() => {
-      o.qmp
-        .execute<{ status: string; completed: number; total: number }>('query-dump', undefined, {
-          timeoutMs: 5000,
-        })
-        .then(
-          (q) => {
-            if (q.status === 'active') o.onQemuProgress?.(q.completed, q.total);
+      done.catch(() => {});
+      const [s, d] = await Promise.allSettled([streamed, done]);
+      if (d.status === 'rejected') throw d.reason;
+      if (s.status === 'rejected') throw s.reason;
+      entry = await writer.finish();
+    } else {
+      const completed = qmp.waitEvent('DUMP_COMPLETED', o.timeoutMs);
+      completed.catch(() => {});
+      try {
+        await qmp.execute(
+          'dump-guest-memory',
+          {
+            paging: false,
+            protocol: `file:${fifo}`,
+            detach: true,
+            format: o.format,
           },
-          () => {},
+          t,
         );
-    }, 1000);
-    poll.unref();
-    streamed.finally(() => clearInterval(poll)).catch(() => {});
+      } catch (e) {
+        pipe.destroy();
+        throw e;
+      }
+      // QEMU holds the FIFO open now; the name is no longer needed.
+      rmSync(fifo, { force: true });
+      fifo = null;
+      pipe.resume();
+      const poll = setInterval(() => {
+        qmp
+          .execute<{ status: string; completed: number; total: number }>('query-dump', undefined, {
+            timeoutMs: 5000,
+          })
+          .then(
+            (q) => {
+              if (q.status === 'active') o.onQemuProgress?.(q.completed, q.total);
+            },
+            () => {},
+          );
+      }, 1000);
+      poll.unref();
+      streamed.finally(() => clearInterval(poll)).catch(() => {});
 
-    let streamError: unknown = null;
-    await streamed.catch((e: unknown) => {
-      streamError = e;
-    });
-    if (streamError) throw streamError;
-    const ev: QmpEvent = await completed;
-    const result = ev.data.result as { status?: string; completed?: number; total?: number };
-    if (ev.data.error || result?.status !== 'completed')
-      throw new DumpError(
-        'DUMP_QEMU_FAILED',
-        `QEMU's dump failed: ${String(ev.data.error ?? result?.status ?? 'unknown')}`,
-      );
-    entry = await writer.finish(Date.now(), o.note);
+      let streamError: unknown = null;
+      await streamed.catch((e: unknown) => {
+        streamError = e;
+      });
+      if (streamError) throw streamError;
+      const ev: QmpEvent = await completed;
+      const result = ev.data.result as { status?: string; completed?: number; total?: number };
+      if (ev.data.error || result?.status !== 'completed')
+        throw new DumpError(
+          'DUMP_QEMU_FAILED',
+          `QEMU's dump failed: ${String(ev.data.error ?? result?.status ?? 'unknown')}`,
+        );
+      entry = await writer.finish(Date.now(), o.note);
+    }
   } catch (e) {
     failure = e;
     if (writer) entry = await writer.fail(`${codeOf(e)}: ${(e as Error).message ?? e}`);
     // Let a detached QEMU dump end before touching the guest again.
-    if (writer) await waitDumpIdle(o.qmp, 30_000).catch(() => {});
+    if (writer && o.qmp) await waitDumpIdle(o.qmp, 30_000).catch(() => {});
   } finally {
     if (fifo) rmSync(fifo, { force: true });
   }
@@ -319,7 +367,8 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
       message: (failure as Error).message ?? String(failure),
     };
   try {
-    await applyAfter(o.qmp, o.after);
+    if (o.applyAfter) await o.applyAfter(o.after);
+    else if (o.qmp) await applyAfter(o.qmp, o.after);
     if (o.after === 'reboot') result.runningAt = Date.now();
   } catch (e) {
     result.afterError = { code: codeOf(e), message: (e as Error).message };

@@ -16,6 +16,9 @@ if [[ "${1:-}" == "--test" ]]; then
   want+=(qemu-system-x86 linux-image-amd64 busybox-static binutils cpio)
   # the agent: a real Prometheus scrapes it; libvirt's schema judges `attach --format libvirt`
   want+=(prometheus libvirt-clients libxml2-utils)
+  # libvirt guests: a real libvirtd (and virtlogd) the tests start; it brings the
+  # libvirt-qemu user that QEMU runs as
+  want+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
   # TLS: the tests make their certificates with openssl
   want+=(openssl)
   # deploy: real OpenSSH servers on loopback ports

@@ -9,12 +9,36 @@
 //                   (memory worth dumping that no boot touches: guestArgs' fillMiB
 //                   reserves it)
 //   panic           echo c > /proc/sysrq-trigger
+//   swap SERIAL     mkswap and swapon the virtio disk with that serial (the virtio
+//                   modules are loaded at boot)
+//   swapfill N MIB  write MIB MiB of BALLAST-SWAP-N lines into a tmpfs file (more than
+//                   the guest's RAM pushes it into swap), read them back, report the
+//                   swap used
+//   disks           list the block devices the guest sees, as NAME=SERIAL
 // The console is a Unix socket (QEMU's server), read and written by GuestConsole.
 
 import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { guestKernel, runOk } from './tools.js';
+
+/** virtio-blk and what it needs, in load order (modules in Debian's kernel). */
+const VIRTIO_MODULES = [
+  'virtio_ring',
+  'virtio',
+  'virtio_pci_modern_dev',
+  'virtio_pci_legacy_dev',
+  'virtio_pci',
+  'virtio_blk',
+];
+const VIRTIO_PATHS: Record<string, string> = {
+  virtio: 'drivers/virtio',
+  virtio_ring: 'drivers/virtio',
+  virtio_pci_modern_dev: 'drivers/virtio',
+  virtio_pci_legacy_dev: 'drivers/virtio',
+  virtio_pci: 'drivers/virtio',
+  virtio_blk: 'drivers/block',
+};
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -23,6 +47,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in /lib/pvpanic.ko /lib/pvpanic-mmio.ko; do insmod $m 2>/dev/null; done
+for m in ${VIRTIO_MODULES.map((m) => `/lib/${m}.ko`).join(' ')}; do insmod $m 2>/dev/null; done
 echo 1 > /proc/sys/kernel/sysrq
 echo "BALLAST-BOOT pvpanic=$(grep -c pvpanic /proc/modules)"
 while true; do
@@ -37,6 +62,22 @@ while true; do
         dd of=/dev/mem bs=65536 seek=1088 conv=notrunc 2>/dev/null; then
         echo BALLAST-FILLED; else echo BALLAST-FILL-FAILED; fi ;;
     panic) echo c > /proc/sysrq-trigger ;;
+    swap)
+      for d in /sys/block/*; do [ "$(cat $d/serial 2>/dev/null)" = "$arg" ] && dev=\${d##*/}; done
+      mkswap /dev/$dev >/dev/null && swapon /dev/$dev && echo "BALLAST-SWAPON $arg $dev" ;;
+    swapfill)
+      set -- $arg
+      mkdir -p /mnt && mount -t tmpfs -o size=1g tmpfs /mnt 2>/dev/null
+      bytes=$(($2 * 1048576))
+      yes "BALLAST-SWAP-$1" | head -c $bytes > /mnt/fill
+      used=$(awk '/^SwapTotal/{t=$2}/^SwapFree/{f=$2}END{print t-f}' /proc/meminfo)
+      if yes "BALLAST-SWAP-$1" | head -c $bytes | cmp -s - /mnt/fill; then r=ok; else r=bad; fi
+      echo "BALLAST-FILLED $r swapKiB=$used"
+      rm -f /mnt/fill ;;
+    disks)
+      l=""; for d in /sys/block/*; do l="$l \${d##*/}=$(cat $d/serial 2>/dev/null)"; done
+      echo "BALLAST-DISKS$l" ;;
+    run) eval "$arg"; echo BALLAST-RAN ;;
   esac
 done
 `;
@@ -69,6 +110,12 @@ export async function buildGuest(dir: string): Promise<{ kernel: string; initrd:
     if (existsSync(src)) copyFileSync(src, path.join(root, 'lib', m));
     else if (existsSync(`${src}.xz`))
       await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${path.join(root, 'lib', m)}'`]);
+  }
+  for (const m of VIRTIO_MODULES) {
+    const src = `/lib/modules/${release(kernel)}/kernel/${VIRTIO_PATHS[m]}/${m}.ko`;
+    const dst = path.join(root, 'lib', `${m}.ko`);
+    if (existsSync(src)) copyFileSync(src, dst);
+    else if (existsSync(`${src}.xz`)) await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
   }
   writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
   await runOk('sh', [

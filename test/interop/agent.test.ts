@@ -184,7 +184,7 @@ describeWithTools(['qemu-io', 'qemu-img'], 'ballast agent: API and CLI end to en
     expectOk(q);
     expect(q.stdout.trim()).toBe(
       `-blockdev driver=nbd,node-name=ballast-swap-vm1,server.type=unix,server.path=${agent.nbdSocket},export=swap-vm1 ` +
-        '-device virtio-blk-pci,drive=ballast-swap-vm1,id=ballast-swap-vm1-dev',
+        '-device virtio-blk-pci,drive=ballast-swap-vm1,id=ballast-swap-vm1-dev,serial=swap-vm1',
     );
     const x = await agent.cli('attach', 'swap-vm1', '--format', 'libvirt');
     expectOk(x);
