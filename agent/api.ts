@@ -53,7 +53,15 @@ const STATUS: Record<string, number> = {
   STORE_CLOSED: 503,
   STORE_UNAVAILABLE: 503,
   STORE_TIMEOUT: 504,
+  NOTIFY_EXISTS: 409,
+  NOTIFY_NOT_FOUND: 404,
 };
+
+/** The HTTP status the API answers an error code with (docs/errors.md lists them). */
+export function httpStatus(code: string): number {
+  // The store's own trouble is the agent's (500) unless listed otherwise.
+  return STATUS[code] ?? PR_STATUS[code] ?? (code.startsWith('STORE_') ? 500 : 400);
+}
 
 export interface ApiContext {
   devices: DeviceManager;
@@ -321,9 +329,7 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
       );
     } catch (e) {
       if (isBallastError(e)) {
-        const status =
-          STATUS[e.code] ?? PR_STATUS[e.code] ?? (e.code === 'BALLAST_INTERNAL' ? 500 : 400);
-        send(status, { code: e.code, message: e.message });
+        send(httpStatus(e.code), { code: e.code, message: e.message });
       } else {
         opts.log(`api: internal error: ${(e as Error).stack ?? e}`);
         send(500, { code: 'BALLAST_INTERNAL', message: (e as Error).message ?? String(e) });

@@ -17,7 +17,7 @@ import { failpoint } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, SparseFileBackend } from './sparse-file.js';
-import { isStoreError, type KeyValue, type Store } from './store/store.js';
+import { type KeyValue, type Store, untilAnswered } from './store/store.js';
 
 export type Role = 'paging' | 'dump' | 'data';
 export const ROLES: readonly Role[] = ['paging', 'dump', 'data'];
@@ -558,7 +558,7 @@ export class DeviceManager {
       }
       for (const f of files) await f.close().catch(() => {});
       await this.removeFiles(rec);
-      if (mine) await this.retryStore(() => this.store.deleteIf(PREFIX + name, kv.modRevision));
+      if (mine) await untilAnswered(() => this.store.deleteIf(PREFIX + name, kv.modRevision));
       throw e;
     }
   }
@@ -566,22 +566,9 @@ export class DeviceManager {
   /** The device's record once the store answers (a timed-out write may or may not have landed). */
   private async settledRecord(name: string): Promise<KeyValue | undefined> {
     try {
-      return await this.retryStore(() => this.store.get(PREFIX + name));
+      return await untilAnswered(() => this.store.get(PREFIX + name));
     } catch {
       return undefined;
-    }
-  }
-
-  /** Runs a store call until it answers, for up to 20 s of retryable failures (an etcd election). */
-  private async retryStore<T>(fn: () => Promise<T>): Promise<T> {
-    const until = performance.now() + 20_000;
-    for (;;) {
-      try {
-        return await fn();
-      } catch (e) {
-        if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
-        await new Promise((r) => setTimeout(r, 200));
-      }
     }
   }
 
@@ -683,7 +670,7 @@ export class DeviceManager {
       this.live.delete(name);
       for (const f of l.files) await f.close().catch(() => {});
       await this.removeFiles(rec);
-      const del = await this.retryStore(() => this.store.delete(PREFIX + name));
+      const del = await untilAnswered(() => this.store.delete(PREFIX + name));
       await this.onRemoved?.(name);
       this.log(`device ${name}: deleted`);
       return { revision: del.revision, record: rec };

@@ -29,7 +29,15 @@ import {
   readKeys,
   readReservation,
 } from './pr.js';
-import { cmp, isStoreError, type KeyValue, op, type Store, StoreError } from './store/store.js';
+import {
+  cmp,
+  isStoreError,
+  type KeyValue,
+  op,
+  type Store,
+  StoreError,
+  untilAnswered,
+} from './store/store.js';
 
 const PR_PREFIX = 'pr/';
 const AUDIT_PREFIX = 'pr-audit/';
@@ -340,19 +348,6 @@ export class ReservationManager {
     );
   }
 
-  /** A read retried through retryable failures for up to 20 s (an etcd election). */
-  private async untilAnswered<T>(fn: () => Promise<T>): Promise<T> {
-    const until = performance.now() + 20_000;
-    for (;;) {
-      try {
-        return await fn();
-      } catch (e) {
-        if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
-        await new Promise((r) => setTimeout(r, 200));
-      }
-    }
-  }
-
   /** Reads one device's reservation record again (after losing a race to another agent). */
   private async reload(device: string): Promise<void> {
     const kv = await this.store.get(PR_PREFIX + device);
@@ -506,8 +501,8 @@ export class ReservationManager {
         // A store that timed out (an etcd election) may or may not have made the
         // change: read until it answers, and say which.
         if (!isStoreError(e) || !e.retryable) throw e;
-        const kv = await this.untilAnswered(() => this.store.get(key));
-        const audit = await this.untilAnswered(() => this.store.get(auditKey));
+        const kv = await untilAnswered(() => this.store.get(key));
+        const audit = await untilAnswered(() => this.store.get(auditKey));
         if (!kv || kv.value !== value || audit?.value !== JSON.stringify(entry)) {
           throw new StoreError(
             e.code,

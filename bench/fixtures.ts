@@ -4,8 +4,8 @@
 // without a Write Exclusive reservation held by the identity fio connects as.
 
 import { linkSync, mkdirSync, unlinkSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
 import { join } from 'node:path';
+import { type ApiReply, apiRequest } from './api.js';
 import { Child, run } from './proc.js';
 
 /** The identity fio's connections get on the agent (mapped from its Unix peer uid or TCP source). */
@@ -138,44 +138,8 @@ export function writeAgentConfig(fx: AgentFixture, name: string, nbd: AgentNbd):
   return file;
 }
 
-interface ApiReply {
-  status: number;
-  body: Record<string, unknown>;
-  text: string;
-}
-
 function api(socketPath: string, method: string, path: string, body?: unknown): Promise<ApiReply> {
-  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      {
-        socketPath,
-        method,
-        path,
-        headers: payload
-          ? { 'content-type': 'application/json', 'content-length': payload.length }
-          : {},
-        timeout: 30_000,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          let parsed: Record<string, unknown> = {};
-          try {
-            parsed = JSON.parse(text) as Record<string, unknown>;
-          } catch {
-            // not JSON; the text is kept
-          }
-          resolve({ status: res.statusCode ?? 0, body: parsed, text });
-        });
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error(`${method} ${path}: timed out`)));
-    req.on('error', reject);
-    req.end(payload);
-  });
+  return apiRequest(socketPath, method, path, body, 30_000);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

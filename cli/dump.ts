@@ -7,9 +7,9 @@ import http from 'node:http';
 import type { Command } from 'commander';
 import { BallastError } from '../agent/errors.js';
 import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
-import { DEFAULT_LISTEN, type DeviceRef, parseConfig } from '../dumpd/config.js';
+import { DEFAULT_LISTEN, DEFAULT_RUN_DIR, type DeviceRef, parseConfig } from '../dumpd/config.js';
 import { kdumpFromElf, writeElfFromStream } from '../dumpd/core.js';
-import { type AgentDeviceRef, Dumpd, type DumpEvent } from '../dumpd/daemon.js';
+import { type AgentDeviceRef, Dumpd, type DumpEvent, tokenPath } from '../dumpd/daemon.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
 import type { DumpResult } from '../dumpd/job.js';
@@ -189,7 +189,36 @@ function progress(total: number, enabled: boolean) {
   return draw;
 }
 
-function dumpdRequest(where: string, method: string, path: string): Promise<unknown> {
+/**
+ * The bearer token for dumpd's TCP listener: --dumpd-token-file, else
+ * BALLAST_DUMPD_TOKEN, else the local dumpd's own (DEFAULT_RUN_DIR/token, for
+ * whoever may read it: root).
+ */
+function dumpdToken(file: string | undefined): string | undefined {
+  if (file !== undefined) {
+    try {
+      return readFileSync(file, 'utf8').trim();
+    } catch (e) {
+      throw new DumpError(
+        'DUMP_UNAUTHORIZED',
+        `cannot read the token file ${file}: ${(e as Error).message}`,
+      );
+    }
+  }
+  if (process.env.BALLAST_DUMPD_TOKEN) return process.env.BALLAST_DUMPD_TOKEN.trim();
+  try {
+    return readFileSync(tokenPath(DEFAULT_RUN_DIR), 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function dumpdRequest(
+  where: string,
+  method: string,
+  path: string,
+  token?: string,
+): Promise<unknown> {
   const target =
     where.startsWith('/') || where.startsWith('unix:')
       ? { socketPath: where.replace(/^unix:/, '') }
@@ -199,7 +228,15 @@ function dumpdRequest(where: string, method: string, path: string): Promise<unkn
         })();
   return new Promise((resolve, reject) => {
     const req = http.request(
-      { ...target, method, path, headers: { accept: 'application/json' } },
+      {
+        ...target,
+        method,
+        path,
+        headers: {
+          accept: 'application/json',
+          ...(token && !('socketPath' in target) ? { authorization: `Bearer ${token}` } : {}),
+        },
+      },
       (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
@@ -246,7 +283,8 @@ export function registerDump(program: Command): void {
         '(QEMU started with -device pvpanic -action panic=pause) it streams dump-guest-memory ' +
         "through a FIFO onto the guest's dump device over NBD, marks the dump complete with its " +
         'CRC-32 (or failed), then applies the after-dump policy. /metrics and the control API ' +
-        'are on --listen (default 127.0.0.1:9411). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
+        'are on --listen (default 127.0.0.1:9411); on TCP a dump on request needs the bearer token ' +
+        'dumpd writes to RUNDIR/token (mode 0600). SIGTERM or SIGINT lets running dumps finish, then exits 0.',
     )
     .option(
       '-c, --config <FILE>',
@@ -323,6 +361,10 @@ Config example:
     .argument('<GUEST>')
     .option('--dumpd <ADDR>', `dumpd's listener (default BALLAST_DUMPD or ${DEFAULT_LISTEN})`)
     .option(
+      '--dumpd-token-file <FILE>',
+      `dumpd's bearer token, for a TCP listener (default BALLAST_DUMPD_TOKEN, else ${tokenPath(DEFAULT_RUN_DIR)})`,
+    )
+    .option(
       '--after <WHAT>',
       "then: reboot | pause | poweroff | none (default: the guest's configured policy if it sits panicked, else none)",
     )
@@ -335,7 +377,13 @@ Config example:
       action(
         async (
           guest: string,
-          o: { dumpd?: string; after?: string; earlyReboot?: boolean; json?: boolean },
+          o: {
+            dumpd?: string;
+            dumpdTokenFile?: string;
+            after?: string;
+            earlyReboot?: boolean;
+            json?: boolean;
+          },
         ) => {
           const where = o.dumpd ?? process.env.BALLAST_DUMPD ?? DEFAULT_LISTEN;
           const params = new URLSearchParams();
@@ -349,6 +397,7 @@ Config example:
             where,
             'POST',
             `/v1/guests/${encodeURIComponent(guest)}/dump${q}`,
+            dumpdToken(o.dumpdTokenFile),
           )) as DumpResult;
           if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
           else if (r.ok && r.entry)

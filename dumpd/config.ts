@@ -90,6 +90,7 @@ export const DEFAULT_POLICY: Policy = {
   loopLimit: { dumps: 3, minutes: 10 },
 };
 export const DEFAULT_LISTEN = '127.0.0.1:9411';
+export const DEFAULT_RUN_DIR = '/run/ballast-dumpd';
 
 function bad(msg: string): never {
   throw new DumpError('DUMP_BAD_CONFIG', msg);
@@ -253,7 +254,7 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
     bad(`${source}: dumpTimeoutSeconds must be a positive number`);
   return {
     listen: (str(r, 'listen', source, false) ?? DEFAULT_LISTEN) as string,
-    runDir: str(r, 'runDir', source, false) ?? '/run/ballast-dumpd',
+    runDir: str(r, 'runDir', source, false) ?? DEFAULT_RUN_DIR,
     defaults,
     guests,
     watch,

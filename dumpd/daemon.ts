@@ -9,17 +9,35 @@
 //                                     guest's policy if it sits panicked, else none;
 //                                     early-reboot reboots the guest while the dump streams)
 //
+// On a TCP listener the POST needs `Authorization: Bearer TOKEN`, the token dumpd
+// writes to RUNDIR/token (mode 0600) at start: a dump reads a guest's memory and
+// may reboot or power it off, so no other local user may ask for one. On a Unix
+// socket the socket's mode (0600) guards it. Slow or idle HTTP clients are cut
+// off as on the agent's API (api-guard.ts).
+//
 // One dump per guest at a time. A panic while a dump of the guest runs (an early-reboot
 // dump streams while the rebooted guest runs, and may panic again) waits: QEMU keeps the
 // guest stopped in guest-panicked, and once the running dump is settled the new panic is
 // dumped (and the guest rebooted) by the guest's policy. The running dump is never
 // touched by it; a third panic cannot happen while the guest is stopped.
 
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { existsSync, type FSWatcher, readdirSync, statSync, watch } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  type FSWatcher,
+  mkdirSync,
+  readdirSync,
+  statSync,
+  watch,
+  writeFileSync,
+} from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
+import path from 'node:path';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { createApiGuard } from '../agent/api-guard.js';
 import { DumpError } from './catalog.js';
 import {
   AFTER,
@@ -144,6 +162,8 @@ export class Dumpd extends EventEmitter {
   readonly registry = new Registry();
   private readonly guests = new Map<string, GuestState>();
   private server: http.Server | null = null;
+  /** The bearer token a POST on a TCP listener needs (null on a Unix socket). */
+  private token: string | null = null;
   private watchers: FSWatcher[] = [];
   private stopped = false;
   private readonly m;
@@ -700,8 +720,31 @@ export class Dumpd extends EventEmitter {
 
   private listen(): Promise<string> {
     const srv = http.createServer((req, res) => void this.handle(req, res));
+    createApiGuard(srv, {
+      maxConnections: 128,
+      headersTimeoutMs: 10_000,
+      requestTimeoutMs: 30_000,
+    });
     this.server = srv;
     const l = this.cfg.listen;
+    const unix = l.startsWith('/') || l.startsWith('unix:');
+    if (!unix) {
+      try {
+        mkdirSync(this.cfg.runDir, { recursive: true, mode: 0o700 });
+        const token = randomBytes(32).toString('hex');
+        const file = tokenPath(this.cfg.runDir);
+        writeFileSync(file, `${token}\n`, { mode: 0o600 });
+        chmodSync(file, 0o600);
+        this.token = token;
+      } catch (e) {
+        return Promise.reject(
+          new DumpError(
+            'DUMP_LISTEN_FAILED',
+            `cannot write the API token in ${this.cfg.runDir}: ${(e as Error).message}`,
+          ),
+        );
+      }
+    }
     return new Promise((resolve, reject) => {
       srv.once('error', (e: NodeJS.ErrnoException) =>
         reject(
@@ -714,8 +757,13 @@ export class Dumpd extends EventEmitter {
           typeof a === 'string' ? a : `${(a as AddressInfo).address}:${(a as AddressInfo).port}`,
         );
       };
-      if (l.startsWith('/') || l.startsWith('unix:')) srv.listen(l.replace(/^unix:/, ''), done);
-      else {
+      if (unix) {
+        const p = l.replace(/^unix:/, '');
+        srv.listen(p, () => {
+          chmodSync(p, 0o600);
+          done();
+        });
+      } else {
         const m = /^(\[[^\]]+\]|[^:]*):(\d+)$/.exec(l);
         if (!m) {
           reject(
@@ -735,8 +783,20 @@ export class Dumpd extends EventEmitter {
       res.writeHead(status, { 'content-type': type });
       res.end(text);
     };
+    req.resume(); // no route reads a body; its end settles the request deadline
     try {
       const url = new URL(req.url ?? '/', 'http://dumpd');
+      if (req.method === 'POST' && this.token !== null) {
+        const want = Buffer.from(`Bearer ${this.token}`);
+        const got = Buffer.from(req.headers.authorization ?? '');
+        if (got.length !== want.length || !timingSafeEqual(got, want)) {
+          send(401, {
+            code: 'DUMP_UNAUTHORIZED',
+            message: `a valid bearer token is required (Authorization: Bearer TOKEN, the token in ${tokenPath(this.cfg.runDir)})`,
+          });
+          return;
+        }
+      }
       if (req.method === 'GET' && url.pathname === '/metrics') {
         send(200, await this.registry.metrics(), this.registry.contentType);
         return;
@@ -760,7 +820,13 @@ export class Dumpd extends EventEmitter {
       }
       const m = /^\/v1\/guests\/([^/]+)\/dump$/.exec(url.pathname);
       if (m && req.method === 'POST') {
-        const name = decodeURIComponent(m[1] as string);
+        let name: string;
+        try {
+          name = decodeURIComponent(m[1] as string);
+        } catch {
+          send(400, { code: 'DUMP_BAD_REQUEST', message: 'malformed %-escape in the guest name' });
+          return;
+        }
         const after = url.searchParams.get('after') ?? (await this.defaultAfter(name));
         if (!(AFTER as readonly string[]).includes(after)) {
           send(400, {
@@ -814,4 +880,9 @@ export class Dumpd extends EventEmitter {
     });
     this.server = null;
   }
+}
+
+/** Where dumpd keeps the bearer token of its TCP listener. */
+export function tokenPath(runDir: string): string {
+  return path.join(runDir, 'token');
 }

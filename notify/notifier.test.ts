@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { openMemoryStore } from '../agent/store/memory-store.js';
 import type { Store } from '../agent/store/store.js';
 import { Receiver } from '../test/helpers/receiver.js';
-import { Notifier, retryAfterMs, validateRecipient } from './notifier.js';
+import { Notifier, retryAfterMs, retryDelay, validateRecipient } from './notifier.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 async function until(pred: () => boolean, ms = 10_000): Promise<void> {
@@ -71,6 +71,26 @@ describe('Notifier', () => {
       'io.ballast.resync ',
       'io.ballast.device.created d2',
     ]);
+  });
+
+  it('backs off exponentially with jitter up to the cap; Retry-After wins when longer', () => {
+    const lo = () => 0;
+    const hi = () => 1;
+    expect(retryDelay(0, 200, 300_000, undefined, hi)).toBe(200);
+    expect(retryDelay(0, 200, 300_000, undefined, lo)).toBe(100);
+    expect(retryDelay(3, 200, 300_000, undefined, hi)).toBe(1600);
+    const grown = [0, 5, 10, 11, 15, 40, 1000].map((a) =>
+      retryDelay(a, 200, 300_000, undefined, hi),
+    );
+    expect(grown).toEqual([200, 6400, 204_800, 300_000, 300_000, 300_000, 300_000]);
+    for (let a = 0; a < 50; a++) {
+      const w = retryDelay(a, 200, 300_000);
+      expect(w).toBeLessThanOrEqual(300_000);
+      expect(w).toBeGreaterThanOrEqual(Math.min(300_000, 200 * 2 ** a) / 2);
+    }
+    expect(retryDelay(0, 200, 300_000, 5000, hi)).toBe(5000);
+    expect(retryDelay(12, 200, 300_000, 5000, hi)).toBe(300_000);
+    expect(retryDelay(0, 200, 300_000, 86_400_000, hi)).toBe(3_600_000);
   });
 
   it('validates recipients and Retry-After', () => {

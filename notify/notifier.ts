@@ -303,11 +303,12 @@ class Delivery {
         await this.n.disable(this.recipient.name, `${r.error ?? 'HTTP 410 Gone'} at event ${e.id}`);
         return false;
       }
-      const cap = this.n.opts.retryCapMs ?? 30_000;
-      const base = this.n.opts.retryBaseMs ?? 200;
-      let wait = Math.min(cap, base * 2 ** Math.min(attempt, 20));
-      wait = wait / 2 + Math.random() * (wait / 2);
-      if (r.retryAfterMs !== undefined) wait = Math.min(Math.max(r.retryAfterMs, wait), 3_600_000);
+      const wait = retryDelay(
+        attempt,
+        this.n.opts.retryBaseMs ?? 200,
+        this.n.opts.retryCapMs ?? 30_000,
+        r.retryAfterMs,
+      );
       await new Promise<void>((res) => {
         const t = setTimeout(res, wait);
         this.wake = () => {
@@ -321,6 +322,23 @@ class Delivery {
     }
     return false;
   }
+}
+
+/**
+ * How long to wait before retry `attempt` (0 for the first retry): exponential from `baseMs`
+ * up to `capMs`, with jitter over its upper half; a receiver's Retry-After (429/503) is
+ * honoured when longer, up to an hour.
+ */
+export function retryDelay(
+  attempt: number,
+  baseMs: number,
+  capMs: number,
+  retryAfterMs?: number,
+  random: () => number = Math.random,
+): number {
+  const full = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 20));
+  const wait = full / 2 + random() * (full / 2);
+  return retryAfterMs === undefined ? wait : Math.min(Math.max(retryAfterMs, wait), 3_600_000);
 }
 
 export class Notifier {

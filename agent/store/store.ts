@@ -308,6 +308,22 @@ export function isStoreError(e: unknown, code?: StoreErrorCode): e is StoreError
   return e instanceof StoreError && (code === undefined || e.code === code);
 }
 
+/**
+ * Runs a store call until it answers, through retryable failures (an etcd election, a
+ * member restarting) for up to `forMs`; any other failure, or the last one, is thrown.
+ */
+export async function untilAnswered<T>(fn: () => Promise<T>, forMs = 20_000): Promise<T> {
+  const until = performance.now() + forMs;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (e) {
+      if (!isStoreError(e) || !e.retryable || performance.now() > until) throw e;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+}
+
 /** Throw STORE_CONFLICT unless the CAS succeeded; returns the result for chaining. */
 export function requireSucceeded<T extends { succeeded: boolean }>(res: T, what: string): T {
   if (!res.succeeded) throw new StoreError('STORE_CONFLICT', `${what}: the compare failed`);

@@ -40,6 +40,8 @@ describeWithTools(
     const nonce = randomBytes(6).toString('hex');
     let uri: (device: string) => string;
     const server = { uri: (d: string) => uri(d) };
+    /** The flag that hands `dump now` the token of the dumpd whose runDir is dir/RUN. */
+    const token = (run: string) => ['--dumpd-token-file', path.join(dir, run, 'token')];
 
     const until = async (f: () => boolean | Promise<boolean>, what: string, timeoutMs = 60_000) => {
       const deadline = Date.now() + timeoutMs;
@@ -252,9 +254,23 @@ describeWithTools(
     it(
       'a dump that does not fit fails cleanly and leaves the earlier dump intact',
       async () => {
-        const first = await ballast(['dump', 'now', 'small', '--dumpd', `127.0.0.1:${port}`]);
+        const first = await ballast([
+          'dump',
+          'now',
+          'small',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+          ...token('run'),
+        ]);
         expect(first.code, describeRun(first)).toBe(0);
-        const second = await ballast(['dump', 'now', 'small', '--dumpd', `127.0.0.1:${port}`]);
+        const second = await ballast([
+          'dump',
+          'now',
+          'small',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+          ...token('run'),
+        ]);
         expect(second.code).toBe(1);
         expect(second.stderr).toContain('DUMP_NO_SPACE');
         const ls = await ballast(['dump', 'ls', server.uri('small-dump'), '--json']);
@@ -296,6 +312,7 @@ describeWithTools(
           '--json',
           '--dumpd',
           `127.0.0.1:${port}`,
+          ...token('run'),
         ]);
         expect(huge.code).toBe(1);
         const r = JSON.parse(huge.stdout) as {
@@ -321,7 +338,14 @@ describeWithTools(
     it(
       'kdump-zlib is stored flattened and reassembled into a kdump file',
       async () => {
-        const now = await ballast(['dump', 'now', 'kd', '--dumpd', `127.0.0.1:${port}`]);
+        const now = await ballast([
+          'dump',
+          'now',
+          'kd',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+          ...token('run'),
+        ]);
         expect(now.code, describeRun(now)).toBe(0);
         const flat = path.join(dir, 'kd.flat');
         const raw = path.join(dir, 'kd.kdump');
@@ -396,10 +420,17 @@ describeWithTools(
           if (Date.now() > deadline) throw new Error(`second dumpd did not connect:\n${log2}`);
           await new Promise((r) => setTimeout(r, 50));
         }
-        const tiny = await ballast(['dump', 'now', 'tiny', '--dumpd', `127.0.0.1:${port2}`]);
+        const tiny = await ballast([
+          'dump',
+          'now',
+          'tiny',
+          '--dumpd',
+          `127.0.0.1:${port2}`,
+          ...token('run2'),
+        ]);
         expect(tiny.code, describeRun(tiny)).toBe(0);
         // Start the big dump and kill dumpd as soon as its bytes are flowing.
-        void ballast(['dump', 'now', 'big', '--dumpd', `127.0.0.1:${port2}`]);
+        void ballast(['dump', 'now', 'big', '--dumpd', `127.0.0.1:${port2}`, ...token('run2')]);
         for (;;) {
           const m = await fetch(`http://127.0.0.1:${port2}/metrics`)
             .then((r) => r.text())
@@ -431,7 +462,14 @@ describeWithTools(
     it(
       'QMP errors and unknown guests carry stable codes',
       async () => {
-        const r = await ballast(['dump', 'now', 'nope', '--dumpd', `127.0.0.1:${port}`]);
+        const r = await ballast([
+          'dump',
+          'now',
+          'nope',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+          ...token('run'),
+        ]);
         expect(r.code).toBe(1);
         expect(r.stderr).toContain('DUMP_UNKNOWN_GUEST');
         const q = await QmpClient.connect(path.join(dir, 'kd.qmp'), { timeoutMs: 300 }).catch(

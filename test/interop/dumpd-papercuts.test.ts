@@ -86,7 +86,16 @@ watch:
   });
 
   it('`dump now` leaves a running guest running although the policy says reboot', async () => {
-    const now = await run(process.execPath, [BALLAST_BIN, 'dump', 'now', 'plain', '--dumpd', addr]);
+    const token = ['--dumpd-token-file', path.join(dir, 'run', 'token')];
+    const now = await run(process.execPath, [
+      BALLAST_BIN,
+      'dump',
+      'now',
+      'plain',
+      '--dumpd',
+      addr,
+      ...token,
+    ]);
     expect(now.code, describeRun(now)).toBe(0);
     expect(now.stdout).toMatch(/^dump 1 of plain: .*; after: none$/m);
     const forced = await run(process.execPath, [
@@ -96,6 +105,7 @@ watch:
       'plain',
       '--dumpd',
       addr,
+      ...token,
       '--after',
       'pause',
       '--json',

@@ -2,7 +2,7 @@
 // guests found in a watched directory, reconnection after QEMU restarts, on-demand
 // dumps with each after-dump policy, retention with trims, and /metrics.
 
-import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseConfig } from '../../dumpd/config.js';
@@ -172,10 +172,31 @@ watch:
     expect(g.guests.map((x) => x.name)).toEqual(['a']);
     expect(g.guests[0]?.connected).toBe(true);
     // Nothing of any dump, good or failed, is left on the host's disk: FIFOs only, removed.
-    expect(readdirSync(path.join(dir, 'run'))).toEqual([]);
-    const bad = await fetch(`http://${addr}/v1/guests/zzz/dump`, { method: 'POST' });
+    // The API token is all there is (root only).
+    expect(readdirSync(path.join(dir, 'run'))).toEqual(['token']);
+    const token = path.join(dir, 'run', 'token');
+    expect(statSync(token).mode & 0o777).toBe(0o600);
+    const authorization = `Bearer ${readFileSync(token, 'utf8').trim()}`;
+    // A dump reads a guest's memory and may reboot it: not without the token.
+    for (const headers of [{}, { authorization: 'Bearer nope' }] as Record<string, string>[]) {
+      const r = await fetch(`http://${addr}/v1/guests/a/dump?after=poweroff`, {
+        method: 'POST',
+        headers,
+      });
+      expect(r.status).toBe(401);
+      expect(((await r.json()) as { code: string }).code).toBe('DUMP_UNAUTHORIZED');
+    }
+    const bad = await fetch(`http://${addr}/v1/guests/zzz/dump`, {
+      method: 'POST',
+      headers: { authorization },
+    });
     expect(bad.status).toBe(404);
     expect(((await bad.json()) as { code: string }).code).toBe('DUMP_UNKNOWN_GUEST');
+    const malformed = await fetch(`http://${addr}/v1/guests/%ZZ/dump`, {
+      method: 'POST',
+      headers: { authorization },
+    });
+    expect(malformed.status).toBe(400);
   });
 });
 

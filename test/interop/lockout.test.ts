@@ -2,10 +2,13 @@
 // a thousand connections that connect and send nothing, or stop in the middle
 // of an option, neither keep a new client out nor take an established one's
 // place; they are closed at the handshake deadline, and the server's memory
-// stays bounded. Connections in transmission are never timed out.
+// stays bounded. Connections in transmission are never timed out. The same
+// holds for the agent with its default limits, on its TCP and Unix listeners.
 
+import { chmodSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import {
   CMD_READ,
   FLAG_C_FIXED_NEWSTYLE,
@@ -164,6 +167,74 @@ describeWithTools(['nbdsh'], 'a thousand idle connections lock no one out', () =
   );
 });
 
+describeWithTools(['nbdsh'], 'the agent, with its default limits: no lockout either', () => {
+  // The agent's own defaults (64 connections in handshake, 1024 in all), but a
+  // short deadline to keep the test quick; the TCP client is named by its address.
+  let agent: AgentHandle;
+  const isRoot = process.getuid?.() === 0;
+
+  beforeAll(async () => {
+    if (!isRoot) return;
+    agent = await startAgent({
+      nbd: { handshakeLimit: DEADLINE_S, identities: ['127.0.0.1=host-a'] },
+    });
+    const c = await agent.cli('device', 'create', 'disk', '--size', '16M', '--role', 'paging');
+    expect(c.code, describeRun(c)).toBe(0);
+    const w = await run(SYSTEM_PYTHON, [
+      '-c',
+      dedent(`
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(${JSON.stringify(agent.uri('disk'))})
+        h.pwrite(b'\\x5a' * 65536, 0)
+        h.flush()
+        h.shutdown()
+      `),
+    ]);
+    expect(w.code, describeRun(w)).toBe(0);
+  }, 60_000);
+
+  afterAll(async () => {
+    if (agent) expect(await agent.stop()).toBe(0);
+  });
+
+  it.runIf(isRoot)(
+    'a thousand idle connections on each listener: a new libnbd client is served within 1 s',
+    async () => {
+      const before = await rssBytes(agent.child.pid!);
+      for (const transport of ['tcp', 'unix'] as const) {
+        const target = transport === 'tcp' ? { port: agent.nbdPort } : { path: agent.nbdSocket };
+        const { socks, closed } = await flood(target, IDLE);
+        expect(socks.length).toBe(IDLE);
+        const uri =
+          transport === 'tcp' ? `nbd://127.0.0.1:${agent.nbdPort}/disk` : agent.uri('disk');
+        expect(await timedRead(uri), transport).toBeLessThan(1);
+        const all = Promise.all(closed).then(() => 'all closed');
+        const late = new Promise((r) =>
+          setTimeout(() => r('some still open'), DEADLINE_S * 1000 + 5_000),
+        );
+        expect(await Promise.race([all, late]), transport).toBe('all closed');
+      }
+      const after = await rssBytes(agent.child.pid!);
+      expect(after - before, `RSS ${before} → ${after}`).toBeLessThan(48 * MiB);
+      // Its metrics say why it closed them: the oldest made room for newer ones
+      // (past 64 in handshake), the last ones waited for the deadline. (A few
+      // of a burst may be dropped by the kernel's backlog and never reach it.)
+      const m = (await agent.api('GET', '/metrics')).text;
+      const closed = (reason: string) =>
+        Number(
+          new RegExp(`ballast_nbd_closed_connections_total\\{reason="${reason}"\\} (\\d+)`).exec(
+            m,
+          )?.[1],
+        );
+      expect(closed('evicted'), m).toBeGreaterThan(IDLE);
+      expect(closed('handshake_timeout'), m).toBeGreaterThan(0);
+      expect(closed('handshake_timeout'), m).toBeLessThanOrEqual(2 * 64);
+    },
+    90_000,
+  );
+});
+
 describeWithTools(['nbdsh'], 'per-source limits', () => {
   let server: ServerHandle;
 
@@ -202,6 +273,52 @@ describeWithTools(['nbdsh'], 'per-source limits', () => {
       await u.handshake('disk');
       for (const x of [a, b, c, u]) x.destroy();
       expect(server.stderr()).toContain('at its limit of 3');
+    },
+    30_000,
+  );
+});
+
+describeWithTools(['nbdinfo', 'setpriv'], 'per-uid limits on the Unix socket', () => {
+  // The agent's NBD socket opened to group nogroup (65534), so that uid 65534
+  // may connect too: each uid is a source of its own.
+  let agent: AgentHandle;
+  const isRoot = process.getuid?.() === 0;
+
+  beforeAll(async () => {
+    if (!isRoot) return;
+    agent = await startAgent({ nbd: { maxPerSource: 2, socketGroup: 'nogroup' } });
+    chmodSync(agent.dir, 0o755);
+    const c = await agent.cli('device', 'create', 'disk', '--size', '4M');
+    expect(c.code, describeRun(c)).toBe(0);
+  }, 60_000);
+
+  afterAll(async () => {
+    if (agent) expect(await agent.stop()).toBe(0);
+  });
+
+  it.runIf(isRoot)(
+    "a uid at its limit is refused; another uid's client is served",
+    async () => {
+      const a = await RawClient.connect(agent.nbdSocket);
+      await a.handshake('disk');
+      const b = await RawClient.connect(agent.nbdSocket);
+      await b.handshake('disk');
+      const c = await RawClient.connect(agent.nbdSocket);
+      expect(await c.waitClose(5_000)).toBe('closed');
+      const other = await run('setpriv', [
+        '--reuid=65534',
+        '--regid=65534',
+        '--clear-groups',
+        '--',
+        'nbdinfo',
+        '--size',
+        agent.uri('disk'),
+      ]);
+      expect(other.code, describeRun(other)).toBe(0);
+      expect(other.stdout.trim()).toBe(String(4 * MiB));
+      expect(agent.stderr()).toContain('source uid:0 at its limit of 2');
+      a.destroy();
+      b.destroy();
     },
     30_000,
   );

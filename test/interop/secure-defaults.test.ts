@@ -1,14 +1,20 @@
 // Secure by default: a local unprivileged user (uid 65534, through setpriv)
 // tries what the agent's defaults once allowed: reading and writing a guest's
 // device over NBD (Unix socket and TCP), creating devices, changing a
-// reservation, scraping /metrics. Each is refused with its documented error;
-// root's CLI works with no flags, and a member of the socket's group (the kvm
-// group QEMU runs in under libvirt) reaches the NBD socket.
+// reservation, scraping /metrics, any other mutating route, asking dumpd for a
+// dump (which reads a guest's memory and may reboot it). Each is refused with
+// its documented error; root's CLI works with the token it reads itself (with
+// no flags at all on the default paths: root-defaults.test.ts), and a member of
+// the socket's group (the kvm group QEMU runs in under libvirt) reaches the NBD
+// socket.
 
 import { chmodSync, readFileSync, statSync } from 'node:fs';
+import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { parseConfig } from '../../dumpd/config.js';
+import { Dumpd } from '../../dumpd/daemon.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { BALLAST_BIN } from '../helpers/server.js';
+import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import {
   describeRun,
   describeWithTools,
@@ -102,11 +108,24 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
     expect(statSync(`${agent.dataDir}/api-token`).mode & 0o777).toBe(0o600);
   });
 
-  it.runIf(isRoot)('an unprivileged user cannot open a device on the NBD socket', async () => {
-    const r = await asNobody('nbdinfo', ['--size', agent.uri(dev)]);
-    expect(r.code, describeRun(r)).not.toBe(0);
-    expect(r.stderr).toMatch(/Permission denied/);
-  });
+  it.runIf(isRoot)(
+    'an unprivileged user cannot read or write a device on the NBD socket',
+    async () => {
+      const r = await asNobody('nbdinfo', ['--size', agent.uri(dev)]);
+      expect(r.code, describeRun(r)).not.toBe(0);
+      expect(r.stderr).toMatch(/Permission denied/);
+      const w = await asNobody('nbdsh', [
+        '-u',
+        agent.uri(dev),
+        '-c',
+        "h.pwrite(b'\\x00' * 4096, 0)",
+      ]);
+      expect(w.code, describeRun(w)).not.toBe(0);
+      expect(w.stderr).toMatch(/Permission denied/);
+      await runOk('qemu-io', ['-f', 'raw', agent.uri(dev), '-c', 'read -P 0x5a 0 64k']);
+    },
+    30_000,
+  );
 
   it.runIf(isRoot)(
     'an unprivileged user cannot read or write a device over TCP: ERR_POLICY',
@@ -137,6 +156,14 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
         ['POST', `/v1/devices/${dev}/pr`, { action: 'register', as: 'x', saKey: '0x1' }],
         ['PUT', `/v1/devices/${dev}/acl`, { entries: null }],
         ['GET', '/metrics', undefined],
+        // Every other route that changes something.
+        ['POST', `/v1/devices/${dev}/resize`, { size: '32M' }],
+        ['POST', `/v1/devices/${dev}/extend`, { pool: 'default', size: '+1M' }],
+        ['POST', '/v1/pools/rescan', {}],
+        ['POST', '/v1/notify', { name: 'stolen', url: 'http://127.0.0.1:9/' }],
+        ['DELETE', '/v1/notify/stolen', undefined],
+        ['POST', '/v1/events', { kind: 'dump.completed', subject: 'vm1' }],
+        ['GET', '/v1/events', undefined],
       ];
       for (const [method, path, body] of tries) {
         const r = await httpAsNobody(tcp, method, path, body);
@@ -175,6 +202,11 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
       const pr = await agent.cli('pr', dev, 'show', '--json');
       expect(pr.code, describeRun(pr)).toBe(0);
       expect(pr.stdout).not.toContain('"x"');
+      const show = await agent.cli('device', 'show', dev, '--json');
+      expect(JSON.parse(show.stdout).size, describeRun(show)).toBe(16 * 1024 * 1024);
+      const notify = await agent.cli('notify', 'ls', '--json');
+      expect(notify.code, describeRun(notify)).toBe(0);
+      expect(notify.stdout).not.toContain('stolen');
     },
     60_000,
   );
@@ -200,5 +232,52 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
     ]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.stdout).toContain(dev);
+  });
+});
+
+describeWithTools(['setpriv'], "secure defaults: dumpd's control API", () => {
+  // A dump reads a guest's memory onto its dump device and may reboot or power
+  // the guest off: on dumpd's TCP listener it needs the token only root reads.
+  let d: Dumpd;
+  let addr: string;
+  let dir: string;
+  const isRoot = process.getuid?.() === 0;
+
+  beforeAll(async () => {
+    if (!isRoot) return;
+    dir = makeTempDir('ballast-sd-dumpd-');
+    chmodSync(dir, 0o755);
+    const cfg = parseConfig(`
+listen: 127.0.0.1:0
+runDir: ${path.join(dir, 'run')}
+guests:
+  - { name: vm1, qmp: ${path.join(dir, 'vm1.qmp')}, device: "nbd+unix:///vm1-dump?socket=/nonexistent" }
+`);
+    d = new Dumpd(cfg, { resolveDevice: async () => '', log: () => {} });
+    addr = await d.start();
+  });
+
+  afterAll(async () => {
+    await d?.stop();
+  });
+
+  it.runIf(isRoot)('an unprivileged user cannot ask for a dump; root can', async () => {
+    const token = path.join(dir, 'run', 'token');
+    expect(statSync(token).mode & 0o777).toBe(0o600);
+    const now = (extra: string[]) => [BALLAST_BIN, 'dump', 'now', 'vm1', '--dumpd', addr, ...extra];
+    for (const extra of [[], ['--after', 'poweroff'], ['--dumpd-token-file', token]]) {
+      const r = await asNobody(process.execPath, now(extra));
+      expect(r.code, describeRun(r)).not.toBe(0);
+      expect(r.stderr).toContain('DUMP_UNAUTHORIZED');
+    }
+    const raw = await httpAsNobody(
+      { port: Number(addr.split(':').pop()) },
+      'POST',
+      '/v1/guests/vm1/dump?after=reboot',
+    );
+    expect(raw.stdout, describeRun(raw)).toMatch(/^401 [\s\S]*DUMP_UNAUTHORIZED/);
+    // Root's CLI with the token gets past the check (the guest is not running).
+    const root = await run(process.execPath, now(['--dumpd-token-file', token]));
+    expect(root.stderr, describeRun(root)).toContain('DUMP_GUEST_OFFLINE');
   });
 });
