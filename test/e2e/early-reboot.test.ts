@@ -447,6 +447,9 @@ describeWithTools(
           '--json',
           '--dumpd',
           `127.0.0.1:${port}`,
+          // dumpd's bearer token for its TCP listener, in its runDir.
+          '--dumpd-token-file',
+          path.join(dir, 'run', 'token'),
         ]);
         expect(r.code, describeRun(r)).toBe(0);
         const res = JSON.parse(r.stdout) as {
