@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { isLoopback, validateConfig } from './config.js';
 import { BallastError } from './errors.js';
@@ -64,6 +65,14 @@ describe('agent config', () => {
     expect(problem({ nbd: { anonymous: 'yes' } })).toMatch(/nbd\.anonymous: must be unix, any/);
     expect(problem({ nbd: { handshakeLimit: -1 } })).toMatch(/nbd\.handshakeLimit/);
     expect(validateConfig({ nbd: { socketGroup: null } }, 'x').nbd.socketGroup).toBeNull();
+  });
+
+  it('nbd.workers: the cores available by default, 1 for one event loop, a whole number', () => {
+    expect(validateConfig(undefined, 'x', '/tmp/d').nbd.workers).toBe(availableParallelism());
+    expect(validateConfig({ nbd: { workers: 1 } }, 'x').nbd.workers).toBe(1);
+    expect(validateConfig({ nbd: { workers: 8 } }, 'x').nbd.workers).toBe(8);
+    expect(problem({ nbd: { workers: 0 } })).toMatch(/nbd\.workers/);
+    expect(problem({ nbd: { workers: 'many' } })).toMatch(/nbd\.workers/);
   });
 
   it('reads the shape ops scripts rely on', () => {
