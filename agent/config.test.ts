@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { isLoopback, validateConfig } from './config.js';
 import { BallastError } from './errors.js';
@@ -92,6 +93,17 @@ describe('agent config', () => {
       /api\.socketMode: must be an octal mode/,
     );
     expect(problem({ socketDirMode: 999 })).toMatch(/socketDirMode: must be an octal mode/);
+  });
+
+  it('nbd.workers: 1 (one event loop) by default, auto for the cores available, a whole number', () => {
+    expect(validateConfig(undefined, 'x', '/tmp/d').nbd.workers).toBe(1);
+    expect(validateConfig({ nbd: { workers: 'auto' } }, 'x').nbd.workers).toBe(
+      availableParallelism(),
+    );
+    expect(validateConfig({ nbd: { workers: 1 } }, 'x').nbd.workers).toBe(1);
+    expect(validateConfig({ nbd: { workers: 8 } }, 'x').nbd.workers).toBe(8);
+    expect(problem({ nbd: { workers: 0 } })).toMatch(/nbd\.workers/);
+    expect(problem({ nbd: { workers: 'many' } })).toMatch(/nbd\.workers/);
   });
 
   it('reads the shape ops scripts rely on', () => {

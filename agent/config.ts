@@ -42,7 +42,7 @@ export interface AgentConfig {
     maxHandshakes: number;
     /** Connections per source address or Unix peer uid; 0: no limit. */
     maxPerSource: number;
-    /** Threads serving established connections (1: one event loop); default: the cores available. */
+    /** Threads serving established connections; 1 (the default): one event loop; `auto`: the cores available. */
     workers: number;
     /**
      * Who may open a device without a name (TLS or `identities`): 'unix' (the
@@ -406,7 +406,11 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       maxPerSource:
         nbd.maxPerSource === undefined ? 0 : c.int(nbd.maxPerSource, 'nbd.maxPerSource', 0, 100000),
       workers:
-        nbd.workers === undefined ? defaultWorkers() : c.int(nbd.workers, 'nbd.workers', 1, 1024),
+        nbd.workers === undefined
+          ? 1
+          : nbd.workers === 'auto'
+            ? defaultWorkers()
+            : c.int(nbd.workers, 'nbd.workers', 1, 1024),
       anonymous,
       socketGroup,
       socketGroupConfigured: nbd.socketGroup !== undefined && socketGroup !== null,

@@ -1,5 +1,5 @@
-// The connections axis: Ballast with its worker threads (default --workers, the
-// cores available), Ballast on one event loop (--workers 1) and nbdkit (file
+// The connections axis: Ballast with its worker threads (default --workers auto,
+// the cores available), Ballast on one event loop (--workers 1) and nbdkit (file
 // plugin), plain and TLS, under 1, 4 and 16 connections (fio numjobs, one NBD
 // connection per job) of the four jobs. Alternating in one run, server order
 // rotated per round; per cell the median of the rounds, the ratios to nbdkit,
@@ -30,7 +30,7 @@ const KINDS: readonly Kind[] = ['ballast', 'ballast-1', 'nbdkit'];
 
 export const CONNECTIONS_USAGE = `Usage: npm run bench -- --suite connections [options]
 
-Many connections at once: Ballast (--workers N, default the cores available),
+Many connections at once: Ballast (--workers N, default auto: the cores available),
 Ballast on one event loop (--workers 1) and nbdkit's file plugin, plain and TLS,
 over the Unix socket, under 1, 4 and 16 connections (fio numjobs: one NBD
 connection per job). Per-connection queue depth: the job's own with one
@@ -43,7 +43,7 @@ Options:
   --connections LIST  comma list (default 1,4,16)
   --jobs LIST         comma list of ${JOB_NAMES.join(', ')} (default all)
   --tls both|on|off   (default both)
-  --workers N         Ballast's --workers for the 'ballast' column (default: its default)
+  --workers N         Ballast's --workers for the 'ballast' column (default: auto)
   --size-mib N        served file (default 1024)
   --out FILE          raw results (default bench-results/connections.json)
 `;
@@ -146,7 +146,7 @@ export async function connectionsMain(argv: string[], root: string): Promise<num
             `${kind}-${round}`,
           );
           if (kind === 'ballast-1') cmd.args.push('--workers', '1');
-          else if (kind === 'ballast' && values.workers) cmd.args.push('--workers', values.workers);
+          else if (kind === 'ballast') cmd.args.push('--workers', values.workers ?? 'auto');
           const started = await startServer(cmd, ep);
           const proc = findProcess(started.child.pid, cmd.exePattern);
           const pid = proc?.pid ?? started.child.pid;
@@ -271,7 +271,7 @@ export async function connectionsMain(argv: string[], root: string): Promise<num
   );
   const header =
     `Median of ${rounds} round(s), ${runtime} s measured after ${ramp} s ramp; Unix socket; ` +
-    `${sizeMiB} MiB file; ballast = --workers ${values.workers ?? `default (${os.availableParallelism()} here)`}, ballast-1 = --workers 1`;
+    `${sizeMiB} MiB file; ballast = --workers ${values.workers ?? `auto (${os.availableParallelism()} here)`}, ballast-1 = --workers 1`;
   process.stdout.write(
     `\n${header}\n\n${table}\n\nPeak RSS (VmHWM, MiB) per server process (all jobs and connection counts), per round\n\n${renderTable(['server', 'rounds'], rssRows, 1)}\n`,
   );

@@ -6,6 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { isBallastError } from '../agent/errors.js';
 import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
+import { defaultWorkers } from '../nbd/workers.js';
 import { registerAgent } from './agent.js';
 import { EXIT } from './client.js';
 import { registerCluster } from './cluster.js';
@@ -118,8 +119,8 @@ export function buildProgram(): Command {
     .addOption(
       new Option(
         '--workers <N>',
-        'threads serving established connections (default: the cores this process may use; 1: one event loop)',
-      ).argParser(positiveInt('--workers')),
+        'threads serving established connections (default 1: one event loop; auto: the cores this process may use)',
+      ).argParser((v: string) => (v === 'auto' ? defaultWorkers() : positiveInt('--workers')(v))),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
     .addOption(
