@@ -21,12 +21,20 @@ export class Child {
   exitStatus: ExitStatus | undefined;
   private log = '';
 
+  /** Whether it leads a process group of its own (see killGroup). */
+  readonly group: boolean;
+
   constructor(
     readonly command: string,
     readonly args: readonly string[],
-    opts: { cwd?: string } = {},
+    opts: { cwd?: string; group?: boolean } = {},
   ) {
-    this.proc = spawn(command, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.group = opts.group ?? false;
+    this.proc = spawn(command, args, {
+      cwd: opts.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: this.group,
+    });
     const append = (chunk: Buffer): void => {
       this.log += chunk.toString('utf8');
       if (this.log.length > LOG_LIMIT) this.log = this.log.slice(-LOG_LIMIT);
@@ -54,6 +62,20 @@ export class Child {
     return this.exitStatus === undefined;
   }
 
+  /**
+   * Signals the whole process group (a child spawned with `group`): fio's job
+   * processes with it, which would otherwise outlive a SIGKILLed fio, hold its
+   * output pipes open and keep `exited` from ever resolving.
+   */
+  killGroup(signal: NodeJS.Signals): void {
+    try {
+      if (this.group) process.kill(-this.pid, signal);
+      else this.proc.kill(signal);
+    } catch {
+      // already gone
+    }
+  }
+
   /** The tail of what the process wrote to stdout and stderr. */
   output(): string {
     return this.log;
@@ -73,13 +95,7 @@ export class Child {
 
 /** Kills every child still running (used on SIGINT and on fatal errors). */
 export function killAll(): void {
-  for (const c of live) {
-    try {
-      c.proc.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
+  for (const c of live) c.killGroup('SIGKILL');
 }
 
 /** Runs a command to completion and returns its exit code and output. */

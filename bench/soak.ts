@@ -155,13 +155,13 @@ async function fioRound(
   st: Stats,
   killAfterMs?: number,
 ): Promise<void> {
-  const c = new Child('fio', fioArgs(agent.uri(dev), 20, false, seed));
+  const c = new Child('fio', fioArgs(agent.uri(dev), 20, false, seed), { group: true });
   let killed = false;
   if (killAfterMs !== undefined) {
     setTimeout(() => {
       if (c.running) {
         killed = true;
-        c.proc.kill('SIGKILL');
+        c.killGroup('SIGKILL');
       }
     }, killAfterMs).unref();
   }
