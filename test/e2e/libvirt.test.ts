@@ -342,7 +342,12 @@ describeWithTools(
     it(
       'dump now: a running libvirt guest is dumped through libvirt and keeps running',
       async () => {
-        const r = await fetch(`http://127.0.0.1:${port}/v1/guests/vm1/dump`, { method: 'POST' });
+        // dumpd on TCP: a dump on request needs the token it wrote to its runDir
+        const token = readFileSync(path.join(dir, 'dumpd-run', 'token'), 'utf8').trim();
+        const r = await fetch(`http://127.0.0.1:${port}/v1/guests/vm1/dump`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${token}` },
+        });
         const body = (await r.json()) as { ok: boolean; after: string; entry: { id: number } };
         expect(r.status, JSON.stringify(body)).toBe(200);
         expect(body).toMatchObject({ ok: true, after: 'none', entry: { id: 2 } });
