@@ -76,10 +76,12 @@ it('flushes every 32 MiB while the dump streams, not only at the end', async () 
     w = await dev.begin({ guest: 'g', format: 'elf', keep: 1 });
     await feed(w, data, 1 << 20);
     const e = await w.finish();
-    // Two while streaming (after 32 and 64 MiB were sent), one before `complete`.
-    expect(at.length).toBe(3);
-    expect(at.slice(0, 2).every((n) => n < data.length)).toBe(true);
-    expect(at[2]).toBe(data.length);
+    // While streaming: one after 32 MiB, and one after 64 MiB unless the first was still
+    // running then (a flush is never sent while another runs); then one before `complete`.
+    expect(at.length).toBeGreaterThanOrEqual(2);
+    expect(at.length).toBeLessThanOrEqual(3);
+    expect(at.slice(0, -1).every((n) => n >= 32 * 1024 * 1024 && n < data.length)).toBe(true);
+    expect(at.at(-1)).toBe(data.length);
     expect(e.checksum).toBe(`crc32:${crc32(data).toString(16).padStart(8, '0')}`);
   } finally {
     await dev.close();
