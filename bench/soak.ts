@@ -117,6 +117,8 @@ interface Stats {
   mismatches: number;
   fioErrors: string[];
   killedClients: number;
+  /** Kills planned for a round that had already ended: they did not land. */
+  killsMissed: number;
   created: number;
   resized: number;
   deleted: number;
@@ -148,6 +150,42 @@ function fioArgs(uri: string, seconds: number, verifyOnly: boolean, seed: number
   ];
 }
 
+/** How long a fio round may take before it counts as stuck (48 MiB written and verified). */
+const ROUND_LIMIT_MS = 120_000;
+
+/**
+ * Waits for a fio round to end. A round that outlives ROUND_LIMIT_MS (or its kill by
+ * 10 s) is recorded as an error with what its processes were doing, then killed again
+ * by pid and group; if its pipes still do not close, its exit is taken from the
+ * process itself, so one stuck client cannot hang the whole run.
+ */
+async function exitedOrStuck(c: Child, killAfterMs: number | undefined, st: Stats) {
+  const limit = killAfterMs === undefined ? ROUND_LIMIT_MS : killAfterMs + 10_000;
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<'late'>((r) => {
+    timer = setTimeout(() => r('late'), limit);
+  });
+  const first = await Promise.race([c.exited, late]);
+  clearTimeout(timer);
+  if (first !== 'late') return first;
+  const ps = await run('ps', ['-o', 'pid,pgid,stat,wchan:24,etimes,args', '-g', String(c.pid)]);
+  st.fioErrors.push(
+    `fio pid ${c.pid} still running ${limit} ms after it started or was killed:\n${ps.output}`,
+  );
+  log(`stuck fio ${c.pid}:\n${ps.output}`);
+  c.killGroup('SIGKILL');
+  c.proc.kill('SIGKILL');
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => {
+    if (c.proc.exitCode !== null || c.proc.signalCode !== null)
+      r({ code: c.proc.exitCode, signal: c.proc.signalCode });
+    else c.proc.once('exit', (code, signal) => r({ code, signal }));
+  });
+  const settled = await Promise.race([c.exited, exit]);
+  c.proc.stdout?.destroy();
+  c.proc.stderr?.destroy();
+  return settled;
+}
+
 async function fioRound(
   agent: Agent,
   dev: string,
@@ -162,10 +200,10 @@ async function fioRound(
       if (c.running) {
         killed = true;
         c.killGroup('SIGKILL');
-      }
+      } else st.killsMissed++;
     }, killAfterMs).unref();
   }
-  const x = await c.exited;
+  const x = await exitedOrStuck(c, killAfterMs, st);
   if (killed) {
     st.killedClients++;
     return;
@@ -321,6 +359,7 @@ async function main(): Promise<void> {
     mismatches: 0,
     fioErrors: [],
     killedClients: 0,
+    killsMissed: 0,
     created: 0,
     resized: 0,
     deleted: 0,
@@ -356,10 +395,12 @@ async function main(): Promise<void> {
     // Both devices at once; every fourth round one client is killed mid-run.
     seeds.swap0 = round * 2 + 1;
     seeds.swap1 = round * 2 + 2;
-    const kill = round % 4 === 0;
+    // A round takes about a second here: the kill lands somewhere in its first
+    // 100-800 ms (handshake, writes, or verification reads), a different moment each time.
+    const killAt = round % 4 === 0 ? 100 + ((round * 137) % 700) : undefined;
     await Promise.all([
       fioRound(agent, 'swap0', seeds.swap0, st),
-      fioRound(agent, 'swap1', seeds.swap1, st, kill ? 3000 : undefined),
+      fioRound(agent, 'swap1', seeds.swap1, st, killAt),
     ]);
     if (performance.now() >= nextRestart && performance.now() < end) {
       log(`restart ${st.restarts + 1}`);
@@ -399,6 +440,7 @@ async function main(): Promise<void> {
     reverifiedAfterRestart: st.reverified,
     fioErrors: st.fioErrors.length,
     killedClients: st.killedClients,
+    killsMissed: st.killsMissed,
     devicesCreated: st.created,
     resized: st.resized,
     deleted: st.deleted,
