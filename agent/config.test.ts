@@ -95,8 +95,8 @@ describe('agent config', () => {
     expect(problem({ socketDirMode: 999 })).toMatch(/socketDirMode: must be an octal mode/);
   });
 
-  it('nbd.workers: 1 (one event loop) by default, auto for the cores available, a whole number', () => {
-    expect(validateConfig(undefined, 'x', '/tmp/d').nbd.workers).toBe(1);
+  it('nbd.workers: the cores available by default (auto), 1 for one event loop, a whole number', () => {
+    expect(validateConfig(undefined, 'x', '/tmp/d').nbd.workers).toBe(availableParallelism());
     expect(validateConfig({ nbd: { workers: 'auto' } }, 'x').nbd.workers).toBe(
       availableParallelism(),
     );

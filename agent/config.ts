@@ -406,11 +406,9 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
       maxPerSource:
         nbd.maxPerSource === undefined ? 0 : c.int(nbd.maxPerSource, 'nbd.maxPerSource', 0, 100000),
       workers:
-        nbd.workers === undefined
-          ? 1
-          : nbd.workers === 'auto'
-            ? defaultWorkers()
-            : c.int(nbd.workers, 'nbd.workers', 1, 1024),
+        nbd.workers === undefined || nbd.workers === 'auto'
+          ? defaultWorkers()
+          : c.int(nbd.workers, 'nbd.workers', 1, 1024),
       anonymous,
       socketGroup,
       socketGroupConfigured: nbd.socketGroup !== undefined && socketGroup !== null,

@@ -38,8 +38,8 @@ start, mode 0600); api.requireToken: false lifts that on loopback only. On a TCP
 listener, clients must be named by TLS or nbd.identities (nbd.anonymous: any lifts it).
 Limits: nbd.handshakeLimit (10 s, 0: none), nbd.maxHandshakes (64), nbd.maxConnections
 (1024), nbd.maxPerSource (none); api.maxConnections (128), api.headersTimeout (10 s),
-api.requestTimeout (30 s). Cores: nbd.workers (threads serving NBD connections; default 1,
-one event loop; auto: the cores available).
+api.requestTimeout (30 s). Cores: nbd.workers (threads serving NBD connections; default
+auto, the cores available; 1: one event loop).
 
 NBD clients can be made to use TLS, and are then named by their certificate CN or PSK
 username (for access lists and persistent reservations: ballast acl, ballast pr):

@@ -119,7 +119,7 @@ export function buildProgram(): Command {
     .addOption(
       new Option(
         '--workers <N>',
-        'threads serving established connections (default 1: one event loop; auto: the cores this process may use)',
+        'threads serving established connections (default auto: the cores this process may use; 1: one event loop)',
       ).argParser((v: string) => (v === 'auto' ? defaultWorkers() : positiveInt('--workers')(v))),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')

@@ -10,6 +10,7 @@ import { formatSize, parseSize } from '../agent/units.js';
 import type { Export } from '../nbd/export.js';
 import { StaticCatalog } from '../nbd/export.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
+import { defaultWorkers } from '../nbd/workers.js';
 import { parseHostPort } from './address.js';
 
 export interface ExportSpec {
@@ -157,7 +158,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
     handshakeTimeoutMs: opts.handshakeTimeoutMs,
     maxHandshakes: opts.maxHandshakes,
     maxPerSource: opts.maxPerSource,
-    workers: opts.workers ?? 1,
+    workers: opts.workers ?? defaultWorkers(),
     sourceOf: sourceKey,
     tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,
     identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,
