@@ -16,7 +16,7 @@
 // dump throughput for guests of --sizes MiB.
 //
 //   npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf] [--dir DIR]
-//                         [--settle 3] [--cache none] [--suite all|throughput|early-reboot]
+//                         [--settle 3] [--cache none] [--suite all|throughput|early-reboot|qemu-alone]
 //                         [--sizes 512,1024]
 //
 // Results go to stdout, bench-results/dump.json and bench-results/early-reboot.json.
@@ -45,6 +45,7 @@ import { DumpDevice } from '../dumpd/device.js';
 import { runDump } from '../dumpd/job.js';
 import { QmpClient } from '../dumpd/qmp.js';
 import { earlyRebootBench, earlyRebootTable } from './early-reboot.js';
+import { snapshotRateBench, snapshotRateTable } from './snapshot-rate.js';
 
 const log = (m: string) => process.stderr.write(`[bench:dump] ${m}\n`);
 
@@ -96,7 +97,7 @@ const median = (xs: number[]) => {
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
     process.stdout.write(
-      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS] [--cache none|writeback] [--suite all|throughput|early-reboot] [--sizes 512,1024]\n',
+      'npm run bench:dump -- [--mem-mib 1024] [--rounds 3] [--format elf|kdump-zlib|...] [--dir DIR] [--settle SECONDS] [--cache none|writeback] [--suite all|throughput|early-reboot|qemu-alone] [--sizes 512,1024]\n',
     );
     return;
   }
@@ -117,6 +118,18 @@ async function main(): Promise<void> {
   const suite = arg('suite', 'all');
   try {
     if (suite === 'all' || suite === 'throughput') await throughput();
+    if (suite === 'qemu-alone') {
+      const rates = await snapshotRateBench({
+        sizesMiB: arg('sizes', '512,1024').split(',').map(Number),
+        rounds,
+        dir,
+        log,
+        waitFor,
+        median,
+        procCpu,
+      });
+      process.stdout.write(snapshotRateTable(rates, rounds, median));
+    }
     if (suite === 'all' || suite === 'early-reboot') {
       const sizesMiB = arg('sizes', '512,1024').split(',').map(Number);
       const figs = await earlyRebootBench({
