@@ -144,6 +144,8 @@ export function parseClusterOptions(argv: string[]): ClusterBenchOptions {
  * `events` the notification delivery benchmark (bench/events.ts), `connections` the NBD
  * comparison along a connections axis.
  */
+const SUITES: readonly string[] = ['nbd', 'cluster', 'events', 'connections', 'cells'];
+
 export function splitSuite(argv: readonly string[]): { suite: string; rest: string[] } {
   const rest: string[] = [];
   let suite = 'nbd';
@@ -151,7 +153,9 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     const a = argv[i]!;
     if (a === '--suite') {
       const v = argv[i + 1];
-      if (v === undefined) throw new Error('--suite: expected nbd, cluster, events or connections');
+      if (v === undefined) {
+        throw new Error('--suite: expected nbd, cluster, events, connections or cells');
+      }
       suite = v;
       i++;
     } else if (a.startsWith('--suite=')) {
@@ -160,8 +164,10 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
       rest.push(a);
     }
   }
-  if (suite !== 'nbd' && suite !== 'cluster' && suite !== 'events' && suite !== 'connections') {
-    throw new Error(`--suite: unknown '${suite}' (expected nbd, cluster, events or connections)`);
+  if (!SUITES.includes(suite)) {
+    throw new Error(
+      `--suite: unknown '${suite}' (expected nbd, cluster, events, connections or cells)`,
+    );
   }
   return { suite, rest };
 }

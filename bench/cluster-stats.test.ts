@@ -67,8 +67,14 @@ describe('cluster bench options', () => {
     });
     expect(splitSuite(['--suite=cluster'])).toEqual({ suite: 'cluster', rest: [] });
     expect(splitSuite(['--suite', 'events'])).toEqual({ suite: 'events', rest: [] });
+    expect(splitSuite(['--suite=cells', '--rounds', '1'])).toEqual({
+      suite: 'cells',
+      rest: ['--rounds', '1'],
+    });
     expect(() => splitSuite(['--suite', 'disk'])).toThrow(/unknown 'disk'/);
-    expect(() => splitSuite(['--suite'])).toThrow(/expected nbd, cluster, events or connections/);
+    expect(() => splitSuite(['--suite'])).toThrow(
+      /expected nbd, cluster, events, connections or cells/,
+    );
   });
 
   it('defaults and lists', () => {

@@ -4,9 +4,12 @@ import { readFile, rm } from 'node:fs/promises';
 import type { JobName } from './options.js';
 import { run } from './proc.js';
 
+/** fio's --rw modes the benchmarks use; randrw mixes reads and writes (see --rwmixread). */
+export type FioRw = 'read' | 'write' | 'randread' | 'randwrite' | 'randrw';
+
 export interface JobSpec {
   name: JobName;
-  rw: 'read' | 'write' | 'randread' | 'randwrite';
+  rw: Exclude<FioRw, 'randrw'>;
   bs: string;
   iodepth: number;
   /** The figure that is compared: bandwidth for sequential jobs, IOPS for random ones. */
@@ -73,27 +76,56 @@ function obj(v: unknown): Record<string, unknown> {
   return typeof v === 'object' && v !== null ? (v as Record<string, unknown>) : {};
 }
 
-/** Extracts the figures of the one job in a fio --output-format=json document. */
-export function parseFioJson(text: string, rw: JobSpec['rw']): FioResult {
+/** The figures of one direction (fio's "read" or "write" object of a job). */
+function direction(v: unknown) {
+  const dir = obj(v);
+  const clat = obj(dir.clat_ns);
+  return {
+    bytes: num(dir.bw_bytes),
+    iops: num(dir.iops),
+    clatMeanUs: num(clat.mean) / 1000,
+    clatP99Us: num(obj(clat.percentile)['99.000000']) / 1000,
+    runtimeS: num(dir.runtime) / 1000,
+  };
+}
+
+/**
+ * Extracts the figures of the one job in a fio --output-format=json document.
+ * For randrw both directions count: bandwidth and IOPS are their sums, the mean
+ * latency their IOPS-weighted mean, p99 the worse of the two.
+ */
+export function parseFioJson(text: string, rw: FioRw): FioResult {
   // fio may print warnings before the JSON document.
   const start = text.indexOf('{');
   if (start < 0) throw new Error('no JSON in fio output');
   const doc = obj(JSON.parse(text.slice(start)));
   const jobs = Array.isArray(doc.jobs) ? doc.jobs : [];
   const job = obj(jobs[0]);
-  const dir = obj(job[rw === 'read' || rw === 'randread' ? 'read' : 'write']);
-  const clat = obj(dir.clat_ns);
-  const pct = obj(clat.percentile);
   const err = num(job.error);
-  const bytes = num(dir.bw_bytes);
+  const clientCpuPct = num(job.usr_cpu) + num(job.sys_cpu);
+  let d: ReturnType<typeof direction>;
+  if (rw === 'randrw') {
+    const r = direction(job.read);
+    const w = direction(job.write);
+    const iops = r.iops + w.iops;
+    d = {
+      bytes: r.bytes + w.bytes,
+      iops,
+      clatMeanUs: (r.clatMeanUs * r.iops + w.clatMeanUs * w.iops) / iops,
+      clatP99Us: Math.max(r.clatP99Us, w.clatP99Us),
+      runtimeS: Math.max(r.runtimeS, w.runtimeS),
+    };
+  } else {
+    d = direction(job[rw === 'read' || rw === 'randread' ? 'read' : 'write']);
+  }
   const res: FioResult = {
-    ok: err === 0 && bytes > 0,
-    mibps: bytes / 2 ** 20,
-    iops: num(dir.iops),
-    clatMeanUs: num(clat.mean) / 1000,
-    clatP99Us: num(pct['99.000000']) / 1000,
-    runtimeS: num(dir.runtime) / 1000,
-    clientCpuPct: num(job.usr_cpu) + num(job.sys_cpu),
+    ok: err === 0 && d.bytes > 0,
+    mibps: d.bytes / 2 ** 20,
+    iops: d.iops,
+    clatMeanUs: d.clatMeanUs,
+    clatP99Us: d.clatP99Us,
+    runtimeS: d.runtimeS,
+    clientCpuPct,
   };
   if (!res.ok) res.error = err !== 0 ? `fio job error ${err}` : 'no I/O completed';
   return res;

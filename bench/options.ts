@@ -99,6 +99,12 @@ Options:
   --ballast PATH        the ballast launcher (default bin/ballast)
   --suite cluster       run the cluster benchmarks instead (etcd and agents; see
                         npm run bench -- --suite cluster --help)
+  --suite events        event delivery (--suite events --help)
+  --suite connections   ballast (--workers auto and 1) and nbdkit under 1, 4 and 16
+                        connections, plain and TLS (--suite connections --help)
+  --suite cells         the same three servers, each cell at its own connections x
+                        queue depth, incl. reads of a never-written file
+                        (--suite cells --help)
   -h, --help            this text
 `;
 

@@ -13,6 +13,7 @@ import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises'
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cellsMain } from './cells.js';
 import { clusterMain } from './cluster.js';
 import { splitSuite } from './cluster-options.js';
 import { connectionsMain } from './connections.js';
@@ -229,6 +230,7 @@ async function main(): Promise<number> {
     if (split.suite === 'cluster') return clusterMain(split.rest, findRoot());
     if (split.suite === 'events') return runEventsBench(split.rest);
     if (split.suite === 'connections') return connectionsMain(split.rest, findRoot());
+    if (split.suite === 'cells') return cellsMain(split.rest, findRoot());
     argv = split.rest;
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);
