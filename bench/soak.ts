@@ -1,11 +1,12 @@
 // A long run of the agent under a mix of everything at once:
-//   npm run soak -- --minutes N [--dir DIR]
+//   npm run soak -- --minutes N [--restart-minutes M] [--dir DIR]
 // - fio (nbd engine, libnbd) writes with verification (crc32c) on two paging
 //   devices, round after round; a mismatch is data loss;
 // - devices are created, resized and deleted over and over;
 // - reservations flip between two identities on a third device;
 // - fio clients are killed mid-run (SIGKILL);
-// - the agent is restarted (SIGTERM, start) every few minutes, and the
+// - the agent is restarted (SIGTERM, start) every few minutes (--restart-minutes;
+//   0: never, to watch one agent's memory over the whole run), and the
 //   devices' data, written and verified before, is verified again after;
 // - the agent's RSS is sampled every 5 s.
 // At the end: counts, errors, mismatches (must be 0) and the agent's memory
@@ -22,15 +23,19 @@ import { Child, killAll, memoryKiB, run } from './proc.js';
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const BALLAST = join(ROOT, 'bin', 'ballast');
 
-function parseArgs(argv: string[]): { minutes: number; dir: string } {
+function parseArgs(argv: string[]): { minutes: number; restartMinutes?: number; dir: string } {
   let minutes = 5;
+  let restartMinutes: number | undefined;
   let dir = '';
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--minutes') minutes = Number(argv[++i]);
+    else if (a === '--restart-minutes') restartMinutes = Number(argv[++i]);
     else if (a === '--dir') dir = argv[++i] ?? '';
     else {
-      process.stderr.write('usage: npm run soak -- --minutes N [--dir DIR]\n');
+      process.stderr.write(
+        'usage: npm run soak -- --minutes N [--restart-minutes M (0: never)] [--dir DIR]\n',
+      );
       process.exit(2);
     }
   }
@@ -38,7 +43,11 @@ function parseArgs(argv: string[]): { minutes: number; dir: string } {
     process.stderr.write('--minutes must be a positive number\n');
     process.exit(2);
   }
-  return { minutes, dir: dir || join(os.tmpdir(), `ballast-soak-${process.pid}`) };
+  if (restartMinutes !== undefined && !(restartMinutes >= 0)) {
+    process.stderr.write('--restart-minutes must be a number >= 0\n');
+    process.exit(2);
+  }
+  return { minutes, restartMinutes, dir: dir || join(os.tmpdir(), `ballast-soak-${process.pid}`) };
 }
 
 const log = (m: string) =>
@@ -146,6 +155,10 @@ function fioArgs(uri: string, seconds: number, verifyOnly: boolean, seed: number
     '--do_verify=1',
     `--randseed=${seed}`,
     ...(verifyOnly ? ['--verify_only'] : [`--runtime=${seconds}`, '--time_based=0', '--loops=1']),
+    // The job as a thread of fio's one process: a forked job process puts itself in a
+    // session of its own, outlives a SIGKILL of fio's group, keeps its NBD connection
+    // and fio's output pipes open, and the round never ends.
+    '--thread',
     '--output-format=json',
   ];
 }
@@ -316,7 +329,7 @@ async function flips(agent: Agent, st: Stats, stop: () => boolean): Promise<void
 }
 
 async function main(): Promise<void> {
-  const { minutes, dir } = parseArgs(process.argv.slice(2));
+  const { minutes, restartMinutes, dir } = parseArgs(process.argv.slice(2));
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const config = join(dir, 'agent.yaml');
@@ -387,7 +400,12 @@ async function main(): Promise<void> {
   });
 
   const seeds = { swap0: 1, swap1: 2 };
-  const restartEvery = Math.max(60_000, Math.min(180_000, (minutes * 60_000) / 4));
+  const restartEvery =
+    restartMinutes === undefined
+      ? Math.max(60_000, Math.min(180_000, (minutes * 60_000) / 4))
+      : restartMinutes === 0
+        ? Number.POSITIVE_INFINITY
+        : restartMinutes * 60_000;
   let nextRestart = t0 + restartEvery;
   let round = 0;
   while (performance.now() < end) {
