@@ -566,18 +566,17 @@ export class Connection implements HandshakeSink, TransmissionSink {
             this.identity = peer.identity;
             this.identityMethod = peer.method === 'psk' ? 'psk' : 'x509';
           }
-          if (!this.relayed) {
-            this.server.log(
-              'debug',
-              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
-            );
-          }
           if (this.relayed) {
             this.server.relay?.secured(
               this,
               peer.identity,
               peer.method === 'psk' ? 'psk' : peer.identity !== null ? 'x509' : 'anonymous',
               peer.protocol,
+            );
+          } else {
+            this.server.log(
+              'debug',
+              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
             );
           }
           this.hreader.resume();
@@ -712,11 +711,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
     const rest = this.moving;
     this.moving = null;
     if (rest === null || this.phase !== 'transmission' || this.socket.destroyed) return;
-    const link = this.server.pool?.adopt(this, Buffer.concat(rest)) ?? null;
+    const leftover = Buffer.concat(rest);
+    const link = this.server.pool?.adopt(this, leftover) ?? null;
     if (link === null) {
       // Not possible after all: served here.
-      const b = Buffer.concat(rest);
-      this.process(b, 0);
+      this.process(leftover, 0);
       if (!this.stalled && this.phase === 'transmission') this.socket.resume();
       return;
     }
