@@ -71,6 +71,11 @@ export interface ServerOptions {
    */
   workers?: number;
   /**
+   * A close-on-exec duplicate of a descriptor, or -errno: how a connection's
+   * socket reaches a worker (Node has no dup). Required with workers > 1.
+   */
+  dupFd?: (fd: number) => number;
+  /**
    * With workers: a STARTTLS connection moves to a worker before its TLS
    * handshake, so its crypto runs there (default true). Only for exports a
    * worker can serve (no fence): the agent turns it off in a cluster.
@@ -1355,7 +1360,9 @@ export class NbdServer extends EventEmitter {
   constructor(readonly options: ServerOptions) {
     super();
     const n = options.workers ?? 1;
-    this.pool = n > 1 ? new WorkerPool(this, n) : null;
+    if (n <= 1) this.pool = null;
+    else if (options.dupFd) this.pool = new WorkerPool(this, n, options.dupFd);
+    else throw new TypeError('ServerOptions: workers > 1 needs dupFd');
   }
 
   /** A worker's link to the main thread for relayed handshakes. */

@@ -14,7 +14,6 @@
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { type BallastNative, loadNative } from '../agent/native.js';
 import { closeQuietly, releaseShared, type SharedBackend } from './backend.js';
 import type { AccessControl } from './export.js';
 import type { Session } from './negotiation.js';
@@ -158,13 +157,14 @@ export class WorkerPool {
     AccessControl,
     { conns: Set<Remote>; unsubscribe: () => void }
   >();
-  private readonly native: BallastNative = loadNative();
   private started: Promise<void> | null = null;
   private closing = false;
 
   constructor(
     private readonly server: NbdServer,
     readonly size: number,
+    /** A close-on-exec duplicate of a descriptor, or -errno (ServerOptions.dupFd). */
+    private readonly dup: (fd: number) => number,
   ) {
     this.sab = new SharedArrayBuffer(SLOTS * 2 * 4);
     this.table = new Int32Array(this.sab);
@@ -295,7 +295,7 @@ export class WorkerPool {
   adoptTls(conn: Connection): RemoteLink | null {
     const t = this.pick();
     if (!t) return null;
-    const fd = this.native.dup(conn.fd);
+    const fd = this.dup(conn.fd);
     if (fd < 0) return null;
     const r = new Remote(this, t, conn, -1, null);
     t.conns.set(conn.id, r);
@@ -382,7 +382,7 @@ export class WorkerPool {
     const s = conn.session;
     const t = this.pick();
     if (!s || t === null || this.freeSlots.length === 0) return null;
-    const fd = this.native.dup(conn.fd);
+    const fd = this.dup(conn.fd);
     if (fd < 0) return null;
     const shared = s.export.backend.share?.() ?? null;
     if (shared === null) {
