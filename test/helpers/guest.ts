@@ -93,6 +93,14 @@ export const PHYS_MARK_SIZE = 4 * 1024 * 1024;
 /** Where `fill` writes, right after markphys's region (dd's seek=1088 of 64 KiB blocks). */
 export const FILL_GPA = 0x4400000;
 
+/** How many times `s` occurs in `hay` (a dump), without overlaps. */
+export function occurrences(hay: Buffer, s: string): number {
+  const needle = Buffer.from(s);
+  let n = 0;
+  for (let i = hay.indexOf(needle); i >= 0; i = hay.indexOf(needle, i + needle.length)) n++;
+  return n;
+}
+
 /** The kernel's release, from /boot/vmlinuz-RELEASE. */
 function release(kernel: string): string {
   return path.basename(kernel).replace(/^vmlinuz-/, '');
