@@ -611,6 +611,11 @@ export class Dumpd extends EventEmitter {
       );
       return;
     }
+    this.dumpPanic(st, at);
+  }
+
+  /** Dumps a panic that happened at `at`, then applies the guest's policy (loop limit permitting). */
+  private dumpPanic(st: GuestState, at: number): void {
     const after = loopGuard(st, this.log.bind(this));
     void this.dump(st.cfg.name, {
       reason: 'panic',
@@ -631,15 +636,8 @@ export class Dumpd extends EventEmitter {
       .execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 })
       .catch(() => null);
     if (q?.status !== 'guest-panicked') return;
-    const at = Number(ev.data.panicAt) || Date.now();
     this.log(`guest ${st.cfg.name}: dumping the panic that waited`);
-    const after = loopGuard(st, this.log.bind(this));
-    void this.dump(st.cfg.name, {
-      reason: 'panic',
-      after,
-      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
-      panicAt: at,
-    }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+    this.dumpPanic(st, Number(ev.data.panicAt) || Date.now());
   }
 
   /**
