@@ -157,6 +157,18 @@ export class AgentHandle {
     });
   }
 
+  /** `ballast ARGS` against this agent's TCP API, with its token. */
+  cliTcp(...args: string[]): Promise<RunResult> {
+    return run(process.execPath, [
+      BALLAST_BIN,
+      ...args,
+      '--agent',
+      `http://127.0.0.1:${this.apiPort}`,
+      '--token-file',
+      path.join(this.dataDir, 'api-token'),
+    ]);
+  }
+
   /** SIGTERM; resolves with the exit code. */
   async stop(): Promise<number> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return this.exited;
