@@ -356,17 +356,7 @@ export class Dumpd extends EventEmitter {
       return;
     }
     const monitor = new QmpMonitor(cfg.qmp, { retryMs: 200, maxRetryMs: 2000 });
-    const st: GuestState = {
-      cfg,
-      monitor,
-      watched,
-      running: null,
-      last: null,
-      panics: 0,
-      pending: null,
-      recentPanics: [],
-    };
-    this.guests.set(cfg.name, st);
+    const st = this.track(cfg, monitor, watched);
     monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
       this.emit('connected', cfg.name);
@@ -422,20 +412,26 @@ export class Dumpd extends EventEmitter {
     return g.cfg.libvirt !== undefined && this.libvirt.get(g.cfg.libvirt)?.connected === true;
   }
 
-  /** A libvirt domain: its panics come from the connection's lifecycle events. */
-  private addLibvirtGuest(cfg: GuestConfig): void {
-    const uri = cfg.libvirt as string;
+  /** A guest dumpd knows from now on, with nothing dumped yet. */
+  private track(cfg: GuestConfig, monitor: QmpMonitor | null, watched: boolean): GuestState {
     const st: GuestState = {
       cfg,
-      monitor: null,
-      watched: false,
+      monitor,
+      watched,
       running: null,
       last: null,
-      pending: null,
       panics: 0,
+      pending: null,
       recentPanics: [],
     };
     this.guests.set(cfg.name, st);
+    return st;
+  }
+
+  /** A libvirt domain: its panics come from the connection's lifecycle events. */
+  private addLibvirtGuest(cfg: GuestConfig): void {
+    const uri = cfg.libvirt as string;
+    const st = this.track(cfg, null, false);
     let events = this.libvirt.get(uri);
     const fresh = !events;
     if (!events) {
