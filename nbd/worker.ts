@@ -46,6 +46,20 @@ class SharedAccess implements AccessControl {
   }
 }
 
+/**
+ * The main thread's duplicated descriptor as this thread's socket. `onread` and
+ * `pauseOnCreate` are in Node's documentation of net.Socket, not in its typings.
+ */
+function adoptSocket(fd: number, extra: Record<string, unknown>): net.Socket {
+  return new net.Socket({
+    fd,
+    readable: true,
+    writable: true,
+    allowHalfOpen: true,
+    ...extra,
+  } as net.SocketConstructorOpts);
+}
+
 /** Buffers that crossed threads arrive as Uint8Array: Node's TLS wants Buffers. */
 function buf(u: string | Uint8Array | undefined): string | Buffer | undefined {
   return u === undefined || typeof u === 'string' ? u : Buffer.from(u);
@@ -92,13 +106,7 @@ function adoptTls(m: Extract<ToWorker, { t: 'tls' }>): void {
   const s = serve(m.id);
   let socket: net.Socket;
   try {
-    socket = new net.Socket({
-      fd: m.fd,
-      readable: true,
-      writable: true,
-      allowHalfOpen: true,
-      pauseOnCreate: true,
-    } as net.SocketConstructorOpts);
+    socket = adoptSocket(m.fd, { pauseOnCreate: true });
   } catch (e) {
     closeQuietly(m.fd);
     warn(m.id, e);
@@ -205,11 +213,7 @@ async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<voi
   let conn: Connection | null = null;
   let socket: net.Socket;
   try {
-    socket = new net.Socket({
-      fd: m.fd,
-      readable: true,
-      writable: true,
-      allowHalfOpen: true,
+    socket = adoptSocket(m.fd, {
       onread: {
         buffer: () => (conn ? conn.readTarget() : handshakeBuffer()),
         callback: (n: number, buf: Uint8Array) => {
@@ -217,7 +221,7 @@ async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<voi
           return true;
         },
       },
-    } as net.SocketConstructorOpts);
+    });
   } catch (e) {
     closeQuietly(m.fd);
     await s.backend.close().catch(() => {});
