@@ -43,6 +43,7 @@ import { DeviceManager } from './devices.js';
 import { BallastError } from './errors.js';
 import { describeTarget, listenError, prepareSocketPath } from './listen.js';
 import { createMetrics } from './metrics.js';
+import { loadNative } from './native.js';
 import { Pool } from './pools.js';
 import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
@@ -243,6 +244,7 @@ export class Agent {
       maxHandshakes: config.nbd.maxHandshakes,
       maxPerSource: config.nbd.maxPerSource,
       workers: config.nbd.workers,
+      dupFd: (fd) => loadNative().dup(fd),
       // In a cluster a shared device's connections must stay where its fence is.
       tlsOnWorkers: config.cluster === undefined,
       sourceOf: sourceKey,

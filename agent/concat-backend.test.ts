@@ -3,6 +3,7 @@ import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Backend, BackendCaps, Extent, IoRequest } from '../nbd/backend.js';
+import { FULL_CAPS } from '../test/helpers/caps.js';
 import { ConcatBackend, type ConcatExtent } from './concat-backend.js';
 import { SparseFileBackend } from './sparse-file.js';
 
@@ -123,19 +124,6 @@ function mapOf(b: Backend, offset: number, length: number, max = 100): Extent[] 
   return out;
 }
 
-const ALL_CAPS: BackendCaps = {
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  cache: true,
-  extents: true,
-  multiConn: true,
-  rotational: false,
-};
-
 /**
  * An in-memory backend. Operations take effect when called; completions run
  * at once, or wait in `queue` (to be completed in any order) when `defer`.
@@ -155,7 +143,7 @@ class MemBackend implements Backend {
 
   constructor(size: number, caps: Partial<BackendCaps> = {}) {
     this.size = size;
-    this.caps = { ...ALL_CAPS, ...caps };
+    this.caps = { ...FULL_CAPS, ...caps };
     this.data = Buffer.alloc(size);
   }
 
@@ -268,7 +256,7 @@ describe('construction', () => {
   it('ANDs the caps of its children, and is rotational if any child is', () => {
     const a = new MemBackend(MiB);
     const c = track(new ConcatBackend([{ backend: a, length: MiB }]));
-    expect(c.caps).toEqual(ALL_CAPS);
+    expect(c.caps).toEqual(FULL_CAPS);
     const keys = [
       'write',
       'flush',

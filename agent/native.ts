@@ -80,6 +80,8 @@ const FUNCTIONS = [
   'flock',
   'fallocate',
   'fadvise',
+  'dup',
+  'close',
   'peerUid',
   'mkfifo',
   'setPipeSize',

@@ -41,6 +41,9 @@ import {
 
 const PR_PREFIX = 'pr/';
 const AUDIT_PREFIX = 'pr-audit/';
+/** A device's audit entry `seq`: zero-padded, so the keys sort in order. */
+const auditKeyOf = (device: string, seq: number) =>
+  `${AUDIT_PREFIX}${device}/${String(seq).padStart(12, '0')}`;
 const ACL_PREFIX = 'acl/';
 
 /** Commands that read, and commands that change the medium (FLUSH counts: see pr.md). */
@@ -512,7 +515,7 @@ export class ReservationManager {
       };
       const key = PR_PREFIX + device;
       const value = JSON.stringify(record);
-      const auditKey = `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`;
+      const auditKey = auditKeyOf(device, rev.seq);
       let t: { succeeded: boolean; revision: number };
       try {
         t = await this.store.txn({
@@ -620,10 +623,7 @@ export class ReservationManager {
         compare: [cmp.modRevision(key, '=', rev.pr)],
         success: [
           op.put(key, JSON.stringify(record)),
-          op.put(
-            `${AUDIT_PREFIX}${device}/${String(rev.seq).padStart(12, '0')}`,
-            JSON.stringify(entry),
-          ),
+          op.put(auditKeyOf(device, rev.seq), JSON.stringify(entry)),
         ],
       });
       if (t.succeeded) this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });

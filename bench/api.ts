@@ -1,5 +1,5 @@
-// The agent's management API, as the benchmarks call it: one JSON request over its
-// Unix socket.
+// The agent's management API, as the benchmarks (and the tests' agent helper)
+// call it: one JSON request over its Unix socket or its TCP port.
 
 import http from 'node:http';
 
@@ -9,25 +9,33 @@ export interface ApiReply {
   text: string;
 }
 
-/** One request to the agent's API over its Unix socket (a new connection, as the CLI makes). */
-export function apiRequest(
-  socketPath: string,
+/**
+ * One HTTP request over a Unix socket or to 127.0.0.1:port (a new connection,
+ * as the CLI makes); the reply's body parsed when it is JSON.
+ */
+export function httpRequest(
+  where: { socketPath: string } | { port: number },
   method: string,
   path: string,
   body?: unknown,
-  timeoutMs = 60_000,
+  o: { headers?: Record<string, string>; timeoutMs?: number } = {},
 ): Promise<ApiReply> {
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
   return new Promise((resolve, reject) => {
     const req = http.request(
       {
-        socketPath,
         method,
         path,
-        headers: payload
-          ? { 'content-type': 'application/json', 'content-length': payload.length }
-          : {},
-        timeout: timeoutMs,
+        ...('socketPath' in where
+          ? { socketPath: where.socketPath }
+          : { host: '127.0.0.1', port: where.port }),
+        headers: {
+          ...(payload
+            ? { 'content-type': 'application/json', 'content-length': payload.length }
+            : {}),
+          ...o.headers,
+        },
+        ...(o.timeoutMs !== undefined ? { timeout: o.timeoutMs } : {}),
       },
       (res) => {
         const chunks: Buffer[] = [];
@@ -48,4 +56,15 @@ export function apiRequest(
     req.on('error', reject);
     req.end(payload);
   });
+}
+
+/** One request to the agent's API over its Unix socket. */
+export function apiRequest(
+  socketPath: string,
+  method: string,
+  path: string,
+  body?: unknown,
+  timeoutMs = 60_000,
+): Promise<ApiReply> {
+  return httpRequest({ socketPath }, method, path, body, { timeoutMs });
 }

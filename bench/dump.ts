@@ -21,8 +21,7 @@
 //
 // Results go to stdout, bench-results/dump.json and bench-results/early-reboot.json.
 
-import { spawn } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
+import type { ChildProcess } from 'node:child_process';
 import {
   closeSync,
   existsSync,
@@ -34,7 +33,6 @@ import {
   rmSync,
   statSync,
   writeFileSync,
-  writeSync,
 } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -43,8 +41,7 @@ import { fileURLToPath } from 'node:url';
 import type { DumpFormat } from '../dumpd/catalog.js';
 import { DumpDevice } from '../dumpd/device.js';
 import { runDump } from '../dumpd/job.js';
-import { QmpClient } from '../dumpd/qmp.js';
-import { earlyRebootBench, earlyRebootTable } from './early-reboot.js';
+import { earlyRebootBench, earlyRebootTable, startDumpRig } from './early-reboot.js';
 import { snapshotRateBench, snapshotRateTable } from './snapshot-rate.js';
 
 const log = (m: string) => process.stderr.write(`[bench:dump] ${m}\n`);
@@ -109,7 +106,7 @@ async function main(): Promise<void> {
   const cache = arg('cache', 'none');
   const base = arg('dir', os.tmpdir());
   const dir = mkdtempSync(path.join(base, 'ballast-bench-dump-'));
-  const children: ReturnType<typeof spawn>[] = [];
+  const children: ChildProcess[] = [];
   const cleanup = () => {
     for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
@@ -164,53 +161,18 @@ async function main(): Promise<void> {
   async function throughput(): Promise<void> {
     log(`guest RAM ${memMiB} MiB of random bytes, format ${format}, ${rounds} rounds, in ${dir}`);
     const ram = path.join(dir, 'ram.bin');
-    const fd = openSync(ram, 'w');
-    const chunk = Buffer.alloc(16 * 1024 * 1024);
-    for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
-    closeSync(fd);
-
-    const nbdSock = path.join(dir, 'nbd.sock');
-    const devSize = `${Math.ceil(memMiB * 1.1) + 64}M`;
-    const srv = spawn(
-      process.execPath,
-      [
-        path.join(ROOT, 'bin', 'ballast'),
-        'serve',
-        path.join(dir, 'dump.img'),
-        '--size',
-        devSize,
-        '--socket',
-        nbdSock,
-        '--cache',
-        cache,
-      ],
-      { stdio: ['ignore', 'ignore', 'inherit'] },
-    );
-    children.push(srv);
-    const qmpSock = path.join(dir, 'qmp.sock');
-    const qemu = spawn(
-      'qemu-system-x86_64',
-      [
-        '-nodefaults',
-        '-display',
-        'none',
-        '-machine',
-        'pc,accel=tcg,memory-backend=ram0',
-        '-object',
-        `memory-backend-file,id=ram0,size=${memMiB}M,mem-path=${ram},share=off,prealloc=on`,
-        '-m',
-        `${memMiB}M`,
-        '-S',
-        '-qmp',
-        `unix:${qmpSock},server=on,wait=off`,
-      ],
-      { stdio: ['ignore', 'ignore', 'inherit'] },
-    );
-    children.push(qemu);
-    await waitFor(nbdSock);
-    await waitFor(qmpSock);
-    const qmp = await QmpClient.connect(qmpSock);
-    const uri = `nbd+unix:///?socket=${nbdSock}`;
+    const { srv, qemu, qmp, uri } = await startDumpRig({
+      root: ROOT,
+      image: path.join(dir, 'dump.img'),
+      nbdSock: path.join(dir, 'nbd.sock'),
+      qmpSock: path.join(dir, 'qmp.sock'),
+      ram,
+      memMiB,
+      share: false,
+      cache,
+      children,
+      waitFor,
+    });
 
     const local: number[] = [];
     const localSynced: number[] = [];

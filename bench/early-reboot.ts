@@ -60,6 +60,93 @@ export interface SizeFigures {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** What a dump benchmark runs against: a dump device and a paused QEMU, on Unix sockets. */
+export interface DumpRig {
+  srv: ChildProcess;
+  qemu: ChildProcess;
+  qmp: QmpClient;
+  uri: string;
+}
+
+/**
+ * Fills `ram` with `memMiB` of random bytes (nothing for a dump format to
+ * compress) and starts QEMU paused on that RAM, QMP on `qmpSock`. `share`: the
+ * guest's writes reach the file. QEMU goes into `children` as it starts.
+ */
+export async function startRandomGuest(o: {
+  qmpSock: string;
+  ram: string;
+  memMiB: number;
+  share: boolean;
+  children: ChildProcess[];
+  waitFor: (sock: string) => Promise<void>;
+}): Promise<{ qemu: ChildProcess; qmp: QmpClient }> {
+  const { memMiB, ram } = o;
+  const fd = openSync(ram, 'w');
+  const chunk = Buffer.alloc(16 * 1024 * 1024);
+  for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
+  closeSync(fd);
+  const share = o.share ? 'on' : 'off';
+  const qemu = spawn(
+    'qemu-system-x86_64',
+    [
+      '-nodefaults',
+      '-display',
+      'none',
+      '-machine',
+      'pc,accel=tcg,memory-backend=ram0',
+      '-object',
+      `memory-backend-file,id=ram0,size=${memMiB}M,mem-path=${ram},share=${share},prealloc=on`,
+      '-m',
+      `${memMiB}M`,
+      '-S',
+      '-qmp',
+      `unix:${o.qmpSock},server=on,wait=off`,
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  o.children.push(qemu);
+  await o.waitFor(o.qmpSock);
+  return { qemu, qmp: await QmpClient.connect(o.qmpSock) };
+}
+
+/**
+ * startRandomGuest, with `image` served as the dump device (ballast serve on
+ * `nbdSock`). Each process goes into `children` as it starts.
+ */
+export async function startDumpRig(o: {
+  root: string;
+  image: string;
+  nbdSock: string;
+  qmpSock: string;
+  ram: string;
+  memMiB: number;
+  share: boolean;
+  cache: string;
+  children: ChildProcess[];
+  waitFor: (sock: string) => Promise<void>;
+}): Promise<DumpRig> {
+  const srv = spawn(
+    process.execPath,
+    [
+      path.join(o.root, 'bin', 'ballast'),
+      'serve',
+      o.image,
+      '--size',
+      `${Math.ceil(o.memMiB * 1.1) + 64}M`,
+      '--socket',
+      o.nbdSock,
+      '--cache',
+      o.cache,
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  o.children.push(srv);
+  const { qemu, qmp } = await startRandomGuest(o);
+  await o.waitFor(o.nbdSock);
+  return { srv, qemu, qmp, uri: `nbd+unix:///?socket=${o.nbdSock}` };
+}
+
 export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<SizeFigures[]> {
   const shm = existsSync('/dev/shm') ? '/dev/shm' : o.dir;
   const out: SizeFigures[] = [];
@@ -68,52 +155,18 @@ export async function earlyRebootBench(o: EarlyRebootBenchOptions): Promise<Size
     const ram = path.join(shm, `ballast-bench-ram-${process.pid}-${memMiB}.bin`);
     try {
       o.log(`early reboot: guest RAM ${memMiB} MiB of random bytes in ${ram}`);
-      const fd = openSync(ram, 'w');
-      const chunk = Buffer.alloc(16 * 1024 * 1024);
-      for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
-      closeSync(fd);
-
-      const nbdSock = path.join(o.dir, `er-nbd-${memMiB}.sock`);
-      const srv = spawn(
-        process.execPath,
-        [
-          path.join(o.root, 'bin', 'ballast'),
-          'serve',
-          path.join(o.dir, `er-dump-${memMiB}.img`),
-          '--size',
-          `${Math.ceil(memMiB * 1.1) + 64}M`,
-          '--socket',
-          nbdSock,
-          '--cache',
-          o.cache,
-        ],
-        { stdio: ['ignore', 'ignore', 'inherit'] },
-      );
-      children.push(srv);
-      const qmpSock = path.join(o.dir, `er-qmp-${memMiB}.sock`);
-      const qemu = spawn(
-        'qemu-system-x86_64',
-        [
-          '-nodefaults',
-          '-display',
-          'none',
-          '-machine',
-          'pc,accel=tcg,memory-backend=ram0',
-          '-object',
-          `memory-backend-file,id=ram0,size=${memMiB}M,mem-path=${ram},share=on,prealloc=on`,
-          '-m',
-          `${memMiB}M`,
-          '-S',
-          '-qmp',
-          `unix:${qmpSock},server=on,wait=off`,
-        ],
-        { stdio: ['ignore', 'ignore', 'inherit'] },
-      );
-      children.push(qemu);
-      await o.waitFor(nbdSock);
-      await o.waitFor(qmpSock);
-      const qmp = await QmpClient.connect(qmpSock);
-      const uri = `nbd+unix:///?socket=${nbdSock}`;
+      const { srv, qemu, qmp, uri } = await startDumpRig({
+        root: o.root,
+        image: path.join(o.dir, `er-dump-${memMiB}.img`),
+        nbdSock: path.join(o.dir, `er-nbd-${memMiB}.sock`),
+        qmpSock: path.join(o.dir, `er-qmp-${memMiB}.sock`),
+        ram,
+        memMiB,
+        share: true,
+        cache: o.cache,
+        children,
+        waitFor: o.waitFor,
+      });
       const fig = (): ModeFigures => ({
         downtimeMs: [],
         MiBps: [],

@@ -7,10 +7,9 @@
 //   npm run bench:dump -- --suite qemu-alone [--sizes 512,1024] [--rounds 5]
 
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
-import { closeSync, existsSync, openSync, rmSync, writeSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
-import { QmpClient } from '../dumpd/qmp.js';
+import { startRandomGuest } from './early-reboot.js';
 
 export interface SnapshotRateOptions {
   sizesMiB: number[];
@@ -39,34 +38,17 @@ export async function snapshotRateBench(o: SnapshotRateOptions): Promise<Snapsho
   const out: SnapshotRate[] = [];
   for (const memMiB of o.sizesMiB) {
     const ram = path.join(shm, `ballast-bench-alone-${process.pid}-${memMiB}.bin`);
-    let qemu: ChildProcess | undefined;
+    const children: ChildProcess[] = [];
     try {
-      const fd = openSync(ram, 'w');
-      const chunk = Buffer.alloc(16 * 1024 * 1024);
-      for (let i = 0; i < memMiB / 16; i++) writeSync(fd, randomFillSync(chunk));
-      closeSync(fd);
-      const qmpSock = path.join(o.dir, `alone-qmp-${memMiB}.sock`);
-      // The guest of the early-reboot benchmark: RAM a shared mapping of a tmpfs file.
-      qemu = spawn(
-        'qemu-system-x86_64',
-        [
-          '-nodefaults',
-          '-display',
-          'none',
-          '-machine',
-          'pc,accel=tcg,memory-backend=ram0',
-          '-object',
-          `memory-backend-file,id=ram0,size=${memMiB}M,mem-path=${ram},share=on,prealloc=on`,
-          '-m',
-          `${memMiB}M`,
-          '-S',
-          '-qmp',
-          `unix:${qmpSock},server=on,wait=off`,
-        ],
-        { stdio: ['ignore', 'ignore', 'inherit'] },
-      );
-      await o.waitFor(qmpSock);
-      const qmp = await QmpClient.connect(qmpSock);
+      const started = await startRandomGuest({
+        qmpSock: path.join(o.dir, `alone-qmp-${memMiB}.sock`),
+        ram,
+        memMiB,
+        share: true,
+        children,
+        waitFor: o.waitFor,
+      });
+      const { qemu, qmp } = started;
       await qmp.execute('cont', undefined, T);
       await new Promise((r) => setTimeout(r, 300));
       await qmp.execute('stop', undefined, T);
@@ -113,7 +95,7 @@ export async function snapshotRateBench(o: SnapshotRateOptions): Promise<Snapsho
       await qmp.execute('quit', undefined, T).catch(() => undefined);
       out.push(r);
     } finally {
-      if (qemu && qemu.exitCode === null) qemu.kill('SIGKILL');
+      for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
       rmSync(ram, { force: true });
     }
   }

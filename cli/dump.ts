@@ -506,6 +506,15 @@ Config example:
               );
             const bar = progress(e.length, o.progress ?? process.stderr.isTTY === true);
             let done = 0;
+            /** What was written must be what was stored: else no output file is left. */
+            const verify = (sum: string) => {
+              if (sum === e.checksum) return;
+              rmSync(o.output, { force: true });
+              throw new DumpError(
+                'DUMP_CHECKSUM_MISMATCH',
+                `dump ${e.id}: read back ${sum}, the catalog says ${e.checksum}`,
+              );
+            };
             const want = o.format ?? (e.format === 'migration' ? 'elf' : e.format);
             if (want !== e.format) {
               if (e.format !== 'migration' || (want !== 'elf' && want !== 'kdump-zlib'))
@@ -518,13 +527,7 @@ Config example:
                 bar(done);
               });
               bar(done, true);
-              if (sum !== e.checksum) {
-                rmSync(o.output, { force: true });
-                throw new DumpError(
-                  'DUMP_CHECKSUM_MISMATCH',
-                  `dump ${e.id}: read back ${sum}, the catalog says ${e.checksum}`,
-                );
-              }
+              verify(sum);
               process.stderr.write(
                 `dump ${e.id}: ${human(e.length)} stream, ${sum} verified, written as ${want}\n`,
               );
@@ -563,13 +566,7 @@ Config example:
               closeSync(fd);
             }
             bar(done, true);
-            if (sum !== e.checksum) {
-              rmSync(o.output, { force: true });
-              throw new DumpError(
-                'DUMP_CHECKSUM_MISMATCH',
-                `dump ${e.id}: read back ${sum}, the catalog says ${e.checksum}`,
-              );
-            }
+            verify(sum);
             process.stderr.write(
               `dump ${e.id}: ${human(e.length)}, ${sum} verified${flat ? ', reassembled' : ''}\n`,
             );

@@ -4,6 +4,7 @@
 import fs from 'node:fs';
 import { BallastError } from '../agent/errors.js';
 import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
+import { loadNative } from '../agent/native.js';
 import { CACHE_MODES, type CacheMode, SparseFileBackend } from '../agent/sparse-file.js';
 import { IdentityMap, loadTls, peerUid, sourceKey, type TlsSettings } from '../agent/tls-config.js';
 import { formatSize, parseSize } from '../agent/units.js';
@@ -159,6 +160,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
     maxHandshakes: opts.maxHandshakes,
     maxPerSource: opts.maxPerSource,
     workers: opts.workers ?? defaultWorkers(),
+    dupFd: (fd) => loadNative().dup(fd),
     sourceOf: sourceKey,
     tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,
     identify: identities.size > 0 ? (c) => identities.lookup(c.raw, peerUid) : undefined,

@@ -356,17 +356,7 @@ export class Dumpd extends EventEmitter {
       return;
     }
     const monitor = new QmpMonitor(cfg.qmp, { retryMs: 200, maxRetryMs: 2000 });
-    const st: GuestState = {
-      cfg,
-      monitor,
-      watched,
-      running: null,
-      last: null,
-      panics: 0,
-      pending: null,
-      recentPanics: [],
-    };
-    this.guests.set(cfg.name, st);
+    const st = this.track(cfg, monitor, watched);
     monitor.on('connected', (c: QmpClient) => {
       this.log(`guest ${cfg.name}: QMP connected (${cfg.qmp})`);
       this.emit('connected', cfg.name);
@@ -422,20 +412,26 @@ export class Dumpd extends EventEmitter {
     return g.cfg.libvirt !== undefined && this.libvirt.get(g.cfg.libvirt)?.connected === true;
   }
 
-  /** A libvirt domain: its panics come from the connection's lifecycle events. */
-  private addLibvirtGuest(cfg: GuestConfig): void {
-    const uri = cfg.libvirt as string;
+  /** A guest dumpd knows from now on, with nothing dumped yet. */
+  private track(cfg: GuestConfig, monitor: QmpMonitor | null, watched: boolean): GuestState {
     const st: GuestState = {
       cfg,
-      monitor: null,
-      watched: false,
+      monitor,
+      watched,
       running: null,
       last: null,
-      pending: null,
       panics: 0,
+      pending: null,
       recentPanics: [],
     };
     this.guests.set(cfg.name, st);
+    return st;
+  }
+
+  /** A libvirt domain: its panics come from the connection's lifecycle events. */
+  private addLibvirtGuest(cfg: GuestConfig): void {
+    const uri = cfg.libvirt as string;
+    const st = this.track(cfg, null, false);
     let events = this.libvirt.get(uri);
     const fresh = !events;
     if (!events) {
@@ -611,6 +607,11 @@ export class Dumpd extends EventEmitter {
       );
       return;
     }
+    this.dumpPanic(st, at);
+  }
+
+  /** Dumps a panic that happened at `at`, then applies the guest's policy (loop limit permitting). */
+  private dumpPanic(st: GuestState, at: number): void {
     const after = loopGuard(st, this.log.bind(this));
     void this.dump(st.cfg.name, {
       reason: 'panic',
@@ -631,15 +632,8 @@ export class Dumpd extends EventEmitter {
       .execute<{ status: string }>('query-status', undefined, { timeoutMs: 10_000 })
       .catch(() => null);
     if (q?.status !== 'guest-panicked') return;
-    const at = Number(ev.data.panicAt) || Date.now();
     this.log(`guest ${st.cfg.name}: dumping the panic that waited`);
-    const after = loopGuard(st, this.log.bind(this));
-    void this.dump(st.cfg.name, {
-      reason: 'panic',
-      after,
-      mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
-      panicAt: at,
-    }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
+    this.dumpPanic(st, Number(ev.data.panicAt) || Date.now());
   }
 
   /**

@@ -256,8 +256,8 @@ export async function migrateLive(o: LiveOptions): Promise<LiveReport> {
     try {
       await srcQ.execute('migrate-continue', { state: 'pre-switchover' });
       // Both ends completed (the source too: one that failed at the end restarts its
-      // guest, and then a takes its reservations back), then at once `cont`: the guest is
-      // stopped until then, so nothing else waits in between.
+      // guest, and the rollback then takes its reservations back), then at once `cont`:
+      // the guest is stopped until then, so nothing else waits in between.
       const [s, d] = await Promise.allSettled([
         waitMigration(srcQ, ['completed'], {
           timeoutMs: 120_000,

@@ -112,9 +112,12 @@ export async function adoptBackend(s: SharedBackend): Promise<Backend> {
 
 /** Closes the descriptors of a description that will not be adopted. */
 export function releaseShared(s: SharedBackend): void {
-  for (const fd of s.fds) {
-    try {
-      closeSync(fd);
-    } catch {}
-  }
+  for (const fd of s.fds) closeQuietly(fd);
+}
+
+/** Closes a descriptor this thread owns; one already gone is no error. */
+export function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {}
 }

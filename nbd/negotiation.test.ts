@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { FULL_CAPS } from '../test/helpers/caps.js';
 import type { Backend, BackendCaps } from './backend.js';
 import { type Export, StaticCatalog } from './export.js';
 import {
@@ -27,19 +28,6 @@ import {
 } from './protocol.js';
 
 // ---- fakes and wire helpers ------------------------------------------------
-
-const FULL_CAPS: BackendCaps = {
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  cache: true,
-  extents: true,
-  multiConn: true,
-  rotational: false,
-};
 
 function fakeBackend(size: number, caps: Partial<BackendCaps> = {}): Backend {
   const unused = (): never => {

@@ -71,6 +71,11 @@ export interface ServerOptions {
    */
   workers?: number;
   /**
+   * A close-on-exec duplicate of a descriptor, or -errno: how a connection's
+   * socket reaches a worker (Node has no dup). Required with workers > 1.
+   */
+  dupFd?: (fd: number) => number;
+  /**
    * With workers: a STARTTLS connection moves to a worker before its TLS
    * handshake, so its crypto runs there (default true). Only for exports a
    * worker can serve (no fence): the agent turns it off in a cluster.
@@ -566,18 +571,17 @@ export class Connection implements HandshakeSink, TransmissionSink {
             this.identity = peer.identity;
             this.identityMethod = peer.method === 'psk' ? 'psk' : 'x509';
           }
-          if (!this.relayed) {
-            this.server.log(
-              'debug',
-              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
-            );
-          }
           if (this.relayed) {
             this.server.relay?.secured(
               this,
               peer.identity,
               peer.method === 'psk' ? 'psk' : peer.identity !== null ? 'x509' : 'anonymous',
               peer.protocol,
+            );
+          } else {
+            this.server.log(
+              'debug',
+              `conn ${this.id} ${this.remote}: ${peer.protocol ?? 'TLS'} as ${this.identity}`,
             );
           }
           this.hreader.resume();
@@ -712,11 +716,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
     const rest = this.moving;
     this.moving = null;
     if (rest === null || this.phase !== 'transmission' || this.socket.destroyed) return;
-    const link = this.server.pool?.adopt(this, Buffer.concat(rest)) ?? null;
+    const leftover = Buffer.concat(rest);
+    const link = this.server.pool?.adopt(this, leftover) ?? null;
     if (link === null) {
       // Not possible after all: served here.
-      const b = Buffer.concat(rest);
-      this.process(b, 0);
+      this.process(leftover, 0);
       if (!this.stalled && this.phase === 'transmission') this.socket.resume();
       return;
     }
@@ -1356,7 +1360,9 @@ export class NbdServer extends EventEmitter {
   constructor(readonly options: ServerOptions) {
     super();
     const n = options.workers ?? 1;
-    this.pool = n > 1 ? new WorkerPool(this, n) : null;
+    if (n <= 1) this.pool = null;
+    else if (options.dupFd) this.pool = new WorkerPool(this, n, options.dupFd);
+    else throw new TypeError('ServerOptions: workers > 1 needs dupFd');
   }
 
   /** A worker's link to the main thread for relayed handshakes. */

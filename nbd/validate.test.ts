@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { FULL_CAPS } from '../test/helpers/caps.js';
 import type { BackendCaps } from './backend.js';
 import { transmissionFlags } from './negotiation.js';
 import { BLOCK_SIZE_MAX, CMD, CMD_FLAG, NBD_ERR, REQUEST_MAGIC, TFLAG } from './protocol.js';
@@ -10,21 +11,9 @@ const MiB = 1024 * 1024;
 const SIZE = 1024 * MiB;
 const MAX = BLOCK_SIZE_MAX;
 
-const FULL: BackendCaps = {
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  cache: true,
-  extents: true,
-  multiConn: true,
-  rotational: false,
-};
 /** Writable, but advertising none of the optional commands or flags. */
 const BARE: BackendCaps = {
-  ...FULL,
+  ...FULL_CAPS,
   flush: false,
   fua: false,
   trim: false,
@@ -59,7 +48,7 @@ interface Ctx {
 function ctx(o: Ctx = {}): ValidationContext {
   const structured = o.structured ?? true;
   return {
-    flags: transmissionFlags(o.caps ?? FULL, o.readOnly ?? false, structured),
+    flags: transmissionFlags(o.caps ?? FULL_CAPS, o.readOnly ?? false, structured),
     size: o.size ?? SIZE,
     structured,
     allocationContext: o.allocation ?? structured,
@@ -177,7 +166,7 @@ const FLAGS: [string, number][] = [
 
 const CONTEXTS: [string, Ctx][] = [];
 for (const caps of [
-  ['full caps', FULL],
+  ['full caps', FULL_CAPS],
   ['bare caps', BARE],
 ] as const) {
   for (const readOnly of [false, true]) {
@@ -337,7 +326,7 @@ describe('validateRequest: named cases', () => {
     ['WRITE_ZEROES with FAST_ZERO', CMD.WRITE_ZEROES, CMD_FLAG.FAST_ZERO],
     ['WRITE with an unknown flag', CMD.WRITE, 1 << 12],
   ])('%s on a read-only export: EPERM, even out of range or empty', (_name, type, flags) => {
-    for (const ro of [{ readOnly: true }, { caps: { ...FULL, write: false } }]) {
+    for (const ro of [{ readOnly: true }, { caps: { ...FULL_CAPS, write: false } }]) {
       expect(v(type, flags, 0, 4096, ro)).toBe(EPERM);
       expect(v(type, flags, SIZE, 4096, ro)).toBe(EPERM);
       expect(v(type, flags, 0, 0, ro)).toBe(EPERM);
@@ -365,14 +354,14 @@ describe('validateRequest: named cases', () => {
   });
 
   it('FAST_ZERO needs SEND_FAST_ZERO', () => {
-    const noFast = { caps: { ...FULL, fastZero: false } };
+    const noFast = { caps: { ...FULL_CAPS, fastZero: false } };
     expect(v(CMD.WRITE_ZEROES, CMD_FLAG.FAST_ZERO, 0, 4096, noFast)).toBe(EINVAL);
     expect(v(CMD.WRITE_ZEROES, CMD_FLAG.NO_HOLE, 0, 4096, noFast)).toBe(0);
     expect(v(CMD.WRITE_ZEROES, CMD_FLAG.FAST_ZERO, 0, 4096)).toBe(0);
   });
 
   it('FUA needs SEND_FUA', () => {
-    const noFua = { caps: { ...FULL, fua: false } };
+    const noFua = { caps: { ...FULL_CAPS, fua: false } };
     expect(v(CMD.WRITE, CMD_FLAG.FUA, 0, 4096, noFua)).toBe(EINVAL);
     expect(v(CMD.TRIM, CMD_FLAG.FUA, 0, 4096, noFua)).toBe(EINVAL);
     expect(v(CMD.WRITE_ZEROES, CMD_FLAG.FUA, 0, 4096, noFua)).toBe(EINVAL);

@@ -6,15 +6,22 @@
 // main thread writes; counters go back to the main thread every 100 ms and
 // when a connection closes.
 
-import { closeSync } from 'node:fs';
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { adoptBackend, type Backend, releaseShared } from './backend.js';
-import { type AccessControl, type Export, StaticCatalog } from './export.js';
+import { adoptBackend, type Backend, closeQuietly, releaseShared } from './backend.js';
+import { type AccessControl, StaticCatalog } from './export.js';
+import type { Session } from './negotiation.js';
 import { type Connection, handshakeBuffer, NbdServer } from './server.js';
 import { ExportStats } from './stats.js';
 import { TlsCredentials } from './tls.js';
-import type { FromWorker, ServerDelta, StatsDelta, ToWorker, WorkerInit } from './workers.js';
+import type {
+  FromWorker,
+  ServerDelta,
+  SessionInfo,
+  StatsDelta,
+  ToWorker,
+  WorkerInit,
+} from './workers.js';
 
 const port = parentPort!;
 const init = workerData as WorkerInit;
@@ -22,6 +29,10 @@ const table = new Int32Array(init.access);
 
 function post(m: FromWorker): void {
   port.postMessage(m);
+}
+
+function warn(id: number, e: unknown): void {
+  post({ t: 'log', level: 'warn', msg: `conn ${id}: ${(e as Error).message}` });
 }
 
 /** One connection's access answer, as the main thread keeps it in the shared table. */
@@ -33,6 +44,20 @@ class SharedAccess implements AccessControl {
   mask(): number {
     return Atomics.load(table, this.slot * 2 + 1);
   }
+}
+
+/**
+ * The main thread's duplicated descriptor as this thread's socket. `onread` and
+ * `pauseOnCreate` are in Node's documentation of net.Socket, not in its typings.
+ */
+function adoptSocket(fd: number, extra: Record<string, unknown>): net.Socket {
+  return new net.Socket({
+    fd,
+    readable: true,
+    writable: true,
+    allowHalfOpen: true,
+    ...extra,
+  } as net.SocketConstructorOpts);
 }
 
 /** Buffers that crossed threads arrive as Uint8Array: Node's TLS wants Buffers. */
@@ -78,36 +103,21 @@ server.relay = {
 
 /** STARTTLS was acknowledged on the main thread: the TLS handshake happens here. */
 function adoptTls(m: Extract<ToWorker, { t: 'tls' }>): void {
-  const s: Served = {
-    id: m.id,
-    conn: null,
-    backend: null,
-    stats: new ExportStats(),
-    dropped: false,
-    abortAsked: false,
-  };
-  byId.set(m.id, s);
+  const s = serve(m.id);
   let socket: net.Socket;
   try {
-    socket = new net.Socket({
-      fd: m.fd,
-      readable: true,
-      writable: true,
-      allowHalfOpen: true,
-      pauseOnCreate: true,
-    } as net.SocketConstructorOpts);
+    socket = adoptSocket(m.fd, { pauseOnCreate: true });
   } catch (e) {
     closeQuietly(m.fd);
-    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    warn(m.id, e);
     finish(s);
     return;
   }
   // Registered before the TLS handshake can report anything.
-  const conn = server.adoptTls(socket, m.id, (c) => {
+  server.adoptTls(socket, m.id, (c) => {
     s.conn = c;
     byConn.set(c, s);
   });
-  void conn;
 }
 
 /** The main thread decided a relayed option. */
@@ -125,7 +135,7 @@ async function optReply(m: Extract<ToWorker, { t: 'optReply' }>): Promise<void> 
     s.backend = await adoptBackend(info.backend);
   } catch (e) {
     releaseShared(info.backend);
-    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    warn(m.id, e);
     conn.kill();
     return;
   }
@@ -135,23 +145,24 @@ async function optReply(m: Extract<ToWorker, { t: 'optReply' }>): Promise<void> 
     s.backend = null;
     return;
   }
-  conn.relayAnswer({
-    replies,
-    verdict: 'transmission',
-    session: {
-      export: {
-        name: info.name,
-        description: info.description,
-        backend: s.backend,
-        readOnly: false,
-        stats: s.stats,
-        access: info.slot >= 0 ? new SharedAccess(info.slot) : undefined,
-      },
-      flags: info.flags,
-      structured: info.structured,
-      allocationContext: info.allocationContext,
+  conn.relayAnswer({ replies, verdict: 'transmission', session: session(info, s.backend, s) });
+}
+
+/** The session the main thread negotiated, on this thread's adopted backend. */
+function session(info: SessionInfo, backend: Backend, s: Served): Session {
+  return {
+    export: {
+      name: info.name,
+      description: info.description,
+      backend,
+      readOnly: false,
+      stats: s.stats,
+      access: info.slot >= 0 ? new SharedAccess(info.slot) : undefined,
     },
-  });
+    flags: info.flags,
+    structured: info.structured,
+    allocationContext: info.allocationContext,
+  };
 }
 
 interface Served {
@@ -168,22 +179,28 @@ interface Served {
 const byId = new Map<number, Served>();
 const byConn = new Map<Connection, Served>();
 
-async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<void> {
+/** A connection the main thread handed over, known by its id from now on. */
+function serve(id: number): Served {
   const s: Served = {
-    id: m.id,
+    id,
     conn: null,
     backend: null,
     stats: new ExportStats(),
     dropped: false,
     abortAsked: false,
   };
-  byId.set(m.id, s);
+  byId.set(id, s);
+  return s;
+}
+
+async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<void> {
+  const s = serve(m.id);
   try {
     s.backend = await adoptBackend(m.backend);
   } catch (e) {
     releaseShared(m.backend);
     closeQuietly(m.fd);
-    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    warn(m.id, e);
     finish(s);
     return;
   }
@@ -193,22 +210,10 @@ async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<voi
     finish(s);
     return;
   }
-  const exp: Export = {
-    name: m.name,
-    description: m.description,
-    backend: s.backend,
-    readOnly: false,
-    stats: s.stats,
-    access: m.slot >= 0 ? new SharedAccess(m.slot) : undefined,
-  };
   let conn: Connection | null = null;
   let socket: net.Socket;
   try {
-    socket = new net.Socket({
-      fd: m.fd,
-      readable: true,
-      writable: true,
-      allowHalfOpen: true,
+    socket = adoptSocket(m.fd, {
       onread: {
         buffer: () => (conn ? conn.readTarget() : handshakeBuffer()),
         callback: (n: number, buf: Uint8Array) => {
@@ -216,23 +221,18 @@ async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<voi
           return true;
         },
       },
-    } as net.SocketConstructorOpts);
+    });
   } catch (e) {
     closeQuietly(m.fd);
     await s.backend.close().catch(() => {});
-    post({ t: 'log', level: 'warn', msg: `conn ${m.id}: ${(e as Error).message}` });
+    warn(m.id, e);
     finish(s);
     return;
   }
   conn = server.adopt(
     socket,
     {
-      session: {
-        export: exp,
-        flags: m.flags,
-        structured: m.structured,
-        allocationContext: m.allocationContext,
-      },
+      session: session(m, s.backend, s),
       identity: m.identity,
       identityMethod: m.identityMethod,
       id: m.id,
@@ -243,12 +243,6 @@ async function adoptConnection(m: Extract<ToWorker, { t: 'conn' }>): Promise<voi
   s.conn = conn;
   byConn.set(conn, s);
   if (s.abortAsked) void abort(s);
-}
-
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {}
 }
 
 /** The connection and its backend are gone: last counters, then the main thread hears. */

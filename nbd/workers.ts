@@ -11,13 +11,12 @@
 // generations before returning, so a worker reads the new answer for every
 // request it reads after the call that made the change returns.
 
-import { closeSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { type BallastNative, loadNative } from '../agent/native.js';
-import { type Backend, releaseShared, type SharedBackend } from './backend.js';
+import { closeQuietly, releaseShared, type SharedBackend } from './backend.js';
 import type { AccessControl } from './export.js';
+import type { Session } from './negotiation.js';
 import type { Connection, NbdServer, RemoteLink } from './server.js';
 import type { ExportStats } from './stats.js';
 import type { TlsCredentialOptions, TlsMode } from './tls.js';
@@ -32,22 +31,7 @@ export function defaultWorkers(): number {
 
 /** Main → worker. */
 export type ToWorker =
-  | {
-      t: 'conn';
-      id: number;
-      fd: number;
-      leftover: Buffer;
-      name: string;
-      description: string;
-      flags: number;
-      structured: boolean;
-      allocationContext: boolean;
-      identity: string;
-      identityMethod: Connection['identityMethod'];
-      backend: SharedBackend;
-      /** Index into the shared access table, or -1: every command allowed. */
-      slot: number;
-    }
+  | ({ t: 'conn'; id: number; fd: number; leftover: Buffer } & SessionInfo)
   | { t: 'tls'; id: number; fd: number }
   | {
       t: 'optReply';
@@ -173,13 +157,14 @@ export class WorkerPool {
     AccessControl,
     { conns: Set<Remote>; unsubscribe: () => void }
   >();
-  private readonly native: BallastNative = loadNative();
   private started: Promise<void> | null = null;
   private closing = false;
 
   constructor(
     private readonly server: NbdServer,
     readonly size: number,
+    /** A close-on-exec duplicate of a descriptor, or -errno (ServerOptions.dupFd). */
+    private readonly dup: (fd: number) => number,
   ) {
     this.sab = new SharedArrayBuffer(SLOTS * 2 * 4);
     this.table = new Int32Array(this.sab);
@@ -288,15 +273,7 @@ export class WorkerPool {
     if (this.closing || this.threads.length === 0) return false;
     if (conn.tlsProtocol !== null) return false;
     const s = conn.session;
-    if (!s) return false;
-    const b: Backend = s.export.backend;
-    if (typeof b.share !== 'function') return false;
-    const acc = s.export.access;
-    if (acc) {
-      if (typeof acc.subscribe !== 'function') return false;
-      if (acc.gate !== undefined && acc.gated !== false) return false;
-    }
-    return conn.fd >= 0 && this.freeSlots.length > 0;
+    return s !== null && this.wantsSession(s) && conn.fd >= 0;
   }
 
   /** Whether a connection that just got its STARTTLS acknowledged should do TLS on a worker. */
@@ -318,7 +295,7 @@ export class WorkerPool {
   adoptTls(conn: Connection): RemoteLink | null {
     const t = this.pick();
     if (!t) return null;
-    const fd = this.native.dup(conn.fd);
+    const fd = this.dup(conn.fd);
     if (fd < 0) return null;
     const r = new Remote(this, t, conn, -1, null);
     t.conns.set(conn.id, r);
@@ -360,10 +337,8 @@ export class WorkerPool {
     }
     const acc = s.export.access ?? null;
     if (acc) {
-      r.slot = this.freeSlots.pop()!;
+      r.slot = this.takeSlot(acc, r.conn);
       r.access = acc;
-      Atomics.store(this.table, r.slot * 2 + 1, acc.mask(r.conn.identity));
-      Atomics.add(this.table, r.slot * 2, 1);
       this.watch(acc, r);
     }
     this.send(t, {
@@ -371,18 +346,21 @@ export class WorkerPool {
       id: r.conn.id,
       replies: a.replies,
       verdict: 'transmission',
-      session: {
-        name: s.export.name,
-        description: s.export.description,
-        flags: s.flags,
-        structured: s.structured,
-        allocationContext: s.allocationContext,
-        identity: r.conn.identity,
-        identityMethod: r.conn.identityMethod,
-        backend: shared,
-        slot: r.slot,
-      },
+      session: sessionInfo(s, r.conn, shared, r.slot),
     });
+  }
+
+  /** A slot of the shared access table, holding the connection's answer from `acc`. */
+  private takeSlot(acc: AccessControl, conn: Connection): number {
+    const slot = this.freeSlots.pop()!;
+    this.publish(slot, acc, conn);
+    return slot;
+  }
+
+  /** Writes the connection's answer and bumps the slot's generation: workers read it from now on. */
+  private publish(slot: number, acc: AccessControl, conn: Connection): void {
+    Atomics.store(this.table, slot * 2 + 1, acc.mask(conn.identity));
+    Atomics.add(this.table, slot * 2, 1);
   }
 
   /** Whether a worker can serve this session's export (shareable, no fence). */
@@ -402,25 +380,17 @@ export class WorkerPool {
    */
   adopt(conn: Connection, leftover: Buffer): RemoteLink | null {
     const s = conn.session;
-    const live = this.threads.filter((t) => !t.dead);
-    if (!s || live.length === 0 || this.freeSlots.length === 0) return null;
-    const fd = this.native.dup(conn.fd);
+    const t = this.pick();
+    if (!s || t === null || this.freeSlots.length === 0) return null;
+    const fd = this.dup(conn.fd);
     if (fd < 0) return null;
     const shared = s.export.backend.share?.() ?? null;
     if (shared === null) {
       closeQuietly(fd);
       return null;
     }
-    // The least loaded worker.
-    let t = live[0]!;
-    for (const c of live) if (c.conns.size < t.conns.size) t = c;
     const acc = s.export.access ?? null;
-    let slot = -1;
-    if (acc) {
-      slot = this.freeSlots.pop()!;
-      Atomics.store(this.table, slot * 2 + 1, acc.mask(conn.identity));
-      Atomics.add(this.table, slot * 2, 1);
-    }
+    const slot = acc ? this.takeSlot(acc, conn) : -1;
     const r = new Remote(this, t, conn, slot, acc);
     this.server.log('debug', `conn ${conn.id} ${conn.remote}: served by worker ${t.index}`);
     if (acc) this.watch(acc, r);
@@ -431,15 +401,7 @@ export class WorkerPool {
         id: conn.id,
         fd,
         leftover,
-        name: s.export.name,
-        description: s.export.description,
-        flags: s.flags,
-        structured: s.structured,
-        allocationContext: s.allocationContext,
-        identity: conn.identity,
-        identityMethod: conn.identityMethod,
-        backend: shared,
-        slot,
+        ...sessionInfo(s, conn, shared, slot),
       } satisfies ToWorker);
     } catch (e) {
       this.server.log('warn', `conn ${conn.id}: cannot hand over: ${(e as Error).message}`);
@@ -457,10 +419,7 @@ export class WorkerPool {
       const conns = new Set<Remote>();
       // Synchronous, inside the change: every worker sees it before the change returns.
       const unsubscribe = acc.subscribe!(() => {
-        for (const c of conns) {
-          Atomics.store(this.table, c.slot * 2 + 1, acc.mask(c.conn.identity));
-          Atomics.add(this.table, c.slot * 2, 1);
-        }
+        for (const c of conns) this.publish(c.slot, acc, c.conn);
       });
       w = { conns, unsubscribe };
       this.byAccess.set(acc, w);
@@ -547,6 +506,26 @@ export class WorkerPool {
   }
 }
 
+/** What a worker needs of an established connection's session: its backend shared, its slot. */
+function sessionInfo(
+  s: Session,
+  conn: Connection,
+  backend: SharedBackend,
+  slot: number,
+): SessionInfo {
+  return {
+    name: s.export.name,
+    description: s.export.description,
+    flags: s.flags,
+    structured: s.structured,
+    allocationContext: s.allocationContext,
+    identity: conn.identity,
+    identityMethod: conn.identityMethod,
+    backend,
+    slot,
+  };
+}
+
 function addExportStats(es: ExportStats, d: StatsDelta): void {
   const add = (a: Float64Array, b: Float64Array): void => {
     for (let i = 0; i < a.length && i < b.length; i++) a[i]! += b[i]!;
@@ -560,10 +539,4 @@ function addExportStats(es: ExportStats, d: StatsDelta): void {
   for (let i = 0; i < es.latency.length && i < d.latency.length; i++) {
     add(es.latency[i]!, d.latency[i]!);
   }
-}
-
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {}
 }

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { QmpClient } from '../../dumpd/qmp.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { buildGuest, GuestConsole, guestArgs } from '../helpers/guest.js';
+import { buildGuest, GuestConsole, guestArgs, occurrences } from '../helpers/guest.js';
 import { startQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
@@ -42,6 +42,9 @@ describeWithTools(
     const server = { uri: (d: string) => uri(d) };
     /** The flag that hands `dump now` the token of the dumpd whose runDir is dir/RUN. */
     const token = (run: string) => ['--dumpd-token-file', path.join(dir, run, 'token')];
+    /** `dump now GUEST EXTRA...` to the dumpd on `p` whose runDir is dir/RUN. */
+    const dumpNow = (guest: string, extra: string[] = [], p = port, run = 'run') =>
+      ballast(['dump', 'now', guest, ...extra, '--dumpd', `127.0.0.1:${p}`, ...token(run)]);
 
     const until = async (f: () => boolean | Promise<boolean>, what: string, timeoutMs = 60_000) => {
       const deadline = Date.now() + timeoutMs;
@@ -188,10 +191,7 @@ describeWithTools(
         expect(get.stderr).toMatch(/crc32:[0-9a-f]{8} verified/);
         expect(statSync(out).size).toBe(listed.dumps[0]?.length);
         const core = readFileSync(out);
-        const mark = Buffer.from(`BALLAST-MARK-${nonce}\n`);
-        let hits = 0;
-        for (let i = core.indexOf(mark); i >= 0; i = core.indexOf(mark, i + mark.length)) hits++;
-        expect(hits).toBeGreaterThanOrEqual(10_000);
+        expect(occurrences(core, `BALLAST-MARK-${nonce}\n`)).toBeGreaterThanOrEqual(10_000);
         const elf = await runOk('readelf', ['-h', out]);
         expect(elf.stdout).toMatch(/Type:\s+CORE/);
         expect(elf.stdout).toMatch(/Machine:\s+Advanced Micro Devices X86-64/);
@@ -254,23 +254,9 @@ describeWithTools(
     it(
       'a dump that does not fit fails cleanly and leaves the earlier dump intact',
       async () => {
-        const first = await ballast([
-          'dump',
-          'now',
-          'small',
-          '--dumpd',
-          `127.0.0.1:${port}`,
-          ...token('run'),
-        ]);
+        const first = await dumpNow('small');
         expect(first.code, describeRun(first)).toBe(0);
-        const second = await ballast([
-          'dump',
-          'now',
-          'small',
-          '--dumpd',
-          `127.0.0.1:${port}`,
-          ...token('run'),
-        ]);
+        const second = await dumpNow('small');
         expect(second.code).toBe(1);
         expect(second.stderr).toContain('DUMP_NO_SPACE');
         const ls = await ballast(['dump', 'ls', server.uri('small-dump'), '--json']);
@@ -303,17 +289,7 @@ describeWithTools(
         expect(rm.code, describeRun(rm)).toBe(0);
 
         // A 64 MiB guest onto a 16 MiB device: failed, listed as failed, policy applied.
-        const huge = await ballast([
-          'dump',
-          'now',
-          'huge',
-          '--after',
-          'pause',
-          '--json',
-          '--dumpd',
-          `127.0.0.1:${port}`,
-          ...token('run'),
-        ]);
+        const huge = await dumpNow('huge', ['--after', 'pause', '--json']);
         expect(huge.code).toBe(1);
         const r = JSON.parse(huge.stdout) as {
           ok: boolean;
@@ -338,14 +314,7 @@ describeWithTools(
     it(
       'kdump-zlib is stored flattened and reassembled into a kdump file',
       async () => {
-        const now = await ballast([
-          'dump',
-          'now',
-          'kd',
-          '--dumpd',
-          `127.0.0.1:${port}`,
-          ...token('run'),
-        ]);
+        const now = await dumpNow('kd');
         expect(now.code, describeRun(now)).toBe(0);
         const flat = path.join(dir, 'kd.flat');
         const raw = path.join(dir, 'kd.kdump');
@@ -420,17 +389,10 @@ describeWithTools(
           if (Date.now() > deadline) throw new Error(`second dumpd did not connect:\n${log2}`);
           await new Promise((r) => setTimeout(r, 50));
         }
-        const tiny = await ballast([
-          'dump',
-          'now',
-          'tiny',
-          '--dumpd',
-          `127.0.0.1:${port2}`,
-          ...token('run2'),
-        ]);
+        const tiny = await dumpNow('tiny', [], port2, 'run2');
         expect(tiny.code, describeRun(tiny)).toBe(0);
         // Start the big dump and kill dumpd as soon as its bytes are flowing.
-        void ballast(['dump', 'now', 'big', '--dumpd', `127.0.0.1:${port2}`, ...token('run2')]);
+        void dumpNow('big', [], port2, 'run2');
         for (;;) {
           const m = await fetch(`http://127.0.0.1:${port2}/metrics`)
             .then((r) => r.text())
@@ -462,14 +424,7 @@ describeWithTools(
     it(
       'QMP errors and unknown guests carry stable codes',
       async () => {
-        const r = await ballast([
-          'dump',
-          'now',
-          'nope',
-          '--dumpd',
-          `127.0.0.1:${port}`,
-          ...token('run'),
-        ]);
+        const r = await dumpNow('nope');
         expect(r.code).toBe(1);
         expect(r.stderr).toContain('DUMP_UNKNOWN_GUEST');
         const q = await QmpClient.connect(path.join(dir, 'kd.qmp'), { timeoutMs: 300 }).catch(

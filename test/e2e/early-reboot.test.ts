@@ -20,6 +20,7 @@ import {
   buildGuest,
   GuestConsole,
   guestArgs,
+  occurrences,
   PHYS_MARK_GPA,
   PHYS_MARK_SIZE,
 } from '../helpers/guest.js';
@@ -89,13 +90,6 @@ function kdumpPage(f: Buffer, pfn: number): Buffer {
   const data = f.subarray(off, off + size);
   return flags & 1 ? inflateSync(data) : Buffer.from(data);
 }
-
-const count = (hay: Buffer, s: string) => {
-  const needle = Buffer.from(s);
-  let n = 0;
-  for (let i = hay.indexOf(needle); i >= 0; i = hay.indexOf(needle, i + needle.length)) n++;
-  return n;
-};
 
 describeWithTools(
   ['qemu-system-x86_64', 'readelf', 'cpio', 'busybox', 'vmlinuz'],
@@ -294,11 +288,11 @@ describeWithTools(
         expect(elf.stdout).toMatch(/LOAD/);
         expect(elf.stdout).toMatch(/CORE\s+0x00000150\s+NT_PRSTATUS/);
         const core = readFileSync(out);
-        expect(count(core, `BALLAST-MARK-${n1}\n`)).toBeGreaterThanOrEqual(10_000);
-        expect(count(core, n2)).toBe(0);
+        expect(occurrences(core, `BALLAST-MARK-${n1}\n`)).toBeGreaterThanOrEqual(10_000);
+        expect(occurrences(core, n2)).toBe(0);
         const at = elfOffsetOf(core, PHYS_MARK_GPA);
         const region = core.subarray(at, at + PHYS_MARK_SIZE);
-        expect(count(region, `BALLAST-PHYS-${n1}\n`)).toBeGreaterThanOrEqual(
+        expect(occurrences(region, `BALLAST-PHYS-${n1}\n`)).toBeGreaterThanOrEqual(
           Math.floor(PHYS_MARK_SIZE / 30),
         );
 
@@ -344,8 +338,8 @@ describeWithTools(
           [3, 'complete'],
         ]);
         const second = readFileSync(await getCore(2));
-        expect(count(second, `BALLAST-MARK-${n2}\n`)).toBeGreaterThanOrEqual(10_000);
-        expect(count(second, n3)).toBe(0);
+        expect(occurrences(second, `BALLAST-MARK-${n2}\n`)).toBeGreaterThanOrEqual(10_000);
+        expect(occurrences(second, n3)).toBe(0);
         const third = readFileSync(await getCore(3));
         const at = elfOffsetOf(third, PHYS_MARK_GPA);
         expect(third.subarray(at, at + 64).toString('latin1')).toContain(`BALLAST-PHYS-${n3}`);
@@ -421,7 +415,7 @@ describeWithTools(
           await sleep(100);
         }
         const core = readFileSync(await getCore(1));
-        expect(count(core, `BALLAST-MARK-${n1}\n`)).toBeGreaterThanOrEqual(10_000);
+        expect(occurrences(core, `BALLAST-MARK-${n1}\n`)).toBeGreaterThanOrEqual(10_000);
         // A later live migration of the guest is not turned into a snapshot.
         const q = await QmpClient.connect(testQmp);
         try {

@@ -19,7 +19,7 @@ import { chmodSync, copyFileSync, mkdirSync, readFileSync, statSync, writeFileSy
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { buildGuest, GuestConsole } from '../helpers/guest.js';
+import { buildGuest, GuestConsole, occurrences } from '../helpers/guest.js';
 import { LIBVIRT_TOOLS, Libvirtd } from '../helpers/libvirt.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
@@ -329,10 +329,7 @@ describeWithTools(
         expect(get.code, describeRun(get)).toBe(0);
         expect(get.stderr).toMatch(/crc32:[0-9a-f]{8} verified/);
         const core = readFileSync(out);
-        const mark = Buffer.from(`BALLAST-MARK-${nonce}\n`);
-        let hits = 0;
-        for (let i = core.indexOf(mark); i >= 0; i = core.indexOf(mark, i + mark.length)) hits++;
-        expect(hits).toBeGreaterThanOrEqual(10_000);
+        expect(occurrences(core, `BALLAST-MARK-${nonce}\n`)).toBeGreaterThanOrEqual(10_000);
         const elf = await runOk('readelf', ['-h', out]);
         expect(elf.stdout).toMatch(/Type:\s+CORE/);
       },

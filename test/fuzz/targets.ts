@@ -52,6 +52,7 @@ import {
 import { validateRequest } from '../../nbd/validate.js';
 import { notifyRoutes } from '../../notify/api.js';
 import { Notifier } from '../../notify/notifier.js';
+import { FULL_CAPS } from '../helpers/caps.js';
 
 export interface Target {
   name: string;
@@ -134,18 +135,7 @@ const IHAVEOPT = Buffer.from('IHAVEOPT', 'latin1');
 
 /** A real but tiny backend: memory, every capability. */
 class MemBackend implements Backend {
-  readonly caps: BackendCaps = {
-    write: true,
-    flush: true,
-    fua: true,
-    trim: true,
-    zero: true,
-    fastZero: true,
-    cache: true,
-    extents: true,
-    multiConn: true,
-    rotational: false,
-  };
+  readonly caps: BackendCaps = FULL_CAPS;
   constructor(readonly size: number) {}
   read(r: IoRequest) {
     r.done(0);

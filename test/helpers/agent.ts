@@ -5,8 +5,8 @@
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
+import { type ApiReply, httpRequest as request } from '../../bench/api.js';
 import { BALLAST_BIN, killAfterAll, makeTempDir } from './server.js';
 import { type RunResult, run, toolEnv } from './tools.js';
 
@@ -36,13 +36,9 @@ export interface AgentStartOptions {
   events?: Record<string, unknown>;
 }
 
-export interface ApiReply {
-  status: number;
-  body: Record<string, unknown>;
-  text: string;
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export type { ApiReply };
 
 /** One HTTP request over a Unix socket or to 127.0.0.1:port. */
 export function httpRequest(
@@ -52,38 +48,7 @@ export function httpRequest(
   body?: unknown,
   headers: Record<string, string> = {},
 ): Promise<ApiReply> {
-  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      {
-        method,
-        path: urlPath,
-        ...('socketPath' in where
-          ? { socketPath: where.socketPath }
-          : { host: '127.0.0.1', port: where.port }),
-        headers: {
-          ...(payload
-            ? { 'content-type': 'application/json', 'content-length': payload.length }
-            : {}),
-          ...headers,
-        },
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          let parsed: Record<string, unknown> = {};
-          try {
-            parsed = JSON.parse(text) as Record<string, unknown>;
-          } catch {}
-          resolve({ status: res.statusCode ?? 0, body: parsed, text });
-        });
-      },
-    );
-    req.on('error', reject);
-    req.end(payload);
-  });
+  return request(where, method, urlPath, body, { headers });
 }
 
 export class AgentHandle {
@@ -155,6 +120,18 @@ export class AgentHandle {
     return run(process.execPath, [BALLAST_BIN, ...args], {
       env: { BALLAST_AGENT: `unix:${this.apiSocket}` },
     });
+  }
+
+  /** `ballast ARGS` against this agent's TCP API, with its token. */
+  cliTcp(...args: string[]): Promise<RunResult> {
+    return run(process.execPath, [
+      BALLAST_BIN,
+      ...args,
+      '--agent',
+      `http://127.0.0.1:${this.apiPort}`,
+      '--token-file',
+      path.join(this.dataDir, 'api-token'),
+    ]);
   }
 
   /** SIGTERM; resolves with the exit code. */

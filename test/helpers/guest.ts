@@ -39,6 +39,11 @@ const VIRTIO_PATHS: Record<string, string> = {
   virtio_pci: 'drivers/virtio',
   virtio_blk: 'drivers/block',
 };
+/** The pvpanic driver: a panic the host sees (GUEST_PANICKED). */
+export const PVPANIC_MODULES = [
+  'drivers/misc/pvpanic/pvpanic.ko',
+  'drivers/misc/pvpanic/pvpanic-mmio.ko',
+];
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -88,36 +93,56 @@ export const PHYS_MARK_SIZE = 4 * 1024 * 1024;
 /** Where `fill` writes, right after markphys's region (dd's seek=1088 of 64 KiB blocks). */
 export const FILL_GPA = 0x4400000;
 
+/** How many times `s` occurs in `hay` (a dump), without overlaps. */
+export function occurrences(hay: Buffer, s: string): number {
+  const needle = Buffer.from(s);
+  let n = 0;
+  for (let i = hay.indexOf(needle); i >= 0; i = hay.indexOf(needle, i + needle.length)) n++;
+  return n;
+}
+
 /** The kernel's release, from /boot/vmlinuz-RELEASE. */
 function release(kernel: string): string {
   return path.basename(kernel).replace(/^vmlinuz-/, '');
 }
 
 /** Builds (once per dir) the initramfs; returns { kernel, initrd }. */
-export async function buildGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+export function buildGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+  return buildInitramfs(dir, '', INIT, [
+    ...PVPANIC_MODULES,
+    ...VIRTIO_MODULES.map((m) => `${VIRTIO_PATHS[m]}/${m}.ko`),
+  ]);
+}
+
+/**
+ * Builds (once per dir and `prefix`) DIR/PREFIXinitrd.gz: static busybox, `init`,
+ * and the kernel's `modules` (paths under its kernel/ directory) in /lib by their
+ * file names. Returns { kernel, initrd }.
+ */
+export async function buildInitramfs(
+  dir: string,
+  prefix: string,
+  init: string,
+  modules: string[],
+): Promise<{ kernel: string; initrd: string }> {
   const kernel = guestKernel();
   if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
-  const initrd = path.join(dir, 'initrd.gz');
+  const initrd = path.join(dir, `${prefix}initrd.gz`);
   if (existsSync(initrd)) return { kernel, initrd };
-  const root = path.join(dir, 'root');
+  const root = path.join(dir, `${prefix}root`);
   for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
     mkdirSync(path.join(root, d), { recursive: true });
   copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
   chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
-  const mods = `/lib/modules/${release(kernel)}/kernel/drivers/misc/pvpanic`;
-  for (const m of ['pvpanic.ko', 'pvpanic-mmio.ko']) {
+  const mods = `/lib/modules/${release(kernel)}/kernel`;
+  for (const m of modules) {
     const src = path.join(mods, m);
-    if (existsSync(src)) copyFileSync(src, path.join(root, 'lib', m));
-    else if (existsSync(`${src}.xz`))
-      await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${path.join(root, 'lib', m)}'`]);
-  }
-  for (const m of VIRTIO_MODULES) {
-    const src = `/lib/modules/${release(kernel)}/kernel/${VIRTIO_PATHS[m]}/${m}.ko`;
-    const dst = path.join(root, 'lib', `${m}.ko`);
+    const dst = path.join(root, 'lib', path.basename(m));
     if (existsSync(src)) copyFileSync(src, dst);
+    // Debian may ship them compressed.
     else if (existsSync(`${src}.xz`)) await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
   }
-  writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
+  writeFileSync(path.join(root, 'init'), init, { mode: 0o755 });
   await runOk('sh', [
     '-c',
     `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,

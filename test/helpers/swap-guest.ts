@@ -12,9 +12,8 @@
 // (a source whose connection was aborted by a hand-off that was then undone), and a
 // write error pauses the guest (werror=stop) rather than failing the guest's I/O.
 
-import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { guestKernel, runOk } from './tools.js';
+import { buildInitramfs, PVPANIC_MODULES } from './guest.js';
 
 const MODULES = [
   'drivers/virtio/virtio_ring.ko', // before virtio, which needs it
@@ -23,8 +22,7 @@ const MODULES = [
   'drivers/virtio/virtio_pci_modern_dev.ko',
   'drivers/virtio/virtio_pci.ko',
   'drivers/block/virtio_blk.ko',
-  'drivers/misc/pvpanic/pvpanic.ko',
-  'drivers/misc/pvpanic/pvpanic-mmio.ko',
+  ...PVPANIC_MODULES,
 ];
 
 const INIT = `#!/bin/busybox sh
@@ -68,34 +66,9 @@ while true; do
 done
 `;
 
-function release(kernel: string): string {
-  return path.basename(kernel).replace(/^vmlinuz-/, '');
-}
-
 /** Builds (once per dir) the initramfs; returns { kernel, initrd }. */
-export async function buildSwapGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
-  const kernel = guestKernel();
-  if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
-  const initrd = path.join(dir, 'swap-initrd.gz');
-  if (existsSync(initrd)) return { kernel, initrd };
-  const root = path.join(dir, 'swap-root');
-  for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
-    mkdirSync(path.join(root, d), { recursive: true });
-  copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
-  chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
-  const mods = `/lib/modules/${release(kernel)}/kernel`;
-  for (const m of MODULES) {
-    const src = path.join(mods, m);
-    const dst = path.join(root, 'lib', path.basename(m));
-    if (existsSync(src)) copyFileSync(src, dst);
-    else if (existsSync(`${src}.xz`)) await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
-  }
-  writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
-  await runOk('sh', [
-    '-c',
-    `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,
-  ]);
-  return { kernel, initrd };
+export function buildSwapGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+  return buildInitramfs(dir, 'swap-', INIT, MODULES);
 }
 
 export interface SwapGuestSpec {

@@ -5,8 +5,7 @@
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { BALLAST_BIN } from '../helpers/server.js';
-import { describeRun, run } from '../helpers/tools.js';
+import { describeRun } from '../helpers/tools.js';
 
 const SLOW = 400; // over the default cap of 128 per listener
 
@@ -41,15 +40,7 @@ describe.runIf(process.getuid?.() === 0)('API slowloris', () => {
     const viaSocket = await agent.cli('device', 'ls');
     expect(viaSocket.code, describeRun(viaSocket)).toBe(0);
     expect(viaSocket.stdout).toContain('vm1-swap');
-    const viaTcp = await run(process.execPath, [
-      BALLAST_BIN,
-      'device',
-      'ls',
-      '--agent',
-      `http://127.0.0.1:${agent.apiPort}`,
-      '--token-file',
-      `${agent.dataDir}/api-token`,
-    ]);
+    const viaTcp = await agent.cliTcp('device', 'ls');
     expect(viaTcp.code, describeRun(viaTcp)).toBe(0);
     expect(viaTcp.stdout).toContain('vm1-swap');
     // No more than the cap are held open.

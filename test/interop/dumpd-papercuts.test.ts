@@ -5,19 +5,11 @@
 
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { parseConfig } from '../../dumpd/config.js';
-import { Dumpd } from '../../dumpd/daemon.js';
+import type { Dumpd } from '../../dumpd/daemon.js';
+import { startWatchingDumpd, until } from '../helpers/dumpd.js';
 import { startQemu } from '../helpers/qemu.js';
-import { BALLAST_BIN, makeTempDir, type ServerHandle, startServer } from '../helpers/server.js';
+import { BALLAST_BIN, makeTempDir, type ServerHandle } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
-
-const until = async (f: () => boolean, what: string, timeoutMs = 20_000) => {
-  const deadline = Date.now() + timeoutMs;
-  while (!f()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-};
 
 describeWithTools(['qemu-system-x86_64'], 'dumpd papercuts', () => {
   let server: ServerHandle;
@@ -28,27 +20,15 @@ describeWithTools(['qemu-system-x86_64'], 'dumpd papercuts', () => {
 
   beforeAll(async () => {
     dir = makeTempDir('ballast-dp-');
-    server = await startServer({
+    ({ server, d, addr } = await startWatchingDumpd({
+      dir,
       exports: [
         { name: 'plain-dump', size: '64M' },
         { name: 'panicky-dump', size: '64M' },
       ],
-    });
-    const cfg = parseConfig(`
-listen: 127.0.0.1:0
-runDir: ${path.join(dir, 'run')}
-defaults: { format: elf, after: reboot, keep: 2 }
-watch:
-  - { dir: ${dir}, suffix: .qmp, device: "nbd+unix:///{guest}-dump?socket=${server.socket}" }
-`);
-    d = new Dumpd(cfg, {
-      resolveDevice: async (ref) => {
-        if (!('uri' in ref)) throw new Error('no agent here');
-        return ref.uri;
-      },
-      log: (s) => log.push(s),
-    });
-    addr = await d.start();
+      after: 'reboot',
+      log,
+    }));
   });
 
   afterAll(async () => {

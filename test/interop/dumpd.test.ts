@@ -8,6 +8,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseConfig } from '../../dumpd/config.js';
 import { Dumpd } from '../../dumpd/daemon.js';
 import { DumpDevice } from '../../dumpd/device.js';
+import { startWatchingDumpd, until } from '../helpers/dumpd.js';
 import { startQemu, stopQemu } from '../helpers/qemu.js';
 import {
   BALLAST_BIN,
@@ -18,14 +19,6 @@ import {
 } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 
-const until = async (f: () => boolean, what: string, timeoutMs = 20_000) => {
-  const deadline = Date.now() + timeoutMs;
-  while (!f()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-};
-
 describeWithTools(['qemu-system-x86_64'], 'dumpd against QEMU', () => {
   let server: ServerHandle;
   let dir: string;
@@ -35,28 +28,16 @@ describeWithTools(['qemu-system-x86_64'], 'dumpd against QEMU', () => {
 
   beforeAll(async () => {
     dir = makeTempDir('ballast-dd-');
-    server = await startServer({
+    ({ server, d, addr } = await startWatchingDumpd({
+      dir,
       exports: [
         { name: 'a-dump', size: '96M' },
         { name: 'b-dump', size: '96M' },
         { name: 'c-dump', size: '8M' },
       ],
-    });
-    const cfg = parseConfig(`
-listen: 127.0.0.1:0
-runDir: ${path.join(dir, 'run')}
-defaults: { format: elf, after: none, keep: 2 }
-watch:
-  - { dir: ${dir}, suffix: .qmp, device: "nbd+unix:///{guest}-dump?socket=${server.socket}" }
-`);
-    d = new Dumpd(cfg, {
-      resolveDevice: async (ref) => {
-        if (!('uri' in ref)) throw new Error('no agent here');
-        return ref.uri;
-      },
-      log: (s) => log.push(s),
-    });
-    addr = await d.start();
+      after: 'none',
+      log,
+    }));
   });
 
   afterAll(async () => {

@@ -221,15 +221,7 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
   );
 
   it.runIf(isRoot)('root with the token reaches the TCP API', async () => {
-    const r = await run(process.execPath, [
-      BALLAST_BIN,
-      'device',
-      'ls',
-      '--agent',
-      `http://127.0.0.1:${agent.apiPort}`,
-      '--token-file',
-      `${agent.dataDir}/api-token`,
-    ]);
+    const r = await agent.cliTcp('device', 'ls');
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.stdout).toContain(dev);
   });
