@@ -539,9 +539,12 @@ export class StreamManager {
     return j;
   }
 
-  /** Streams running (or waiting for their peer) on a device. */
+  /** Devices whose stream is being set up (the checks before it is registered may wait). */
+  private readonly starting = new Set<string>();
+
+  /** Streams running (or waiting for their peer, or being set up) on a device. */
   activeOn(device: string): number {
-    let n = 0;
+    let n = this.starting.has(device) ? 1 : 0;
     for (const j of this.jobs.values()) if (j.device === device && j.active) n++;
     return n;
   }
@@ -602,17 +605,24 @@ export class StreamManager {
     return id.identity;
   }
 
-  private refuseBusy(device: string): void {
+  /** Runs `f` with `device` counted busy: one stream at a time per device. */
+  private async exclusive<T>(device: string, f: () => Promise<T>): Promise<T> {
     if (this.activeOn(device) > 0) {
       throw new BallastError(
         'BALLAST_DEVICE_BUSY',
         `device ${device} already has a stream running; one at a time`,
       );
     }
+    this.starting.add(device);
+    try {
+      return await f();
+    } finally {
+      this.starting.delete(device);
+    }
   }
 
   /** Opens the listening socket of a stream-in; resolves with the job (state 'listening'). */
-  async startIn(
+  startIn(
     name: string,
     o: {
       offset?: number;
@@ -623,13 +633,25 @@ export class StreamManager {
     },
   ): Promise<Job> {
     const dev = this.deps.device(name);
+    return this.exclusive(dev.name, () => this.setupIn(dev, o));
+  }
+
+  private async setupIn(
+    dev: StreamDevice,
+    o: {
+      offset?: number;
+      end?: number;
+      checksum?: ChecksumAlg;
+      timeoutMs?: number;
+      identity: string;
+    },
+  ): Promise<Job> {
     const { offset, end } = streamRange(dev.size, o.offset, o.end);
     partsOf(
       dev.extents.map((e) => e.length),
       offset,
       end - offset,
     );
-    this.refuseBusy(dev.name);
     const perm = new Permission(this.deps.access(dev.name), o.identity, WRITE_BIT, dev.name);
     await perm.allow();
     const files = Files.open(this.lib(), dev, true);
@@ -849,7 +871,7 @@ export class StreamManager {
   }
 
   /** Connects to QEMU's incoming socket and sends [offset, offset+length) of the device. */
-  async startOut(
+  startOut(
     name: string,
     o: {
       socket?: string;
@@ -861,6 +883,20 @@ export class StreamManager {
     },
   ): Promise<Job> {
     const dev = this.deps.device(name);
+    return this.exclusive(dev.name, () => this.setupOut(dev, o));
+  }
+
+  private async setupOut(
+    dev: StreamDevice,
+    o: {
+      socket?: string;
+      offset?: number;
+      length?: number;
+      checksum?: ChecksumAlg;
+      timeoutMs?: number;
+      identity: string;
+    },
+  ): Promise<Job> {
     if (typeof o.socket !== 'string' || !path.isAbsolute(o.socket)) {
       throw new BallastError('BALLAST_BAD_REQUEST', 'socket must be an absolute path');
     }
@@ -872,7 +908,6 @@ export class StreamManager {
       offset,
       length,
     );
-    this.refuseBusy(dev.name);
     const perm = new Permission(this.deps.access(dev.name), o.identity, READ_BIT, dev.name);
     await perm.allow();
     let st: fs.Stats;
