@@ -123,12 +123,20 @@ interface AgentStream {
   peerClosed?: boolean;
 }
 
-/** Errors that mean "this agent cannot move the stream itself": use NBD instead. */
+/**
+ * Errors that mean "this agent cannot move the stream itself": the device is another
+ * host's (host-local), or the agent predates streams.
+ */
 const NO_AGENT_STREAM = new Set([
   'BALLAST_DEVICE_REMOTE',
   'BALLAST_NOT_FOUND',
   'BALLAST_METHOD_NOT_ALLOWED',
 ]);
+
+/** Whether a refused stream call leaves the stream to this process over NBD. */
+export function fallsBackToNbd(via: StreamVia, e: unknown): boolean {
+  return via === 'auto' && e instanceof BallastError && NO_AGENT_STREAM.has(e.code);
+}
 
 /**
  * Starts a stream-in or stream-out on the agent; null when it cannot and `via` lets the
@@ -148,7 +156,7 @@ async function startStream(
       body,
     )) as AgentStream;
   } catch (e) {
-    if (via === 'auto' && e instanceof BallastError && NO_AGENT_STREAM.has(e.code)) return null;
+    if (fallsBackToNbd(via, e)) return null;
     throw e;
   }
 }
