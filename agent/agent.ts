@@ -48,6 +48,7 @@ import { Pool } from './pools.js';
 import { ReservationManager } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
 import type { Store } from './store/store.js';
+import { StreamManager } from './stream.js';
 import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
 export interface AgentOptions {
@@ -189,6 +190,8 @@ export class Agent {
   private readonly nbd: NbdServer;
   readonly devices: DeviceManager;
   readonly reservations: ReservationManager;
+  /** Suspend streams taken into and given out of devices (agent/stream.ts). */
+  readonly streams: StreamManager;
   private readonly apiServers: http.Server[] = [];
   private readonly sockets: string[] = [];
   private readonly nbdTargets: ListenTarget[] = [];
@@ -305,6 +308,27 @@ export class Agent {
       return acc;
     };
     this.devices.onRemoved = (name) => this.reservations.forget(name);
+    this.streams = new StreamManager({
+      device: (name) => this.devices.streamTarget(name),
+      access: (name) => this.reservations.access(name),
+      // As the NBD server names a client on the same kind of socket (see identify above).
+      identify: (sock) => {
+        const name =
+          identities.lookup(sock, peerUid) ??
+          (sock.remoteAddress === undefined ? (hostIdentity ?? null) : null);
+        if (name !== null) return { identity: name, refusal: null };
+        return {
+          identity: 'anonymous',
+          refusal: anonymousRefusal(config.nbd.anonymous, {
+            identityMethod: 'anonymous',
+            raw: sock,
+          }),
+        };
+      },
+      log: (m) => this.log(m),
+    });
+    this.devices.streams = this.streams;
+    this.reservations.abortStreams = (device, ids) => this.streams.abort(device, ids);
   }
 
   log(msg: string): void {
@@ -415,6 +439,8 @@ export class Agent {
     for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
     if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
     const nbdGroup = socketGroupId(c.nbd.socketGroup, c.nbd.socketGroupConfigured);
+    // QEMU reaches a stream socket as it reaches the NBD socket.
+    this.streams.socketGroup = nbdGroup;
     const apiGroup = socketGroupId(c.api.socketGroup, true, undefined, 'api.socketGroup');
     for (const t of this.nbdTargets) {
       if ('path' in t) await this.prepareSocket(t.path, nbdGroup);
@@ -451,6 +477,7 @@ export class Agent {
       extraRoutes: [
         ...(this.cluster ? [clusterRoutes(this.cluster)] : []),
         notifyRoutes(this.notifier),
+        this.streams.routes(),
       ],
       rescan: () => this.rescanPools('pool rescan'),
       events: (req: http.IncomingMessage, res: http.ServerResponse, url: URL) =>
@@ -794,6 +821,7 @@ export class Agent {
     }, 10_000);
     await apiClosed;
     clearTimeout(late);
+    await this.streams.close();
     await this.nbd.close();
     const failed = await this.devices.flushAll();
     await this.devices.close();

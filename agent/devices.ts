@@ -160,6 +160,8 @@ export class DeviceManager {
   onStats?: (name: string, stats: ExportStats) => void;
   /** Told after a device got a new extent (its tier may have changed). */
   onExtended?: (name: string, before: ExtentRecord[], after: ExtentRecord[]) => void;
+  /** Streams into and out of devices (agent/stream.ts): they keep a device busy as clients do. */
+  streams?: { activeOn(name: string): number; stopOn(name: string): Promise<void> };
   /** Set when the agent is part of a cluster. */
   cluster?: DeviceCluster;
   /** Cluster devices this host does not serve (another host's, or not ready yet). */
@@ -382,6 +384,23 @@ export class DeviceManager {
     return names.map((n) => this.view(n));
   }
 
+  /**
+   * A device this agent serves, for a stream into or out of it (agent/stream.ts): its size
+   * and extent files. Throws as the device commands do (not found, another host's, unavailable).
+   */
+  streamTarget(name: string): {
+    name: string;
+    size: number;
+    extents: { path: string; length: number }[];
+  } {
+    const l = this.need(name);
+    return {
+      name,
+      size: l.record.size,
+      extents: l.record.extents.map((e) => ({ path: e.file, length: e.size })),
+    };
+  }
+
   statsOf(name: string): ExportStats | undefined {
     return this.live.get(name)?.stats;
   }
@@ -602,13 +621,15 @@ export class DeviceManager {
    */
   private async busy(name: string, force: boolean, what: string): Promise<void> {
     const conns = this.server()?.connectionsTo(name) ?? [];
-    if (conns.length === 0) return;
+    const streams = this.streams?.activeOn(name) ?? 0;
+    if (conns.length === 0 && streams === 0) return;
     if (!force) {
       throw new BallastError(
         'BALLAST_DEVICE_BUSY',
-        `device ${name} has ${conns.length} client connection(s); ${what} refused (use --force to disconnect them)`,
+        `device ${name} has ${conns.length} client connection(s)${streams ? ` and ${streams} stream(s)` : ''}; ${what} refused (use --force to disconnect them)`,
       );
     }
+    if (streams > 0) await this.streams?.stopOn(name);
     this.log(`device ${name}: disconnecting ${conns.length} client(s) for ${what}`);
     for (const c of conns) c.shutdown();
     let timer: NodeJS.Timeout | undefined;

@@ -220,6 +220,11 @@ export class ReservationManager {
   host?: string;
   /** PR OUT latency, for metrics. */
   onChange?: (seconds: number) => void;
+  /**
+   * PREEMPT AND ABORT also stops the preempted identities' streams into or out of the
+   * device (agent/stream.ts), and waits for their I/O in flight: the number stopped.
+   */
+  abortStreams?: (device: string, identities: ReadonlySet<string>) => Promise<number>;
   /** In a cluster: which agents have applied the device's current reservation state. */
   appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
 
@@ -450,6 +455,7 @@ export class ReservationManager {
         );
         await Promise.all(conns.map((c) => c.abort()));
       }
+      await this.abortStreams?.(device, gone);
     }
   }
 
@@ -566,6 +572,7 @@ export class ReservationManager {
           );
           aborted = conns.length;
           await Promise.all(conns.map((c) => c.abort()));
+          aborted += (await this.abortStreams?.(device, gone)) ?? 0;
         }
       }
       return {

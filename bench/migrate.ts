@@ -2,9 +2,10 @@
 //   live   migration total time and downtime of a guest whose paging device is a Ballast
 //          device (two agents on a 3-member etcd, the hand-off at pre-switchover), against the
 //          same guest with its paging device on nbdkit (a plain migration, no hand-off)
-//   save   suspend into the paging device over NBD (`ballast guest suspend`'s path)
-//          against QEMU's `migrate` to a local file (exec:cat, then fdatasync)
-//   load   resume from the device against `migrate-incoming` from that local file
+//   save   suspend into the paging device (`ballast guest suspend`: the agent's own
+//          stream, and through this process over NBD, --via nbd) against QEMU's
+//          `migrate` to a local file (exec:cat, then fdatasync)
+//   load   resume from the device (both ways) against `migrate-incoming` from that file
 //
 // The guest boots nothing: its RAM is a private mapping of a file of random bytes
 // (memory-backend-file), so the stream carries real data, and it runs the firmware,
@@ -302,25 +303,31 @@ async function main(): Promise<void> {
   // suspend/resume against QEMU's migrate to and from a local file
   const local = path.join(dir, 'local.mig');
   await ensureHeld(A.api, 'g-swap', 'a'); // the guest runs on host a
+  // the agent's own stream ('device'), the same through this process over NBD ('nbd'),
+  // and the local file, in a rotating order
+  const sides = ['device', 'nbd', 'file'] as const;
   for (let r = 0; r < rounds; r++) {
-    for (const which of r % 2 ? ['file', 'device'] : ['device', 'file']) {
+    for (let i = 0; i < sides.length; i++) {
+      const which = sides[(r + i) % sides.length] as (typeof sides)[number];
       await sleep(500);
       const src = await qemu(A.nbd, 'g-swap', false);
-      if (which === 'device') {
+      if (which !== 'file') {
+        const via = which === 'device' ? 'agent' : 'nbd';
         const cpu0 = process.cpuUsage();
         const agent0 = cpuMs(A.pid);
-        const sus = await suspendGuest({ guest: 'g', qmp: src.qmp, api: A.api });
+        const sus = await suspendGuest({ guest: 'g', qmp: src.qmp, api: A.api, via });
         const cpu = process.cpuUsage(cpu0);
-        put('save.device', sus.mibPerSec);
+        if (sus.via !== via) throw new Error(`asked for ${via}, suspended via ${sus.via}`);
+        put(`save.${which}`, sus.mibPerSec);
         // where the stream's CPU goes: this process (ballast guest suspend) and the agent
-        put('save.cpu.suspend', (cpu.user + cpu.system) / 1000);
-        put('save.cpu.agent', cpuMs(A.pid) - agent0);
+        put(`save.cpu.suspend.${which}`, (cpu.user + cpu.system) / 1000);
+        put(`save.cpu.agent.${which}`, cpuMs(A.pid) - agent0);
         const dst = await qemu(A.nbd, 'g-swap', true);
         const t0 = performance.now();
-        const res2 = await resumeGuest({ guest: 'g', qmp: dst.qmp, api: A.api });
-        put('load.device', res2.mibPerSec);
+        const res2 = await resumeGuest({ guest: 'g', qmp: dst.qmp, api: A.api, via });
+        put(`load.${which}`, res2.mibPerSec);
         log(
-          `round ${r + 1} device: save ${(sus.bytes / MiB).toFixed(0)} MiB at ${sus.mibPerSec.toFixed(0)} MiB/s (${sus.ms.toFixed(0)} ms in all), load at ${res2.mibPerSec.toFixed(0)} MiB/s (${(performance.now() - t0).toFixed(0)} ms to running)`,
+          `round ${r + 1} ${which}: save ${(sus.bytes / MiB).toFixed(0)} MiB at ${sus.mibPerSec.toFixed(0)} MiB/s (${sus.ms.toFixed(0)} ms in all${sus.direct ? ', O_DIRECT' : ''}), load at ${res2.mibPerSec.toFixed(0)} MiB/s (${(performance.now() - t0).toFixed(0)} ms to running)`,
         );
         await dst.c.stop(2000);
       } else {
@@ -385,25 +392,31 @@ async function main(): Promise<void> {
       `${(m('ballast.qemuDowntime') - m('nbdkit.qemuDowntime')).toFixed(0)} ms`,
     ],
     ['hand-off itself, ms', m('ballast.handoff').toFixed(1), '-', ''],
-    ['suspend / resume', 'paging device (NBD)', 'local file', 'ratio'],
-    [
-      'save, MiB/s',
-      m('save.device').toFixed(0),
-      m('save.file').toFixed(0),
-      `${(m('save.device') / m('save.file')).toFixed(2)}×`,
-    ],
-    [
-      'load, MiB/s',
-      m('load.device').toFixed(0),
-      m('load.file').toFixed(0),
-      `${(m('load.device') / m('load.file')).toFixed(2)}×`,
-    ],
-    [
-      'save, CPU ms per 256 MiB',
-      `suspend ${((m('save.cpu.suspend') * 256 * MiB) / (memMiB * MiB)).toFixed(0)} + agent ${((m('save.cpu.agent') * 256 * MiB) / (memMiB * MiB)).toFixed(0)}`,
-      '(QEMU + cat)',
-      '',
-    ],
+    ['suspend / resume', 'paging device', 'local file', 'ratio'],
+    ...(['device', 'nbd'] as const).flatMap((w): [string, string, string, string][] => {
+      const how = w === 'device' ? 'agent stream' : 'via NBD';
+      const per256 = (k: string) => ((m(k) * 256 * MiB) / (memMiB * MiB)).toFixed(0);
+      return [
+        [
+          `save (${how}), MiB/s`,
+          m(`save.${w}`).toFixed(0),
+          m('save.file').toFixed(0),
+          `${(m(`save.${w}`) / m('save.file')).toFixed(2)}×`,
+        ],
+        [
+          `load (${how}), MiB/s`,
+          m(`load.${w}`).toFixed(0),
+          m('load.file').toFixed(0),
+          `${(m(`load.${w}`) / m('load.file')).toFixed(2)}×`,
+        ],
+        [
+          `save (${how}), CPU ms per 256 MiB`,
+          `suspend ${per256(`save.cpu.suspend.${w}`)} + agent ${per256(`save.cpu.agent.${w}`)}`,
+          '(QEMU + cat)',
+          '',
+        ],
+      ];
+    }),
   ];
   const w = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
   const line = (r: string[]) => `| ${r.map((c, i) => c.padEnd(w[i] as number)).join(' | ')} |`;

@@ -9,7 +9,7 @@ import { type AgentApi, MigrateError } from '../migrate/handoff.js';
 import { migrateLibvirt } from '../migrate/libvirt.js';
 import { migrateLive } from '../migrate/live.js';
 import type { Progress } from '../migrate/qemu.js';
-import { resumeGuest, suspendGuest } from '../migrate/suspend.js';
+import { resumeGuest, type StreamVia, suspendGuest } from '../migrate/suspend.js';
 import { movableLibvirt, movableQemuArgs, takeover } from '../migrate/takeover.js';
 import { client, json, out, withCommon } from './manage.js';
 import { positiveInt } from './options.js';
@@ -232,11 +232,14 @@ export function registerGuest(program: Command): void {
       .command('suspend')
       .description(
         'Stop a guest and stream its state (QEMU’s migration stream) into the suspend area ' +
-          'of its paging device over NBD, then record it (size, checksum, QEMU version, machine ' +
-          'type) in the header in the device’s last 4 KiB and quit QEMU. The suspend area is ' +
-          'the end of the device: by default room for the guest’s RAM plus an eighth and ' +
-          '16 MiB; the guest must see only the part before it (a raw node with size=OFFSET). ' +
-          'On any failure the guest goes on running.',
+          'of its paging device, then record it (size, checksum, QEMU version, machine ' +
+          'type) in the header in the device’s last 4 KiB and quit QEMU. The agent that serves ' +
+          'the device takes the stream from QEMU on a socket of its own and writes it into the ' +
+          'device itself; where it does not serve the device (another host’s host-local ' +
+          'device), or with --via nbd, the stream goes through this command into the device ' +
+          'over NBD. The suspend area is the end of the device: by default room for the ' +
+          'guest’s RAM plus an eighth and 16 MiB; the guest must see only the part before it ' +
+          '(a raw node with size=OFFSET). On any failure the guest goes on running.',
       )
       .argument('<GUEST>')
       .requiredOption('--qmp <QMP>', "the guest's QMP socket (unix:/path or tcp:HOST:PORT)")
@@ -247,6 +250,14 @@ export function registerGuest(program: Command): void {
         new Option('--checksum <ALG>', 'checksum of the stream')
           .choices(['crc32', 'sha256'])
           .default('crc32'),
+      )
+      .addOption(
+        new Option(
+          '--via <WHO>',
+          'who moves the stream: the agent itself, or this command over NBD',
+        )
+          .choices(['auto', 'agent', 'nbd'])
+          .default('auto'),
       ),
   ).action(
     async (
@@ -257,6 +268,7 @@ export function registerGuest(program: Command): void {
         offset?: string;
         keepQemu?: boolean;
         checksum: 'crc32' | 'sha256';
+        via: StreamVia;
       },
     ) => {
       const r = await suspendGuest({
@@ -267,6 +279,7 @@ export function registerGuest(program: Command): void {
         offset: o.offset === undefined ? undefined : parseSize(o.offset),
         keepQemu: o.keepQemu,
         checksum: o.checksum,
+        via: o.via,
       });
       if (o.json) return json(r);
       out(
@@ -280,20 +293,43 @@ export function registerGuest(program: Command): void {
       .command('resume')
       .description(
         'Resume a suspended guest on this agent’s host: start QEMU with the guest’s devices ' +
-          '(ballast attach) and -incoming defer -S first. Refuses a stream written by a newer ' +
+          '(ballast attach) and -incoming defer -S first. The agent reads the stream from the ' +
+          'device into QEMU’s incoming socket (or this command, over NBD: see suspend). ' +
+          'Refuses a stream written by a newer ' +
           'QEMU or for another machine type, and one whose checksum does not match (that QEMU is ' +
           'told to quit and nothing is taken); then takes every device of the guest for this ' +
           'host (preempt-and-abort) and starts the guest.',
       )
       .argument('<GUEST>')
       .requiredOption('--qmp <QMP>', 'the new QEMU’s QMP socket')
-      .option('--device <NAME>', 'the device holding the stream (default: the paging device)'),
+      .option('--device <NAME>', 'the device holding the stream (default: the paging device)')
+      .addOption(
+        new Option(
+          '--via <WHO>',
+          'who moves the stream: the agent itself, or this command over NBD',
+        )
+          .choices(['auto', 'agent', 'nbd'])
+          .default('auto'),
+      ),
   ).action(
     async (
       name: string,
-      o: { agent?: string; tokenFile?: string; json?: boolean; qmp: string; device?: string },
+      o: {
+        agent?: string;
+        tokenFile?: string;
+        json?: boolean;
+        qmp: string;
+        device?: string;
+        via: StreamVia;
+      },
     ) => {
-      const r = await resumeGuest({ guest: name, qmp: o.qmp, api: client(o), device: o.device });
+      const r = await resumeGuest({
+        guest: name,
+        qmp: o.qmp,
+        api: client(o),
+        device: o.device,
+        via: o.via,
+      });
       if (o.json) return json(r);
       out(
         `resumed ${r.guest} on ${r.host} from ${r.device}: ${(r.bytes / MiB).toFixed(1)} MiB in ` +

@@ -1,6 +1,10 @@
 // Suspend a guest into its paging device and resume it on any host that serves the
-// device. QEMU's migration stream goes through a private Unix socket straight into the
-// device over NBD (and back out of it): nothing is staged on the host's disk.
+// device. Nothing is staged on the host's disk: the agent that serves the device takes
+// QEMU's migration stream on a Unix socket of its own and writes it into the device
+// itself (stream-in, agent/stream.ts), and reads it back into the new QEMU's incoming
+// socket (stream-out). Where that agent does not serve the device (another host's
+// host-local device), or with `via: 'nbd'`, the stream goes through a private Unix
+// socket of this process into the device over NBD (and back out of it) instead.
 //
 // suspend: zero the header (a crash mid-way leaves no image that points at a torn
 //          stream), stop the guest, `migrate` to our socket, write each piece at its
@@ -16,6 +20,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { BallastError } from '../agent/errors.js';
 import { type ChecksumAlg, checksummer, parseChecksum } from '../dumpd/checksum.js';
 import type { QmpClient } from '../dumpd/qmp.js';
 import { NbdClient } from '../nbd/client.js';
@@ -48,6 +53,9 @@ import {
 const PIECE = 4 * 1024 * 1024;
 const IN_FLIGHT = 4;
 
+/** Who moves the stream: the agent itself, this process over NBD, or the agent where it can. */
+export type StreamVia = 'auto' | 'agent' | 'nbd';
+
 export interface SuspendOptions {
   guest: string;
   qmp: string;
@@ -61,6 +69,8 @@ export interface SuspendOptions {
   keepQemu?: boolean | undefined;
   /** The stream's checksum (default crc32). */
   checksum?: ChecksumAlg | undefined;
+  /** Default 'auto'. */
+  via?: StreamVia | undefined;
 }
 
 export interface SuspendReport {
@@ -75,6 +85,10 @@ export interface SuspendReport {
   /** From stopping the guest to the header on disk: the stream's own time. */
   streamMs: number;
   mibPerSec: number;
+  /** Who moved the stream. */
+  via: 'agent' | 'nbd';
+  /** The agent's writes bypassed the page cache (O_DIRECT). */
+  direct?: boolean;
 }
 
 async function pagingDevice(api: AgentApi, guest: string, named?: string): Promise<DeviceView> {
@@ -94,6 +108,86 @@ async function openDevice(api: AgentApi, device: string): Promise<NbdClient> {
     uri: string;
   };
   return NbdClient.connect(a.uri);
+}
+
+/** A stream of the agent (GET /v1/streams/ID), the fields used here. */
+interface AgentStream {
+  id: string;
+  state: string;
+  socket?: string;
+  bytes: number;
+  checksum?: string;
+  ms?: number;
+  direct?: boolean;
+  sent?: number;
+  peerClosed?: boolean;
+}
+
+/**
+ * Errors that mean "this agent cannot move the stream itself": the device is another
+ * host's (host-local), or the agent predates streams.
+ */
+const NO_AGENT_STREAM = new Set([
+  'BALLAST_DEVICE_REMOTE',
+  'BALLAST_NOT_FOUND',
+  'BALLAST_METHOD_NOT_ALLOWED',
+]);
+
+/** Whether a refused stream call leaves the stream to this process over NBD. */
+export function fallsBackToNbd(via: StreamVia, e: unknown): boolean {
+  return via === 'auto' && e instanceof BallastError && NO_AGENT_STREAM.has(e.code);
+}
+
+/**
+ * Starts a stream-in or stream-out on the agent; null when it cannot and `via` lets the
+ * caller fall back to NBD.
+ */
+async function startStream(
+  api: AgentApi,
+  device: string,
+  kind: 'stream-in' | 'stream-out',
+  body: Record<string, unknown>,
+  via: StreamVia,
+): Promise<AgentStream | null> {
+  try {
+    return (await api.request(
+      'POST',
+      `/v1/devices/${encodeURIComponent(device)}/${kind}`,
+      body,
+    )) as AgentStream;
+  } catch (e) {
+    if (fallsBackToNbd(via, e)) return null;
+    throw e;
+  }
+}
+
+/** Waits for the agent's stream to end; its error (a BallastError with the agent's code) is thrown. */
+async function waitStream(api: AgentApi, id: string): Promise<AgentStream> {
+  for (;;) {
+    const s = (await api.request('POST', `/v1/streams/${encodeURIComponent(id)}/wait`, {
+      timeoutMs: 60_000,
+    })) as AgentStream;
+    if (s.state !== 'listening' && s.state !== 'running') return s;
+  }
+}
+
+async function cancelStream(api: AgentApi, id: string): Promise<void> {
+  await api.request('DELETE', `/v1/streams/${encodeURIComponent(id)}`).catch(() => {});
+}
+
+/** An error of the agent's stream as the suspend's own. */
+function streamError(e: unknown): unknown {
+  if (e instanceof BallastError && e.code === 'BALLAST_STREAM_NO_ROOM') {
+    return new MigrateError('SUSPEND_NO_ROOM', e.message, { cause: e });
+  }
+  return e;
+}
+
+/** A failure's message, with its code when it has one. */
+function failureText(e: unknown): string {
+  return e instanceof BallastError && !(e instanceof MigrateError)
+    ? `${e.code}: ${e.message}`
+    : (e as Error).message;
 }
 
 function tempSocket(): { dir: string; sock: string } {
@@ -193,11 +287,14 @@ class DeviceWriter {
 
 export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
   const t0 = performance.now();
+  const via = o.via ?? 'auto';
+  const alg = o.checksum ?? 'crc32';
   const dev = await pagingDevice(o.api, o.guest, o.device);
   const q = await connectQmp(o.qmp, 'guest');
   let nbd: NbdClient | null = null;
-  const { dir, sock } = tempSocket();
+  let dir: string | null = null;
   let server: net.Server | null = null;
+  let stream: AgentStream | null = null;
   let wasRunning = false;
   let stopped = false;
   try {
@@ -210,6 +307,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     const ram = ((await q.execute('query-memory-size-summary')) as { 'base-memory': number })[
       'base-memory'
     ];
+    // The header goes over NBD either way (two small writes).
     nbd = await openDevice(o.api, dev.name);
     const size = nbd.size;
     const area = suspendArea(size, ram);
@@ -223,34 +321,60 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     }
     await nbd.write(end, Buffer.alloc(HEADER_BYTES));
     await nbd.flush();
-    const writer = new DeviceWriter(nbd, offset, end, o.checksum ?? 'crc32');
-    server = net.createServer();
-    const received = new Promise<void>((resolve, reject) => {
-      server?.once('connection', (c) => {
-        server?.close();
-        const fail = (e: Error) => {
-          c.destroy();
-          reject(e);
-        };
-        c.on('data', (chunk: Buffer) => {
-          writer.push(chunk);
-          if (writer.failed) fail(writer.failed);
-          else if (writer.busy) {
-            c.pause();
-            writer.onIdle(() => (writer.failed ? fail(writer.failed) : c.resume()));
-          }
+
+    let uri: string;
+    let received: Promise<{ bytes: number; checksum: string; direct?: boolean }>;
+    if (via !== 'nbd') {
+      stream = await startStream(o.api, dev.name, 'stream-in', { offset, end, checksum: alg }, via);
+    }
+    if (stream) {
+      uri = `unix:${stream.socket}`;
+      const id = stream.id;
+      received = waitStream(o.api, id).then(
+        (r) => ({
+          bytes: r.bytes,
+          checksum: r.checksum ?? '',
+          ...(r.direct !== undefined ? { direct: r.direct } : {}),
+        }),
+        (e) => {
+          throw streamError(e);
+        },
+      );
+    } else {
+      const t = tempSocket();
+      dir = t.dir;
+      uri = `unix:${t.sock}`;
+      const writer = new DeviceWriter(nbd, offset, end, alg);
+      server = net.createServer();
+      received = new Promise((resolve, reject) => {
+        server?.once('connection', (c) => {
+          server?.close();
+          const fail = (e: Error) => {
+            c.destroy();
+            reject(e);
+          };
+          c.on('data', (chunk: Buffer) => {
+            writer.push(chunk);
+            if (writer.failed) fail(writer.failed);
+            else if (writer.busy) {
+              c.pause();
+              writer.onIdle(() => (writer.failed ? fail(writer.failed) : c.resume()));
+            }
+          });
+          c.on('end', () => {
+            writer
+              .finish()
+              .then(() => resolve({ bytes: writer.bytes, checksum: writer.hash.digest() }), fail);
+          });
+          c.on('error', reject);
         });
-        c.on('end', () => {
-          writer.finish().then(resolve, fail);
-        });
-        c.on('error', reject);
       });
-    });
+      await new Promise<void>((resolve, reject) => {
+        server?.once('error', reject);
+        server?.listen(t.sock, resolve);
+      });
+    }
     received.catch(() => {});
-    await new Promise<void>((resolve, reject) => {
-      server?.once('error', reject);
-      server?.listen(sock, resolve);
-    });
     const tStream = performance.now();
     if (wasRunning) {
       await q.execute('stop');
@@ -258,17 +382,18 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
     }
     await setCapabilities(q, { 'pause-before-switchover': false, events: true });
     await q.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-    await q.execute('migrate', { uri: `unix:${sock}` });
-    await Promise.all([
+    await q.execute('migrate', { uri });
+    const [got] = await Promise.all([
       received,
       waitMigration(q, ['completed'], { timeoutMs: 600_000, step: 'suspend', t0 }),
     ]);
+    stream = null; // done: nothing to cancel
     const header: ImageHeader = {
       format: 1,
       guest: o.guest,
       offset,
-      length: writer.bytes,
-      checksum: writer.hash.digest(),
+      length: got.bytes,
+      checksum: got.checksum,
       qemu: id.version,
       machine: id.machine,
       ramBytes: ram,
@@ -283,15 +408,19 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       guest: o.guest,
       device: dev.name,
       offset,
-      bytes: writer.bytes,
+      bytes: got.bytes,
       checksum: header.checksum,
       qemu: id.version,
       machine: id.machine,
       ms,
       streamMs,
-      mibPerSec: writer.bytes / 1048576 / (streamMs / 1000),
+      mibPerSec: got.bytes / 1048576 / (streamMs / 1000),
+      via: server ? 'nbd' : 'agent',
+      ...(got.direct !== undefined ? { direct: got.direct } : {}),
     };
   } catch (e) {
+    // The agent's stream first: it stops writing before the guest may run again.
+    if (stream) await cancelStream(o.api, stream.id);
     await tryExecute(q, 'migrate_cancel');
     if (stopped) {
       // The guest goes on as if nothing happened once the migration is over.
@@ -303,14 +432,14 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       await tryExecute(q, 'cont');
     }
     if (e instanceof MigrateError) throw e;
-    throw new MigrateError('SUSPEND_FAILED', `suspend failed: ${(e as Error).message}`, {
+    throw new MigrateError('SUSPEND_FAILED', `suspend failed: ${failureText(e)}`, {
       cause: e,
     });
   } finally {
     server?.close();
     q.close();
     await nbd?.close().catch(() => {});
-    rmSync(dir, { recursive: true, force: true });
+    if (dir) rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -322,6 +451,8 @@ export interface ResumeOptions {
   api: AgentApi;
   host?: string | undefined;
   device?: string | undefined;
+  /** Default 'auto'. */
+  via?: StreamVia | undefined;
 }
 
 export interface ResumeReport {
@@ -335,6 +466,8 @@ export interface ResumeReport {
   ms: number;
   mibPerSec: number;
   taken: { device: string; did: string }[];
+  /** Who moved the stream. */
+  via: 'agent' | 'nbd';
 }
 
 /** Reads the suspend header of a device (null: no suspended guest on it). */
@@ -351,8 +484,60 @@ export async function readImageHeader(nbd: NbdClient): Promise<ImageHeader | nul
   }
 }
 
+/**
+ * Feeds the stream at h.offset of the device over NBD into QEMU's incoming socket: its
+ * checksum, of every byte read even if QEMU gave up, so that a damaged stream is
+ * reported as such.
+ */
+async function feedOverNbd(
+  nbd: NbdClient,
+  h: ImageHeader,
+  sock: string,
+  hash: ReturnType<typeof checksummer>,
+): Promise<string> {
+  const c = await new Promise<net.Socket>((resolve, reject) => {
+    const s = net.connect(sock);
+    s.once('connect', () => resolve(s));
+    s.once('error', reject);
+  });
+  let broken: Error | null = null;
+  c.on('error', (e) => {
+    broken ??= e;
+  });
+  // Read ahead a few pieces.
+  const reads: Promise<Buffer>[] = [];
+  let next = 0;
+  const more = () => {
+    while (reads.length < IN_FLIGHT && next < h.length) {
+      const n = Math.min(PIECE, h.length - next);
+      reads.push(nbd.read(h.offset + next, n));
+      next += n;
+    }
+  };
+  more();
+  while (reads.length) {
+    const b = await (reads.shift() as Promise<Buffer>);
+    more();
+    hash.update(b);
+    if (!broken && !c.destroyed && !c.write(b)) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          c.off('drain', done);
+          c.off('close', done);
+          resolve();
+        };
+        c.on('drain', done);
+        c.on('close', done);
+      });
+    }
+  }
+  c.end();
+  return hash.digest();
+}
+
 export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
   const t0 = performance.now();
+  const via = o.via ?? 'auto';
   const host = o.host ?? (await agentHost(o.api));
   const dev = await pagingDevice(o.api, o.guest, o.device);
   const nbd = await openDevice(o.api, dev.name);
@@ -391,55 +576,35 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
     const { dir, sock } = tempSocket();
     const alg = parseChecksum(h.checksum)?.alg;
     if (!alg) throw new MigrateError('SUSPEND_BAD_IMAGE', `unknown checksum ${h.checksum}`);
-    const hash = checksummer(alg);
+    let sum: string;
     let fed = false;
+    let usedVia: 'agent' | 'nbd' = 'nbd';
     const tStream = performance.now();
     try {
       await q.execute('migrate-incoming', { uri: `unix:${sock}` });
       started = true;
-      const c = await new Promise<net.Socket>((resolve, reject) => {
-        const s = net.connect(sock);
-        s.once('connect', () => resolve(s));
-        s.once('error', reject);
-      });
-      let broken: Error | null = null;
-      c.on('error', (e) => {
-        broken ??= e;
-      });
-      // Read ahead a few pieces; hash every byte even if QEMU gave up, so that a damaged
-      // stream is reported as such.
-      const reads: Promise<Buffer>[] = [];
-      let next = 0;
-      const more = () => {
-        while (reads.length < IN_FLIGHT && next < h.length) {
-          const n = Math.min(PIECE, h.length - next);
-          reads.push(nbd.read(h.offset + next, n));
-          next += n;
-        }
-      };
-      more();
-      while (reads.length) {
-        const b = await (reads.shift() as Promise<Buffer>);
-        more();
-        hash.update(b);
-        if (!broken && !c.destroyed && !c.write(b)) {
-          await new Promise<void>((resolve) => {
-            const done = () => {
-              c.off('drain', done);
-              c.off('close', done);
-              resolve();
-            };
-            c.on('drain', done);
-            c.on('close', done);
-          });
-        }
+      const stream =
+        via === 'nbd'
+          ? null
+          : await startStream(
+              o.api,
+              dev.name,
+              'stream-out',
+              { socket: sock, offset: h.offset, length: h.length, checksum: alg },
+              via,
+            );
+      if (stream) {
+        usedVia = 'agent';
+        // The agent hashes every byte it read, also after QEMU gave up.
+        const r = await waitStream(o.api, stream.id);
+        sum = r.checksum ?? '';
+      } else {
+        sum = await feedOverNbd(nbd, h, sock, checksummer(alg));
       }
-      c.end();
       fed = true;
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
-    const sum = hash.digest();
     if (sum !== h.checksum) {
       throw new MigrateError(
         'SUSPEND_BAD_CHECKSUM',
@@ -471,11 +636,12 @@ export async function resumeGuest(o: ResumeOptions): Promise<ResumeReport> {
       ms,
       mibPerSec: h.length / 1048576 / (streamMs / 1000),
       taken,
+      via: usedVia,
     };
   } catch (e) {
     if (started) await tryExecute(q, 'quit');
     if (e instanceof MigrateError) throw e;
-    throw new MigrateError('SUSPEND_FAILED', `resume failed: ${(e as Error).message}`, {
+    throw new MigrateError('SUSPEND_FAILED', `resume failed: ${failureText(e)}`, {
       cause: e,
     });
   } finally {
