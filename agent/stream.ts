@@ -530,6 +530,21 @@ function adoptReads(
   return s;
 }
 
+/** What a stream-in is asked for (POST /v1/devices/NAME/stream-in). */
+interface InOptions {
+  offset?: number;
+  end?: number;
+  checksum?: ChecksumAlg;
+  timeoutMs?: number;
+  identity: string;
+}
+
+/** What a stream-out is asked for (POST /v1/devices/NAME/stream-out). */
+interface OutOptions extends Omit<InOptions, 'end'> {
+  socket?: string;
+  length?: number;
+}
+
 export class StreamManager {
   private readonly jobs = new Map<string, Job>();
   private native: BallastNative | null = null;
@@ -634,30 +649,12 @@ export class StreamManager {
   }
 
   /** Opens the listening socket of a stream-in; resolves with the job (state 'listening'). */
-  startIn(
-    name: string,
-    o: {
-      offset?: number;
-      end?: number;
-      checksum?: ChecksumAlg;
-      timeoutMs?: number;
-      identity: string;
-    },
-  ): Promise<Job> {
+  startIn(name: string, o: InOptions): Promise<Job> {
     const dev = this.deps.device(name);
     return this.exclusive(dev.name, () => this.setupIn(dev, o));
   }
 
-  private async setupIn(
-    dev: StreamDevice,
-    o: {
-      offset?: number;
-      end?: number;
-      checksum?: ChecksumAlg;
-      timeoutMs?: number;
-      identity: string;
-    },
-  ): Promise<Job> {
+  private async setupIn(dev: StreamDevice, o: InOptions): Promise<Job> {
     const { offset, end } = streamRange(dev.size, o.offset, o.end);
     partsOf(
       dev.extents.map((e) => e.length),
@@ -883,32 +880,12 @@ export class StreamManager {
   }
 
   /** Connects to QEMU's incoming socket and sends [offset, offset+length) of the device. */
-  startOut(
-    name: string,
-    o: {
-      socket?: string;
-      offset?: number;
-      length?: number;
-      checksum?: ChecksumAlg;
-      timeoutMs?: number;
-      identity: string;
-    },
-  ): Promise<Job> {
+  startOut(name: string, o: OutOptions): Promise<Job> {
     const dev = this.deps.device(name);
     return this.exclusive(dev.name, () => this.setupOut(dev, o));
   }
 
-  private async setupOut(
-    dev: StreamDevice,
-    o: {
-      socket?: string;
-      offset?: number;
-      length?: number;
-      checksum?: ChecksumAlg;
-      timeoutMs?: number;
-      identity: string;
-    },
-  ): Promise<Job> {
+  private async setupOut(dev: StreamDevice, o: OutOptions): Promise<Job> {
     if (typeof o.socket !== 'string' || !path.isAbsolute(o.socket)) {
       throw new BallastError('BALLAST_BAD_REQUEST', 'socket must be an absolute path');
     }
