@@ -424,3 +424,20 @@ export async function rssBytes(pid: number): Promise<number> {
   if (!m) throw new Error(`no VmRSS for ${pid}`);
   return Number(m[1]) * 1024;
 }
+
+/**
+ * Waits (up to `timeoutMs`) for a server's log to match: a line about a connection a
+ * worker thread served reaches the process's stderr through the main thread, a moment
+ * after the client saw the outcome. Returns the log; the caller's expect() then judges it.
+ */
+export async function logSettled(
+  log: () => string,
+  pattern: string | RegExp,
+  timeoutMs = 5_000,
+): Promise<string> {
+  const matches = () =>
+    typeof pattern === 'string' ? log().includes(pattern) : pattern.test(log());
+  const end = Date.now() + timeoutMs;
+  while (!matches() && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+  return log();
+}

@@ -24,6 +24,7 @@ import {
 import { nbdsh } from '../helpers/nbdsh.js';
 import {
   BALLAST_BIN,
+  logSettled,
   MiB,
   makeTempDir,
   type ServerHandle,
@@ -118,7 +119,9 @@ describeWithTools(
           expect(j.TLS).toBe(true);
           expect(j.exports[0]?.['export-size']).toBe(SIZE);
         }
-        expect(server.stderr()).toMatch(/TLSv1\.[23] as alice/);
+        expect(await logSettled(() => server.stderr(), /TLSv1\.[23] as alice/)).toMatch(
+          /TLSv1\.[23] as alice/,
+        );
       });
 
       it('nbdcopy writes and reads back through TLS; the file holds the data', async () => {
@@ -223,7 +226,9 @@ describeWithTools(
           () => 'refused',
         );
         expect(presented).toBe('refused');
-        expect(server.stderr()).toContain('client certificate refused');
+        expect(await logSettled(() => server.stderr(), 'client certificate refused')).toContain(
+          'client certificate refused',
+        );
         await expectServing();
       });
 
@@ -265,7 +270,9 @@ describeWithTools(
         };
         await inject.write(Buffer.concat([opt(OPT_STARTTLS), opt(OPT_STRUCTURED_REPLY)]));
         expect(await inject.waitClose(10_000)).toBe('closed');
-        expect(server.stderr()).toContain('data after STARTTLS');
+        expect(await logSettled(() => server.stderr(), 'data after STARTTLS')).toContain(
+          'data after STARTTLS',
+        );
         await expectServing();
       });
 
@@ -369,7 +376,9 @@ describeWithTools(
         const out = path.join(dir, 'out.bin');
         await runOk('nbdcopy', [nbdsPsk(server, 'bob', bob.file), out]);
         expect(readFileSync(out).length).toBe(SIZE);
-        expect(server.stderr()).toMatch(/TLSv1\.[23] as bob/);
+        expect(await logSettled(() => server.stderr(), /TLSv1\.[23] as bob/)).toMatch(
+          /TLSv1\.[23] as bob/,
+        );
       });
 
       it('qemu-io and qemu-img with tls-creds-psk', async () => {
