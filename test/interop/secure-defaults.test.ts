@@ -8,13 +8,14 @@
 // the socket's group (the kvm group QEMU runs in under libvirt) reaches the NBD
 // socket.
 
-import { chmodSync, readFileSync, statSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { accessSync, chmodSync, constants, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseConfig } from '../../dumpd/config.js';
 import { Dumpd } from '../../dumpd/daemon.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
+import { BALLAST_BIN, makeTempDir, REPO_ROOT } from '../helpers/server.js';
 import {
   describeRun,
   describeWithTools,
@@ -25,6 +26,43 @@ import {
 } from '../helpers/tools.js';
 
 const NOBODY = 65534;
+
+let nobodyBin: string | undefined;
+/**
+ * bin/ballast as uid 65534 can run it. A checkout inside a directory only root may
+ * enter (a clone in `mktemp -d`) is out of its reach, so the CLI is then linked
+ * (hard links, or a copy across file systems) into a directory it may enter.
+ */
+function ballastForNobody(): string {
+  if (nobodyBin) return nobodyBin;
+  let reachable = true;
+  for (let d = path.dirname(BALLAST_BIN); ; d = path.dirname(d)) {
+    if ((statSync(d).mode & 0o001) === 0) reachable = false;
+    if (d === path.dirname(d)) break;
+  }
+  if (reachable) {
+    accessSync(BALLAST_BIN, constants.R_OK);
+    nobodyBin = BALLAST_BIN;
+    return nobodyBin;
+  }
+  const dir = makeTempDir('ballast-nobody-');
+  chmodSync(dir, 0o755);
+  for (const part of ['package.json', 'bin', 'dist', 'node_modules', 'build']) {
+    const from = path.join(REPO_ROOT, part);
+    try {
+      statSync(from);
+    } catch {
+      continue;
+    }
+    try {
+      execFileSync('cp', ['-al', from, dir]);
+    } catch {
+      execFileSync('cp', ['-a', from, dir]);
+    }
+  }
+  nobodyBin = path.join(dir, 'bin', 'ballast');
+  return nobodyBin;
+}
 
 /** Runs a program as uid/gid 65534 with no supplementary groups (or only `groups`). */
 function asNobody(cmd: string, args: string[], groups: number[] = []): Promise<RunResult> {
@@ -175,7 +213,7 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
       expect((await httpAsNobody(tcp, 'GET', '/healthz')).stdout).toMatch(/^200 /);
       // The CLI as that user: the documented exit codes.
       const cli = await asNobody(process.execPath, [
-        BALLAST_BIN,
+        ballastForNobody(),
         'device',
         'create',
         'stolen',
@@ -187,7 +225,7 @@ describeWithTools(['nbdinfo', 'nbdsh', 'setpriv'], 'secure defaults', () => {
       expect(cli.code, describeRun(cli)).toBe(7);
       expect(cli.stderr).toContain('BALLAST_UNAUTHORIZED');
       const viaSocket = await asNobody(process.execPath, [
-        BALLAST_BIN,
+        ballastForNobody(),
         'device',
         'ls',
         '--agent',
@@ -256,7 +294,15 @@ guests:
   it.runIf(isRoot)('an unprivileged user cannot ask for a dump; root can', async () => {
     const token = path.join(dir, 'run', 'token');
     expect(statSync(token).mode & 0o777).toBe(0o600);
-    const now = (extra: string[]) => [BALLAST_BIN, 'dump', 'now', 'vm1', '--dumpd', addr, ...extra];
+    const now = (extra: string[]) => [
+      ballastForNobody(),
+      'dump',
+      'now',
+      'vm1',
+      '--dumpd',
+      addr,
+      ...extra,
+    ];
     for (const extra of [[], ['--after', 'poweroff'], ['--dumpd-token-file', token]]) {
       const r = await asNobody(process.execPath, now(extra));
       expect(r.code, describeRun(r)).not.toBe(0);
