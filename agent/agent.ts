@@ -253,6 +253,7 @@ export class Agent {
       sourceOf: sourceKey,
       maxInFlight: config.limits.maxInFlight,
       maxBufferedBytes: config.limits.maxBufferedBytes,
+      threadBufferedBytes: config.limits.threadBufferedBytes,
       log: (level, msg) => {
         if (level !== 'debug' || opts.verbose) this.log(msg);
       },

@@ -82,7 +82,12 @@ export interface AgentConfig {
    */
   socketDirMode: number;
   pools: PoolConfig[];
-  limits: { maxInFlight: number; maxBufferedBytes: number };
+  limits: {
+    maxInFlight: number;
+    maxBufferedBytes: number;
+    /** Data buffers held by all the connections one thread serves (nbd/buffers.ts). */
+    threadBufferedBytes: number;
+  };
   /** Configuration-change events: pool rescans and delivery to recipients. */
   events: {
     /** Seconds between rescans of the pools' media and capacity (0: only on SIGHUP and `pool rescan`). */
@@ -299,7 +304,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
     'requestTimeout',
   ]);
   const limits = c.object(top.limits, 'limits');
-  c.known(limits, 'limits', ['maxInFlight', 'maxBufferedBytes']);
+  c.known(limits, 'limits', ['maxInFlight', 'maxBufferedBytes', 'threadBufferedBytes']);
 
   const socketOf = (v: unknown, key: string, dflt: string): string | null => {
     if (v === undefined) return dflt;
@@ -464,6 +469,10 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
         limits.maxBufferedBytes === undefined
           ? 64 * 1024 * 1024
           : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
+      threadBufferedBytes:
+        limits.threadBufferedBytes === undefined
+          ? 32 * 1024 * 1024
+          : c.size(limits.threadBufferedBytes, 'limits.threadBufferedBytes'),
     },
     events: {
       rescanIntervalS:

@@ -15,7 +15,7 @@ import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
 import { registerGuest, registerMigrate } from './migrate.js';
 import { registerNotify } from './notify.js';
-import { nonNegativeInt, positiveInt } from './options.js';
+import { nonNegativeInt, positiveInt, sizeArg } from './options.js';
 import { registerPr } from './pr.js';
 import { type ExportSpec, parseExportSpec, serve } from './serve.js';
 
@@ -122,6 +122,12 @@ export function buildProgram(): Command {
         'threads serving established connections (default auto: the cores this process may use; 1: one event loop)',
       ).argParser((v: string) => (v === 'auto' ? defaultWorkers() : positiveInt('--workers')(v))),
     )
+    .addOption(
+      new Option(
+        '--thread-buffers <SIZE>',
+        'data buffers all connections of one thread hold at once (default 32M); past it they wait for replies to leave',
+      ).argParser(sizeArg('--thread-buffers')),
+    )
     .option('-v, --verbose', 'log every connection and refused request to stderr')
     .addOption(
       new Option('--tls <MODE>', 'STARTTLS: off, allow (offer it) or require (refuse plaintext)')
@@ -188,6 +194,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
         maxHandshakes: o.maxHandshakes as number,
         maxPerSource: o.maxPerSource as number,
         workers: o.workers as number | undefined,
+        threadBufferedBytes: o.threadBuffers as number | undefined,
         verbose: Boolean(o.verbose),
         tls: {
           mode: o.tls as 'off' | 'allow' | 'require',

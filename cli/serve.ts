@@ -96,6 +96,8 @@ export interface ServeOptions {
   maxPerSource?: number;
   /** Threads serving established connections; default: the cores available. */
   workers?: number;
+  /** Data buffers held by the connections of one thread (default 32 MiB). */
+  threadBufferedBytes?: number;
   verbose: boolean;
   tls?: TlsSettings;
   /** ADDRESS=NAME / uid:N=NAME: names for clients TLS does not name. */
@@ -160,6 +162,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
     maxHandshakes: opts.maxHandshakes,
     maxPerSource: opts.maxPerSource,
     workers: opts.workers ?? defaultWorkers(),
+    threadBufferedBytes: opts.threadBufferedBytes,
     dupFd: (fd) => loadNative().dup(fd),
     sourceOf: sourceKey,
     tls: credentials ? { mode: tlsSettings.mode, credentials } : undefined,

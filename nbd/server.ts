@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type tls from 'node:tls';
 import type { Backend, Extent, IoRequest } from './backend.js';
+import { BufferPool, DEFAULT_THREAD_BUFFER_BYTES } from './buffers.js';
 import { nbdError } from './errors.js';
 import type { AccessControl, Export, ExportCatalog } from './export.js';
 import { greeting, Negotiation, type Session } from './negotiation.js';
@@ -66,6 +67,13 @@ export interface ServerOptions {
   /** Request/reply bytes held per connection before reading stops. */
   maxBufferedBytes?: number;
   /**
+   * Data buffers (READ replies, WRITE payloads) all connections served by one
+   * thread may hold at once; past it they stop reading until buffers come
+   * back, and up to it returned buffers are kept for reuse (nbd/buffers.ts).
+   * A connection with nothing in flight is always served. Default 32 MiB.
+   */
+  threadBufferedBytes?: number;
+  /**
    * Threads serving established connections (nbd/WORKERS.md). 1 (the
    * default): everything on the calling thread, as before workers existed.
    */
@@ -121,12 +129,10 @@ const EMPTY = Buffer.alloc(0);
 const ALL_COMMANDS = 0xffff;
 /** Extents per READ before the rest is sent as data. */
 const READ_MAX_EXTENTS = 16;
+/** The largest write a TLS connection's replies reach the socket in (PacedOutput). */
+export const TLS_PIECE = 128 * 1024;
 /** Descriptors per BLOCK_STATUS reply. */
 const STATUS_MAX_EXTENTS = 8192;
-/** A slot keeps its buffer for reuse only up to this size... */
-const RETAIN_BUFFER = 2 * 1024 * 1024;
-/** ...and a connection keeps at most this much in retained buffers. */
-const RETAIN_TOTAL = 16 * 1024 * 1024;
 
 class Slot implements IoRequest {
   offset = 0;
@@ -139,8 +145,8 @@ class Slot implements IoRequest {
   cookieLo = 0;
   /** Bytes counted against the connection's buffer cap. */
   charged = 0;
-  /** This slot's own data buffer, reused across requests. */
-  own: Buffer = EMPTY;
+  /** The data buffer taken from the server's pool for this request, if any. */
+  pooled: Buffer | null = null;
   /** Scratch for reply headers; lives until the reply is written. */
   readonly hdr = Buffer.allocUnsafe(1024);
   readonly extents: Extent[] = [];
@@ -162,6 +168,66 @@ class Slot implements IoRequest {
 }
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+/** Where a connection's replies are written: its socket, or a PacedOutput over it. */
+interface Output {
+  write(b: Buffer, cb?: () => void): unknown;
+}
+
+/**
+ * The replies of a TLS connection. Node's TLS socket encrypts a whole write
+ * before any of it reaches the kernel, and starts the next write only once the
+ * previous one is all there: a 1 MiB READ reply would be encrypted as a whole
+ * while the client, having drained the socket, waits for it — and then the
+ * server waits for the client. Written in pieces of TLS_PIECE, each once the
+ * one before it is in the kernel, the server encrypts the next piece while the
+ * client decrypts the last (as a TLS library that encrypts record by record
+ * into a blocking socket does). Smaller writes pass straight through unless
+ * pieces are being written, then they queue behind them: the byte order on
+ * the wire is the order of write() calls.
+ */
+export class PacedOutput implements Output {
+  private readonly queue: { b: Buffer; cb: (() => void) | undefined }[] = [];
+  private head = 0;
+  private busy = false;
+  private readonly next = (): void => {
+    this.busy = false;
+    this.pump();
+  };
+
+  constructor(private readonly sock: net.Socket) {}
+
+  write(b: Buffer, cb?: () => void): void {
+    if (!this.busy && b.length <= TLS_PIECE) {
+      this.sock.write(b, cb);
+      return;
+    }
+    this.queue.push({ b, cb });
+    if (!this.busy) this.pump();
+  }
+
+  private pump(): void {
+    const q = this.queue;
+    while (this.head < q.length) {
+      const e = q[this.head]!;
+      if (e.b.length <= TLS_PIECE || this.sock.destroyed) {
+        // The last piece of a reply is not waited for: what follows is queued
+        // behind it by the socket, and on a destroyed socket write() reports
+        // the failure to the callback.
+        this.head++;
+        this.sock.write(e.b, e.cb);
+        continue;
+      }
+      const piece = e.b.subarray(0, TLS_PIECE);
+      e.b = e.b.subarray(TLS_PIECE);
+      this.busy = true;
+      this.sock.write(piece, this.next);
+      return;
+    }
+    q.length = 0;
+    this.head = 0;
+  }
+}
 
 /** A connection that starts in transmission: handed over by another thread after its handshake. */
 export interface Adoption {
@@ -210,6 +276,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
   readonly raw: net.Socket;
   /** What NBD is spoken over: `raw`, or the TLS socket on top of it. */
   socket: net.Socket;
+  /** Where transmission replies are written: `socket`, paced once TLS is on. */
+  private out: Output;
   /** Who the client is: certificate CN, PSK username, a mapped name, or 'anonymous'. */
   identity = 'anonymous';
   identityMethod: IdentityMethod = 'anonymous';
@@ -226,7 +294,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private readonly free: Slot[] = [];
   private inUse = 0;
   private bytesInUse = 0;
-  private retained = 0;
+  /** Waiting for the server's buffer pool (see buffers.ts). */
+  private waitingBuffers = false;
   /** The slot receiving a WRITE payload. */
   private current: Slot | null = null;
   private stalled = false;
@@ -264,6 +333,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.id = id;
     this.raw = socket;
     this.socket = socket;
+    this.out = socket;
     this.remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const o = server.options;
     this.maxInFlight = o.maxInFlight ?? 64;
@@ -594,6 +664,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
       return;
     }
     this.socket = sock;
+    this.out = new PacedOutput(sock);
     sock.on('error', (err: Error & { code?: string; reason?: string }) =>
       this.tlsFailed(err.reason ?? err.code ?? err.message.split('\n')[0] ?? 'error'),
     );
@@ -813,8 +884,16 @@ export class Connection implements HandshakeSink, TransmissionSink {
       }
     }
     const carries = !err && (h.type === CMD.READ || h.type === CMD.WRITE) ? h.length : 0;
-    if (carries && this.inUse > 0 && this.bytesInUse + carries > this.maxBytes) {
-      return Decision.Stall;
+    if (carries && this.inUse > 0) {
+      if (this.bytesInUse + carries > this.maxBytes) return Decision.Stall;
+      if (!this.server.buffers.fits(carries)) {
+        // The thread's buffers are all in use: stop reading until some come back.
+        if (!this.waitingBuffers) {
+          this.waitingBuffers = true;
+          this.server.buffers.wait(this.wakeBuffers);
+        }
+        return Decision.Stall;
+      }
     }
     const slot = this.acquire(h, carries);
     this.server.stats.requests[h.type < 16 ? h.type : 15]!++;
@@ -939,12 +1018,12 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.bytesInUse -= slot.charged;
     slot.charged = 0;
     slot.buf = EMPTY;
-    const own = slot.own.length;
-    if (own > RETAIN_BUFFER || this.retained > RETAIN_TOTAL) {
-      this.retained -= own;
-      slot.own = EMPTY;
-    }
     this.free.push(slot);
+    if (slot.pooled !== null) {
+      const b = slot.pooled;
+      slot.pooled = null;
+      this.server.buffers.give(b);
+    }
     if (this.inUse === 0 && this.idleWaiters.length > 0) {
       const waiters = this.idleWaiters;
       this.idleWaiters = [];
@@ -954,15 +1033,21 @@ export class Connection implements HandshakeSink, TransmissionSink {
     else if (this.phase === 'closing' && this.inUse === 0) this.finishClosing();
   }
 
-  /** Point the slot's `buf` at its own buffer, grown to `len`. */
+  /** Point the slot's `buf` at a buffer of the server's pool of at least `len` bytes. */
   private useOwn(slot: Slot, len: number): void {
-    if (slot.own.length < len) {
-      this.retained += len - slot.own.length;
-      slot.own = Buffer.allocUnsafeSlow(len);
+    const pool = this.server.buffers;
+    if (slot.pooled === null || slot.pooled.length < len) {
+      if (slot.pooled !== null) pool.give(slot.pooled);
+      slot.pooled = pool.take(len);
     }
-    slot.buf = slot.own;
+    slot.buf = slot.pooled;
     slot.bufOffset = 0;
   }
+
+  private readonly wakeBuffers = (): void => {
+    this.waitingBuffers = false;
+    if (this.stalled) this.maybeResume();
+  };
 
   /** A held connection asks again (its access control's gate opened or now fails). */
   private readonly wakeHeld = (): void => {
@@ -1053,9 +1138,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
     const h = slot.hdr;
     this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, payload);
     const sock = this.socket;
+    const out = this.out;
     sock.cork();
-    sock.write(h.subarray(0, CHUNK_HEADER_SIZE));
-    sock.write(b.subarray(0, payload), slot.written);
+    out.write(h.subarray(0, CHUNK_HEADER_SIZE));
+    out.write(b.subarray(0, payload), slot.written);
     sock.uncork();
   }
 
@@ -1093,7 +1179,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     h.writeUInt32BE(err, 4);
     h.writeUInt32BE(slot.cookieHi, 8);
     h.writeUInt32BE(slot.cookieLo, 12);
-    this.socket.write(h.subarray(0, 16), slot.written);
+    this.out.write(h.subarray(0, 16), slot.written);
   }
 
   private sendError(slot: Slot, err: number): void {
@@ -1108,7 +1194,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.ERROR, 6);
     h.writeUInt32BE(err, 20);
     h.writeUInt16BE(0, 24);
-    this.socket.write(h.subarray(0, 26), slot.written);
+    this.out.write(h.subarray(0, 26), slot.written);
   }
 
   private sendHole(slot: Slot): void {
@@ -1117,12 +1203,13 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_HOLE, 12);
     writeU64(h, 20, slot.offset);
     h.writeUInt32BE(slot.length, 28);
-    this.socket.write(h.subarray(0, 32), slot.written);
+    this.out.write(h.subarray(0, 32), slot.written);
   }
 
   private sendData(slot: Slot): void {
     if (!this.writable(slot)) return;
     const sock = this.socket;
+    const out = this.out;
     const h = slot.hdr;
     const data = slot.buf;
     const base = slot.bufOffset;
@@ -1132,8 +1219,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       h.writeUInt32BE(slot.cookieHi, 8);
       h.writeUInt32BE(slot.cookieLo, 12);
       sock.cork();
-      sock.write(h.subarray(0, 16));
-      sock.write(data.subarray(base, base + slot.length), slot.written);
+      out.write(h.subarray(0, 16));
+      out.write(data.subarray(base, base + slot.length), slot.written);
       sock.uncork();
       return;
     }
@@ -1141,8 +1228,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
       this.chunkHeader(h, 0, slot, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, 8 + slot.length);
       writeU64(h, 20, slot.offset);
       sock.cork();
-      sock.write(h.subarray(0, 28));
-      sock.write(data.subarray(base, base + slot.length), slot.written);
+      out.write(h.subarray(0, 28));
+      out.write(data.subarray(base, base + slot.length), slot.written);
       sock.uncork();
       return;
     }
@@ -1162,14 +1249,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
         this.chunkHeader(h, hp, slot, done, REPLY_TYPE.OFFSET_HOLE, 12);
         writeU64(h, hp + 20, slot.offset + off);
         h.writeUInt32BE(len, hp + 28);
-        sock.write(h.subarray(hp, hp + 32), cb);
+        out.write(h.subarray(hp, hp + 32), cb);
         hp += 32;
       } else {
         this.chunkHeader(h, hp, slot, done, REPLY_TYPE.OFFSET_DATA, 8 + len);
         writeU64(h, hp + 20, slot.offset + off);
-        sock.write(h.subarray(hp, hp + 28));
+        out.write(h.subarray(hp, hp + 28));
         hp += 28;
-        sock.write(data.subarray(base + off, base + off + len), cb);
+        out.write(data.subarray(base + off, base + off + len), cb);
       }
       off += len;
     }
@@ -1356,9 +1443,12 @@ export class NbdServer extends EventEmitter {
   private closing = false;
   /** The worker threads established connections move to (options.workers > 1), else null. */
   readonly pool: WorkerPool | null;
+  /** Data buffers of the connections served on this thread (buffers.ts). */
+  readonly buffers: BufferPool;
 
   constructor(readonly options: ServerOptions) {
     super();
+    this.buffers = new BufferPool(options.threadBufferedBytes ?? DEFAULT_THREAD_BUFFER_BYTES);
     const n = options.workers ?? 1;
     if (n <= 1) this.pool = null;
     else if (options.dupFd) this.pool = new WorkerPool(this, n, options.dupFd);

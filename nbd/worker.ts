@@ -82,6 +82,7 @@ const server = new NbdServer({
   catalog: new StaticCatalog([]),
   maxInFlight: init.maxInFlight,
   maxBufferedBytes: init.maxBufferedBytes,
+  threadBufferedBytes: init.threadBufferedBytes,
   tls: creds && init.tls ? { mode: init.tls.mode, credentials: creds } : undefined,
   log: (level, msg) => post({ t: 'log', level, msg }),
 });

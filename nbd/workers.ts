@@ -101,6 +101,7 @@ export interface WorkerInit {
   tls?: { mode: TlsMode; source: TlsCredentialOptions };
   maxInFlight?: number;
   maxBufferedBytes?: number;
+  threadBufferedBytes?: number;
 }
 
 /** The worker's entry: next to this file, compiled (a .ts source runs it from dist/). */
@@ -186,6 +187,7 @@ export class WorkerPool {
       access: this.sab,
       maxInFlight: o.maxInFlight,
       maxBufferedBytes: o.maxBufferedBytes,
+      threadBufferedBytes: o.threadBufferedBytes,
       tls: o.tls ? { mode: o.tls.mode, source: o.tls.credentials.source } : undefined,
     };
     const worker = new Worker(fileURLToPath(workerUrl()), {

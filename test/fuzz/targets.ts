@@ -885,6 +885,7 @@ export const TARGETS: Target[] = [
               'media',
               'maxInFlight',
               'maxBufferedBytes',
+              'threadBufferedBytes',
               'socketGroup',
               'headersTimeout',
               'shared',
