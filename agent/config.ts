@@ -471,7 +471,7 @@ export function validateConfig(doc: unknown, source: string, dataDirFlag?: strin
           : c.size(limits.maxBufferedBytes, 'limits.maxBufferedBytes'),
       threadBufferedBytes:
         limits.threadBufferedBytes === undefined
-          ? 32 * 1024 * 1024
+          ? 16 * 1024 * 1024
           : c.size(limits.threadBufferedBytes, 'limits.threadBufferedBytes'),
     },
     events: {

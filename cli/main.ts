@@ -125,7 +125,7 @@ export function buildProgram(): Command {
     .addOption(
       new Option(
         '--thread-buffers <SIZE>',
-        'data buffers all connections of one thread hold at once (default 32M); past it they wait for replies to leave',
+        'data buffers all connections of one thread hold at once (default 16M); past it they wait for replies to leave',
       ).argParser(sizeArg('--thread-buffers')),
     )
     .option('-v, --verbose', 'log every connection and refused request to stderr')

@@ -96,7 +96,7 @@ export interface ServeOptions {
   maxPerSource?: number;
   /** Threads serving established connections; default: the cores available. */
   workers?: number;
-  /** Data buffers held by the connections of one thread (default 32 MiB). */
+  /** Data buffers held by the connections of one thread (default 16 MiB). */
   threadBufferedBytes?: number;
   verbose: boolean;
   tls?: TlsSettings;

@@ -44,18 +44,27 @@ describe('BufferPool', () => {
     expect(p.fits(2 * MiB)).toBe(false);
   });
 
-  it('keeps what is handed out and what is kept within the budget together', () => {
-    const p = new BufferPool(4 * MiB);
+  it('keeps what is handed out and what is kept within twice the budget together', () => {
+    const p = new BufferPool(2 * MiB);
     const big = [p.take(MiB), p.take(MiB), p.take(MiB), p.take(MiB)];
     for (const b of big) p.give(b);
     expect(p.kept).toBe(4 * MiB);
     // Another size: kept buffers of 1 MiB make room.
     const small = [] as Buffer[];
-    for (let i = 0; i < 256; i++) small.push(p.take(4 * KiB));
+    for (let i = 0; i < 512; i++) small.push(p.take(4 * KiB));
+    expect(p.used).toBe(2 * MiB);
     expect(p.used + p.kept).toBeLessThanOrEqual(4 * MiB);
+    expect(p.kept).toBeLessThan(4 * MiB);
     for (const b of small) p.give(b);
     expect(p.used).toBe(0);
     expect(p.kept).toBeLessThanOrEqual(4 * MiB);
+  });
+
+  it('a buffer given back past twice the budget is dropped', () => {
+    const p = new BufferPool(MiB);
+    const bs = [p.take(MiB), p.take(MiB), p.take(MiB)];
+    for (const b of bs) p.give(b);
+    expect(p.kept).toBe(2 * MiB);
   });
 
   it('never keeps buffers above 2 MiB, but counts them while in use', () => {
@@ -76,7 +85,7 @@ describe('BufferPool', () => {
     p.give(a);
     p.give(b);
     expect(p.used).toBe(0);
-    expect(p.kept).toBeLessThanOrEqual(MiB);
+    expect(p.kept).toBe(2 * MiB);
   });
 
   it('wakes every waiter once when a buffer comes back; a waiter may wait again', () => {

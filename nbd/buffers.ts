@@ -8,8 +8,13 @@
 //   Connection.request). A connection with nothing in flight is always served,
 //   so no client waits on another forever and no request is refused for size.
 // - Nothing on the data path waits on the garbage collector. A returned
-//   buffer is kept for the next request of any connection, up to the budget,
-//   so a burst of new connections reuses the buffers of the ones before them.
+//   buffer is kept for the next request of any connection, so a burst of new
+//   connections reuses the buffers of the ones before them. What is kept and
+//   what is handed out stay within twice the budget together (room for the
+//   requests of connections with nothing else in flight, which are served
+//   past the budget): a buffer dropped to the collector is memory that stays
+//   resident until V8 gets to it, and dropping one per request lets the
+//   process grow well past what is in use.
 //
 // Buffers come in power-of-two classes from MIN_CLASS to MAX_CLASS; a larger
 // request gets a buffer of its own, counted while in use and dropped after.
@@ -19,7 +24,9 @@ const MAX_CLASS_SHIFT = 21;
 /** Largest buffer kept for reuse (2 MiB). */
 export const MAX_CLASS = 1 << MAX_CLASS_SHIFT;
 /** Default budget per thread. */
-export const DEFAULT_THREAD_BUFFER_BYTES = 32 * 1024 * 1024;
+export const DEFAULT_THREAD_BUFFER_BYTES = 16 * 1024 * 1024;
+/** Kept and handed-out buffers together stay within this many budgets. */
+const KEEP_FACTOR = 2;
 
 /** The size a request of `len` bytes is given (and counted as). */
 export function classSize(len: number): number {
@@ -40,8 +47,10 @@ export class BufferPool {
   private readonly free: Buffer[][] = [];
   private waiters: (() => void)[] = [];
   private waking = false;
+  private readonly cap: number;
 
   constructor(readonly budget: number) {
+    this.cap = KEEP_FACTOR * budget;
     for (let i = MIN_CLASS_SHIFT; i <= MAX_CLASS_SHIFT; i++) this.free.push([]);
   }
 
@@ -61,9 +70,8 @@ export class BufferPool {
         this.kept -= size;
         return b;
       }
-      // Kept buffers of other sizes make room: what is kept and what is
-      // handed out stay within the budget together.
-      this.trim(this.budget - this.used);
+      // Kept buffers of other sizes make room (the workload changed).
+      if (this.used + this.kept > this.cap) this.trim(Math.max(0, this.cap - this.used));
     }
     return Buffer.allocUnsafeSlow(size);
   }
@@ -71,7 +79,7 @@ export class BufferPool {
   give(b: Buffer): void {
     const size = b.length;
     this.used -= size;
-    if (size <= MAX_CLASS && this.used + this.kept + size <= this.budget) {
+    if (size <= MAX_CLASS && this.used + this.kept + size <= this.cap) {
       this.free[classIndex(size)]!.push(b);
       this.kept += size;
     }

@@ -70,7 +70,7 @@ export interface ServerOptions {
    * Data buffers (READ replies, WRITE payloads) all connections served by one
    * thread may hold at once; past it they stop reading until buffers come
    * back, and up to it returned buffers are kept for reuse (nbd/buffers.ts).
-   * A connection with nothing in flight is always served. Default 32 MiB.
+   * A connection with nothing in flight is always served. Default 16 MiB.
    */
   threadBufferedBytes?: number;
   /**
