@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { CELLS } from './cells.js';
 import { connectionsCells } from './connections.js';
 import { parseFioJson } from './fio.js';
-import { cellFioArgs, parseMatrixOptions, serverOrder } from './matrix.js';
+import { cellFioArgs, defaultConnections, parseMatrixOptions, serverOrder } from './matrix.js';
 
 /** A fio --output-format=json document with one job, as fio writes it (the fields read). */
 function fioDoc(read: { bytes: number; iops: number; mean: number; p99: number }, write = read) {
@@ -112,7 +112,7 @@ describe('the connections suite on the same matrix', () => {
     const o = parseMatrixOptions('connections', []);
     expect(o).toMatchObject({
       tls: [false, true],
-      connections: [1, 4, 16],
+      connections: defaultConnections(),
       jobs: ['seq-read', 'seq-write', 'rand-read', 'rand-write'],
       out: 'bench-results/connections.json',
     });
@@ -157,5 +157,14 @@ describe('fio JSON', () => {
     expect(parseFioJson(fioDoc(r, w), 'write')).toMatchObject({ iops: 5_120, mibps: 20 });
     const none = parseFioJson(fioDoc(r, { bytes: 0, iops: 0, mean: 0, p99: 0 }), 'randwrite');
     expect(none).toMatchObject({ ok: false, error: 'no I/O completed' });
+  });
+});
+
+describe('defaultConnections', () => {
+  it('is 1, the cores, 4 and 16, each once, in order', () => {
+    expect(defaultConnections(2)).toEqual([1, 2, 4, 16]);
+    expect(defaultConnections(1)).toEqual([1, 4, 16]);
+    expect(defaultConnections(4)).toEqual([1, 4, 16]);
+    expect(defaultConnections(64)).toEqual([1, 4, 16, 64]);
   });
 });

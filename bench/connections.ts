@@ -1,32 +1,32 @@
 // The connections axis: Ballast with its worker threads (default --workers auto,
 // the cores available), Ballast on one event loop (--workers 1) and nbdkit (file
-// plugin), plain and TLS, under 1, 4 and 16 connections (fio numjobs, one NBD
+// plugin), plain and TLS, under 1, N (the cores), 4 and 16 connections (fio numjobs, one NBD
 // connection per job) of the four jobs. Alternating in one run, server order
 // rotated per round; per cell the median of the rounds, the ratios to nbdkit,
 // each server's CPU seconds per GiB moved, and each server process's peak RSS
 // (bench/matrix.ts runs it).
 //
 //   npm run bench -- --suite connections [--rounds 3] [--runtime 4] [--ramp 1]
-//                    [--connections 1,4,16] [--jobs ...] [--tls both|on|off]
+//                    [--connections 1,2,4,16] [--jobs ...] [--tls both|on|off]
 //                    [--workers N] [--size-mib 1024] [--out FILE]
 
 import { JOBS, type JobSpec } from './fio.js';
-import { type CellSpec, parseMatrixOptions, runMatrix } from './matrix.js';
+import { type CellSpec, defaultConnections, parseMatrixOptions, runMatrix } from './matrix.js';
 import { JOB_NAMES, type JobName } from './options.js';
 
 export const CONNECTIONS_USAGE = `Usage: npm run bench -- --suite connections [options]
 
 Many connections at once: Ballast (--workers N, default auto: the cores available),
 Ballast on one event loop (--workers 1) and nbdkit's file plugin, plain and TLS,
-over the Unix socket, under 1, 4 and 16 connections (fio numjobs: one NBD
-connection per job). Per-connection queue depth: the job's own with one
+over the Unix socket, under 1, as many as the cores, 4 and 16 connections (fio
+numjobs: one NBD connection per job). Per-connection queue depth: the job's own with one
 connection, else max(4, depth / connections).
 
 Options:
   --rounds N          rounds (default 3)
   --runtime S         measured seconds per fio run (default 4)
   --ramp S            warm-up seconds per fio run (default 1)
-  --connections LIST  comma list (default 1,4,16)
+  --connections LIST  comma list (default 1, the cores, 4, 16: here ${defaultConnections().join(',')})
   --jobs LIST         comma list of ${JOB_NAMES.join(', ')} (default all)
   --tls both|on|off   (default both)
   --workers N         Ballast's --workers for the 'ballast' column (default: auto)

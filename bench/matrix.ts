@@ -170,9 +170,10 @@ export function parseMatrixOptions(suite: MatrixSuite, argv: string[]): MatrixOp
     out: values.out,
     ballast: values.ballast,
     help: values.help,
-    connections: (values.connections ?? '1,4,16')
-      .split(',')
-      .map((c) => count('--connections', c, 1)),
+    connections:
+      values.connections === undefined
+        ? defaultConnections()
+        : values.connections.split(',').map((c) => count('--connections', c, 1)),
     jobs,
   };
 }
@@ -414,4 +415,9 @@ export async function runMatrix(m: Matrix): Promise<number> {
   );
   log(`raw results: ${outPath}`);
   return measured.some((c) => !c.ok) ? 1 : 0;
+}
+
+/** 1, as many as the cores this process may use, 4 and 16: each once, in order. */
+export function defaultConnections(cores = os.availableParallelism()): number[] {
+  return [...new Set([1, cores, 4, 16])].sort((a, b) => a - b);
 }

@@ -337,7 +337,9 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const o = server.options;
     this.maxInFlight = o.maxInFlight ?? 64;
-    this.maxBytes = o.maxBufferedBytes ?? 64 * 1024 * 1024;
+    // No connection holds more than half of its thread's buffers: one that
+    // stops reading its replies cannot take them all from the others.
+    this.maxBytes = Math.min(o.maxBufferedBytes ?? 64 * 1024 * 1024, server.buffers.budget / 2);
     this.neg = new Negotiation(o.catalog, {
       authorize: o.authorize ? (exp) => o.authorize!(exp, this) : undefined,
       readOnlyFor: o.readOnlyFor ? (exp) => o.readOnlyFor!(exp, this) : undefined,
