@@ -131,6 +131,13 @@ const ALL_COMMANDS = 0xffff;
 const READ_MAX_EXTENTS = 16;
 /** The largest write a TLS connection's replies reach the socket in (PacedOutput). */
 export const TLS_PIECE = 128 * 1024;
+/**
+ * How far past a READ the allocation map is asked. Only data runs are
+ * remembered (Connection.dataFrom/dataTo): data that became a hole since
+ * (another connection's TRIM) is read and sent as the zeroes it is, never the
+ * other way round.
+ */
+const DATA_LOOKAHEAD = 64 * 1024 * 1024;
 /** Descriptors per BLOCK_STATUS reply. */
 const STATUS_MAX_EXTENTS = 8192;
 
@@ -304,6 +311,9 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private handshakeTimer: NodeJS.Timeout | null = null;
   private readonly maxInFlight: number;
   private readonly maxBytes: number;
+  /** A run the backend last reported as data: READs inside it skip the allocation map. */
+  private dataFrom = 0;
+  private dataTo = 0;
   /** Access control of the export being served, and this connection's cached answer. */
   private access: AccessControl | null = null;
   private accessGeneration = -1;
@@ -929,9 +939,11 @@ export class Connection implements HandshakeSink, TransmissionSink {
         backend.flush(slot);
         return Decision.None;
       case CMD.TRIM:
+        this.dataTo = 0;
         backend.trim(slot, (h.flags & CMD_FLAG.FUA) !== 0);
         return Decision.None;
       case CMD.WRITE_ZEROES:
+        this.dataTo = 0;
         backend.zero(
           slot,
           (h.flags & CMD_FLAG.NO_HOLE) === 0,
@@ -1069,18 +1081,26 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   private startRead(slot: Slot, backend: Backend): void {
     const s = this.vctx!;
-    if (s.structured && backend.caps.extents) {
+    if (
+      s.structured &&
+      backend.caps.extents &&
+      !(slot.offset >= this.dataFrom && slot.offset + slot.length <= this.dataTo)
+    ) {
       const ext = slot.extents;
       ext.length = 0;
-      if (
-        backend.extents(slot.offset, slot.length, READ_MAX_EXTENTS, ext) === 0 &&
-        ext.length > 0
-      ) {
+      // Asked past the request: a data run found now spares the reads after
+      // it the question (sequential reads ask once per DATA_LOOKAHEAD).
+      const ask = Math.max(slot.length, DATA_LOOKAHEAD);
+      if (backend.extents(slot.offset, ask, READ_MAX_EXTENTS, ext) === 0 && ext.length > 0) {
         const first = ext[0]!;
         if (first.hole && first.length >= slot.length) {
           // All hole: nothing to read.
           this.sendHole(slot);
           return;
+        }
+        if (!first.hole) {
+          this.dataFrom = slot.offset;
+          this.dataTo = slot.offset + first.length;
         }
         if (!(first.length >= slot.length) && !(slot.flags & CMD_FLAG.DF)) slot.mapped = true;
       }

@@ -331,4 +331,31 @@ describeWithTools(['nbdsh'], 'libnbd (nbdsh) against the server', () => {
       assert any(c[2] == nbd.READ_DATA for c in chunks), chunks
     `);
   });
+
+  it('data read by one connection and trimmed by another reads back as zeroes; its own trim as a hole', async () => {
+    await py(`
+      a = connect()
+      b = connect()
+      base = 40 * MiB
+      a.pwrite(b'\x5a' * (4 * MiB), base)
+      eq(bytes(a.pread(MiB, base)), b'\x5a' * MiB, 'first read')
+      # b punches a hole in the middle of the run a just read as data.
+      b.trim(MiB, base + 2 * MiB)
+      eq(bytes(a.pread(MiB, base + 2 * MiB)), bytes(MiB), 'a reads the trim of b as zeroes')
+      eq(bytes(a.pread(MiB, base + MiB)), b'\x5a' * MiB, 'the data beside it')
+      # a's own trim: the next read of it comes as a hole chunk again.
+      a.trim(MiB, base + 3 * MiB)
+      chunks = []
+      def chunk(sub, off, status, err):
+          chunks.append((off, len(sub), status))
+          return 0
+      got = a.pread_structured(MiB, base + 3 * MiB, chunk)
+      eq(bytes(got), bytes(MiB), 'own trim reads as zeroes')
+      eq([c[2] for c in chunks], [nbd.READ_HOLE], 'own trim comes back as a hole')
+      # And the other way: a hole a has read, written by b, reads as b's data.
+      eq(bytes(a.pread(MiB, base + 8 * MiB)), bytes(MiB), 'a hole')
+      b.pwrite(b'\x77' * MiB, base + 8 * MiB)
+      eq(bytes(a.pread(MiB, base + 8 * MiB)), b'\x77' * MiB, 'a reads what b wrote into the hole')
+    `);
+  });
 });
