@@ -131,13 +131,6 @@ const ALL_COMMANDS = 0xffff;
 const READ_MAX_EXTENTS = 16;
 /** The largest write a TLS connection's replies reach the socket in (PacedOutput). */
 export const TLS_PIECE = 128 * 1024;
-/**
- * How far past a READ the allocation map is asked. Only data runs are
- * remembered (Connection.dataFrom/dataTo): data that became a hole since
- * (another connection's TRIM) is read and sent as the zeroes it is, never the
- * other way round.
- */
-const DATA_LOOKAHEAD = 64 * 1024 * 1024;
 /** Descriptors per BLOCK_STATUS reply. */
 const STATUS_MAX_EXTENTS = 8192;
 
@@ -311,7 +304,12 @@ export class Connection implements HandshakeSink, TransmissionSink {
   private handshakeTimer: NodeJS.Timeout | null = null;
   private readonly maxInFlight: number;
   private readonly maxBytes: number;
-  /** A run the backend last reported as data: READs inside it skip the allocation map. */
+  /**
+   * A run the backend last reported as data: READs inside it skip the
+   * allocation map. Only data is remembered: data that became a hole since
+   * (another connection's TRIM) is read and sent as the zeroes it is, never
+   * the other way round.
+   */
   private dataFrom = 0;
   private dataTo = 0;
   /** Access control of the export being served, and this connection's cached answer. */
@@ -1088,9 +1086,10 @@ export class Connection implements HandshakeSink, TransmissionSink {
     ) {
       const ext = slot.extents;
       ext.length = 0;
-      // Asked past the request: a data run found now spares the reads after
-      // it the question (sequential reads ask once per DATA_LOOKAHEAD).
-      const ask = Math.max(slot.length, DATA_LOOKAHEAD);
+      // Asked to the end of the export: the data run found spares the reads
+      // inside it the question (a written file is one run: random reads ask
+      // a few times, then never).
+      const ask = Math.max(slot.length, s.size - slot.offset);
       if (backend.extents(slot.offset, ask, READ_MAX_EXTENTS, ext) === 0 && ext.length > 0) {
         const first = ext[0]!;
         if (first.hole && first.length >= slot.length) {
