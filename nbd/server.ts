@@ -966,7 +966,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     this.current = null;
     if (this.inRecvBuf(chunk)) {
       // The backend may finish later, after the next read reused the buffer.
-      this.useOwn(slot, slot.length);
+      this.usePooled(slot, slot.length);
       chunk.copy(slot.buf, 0, start, start + slot.length);
     } else {
       slot.buf = chunk;
@@ -977,7 +977,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   payloadTarget(): Buffer {
     const slot = this.current!;
-    this.useOwn(slot, slot.length);
+    this.usePooled(slot, slot.length);
     return slot.buf;
   }
 
@@ -1046,7 +1046,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   /** Point the slot's `buf` at a buffer of the server's pool of at least `len` bytes. */
-  private useOwn(slot: Slot, len: number): void {
+  private usePooled(slot: Slot, len: number): void {
     const pool = this.server.buffers;
     if (slot.pooled === null || slot.pooled.length < len) {
       if (slot.pooled !== null) pool.give(slot.pooled);
@@ -1105,7 +1105,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
       }
     }
     this.server.stats.bytesRead += slot.length;
-    this.useOwn(slot, slot.length);
+    this.usePooled(slot, slot.length);
     backend.read(slot);
   }
 
@@ -1143,7 +1143,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
       left -= Math.min(e.length, left);
     }
     const payload = 4 + 8 * n;
-    this.useOwn(slot, payload);
+    this.usePooled(slot, payload);
     const b = slot.buf;
     b.writeUInt32BE(META_ID_BASE_ALLOCATION, 0);
     left = slot.length;
