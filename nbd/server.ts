@@ -35,7 +35,7 @@ import {
   type TransmissionSink,
 } from './reader.js';
 import type { ExportStats } from './stats.js';
-import type { TlsCredentials, TlsMode } from './tls.js';
+import { type TlsCredentials, type TlsMode, tlsReadsInto } from './tls.js';
 import { type ValidationContext, validateRequest } from './validate.js';
 import { WorkerPool } from './workers.js';
 
@@ -334,7 +334,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
     socket: net.Socket,
     id: number,
     /** Whether the socket reads through readTarget()/onRead(). */
-    private readonly ownsReads = false,
+    private ownsReads = false,
     adopted?: Adoption | 'tls',
     registered?: (c: Connection) => void,
   ) {
@@ -429,16 +429,20 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   private onData(chunk: Buffer): void {
     if (this.phase === 'closed' || this.phase === 'closing') return;
-    if (this.tlsProtocol !== null && !this.batching) {
-      // TLS hands over one record per 'data' event, so a burst of pipelined
-      // requests arrives as many events in one turn of the loop. Their replies
-      // leave together (one TLS record and one write) at the end of the turn,
-      // as they would in one writev on a plain socket.
-      this.batching = true;
-      this.socket.cork();
-      setImmediate(this.flushBatchBound);
-    }
+    if (this.tlsProtocol !== null && !this.batching) this.startBatch();
     this.process(chunk, 0);
+  }
+
+  /**
+   * TLS hands over one record per read, so a burst of pipelined requests
+   * arrives as many reads in one turn of the loop. Their replies leave
+   * together (one TLS record and one write) at the end of the turn, as they
+   * would in one writev on a plain socket.
+   */
+  private startBatch(): void {
+    this.batching = true;
+    this.socket.cork();
+    setImmediate(this.flushBatchBound);
   }
 
   private batching = false;
@@ -468,6 +472,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
   }
 
   private ownRecv: Buffer | null = null;
+  private readonly readTargetBound = (): Buffer => this.readTarget();
+  private readonly onReadBound = (n: number, buf: Buffer): void => this.onRead(n, buf);
 
   /** The connection's own receive buffer, allocated at its first transmission-phase read. */
   private recvBuf(): Buffer {
@@ -478,6 +484,16 @@ export class Connection implements HandshakeSink, TransmissionSink {
   /** `n` bytes arrived in `buf`, the buffer readTarget() gave for this read. */
   onRead(n: number, buf: Buffer): void {
     if (this.phase === 'closed' || this.phase === 'closing') return;
+    if (this.tlsProtocol !== null && !this.batching) this.startBatch();
+    if (this.stalled) {
+      // A TLS socket passes on every record it has decrypted, paused or not
+      // (a plain one stops at once): they wait behind what is pending. Stalled,
+      // readTarget() gave the receive buffer, which the next read overwrites.
+      const rest = this.pending?.subarray(this.pendingPos) ?? EMPTY;
+      this.pending = Buffer.concat([rest, buf.subarray(0, n)]);
+      this.pendingPos = 0;
+      return;
+    }
     if (buf === this.ownRecv || buf === sharedHandshakeBuffer) {
       this.process(buf.subarray(0, n), 0);
       return;
@@ -675,6 +691,8 @@ export class Connection implements HandshakeSink, TransmissionSink {
     }
     this.socket = sock;
     this.out = new PacedOutput(sock);
+    // Decrypted bytes land where the plain path's reads do (readTarget).
+    this.ownsReads = tlsReadsInto(sock, this.readTargetBound, this.onReadBound);
     sock.on('error', (err: Error & { code?: string; reason?: string }) =>
       this.tlsFailed(err.reason ?? err.code ?? err.message.split('\n')[0] ?? 'error'),
     );

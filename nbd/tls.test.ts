@@ -1,5 +1,10 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
-import { parsePskFile, TlsConfigError, TlsCredentials } from './tls.js';
+import { parsePskFile, TlsConfigError, TlsCredentials, tlsReadsInto } from './tls.js';
 
 const K = '00112233445566778899aabbccddeeff';
 
@@ -47,5 +52,57 @@ describe('TlsCredentials', () => {
     const c = new TlsCredentials({ psk: parsePskFile(`alice:${K}`) });
     expect(c.x509).toBe(false);
     expect(c.verifyClients).toBe(false);
+  });
+});
+
+describe('tlsReadsInto', () => {
+  it('decrypted bytes land in the buffers the reader chooses, in order, with no data events', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ballast-tlsreads-'));
+    const sockPath = path.join(dir, 's');
+    const creds = new TlsCredentials({ psk: parsePskFile(`alice:${K}`) });
+    const sent = Buffer.alloc(300_000);
+    for (let i = 0; i < sent.length; i++) sent[i] = (i * 7 + (i >> 11)) & 0xff;
+    const got = Buffer.alloc(sent.length);
+    let at = 0;
+    let reads = 0;
+    let dataEvents = 0;
+    let owned = false;
+    // Windows of odd sizes, so records split across them.
+    const target = (): Buffer =>
+      got.subarray(at, Math.min(sent.length, at + 5_000 + (reads % 7) * 3_001));
+    const done = new Promise<void>((resolve, reject) => {
+      const server = net.createServer((raw) => {
+        const sock = creds.upgrade(raw, () => {}, reject);
+        sock.on('data', () => dataEvents++);
+        owned = tlsReadsInto(sock, target, (n, buf) => {
+          expect(buf.buffer).toBe(got.buffer);
+          expect(buf.byteOffset).toBe(at);
+          at += n;
+          reads++;
+          if (at === sent.length) {
+            sock.destroy();
+            server.close();
+            resolve();
+          }
+        });
+      });
+      server.listen(sockPath, () => {
+        const client = tls.connect({
+          path: sockPath,
+          maxVersion: 'TLSv1.2',
+          ciphers: 'PSK-AES128-GCM-SHA256',
+          pskCallback: () => ({ identity: 'alice', psk: Buffer.from(K, 'hex') }),
+          checkServerIdentity: () => undefined,
+        });
+        client.on('error', () => {});
+        client.on('secureConnect', () => client.write(sent));
+      });
+    });
+    await done;
+    fs.rmSync(dir, { recursive: true, force: true });
+    expect(owned).toBe(true);
+    expect(dataEvents).toBe(0);
+    expect(reads).toBeGreaterThan(20);
+    expect(got.equals(sent)).toBe(true);
   });
 });

@@ -171,3 +171,41 @@ export class TlsCredentials {
     return null;
   }
 }
+
+interface StreamInternals {
+  _handle?: { useUserBuffer?: (buf: Uint8Array) => void } | null;
+}
+
+/**
+ * Makes a TLS socket read its decrypted bytes into buffers `target` chooses,
+ * passing each read to `onRead` instead of a 'data' event, as net.Socket's
+ * `onread` does. Node offers `onread` only to TLS sockets it connects itself,
+ * not to one wrapping an accepted socket; the socket's own fields for it are
+ * set here, found by name. Without them (another Node), returns false and the
+ * socket stays as it was ('data' events).
+ */
+export function tlsReadsInto(
+  sock: tls.TLSSocket,
+  target: () => Buffer,
+  onRead: (n: number, buf: Buffer) => void,
+): boolean {
+  const symbols = Object.getOwnPropertySymbols(sock);
+  const field = (name: string): symbol | undefined => symbols.find((s) => s.description === name);
+  const kBuffer = field('kBuffer');
+  const kBufferCb = field('kBufferCb');
+  const kBufferGen = field('kBufferGen');
+  const handle = (sock as unknown as StreamInternals)._handle;
+  if (!kBuffer || !kBufferCb || !kBufferGen || typeof handle?.useUserBuffer !== 'function') {
+    return false;
+  }
+  const fields = sock as unknown as Record<symbol, unknown>;
+  const first = target();
+  fields[kBuffer] = first;
+  fields[kBufferGen] = target;
+  fields[kBufferCb] = (n: number, buf: Uint8Array): boolean => {
+    onRead(n, buf as Buffer);
+    return true;
+  };
+  handle.useUserBuffer(first);
+  return true;
+}
