@@ -100,7 +100,7 @@ Options:
   --suite cluster       run the cluster benchmarks instead (etcd and agents; see
                         npm run bench -- --suite cluster --help)
   --suite events        event delivery (--suite events --help)
-  --suite connections   ballast (--workers auto and 1) and nbdkit under 1, 4 and 16
+  --suite connections   ballast (--workers auto and 1) and nbdkit under 1, the cores, 4 and 16
                         connections, plain and TLS (--suite connections --help)
   --suite cells         the same three servers, each cell at its own connections x
                         queue depth, incl. reads of a never-written file
