@@ -24,7 +24,6 @@ import {
   checksummer,
 } from '../dumpd/checksum.js';
 import { CMD } from '../nbd/protocol.js';
-import { acceptedReadsInto } from '../nbd/reads.js';
 import type { RouteSet } from './api.js';
 import { BallastError } from './errors.js';
 import { type BallastNative, errnoName, loadNative } from './native.js';
@@ -494,6 +493,43 @@ function asBallast(e: unknown, what: string): BallastError {
   });
 }
 
+/**
+ * The read side of an accepted socket through `onread`, into buffers we choose: net.Server
+ * offers it only to sockets it makes itself, so the handle (not reading yet: pauseOnConnect)
+ * moves to a new Socket that has it, as the NBD server does (nbd/server.ts ownReads).
+ * Null if the handle is not where Node keeps it; the caller then uses 'data' events.
+ */
+function adoptReads(
+  sock: net.Socket,
+  target: () => Buffer,
+  onRead: (n: number) => void,
+): net.Socket | null {
+  const old = sock as unknown as { _handle?: unknown; _server?: unknown; server?: unknown };
+  const handle = old._handle;
+  if (!handle) return null;
+  old._handle = null;
+  const opts: net.SocketConstructorOpts & { handle: unknown; onread: net.OnReadOpts } = {
+    handle,
+    allowHalfOpen: true,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer: target,
+      callback: (n: number) => {
+        onRead(n);
+        return true;
+      },
+    },
+  };
+  const s = new net.Socket(opts);
+  const fresh = s as unknown as { _server?: unknown; server?: unknown };
+  fresh._server = old._server ?? null;
+  fresh.server = old.server ?? null;
+  old._server = null;
+  old.server = null;
+  return s;
+}
+
 /** What a stream-in is asked for (POST /v1/devices/NAME/stream-in). */
 interface InOptions {
   offset?: number;
@@ -813,7 +849,7 @@ export class StreamManager {
         `device ${job.device}: stream-in of ${job.bytes} bytes in ${job.ms.toFixed(0)} ms, ${job.checksum}`,
       );
     };
-    const adopted = acceptedReadsInto(accepted, () => cur.subarray(fill), onRead);
+    const adopted = adoptReads(accepted, () => cur.subarray(fill), onRead);
     if (adopted) {
       sock = adopted;
     } else {

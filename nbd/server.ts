@@ -34,7 +34,6 @@ import {
   TransmissionReader,
   type TransmissionSink,
 } from './reader.js';
-import { acceptedReadsInto } from './reads.js';
 import type { ExportStats } from './stats.js';
 import { type TlsCredentials, type TlsMode, tlsReadsInto } from './tls.js';
 import { type ValidationContext, validateRequest } from './validate.js';
@@ -802,7 +801,7 @@ export class Connection implements HandshakeSink, TransmissionSink {
 
   /** The socket's descriptor, if Node exposes it (TCP and Unix sockets). */
   get fd(): number {
-    const h = (this.socket as unknown as { _handle?: { fd?: number } | null })._handle;
+    const h = (this.socket as unknown as NodeSocketInternals)._handle as { fd?: number } | null;
     return typeof h?.fd === 'number' ? h.fd : -1;
   }
 
@@ -1404,27 +1403,56 @@ export function handshakeBuffer(): Buffer {
   return sharedHandshakeBuffer;
 }
 
+interface NodeSocketInternals {
+  _handle?: unknown;
+  _server?: net.Server | null;
+  server?: net.Server | null;
+}
+
 /**
- * The accepted socket, reading straight into its connection's buffers
- * (reads.ts): the handshake's shared buffer until the Connection exists, then
- * wherever `readTarget()` says. `owned` false: the socket as it was ('data'
- * events).
+ * Node reads a socket into a fresh 64 KiB buffer per read, so a 1 MiB WRITE
+ * costs 16 allocations, their garbage, page faults as the heap grows and
+ * shrinks, and a copy into the request's buffer. `onread` lets the reader
+ * choose the buffer of every read instead, but net.Server offers it only to
+ * sockets it creates itself; so the accepted socket's handle, not yet reading
+ * (pauseOnConnect), moves to a new Socket that has it. If the handle is not
+ * where Node keeps it, the accepted socket is used as it is ('data' events).
  */
 function ownReads(sock: net.Socket): {
   socket: net.Socket;
   owned: boolean;
   bind: (conn: Connection) => void;
 } {
-  let conn: Connection | null = null;
-  const socket = acceptedReadsInto(
-    sock,
-    () => (conn ? conn.readTarget() : handshakeBuffer()),
-    (n, buf) => conn?.onRead(n, buf),
-  );
-  if (socket === null) {
+  const old = sock as unknown as NodeSocketInternals;
+  const handle = old._handle;
+  if (!handle) {
     sock.resume();
     return { socket: sock, owned: false, bind: () => {} };
   }
+  let conn: Connection | null = null;
+  old._handle = null;
+  // `handle` is what net.Server itself passes; the public typings leave it out.
+  const opts: net.SocketConstructorOpts & { handle: unknown; onread: net.OnReadOpts } = {
+    handle,
+    allowHalfOpen: true,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer: () => (conn ? conn.readTarget() : handshakeBuffer()),
+      callback: (n: number, buf: Uint8Array) => {
+        conn?.onRead(n, buf as Buffer);
+        return true;
+      },
+    },
+  };
+  const socket = new net.Socket(opts);
+  // The server counts its connections and waits for them on close(): the new
+  // socket answers for the one it replaces.
+  const fresh = socket as unknown as NodeSocketInternals;
+  fresh._server = old._server ?? null;
+  fresh.server = old.server ?? null;
+  old._server = null;
+  old.server = null;
   return {
     socket,
     owned: true,
