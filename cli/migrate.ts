@@ -218,16 +218,6 @@ interface TakeoverOpts {
   format: string;
 }
 
-/** suspend's and resume's `--via`: who moves the stream between QEMU and the device. */
-function viaOption(): Option {
-  return new Option(
-    '--via <WHO>',
-    'who moves the stream: the agent itself, or this command over NBD',
-  )
-    .choices(['auto', 'agent', 'nbd'])
-    .default('auto');
-}
-
 export function registerGuest(program: Command): void {
   const guest = program
     .command('guest')
@@ -261,7 +251,14 @@ export function registerGuest(program: Command): void {
           .choices(['crc32', 'sha256'])
           .default('crc32'),
       )
-      .addOption(viaOption()),
+      .addOption(
+        new Option(
+          '--via <WHO>',
+          'who moves the stream: the agent itself, or this command over NBD',
+        )
+          .choices(['auto', 'agent', 'nbd'])
+          .default('auto'),
+      ),
   ).action(
     async (
       name: string,
@@ -306,7 +303,14 @@ export function registerGuest(program: Command): void {
       .argument('<GUEST>')
       .requiredOption('--qmp <QMP>', 'the new QEMU’s QMP socket')
       .option('--device <NAME>', 'the device holding the stream (default: the paging device)')
-      .addOption(viaOption()),
+      .addOption(
+        new Option(
+          '--via <WHO>',
+          'who moves the stream: the agent itself, or this command over NBD',
+        )
+          .choices(['auto', 'agent', 'nbd'])
+          .default('auto'),
+      ),
   ).action(
     async (
       name: string,
