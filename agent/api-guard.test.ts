@@ -22,6 +22,13 @@ async function serve(limits: { maxConnections: number; headersMs: number; reques
       release = () => res.end('slow');
       return;
     }
+    if (req.url === '/stream') {
+      // As GET /v1/events: never reads the (empty) body, writes for as long as the client stays.
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const beat = setInterval(() => res.write(': keepalive\n\n'), 50);
+      res.once('close', () => clearInterval(beat));
+      return;
+    }
     req.resume();
     req.on('end', () => res.end('ok'));
   });
@@ -109,5 +116,36 @@ describe('API guard', () => {
     );
     expect(await within(c.closed, 3000)).not.toBe('timeout');
     expect(s.guard.dropped).toBeGreaterThanOrEqual(1);
+  });
+
+  it('a stream lives past the request deadline; a body that stops coming beside it is still cut off', async () => {
+    const s = await serve({ maxConnections: 100, headersMs: 300, requestMs: 300 });
+    const started = performance.now();
+    let beats = 0;
+    let ended = false;
+    const req = http.get({ host: '127.0.0.1', port: s.port, path: '/stream', agent: false });
+    req.on('error', () => {
+      ended = true;
+    });
+    req.on('response', (res) => {
+      res.on('data', () => {
+        beats++;
+      });
+      res.on('close', () => {
+        ended = true;
+      });
+    });
+    // A slow body on another connection meanwhile: the guard still acts on it.
+    const c = await raw(s.port, 'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123');
+    expect(await within(c.closed, 5000)).not.toBe('timeout');
+    // Ten request deadlines on the stream's clock, and it still gets its heartbeats.
+    while (performance.now() - started < 10 * 300 && !ended) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const seen = beats;
+    while (beats === seen && !ended) await new Promise((r) => setTimeout(r, 20));
+    expect(ended).toBe(false);
+    expect(s.guard.dropped).toBe(1);
+    req.destroy();
   });
 });

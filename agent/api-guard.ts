@@ -1,7 +1,8 @@
 // Limits that keep slow or idle HTTP clients from locking others out of the
 // management API: a connection must send a request's headers within
 // `headersTimeoutMs` of arriving (or of its previous reply), the whole request
-// within `requestTimeoutMs`, and past `maxConnections` the oldest connection
+// (headers and body) within `requestTimeoutMs` — however long the answer then takes,
+// a Server-Sent Events stream for one — and past `maxConnections` the oldest connection
 // with no request being answered is closed to make room for the new one.
 
 import type http from 'node:http';
@@ -68,13 +69,12 @@ export function createApiGuard(srv: http.Server, o: ApiGuardOptions): ApiGuard {
     if (!t) return;
     t.busy++;
     const started = performance.now();
-    // The body must be in within the request deadline, counted from its start.
-    let bodyDone = req.complete;
-    req.once('end', () => {
-      bodyDone = true;
-    });
+    // The body must be in within the request deadline, counted from its start. "In" is
+    // the parser's word (req.complete), not the handler's: a route that never reads a
+    // body it has no use for (GET /v1/events, a stream that lives as long as the client
+    // wants) is not a slow request.
     const check = setInterval(() => {
-      if (!bodyDone && performance.now() - started > o.requestTimeoutMs) {
+      if (!req.complete && performance.now() - started > o.requestTimeoutMs) {
         clearInterval(check);
         drop(req.socket);
       }

@@ -54,10 +54,13 @@ export const EXIT: Record<string, number> = {
 /** An error from (or about reaching) the agent, with the exit code for it. */
 export class AgentError extends BallastError {
   readonly exitCode: number;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
+  /** The HTTP status of the error reply, when the agent answered one. */
+  readonly status: number | undefined;
+  constructor(code: string, message: string, options?: { cause?: unknown; status?: number }) {
+    super(code, message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'AgentError';
     this.exitCode = EXIT[code] ?? 1;
+    this.status = options?.status;
   }
 }
 
@@ -158,6 +161,7 @@ export class Client {
     path: string,
     headers: Record<string, string>,
     onChunk: (text: string) => void,
+    onOpen?: () => void,
   ): Promise<void> {
     const h: Record<string, string> = { accept: 'text/event-stream', ...headers };
     if (this.token && this.target.socketPath === undefined)
@@ -186,15 +190,26 @@ export class Client {
                 new AgentError(
                   err.code ?? 'BALLAST_AGENT_PROTOCOL',
                   err.message ?? `${this.where} answered GET ${path} with HTTP ${status}`,
+                  { status },
                 ),
               );
             });
             return;
           }
+          onOpen?.();
           res.setEncoding('utf8');
           res.on('data', (t: string) => onChunk(t));
           res.on('end', () => resolve());
-          res.on('error', (e) => reject(e));
+          // The connection dropped mid-stream (the agent restarted, a proxy cut it).
+          res.on('error', (e: NodeJS.ErrnoException) =>
+            reject(
+              new AgentError(
+                'BALLAST_AGENT_UNREACHABLE',
+                `the connection to the agent at ${this.where} was lost: ${e.code ?? e.message}`,
+                { cause: e },
+              ),
+            ),
+          );
         },
       );
       req.on('error', (e: NodeJS.ErrnoException) =>

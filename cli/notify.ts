@@ -3,7 +3,6 @@
 
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
-import { BallastError } from '../agent/errors.js';
 import { EVENT_KINDS, parseTypes } from '../notify/events.js';
 import { AgentError, Client } from './client.js';
 import { type Common, client, json, out, table, withCommon } from './manage.js';
@@ -128,48 +127,118 @@ export function registerNotify(program: Command): void {
   ).action(async (o: Common & { follow?: boolean; since?: string; types?: string }) => {
     checkTypes(o.types);
     const c = new Client({ agent: o.agent, tokenFile: o.tokenFile });
-    let last = o.since;
+    const q = new URLSearchParams();
+    if (o.follow) q.set('follow', '1');
+    if (o.types) q.set('types', o.types);
+    const sse = new SseReader(o.since);
+    // As a browser's EventSource: after a lost connection, wait (the agent's `retry:`,
+    // doubled while reconnecting fails, up to 30 s), then ask again with Last-Event-ID.
+    let failures = 0;
     for (;;) {
-      const q = new URLSearchParams();
-      if (o.follow) q.set('follow', '1');
-      if (o.types) q.set('types', o.types);
-      let buf = '';
-      const headers: Record<string, string> = last ? { 'last-event-id': last } : {};
+      const headers: Record<string, string> = sse.lastId ? { 'last-event-id': sse.lastId } : {};
+      let reason: string;
+      const before = sse.events;
       try {
-        await c.stream(`/v1/events?${q}`, headers, (t) => {
-          buf += t;
-          for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
-            const block = buf.slice(0, i);
-            buf = buf.slice(i + 2);
-            const data = block
-              .split('\n')
-              .filter((l) => l.startsWith('data: '))
-              .map((l) => l.slice(6))
-              .join('\n');
-            if (!data) continue;
-            const ev = JSON.parse(data) as {
-              id: string;
-              time: string;
-              type: string;
-              subject?: string;
-              source: string;
-              data: unknown;
-            };
-            last = ev.id;
-            if (o.json) out(JSON.stringify(ev));
-            else {
-              out(
-                `${ev.id.padEnd(8)} ${ev.time}  ${ev.type.replace(/^io\.ballast\./, '').padEnd(20)} ${(ev.subject ?? '-').padEnd(16)} ${ev.source}  ${JSON.stringify(ev.data)}`,
+        await c.stream(
+          `/v1/events?${q}`,
+          headers,
+          (t) => {
+            for (const ev of sse.push(t)) print(ev, o.json === true);
+          },
+          () => {
+            if (failures > 0) {
+              process.stderr.write(
+                `ballast events: reconnected${sse.lastId ? `, resuming after event ${sse.lastId}` : ''}\n`,
               );
             }
-          }
-        });
+          },
+        );
+        if (!o.follow) return;
+        reason = 'the agent ended the stream';
       } catch (e) {
-        if (!o.follow || !(e instanceof BallastError) || e.code !== 'BALLAST_AGENT_UNREACHABLE')
-          throw e;
+        if (!o.follow || !retryable(e)) throw e;
+        reason = (e as Error).message;
       }
-      if (!o.follow) return;
-      await new Promise((r) => setTimeout(r, 1000));
+      sse.reset();
+      failures = sse.events > before ? 1 : failures + 1;
+      const full = Math.min(30_000, sse.retryMs * 2 ** Math.min(failures - 1, 10));
+      const wait = full / 2 + Math.random() * (full / 2);
+      process.stderr.write(
+        `ballast events: ${reason}; reconnecting in ${(wait / 1000).toFixed(1)} s` +
+          `${sse.lastId ? ` from event ${sse.lastId}` : ''}\n`,
+      );
+      await new Promise((r) => setTimeout(r, wait));
     }
   });
+}
+
+/** Worth reconnecting after: the agent away or overloaded, not a refusal of the request. */
+function retryable(e: unknown): boolean {
+  if (!(e instanceof AgentError)) return false;
+  return e.exitCode === 3 || (e.status !== undefined && e.status >= 500) || e.status === 429;
+}
+
+interface StreamedEvent {
+  id: string;
+  time: string;
+  type: string;
+  subject?: string;
+  source: string;
+  data: unknown;
+}
+
+function print(ev: StreamedEvent, asJson: boolean): void {
+  if (asJson) out(JSON.stringify(ev));
+  else {
+    out(
+      `${ev.id.padEnd(8)} ${ev.time}  ${ev.type.replace(/^io\.ballast\./, '').padEnd(20)} ${(ev.subject ?? '-').padEnd(16)} ${ev.source}  ${JSON.stringify(ev.data)}`,
+    );
+  }
+}
+
+/**
+ * Server-Sent Events as EventSource reads them: `id:` sets the last event id
+ * (also in a block without data), `retry:` the reconnection delay, `data:` lines
+ * make the event, comments (`:`) are skipped.
+ */
+export class SseReader {
+  lastId: string | undefined;
+  retryMs = 1000;
+  /** Events read so far, over every connection. */
+  events = 0;
+  private buf = '';
+
+  constructor(lastId?: string) {
+    this.lastId = lastId;
+  }
+
+  /** A new connection: what was left of a block on the old one is dropped. */
+  reset(): void {
+    this.buf = '';
+  }
+
+  push(text: string): StreamedEvent[] {
+    this.buf += text.replace(/\r\n?/g, '\n');
+    const got: StreamedEvent[] = [];
+    for (let i = this.buf.indexOf('\n\n'); i >= 0; i = this.buf.indexOf('\n\n')) {
+      const block = this.buf.slice(0, i);
+      this.buf = this.buf.slice(i + 2);
+      const data: string[] = [];
+      for (const line of block.split('\n')) {
+        if (line === '' || line.startsWith(':')) continue;
+        const colon = line.indexOf(':');
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let value = colon < 0 ? '' : line.slice(colon + 1);
+        if (value.startsWith(' ')) value = value.slice(1);
+        if (field === 'data') data.push(value);
+        else if (field === 'id' && !value.includes('\0')) this.lastId = value;
+        else if (field === 'retry' && /^\d+$/.test(value)) this.retryMs = Number(value);
+      }
+      if (data.length === 0) continue;
+      const ev = JSON.parse(data.join('\n')) as StreamedEvent;
+      this.events++;
+      got.push(ev);
+    }
+    return got;
+  }
 }

@@ -58,6 +58,11 @@ export async function serveEvents(
     const ce = cloudEvent(e, opts.cluster, opts.host);
     res.write(`id: ${e.id}\nevent: io.ballast.${e.kind}\ndata: ${JSON.stringify(ce)}\n\n`);
   };
+  // How long a client waits before reconnecting (EventSource's `retry`), and, for a
+  // stream of what happens from now on, where "now" is: a client that loses the
+  // connection before the first event resumes from there, missing nothing.
+  const fromNow = follow && (sinceText === null || sinceText === undefined || sinceText === '');
+  res.write(`retry: 1000\n${fromNow ? `id: ${end}\n` : ''}\n`);
   let watcher: Watcher | undefined;
   let closed = false;
   let finish: () => void = () => {};
