@@ -11,6 +11,7 @@ export default defineConfig({
       'cluster/**/*.test.ts',
       'migrate/**/*.test.ts',
       'notify/**/*.test.ts',
+      'guestd/**/*.test.ts',
       'test/**/*.test.ts',
       'bench/**/*.test.ts',
     ],
