@@ -39,6 +39,8 @@ export interface EtcdCluster {
   restart(i: number): Promise<void>;
   /** Whether member `i`'s process runs. */
   running(i: number): boolean;
+  /** Member `i`'s process id while it runs (to freeze it with SIGSTOP). */
+  pid(i: number): number | undefined;
   /** The index of the current leader (waits up to 10 s for one). */
   leader(): Promise<number>;
   /** Kills every member and removes the data directories. */
@@ -224,6 +226,10 @@ class Cluster implements EtcdCluster {
 
   running(i: number): boolean {
     return this.children[i] != null;
+  }
+
+  pid(i: number): number | undefined {
+    return this.children[i]?.pid;
   }
 
   async kill(i: number, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {

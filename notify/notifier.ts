@@ -65,6 +65,8 @@ export interface NotifierOptions {
   /** Backoff between attempts: base, doubled per attempt up to cap, with jitter. */
   retryBaseMs?: number;
   retryCapMs?: number;
+  /** How often leadership and recipients are looked at again besides the watch (ms, default 2000). */
+  reconcileMs?: number;
   /** The current state, for a `resync` event. */
   snapshot?: () => Promise<Record<string, unknown>>;
 }
@@ -158,13 +160,49 @@ class Delivery {
     behind: 0,
   };
   readonly done: Promise<void>;
+  /** The loop has ended by itself (the recipient disabled): the next sync may start it again. */
+  finished = false;
 
   constructor(
     private readonly n: Notifier,
     readonly recipient: Recipient,
   ) {
-    this.done = this.loop().catch((e) => {
-      this.n.log(`notify ${recipient.name}: delivery stopped: ${(e as Error).message}`);
+    this.done = this.run().finally(() => {
+      this.finished = true;
+    });
+  }
+
+  /**
+   * The loop, again after any failure (etcd cut off or frozen, a lease gone): it
+   * starts over from the cursor in the store, so an event is delivered again
+   * rather than skipped, and delivery never stops while this agent leads.
+   */
+  private async run(): Promise<void> {
+    let failures = 0;
+    while (this.running) {
+      try {
+        await this.loop();
+        return;
+      } catch (e) {
+        if (!this.running) return;
+        this.stats.lastError = `store: ${(e as Error).message}`;
+        this.n.logOnce(`notify ${this.recipient.name}: delivery paused: ${(e as Error).message}`);
+        await this.pause(Math.min(5000, 250 * 2 ** Math.min(failures++, 5)));
+      }
+    }
+  }
+
+  private pause(ms: number): Promise<void> {
+    return new Promise<void>((res) => {
+      const t = setTimeout(res, ms);
+      this.wake = () => {
+        if (!this.running) {
+          clearTimeout(t);
+          res();
+        }
+      };
+    }).finally(() => {
+      this.wake = undefined;
     });
   }
 
@@ -235,7 +273,7 @@ class Delivery {
       if (isStoreError(this.watchError, 'STORE_COMPACTED')) {
         await this.resync((this.watchError as { compactRevision?: number }).compactRevision ?? 0);
       } else if (this.watchError !== undefined && this.running) {
-        await sleep(500);
+        await this.pause(500);
       }
     }
   }
@@ -345,6 +383,8 @@ export class Notifier {
   private readonly deliveries = new Map<string, Delivery>();
   private watcher: Watcher | undefined;
   private stopped = false;
+  private reconcile: NodeJS.Timeout | undefined;
+  private lastLog = '';
   private readonly pendingEmits: ExplicitEvent[] = [];
   private emitting = false;
   /** Counters for metrics: outcome by recipient, events by kind. */
@@ -365,7 +405,13 @@ export class Notifier {
   }
 
   log(msg: string): void {
+    this.lastLog = msg;
     this.opts.log(msg);
+  }
+
+  /** Logs a failure once while it repeats (a cut-off agent retries every few seconds). */
+  logOnce(msg: string): void {
+    if (msg !== this.lastLog) this.log(msg);
   }
 
   count(recipient: string, outcome: string): void {
@@ -375,6 +421,19 @@ export class Notifier {
 
   /** Starts delivering to every recipient this agent leads, and follows changes to them. */
   async start(): Promise<void> {
+    await this.follow();
+    await this.sync();
+    // Leadership lives under the membership lease. Whatever the watch says, look again
+    // now and then: a lease lost and granted anew (an etcd blip), a sync that failed
+    // while etcd was away, a deliverer whose lease ran out are all taken up here.
+    this.reconcile = setInterval(() => {
+      if (!this.stopped) void this.sync();
+    }, this.opts.reconcileMs ?? 2000);
+    this.reconcile.unref();
+  }
+
+  /** Follows recipients and leadership (and counts events); again from now if the watch ends. */
+  private async follow(): Promise<void> {
     const rev = await this.store.revision();
     const tr = new Translator();
     this.watcher = await this.store.watch('', {
@@ -384,10 +443,21 @@ export class Notifier {
         else if (this.produced) for (const e of tr.translate(ev)) this.produced(e.kind);
       },
       onError: (err) => {
-        if (!this.stopped) this.log(`notify: watch ended: ${(err as Error).message}`);
+        if (this.stopped) return;
+        this.log(`notify: watch ended: ${(err as Error).message}; watching again`);
+        void (async () => {
+          for (let i = 0; !this.stopped; i++) {
+            try {
+              await this.follow();
+              void this.sync();
+              return;
+            } catch {
+              await sleep(Math.min(5000, 250 * 2 ** Math.min(i, 5)));
+            }
+          }
+        })();
       },
     });
-    await this.sync();
   }
 
   private syncing: Promise<void> | null = null;
@@ -405,7 +475,8 @@ export class Notifier {
         try {
           await this.syncOnce();
         } catch (e) {
-          if (!this.stopped) this.log(`notify: ${(e as Error).message}`);
+          // Tried again by the next event or the periodic look (start()).
+          if (!this.stopped) this.logOnce(`notify: ${(e as Error).message}`);
         }
       } while (this.again && !this.stopped);
     })().finally(() => {
@@ -423,7 +494,12 @@ export class Notifier {
     }
     for (const [name, d] of this.deliveries) {
       const r = want.get(name);
-      if (!r || JSON.stringify(r) !== JSON.stringify(d.recipient) || !(await this.leads(name))) {
+      if (
+        d.finished ||
+        !r ||
+        JSON.stringify(r) !== JSON.stringify(d.recipient) ||
+        !(await this.leads(name))
+      ) {
         d.stop();
         this.deliveries.delete(name);
         await d.done;
@@ -443,7 +519,9 @@ export class Notifier {
     if (!this.opts.lease) return true;
     if (!lease) return false;
     const r = await this.store.createIfAbsent(LEADERS + name, this.host, { lease });
-    return r.succeeded || r.kv?.value === this.host;
+    // Ours under an older lease (lost in a blip, not yet expired in etcd): it goes with
+    // that lease; the periodic look takes the recipient up again once it has.
+    return r.succeeded || (r.kv?.value === this.host && r.kv.lease === lease);
   }
 
   private async leads(name: string): Promise<boolean> {
@@ -667,6 +745,7 @@ export class Notifier {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    clearInterval(this.reconcile);
     await this.watcher?.cancel().catch(() => {});
     const all = [...this.deliveries.values()];
     for (const d of all) d.stop();
