@@ -14,6 +14,7 @@ export default defineConfig({
       'guestd/**/*.test.ts',
       'test/**/*.test.ts',
       'bench/**/*.test.ts',
+      'nemesis/**/*.test.ts',
     ],
     testTimeout: 60_000,
     hookTimeout: 60_000,

@@ -59,6 +59,8 @@ export interface NbdClientOptions {
   maxInFlight?: number;
   /** Give up connecting and negotiating after this long (default 30 s). */
   timeoutMs?: number;
+  /** TCP: the local address to connect from (servers may name clients by it). */
+  localAddress?: string;
   /** TLS hook: negotiate STARTTLS and run the session over the stream this returns. */
   startTls?: (socket: net.Socket) => Promise<Duplex>;
   /**
@@ -226,10 +228,14 @@ class HandshakeIo {
   }
 }
 
-function connectSocket(target: NbdTarget): net.Socket {
+function connectSocket(target: NbdTarget, localAddress?: string): net.Socket {
   return target.kind === 'unix'
     ? net.connect(target.path)
-    : net.connect({ host: target.host, port: target.port });
+    : net.connect({
+        host: target.host,
+        port: target.port,
+        ...(localAddress ? { localAddress } : {}),
+      });
 }
 
 export class NbdClient {
@@ -322,7 +328,7 @@ export class NbdClient {
       opts = { ...opts, startTls: x509StartTls(opts.tls ?? {}, name) };
     }
     const timeoutMs = opts.timeoutMs ?? 30_000;
-    const sock = connectSocket(t);
+    const sock = connectSocket(t, opts.localAddress);
     let timer: NodeJS.Timeout | undefined;
     let io: HandshakeIo | undefined;
     const timeout = new Promise<never>((_, reject) => {

@@ -1,0 +1,819 @@
+// The checkers: pure functions of a recorded history (nemesis/history.ts),
+// independent of the code under test. Each returns the anomalies it found,
+// with the operations that show it.
+
+import type { AclOp, AuditRow, DeviceOp, History, IoOp, Op, PrOp } from './history.js';
+import { type LinModel, type LinOp, linearize } from './linearize.js';
+import {
+  access,
+  canonKey,
+  EMPTY,
+  type Model,
+  type Outcome,
+  type Request,
+  showModel,
+  step,
+  typeOf,
+} from './model.js';
+
+export interface Anomaly {
+  check: string;
+  message: string;
+  /** The operations that show it (the minimal history around it). */
+  ops: Op[];
+}
+
+const retOf = (o: Op) =>
+  o.status === 'unknown' || o.ret === null ? Number.POSITIVE_INFINITY : o.ret;
+
+// ---- reservations and NBD I/O: linearizable against the model ----
+
+/**
+ * What the search tracks: the reservation state, and the changes made but not
+ * yet settled everywhere. pr.md: until a change is acknowledged, each agent lets
+ * a connection do only what both the old and the new state allow; so a change
+ * takes effect in two steps, both within its call and return: what it takes
+ * away at once, what it gives once settled.
+ */
+interface PrState {
+  m: Model;
+  pending: { id: number; old: Model | null }[];
+}
+
+type PrInput =
+  | { req: Request; id: number }
+  | { settle: number }
+  | { io: { identity: string; cmd: 'read' | 'write' } }
+  | { read: string };
+
+function allowedNow(s: PrState, identity: string, cmd: 'read' | 'write'): boolean {
+  if (!access(s.m, identity)[cmd]) return false;
+  return s.pending.every((p) => p.old === null || access(p.old, identity)[cmd]);
+}
+
+const prModel: LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> = {
+  init: { m: EMPTY, pending: [] },
+  key: (s) => `${showModel(s.m)}|${s.pending.map((p) => `${p.id}${p.old ? '' : 'n'}`).join(',')}`,
+  step(s, input, output) {
+    if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
+    if ('io' in input) {
+      const a = allowedNow(s, input.io.identity, input.io.cmd);
+      return { ok: output === 'ok' ? a : !a, next: s };
+    }
+    if ('settle' in input) {
+      const i = s.pending.findIndex((p) => p.id === input.settle);
+      if (i < 0) return { ok: false, next: s };
+      return { ok: true, next: { m: s.m, pending: s.pending.filter((_, j) => j !== i) } };
+    }
+    const r = step(s.m, input.req);
+    if (output !== undefined && (typeof output === 'string' || !sameOutcome(r.out, output))) {
+      return { ok: false, next: s };
+    }
+    const changed = showModel(r.next) !== showModel(s.m);
+    // an answered change settles before it returns; an unknown one whenever (see checkReservations)
+    const tracked = output === undefined || (r.out.ok && r.out.changed);
+    if (!tracked) return { ok: true, next: { m: r.next, pending: s.pending } };
+    return {
+      ok: true,
+      next: { m: r.next, pending: [...s.pending, { id: input.id, old: changed ? s.m : null }] },
+    };
+  },
+};
+
+function sameOutcome(model: Outcome, got: Outcome): boolean {
+  if (model.ok !== got.ok) return false;
+  if (model.ok && got.ok) {
+    return (
+      model.generation === got.generation &&
+      model.changed === got.changed &&
+      [...model.preempted].sort().join(',') === [...got.preempted].sort().join(',')
+    );
+  }
+  if (!model.ok && !got.ok) return model.code === got.code;
+  return false;
+}
+
+/** A state as the agents show it (GET /v1/devices/:name/pr), in the model's form. */
+export function finalModelString(f: {
+  generation: number;
+  regs: Record<string, string>;
+  reservation: string;
+}): string {
+  const regs = Object.entries(f.regs)
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+    .map(([id, k]) => `${id}=${canonKey(k) ?? k}`)
+    .join(',');
+  return `g${f.generation} [${regs}] ${f.reservation}`;
+}
+
+/**
+ * Per device, the PR commands, the NBD READs and WRITEs answered (done or
+ * refused with EPERM) and the state every agent shows at the end must fit one
+ * order in which each took effect between its call and its return. An I/O sent
+ * right after a PR command returned that no such order explains is a grant (or
+ * revocation) not yet in force on that agent.
+ */
+export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
+  const anomalies: Anomaly[] = [];
+  const SETTLE = 1_000_000_000;
+  for (const device of h.prDevices) {
+    const ops = h.ops.filter((o): o is PrOp => o.kind === 'pr' && o.device === device);
+    const ios = h.ops.filter(
+      (o): o is IoOp =>
+        o.kind === 'io' &&
+        o.device === device &&
+        (o.status === 'ok' || (o.status === 'failed' && o.errno === 'EPERM')),
+    );
+    const lin: LinOp<PrInput, Outcome | 'ok' | 'EPERM'>[] = [];
+    for (const o of ops) {
+      if (o.status === 'failed' && !o.out) continue; // did not happen
+      const unknown = o.status === 'unknown';
+      lin.push({
+        id: o.id,
+        call: o.call,
+        ret: retOf(o),
+        input: { req: o.req, id: o.id },
+        output: unknown ? undefined : o.out,
+      });
+      if (unknown || (o.out?.ok && o.out.changed)) {
+        lin.push({
+          id: SETTLE + o.id,
+          call: o.call,
+          ret: retOf(o),
+          input: { settle: o.id },
+          output: undefined,
+        });
+      }
+    }
+    for (const o of ios) {
+      lin.push({
+        id: o.id,
+        call: o.call,
+        ret: retOf(o),
+        input: { io: { identity: o.identity, cmd: o.cmd } },
+        output: o.status === 'ok' ? 'ok' : 'EPERM',
+      });
+    }
+    const fin = h.final.agents[0]?.pr[device];
+    const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+    if (fin) {
+      lin.push({
+        id: -1,
+        call: end,
+        ret: end + 1,
+        input: { read: finalModelString(fin) },
+        output: undefined,
+      });
+    }
+    const r = linearize(prModel, lin, maxSteps);
+    if (r.verdict === 'undecided') {
+      anomalies.push({
+        check: 'reservations-linearizable',
+        message: `${device}: the search gave up after ${r.steps} steps (history too concurrent to decide)`,
+        ops: [],
+      });
+      continue;
+    }
+    if (r.verdict === 'ok') continue;
+    const stuckId = r.stuck >= SETTLE ? r.stuck - SETTLE : r.stuck;
+    const stuck: PrOp | IoOp | undefined =
+      ops.find((o) => o.id === stuckId) ?? ios.find((o) => o.id === stuckId);
+    const state = `${showModel(r.state.m)}${
+      r.state.pending.some((p) => p.old)
+        ? ` (changes not settled: ${r.state.pending
+            .filter((p) => p.old)
+            .map((p) => `#${p.id}`)
+            .join(', ')})`
+        : ''
+    }`;
+    const all: (PrOp | IoOp)[] = [...ops, ...ios];
+    const check =
+      stuck?.kind === 'io'
+        ? stuck.probe !== undefined
+          ? 'grant-in-force'
+          : 'io-allowed'
+        : 'reservations-linearizable';
+    const what = stuck
+      ? stuck.kind === 'io'
+        ? `op ${stuck.id}: ${stuck.identity} ${stuck.cmd} through ${stuck.agent} ${stuck.status === 'ok' ? 'done' : 'refused (EPERM)'}${stuck.probe !== undefined ? `, sent right after op ${stuck.probe} returned` : ''}`
+        : `op ${stuck.id} (${describe(stuck)})`
+      : `the state the agents show at the end (${fin ? finalModelString(fin) : '?'})`;
+    anomalies.push({
+      check,
+      message: `${device}: no order of the PR commands and I/O explains ${what}; the deepest order reached ${r.prefix.length} operations, leaving ${state}`,
+      ops: around(all, stuck ?? ops[ops.length - 1], r.prefix),
+    });
+  }
+  return anomalies;
+}
+
+/** After a PREEMPT AND ABORT returned, no connection of a preempted identity opened before it is served. */
+export function checkAbort(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  const seen = new Set<number>();
+  for (const p of h.ops) {
+    if (p.kind !== 'pr' || p.status !== 'ok' || p.req.action !== 'preempt-abort') continue;
+    if (!p.out?.ok || p.out.preempted.length === 0 || p.ret === null) continue;
+    const pret = p.ret;
+    for (const c of h.conns) {
+      if (c.device !== p.device || !p.out.preempted.includes(c.identity) || c.opened >= p.call) {
+        continue;
+      }
+      if (seen.has(c.id)) continue;
+      const served = h.ops.find(
+        (o): o is IoOp =>
+          o.kind === 'io' &&
+          o.conn === c.id &&
+          o.call > pret &&
+          (o.status === 'ok' || (o.status === 'failed' && o.errno !== undefined)),
+      );
+      if (!served) continue;
+      seen.add(c.id);
+      out.push({
+        check: 'abort',
+        message: `${p.device}: op ${p.id} (${describe(p)}) preempted ${c.identity} with abort, yet ${c.identity}'s connection ${c.id} through ${c.agent} still answered op ${served.id} (${served.status}${served.errno ? ` ${served.errno}` : ''}) sent after it returned`,
+        ops: [p, served],
+      });
+    }
+  }
+  return out;
+}
+
+/**
+ * Every block read back from the shared file must hold a write that could be
+ * the last to land: not one refused, and none that some acknowledged write sent
+ * after it had to land after. A write of an identity that a PREEMPT AND ABORT
+ * removed must have landed before that command returned (it drains them).
+ */
+export function checkBlocks(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  for (const device of h.prDevices) {
+    const got = h.final.blocks[device];
+    if (!got) continue;
+    const writes = h.ops.filter(
+      (o): o is IoOp => o.kind === 'io' && o.device === device && o.cmd === 'write',
+    );
+    const aborts = h.ops.filter(
+      (o): o is PrOp =>
+        o.kind === 'pr' &&
+        o.device === device &&
+        o.status === 'ok' &&
+        o.req.action === 'preempt-abort',
+    );
+    for (let b = 0; b < got.length; b++) {
+      const onBlock = writes.filter((w) => w.block === b);
+      const acked = onBlock.filter((w) => w.status === 'ok');
+      const tag = got[b]!;
+      if (tag === '') {
+        if (acked.length > 0) {
+          out.push({
+            check: 'writes-kept',
+            message: `${device} block ${b}: reads back as zeroes, though ${acked.length} write(s) to it were acknowledged`,
+            ops: acked.slice(-3),
+          });
+        }
+        continue;
+      }
+      const w = onBlock.find((x) => x.tag === tag);
+      if (!w) {
+        out.push({
+          check: 'writes-kept',
+          message: `${device} block ${b}: holds ${tag}, which no client wrote there`,
+          ops: [],
+        });
+        continue;
+      }
+      if (w.status === 'failed' && w.errno === 'EPERM') {
+        out.push({
+          check: 'writes-kept',
+          message: `${device} block ${b}: holds op ${w.id}'s data, a write refused with EPERM`,
+          ops: [w],
+        });
+        continue;
+      }
+      let deadline = retOf(w);
+      let why = 'it returned';
+      for (const p of aborts) {
+        if (
+          p.out?.ok &&
+          p.out.preempted.includes(w.identity) &&
+          p.ret !== null &&
+          p.ret > w.call &&
+          p.ret < deadline
+        ) {
+          deadline = p.ret;
+          why = `op ${p.id} preempted ${w.identity} with abort`;
+        }
+      }
+      const later = acked.find((x) => x.call > deadline);
+      if (later) {
+        const abort = aborts.find((p) => why.startsWith(`op ${p.id} `));
+        out.push({
+          check: why === 'it returned' ? 'writes-kept' : 'no-write-after-preempt',
+          message: `${device} block ${b}: holds op ${w.id}'s data (${w.identity} through ${w.agent}), which had to land before ${why}; op ${later.id} (${later.identity}) wrote it later and was acknowledged`,
+          ops: [w, ...(abort ? [abort] : []), later].sort((a, c) => a.call - c.call),
+        });
+      }
+    }
+  }
+  return out;
+}
+
+// ---- the audit trail ----
+
+function auditRequest(r: AuditRow, unregister: boolean): Request {
+  return {
+    action: r.action as Request['action'],
+    as: r.initiator,
+    key: r.key,
+    ...(r.saKey !== undefined ? { saKey: r.saKey } : {}),
+    ...(r.type !== undefined ? { type: r.type } : {}),
+    ...(r.target !== undefined ? { target: r.target } : {}),
+    unregister,
+  };
+}
+
+const API_REFUSALS = new Set([
+  'PR_BAD_TYPE',
+  'PR_BAD_KEY',
+  'PR_INVALID_REQUEST',
+  'BALLAST_BAD_REQUEST',
+]);
+
+function rowKey(r: {
+  initiator: string;
+  action: string;
+  key: string;
+  saKey?: string | undefined;
+  outcome: string;
+  code?: string | undefined;
+  generation?: number;
+}): string {
+  const gen = r.outcome === 'refused' ? '' : String(r.generation);
+  return [
+    r.initiator,
+    r.action,
+    canonKey(r.key) ?? r.key,
+    r.saKey === undefined ? '' : (canonKey(r.saKey) ?? r.saKey),
+    r.outcome,
+    r.code ?? '',
+    gen,
+  ].join('|');
+}
+
+function opKey(o: PrOp): string | null {
+  if (!o.out) return null;
+  return rowKey({
+    initiator: o.req.as,
+    action: o.req.action,
+    key: o.req.key,
+    saKey: o.req.saKey,
+    outcome: o.out.ok ? (o.out.changed ? 'changed' : 'unchanged') : 'refused',
+    code: o.out.ok ? undefined : o.out.code,
+    generation: o.out.ok ? o.out.generation : undefined,
+  });
+}
+
+/**
+ * Each device's audit trail lists every acknowledged command (changes and
+ * refusals), nothing that did not happen, in an order the model can replay and
+ * that respects real time.
+ */
+export function checkAudit(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  for (const device of h.prDevices) {
+    const rows = [...(h.final.audit[device] ?? [])].sort((a, b) => a.seq - b.seq);
+    const ops = h.ops.filter((o): o is PrOp => o.kind === 'pr' && o.device === device);
+    // replay: some reading of the trail is a valid sequence for the model
+    let states: Model[] = [EMPTY];
+    for (const r of rows) {
+      const next: Model[] = [];
+      for (const s of states) {
+        if (
+          r.outcome === 'refused' &&
+          r.code !== undefined &&
+          API_REFUSALS.has(r.code) &&
+          typeOf(r.type as never) !== undefined
+        ) {
+          // refused before the model could judge it (a malformed field): nothing changes
+          if (typeOf(String(r.type)) === null || r.code !== 'PR_BAD_TYPE') {
+            next.push(s);
+            continue;
+          }
+        }
+        for (const unreg of r.action === 'register-move' ? [false, true] : [false]) {
+          const x = step(s, auditRequest(r, unreg));
+          const outcome = !x.out.ok ? 'refused' : x.out.changed ? 'changed' : 'unchanged';
+          const genOk = !x.out.ok || x.out.generation === r.generation;
+          if (outcome === r.outcome && genOk && (x.out.ok || x.out.code === r.code))
+            next.push(x.next);
+        }
+      }
+      const uniq = new Map(next.map((s) => [showModel(s), s]));
+      if (uniq.size === 0) {
+        out.push({
+          check: 'audit',
+          message: `${device}: audit entry ${r.seq} (${r.initiator} ${r.action} → ${r.outcome}${r.code ? ` ${r.code}` : ''}, generation ${r.generation}) does not follow from the entries before it (states then: ${states.map(showModel).join(' | ')})`,
+          ops: [],
+        });
+        break;
+      }
+      states = [...uniq.values()];
+    }
+    // every acknowledged command is on the trail; nothing else is
+    const pos = new Map<string, number[]>();
+    rows.forEach((r, i) => {
+      const k = rowKey(r);
+      pos.set(k, [...(pos.get(k) ?? []), i]);
+    });
+    const acked = new Map<string, PrOp[]>();
+    const maybe = new Map<string, number>();
+    for (const o of ops) {
+      const k = opKey(o);
+      if (o.status === 'ok' || (o.status === 'failed' && o.out)) {
+        if (k) acked.set(k, [...(acked.get(k) ?? []), o]);
+      } else if (o.status === 'unknown') {
+        // any of its possible entries may be there
+        for (const kk of pos.keys())
+          if (kk.startsWith(`${o.req.as}|${o.req.action}|`))
+            maybe.set(kk, (maybe.get(kk) ?? 0) + 1);
+      }
+    }
+    for (const [k, list] of acked) {
+      const n = pos.get(k)?.length ?? 0;
+      if (n < list.length) {
+        out.push({
+          check: 'audit',
+          message: `${device}: ${list.length} acknowledged command(s) ${k.replaceAll('|', ' ')} but ${n} on the audit trail`,
+          ops: list.slice(0, 5),
+        });
+      }
+    }
+    for (const [k, p] of pos) {
+      const allowed = (acked.get(k)?.length ?? 0) + (maybe.get(k) ?? 0);
+      if (p.length > allowed) {
+        out.push({
+          check: 'audit',
+          message: `${device}: ${p.length} audit entr${p.length === 1 ? 'y' : 'ies'} ${k.replaceAll('|', ' ')} (seq ${p.map((i) => rows[i]!.seq).join(',')}) but only ${allowed} such command(s) made or possibly made`,
+          ops: ops
+            .filter(
+              (o) =>
+                o.req.as === k.split('|')[0] &&
+                o.req.action === k.split('|')[1] &&
+                o.status !== 'ok',
+            )
+            .slice(0, 5),
+        });
+      }
+    }
+    // real-time order: a command that returned before another was sent comes first
+    const list = [...acked.values()].flat().sort((a, b) => a.call - b.call);
+    let reported = 0;
+    for (const a of list) {
+      for (const b of list) {
+        if (a.ret === null || a.ret >= b.call || reported > 3) continue;
+        const pa = pos.get(opKey(a)!) ?? [];
+        const pb = pos.get(opKey(b)!) ?? [];
+        if (pa.length === 0 || pb.length === 0) continue;
+        if (Math.min(...pa) > Math.max(...pb)) {
+          reported++;
+          out.push({
+            check: 'audit',
+            message: `${device}: op ${a.id} returned before op ${b.id} was sent, but the trail lists it after (seq ${rows[Math.min(...pa)]!.seq} > ${rows[Math.max(...pb)]!.seq})`,
+            ops: [a, b],
+          });
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// ---- the catalog and the access lists: registers ----
+
+type DevState = number | null;
+type DevIn = { op: DeviceOp } | { read: DevState };
+
+const devModel: LinModel<DevState, DevIn, string> = {
+  init: null,
+  key: (s) => String(s),
+  step(s, input, output) {
+    if ('read' in input) return { ok: input.read === s, next: s };
+    const o = input.op;
+    const known = output !== undefined;
+    switch (o.action) {
+      case 'create':
+        if (s === null) return { ok: !known || output === 'ok', next: o.size! };
+        return { ok: !known || output === 'BALLAST_DEVICE_EXISTS', next: s };
+      case 'resize':
+        if (s === null) return { ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND', next: s };
+        if (o.size! < s) return { ok: !known || output === 'BALLAST_SHRINK_REFUSED', next: s };
+        return { ok: !known || output === 'ok', next: o.size! };
+      case 'delete':
+        if (s === null) return { ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND', next: s };
+        return { ok: !known || output === 'ok', next: null };
+    }
+  },
+};
+
+/** Codes a device command answers that the model decides (the others say nothing happened). */
+export const DEVICE_VERDICTS = new Set([
+  'BALLAST_DEVICE_EXISTS',
+  'BALLAST_DEVICE_NOT_FOUND',
+  'BALLAST_SHRINK_REFUSED',
+]);
+
+export function checkCatalog(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  const fin = h.final.agents[0];
+  const names = new Set(h.ops.filter((o): o is DeviceOp => o.kind === 'device').map((o) => o.name));
+  for (const name of names) {
+    const ops = h.ops.filter((o): o is DeviceOp => o.kind === 'device' && o.name === name);
+    const lin: LinOp<DevIn, string>[] = [];
+    for (const o of ops) {
+      if (o.status === 'failed' && !(o.code && DEVICE_VERDICTS.has(o.code))) continue;
+      lin.push({
+        id: o.id,
+        call: o.call,
+        ret: retOf(o),
+        input: { op: o },
+        output: o.status === 'unknown' ? undefined : o.status === 'ok' ? 'ok' : o.code,
+      });
+    }
+    const listed = fin?.devices.find((d) => d.name === name);
+    if (fin) {
+      const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+      lin.push({
+        id: -1,
+        call: end,
+        ret: end + 1,
+        input: { read: listed ? listed.size : null },
+        output: undefined,
+      });
+    }
+    const r = linearize(devModel, lin);
+    if (r.verdict === 'fail') {
+      const stuck = ops.find((o) => o.id === r.stuck);
+      out.push({
+        check: 'catalog',
+        message: `device ${name}: no order of the creates, resizes and deletes explains ${stuck ? `op ${stuck.id} (${describe(stuck)})` : `what the agents list at the end (${listed ? `${listed.size} bytes, ${listed.state}` : 'absent'})`}`,
+        ops: ops.slice(-8),
+      });
+    }
+  }
+  for (const a of h.final.agents) {
+    for (const d of a.devices) {
+      if (d.state !== 'ready') {
+        out.push({
+          check: 'catalog',
+          message: `agent ${a.agent} lists ${d.name} as ${d.state} after the faults stopped`,
+          ops: h.ops.filter((o) => o.kind === 'device' && o.name === d.name).slice(-5),
+        });
+      }
+    }
+  }
+  return out;
+}
+
+type AclIn = { set: string | null } | { read: string | null };
+
+const aclModel: LinModel<string | null, AclIn, 'ok'> = {
+  init: null,
+  key: (s) => String(s),
+  step(s, input) {
+    if ('read' in input) return { ok: input.read === s, next: s };
+    return { ok: true, next: input.set };
+  },
+};
+
+export function checkAcl(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  const fin = h.final.agents[0];
+  const devices = new Set(h.ops.filter((o): o is AclOp => o.kind === 'acl').map((o) => o.device));
+  for (const device of devices) {
+    const ops = h.ops.filter((o): o is AclOp => o.kind === 'acl' && o.device === device);
+    const lin: LinOp<AclIn, 'ok'>[] = ops
+      .filter((o) => o.status !== 'failed')
+      .map((o) => ({
+        id: o.id,
+        call: o.call,
+        ret: retOf(o),
+        input: { set: o.entries },
+        output: o.status === 'ok' ? 'ok' : undefined,
+      }));
+    if (fin && device in fin.acl) {
+      const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+      lin.push({
+        id: -1,
+        call: end,
+        ret: end + 1,
+        input: { read: fin.acl[device] ?? null },
+        output: undefined,
+      });
+    }
+    const r = linearize(aclModel, lin);
+    if (r.verdict === 'fail') {
+      out.push({
+        check: 'acl',
+        message: `${device}: the access list at the end (${fin?.acl[device] ?? 'open'}) is not the last one set by an acknowledged change (or one that may have been made)`,
+        ops: ops.slice(-6),
+      });
+    }
+  }
+  return out;
+}
+
+// ---- events ----
+
+function parseId(id: string): [number, number] {
+  const m = /^(\d+)(?:\.(\d+))?$/.exec(id);
+  return m ? [Number(m[1]), Number(m[2] ?? 0)] : [Number.NaN, 0];
+}
+const idLess = (a: string, b: string) => {
+  const [ra, na] = parseId(a);
+  const [rb, nb] = parseId(b);
+  return ra < rb || (ra === rb && na < nb);
+};
+
+/**
+ * Every event is delivered at least once to every recipient and every follow
+ * stream, in id order, with the same attributes everywhere. A consumer that
+ * fell behind a compaction gets a resync in place of what was compacted.
+ */
+export function checkEvents(h: History): Anomaly[] {
+  const out: Anomaly[] = [];
+  const truth = new Map<string, { attrs: string; where: string }>();
+  const attrs = (e: {
+    type: string;
+    subject?: string | undefined;
+    time?: string | undefined;
+    data?: unknown;
+  }) => JSON.stringify([e.type, e.subject ?? null, e.time ?? null, e.data ?? null]);
+  const all: [string, typeof h.final.eventLog][] = [
+    ['the final event log', h.final.eventLog],
+    ...Object.entries(h.final.consumers),
+  ];
+  for (const [who, list] of all) {
+    for (const e of list) {
+      if (e.type.endsWith('resync')) continue;
+      const a = attrs(e);
+      const t = truth.get(e.id);
+      if (!t) truth.set(e.id, { attrs: a, where: who });
+      else if (t.attrs !== a) {
+        out.push({
+          check: 'events',
+          message: `event ${e.id} differs: ${t.where} got ${t.attrs}, ${who} got ${a}`,
+          ops: [],
+        });
+        t.attrs = a; // report each difference once per consumer
+      }
+    }
+  }
+  const compacted = Math.max(0, ...h.final.compactions);
+  const ids = [...truth.keys()].sort((a, b) => (idLess(a, b) ? -1 : idLess(b, a) ? 1 : 0));
+  for (const [who, list] of Object.entries(h.final.consumers)) {
+    // in id order: each event's first delivery after the previous one's
+    let last: string | null = null;
+    const firsts = new Set<string>();
+    for (const e of list) {
+      if (e.type.endsWith('resync') || firsts.has(e.id)) continue;
+      if (last !== null && !idLess(last, e.id)) {
+        out.push({
+          check: 'events',
+          message: `${who}: event ${e.id} first delivered after ${last}`,
+          ops: [],
+        });
+        break;
+      }
+      firsts.add(e.id);
+      last = e.id;
+    }
+    // at least once, unless a resync stood in for it (compacted away before it was delivered)
+    const resyncs = list.map((e, i) => ({ e, i })).filter((x) => x.e.type.endsWith('resync'));
+    const missing = ids.filter((id) => {
+      if (firsts.has(id)) return false;
+      if (parseId(id)[0] > compacted || resyncs.length === 0) return true;
+      return false;
+    });
+    if (missing.length > 0) {
+      out.push({
+        check: 'events',
+        message: `${who}: ${missing.length} event(s) never delivered: ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ' …' : ''} (last delivered ${last ?? 'none'})`,
+        ops: [],
+      });
+    }
+  }
+  return out;
+}
+
+// ---- convergence ----
+
+export function checkConvergence(h: History): Anomaly[] {
+  if (h.final.converged) return [];
+  const show = h.final.agents.map(
+    (a) => `${a.agent}: ${JSON.stringify({ devices: a.devices, pr: a.pr, acl: a.acl })}`,
+  );
+  return [
+    {
+      check: 'convergence',
+      message: `the agents did not agree after the faults stopped:\n    ${show.join('\n    ')}`,
+      ops: [],
+    },
+  ];
+}
+
+// ---- all of them ----
+
+export function checkAll(h: History): Anomaly[] {
+  return [
+    ...checkReservations(h),
+    ...checkAbort(h),
+    ...checkBlocks(h),
+    ...checkAudit(h),
+    ...checkCatalog(h),
+    ...checkAcl(h),
+    ...checkEvents(h),
+    ...checkConvergence(h),
+  ];
+}
+
+// ---- reports ----
+
+function overlaps(a: Op, b: Op): boolean {
+  return a.call <= retOf(b) && b.call <= retOf(a);
+}
+
+/** The operations around `op`: those in flight with it, and a few before. */
+function around<T extends Op>(ops: T[], op: T | undefined, prefix: number[]): T[] {
+  if (!op) return ops.slice(-8);
+  const near = ops.filter(
+    (o) =>
+      o === op ||
+      (overlaps(o, op) &&
+        (o.kind !== 'io' ||
+          o.identity === (op as Op & { identity?: string }).identity ||
+          o.kind === op.kind)),
+  );
+  const before = prefix
+    .slice(-4)
+    .map((id) => ops.find((o) => o.id === id))
+    .filter((o): o is T => o !== undefined && !near.includes(o));
+  return [...before, ...near].sort((a, b) => a.call - b.call).slice(-16);
+}
+
+export function describe(o: Op): string {
+  const t = (x: number | null) => (x === null ? '?' : (x / 1000).toFixed(3));
+  const head = `#${o.id} ${o.process}@${o.agent} [${t(o.call)}–${o.status === 'unknown' ? '?' : t(o.ret)}] ${o.status}`;
+  switch (o.kind) {
+    case 'pr': {
+      const q = o.req;
+      const args = [
+        `as=${q.as}`,
+        `key=${q.key}`,
+        ...(q.saKey !== undefined ? [`sa=${q.saKey}`] : []),
+        ...(q.type !== undefined ? [`type=${q.type}`] : []),
+        ...(q.target !== undefined ? [`target=${q.target}`] : []),
+        ...(q.unregister ? ['unregister'] : []),
+      ].join(' ');
+      const res = o.out
+        ? o.out.ok
+          ? `→ ${o.out.changed ? 'changed' : 'unchanged'} g${o.out.generation}${o.out.preempted.length ? ` preempted ${o.out.preempted.join(',')}` : ''}`
+          : `→ ${o.out.code}`
+        : o.note
+          ? `→ ${o.note}`
+          : '';
+      return `${head} pr ${o.device} ${q.action} ${args} ${res}`;
+    }
+    case 'io':
+      return `${head} ${o.cmd} ${o.device}[${o.block}] as ${o.identity} conn ${o.conn}${o.tag ? ` tag ${o.tag}` : ''}${o.errno ? ` ${o.errno}` : ''}${o.note && !o.errno ? ` (${o.note})` : ''}${o.probe !== undefined ? ` probe of #${o.probe}` : ''}`;
+    case 'device':
+      return `${head} device ${o.action} ${o.name}${o.size ? ` ${o.size}` : ''}${o.code ? ` → ${o.code}` : ''}`;
+    case 'acl':
+      return `${head} acl ${o.device} ${o.entries ?? 'open'}`;
+  }
+}
+
+/** A report to print: the seed, each anomaly with its history (a few per check), and the fault schedule. */
+export function report(h: History, anomalies: Anomaly[], perCheck = 3): string {
+  const byCheck = new Map<string, Anomaly[]>();
+  for (const a of anomalies) byCheck.set(a.check, [...(byCheck.get(a.check) ?? []), a]);
+  const counts = [...byCheck].map(([k, v]) => `${k} ${v.length}`).join(', ');
+  const lines = [
+    `nemesis: seed ${h.seed}: ${anomalies.length} anomal${anomalies.length === 1 ? 'y' : 'ies'} (${counts})`,
+  ];
+  for (const [check, list] of byCheck) {
+    for (const a of list.slice(0, perCheck)) {
+      lines.push(`  [${check}] ${a.message}`);
+      for (const o of a.ops) lines.push(`      ${describe(o)}`);
+    }
+    if (list.length > perCheck) lines.push(`  [${check}] … and ${list.length - perCheck} more`);
+  }
+  lines.push('  faults:');
+  for (const f of h.faults) {
+    lines.push(
+      `      ${(f.start / 1000).toFixed(3)}–${f.end === undefined ? '?' : (f.end / 1000).toFixed(3)} ${f.kind} ${f.target}${f.detail ? ` (${f.detail})` : ''}`,
+    );
+  }
+  lines.push(`  replay: npm run nemesis -- --seed ${h.seed}`);
+  return lines.join('\n');
+}

@@ -1,0 +1,172 @@
+// A linearizability checker in the manner of Wing & Gong, with Lowe's memo of
+// (linearized set, state) pairs, as Porcupine (github.com/anishathalye/porcupine)
+// and Knossos do it. An operation whose outcome is unknown gets an infinite
+// return time: it may take effect at any point after its call, or never.
+
+export interface LinOp<I, O> {
+  id: number;
+  /** Call and return on one monotonic clock (ms); Infinity: the outcome is unknown. */
+  call: number;
+  ret: number;
+  input: I;
+  /** undefined when the outcome is unknown: any outcome is accepted. */
+  output: O | undefined;
+}
+
+export interface LinModel<S, I, O> {
+  init: S;
+  /** Whether `input` answering `output` (undefined: unknown) is possible in `s`, and the next state. */
+  step(s: S, input: I, output: O | undefined): { ok: boolean; next: S };
+  key(s: S): string;
+}
+
+export type LinResult<S> =
+  | { verdict: 'ok'; order: number[]; states: S[] }
+  | {
+      verdict: 'fail';
+      /** The operation no order could account for, at the deepest point the search reached. */
+      stuck: number;
+      /** The operations linearized before it there, in order, and the state they left. */
+      prefix: number[];
+      state: S;
+    }
+  | { verdict: 'undecided'; steps: number };
+
+interface Node<I, O> {
+  op: LinOp<I, O> | null;
+  isCall: boolean;
+  time: number;
+  match: Node<I, O> | null;
+  prev: Node<I, O> | null;
+  next: Node<I, O> | null;
+}
+
+/** Checks `ops` against `model`; gives up after `maxSteps` (verdict 'undecided'). */
+export function linearize<S, I, O>(
+  model: LinModel<S, I, O>,
+  ops: readonly LinOp<I, O>[],
+  maxSteps = 5_000_000,
+): LinResult<S> {
+  const events: Node<I, O>[] = [];
+  for (const op of ops) {
+    const ret: Node<I, O> = {
+      op,
+      isCall: false,
+      time: op.ret,
+      match: null,
+      prev: null,
+      next: null,
+    };
+    const call: Node<I, O> = {
+      op,
+      isCall: true,
+      time: op.call,
+      match: ret,
+      prev: null,
+      next: null,
+    };
+    events.push(call, ret);
+  }
+  // Calls before returns at the same instant: such operations count as concurrent.
+  events.sort((a, b) => a.time - b.time || (a.isCall === b.isCall ? 0 : a.isCall ? -1 : 1));
+  const head: Node<I, O> = {
+    op: null,
+    isCall: false,
+    time: -1,
+    match: null,
+    prev: null,
+    next: null,
+  };
+  let last = head;
+  for (const e of events) {
+    last.next = e;
+    e.prev = last;
+    last = e;
+  }
+  // The memo keys the set of linearized operations by a Zobrist hash (two
+  // random 32-bit words per operation, XORed): small keys for long histories.
+  const zob = new Map<number, [number, number]>();
+  let seed = 0x9e3779b9;
+  const rnd = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return seed >>> 0;
+  };
+  for (const op of ops) zob.set(op.id, [rnd(), rnd()]);
+
+  const lift = (n: Node<I, O>) => {
+    n.prev!.next = n.next;
+    if (n.next) n.next.prev = n.prev;
+    const m = n.match!;
+    m.prev!.next = m.next;
+    if (m.next) m.next.prev = m.prev;
+  };
+  const unlift = (n: Node<I, O>) => {
+    const m = n.match!;
+    m.prev!.next = m;
+    if (m.next) m.next.prev = m;
+    n.prev!.next = n;
+    if (n.next) n.next.prev = n;
+  };
+
+  const memo = new Set<string>();
+  const stack: { node: Node<I, O>; state: S }[] = [];
+  let state = model.init;
+  let hi = 0;
+  let lo = 0;
+  let entry = head.next;
+  let steps = 0;
+  let deepest: { stuck: number; prefix: number[]; state: S; depth: number } | null = null;
+  while (head.next !== null) {
+    if (++steps > maxSteps) return { verdict: 'undecided', steps };
+    if (entry === null) break;
+    if (entry.isCall) {
+      const op = entry.op!;
+      const r = model.step(state, op.input, op.output);
+      if (r.ok) {
+        const [zh, zl] = zob.get(op.id)!;
+        const k = `${(hi ^ zh) >>> 0}.${(lo ^ zl) >>> 0}|${model.key(r.next)}`;
+        if (!memo.has(k)) {
+          memo.add(k);
+          stack.push({ node: entry, state });
+          state = r.next;
+          hi = (hi ^ zh) >>> 0;
+          lo = (lo ^ zl) >>> 0;
+          lift(entry);
+          entry = head.next;
+          continue;
+        }
+      }
+      entry = entry.next;
+    } else {
+      if (!deepest || stack.length > deepest.depth) {
+        deepest = {
+          stuck: entry.op!.id,
+          prefix: stack.map((s) => s.node.op!.id),
+          state,
+          depth: stack.length,
+        };
+      }
+      const top = stack.pop();
+      if (!top) {
+        return {
+          verdict: 'fail',
+          stuck: deepest.stuck,
+          prefix: deepest.prefix,
+          state: deepest.state,
+        };
+      }
+      entry = top.node;
+      state = top.state;
+      const [zh, zl] = zob.get(entry.op!.id)!;
+      hi = (hi ^ zh) >>> 0;
+      lo = (lo ^ zl) >>> 0;
+      unlift(entry);
+      entry = entry.next;
+    }
+  }
+  const order = stack.map((s) => s.node.op!.id);
+  const states = [...stack.map((s) => s.state).slice(1), state];
+  return { verdict: 'ok', order, states };
+}

@@ -1,0 +1,67 @@
+// npm run nemesis -- [--minutes N] [--seed N] [--faults kill,freeze,...] [--history FILE]
+// A randomized fault campaign against a real etcd and three agents; exits 1
+// with the seed, the anomalies and the fault schedule when a checker fails.
+
+import { readFileSync } from 'node:fs';
+import { Command } from 'commander';
+import { FAULT_KINDS, type FaultKind, runCampaign } from './campaign.js';
+import { checkAll, report } from './checkers.js';
+import type { History } from './history.js';
+
+const program = new Command('nemesis')
+  .description('a randomized fault campaign against a real 3-member etcd and three agents')
+  .option('--minutes <n>', 'how long clients and faults run', '3')
+  .option('--seed <n>', 'the seed of the schedule and the clients (default: random)')
+  .option(
+    '--faults <kinds>',
+    `fault kinds, comma-separated (${FAULT_KINDS.join(', ')})`,
+    FAULT_KINDS.join(','),
+  )
+  .option('--history <file>', 'write the recorded history here as JSON')
+  .option('--check <file>', 'only check a history written by --history')
+  .parse();
+
+const o = program.opts<{
+  minutes: string;
+  seed?: string;
+  faults: string;
+  history?: string;
+  check?: string;
+}>();
+if (o.check) {
+  const h = JSON.parse(readFileSync(o.check, 'utf8')) as History;
+  const anomalies = checkAll(h);
+  console.log(
+    anomalies.length ? report(h, anomalies) : `nemesis: seed ${h.seed}: every check passed`,
+  );
+  process.exit(anomalies.length ? 1 : 0);
+}
+const seed = o.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : Number(o.seed);
+const faults = o.faults.split(',').filter((k) => k !== '') as FaultKind[];
+for (const k of faults) {
+  if (!(FAULT_KINDS as readonly string[]).includes(k)) {
+    console.error(`nemesis: unknown fault kind ${k} (${FAULT_KINDS.join(', ')})`);
+    process.exit(2);
+  }
+}
+const r = await runCampaign({
+  seed,
+  seconds: Number(o.minutes) * 60,
+  faults,
+  log: (l) => console.error(l),
+  ...(o.history ? { historyFile: o.history } : {}),
+});
+const ops = Object.entries(r.stats.ops)
+  .map(([k, v]) => `${k} ${v}`)
+  .join(', ');
+const f = Object.entries(r.stats.faults)
+  .map(([k, v]) => `${k} ${v}`)
+  .join(', ');
+console.log(
+  `nemesis: seed ${seed}: ${r.history.ops.length} operations (${ops}); faults: ${f || 'none'}; ${r.stats.seconds.toFixed(0)} s`,
+);
+if (r.anomalies.length > 0) {
+  console.log(report(r.history, r.anomalies));
+  process.exit(1);
+}
+console.log(`nemesis: seed ${seed}: every check passed`);
