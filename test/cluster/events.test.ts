@@ -3,15 +3,15 @@
 // stream, a pool's medium changed while its agent was down. A real 3-member etcd, real
 // agents, a real webhook receiver.
 
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { idKey, Receiver } from '../helpers/receiver.js';
-import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
-import { describeWithTools, run } from '../helpers/tools.js';
+import { makeTempDir } from '../helpers/server.js';
+import { describeWithTools } from '../helpers/tools.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -21,14 +21,6 @@ async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(100);
   }
-}
-
-interface Streamed {
-  id: string;
-  type: string;
-  subject?: string;
-  time: string;
-  data: Record<string, unknown>;
 }
 
 describeWithTools(['etcd', 'etcdctl'], 'cluster: events under etcd faults', () => {
@@ -126,5 +118,3 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: events under etcd faults', () =
     }
   }, 180_000);
 });
-
-export { BALLAST_BIN, run, spawn, type Streamed };
