@@ -129,6 +129,14 @@ const EMPTY = Buffer.alloc(0);
 const ALL_COMMANDS = 0xffff;
 /** Extents per READ before the rest is sent as data. */
 const READ_MAX_EXTENTS = 16;
+/**
+ * READs shorter than this never ask the allocation map: they are read, and a
+ * hole in them is sent as the zeroes the file reads as. On a file paged in 4 KiB
+ * pieces (tens of thousands of data runs) the map's `lseek` calls cost more than
+ * the read, and take the inode lock that writes hold; what a hole chunk saves on
+ * a small read is a few KiB of zeroes on the wire.
+ */
+export const READ_MAP_MIN = 64 * 1024;
 /** The largest write a TLS connection's replies reach the socket in (PacedOutput). */
 export const TLS_PIECE = 128 * 1024;
 /** Descriptors per BLOCK_STATUS reply. */
@@ -1099,16 +1107,17 @@ export class Connection implements HandshakeSink, TransmissionSink {
     const s = this.vctx!;
     if (
       s.structured &&
+      slot.length >= READ_MAP_MIN &&
       backend.caps.extents &&
       !(slot.offset >= this.dataFrom && slot.offset + slot.length <= this.dataTo)
     ) {
       const ext = slot.extents;
       ext.length = 0;
-      // Asked to the end of the export: the data run found spares the reads
-      // inside it the question (a written file is one run: random reads ask
-      // a few times, then never).
+      // First the one run the read starts in, asked to the end of the export:
+      // a data run found spares the reads inside it the question (a written
+      // file is one run: sequential reads ask a few times, then never).
       const ask = Math.max(slot.length, s.size - slot.offset);
-      if (backend.extents(slot.offset, ask, READ_MAX_EXTENTS, ext) === 0 && ext.length > 0) {
+      if (backend.extents(slot.offset, ask, 1, ext) === 0 && ext.length > 0) {
         const first = ext[0]!;
         if (first.hole && first.length >= slot.length) {
           // All hole: nothing to read.
@@ -1119,7 +1128,14 @@ export class Connection implements HandshakeSink, TransmissionSink {
           this.dataFrom = slot.offset;
           this.dataTo = slot.offset + first.length;
         }
-        if (!(first.length >= slot.length) && !(slot.flags & CMD_FLAG.DF)) slot.mapped = true;
+        if (first.length < slot.length && !(slot.flags & CMD_FLAG.DF)) {
+          // Data and holes: the runs inside the read only (on a fragmented file,
+          // asking past it would walk runs nobody reads).
+          ext.length = 0;
+          slot.mapped =
+            backend.extents(slot.offset, slot.length, READ_MAX_EXTENTS, ext) === 0 &&
+            ext.length > 0;
+        }
       }
     }
     this.server.stats.bytesRead += slot.length;
