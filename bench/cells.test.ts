@@ -1,8 +1,21 @@
+import { mkdtemp, open, readFile, rm, truncate, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CELLS } from './cells.js';
+import { describeWithTools } from '../test/helpers/tools.js';
+import { CELLS, cellsFor, pagedCells } from './cells.js';
 import { connectionsCells } from './connections.js';
 import { parseFioJson } from './fio.js';
-import { cellFioArgs, defaultConnections, parseMatrixOptions, serverOrder } from './matrix.js';
+import {
+  cellFioArgs,
+  dataRuns,
+  defaultConnections,
+  fileKey,
+  pageFile,
+  parseMatrixOptions,
+  serverOrder,
+  writes,
+} from './matrix.js';
 
 /** A fio --output-format=json document with one job, as fio writes it (the fields read). */
 function fioDoc(read: { bytes: number; iops: number; mean: number; p99: number }, write = read) {
@@ -100,10 +113,64 @@ describe('the cells suite', () => {
   });
 
   it('server order rotates per round', () => {
-    expect(serverOrder(1)).toEqual(['ballast', 'ballast-1', 'nbdkit']);
-    expect(serverOrder(2)).toEqual(['ballast-1', 'nbdkit', 'ballast']);
-    expect(serverOrder(3)).toEqual(['nbdkit', 'ballast', 'ballast-1']);
-    expect(serverOrder(4)).toEqual(serverOrder(1));
+    expect(serverOrder(1)).toEqual(['ballast', 'ballast-1', 'nbdkit', 'qemu-nbd']);
+    expect(serverOrder(2)).toEqual(['ballast-1', 'nbdkit', 'qemu-nbd', 'ballast']);
+    expect(serverOrder(5)).toEqual(serverOrder(1));
+    const three = ['ballast', 'nbdkit', 'qemu-nbd'] as const;
+    expect(serverOrder(3, three)).toEqual(['qemu-nbd', 'ballast', 'nbdkit']);
+    expect(serverOrder(4, three)).toEqual(serverOrder(1, three));
+  });
+
+  it('the paging cells: swap-in at 1/4/16 connections, swap-out, mixed, per percentage', () => {
+    const p = pagedCells(30);
+    expect(
+      p.map((c) => [c.rw, c.bs, c.conns, c.iodepth, c.rwmixread ?? '-', c.file, c.pagedPct]),
+    ).toEqual([
+      ['randread', '4k', 1, 32, '-', 'paged', 30],
+      ['randread', '4k', 4, 16, '-', 'paged', 30],
+      ['randread', '4k', 16, 4, '-', 'paged', 30],
+      ['randwrite', '4k', 4, 16, '-', 'paged', 30],
+      ['randrw', '4k', 8, 8, 50, 'paged', 30],
+    ]);
+    // Reads first: only the last two leave the file changed.
+    expect(p.map(writes)).toEqual([false, false, false, true, true]);
+    expect(p.map((c) => c.label.join(' | '))).toContain('swap-in 4k paged 30% | 4 x 16');
+    expect(fileKey(p[0]!)).toBe('paged30');
+    expect(fileKey(CELLS[7]!)).toBe('sparse');
+    const all = cellsFor(['data', 'sparse', 'paged'], [30, 80]);
+    expect(all.length).toBe(CELLS.length + 10);
+    expect(new Set(all.map((c) => c.id)).size).toBe(all.length);
+    expect(new Set(all.map(fileKey))).toEqual(new Set(['data', 'sparse', 'paged30', 'paged80']));
+    expect(cellsFor(['paged'], [80]).map(fileKey)).toEqual(Array(5).fill('paged80'));
+  });
+
+  it('options: servers, file states and paged percentages', () => {
+    const o = parseMatrixOptions('cells', []);
+    expect(o).toMatchObject({
+      servers: ['ballast', 'ballast-1', 'nbdkit', 'qemu-nbd'],
+      files: ['data', 'sparse', 'paged'],
+      paged: [30, 80],
+    });
+    const s = parseMatrixOptions('cells', [
+      '--servers',
+      'qemu-nbd,nbdkit,ballast',
+      '--files',
+      'paged',
+      '--paged',
+      '50',
+    ]);
+    expect(s).toMatchObject({
+      servers: ['ballast', 'nbdkit', 'qemu-nbd'],
+      files: ['paged'],
+      paged: [50],
+    });
+    expect(() => parseMatrixOptions('cells', ['--servers', 'ballast'])).toThrow(/nbdkit/);
+    expect(() => parseMatrixOptions('cells', ['--servers', 'nbd'])).toThrow(/unknown nbd/);
+    expect(() => parseMatrixOptions('cells', ['--files', 'full'])).toThrow(/unknown full/);
+    expect(() => parseMatrixOptions('cells', ['--paged', '100'])).toThrow(/--paged/);
+    expect(() => parseMatrixOptions('cells', ['--paged', '0'])).toThrow(/--paged/);
+    expect(parseMatrixOptions('connections', []).files).toEqual(['data']);
+    expect(() => parseMatrixOptions('connections', ['--files', 'sparse'])).toThrow(/sparse/);
   });
 });
 
@@ -126,6 +193,19 @@ describe('the connections suite on the same matrix', () => {
       ['seq-write', 16, 4, 'data'],
     ]);
     expect(cells[1]!.key).toEqual({ job: 'rand-read', conns: 4 });
+    // Paged files: reads before writes, each job at each count, labelled with the state.
+    const paged = connectionsCells(['rand-write', 'rand-read'], [1, 4], ['data', 'paged'], [30]);
+    expect(paged.map((c) => [c.label[0], c.conns, c.file, c.pagedPct])).toEqual([
+      ['rand-write', 1, 'data', undefined],
+      ['rand-write', 4, 'data', undefined],
+      ['rand-read', 1, 'data', undefined],
+      ['rand-read', 4, 'data', undefined],
+      ['rand-read paged 30%', 1, 'paged', 30],
+      ['rand-read paged 30%', 4, 'paged', 30],
+      ['rand-write paged 30%', 1, 'paged', 30],
+      ['rand-write paged 30%', 4, 'paged', 30],
+    ]);
+    expect(paged[4]!.key).toEqual({ job: 'rand-read', conns: 1, file: 'paged', pagedPct: 30 });
     expect(() => parseMatrixOptions('connections', ['--jobs', 'nope'])).toThrow(/unknown nope/);
     expect(() => parseMatrixOptions('connections', ['--connections', '1,,4'])).toThrow();
   });
@@ -166,5 +246,35 @@ describe('defaultConnections', () => {
     expect(defaultConnections(1)).toEqual([1, 4, 16]);
     expect(defaultConnections(4)).toEqual([1, 4, 16]);
     expect(defaultConnections(64)).toEqual([1, 4, 16, 64]);
+  });
+});
+
+describeWithTools(['fio'], 'the paged file state', () => {
+  it('pageFile writes the same share of pages in the same layout every time, in place', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ballast-paged-bench-'));
+    try {
+      const file = join(dir, 'p.img');
+      await writeFile(file, '');
+      await truncate(file, 16 * 2 ** 20);
+      await pageFile(file, 16, 30);
+      const first = await readFile(file);
+      const runs = dataRuns(file);
+      // 4096 pages, 30% written at random: about 4096 * 0.3 * 0.7 runs.
+      expect(runs).toBeGreaterThan(500);
+      expect(runs).toBeLessThan(1300);
+      let written = 0;
+      for (let p = 0; p < 4096; p++)
+        if (first.subarray(p * 4096, (p + 1) * 4096).some((b) => b !== 0)) written++;
+      expect(written).toBe(Math.round(4096 * 0.3));
+      // Written over (as a swap-out cell does), then paged again: the same file.
+      const fd = await open(file, 'r+');
+      await fd.write(Buffer.alloc(2 ** 20, 0x77), 0, 2 ** 20, 3 * 2 ** 20);
+      await fd.close();
+      await pageFile(file, 16, 30);
+      expect((await readFile(file)).equals(first)).toBe(true);
+      expect(dataRuns(file)).toBe(runs);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

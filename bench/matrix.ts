@@ -1,42 +1,65 @@
-// A matrix of fio cells against three servers alternating in one run: Ballast with
-// its worker threads (--workers auto, the cores available), Ballast on one event
-// loop (--workers 1) and nbdkit (file plugin), over a Unix socket, plain and/or TLS.
-// Each round starts every server once per file the cells read (server order
-// rotated per round) and runs that file's cells against it; per cell the median of
-// the rounds, the ratios to nbdkit, each server's CPU seconds per GiB moved, and
-// each server process's peak RSS. The connections and cells suites are two
-// matrices (bench/connections.ts, bench/cells.ts).
+// A matrix of fio cells against servers alternating in one run: Ballast with its
+// worker threads (--workers auto, the cores available), Ballast on one event loop
+// (--workers 1), nbdkit (file plugin) and qemu-nbd, over a Unix socket, plain
+// and/or TLS. Each round starts every server once per file the cells read (server
+// order rotated per round) and runs that file's cells against it; per cell the
+// median of the rounds, the ratios to nbdkit and qemu-nbd, each server's CPU
+// seconds per GiB moved, the file's data runs, and each server process's peak RSS.
+// The connections and cells suites are two matrices (bench/connections.ts,
+// bench/cells.ts).
 
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { loadNative } from '../agent/native.js';
 import { type FioRw, parseFioJson, prefill } from './fio.js';
 import { makeCertificates, type TlsFiles } from './fixtures.js';
 import { JOB_NAMES, type JobName } from './options.js';
 import { findProcess, killAll, memoryKiB, run } from './proc.js';
 import { median, renderTable } from './report.js';
-import { type Endpoint, serverCommand, startServer, stopServer } from './servers.js';
+import {
+  type Endpoint,
+  type ServerCommand,
+  serverCommand,
+  startServer,
+  stopServer,
+} from './servers.js';
 
 const log = (msg: string): void => {
   process.stderr.write(`[bench] ${msg}\n`);
 };
 
-export type Kind = 'ballast' | 'ballast-1' | 'nbdkit';
-export const KINDS: readonly Kind[] = ['ballast', 'ballast-1', 'nbdkit'];
+export type Kind = 'ballast' | 'ballast-1' | 'nbdkit' | 'qemu-nbd';
+export const KINDS: readonly Kind[] = ['ballast', 'ballast-1', 'nbdkit', 'qemu-nbd'];
 
 /** The servers of round `round` (1-based) in rotated order, so none always goes first. */
-export function serverOrder(round: number): Kind[] {
-  const k = (round - 1) % KINDS.length;
-  return [...KINDS.slice(k), ...KINDS.slice(0, k)];
+export function serverOrder(round: number, kinds: readonly Kind[] = KINDS): Kind[] {
+  const k = (round - 1) % kinds.length;
+  return [...kinds.slice(k), ...kinds.slice(0, k)];
 }
 
 /**
  * The file a cell reads: `data` is pre-filled (every byte written once), `sparse`
- * is truncated to size and never written, so every read lands in a hole.
+ * is truncated to size and never written, so every read lands in a hole, `paged`
+ * is what swap leaves: a sparse file written by random 4 KiB writes to
+ * `CellSpec.pagedPct` percent of its pages (tens of thousands of data runs).
  */
-export type FileKind = 'data' | 'sparse';
+export type FileKind = 'data' | 'sparse' | 'paged';
+
+/** The file states of --files, in this order. */
+export const FILE_KINDS: readonly FileKind[] = ['data', 'sparse', 'paged'];
+
+/** Which file a cell runs on: one per kind, and one per percentage of paged files. */
+export function fileKey(cell: Pick<CellSpec, 'file' | 'pagedPct'>): string {
+  return cell.file === 'paged' ? `paged${cell.pagedPct ?? 0}` : cell.file;
+}
+
+/** How the table and log name a file state. */
+export function fileLabel(cell: Pick<CellSpec, 'file' | 'pagedPct'>): string {
+  return cell.file === 'paged' ? `paged ${cell.pagedPct ?? 0}%` : cell.file;
+}
 
 export interface CellSpec {
   /** fio's --name. */
@@ -58,6 +81,13 @@ export interface CellSpec {
   /** MiB/s or IOPS (for randrw: reads + writes). */
   metric: 'mibps' | 'iops';
   file: FileKind;
+  /** For `paged`: the percentage of 4 KiB pages written before the cell. */
+  pagedPct?: number;
+}
+
+/** Whether a cell writes (its file is no longer the state the next cell expects). */
+export function writes(cell: Pick<CellSpec, 'rw'>): boolean {
+  return cell.rw.includes('write') || cell.rw === 'randrw';
 }
 
 /** fio's arguments for one run of `cell` against `uri`. */
@@ -104,6 +134,12 @@ export interface MatrixOptions {
   connections: number[];
   /** --suite connections only. */
   jobs: JobName[];
+  /** The servers, in their first round's order. */
+  servers: Kind[];
+  /** The file states whose cells run. */
+  files: FileKind[];
+  /** Percentages of pages written for the paged file state. */
+  paged: number[];
 }
 
 function count(flag: string, raw: string, min: number): number {
@@ -141,6 +177,9 @@ export function parseMatrixOptions(suite: MatrixSuite, argv: string[]): MatrixOp
       'size-mib': { type: 'string', default: '1024' },
       out: { type: 'string', default: `bench-results/${suite}.json` },
       ballast: { type: 'string', default: 'bin/ballast' },
+      servers: { type: 'string', default: KINDS.join(',') },
+      files: { type: 'string', default: suite === 'connections' ? 'data' : FILE_KINDS.join(',') },
+      paged: { type: 'string', default: '30,80' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -160,6 +199,16 @@ export function parseMatrixOptions(suite: MatrixSuite, argv: string[]): MatrixOp
   if (values.workers !== undefined && values.workers !== 'auto') {
     count('--workers', values.workers, 1);
   }
+  const servers = values.servers.split(',') as Kind[];
+  for (const k of servers) if (!KINDS.includes(k)) throw new Error(`--servers: unknown ${k}`);
+  if (!servers.includes('nbdkit')) throw new Error('--servers: nbdkit is the reference, keep it');
+  const files = values.files.split(',') as FileKind[];
+  for (const f of files) if (!FILE_KINDS.includes(f)) throw new Error(`--files: unknown ${f}`);
+  if (suite === 'connections' && files.includes('sparse')) {
+    throw new Error('--files: sparse is not a state of --suite connections (data or paged)');
+  }
+  const paged = values.paged.split(',').map((p) => count('--paged', p, 1));
+  for (const p of paged) if (p > 99) throw new Error(`--paged: a percentage below 100, got ${p}`);
   return {
     rounds: count('--rounds', values.rounds, 1),
     runtime: seconds('--runtime', values.runtime, 1),
@@ -175,6 +224,9 @@ export function parseMatrixOptions(suite: MatrixSuite, argv: string[]): MatrixOp
         ? defaultConnections()
         : values.connections.split(',').map((c) => count('--connections', c, 1)),
     jobs,
+    servers: KINDS.filter((k) => servers.includes(k)),
+    files: FILE_KINDS.filter((f) => files.includes(f)),
+    paged: [...new Set(paged)],
   };
 }
 
@@ -218,12 +270,78 @@ export interface Matrix {
   extra?: Record<string, unknown>;
 }
 
+/**
+ * The data runs of a file, by SEEK_DATA/SEEK_HOLE (what a server asking the
+ * allocation map walks; FIEMAP's count merges runs the file system laid out
+ * side by side on disk).
+ */
+export function dataRuns(file: string): number {
+  const n = loadNative();
+  const c = n.constants;
+  const fd = openSync(file, 'r');
+  try {
+    let runs = 0;
+    let pos = 0;
+    for (;;) {
+      const d = n.lseek(fd, pos, c.SEEK_DATA);
+      if (d < 0) return runs; // ENXIO: no data past pos
+      const h = n.lseek(fd, d, c.SEEK_HOLE);
+      if (h <= d) return runs;
+      runs++;
+      pos = h;
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Makes `file` the paged state again, in place (a server may have it open): every
+ * page deallocated, then `pct` percent of its 4 KiB pages written in random order
+ * from a fixed seed (fio's random map: each page once), then fsync. The same
+ * layout every time, for every server.
+ */
+export async function pageFile(file: string, sizeMiB: number, pct: number): Promise<void> {
+  const bytes = sizeMiB * 2 ** 20;
+  const punch = await run(
+    'fallocate',
+    ['--punch-hole', '--offset', '0', '--length', String(bytes), file],
+    120_000,
+  );
+  if (punch.code !== 0) throw new Error(`fallocate --punch-hole failed: ${punch.output}`);
+  const pages = Math.round(((bytes / 4096) * pct) / 100);
+  const res = await run(
+    'fio',
+    [
+      '--name=paged',
+      '--ioengine=psync',
+      '--rw=randwrite',
+      '--bs=4k',
+      `--size=${bytes}`,
+      `--io_size=${pages * 4096}`,
+      '--randrepeat=1',
+      '--randseed=2026',
+      // Known bytes (never zero), so that the file is the same byte for byte too.
+      '--buffer_pattern=0x5a5aa5a5',
+      `--filename=${file}`,
+      '--end_fsync=1',
+      '--output-format=terse',
+    ],
+    600_000,
+  );
+  if (res.code !== 0)
+    throw new Error(`paging the file with fio failed (exit ${res.code}): ${res.output}`);
+}
+
 /** Runs the matrix, prints its tables and writes the raw results; 1 if any cell failed. */
 export async function runMatrix(m: Matrix): Promise<number> {
   const { opts, cells } = m;
   const { rounds, runtime, ramp, sizeMiB } = opts;
+  const kinds = opts.servers;
   const tlsList = opts.tls;
-  const files = (['data', 'sparse'] as const).filter((f) => cells.some((c) => c.file === f));
+  // One file per state (and per paged percentage), in the cells' order.
+  const files = [...new Set(cells.map(fileKey))];
+  const fileOf = new Map(cells.map((c) => [fileKey(c), c]));
   const ballastPath = resolve(m.root, opts.ballast);
   const outPath = isAbsolute(opts.out) ? opts.out : resolve(m.root, opts.out);
   const startedAt = new Date().toISOString();
@@ -236,37 +354,52 @@ export async function runMatrix(m: Matrix): Promise<number> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   const results: { cell: CellSpec; rec: Measurement }[] = [];
-  const rss: { round: number; kind: Kind; tls: boolean; file?: FileKind; peakMiB: number }[] = [];
-  const paths: Record<FileKind, string> = {
-    data: join(tmp, 'disk.img'),
-    sparse: join(tmp, 'sparse.img'),
+  const rss: { round: number; kind: Kind; tls: boolean; file?: string; peakMiB: number }[] = [];
+  const pathOf = (key: string): string => join(tmp, key === 'data' ? 'disk.img' : `${key}.img`);
+  /** Paged files written since they were last paged (by a cell that writes). */
+  const dirty = new Set<string>();
+  const repage = async (key: string): Promise<void> => {
+    const c = fileOf.get(key)!;
+    if (c.file !== 'paged' || !dirty.has(key)) return;
+    const t0 = performance.now();
+    await pageFile(pathOf(key), sizeMiB, c.pagedPct ?? 0);
+    dirty.delete(key);
+    log(`${fileLabel(c)}: paged again in ${Math.round(performance.now() - t0)} ms`);
   };
   try {
     for (const f of files) {
-      await writeFile(paths[f], '');
-      await truncate(paths[f], sizeMiB * 2 ** 20);
+      await writeFile(pathOf(f), '');
+      await truncate(pathOf(f), sizeMiB * 2 ** 20);
+      const c = fileOf.get(f)!;
+      if (c.file === 'paged') {
+        dirty.add(f);
+        await repage(f);
+        log(`${fileLabel(c)}: ${dataRuns(pathOf(f))} data runs`);
+      }
     }
     if (files.includes('data')) {
-      log(`pre-filling ${paths.data} (${sizeMiB} MiB)`);
-      await prefill(paths.data, sizeMiB);
+      log(`pre-filling ${pathOf('data')} (${sizeMiB} MiB)`);
+      await prefill(pathOf('data'), sizeMiB);
     }
     let tls: TlsFiles | undefined;
     if (tlsList.includes(true)) tls = await makeCertificates(join(tmp, 'tls'));
-    const total = rounds * KINDS.length * tlsList.length * cells.length;
+    const total = rounds * kinds.length * tlsList.length * cells.length;
     log(
       `${total} fio runs of ${ramp}+${runtime} s; about ${Math.round((total * (runtime + ramp + 1)) / 60)} min`,
     );
     for (let round = 1; round <= rounds; round++) {
       for (const withTls of tlsList) {
         for (const file of files) {
-          const fileCells = cells.filter((c) => c.file === file);
-          for (const kind of serverOrder(round)) {
+          const fileCells = cells.filter((c) => fileKey(c) === file);
+          const path = pathOf(file);
+          for (const kind of serverOrder(round, kinds)) {
+            await repage(file);
             const session = file === 'data' ? `${kind}-${round}` : `${kind}-${file}-${round}`;
             const ep: Endpoint = { transport: 'unix', socket: join(tmp, `${session}.sock`) };
-            const base = kind === 'nbdkit' ? 'nbdkit' : 'ballast';
+            const base = kind === 'ballast-1' ? 'ballast' : kind;
             const cmd = serverCommand(
-              withTls ? (`${base}-tls` as const) : base,
-              paths[file],
+              withTls && base !== 'qemu-nbd' ? (`${base}-tls` as const) : base,
+              path,
               ep,
               ballastPath,
               { tls },
@@ -274,6 +407,7 @@ export async function runMatrix(m: Matrix): Promise<number> {
             );
             if (kind === 'ballast-1') cmd.args.push('--workers', '1');
             else if (kind === 'ballast') cmd.args.push('--workers', opts.workers ?? 'auto');
+            else if (kind === 'qemu-nbd') qemuNbdMatrix(cmd, withTls ? tls : undefined);
             const tag = `r${round} ${kind}${withTls ? '-tls' : ''}${file === 'data' ? '' : ` ${file}`}`;
             const record = (cell: CellSpec): Measurement => ({
               round,
@@ -296,6 +430,9 @@ export async function runMatrix(m: Matrix): Promise<number> {
             const proc = findProcess(started.child.pid, cmd.exePattern);
             const pid = proc?.pid ?? started.child.pid;
             for (const cell of fileCells) {
+              // A cell that writes leaves the paged file fuller: the next starts again from the paged state.
+              await repage(file);
+              const runs = dataRuns(path);
               const outFile = join(tmp, 'fio.json');
               await rm(outFile, { force: true });
               const cpu0 = cpuSeconds(pid);
@@ -305,7 +442,9 @@ export async function runMatrix(m: Matrix): Promise<number> {
                 (runtime + ramp + 60) * 1000,
               );
               const cpu = cpuSeconds(pid) - cpu0;
+              if (writes(cell)) dirty.add(file);
               const rec = record(cell);
+              rec.dataRuns = runs;
               try {
                 const res = parseFioJson(await readFile(outFile, 'utf8'), cell.rw);
                 rec.ok = res.ok && r.code === 0;
@@ -319,7 +458,7 @@ export async function runMatrix(m: Matrix): Promise<number> {
               }
               results.push({ cell, rec });
               log(
-                `[${tag}] ${cell.name}: ${rec.ok ? `${Math.round(rec.value)} ${cell.metric === 'mibps' ? 'MiB/s' : 'IOPS'}, ${rec.cpuPerGiB.toFixed(2)} CPU s/GiB` : `FAILED ${rec.error}`}`,
+                `[${tag}] ${cell.name}: ${rec.ok ? `${Math.round(rec.value)} ${cell.metric === 'mibps' ? 'MiB/s' : 'IOPS'}, ${rec.cpuPerGiB.toFixed(2)} CPU s/GiB, ${runs} data runs` : `FAILED ${rec.error}`}`,
               );
             }
             const mem = memoryKiB(pid);
@@ -352,20 +491,33 @@ export async function runMatrix(m: Matrix): Promise<number> {
     );
   const fmt = (v: number, unit: string) =>
     !Number.isFinite(v) ? 'fail' : unit === 'MiB/s' ? v.toFixed(0) : Math.round(v).toString();
+  // Every other server against nbdkit, and Ballast against qemu-nbd when both ran.
+  const ratios: [Kind, Kind][] = kinds
+    .filter((k) => k !== 'nbdkit' && k !== 'qemu-nbd')
+    .map((k): [Kind, Kind] => [k, 'nbdkit']);
+  if (kinds.includes('qemu-nbd')) {
+    ratios.push(['qemu-nbd', 'nbdkit']);
+    if (kinds.includes('ballast')) ratios.push(['ballast', 'qemu-nbd']);
+  }
   const rows: string[][] = [];
   for (const withTls of tlsList) {
     for (const cell of cells) {
       const unit = cell.metric === 'mibps' ? 'MiB/s' : 'IOPS';
-      const v = KINDS.map((k) => med(k, withTls, cell, (c) => c.value));
-      const cpu = KINDS.map((k) => med(k, withTls, cell, (c) => c.cpuPerGiB));
+      const v = new Map(kinds.map((k) => [k, med(k, withTls, cell, (c) => c.value)]));
+      const cpu = kinds.map((k) => med(k, withTls, cell, (c) => c.cpuPerGiB));
+      const runs = median(
+        results
+          .filter((x) => x.cell === cell && x.rec.tls === withTls)
+          .map((x) => Number(x.rec.dataRuns)),
+      );
       const [first = '', ...more] = cell.label;
       rows.push([
         `${first}${withTls ? ' TLS' : ''}`,
         ...more,
+        Number.isFinite(runs) ? String(runs) : '-',
         unit,
-        ...v.map((x) => fmt(x, unit)),
-        `${(v[0]! / v[2]!).toFixed(2)}x`,
-        `${(v[1]! / v[2]!).toFixed(2)}x`,
+        ...kinds.map((k) => fmt(v.get(k)!, unit)),
+        ...ratios.map(([a, b]) => `${(v.get(a)! / v.get(b)!).toFixed(2)}x`),
         ...cpu.map((x) => (Number.isFinite(x) ? x.toFixed(2) : '-')),
       ]);
     }
@@ -373,37 +525,37 @@ export async function runMatrix(m: Matrix): Promise<number> {
   const table = renderTable(
     [
       ...m.labelHeader,
+      'data runs',
       'unit',
-      'ballast',
-      'ballast-1',
-      'nbdkit',
-      'ballast/nbdkit',
-      'ballast-1/nbdkit',
-      'CPU s/GiB ballast',
-      'ballast-1',
-      'nbdkit',
+      ...kinds,
+      ...ratios.map(([a, b]) => `${a}/${b}`),
+      ...kinds.map((k, i) => (i === 0 ? `CPU s/GiB ${k}` : k)),
     ],
     rows,
-    m.labelHeader.length + 1,
+    m.labelHeader.length + 2,
   );
-  const rssRows = KINDS.flatMap((k) =>
+  const rssRows = kinds.flatMap((k) =>
     tlsList.flatMap((t) =>
       files.map((f) => {
         const xs = rss
-          .filter((r) => r.kind === k && r.tls === t && (r.file ?? 'data') === f)
+          .filter((r) => r.kind === k && r.tls === t && (r.file ?? files[0]) === f)
           .map((r) => r.peakMiB);
         const name = `${k}${t ? ' TLS' : ''}${f === 'data' ? '' : ` ${f}`}`;
         return [name, xs.map((x) => x.toFixed(0)).join(' / ')];
       }),
     ),
   );
-  const served =
-    files.length === 1
-      ? `${sizeMiB} MiB file`
-      : `${sizeMiB} MiB files (pre-filled; 'sparse': never written)`;
+  const states = files.map((f) => {
+    const c = fileOf.get(f)!;
+    if (c.file === 'data') return 'data: pre-filled';
+    if (c.file === 'sparse') return 'sparse: never written';
+    return `${fileLabel(c)}: that share of 4 KiB pages written in random order, again before every server and after every cell that writes`;
+  });
+  const served = `${sizeMiB} MiB file${files.length > 1 ? 's' : ''} (${states.join('; ')})`;
   const header =
     `Median of ${rounds} round(s), ${runtime} s measured after ${ramp} s ramp; Unix socket; ` +
-    `${served}; ballast = --workers ${opts.workers ?? `auto (${os.availableParallelism()} here)`}, ballast-1 = --workers 1`;
+    `${served}; ballast = --workers ${opts.workers ?? `auto (${os.availableParallelism()} here)`}, ballast-1 = --workers 1; ` +
+    `'data runs': the file's runs of data (SEEK_DATA/SEEK_HOLE) when the cell started`;
   process.stdout.write(
     `\n${header}\n\n${table}\n\nPeak RSS (VmHWM, MiB) per server process (${m.rssScope}), per round\n\n${renderTable(['server', 'rounds'], rssRows, 1)}\n`,
   );
@@ -411,10 +563,29 @@ export async function runMatrix(m: Matrix): Promise<number> {
   const measured = results.map((x) => x.rec);
   await writeFile(
     outPath,
-    `${JSON.stringify({ startedAt, host: { cpus: os.availableParallelism(), loadavg: os.loadavg() }, ...m.extra, cells: measured, rss }, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2)}\n`,
+    `${JSON.stringify({ startedAt, host: { cpus: os.availableParallelism(), loadavg: os.loadavg() }, servers: kinds, ...m.extra, cells: measured, rss }, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2)}\n`,
   );
   log(`raw results: ${outPath}`);
   return measured.some((c) => !c.ok) ? 1 : 0;
+}
+
+/**
+ * qemu-nbd as the matrix runs it: as many clients as fio opens (up to 16 connections,
+ * and the one that sizes the export), and with TLS the same certificate directory as
+ * the others (QEMU's tls-creds-x509 reads the same three file names as nbdkit).
+ */
+function qemuNbdMatrix(cmd: ServerCommand, tls: TlsFiles | undefined): void {
+  const e = cmd.args.indexOf('-e');
+  if (e >= 0) cmd.args[e + 1] = '64';
+  if (tls) {
+    cmd.args.unshift(
+      '--object',
+      `tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=${tls.dir}`,
+      '--tls-creds',
+      'tls0',
+    );
+    cmd.uri = cmd.uri.replace(/^nbd\+unix:/, 'nbds+unix:').replace(/\?/, '?tls-verify-peer=false&');
+  }
 }
 
 /** 1, as many as the cores this process may use, 4 and 16: each once, in order. */
