@@ -51,6 +51,9 @@ import type { Store } from './store/store.js';
 import { StreamManager } from './stream.js';
 import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
+/** How long a PR command that lost a race waits for this agent's watch to catch up. */
+const CAUGHT_UP_MS = 10_000;
+
 export interface AgentOptions {
   configFile?: string;
   dataDir?: string;
@@ -409,6 +412,9 @@ export class Agent {
       const everyone = () => cluster.members().map((m) => m.host);
       this.reservations.settle = (rev) => cluster.settle(rev, everyone());
       this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
+      // A PR command that lost its race waits for the watch to bring the winner here.
+      this.reservations.caughtUp = (rev) =>
+        cluster.waitUntil(() => cluster.revision >= rev, CAUGHT_UP_MS);
       this.devices.cluster = {
         host: cluster.host,
         guard: () => cluster.guard(),

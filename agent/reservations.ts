@@ -8,6 +8,7 @@
 // PREEMPT AND ABORT, the preempted identities' connections are closed and
 // their requests in flight drained; only then is the change acknowledged.
 
+import { randomUUID } from 'node:crypto';
 import type { AccessControl } from '../nbd/export.js';
 import { CMD } from '../nbd/protocol.js';
 import type { Connection, NbdServer } from '../nbd/server.js';
@@ -44,7 +45,23 @@ const AUDIT_PREFIX = 'pr-audit/';
 /** A device's audit entry `seq`: zero-padded, so the keys sort in order. */
 const auditKeyOf = (device: string, seq: number) =>
   `${AUDIT_PREFIX}${device}/${String(seq).padStart(12, '0')}`;
+/**
+ * The entry of a command that changed nothing (a refusal or a no-op): under its
+ * own key, so that recording it never rewrites `pr/<device>` and never makes a
+ * change lose its compare-and-swap. Its `after` orders it on the trail.
+ */
+const sideKeyOf = (device: string, after: number) =>
+  `${AUDIT_PREFIX}${device}/side/${String(after).padStart(12, '0')}/${randomUUID()}`;
+/**
+ * In a cluster: `pr-settled/<device>` = R says every agent has applied the
+ * reservation change at revision R, so what the states before it withheld may
+ * be granted; every agent applies it (lifting that) and acks it like any
+ * catalog change.
+ */
+export const SETTLED_PREFIX = 'pr-settled/';
 const ACL_PREFIX = 'acl/';
+/** Changes a PR command is judged again after, when other agents keep changing the device first. */
+const MAX_RETRIES = 5;
 
 /** Commands that read, and commands that change the medium (FLUSH counts: see pr.md). */
 export const READ_COMMANDS = (1 << CMD.READ) | (1 << CMD.CACHE) | (1 << CMD.BLOCK_STATUS);
@@ -97,6 +114,32 @@ export interface AuditEntry {
   reason?: string;
   generation: number;
   preempted?: string[];
+}
+
+/** A refusal as stored: `after` is the number of changes (entries with a seq) recorded before it. */
+type StoredAuditEntry = Omit<AuditEntry, 'seq'> & { seq?: number; after?: number };
+
+/** The store moved on under a change or a refusal: its revision then (judge again once caught up). */
+class LostRace extends BallastError {
+  constructor(
+    device: string,
+    readonly revision: number,
+  ) {
+    super('BALLAST_CONFLICT', `the reservations of ${device} changed underneath`);
+  }
+}
+
+/** Whether some identity may do under `after` what it may not under `before`. */
+function grants(before: PrState, after: PrState): boolean {
+  // Access depends only on being the holder, a registrant or neither: every
+  // registered identity plus one that is registered nowhere covers everyone.
+  const who = new Set([...before.registrations.keys(), ...after.registrations.keys(), '\u0000']);
+  for (const w of who) {
+    const b = prAccess(before, w);
+    const a = prAccess(after, w);
+    if ((a.read && !b.read) || (a.write && !b.write)) return true;
+  }
+  return false;
 }
 
 /** One device's access control object, handed to its NBD export. */
@@ -227,6 +270,11 @@ export class ReservationManager {
   abortStreams?: (device: string, identities: ReadonlySet<string>) => Promise<number>;
   /** In a cluster: which agents have applied the device's current reservation state. */
   appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
+  /**
+   * In a cluster: resolves true once this agent's watch has applied every change
+   * up to `revision` (false if it has not within a bound).
+   */
+  caughtUp?: (revision: number) => Promise<boolean>;
 
   constructor(
     private readonly store: Store,
@@ -323,40 +371,96 @@ export class ReservationManager {
     return { device, generation: k.generation, keys: k.keys.map(formatKey) };
   }
 
+  /**
+   * The trail in the order the commands took effect: changes by their number,
+   * each refusal or no-op after the changes it was judged on (its `after`),
+   * those among themselves in commit order. `seq` is the position.
+   */
   async audit(device: string): Promise<AuditEntry[]> {
     this.need(device);
     const r = await this.store.range(`${AUDIT_PREFIX}${device}/`);
-    return r.kvs.map((kv) => JSON.parse(kv.value) as AuditEntry);
+    const rows = r.kvs.map((kv) => {
+      const e = JSON.parse(kv.value) as StoredAuditEntry;
+      return e.after !== undefined
+        ? { e, at: e.after, side: 0, rev: kv.modRevision }
+        : { e, at: e.seq ?? 0, side: 1, rev: kv.modRevision };
+    });
+    rows.sort((x, y) => x.at - y.at || x.side - y.side || x.rev - y.rev);
+    return rows.map(({ e }, seq) => {
+      const { after: _after, ...rest } = e;
+      return { ...rest, seq };
+    });
   }
 
   // ---- PERSISTENT RESERVE OUT ----
 
   async apply(device: string, req: PrOutRequest, actor = 'admin'): Promise<PrOutResult> {
     const t0 = performance.now();
-    let out: { result: PrOutResult; revision: number } | undefined;
+    let out: { result: PrOutResult; revision: number; grants: boolean } | undefined;
     for (let attempt = 0; ; attempt++) {
       try {
         out = await this.applyOnce(device, req, actor);
         break;
       } catch (e) {
-        // Another agent changed the reservation first: judge the request on the new state.
-        if (!this.settle || (e as BallastError).code !== 'BALLAST_CONFLICT' || attempt >= 5) {
-          throw e;
-        }
-        await this.reload(device);
+        if (!(e instanceof LostRace)) throw e;
+        // Another agent changed the reservation first. Once this agent's watch has
+        // applied that change (in order, aborting what it aborts), judge the request
+        // again on the new state. Only changes make this happen, never refusals.
+        if (this.caughtUp && attempt < MAX_RETRIES && (await this.caughtUp(e.revision))) continue;
+        throw new BallastError(
+          'BALLAST_CONFLICT',
+          `the reservations of ${device} were changed through other agents ${attempt + 1} time(s) while this command was judged; it was NOT made (retry)`,
+        );
       }
     }
     if (this.settle && out.revision > 0) {
+      let report: SettleReport;
       try {
-        out.result.settled = await this.settle(out.revision);
+        report = await this.settle(out.revision);
         this.devices.get(device)?.settled(out.revision);
       } catch (e) {
         this.settleLater(device, out.revision);
         throw e;
       }
+      out.result.settled = out.grants
+        ? await this.grantEverywhere(device, out.revision, report)
+        : report;
     }
     this.onChange?.((performance.now() - t0) / 1000);
     return out.result;
+  }
+
+  /**
+   * The second round of a change that grants something. Every agent has applied
+   * it, holding only what the old and the new state both allow; now each is told
+   * to lift that (`pr-settled/<device>`), and the command waits until each has,
+   * so that the grant is in force through every agent when it returns.
+   */
+  private async grantEverywhere(
+    device: string,
+    revision: number,
+    first: SettleReport,
+  ): Promise<SettleReport> {
+    const settle = this.settle!;
+    let second: SettleReport;
+    try {
+      const marker = await this.store.put(SETTLED_PREFIX + device, String(revision));
+      second = await settle(marker.revision);
+    } catch (e) {
+      throw new BallastError(
+        'BALLAST_CLUSTER_NOT_APPLIED',
+        `the change (revision ${revision}) is made and every agent enforces what it takes away, but not every agent has confirmed what it grants: ${(e as Error).message}`,
+        { cause: e },
+      );
+    }
+    const hosts = new Map(first.hosts.map((h) => [h.host, h.how]));
+    for (const h of second.hosts) {
+      if (h.how === 'expired' || !hosts.has(h.host)) hosts.set(h.host, h.how);
+    }
+    return {
+      waitedMs: first.waitedMs + second.waitedMs,
+      hosts: [...hosts].map(([host, how]) => ({ host, how })),
+    };
   }
 
   /** Lifts what the states older than `revision` withhold once every agent has applied it. */
@@ -378,18 +482,22 @@ export class ReservationManager {
     );
   }
 
-  /** Reads one device's reservation record again (after losing a race to another agent). */
-  private async reload(device: string): Promise<void> {
-    const kv = await this.store.get(PR_PREFIX + device);
-    await this.mutex.run(async () => this.applyRecord(device, kv, kv?.modRevision ?? 0, false));
-  }
-
   /**
    * A reservation or access list record as another agent wrote it (the cluster
    * watch, in revision order): the data path follows it, and connections the
    * change preempted with abort are closed here before the change is acked.
    */
-  applyRemote(device: string, kind: 'pr' | 'acl', kv: KeyValue | undefined): Promise<void> {
+  applyRemote(
+    device: string,
+    kind: 'pr' | 'acl' | 'settled',
+    kv: KeyValue | undefined,
+  ): Promise<void> {
+    if (kind === 'settled') {
+      // Every agent has applied the change at this revision: grant what it grants.
+      const revision = kv ? Number(kv.value) : 0;
+      if (revision > 0) this.devices.get(device)?.settled(revision);
+      return Promise.resolve();
+    }
     return this.mutex.run(async () => {
       if (kind === 'acl') {
         const acc = this.access(device);
@@ -406,15 +514,19 @@ export class ReservationManager {
         acc.generation++;
         return;
       }
-      await this.applyRecord(device, kv, kv?.modRevision ?? 0, true);
+      await this.applyRecord(device, kv, kv?.modRevision ?? 0);
     });
   }
 
+  /**
+   * Applies a record from the watch. Only the watch and this agent's own changes
+   * advance the known revision, so every change reaches here once, in order, and
+   * its aborts are carried out before the agent acks it.
+   */
   private async applyRecord(
     device: string,
     kv: KeyValue | undefined,
     modRevision: number,
-    abort: boolean,
   ): Promise<void> {
     const known = this.revisions.get(device);
     if (kv && known && modRevision <= known.pr) return; // already applied (our own change)
@@ -444,7 +556,7 @@ export class ReservationManager {
     }
     acc.generation++;
     this.revisions.set(device, { pr: modRevision, seq: rec.seq });
-    if (abort && rec.abort && rec.abort.length > 0) {
+    if (rec.abort && rec.abort.length > 0) {
       const gone = new Set(rec.abort);
       const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
         gone.has(c.identity),
@@ -463,7 +575,7 @@ export class ReservationManager {
     device: string,
     req: PrOutRequest,
     actor: string,
-  ): Promise<{ result: PrOutResult; revision: number }> {
+  ): Promise<{ result: PrOutResult; revision: number; grants: boolean }> {
     return this.mutex.run(async () => {
       const acc = this.need(device);
       if (req.ifGeneration !== undefined && acc.state.generation !== req.ifGeneration) {
@@ -508,6 +620,32 @@ export class ReservationManager {
         generation: next.generation,
         ...(result.ok && result.preempted.length > 0 ? { preempted: result.preempted } : {}),
       };
+      if (!result.ok || !result.changed) {
+        // A refusal or a no-op changes nothing: `pr/<device>` is left alone (it
+        // never makes a change lose its compare-and-swap) and only its entry is
+        // written, on condition that the state it was judged on is still the last.
+        await this.recordSide(device, rev, entry);
+        if (!result.ok) {
+          const what =
+            result.code === 'PR_CONFLICT'
+              ? `reservation conflict [${result.reason}]`
+              : result.reason;
+          throw new BallastError(result.code, `${what}: ${result.message}`);
+        }
+        return {
+          result: {
+            device,
+            action: req.action,
+            initiator: req.as,
+            changed: false,
+            generation: acc.state.generation,
+            preempted: [],
+            aborted: 0,
+          },
+          revision: 0,
+          grants: false,
+        };
+      }
       const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
       if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
         record.abort = result.preempted;
@@ -544,36 +682,25 @@ export class ReservationManager {
         this.log(`device ${device}: the store answered late; read back: the change was made`);
         t = { succeeded: true, revision: kv.modRevision };
       }
-      if (!t.succeeded) {
-        throw new BallastError(
-          'BALLAST_CONFLICT',
-          `the reservations of ${device} changed underneath`,
-        );
-      }
+      if (!t.succeeded) throw new LostRace(device, t.revision);
       this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
-      if (!result.ok) {
-        const what =
-          result.code === 'PR_CONFLICT' ? `reservation conflict [${result.reason}]` : result.reason;
-        throw new BallastError(result.code, `${what}: ${result.message}`);
-      }
       let aborted = 0;
-      if (result.changed) {
-        if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
-        acc.state = result.state;
-        acc.generation++;
-        this.log(
-          `device ${device}: ${req.action} as ${req.as} → generation ${result.state.generation}` +
-            (result.preempted.length ? `, preempted ${result.preempted.join(', ')}` : ''),
+      const granted = grants(acc.state, result.state);
+      if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
+      acc.state = result.state;
+      acc.generation++;
+      this.log(
+        `device ${device}: ${req.action} as ${req.as} → generation ${result.state.generation}` +
+          (result.preempted.length ? `, preempted ${result.preempted.join(', ')}` : ''),
+      );
+      if (req.action === 'preempt-abort' && result.preempted.length > 0) {
+        const gone = new Set(result.preempted);
+        const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
+          gone.has(c.identity),
         );
-        if (req.action === 'preempt-abort' && result.preempted.length > 0) {
-          const gone = new Set(result.preempted);
-          const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
-            gone.has(c.identity),
-          );
-          aborted = conns.length;
-          await Promise.all(conns.map((c) => c.abort()));
-          aborted += (await this.abortStreams?.(device, gone)) ?? 0;
-        }
+        aborted = conns.length;
+        await Promise.all(conns.map((c) => c.abort()));
+        aborted += (await this.abortStreams?.(device, gone)) ?? 0;
       }
       return {
         result: {
@@ -586,55 +713,101 @@ export class ReservationManager {
           aborted,
         },
         revision: t.revision,
+        grants: granted,
       };
     });
   }
 
   /**
+   * Writes the entry of a command that changed nothing under its own key, if the
+   * state it was judged on (`rev`) is still the last; else LostRace.
+   */
+  private async recordSide(
+    device: string,
+    rev: { pr: number; seq: number },
+    entry: AuditEntry,
+  ): Promise<void> {
+    const { seq: _seq, ...rest } = entry;
+    const key = sideKeyOf(device, rev.seq);
+    const value = JSON.stringify({ ...rest, after: rev.seq } satisfies StoredAuditEntry);
+    let t: { succeeded: boolean; revision: number };
+    try {
+      t = await this.store.txn({
+        compare: [cmp.modRevision(PR_PREFIX + device, '=', rev.pr)],
+        success: [op.put(key, value)],
+      });
+    } catch (e) {
+      if (!isStoreError(e) || !e.retryable) throw e;
+      const kv = await untilAnswered(() => this.store.get(key));
+      if (kv?.value !== value) {
+        throw new StoreError(
+          e.code,
+          `${e.message}; read back afterwards: the command on ${device} was NOT recorded, and changed nothing (retry)`,
+          { cause: e },
+        );
+      }
+      return;
+    }
+    if (!t.succeeded) throw new LostRace(device, t.revision);
+  }
+
+  /**
    * Records in the audit trail a request refused before it reached the
    * reservation logic (a bad type, key or action): whoever probes a device's
-   * reservations with garbage leaves a trace too. The state is unchanged.
+   * reservations with garbage leaves a trace too. The state is unchanged, and
+   * so is `pr/<device>`: refusals never contend with changes.
    */
-  recordRefusal(
+  async recordRefusal(
     device: string,
     raw: { action: unknown; as: unknown; key: unknown; saKey: unknown; type: unknown },
     code: string,
     reason: string,
     actor: string,
   ): Promise<void> {
-    return this.mutex.run(async () => {
-      if (!this.exists(device)) return;
-      const acc = this.access(device);
-      const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
-      // What the caller sent, as text, kept short: it is not trusted input.
-      const text = (v: unknown) => String(v).slice(0, 80);
-      const entry = {
-        seq: rev.seq,
-        time: new Date().toISOString(),
-        actor,
-        initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
-        action: text(raw.action) as PrAction,
-        key: raw.key === undefined ? formatKey(0n) : text(raw.key),
-        ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
-        ...(raw.type !== undefined && raw.type !== null
-          ? { type: text(raw.type) as unknown as PrType }
-          : {}),
-        outcome: 'refused',
-        code,
-        reason,
-        generation: acc.state.generation,
-      } satisfies AuditEntry;
-      const record: PrRecord = { state: prToJson(acc.state), seq: rev.seq + 1 };
-      const key = PR_PREFIX + device;
-      const t = await this.store.txn({
-        compare: [cmp.modRevision(key, '=', rev.pr)],
-        success: [
-          op.put(key, JSON.stringify(record)),
-          op.put(auditKeyOf(device, rev.seq), JSON.stringify(entry)),
-        ],
-      });
-      if (t.succeeded) this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
-    });
+    // What the caller sent, as text, kept short: it is not trusted input.
+    const text = (v: unknown) => String(v).slice(0, 80);
+    const time = new Date().toISOString();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.mutex.run(async () => {
+          if (!this.exists(device)) return;
+          const acc = this.access(device);
+          const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+          const entry = {
+            seq: rev.seq,
+            time,
+            actor,
+            initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
+            action: text(raw.action) as PrAction,
+            key: raw.key === undefined ? formatKey(0n) : text(raw.key),
+            ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
+            ...(raw.type !== undefined && raw.type !== null
+              ? { type: text(raw.type) as unknown as PrType }
+              : {}),
+            outcome: 'refused',
+            code,
+            reason,
+            generation: acc.state.generation,
+          } satisfies AuditEntry;
+          await this.recordSide(device, rev, entry);
+        });
+        return;
+      } catch (e) {
+        // Changes went in meanwhile: record it after them, once this agent has them.
+        if (
+          e instanceof LostRace &&
+          this.caughtUp &&
+          attempt < 4 * MAX_RETRIES &&
+          (await this.caughtUp(e.revision))
+        ) {
+          continue;
+        }
+        this.log(
+          `device ${device}: a refused request (${code}) is not on the audit trail: ${(e as Error).message}`,
+        );
+        return;
+      }
+    }
   }
 
   // ---- access lists ----
@@ -709,6 +882,7 @@ export class ReservationManager {
         success: [
           op.delete(PR_PREFIX + device),
           op.delete(ACL_PREFIX + device),
+          op.delete(SETTLED_PREFIX + device),
           op.deletePrefix(`${AUDIT_PREFIX}${device}/`),
         ],
       });

@@ -33,7 +33,7 @@ export const MEMBERS = 'members/';
 export const HOSTS = 'hosts/';
 export const ACKS = 'acks/';
 /** Key prefixes whose changes every serving agent must apply before a change returns. */
-export const CATALOG = ['devices/', 'pr/', 'acl/'];
+export const CATALOG = ['devices/', 'pr/', 'acl/', 'pr-settled/'];
 
 export interface PoolInfo {
   name: string;

@@ -55,7 +55,7 @@ export function servingHosts(cluster: Cluster, rec: Placed): string[] {
 
 export interface CatalogSinks {
   device(name: string, ev: WatchEvent): Promise<void>;
-  reservation?(device: string, kind: 'pr' | 'acl', ev: WatchEvent): Promise<void>;
+  reservation?(device: string, kind: 'pr' | 'acl' | 'settled', ev: WatchEvent): Promise<void>;
 }
 
 /** Routes catalog events to the managers that keep them. */
@@ -66,6 +66,8 @@ export function catalogApplier(sinks: CatalogSinks): (ev: WatchEvent) => Promise
     else if (key.startsWith('pr/')) await sinks.reservation?.(key.slice('pr/'.length), 'pr', ev);
     else if (key.startsWith('acl/')) {
       await sinks.reservation?.(key.slice('acl/'.length), 'acl', ev);
+    } else if (key.startsWith('pr-settled/')) {
+      await sinks.reservation?.(key.slice('pr-settled/'.length), 'settled', ev);
     }
   };
 }
