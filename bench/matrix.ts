@@ -303,12 +303,20 @@ export function dataRuns(file: string): number {
  */
 export async function pageFile(file: string, sizeMiB: number, pct: number): Promise<void> {
   const bytes = sizeMiB * 2 ** 20;
-  const punch = await run(
-    'fallocate',
-    ['--punch-hole', '--offset', '0', '--length', String(bytes), file],
-    120_000,
-  );
-  if (punch.code !== 0) throw new Error(`fallocate --punch-hole failed: ${punch.output}`);
+  const n = loadNative();
+  const fd = openSync(file, 'r+');
+  let punched: number;
+  try {
+    punched = await n.fallocate(
+      fd,
+      n.constants.FALLOC_FL_PUNCH_HOLE | n.constants.FALLOC_FL_KEEP_SIZE,
+      0,
+      bytes,
+    );
+  } finally {
+    closeSync(fd);
+  }
+  if (punched < 0) throw new Error(`cannot punch ${file} empty: errno ${-punched}`);
   const pages = Math.round(((bytes / 4096) * pct) / 100);
   const res = await run(
     'fio',
