@@ -409,6 +409,7 @@ export class Agent {
           }),
       });
       cluster.fence = this.fence;
+      this.devices.fence = this.fence;
       const everyone = () => cluster.members().map((m) => m.host);
       this.reservations.settle = (rev) => cluster.settle(rev, everyone());
       this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);

@@ -16,7 +16,7 @@ import { BallastError } from './errors.js';
 import { failpoint } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
-import { type CacheMode, SparseFileBackend } from './sparse-file.js';
+import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
 import { type KeyValue, type Store, untilAnswered } from './store/store.js';
 
 export type Role = 'paging' | 'dump' | 'data';
@@ -164,6 +164,8 @@ export class DeviceManager {
   streams?: { activeOn(name: string): number; stopOn(name: string): Promise<void> };
   /** Set when the agent is part of a cluster. */
   cluster?: DeviceCluster;
+  /** The agent's self-fence (cluster only): guards every write to a shared device's files. */
+  fence?: FenceToken;
   /** Cluster devices this host does not serve (another host's, or not ready yet). */
   private readonly remote = new Map<string, { record: DeviceRecord; modRevision: number }>();
 
@@ -250,9 +252,18 @@ export class DeviceManager {
     return st;
   }
 
-  /** How a device's files are opened: shared pools of a cluster share the file lock. */
-  private fileOptions(rec: DeviceRecord): { cache: CacheMode; sharedLock: boolean } {
-    return { cache: cacheFor(rec.role), sharedLock: this.cluster !== undefined && !rec.host };
+  /** How a device's files are opened: shared pools of a cluster share the file lock and are fenced. */
+  private fileOptions(rec: DeviceRecord): {
+    cache: CacheMode;
+    sharedLock: boolean;
+    fence: FenceToken | undefined;
+  } {
+    const shared = this.cluster !== undefined && !rec.host;
+    return {
+      cache: cacheFor(rec.role),
+      sharedLock: shared,
+      fence: shared ? this.fence : undefined,
+    };
   }
 
   /** Whether this host's agent made the record's last change (always, on a single host). */

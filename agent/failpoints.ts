@@ -2,6 +2,11 @@
 // makes the agent kill itself with SIGKILL when it reaches a named point, so a
 // test can stop it between two steps that a real crash could separate. Unset
 // (always, in production) a failpoint is one Set lookup.
+//
+// One failpoint slows instead: `slow-writes` sends every write to a fenced
+// (cluster-shared) file through the thread pool, where the native addon sleeps
+// 200 ms before each one's fence check, so that a test freezing the agent
+// certainly has writes queued (test/cluster/fence-queued.test.ts).
 
 const armed = new Set(
   (process.env.BALLAST_FAILPOINTS ?? '')
@@ -16,4 +21,9 @@ export function failpoint(name: string): void {
     process.stderr.write(`ballast: failpoint ${name}: SIGKILL\n`);
     process.kill(process.pid, 'SIGKILL');
   }
+}
+
+/** Whether `name` is armed (a failpoint that changes behaviour rather than crashing). */
+export function failpointArmed(name: string): boolean {
+  return armed.size !== 0 && armed.has(name);
 }

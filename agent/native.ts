@@ -23,19 +23,56 @@ export interface NativeConstants {
   readonly EOPNOTSUPP: number;
   readonly ENXIO: number;
   readonly EWOULDBLOCK: number;
+  /** The errno of a write refused by its fence (EOWNERDEAD: no file system returns it). */
+  readonly FENCED: number;
+}
+
+/** What a fence slot counted (fenceStats). */
+export interface FenceStats {
+  /** Writes and fallocates refused at the syscall. */
+  refused: number;
+  /** With timing on: the sum and the largest of the windows from check to syscall return. */
+  windowNs: number;
+  windowMaxNs: number;
+  /** window[b]: windows of [2^b, 2^(b+1)) ns (bucket 0 also holds 0 and 1 ns). */
+  window: number[];
+  /** The same from the check to the last instruction before the syscall. */
+  entryNs: number;
+  entryMaxNs: number;
+  entry: number[];
 }
 
 /**
  * The addon's functions. None of them throw on a failed syscall: they return
  * a NEGATIVE errno (they throw only on a wrong argument type).
+ *
+ * `fence` (writes and fallocate): a token from cluster/fence.ts (Fence.token), or
+ * -1/absent for a file no fence guards. The addon asks that fence in the thread
+ * that makes each syscall, immediately before it, and refuses with
+ * -constants.FENCED once the fence's deadline has passed or it was closed since
+ * the token was taken.
  */
 export interface BallastNative {
   /** preadv2(RWF_NOWAIT) into buf[bufOff, bufOff+len): bytes read, or -errno (-EAGAIN: not cached). */
   preadNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
   /** pwritev2(RWF_NOWAIT) from buf[bufOff, bufOff+len): bytes written, or -errno. */
-  pwriteNowait(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  pwriteNowait(
+    fd: number,
+    buf: Buffer,
+    bufOff: number,
+    len: number,
+    pos: number,
+    fence?: number,
+  ): number;
   /** A plain pwrite on this thread (may block): bytes or -errno. */
-  pwriteInline(fd: number, buf: Buffer, bufOff: number, len: number, pos: number): number;
+  pwriteInline(
+    fd: number,
+    buf: Buffer,
+    bufOff: number,
+    len: number,
+    pos: number,
+    fence?: number,
+  ): number;
   /**
    * pwrite on the thread pool until all is written: resolves to the bytes written
    * (fewer only if a write failed after some progress) or -errno; never rejects.
@@ -48,13 +85,14 @@ export interface BallastNative {
     len: number,
     pos: number,
     direct?: boolean,
+    fence?: number,
   ): Promise<number>;
   /** lseek: the resulting offset, or -errno (-ENXIO from SEEK_DATA/SEEK_HOLE past the data). */
   lseek(fd: number, off: number, whence: number): number;
   /** flock: 0 or -errno (-EWOULDBLOCK with LOCK_NB when held elsewhere). */
   flock(fd: number, op: number): number;
   /** fallocate on the thread pool: resolves to 0 or -errno, never rejects. */
-  fallocate(fd: number, mode: number, off: number, len: number): Promise<number>;
+  fallocate(fd: number, mode: number, off: number, len: number, fence?: number): Promise<number>;
   /** posix_fadvise, synchronously: 0 or -errno. */
   fadvise(fd: number, off: number, len: number, advice: number): number;
   /** A close-on-exec duplicate of fd (F_DUPFD_CLOEXEC), or -errno. */
@@ -67,6 +105,15 @@ export interface BallastNative {
   mkfifo(path: string, mode: number): number;
   /** fcntl(F_SETPIPE_SZ): the pipe's capacity after the call, or -errno. */
   setPipeSize(fd: number, bytes: number): number;
+  /** A new fence slot, closed until fenceSet opens it; -ENOSPC past 256 per process. */
+  fenceCreate(): number;
+  /** Writes under `slot` pass only with this epoch, before this CLOCK_MONOTONIC deadline. */
+  fenceSet(slot: number, epoch: number, deadlineNs: bigint): void;
+  /** Whether the slot measures each checked write's window (check to syscall return). */
+  fenceTiming(slot: number, on: boolean): void;
+  fenceStats(slot: number): FenceStats;
+  /** CLOCK_MONOTONIC now, in ns: the fence's clock. */
+  monotonicNs(): bigint;
   readonly constants: NativeConstants;
 }
 
@@ -85,6 +132,11 @@ const FUNCTIONS = [
   'peerUid',
   'mkfifo',
   'setPipeSize',
+  'fenceCreate',
+  'fenceSet',
+  'fenceTiming',
+  'fenceStats',
+  'monotonicNs',
 ];
 
 let cached: BallastNative | undefined;

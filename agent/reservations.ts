@@ -95,6 +95,8 @@ export interface SettleReport {
 export interface Gate {
   gate(): 'open' | 'hold' | 'fail';
   onOpen(wake: () => void): void;
+  /** What a write admitted now carries to its syscall (agent/native.ts, `fence`). */
+  readonly token?: number;
 }
 
 export interface AuditEntry {
@@ -189,6 +191,11 @@ class DeviceAccess implements AccessControl {
 
   gate(): 'open' | 'hold' | 'fail' {
     return this.fence === undefined ? 'open' : this.fence.gate();
+  }
+
+  /** The fence token of a write admitted now (-1: not fenced). */
+  get fenceToken(): number {
+    return this.fence?.token ?? -1;
   }
 
   onOpen(wake: () => void): void {

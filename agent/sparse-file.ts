@@ -7,13 +7,17 @@
 // in pieces of at most 64 KiB (native/ballast_native.c, WRITE_CHUNK). With cache
 // 'none' (dump devices), aligned writes go to the pool with O_DIRECT instead.
 // Holes are made with fallocate and reported with SEEK_DATA/SEEK_HOLE. A flock
-// keeps two servers from serving one file.
+// keeps two servers from serving one file. A file of a cluster's shared pool has
+// a fence (cluster/fence.ts): every write and fallocate carries the fence's token
+// from the moment the request reached the backend, and the addon checks it in
+// the thread that makes the syscall, immediately before it.
 import * as fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import type { Backend, BackendCaps, Extent, IoRequest, SharedBackend } from '../nbd/backend.js';
 import { BallastError } from './errors.js';
+import { failpointArmed } from './failpoints.js';
 import { type BallastNative, errnoName, loadNative } from './native.js';
 
 const openAsync = promisify(fs.open);
@@ -22,6 +26,11 @@ const fstatAsync = promisify(fs.fstat);
 const ftruncateAsync = promisify(fs.ftruncate);
 
 const { EIO, ENOTSUP, ENOSYS, EOPNOTSUPP } = osConstants.errno;
+
+/** A fence's token, read when a write is admitted (cluster/fence.ts Fence). */
+export interface FenceToken {
+  readonly token: number;
+}
 
 /** Zeroes are written in pieces of at most this size when fallocate cannot zero. */
 const ZERO_CHUNK = 1 << 20;
@@ -67,6 +76,13 @@ export interface SparseFileOptions {
    * that wants the file to itself.
    */
   sharedLock?: boolean;
+  /**
+   * The fence of a cluster's shared file: writes and fallocates are refused at
+   * their syscall (EOWNERDEAD, answered EIO) once it has closed since they were
+   * admitted, or its lease deadline has passed. Such a backend is not shared with
+   * worker threads.
+   */
+  fence?: FenceToken;
   /** @internal Testing: false forces every read/write through the thread pool. */
   nowait?: boolean;
   /** @internal Testing: false acts as if fallocate were unsupported. */
@@ -105,10 +121,12 @@ export class SparseFileBackend implements Backend {
    * than INLINE_SLOW_MS (dirty-page throttling, a slow disk) sends writes to
    * the thread pool until `inlineAfter`.
    */
-  private readonly inlineWrites: boolean;
+  private inlineWrites: boolean;
   private inlineAfter = 0;
-  /** Writes for the thread pool, run one at a time (the head is running). */
-  private readonly poolWrites: { req: IoRequest; done: number; fua: boolean }[] = [];
+  /** Writes for the thread pool, with the fence token of their admission. */
+  private readonly poolWrites: { req: IoRequest; done: number; fua: boolean; fence: number }[] = [];
+  /** The fence of a shared file (SparseFileOptions.fence). */
+  private readonly fence: FenceToken | undefined;
   /** Pool writes running, and whether one of them is large. */
   private poolRunning = 0;
   private poolLarge = false;
@@ -147,6 +165,16 @@ export class SparseFileBackend implements Backend {
     this.writeNowait = opts.nowait !== false && !opts.readOnly;
     this.canPunch = opts.fallocate !== false;
     this.canZeroRange = opts.fallocate !== false;
+    this.fence = opts.fence;
+    if (failpointArmed('slow-writes') && this.fence) {
+      // Every write through the pool, where the addon delays it: queued for certain.
+      this.readNowait = this.writeNowait = this.inlineWrites = false;
+    }
+  }
+
+  /** The token a write admitted now carries (-1: no fence). */
+  private token(): number {
+    return this.fence === undefined ? -1 : this.fence.token;
   }
 
   static async open(path: string, opts: SparseFileOptions = {}): Promise<SparseFileBackend> {
@@ -254,19 +282,20 @@ export class SparseFileBackend implements Backend {
   }
 
   write(req: IoRequest, fua: boolean): void {
+    const fence = this.token();
     if (this.directFd >= 0 && this.directOk(req.offset, req.length)) {
-      this.writePool(req, 0, fua);
+      this.writePool(req, 0, fua, fence);
       return;
     }
     if (this.writeNowait) {
-      const r = this.pwriteNowait(this.fd, req.buf, req.bufOffset, req.length, req.offset);
+      const r = this.pwriteNowait(this.fd, req.buf, req.bufOffset, req.length, req.offset, fence);
       if (r === req.length) {
         if (fua) this.sync(req);
         else req.done(0);
         return;
       }
       if (r >= 0) {
-        this.writePool(req, r, fua);
+        this.writePool(req, r, fua, fence);
         return;
       }
       if (r !== this.eagain) {
@@ -281,18 +310,18 @@ export class SparseFileBackend implements Backend {
     if (this.inlineWrites && req.length <= INLINE_MAX && this.poolRunning === 0) {
       const t0 = performance.now();
       if (t0 >= this.inlineAfter) {
-        const r = this.pwriteInline(this.fd, req.buf, req.bufOffset, req.length, req.offset);
+        const r = this.pwriteInline(this.fd, req.buf, req.bufOffset, req.length, req.offset, fence);
         const t1 = performance.now();
         if (t1 - t0 > INLINE_SLOW_MS) this.inlineAfter = t1 + INLINE_BACKOFF_MS;
         if (r === req.length) {
           if (fua) this.sync(req);
           else req.done(0);
-        } else if (r >= 0) this.writePool(req, r, fua);
+        } else if (r >= 0) this.writePool(req, r, fua, fence);
         else req.done(-r);
         return;
       }
     }
-    this.writePool(req, 0, fua);
+    this.writePool(req, 0, fua, fence);
   }
 
   // ---- thread-pool fallbacks ---------------------------------------------
@@ -328,13 +357,13 @@ export class SparseFileBackend implements Backend {
    * threads wrote 1 MiB each). Small ones hold it briefly and run up to
    * POOL_PARALLEL at once, which random 4 KiB writes need.
    */
-  private writePool(req: IoRequest, done: number, fua: boolean): void {
+  private writePool(req: IoRequest, done: number, fua: boolean, fence: number): void {
     if (done >= req.length) {
       if (fua) this.sync(req);
       else req.done(0);
       return;
     }
-    this.poolWrites.push({ req, done, fua });
+    this.poolWrites.push({ req, done, fua, fence });
     this.startPoolWrites();
   }
 
@@ -348,11 +377,11 @@ export class SparseFileBackend implements Backend {
       this.poolWrites.shift();
       this.poolRunning++;
       this.poolLarge = large;
-      this.runPoolWrite(head.req, head.done, head.fua);
+      this.runPoolWrite(head.req, head.done, head.fua, head.fence);
     }
   }
 
-  private runPoolWrite(req: IoRequest, done: number, fua: boolean): void {
+  private runPoolWrite(req: IoRequest, done: number, fua: boolean, fence: number): void {
     const { buf, bufOffset, length, offset } = req;
     const settle = (err: number): void => {
       this.poolRunning--;
@@ -371,9 +400,15 @@ export class SparseFileBackend implements Backend {
         done += r;
         if (done >= length) settle(0);
         else
-          void this.pwriteAsync(this.fd, buf, bufOffset + done, length - done, offset + done).then(
-            step,
-          );
+          void this.pwriteAsync(
+            this.fd,
+            buf,
+            bufOffset + done,
+            length - done,
+            offset + done,
+            false,
+            fence,
+          ).then(step);
       }
     };
     const direct = this.directFd >= 0 && this.directOk(offset + done, length - done);
@@ -384,6 +419,7 @@ export class SparseFileBackend implements Backend {
       length - done,
       offset + done,
       direct,
+      fence,
     ).then(step);
   }
 
@@ -410,7 +446,13 @@ export class SparseFileBackend implements Backend {
     }
     const c = this.native.constants;
     this.native
-      .fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | c.FALLOC_FL_KEEP_SIZE, req.offset, req.length)
+      .fallocate(
+        this.fd,
+        c.FALLOC_FL_PUNCH_HOLE | c.FALLOC_FL_KEEP_SIZE,
+        req.offset,
+        req.length,
+        this.token(),
+      )
       .then((r) => {
         if (isUnsupported(r)) {
           this.canPunch = false;
@@ -425,59 +467,57 @@ export class SparseFileBackend implements Backend {
       this.finish(req, 0, fua);
       return;
     }
-    void this.zeroAsync(req, mayTrim, fast).then((r) => this.finish(req, r, fua));
+    void this.zeroAsync(req, mayTrim, fast, this.token()).then((r) => this.finish(req, r, fua));
   }
 
   /** 0, a negative errno, or -ENOTSUP when `fast` and only writing zeroes would do. */
-  private async zeroAsync(req: IoRequest, mayTrim: boolean, fast: boolean): Promise<number> {
+  private async zeroAsync(
+    req: IoRequest,
+    mayTrim: boolean,
+    fast: boolean,
+    fence: number,
+  ): Promise<number> {
     const n = this.native;
     const c = n.constants;
     const keep = c.FALLOC_FL_KEEP_SIZE;
     const { offset, length } = req;
     if (mayTrim && this.canPunch) {
-      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length);
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length, fence);
       if (!isUnsupported(r)) return r;
       this.canPunch = false;
     }
     if (this.canZeroRange) {
-      const r = await n.fallocate(this.fd, c.FALLOC_FL_ZERO_RANGE | keep, offset, length);
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_ZERO_RANGE | keep, offset, length, fence);
       if (!isUnsupported(r)) return r;
       this.canZeroRange = false;
     }
     if (!mayTrim && this.canPunch) {
       // No ZERO_RANGE (tmpfs, some network filesystems): punch, then allocate again.
-      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length);
+      const r = await n.fallocate(this.fd, c.FALLOC_FL_PUNCH_HOLE | keep, offset, length, fence);
       if (r === 0) {
         // The range already reads as zeroes; failing to allocate it is only a lost hint.
-        const a = await n.fallocate(this.fd, keep, offset, length);
+        const a = await n.fallocate(this.fd, keep, offset, length, fence);
         return isUnsupported(a) ? 0 : a;
       }
       if (!isUnsupported(r)) return r;
       this.canPunch = false;
     }
     if (fast) return -ENOTSUP;
-    return this.writeZeroes(offset, length);
+    return this.writeZeroes(offset, length, fence);
   }
 
   /** Writes zeroes in pieces of at most ZERO_CHUNK from one shared buffer. */
-  private writeZeroes(offset: number, length: number): Promise<number> {
+  private async writeZeroes(offset: number, length: number, fence: number): Promise<number> {
     zeroBuf ??= Buffer.alloc(ZERO_CHUNK);
-    const zeroes = zeroBuf;
-    const fd = this.fd;
     const end = offset + length;
-    return new Promise((resolve) => {
-      let pos = offset;
-      const step = (err: NodeJS.ErrnoException | null, n: number): void => {
-        if (err) {
-          resolve(-errnoOf(err));
-          return;
-        }
-        pos += n;
-        if (pos >= end) resolve(0);
-        else fs.write(fd, zeroes, 0, Math.min(ZERO_CHUNK, end - pos), pos, step);
-      };
-      fs.write(fd, zeroes, 0, Math.min(ZERO_CHUNK, end - pos), pos, step);
-    });
+    for (let pos = offset; pos < end; ) {
+      const n = Math.min(ZERO_CHUNK, end - pos);
+      const r = await this.pwriteAsync(this.fd, zeroBuf, 0, n, pos, false, fence);
+      if (r < 0) return r;
+      if (r === 0) return -EIO;
+      pos += r;
+    }
+    return 0;
   }
 
   /** Completes a request from a 0/-errno result, after an fdatasync if `fua` and it succeeded. */
@@ -573,7 +613,8 @@ export class SparseFileBackend implements Backend {
    * backend learnt about the file system.
    */
   share(): SharedBackend | null {
-    if (this.closed) return null;
+    // A fenced file is served on the thread whose fence admits its writes.
+    if (this.closed || this.fence !== undefined) return null;
     const fd = this.native.dup(this.fd);
     if (fd < 0) return null;
     let directFd = -1;

@@ -61,6 +61,8 @@ export interface StreamAccess {
   mask(identity: string): number;
   gate?(): 'open' | 'hold' | 'fail';
   onOpen?(wake: () => void): void;
+  /** The fence token a write admitted now carries to its syscall (-1: none). */
+  readonly fenceToken?: number;
 }
 
 export interface StreamDeps {
@@ -228,7 +230,8 @@ class Permission {
     private readonly device: string,
   ) {}
 
-  async allow(): Promise<void> {
+  /** Resolves, once allowed, to the fence token the piece's writes carry (-1: none). */
+  async allow(): Promise<number> {
     for (;;) {
       const a = this.access;
       if (a.generation !== this.generation) {
@@ -242,7 +245,7 @@ class Permission {
         );
       }
       const g = a.gate?.() ?? 'open';
-      if (g === 'open') return;
+      if (g === 'open') return a.fenceToken ?? -1;
       if (g === 'fail') {
         throw new BallastError(
           'BALLAST_STREAM_FENCED',
@@ -291,7 +294,8 @@ class Files {
     return this.direct.every((d) => d >= 0);
   }
 
-  async write(buf: Buffer, offset: number, length: number): Promise<void> {
+  /** `fence`: the token of the piece's admission (Permission.allow). */
+  async write(buf: Buffer, offset: number, length: number, fence: number): Promise<void> {
     const parts = partsOf(this.lengths, offset, length, DIRECT_ALIGN);
     await Promise.all(
       parts.map(async (p) => {
@@ -307,7 +311,14 @@ class Files {
             p.length - done,
             p.fileOffset + done,
             direct,
+            fence,
           );
+          if (r === -this.native.constants.FENCED) {
+            throw new BallastError(
+              'BALLAST_STREAM_FENCED',
+              'this agent has fenced itself: the write was refused before it reached the file',
+            );
+          }
           if (r < 0) throw ioError('write', -r);
           if (r === 0) throw ioError('write', os.constants.errno.EIO);
           done += r;
@@ -801,7 +812,7 @@ export class StreamManager {
       }
       perm
         .allow()
-        .then(() => (failed ? undefined : files.write(buf, at, len)))
+        .then((fence) => (failed ? undefined : files.write(buf, at, len, fence)))
         .then(
           () => {
             inFlight--;

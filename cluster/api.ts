@@ -71,6 +71,15 @@ export function clusterMetrics(
       this.inc(fence.fences);
     },
   });
+  new client.Counter({
+    name: 'ballast_cluster_fence_refused_writes_total',
+    help: 'Writes (and trims, zeroings) to shared devices refused at their syscall by the fence',
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(fence.refused());
+    },
+  });
   const pr = new client.Histogram({
     name: 'ballast_pr_change_seconds',
     help: 'PR OUT commands, from the request to every serving agent having applied it',

@@ -14,9 +14,20 @@
 // once a keepalive is acknowledged and, if the lease was lost meanwhile, the
 // agent's cache has caught up with everything that happened while it was away
 // (reservations changed by other hosts are applied before anyone is served).
+//
+// The gate decides when a request is admitted; a write may then wait in the
+// backend's queue and libuv's thread pool. So the fence is also published to
+// the native addon (a slot of its memory, which every thread sees): the
+// deadline on CLOCK_MONOTONIC and an epoch that changes each time the fence
+// closes. Each write carries the token (slot, epoch) of its admission, and the
+// thread making its syscall checks it immediately before: past the deadline, or
+// admitted before a fence that has opened again since, it is refused
+// (native/ballast_native.c, "Fences").
 
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
+import { BallastError } from '../agent/errors.js';
+import { type BallastNative, loadNative } from '../agent/native.js';
 
 export interface FenceSource {
   /** performance.now() before which etcd cannot have expired the lease. */
@@ -39,6 +50,17 @@ export interface FenceOptions {
 
 export class Fence {
   private fencedAt: number | null = null;
+  private readonly native: BallastNative;
+  /** This fence's slot in the addon. */
+  readonly slot: number;
+  private epoch = 0;
+  /**
+   * What a write admitted now carries to its syscall (slot << 32 | epoch), read
+   * by the backend when the request reaches it.
+   */
+  token: number;
+  /** The deadline the addon holds (performance.now() time; -Infinity while fenced). */
+  private publishedUntil = -Infinity;
   private readonly wakers = new Set<() => void>();
   private failTimer: NodeJS.Timeout | undefined;
   private petTimer: NodeJS.Timeout | undefined;
@@ -51,6 +73,13 @@ export class Fence {
     private readonly src: FenceSource,
     private readonly opts: FenceOptions,
   ) {
+    this.native = loadNative();
+    this.slot = this.native.fenceCreate();
+    if (this.slot < 0) {
+      throw new BallastError('BALLAST_NATIVE_MISSING', 'no fence slot left in the native addon');
+    }
+    this.token = this.slot * 2 ** 32;
+    this.publish();
     if (opts.watchdog) {
       this.watchdogFd = openSync(opts.watchdog, 'w');
       this.petTimer = setInterval(() => this.pet(), 1000);
@@ -79,17 +108,43 @@ export class Fence {
     const now = performance.now();
     if (this.fencedAt === null) {
       if (now < this.deadline() && !this.closed) return 'open';
-      this.fencedAt = now;
-      this.fences++;
-      this.opts.log(
-        `cluster: fenced: the membership lease could not be renewed in time; I/O to shared devices is held for ${this.opts.holdMs} ms, then fails with EIO`,
-      );
-      this.opts.onChange?.(true);
-      clearTimeout(this.failTimer);
-      this.failTimer = setTimeout(() => this.wakeAll(), this.opts.holdMs + 1);
-      this.failTimer.unref();
+      this.enter(now);
     }
-    return now - this.fencedAt >= this.opts.holdMs ? 'fail' : 'hold';
+    return now - (this.fencedAt ?? now) >= this.opts.holdMs ? 'fail' : 'hold';
+  }
+
+  /** Fences: writes admitted until now are refused at their syscall from now on. */
+  private enter(now: number): void {
+    this.fencedAt = now;
+    this.fences++;
+    this.epoch = (this.epoch + 1) >>> 0;
+    this.token = this.slot * 2 ** 32 + this.epoch;
+    this.publish();
+    this.opts.log(
+      `cluster: fenced: the membership lease could not be renewed in time; I/O to shared devices is held for ${this.opts.holdMs} ms, then fails with EIO`,
+    );
+    this.opts.onChange?.(true);
+    clearTimeout(this.failTimer);
+    this.failTimer = setTimeout(() => this.wakeAll(), this.opts.holdMs + 1);
+    this.failTimer.unref();
+  }
+
+  /**
+   * Gives the addon the deadline (none while fenced or closed), converted to
+   * CLOCK_MONOTONIC: the clock is read before performance.now(), so the deadline
+   * given can only be earlier than the true one, by the time between the two.
+   */
+  private publish(): void {
+    const open = this.fencedAt === null && !this.closed;
+    const until = open ? this.deadline() : Number.NEGATIVE_INFINITY;
+    this.publishedUntil = until;
+    let ns = 0n;
+    if (open) {
+      const mono = this.native.monotonicNs();
+      const left = until - performance.now();
+      if (left > 0) ns = mono + BigInt(Math.floor(left * 1e6));
+    }
+    this.native.fenceSet(this.slot, this.epoch, ns);
   }
 
   onOpen(wake: () => void): void {
@@ -98,15 +153,31 @@ export class Fence {
 
   /** Asked after each acknowledged keepalive and each applied batch of changes. */
   check(): void {
-    if (this.fencedAt === null || this.closed) return;
-    if (performance.now() < this.deadline() && this.src.canServe()) {
-      const ms = Math.round(performance.now() - this.fencedAt);
+    if (this.closed) return;
+    const now = performance.now();
+    if (this.fencedAt === null) {
+      // The deadline passed with no request asking (writes may still be queued):
+      // fenced all the same, so nothing admitted before it goes out after the renewal.
+      if (now >= this.publishedUntil) this.enter(now);
+      else {
+        this.publish(); // a renewal moves the deadline on
+        return;
+      }
+    }
+    if (now < this.deadline() && this.src.canServe()) {
+      const ms = Math.round(now - (this.fencedAt ?? now));
       this.fencedAt = null;
       clearTimeout(this.failTimer);
+      this.publish();
       this.opts.log(`cluster: unfenced after ${ms} ms: lease renewed and state caught up`);
       this.opts.onChange?.(false, ms);
       this.wakeAll();
     }
+  }
+
+  /** The addon's count of writes this fence refused at their syscall. */
+  refused(): number {
+    return this.native.fenceStats(this.slot).refused;
   }
 
   private wakeAll(): void {
@@ -130,6 +201,9 @@ export class Fence {
   /** Stops fencing decisions (agent shutdown); disarms the watchdog with its magic close. */
   close(): void {
     this.closed = true;
+    this.epoch = (this.epoch + 1) >>> 0;
+    this.token = this.slot * 2 ** 32 + this.epoch;
+    this.publish();
     clearTimeout(this.failTimer);
     clearInterval(this.petTimer);
     if (this.watchdogFd >= 0) {
