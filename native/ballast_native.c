@@ -105,8 +105,12 @@ static inline int fence_check(int64_t token, int64_t *checked) {
   uint64_t slot = (uint64_t)token >> 32;
   if (slot >= (uint64_t)atomic_load(&fence_count)) return -FENCE_ERRNO;
   fence_slot *f = &fences[slot];
+  // The deadline before the epoch: fenceSet changes the epoch only with a zero deadline,
+  // so a token of an old epoch cannot pass on the deadline of a later opening.
+  int64_t deadline = atomic_load(&f->deadline);
+  uint32_t epoch = atomic_load(&f->epoch);
   int64_t now = monotonic_ns();
-  if (atomic_load(&f->epoch) != (uint32_t)token || now >= atomic_load(&f->deadline)) {
+  if (epoch != (uint32_t)token || now >= deadline) {
     atomic_fetch_add_explicit(&f->refused, 1, memory_order_relaxed);
     return -FENCE_ERRNO;
   }
