@@ -416,6 +416,13 @@ export class Agent {
       // A PR command that lost its race waits for the watch to bring the winner here.
       this.reservations.caughtUp = (rev) =>
         cluster.waitUntil(() => cluster.revision >= rev, CAUGHT_UP_MS);
+      await this.reservations.joined(cluster.snapshot('pr/'), cluster.snapshot('acl/'), (rev) =>
+        cluster
+          .members()
+          .some(
+            (m) => m.state === 'alive' && m.host !== cluster.host && cluster.ackOf(m.host) < rev,
+          ),
+      );
       this.devices.cluster = {
         host: cluster.host,
         guard: () => cluster.guard(),

@@ -131,6 +131,13 @@ class LostRace extends BallastError {
   }
 }
 
+/** A state under which nobody may read or write: EA held by an identity no client can have. */
+const NOBODY: PrState = {
+  generation: 0,
+  registrations: new Map([['\u0000', 1n]]),
+  reservation: { type: 3, holder: '\u0000' },
+};
+
 /** Whether some identity may do under `after` what it may not under `before`. */
 function grants(before: PrState, after: PrState): boolean {
   // Access depends only on being the holder, a registrant or neither: every
@@ -259,6 +266,7 @@ function identityOk(s: unknown): s is string {
 export class ReservationManager {
   private readonly devices = new Map<string, DeviceAccess>();
   private readonly revisions = new Map<string, { pr: number; seq: number }>();
+  private readonly aclRevisions = new Map<string, number>();
   /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /**
@@ -312,6 +320,32 @@ export class ReservationManager {
       const name = kv.key.slice(ACL_PREFIX.length);
       const entries = (JSON.parse(kv.value) as { entries: AclEntry[] }).entries;
       this.access(name).acl = new Map(entries.map((e) => [e.identity, e.access]));
+      this.aclRevisions.set(name, kv.modRevision);
+    }
+  }
+
+  /**
+   * In a cluster, once its cache is listed and before the agent serves: applies
+   * what changed since load() (the watch only brings what follows the listing),
+   * and on a device whose last change some member has not applied yet, allows
+   * nobody anything until every member has. The state that change replaced is
+   * not known here, so what it gives must wait, as on the agents that applied it.
+   */
+  async joined(
+    prs: KeyValue[],
+    acls: KeyValue[],
+    behind: (revision: number) => boolean,
+  ): Promise<void> {
+    for (const kv of acls) await this.applyRemote(kv.key.slice(ACL_PREFIX.length), 'acl', kv);
+    for (const kv of prs) {
+      const device = kv.key.slice(PR_PREFIX.length);
+      await this.applyRemote(device, 'pr', kv);
+      if (!behind(kv.modRevision)) continue;
+      const acc = this.access(device);
+      acc.unsettled.push({ revision: kv.modRevision, state: NOBODY });
+      acc.generation++;
+      this.log(`device ${device}: change ${kv.modRevision} not applied everywhere yet; held`);
+      this.settleLater(device, kv.modRevision);
     }
   }
 
@@ -508,6 +542,10 @@ export class ReservationManager {
     return this.mutex.run(async () => {
       if (kind === 'acl') {
         const acc = this.access(device);
+        const known = this.aclRevisions.get(device) ?? 0;
+        if (kv && kv.modRevision <= known) return; // already applied
+        if (kv) this.aclRevisions.set(device, kv.modRevision);
+        else this.aclRevisions.delete(device);
         let entries: AclEntry[] | null = null;
         if (kv) {
           try {
@@ -876,6 +914,8 @@ export class ReservationManager {
             ).revision;
       acc.acl = clean === null ? null : new Map(clean.map((e) => [e.identity, e.access]));
       acc.generation++;
+      if (clean === null) this.aclRevisions.delete(device);
+      else this.aclRevisions.set(device, revision);
       this.log(`device ${device}: access list ${entries === null ? 'removed' : 'set'}`);
       return { view: this.acl(device), revision };
     });
@@ -895,6 +935,7 @@ export class ReservationManager {
       });
       this.devices.delete(device);
       this.revisions.delete(device);
+      this.aclRevisions.delete(device);
     });
   }
 }

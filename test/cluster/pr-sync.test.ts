@@ -13,6 +13,7 @@
 //   BALLAST_CONFLICT.
 
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { httpRequest } from '../../bench/api.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
@@ -71,8 +72,9 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations in step across age
             listen: '127.0.0.1:0',
             identities: Object.entries(SOURCE).map(([name, addr]) => `${addr}=${name}`),
           },
-          // A long lease: nothing here is about fencing, and a loaded machine must not expire anyone.
-          cluster: { name: 'prsync', etcd: etcd.endpoints, host, leaseTtl: 10 },
+          // A long lease: nothing here is about fencing, and a loaded machine must not
+          // expire anyone (nor agent A while it is frozen for a restart of C).
+          cluster: { name: 'prsync', etcd: etcd.endpoints, host, leaseTtl: 20 },
         }),
       );
     }
@@ -232,6 +234,52 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: reservations in step across age
     console.log(`racing changes made: ${raced}`);
     expect(raced).toBeGreaterThan(ROUNDS);
     expect(bad).toEqual([]);
+  }, 300_000);
+
+  it('an agent restarted while a grant waits for another agent grants nothing before that agent applied it', async () => {
+    const dev = 'restart';
+    await create(dev);
+    await ok(A, dev, { action: 'register', as: 'host-a', saKey: '0xa' });
+    await ok(A, dev, { action: 'reserve', as: 'host-a', key: '0xa', type: 'WE' });
+    await ok(B, dev, { action: 'register', as: 'host-b', saKey: '0xb' });
+    // A (the old holder's agent) cannot apply the preempt while it is frozen.
+    A.child.kill('SIGSTOP');
+    let preempt: ReturnType<typeof httpRequest> | undefined;
+    try {
+      // It returns only once A has applied it: longer than the client's default 5 s.
+      preempt = httpRequest(
+        { socketPath: B.apiSocket },
+        'POST',
+        `/v1/devices/${dev}/pr`,
+        { action: 'preempt', as: 'host-b', key: '0xb', saKey: '0xa', type: 'WE' },
+        { timeoutMs: 120_000 },
+      );
+      // Committed (B applied it) but not returned: A has not acked.
+      for (;;) {
+        const show = (await B.api('GET', `/v1/devices/${dev}/pr`)).body as {
+          reservation: { holder: string } | null;
+        };
+        if (show.reservation?.holder === 'host-b') break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await C.kill9();
+      await C.start();
+      const viaC = await connect(C, dev, 'host-b');
+      expect(
+        await outcome(viaC.write(0, Buffer.alloc(4096, 1))),
+        'host-b through the restarted C',
+      ).toBe('EPERM');
+      A.child.kill('SIGCONT');
+      const r = await preempt;
+      expect(r.status, r.text).toBe(200);
+      const how = (r.body as { settled: { hosts: { host: string; how: string }[] } }).settled.hosts;
+      expect(how.find((h) => h.host === 'a')?.how, 'A applied it (its lease held)').toBe('acked');
+      expect(await outcome(viaC.write(0, Buffer.alloc(4096, 2))), 'once it returned').toBe('ok');
+      await viaC.close();
+    } finally {
+      A.child.kill('SIGCONT');
+      await preempt?.catch(() => {});
+    }
   }, 300_000);
 
   it('every refusal, through any agent, is on the audit trail', async () => {
