@@ -62,8 +62,9 @@ export const CELLS: readonly CellSpec[] = [
 /**
  * The paging cells on a file paged to `pct` percent, as guests page: swap-in is 4 KiB
  * random reads at 1, 4 and 16 connections; swap-out 4 KiB random writes, most of them
- * into holes (100 - pct percent of the file); mixed both at once. Reads first: a cell
- * that writes is followed by the file being paged again.
+ * into holes (100 - pct percent of the file); mixed both at once. The reads share one
+ * server session on one copy of the paged file; each cell that writes has a session
+ * and a fresh copy of its own.
  */
 export function pagedCells(pct: number): CellSpec[] {
   return [
@@ -101,8 +102,9 @@ rand-rw and mixed are 50% reads (rwmixread=50), counted as reads + writes. 'spar
 cells read a second file that is truncated to size and never written; the first
 eight use one pre-filled file. 'paged P%' cells use a file with P% of its 4 KiB
 pages written by random 4 KiB writes (fio, fixed seed: the same layout each time),
-made again in place before every server and after every cell that writes, so each
-server and cell starts from the same file; the table gives its data runs. Each
+made once; every server session serves a fresh sparse copy of it, and each cell
+that writes has a session of its own, so each server and cell starts from the same
+file; the table gives its data runs. Each
 server is started once per file and round.
 
 Options:

@@ -30,7 +30,7 @@ and TLS, over the Unix socket, under 1, as many as the cores, 4 and 16 connectio
 (fio numjobs: one NBD connection per job). Per-connection queue depth: the job's own
 with one connection, else max(4, depth / connections). On the pre-filled file, and
 with --files paged on files with P% of their 4 KiB pages written in random order
-(made again before every server and after every job that writes).
+(a fresh copy for every server session; each job and count that writes has its own).
 
 Options:
   --rounds N          rounds (default 3)
@@ -53,8 +53,8 @@ function depth(job: JobSpec, conns: number): number {
 
 /**
  * Every job under every connection count, in that order, on the pre-filled file,
- * then on each paged file (read jobs first there: a job that writes is followed by
- * the file being paged again).
+ * then on each paged file (read jobs first there; each cell that writes runs on a
+ * fresh copy of its own).
  */
 export function connectionsCells(
   jobs: readonly JobName[],

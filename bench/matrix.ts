@@ -8,7 +8,7 @@
 // The connections and cells suites are two matrices (bench/connections.ts,
 // bench/cells.ts).
 
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -51,9 +51,15 @@ export type FileKind = 'data' | 'sparse' | 'paged';
 /** The file states of --files, in this order. */
 export const FILE_KINDS: readonly FileKind[] = ['data', 'sparse', 'paged'];
 
-/** Which file a cell runs on: one per kind, and one per percentage of paged files. */
-export function fileKey(cell: Pick<CellSpec, 'file' | 'pagedPct'>): string {
-  return cell.file === 'paged' ? `paged${cell.pagedPct ?? 0}` : cell.file;
+/**
+ * Which file (and so which server session) a cell runs on: one per kind; a paged
+ * file per percentage for the cells that read, and one of its own for each cell
+ * that writes, so that every cell starts from the paged state.
+ */
+export function fileKey(cell: Pick<CellSpec, 'file' | 'pagedPct' | 'rw' | 'name'>): string {
+  if (cell.file !== 'paged') return cell.file;
+  const base = `paged${cell.pagedPct ?? 0}`;
+  return writes(cell) ? `${base}-${cell.name.replace(/[^A-Za-z0-9]+/g, '-')}` : base;
 }
 
 /** How the table and log name a file state. */
@@ -364,25 +370,30 @@ export async function runMatrix(m: Matrix): Promise<number> {
   const results: { cell: CellSpec; rec: Measurement }[] = [];
   const rss: { round: number; kind: Kind; tls: boolean; file?: string; peakMiB: number }[] = [];
   const pathOf = (key: string): string => join(tmp, key === 'data' ? 'disk.img' : `${key}.img`);
-  /** Paged files written since they were last paged (by a cell that writes). */
-  const dirty = new Set<string>();
-  const repage = async (key: string): Promise<void> => {
+  // Paged files: one template per percentage, made once; every session gets a fresh
+  // sparse copy (cp copies the data runs only) and removes it after. Making the state
+  // again in place would punch tens of thousands of extents, which on a file system
+  // mounted with discard waits on a discard per extent (minutes here).
+  const templateOf = (c: CellSpec): string => join(tmp, `template${c.pagedPct ?? 0}.img`);
+  const fresh = async (key: string): Promise<void> => {
     const c = fileOf.get(key)!;
-    if (c.file !== 'paged' || !dirty.has(key)) return;
-    const t0 = performance.now();
-    await pageFile(pathOf(key), sizeMiB, c.pagedPct ?? 0);
-    dirty.delete(key);
-    log(`${fileLabel(c)}: paged again in ${Math.round(performance.now() - t0)} ms`);
+    if (c.file !== 'paged') return;
+    const r = await run('cp', ['--sparse=always', templateOf(c), pathOf(key)], 600_000);
+    if (r.code !== 0) throw new Error(`copying the paged file failed: ${r.output}`);
   };
   try {
     for (const f of files) {
-      await writeFile(pathOf(f), '');
-      await truncate(pathOf(f), sizeMiB * 2 ** 20);
       const c = fileOf.get(f)!;
+      const path = c.file === 'paged' ? templateOf(c) : pathOf(f);
+      if (c.file === 'paged' && existsSync(path)) continue; // one template per percentage
+      await writeFile(path, '');
+      await truncate(path, sizeMiB * 2 ** 20);
       if (c.file === 'paged') {
-        dirty.add(f);
-        await repage(f);
-        log(`${fileLabel(c)}: ${dataRuns(pathOf(f))} data runs`);
+        const t0 = performance.now();
+        await pageFile(path, sizeMiB, c.pagedPct ?? 0);
+        log(
+          `${fileLabel(c)}: ${dataRuns(path)} data runs, made in ${Math.round(performance.now() - t0)} ms`,
+        );
       }
     }
     if (files.includes('data')) {
@@ -401,7 +412,7 @@ export async function runMatrix(m: Matrix): Promise<number> {
           const fileCells = cells.filter((c) => fileKey(c) === file);
           const path = pathOf(file);
           for (const kind of serverOrder(round, kinds)) {
-            await repage(file);
+            await fresh(file);
             const session = file === 'data' ? `${kind}-${round}` : `${kind}-${file}-${round}`;
             const ep: Endpoint = { transport: 'unix', socket: join(tmp, `${session}.sock`) };
             const base = kind === 'ballast-1' ? 'ballast' : kind;
@@ -438,8 +449,6 @@ export async function runMatrix(m: Matrix): Promise<number> {
             const proc = findProcess(started.child.pid, cmd.exePattern);
             const pid = proc?.pid ?? started.child.pid;
             for (const cell of fileCells) {
-              // A cell that writes leaves the paged file fuller: the next starts again from the paged state.
-              await repage(file);
               const runs = dataRuns(path);
               const outFile = join(tmp, 'fio.json');
               await rm(outFile, { force: true });
@@ -450,7 +459,6 @@ export async function runMatrix(m: Matrix): Promise<number> {
                 (runtime + ramp + 60) * 1000,
               );
               const cpu = cpuSeconds(pid) - cpu0;
-              if (writes(cell)) dirty.add(file);
               const rec = record(cell);
               rec.dataRuns = runs;
               try {
@@ -481,6 +489,7 @@ export async function runMatrix(m: Matrix): Promise<number> {
             }
             await stopServer(started.child, pid);
             await rm(ep.socket, { force: true });
+            if (fileOf.get(file)!.file === 'paged') await rm(path, { force: true });
           }
         }
       }
@@ -557,9 +566,9 @@ export async function runMatrix(m: Matrix): Promise<number> {
     const c = fileOf.get(f)!;
     if (c.file === 'data') return 'data: pre-filled';
     if (c.file === 'sparse') return 'sparse: never written';
-    return `${fileLabel(c)}: that share of 4 KiB pages written in random order, again before every server and after every cell that writes`;
+    return `${fileLabel(c)}: that share of 4 KiB pages written in random order, a fresh copy for every server session, a session of its own for each cell that writes`;
   });
-  const served = `${sizeMiB} MiB file${files.length > 1 ? 's' : ''} (${states.join('; ')})`;
+  const served = `${sizeMiB} MiB file${files.length > 1 ? 's' : ''} (${[...new Set(states)].join('; ')})`;
   const header =
     `Median of ${rounds} round(s), ${runtime} s measured after ${ramp} s ramp; Unix socket; ` +
     `${served}; ballast = --workers ${opts.workers ?? `auto (${os.availableParallelism()} here)`}, ballast-1 = --workers 1; ` +
