@@ -16,7 +16,7 @@ import {
   validTarget,
   virshAttach,
 } from './attach.js';
-import type { DeviceManager, Role } from './devices.js';
+import { type DeviceManager, noPool, type Role } from './devices.js';
 import { BallastError, isBallastError } from './errors.js';
 import { PR_STATUS, prRoutes } from './pr-api.js';
 import type { ReservationManager } from './reservations.js';
@@ -187,9 +187,16 @@ export function routes(ctx: ApiContext): Route[] {
       return ctx.rescan();
     }),
     r('GET', '/v1/pools/:name', async (_q, [name]) => {
-      const p = (await d.poolStatus()).find((x) => x.name === name);
+      const all = await d.poolStatus();
+      const p = all.find((x) => x.name === name);
       if (!p)
-        throw new BallastError('BALLAST_POOL_NOT_FOUND', `no pool named ${JSON.stringify(name)}`);
+        throw new BallastError(
+          'BALLAST_POOL_NOT_FOUND',
+          noPool(
+            name ?? '',
+            all.map((x) => x.name),
+          ),
+        );
       return p;
     }),
     r('GET', '/v1/devices', async () => {

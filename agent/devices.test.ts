@@ -143,17 +143,21 @@ describe('DeviceManager', () => {
       { name: 'big', quota: 64 * MiB },
     ]);
     await t.devices.create({ name: 'a', size: 32 * MiB, pool: 'small' });
-    expect(await code(t.devices.create({ name: 'b', size: 1, pool: 'small' }))).toBe(
+    expect(await code(t.devices.create({ name: 'b', size: 512, pool: 'small' }))).toBe(
       'BALLAST_POOL_FULL',
     );
     expect((await t.devices.create({ name: 'c', size: 8 * MiB })).extents[0]!.pool).toBe('big');
     expect(await code(t.devices.create({ name: 'd', size: 64 * MiB }))).toBe('BALLAST_POOL_FULL');
-    expect(await code(t.devices.create({ name: 'e', size: 1, pool: 'nope' }))).toBe(
+    expect(await code(t.devices.create({ name: 'e', size: 512, pool: 'nope' }))).toBe(
       'BALLAST_POOL_NOT_FOUND',
     );
-    expect(await code(t.devices.create({ name: 'a', size: 1 }))).toBe('BALLAST_DEVICE_EXISTS');
+    // ...and the refusal names the pools there are, so the user can pick one.
+    await expect(t.devices.create({ name: 'e', size: 512, pool: 'nope' })).rejects.toThrow(
+      /no pool named "nope"; this agent has small, big \(pools are declared in the agent's config file/,
+    );
+    expect(await code(t.devices.create({ name: 'a', size: 512 }))).toBe('BALLAST_DEVICE_EXISTS');
     expect(await code(t.devices.create({ name: 'f', size: 0 }))).toBe('BALLAST_BAD_SIZE');
-    expect(await code(t.devices.create({ name: 'f', size: 1, role: 'swap' as never }))).toBe(
+    expect(await code(t.devices.create({ name: 'f', size: 512, role: 'swap' as never }))).toBe(
       'BALLAST_BAD_ROLE',
     );
     // Nothing of the refused creates is left: no records, no files.
@@ -183,6 +187,13 @@ describe('DeviceManager', () => {
     const shrunk = await t.devices.resize('d', 2 * MiB, true);
     expect(shrunk.extents).toEqual([{ pool: 'p', file: e.extents[0]!.file, size: 2 * MiB }]);
     expect(existsSync(dropped)).toBe(false);
+    expect(t.catalog.lookup('d')?.backend.size).toBe(2 * MiB);
+    // A size that is not whole sectors is refused, saying which size would do; nothing changes.
+    await expect(t.devices.resize('d', 2 * MiB + 1)).rejects.toThrow(
+      /bad size 2097153: a device is a whole number of 512-byte sectors .*use 2097664/,
+    );
+    await expect(t.devices.extend('d', 'q', 1)).rejects.toThrow(/bad growth \+1: .*use \+512/);
+    expect(await code(t.devices.create({ name: 'odd', size: 1000 }))).toBe('BALLAST_BAD_SIZE');
     expect(t.catalog.lookup('d')?.backend.size).toBe(2 * MiB);
   });
 

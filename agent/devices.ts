@@ -143,6 +143,37 @@ export interface Problem {
   message: string;
 }
 
+/** Devices are whole 512-byte sectors: QEMU and the kernel see a disk in sectors, so any
+ * other size would show them a disk of another size than the catalog's. */
+export const SECTOR = 512;
+
+function checkSize(n: number, what: 'size' | 'growth'): void {
+  const shown = what === 'growth' ? `+${n}` : `${n}`;
+  if (!Number.isSafeInteger(n) || n <= 0) {
+    throw new BallastError(
+      'BALLAST_BAD_SIZE',
+      `bad ${what} ${shown}: must be a positive number of bytes`,
+    );
+  }
+  if (n % SECTOR !== 0) {
+    const up = Math.ceil(n / SECTOR) * SECTOR;
+    throw new BallastError(
+      'BALLAST_BAD_SIZE',
+      `bad ${what} ${shown}: a device is a whole number of ${SECTOR}-byte sectors (QEMU would see another size); ` +
+        `use ${what === 'growth' ? '+' : ''}${up}, or a unit such as ${what === 'growth' ? '+' : ''}1M`,
+    );
+  }
+}
+
+/** The message for a pool name the agent does not have: which it has, and where they come from. */
+export function noPool(name: string, known: Iterable<string>): string {
+  const names = [...known];
+  return (
+    `no pool named ${JSON.stringify(name)}; this agent has ${names.length ? names.join(', ') : 'none'} ` +
+    "(pools are declared in the agent's config file, `pools:`, and reloaded on SIGHUP)"
+  );
+}
+
 export class DeviceManager {
   private readonly live = new Map<string, Live>();
   /** Records whose files could not be opened: listed, not exported. */
@@ -459,11 +490,7 @@ export class DeviceManager {
     };
     if (poolName !== undefined) {
       const p = this.pools.get(poolName);
-      if (!p)
-        throw new BallastError(
-          'BALLAST_POOL_NOT_FOUND',
-          `no pool named ${JSON.stringify(poolName)}`,
-        );
+      if (!p) throw new BallastError('BALLAST_POOL_NOT_FOUND', noPool(poolName, this.pools.keys()));
       const room = await check(p);
       if (room < size) {
         throw new BallastError(
@@ -517,12 +544,7 @@ export class DeviceManager {
   }): Promise<{ view: DeviceView; revision: number; record: DeviceRecord }> {
     const name = validateName(req.name);
     const size = req.size;
-    if (!Number.isSafeInteger(size) || size <= 0) {
-      throw new BallastError(
-        'BALLAST_BAD_SIZE',
-        `bad size ${size}: must be a positive number of bytes`,
-      );
-    }
+    checkSize(size, 'size');
     const role = req.role ?? 'data';
     if (!ROLES.includes(role)) {
       throw new BallastError(
@@ -735,12 +757,7 @@ export class DeviceManager {
     return this.change(nameIn, async () => {
       const name = validateName(nameIn);
       const l = this.need(name);
-      if (!Number.isSafeInteger(newSize) || newSize <= 0) {
-        throw new BallastError(
-          'BALLAST_BAD_SIZE',
-          `bad size ${newSize}: must be a positive number of bytes`,
-        );
-      }
+      checkSize(newSize, 'size');
       const old = l.record;
       if (newSize === old.size) return this.view(name);
       const rec: DeviceRecord = {
@@ -792,12 +809,7 @@ export class DeviceManager {
     return this.change(nameIn, async () => {
       const name = validateName(nameIn);
       const l = this.need(name);
-      if (!Number.isSafeInteger(grow) || grow <= 0) {
-        throw new BallastError(
-          'BALLAST_BAD_SIZE',
-          `bad size +${grow}: must be a positive number of bytes`,
-        );
-      }
+      checkSize(grow, 'growth');
       const pool = await this.placement(grow, poolName);
       const file = this.extentPath(pool, name);
       const rec: DeviceRecord = {
