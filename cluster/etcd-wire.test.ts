@@ -21,6 +21,19 @@ function grpcError(code: number, details: string) {
 }
 
 describe('toStoreError', () => {
+  it("drops grpc-js's empty resolution note and nested Error: prefix", () => {
+    const e = toStoreError(
+      grpcError(
+        status.UNAVAILABLE,
+        'No connection established. Last error: Error: connect ECONNREFUSED 127.0.0.1:2399. Resolution note: ',
+      ),
+      'etcd range (http://127.0.0.1:2399)',
+    );
+    expect(e.message).toBe(
+      'etcd range (http://127.0.0.1:2399): No connection established. Last error: connect ECONNREFUSED 127.0.0.1:2399',
+    );
+  });
+
   const cases: [string, unknown, string, boolean][] = [
     [
       'no leader',

@@ -59,6 +59,17 @@ const BY_TEXT: [string, StoreErrorCode][] = [
  *   (RESOURCE_EXHAUSTED too): STORE_UNAVAILABLE;
  * - PERMISSION_DENIED / UNAUTHENTICATED: STORE_UNAVAILABLE, not retryable.
  */
+/**
+ * grpc-js's connection failures end with an empty "Resolution note: " and nest the
+ * socket error's own "Error: " prefix; what is left is the reason a user can act on.
+ */
+export function tidyGrpc(text: string): string {
+  return text
+    .replace(/\s*Resolution note:\s*$/, '')
+    .replace(/Last error: Error: /g, 'Last error: ')
+    .replace(/\.$/, '');
+}
+
 export function toStoreError(e: unknown, what: string, closed = false): StoreError {
   if (e instanceof StoreError) return e;
   if (closed) return new StoreError('STORE_CLOSED', `${what}: the store was closed`, { cause: e });
@@ -69,7 +80,7 @@ export function toStoreError(e: unknown, what: string, closed = false): StoreErr
     const msg = e instanceof Error ? e.message : String(e);
     return new StoreError('STORE_UNAVAILABLE', `${what}: ${msg}`, { cause: e });
   }
-  const text = e.details || e.message || `gRPC status ${e.code}`;
+  const text = tidyGrpc(e.details || e.message || `gRPC status ${e.code}`);
   const msg = `${what}: ${text}`;
   for (const [fragment, code] of BY_TEXT) {
     if (text.includes(fragment)) return new StoreError(code, msg, { cause: e });

@@ -33,7 +33,9 @@ export async function openClusterStore(
     await store?.close().catch(() => {});
     const err = new BallastError(
       'BALLAST_CLUSTER_UNREACHABLE',
-      `cannot reach etcd at ${config.etcd.join(', ')}: ${(e as Error).message}`,
+      `cannot reach etcd at ${config.etcd.join(', ')}: ${(e as Error).message}; ` +
+        'is etcd running there, and does `cluster.etcd` in the config name it? ' +
+        '(without a `cluster:` section the agent runs alone on its embedded store)',
       { cause: e },
     );
     Object.assign(err, { exitCode: EXIT_CLUSTER_UNREACHABLE });
