@@ -46,7 +46,10 @@ export function registerNotify(program: Command): void {
       .argument('<NAME>')
       .requiredOption('-u, --url <URL>', 'http:// or https:// endpoint')
       .option('-t, --types <LIST>', "comma-separated types, * wildcards: 'device.*,tier.changed'")
-      .option('--secret-file <FILE>', 'HMAC key (at least 16 characters) to sign each body with'),
+      .option(
+        '--secret-file <FILE>',
+        "HMAC key to sign each body with: the file's text without surrounding whitespace (its newline), at least 16 characters",
+      ),
   ).action(
     async (name: string, o: Common & { url: string; types?: string; secretFile?: string }) => {
       checkTypes(o.types);
@@ -55,10 +58,7 @@ export function registerNotify(program: Command): void {
         try {
           secret = readFileSync(o.secretFile, 'utf8').trim();
         } catch (e) {
-          throw new AgentError(
-            'NOTIFY_BAD_SECRET',
-            `cannot read ${o.secretFile}: ${(e as Error).message}`,
-          );
+          throw new AgentError('NOTIFY_BAD_SECRET', unreadableSecret(o.secretFile, e));
         }
       }
       const r = (await client(o).request('POST', '/v1/notify', {
@@ -241,4 +241,21 @@ export class SseReader {
     }
     return got;
   }
+}
+
+/** Why a secret file could not be read, and how to make one. */
+export function unreadableSecret(file: string, e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  const why =
+    code === 'ENOENT'
+      ? 'it does not exist'
+      : code === 'EACCES'
+        ? 'permission denied'
+        : code === 'EISDIR'
+          ? 'it is a directory'
+          : (e as Error).message;
+  return (
+    `cannot read the secret file ${file}: ${why}; make one readable by its owner only, e.g. ` +
+    `install -d -m 0700 "$(dirname ${file})" && (umask 077; head -c 32 /dev/urandom | base64 > ${file})`
+  );
 }
