@@ -205,6 +205,8 @@ export class Agent {
   private lastReloadError: string | null = null;
   /** Set when the config has a cluster: section. */
   cluster: Cluster | undefined;
+  /** Aborted when the agent stops: ends every GET /v1/events stream. */
+  private readonly stopEvents = new AbortController();
   /** The self-fence of shared devices (cluster only). */
   private fence: Fence | undefined;
   /** Configuration-change events and their recipients. */
@@ -499,6 +501,7 @@ export class Agent {
         serveEvents(this.store, req, res, url, {
           cluster: this.config.cluster?.name ?? 'default',
           host: this.hostName(),
+          signal: this.stopEvents.signal,
         }),
       stale: () => this.cluster?.staleness() ?? null,
       endpointOf: (host: string) => this.cluster?.member(host)?.nbd,
@@ -826,6 +829,9 @@ export class Agent {
   }
 
   private async teardown(): Promise<void> {
+    // Event streams last as long as their client wants: they end now (a following
+    // client resumes from its last id), or the API would wait for them.
+    this.stopEvents.abort();
     // Calls in flight are answered; idle keep-alive connections go now.
     for (const s of this.apiServers) s.closeIdleConnections();
     const apiClosed = Promise.all(

@@ -20,6 +20,8 @@ export interface SseOptions {
   host: string;
   /** Keepalive comments this often on an idle stream (ms). */
   heartbeatMs?: number;
+  /** Ends the stream (the agent stops): a following client reconnects from its last id. */
+  signal?: AbortSignal;
 }
 
 export async function serveEvents(
@@ -79,6 +81,9 @@ export async function serveEvents(
   };
   const beat = setInterval(() => res.write(': keepalive\n\n'), opts.heartbeatMs ?? 15_000);
   req.on('close', close);
+  if (opts.signal?.aborted) close();
+  opts.signal?.addEventListener('abort', close, { once: true });
+  res.once('close', () => opts.signal?.removeEventListener('abort', close));
   let idle: NodeJS.Timeout | undefined;
   const maybeEnd = (rev: number) => {
     if (follow) return;
