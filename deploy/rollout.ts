@@ -57,6 +57,9 @@ export interface Health {
   detail: string;
 }
 
+/** At least this long for the previous deploy to come back healthy after a failed one. */
+const RESTORE_HEALTH_MS = 30_000;
+
 /** One GET /healthz through the SSH session. */
 export async function checkHealth(r: Remote, timeoutMs = 3000): Promise<Health> {
   const { host, port, token } = r.host.api;
@@ -88,8 +91,9 @@ async function waitHealthy(
   id: string,
   version: string | null,
   signal: AbortSignal | null,
+  healthMs = r.host.timeouts.healthMs,
 ): Promise<void> {
-  const deadline = Date.now() + r.host.timeouts.healthMs;
+  const deadline = Date.now() + healthMs;
   let last = 'no answer yet';
   let probed = 0;
   for (;;) {
@@ -116,7 +120,7 @@ async function waitHealthy(
     if (Date.now() > deadline) {
       throw new DeployError(
         'DEPLOY_HEALTH_FAILED',
-        `${r.host.name}: /healthz on ${r.host.api.host}:${r.host.api.port} not healthy within ${Math.round(r.host.timeouts.healthMs / 1000)} s (${last})`,
+        `${r.host.name}: /healthz on ${r.host.api.host}:${r.host.api.port} not healthy within ${Math.round(healthMs / 1000)} s (${last})`,
         { host: r.host.name },
       );
     }
@@ -198,7 +202,9 @@ async function restoreOld(
   say(`rolling back: starting ${old}`);
   await r.restart(old);
   try {
-    await waitHealthy(r, old, null, null);
+    // A short timeouts.health judges the new deploy; the old one was healthy before, and
+    // giving up on it early would leave the host without an agent.
+    await waitHealthy(r, old, null, null, Math.max(r.host.timeouts.healthMs, RESTORE_HEALTH_MS));
   } catch (e) {
     say(`the previous deploy did not come back healthy: ${describeError(e)}`);
     return `restarted ${old}, but it is not healthy`;
