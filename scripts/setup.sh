@@ -43,5 +43,22 @@ fi
 
 node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error("setup: Node >= 20 is required, found " + process.version); process.exit(1) }'
 
-# npm ci builds the native addon (install script) and dist/ (prepare script).
-npm ci --no-audit --no-fund --loglevel=error
+# npm ci builds the native addon (install script) and dist/ (prepare script). It takes
+# minutes, so it runs only when what it produces would differ: another package-lock.json,
+# another Node ABI, another addon source, or its output missing. Otherwise only dist/ is
+# rebuilt, and only when a source is newer than it.
+stamp=node_modules/.ballast-setup
+want_stamp="$(cat package-lock.json binding.gyp native/* 2>/dev/null | sha256sum | cut -d' ' -f1) node-abi-$(node -p process.versions.modules)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" && -f build/Release/ballast_native.node && -d dist ]]; then
+  if [[ -n "$(find agent bench cli cluster deploy dumpd migrate nbd notify test -name '*.ts' -newer "$stamp" -print -quit)" ]] ||
+    [[ tsconfig.build.json -nt "$stamp" ]]; then
+    echo "setup: dependencies unchanged; rebuilding dist/" >&2
+    npm run build --silent
+    touch "$stamp"
+  else
+    echo "setup: nothing changed since the last setup (npm ci skipped)" >&2
+  fi
+else
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$want_stamp" >"$stamp"
+fi
