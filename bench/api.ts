@@ -35,6 +35,9 @@ export function httpRequest(
             : {}),
           ...o.headers,
         },
+        // Not Node's global agent: its idle timeout (5 s) would cut off a reply that is
+        // only slow, on a loaded machine or behind a cluster-wide change.
+        agent: false,
         ...(o.timeoutMs !== undefined ? { timeout: o.timeoutMs } : {}),
       },
       (res) => {

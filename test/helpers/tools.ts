@@ -178,7 +178,9 @@ export function run(
   args: readonly string[],
   opts: RunOptions = {},
 ): Promise<RunResult> {
-  const timeoutMs = opts.timeoutMs ?? 45_000;
+  // A guard against a hang, not a judge of speed: on a machine loaded to 10 times its
+  // cores a CLI run that needs half a second of CPU has taken over 45 s.
+  const timeoutMs = opts.timeoutMs ?? 180_000;
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       env: toolEnv(opts.env),

@@ -305,7 +305,9 @@ describeWithTools(['qemu-io', 'qemu-img'], 'ballast agent: API and CLI end to en
       'BALLAST_DEVICE_EXISTS',
     );
     // Nothing of the failed creates was left behind.
-    const ls = JSON.parse((await agent.cli('device', 'ls', '--json')).stdout);
+    const lsRun = await agent.cli('device', 'ls', '--json');
+    expect(lsRun.code, describeRun(lsRun)).toBe(0);
+    const ls = JSON.parse(lsRun.stdout);
     expect(ls.devices.map((d: { name: string }) => d.name).sort()).toEqual(['span', 'swap-vm1']);
   });
 
