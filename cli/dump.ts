@@ -14,14 +14,19 @@ import { DumpDevice } from '../dumpd/device.js';
 import { FlattenedReader, isFlattened } from '../dumpd/flattened.js';
 import type { DumpResult } from '../dumpd/job.js';
 import { Pull, readSnapshotHeader } from '../dumpd/migration.js';
+import { memoryRoutes } from '../guestd/memory/api.js';
+import { type MemoryConfig, parseMemoryConfig } from '../guestd/memory/config.js';
+import { MemoryController } from '../guestd/memory/controller.js';
+import type { RebalanceEvent } from '../guestd/memory/policy.js';
+import { readHost } from '../guestd/memory/sources.js';
 import { Client } from './client.js';
 import { table } from './manage.js';
 
-/** Coded errors of the NBD client, QMP and dumpd reach the user as `ballast: error CODE`. */
-function coded(e: unknown): unknown {
+/** Coded errors of the NBD client, QMP, dumpd and memory reach the user as `ballast: error CODE`. */
+export function coded(e: unknown): unknown {
   if (e instanceof BallastError) return e;
   const code = (e as { code?: unknown })?.code;
-  if (typeof code === 'string' && /^(NBD|QMP|DUMP)_[A-Z0-9_]+$/.test(code))
+  if (typeof code === 'string' && /^(NBD|QMP|DUMP|MEMORY)_[A-Z0-9_]+$/.test(code))
     return new BallastError(code, (e as Error).message, { cause: e });
   return e;
 }
@@ -53,6 +58,24 @@ async function agentDeviceUri(agent: string | undefined, device: string, tokenFi
 export async function resolveDevice(ref: DeviceRef): Promise<string> {
   if ('uri' in ref) return ref.uri;
   return agentDeviceUri(ref.agent, ref.device, ref.tokenFile);
+}
+
+/**
+ * A `memory.rebalanced` event to the agents of the guests' paging devices (each once),
+ * for their notification recipients. Best effort: a failure is logged.
+ */
+function postMemoryEvent(cfg: MemoryConfig, ev: RebalanceEvent): void {
+  const agents = new Map<string, { agent?: string; tokenFile?: string }>();
+  for (const g of cfg.guests)
+    if (g.pagingDevice !== undefined)
+      agents.set(`${g.agent ?? ''}\u0000${g.tokenFile ?? ''}`, {
+        ...(g.agent !== undefined ? { agent: g.agent } : {}),
+        ...(g.tokenFile !== undefined ? { tokenFile: g.tokenFile } : {}),
+      });
+  for (const a of agents.values())
+    new Client(a)
+      .request('POST', '/v1/events', { kind: ev.kind, subject: 'memory', data: ev.data })
+      .catch((e: Error) => process.stderr.write(`dumpd: memory: event not posted: ${e.message}\n`));
 }
 
 /** A dump event to the agent of an agent device: POST /v1/events (recorded for its recipients). */
@@ -194,7 +217,7 @@ function progress(total: number, enabled: boolean) {
  * BALLAST_DUMPD_TOKEN, else the local dumpd's own (DEFAULT_RUN_DIR/token, for
  * whoever may read it: root).
  */
-function dumpdToken(file: string | undefined): string | undefined {
+export function dumpdToken(file: string | undefined): string | undefined {
   if (file !== undefined) {
     try {
       return readFileSync(file, 'utf8').trim();
@@ -213,7 +236,7 @@ function dumpdToken(file: string | undefined): string | undefined {
   }
 }
 
-function dumpdRequest(
+export function dumpdRequest(
   where: string,
   method: string,
   path: string,
@@ -318,17 +341,33 @@ Config example:
         }
         const cfg = parseConfig(text, o.config);
         if (o.listen) cfg.listen = o.listen;
+        // The memory part (guestd/memory): refused here, before anything starts, when
+        // its pool cannot hold the entitlements.
+        const memCfg = parseMemoryConfig(text, readHost().memTotal, o.config);
+        let memory: MemoryController | null = null;
         const d = new Dumpd(cfg, {
           resolveDevice: (ref) => resolveDevice(ref),
           postEvent: postDumpEvent,
           log: (s) => process.stderr.write(`dumpd: ${s}\n`),
+          routes: (method, url) =>
+            memory ? memoryRoutes(memory)(method, url) : Promise.resolve(null),
         });
         const addr = await d.start();
+        if (memCfg) {
+          const mc = new MemoryController(memCfg, {
+            monitor: (name) => d.monitorOf(name),
+            registry: d.registry,
+            onEvent: (e) => postMemoryEvent(memCfg, e),
+            log: (s) => process.stderr.write(`dumpd: ${s}\n`),
+          });
+          memory = mc;
+          mc.start();
+        }
         process.stderr.write(`dumpd: listening on ${addr}\n`);
         await new Promise<void>((resolve) => {
           const stop = () => {
             process.stderr.write('dumpd: stopping\n');
-            void d.stop().then(resolve);
+            void Promise.all([memory?.stop(), d.stop()]).then(() => resolve());
           };
           process.once('SIGTERM', stop);
           process.once('SIGINT', stop);

@@ -13,6 +13,7 @@ import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';
 import { registerManagement } from './manage.js';
+import { registerMemory } from './memory.js';
 import { registerGuest, registerMigrate } from './migrate.js';
 import { registerNotify } from './notify.js';
 import { nonNegativeInt, positiveInt, sizeArg } from './options.js';
@@ -213,6 +214,7 @@ BALLAST_TLS_CONFIG, BALLAST_BAD_IDENTITY.`,
   registerNotify(program);
   registerDeploy(program);
   registerDump(program);
+  registerMemory(program);
   registerPr(program);
   registerMigrate(program);
   registerGuest(program);

@@ -204,8 +204,13 @@ export function parseConfig(text: string, source = 'config'): DumpdConfig {
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
     bad(`${source}: must be a mapping`);
   const r = raw as Record<string, unknown>;
+  // `memory` is the memory part's section (guestd/memory/config.ts reads it).
   for (const k of Object.keys(r))
-    if (!['listen', 'runDir', 'defaults', 'guests', 'watch', 'dumpTimeoutSeconds'].includes(k))
+    if (
+      !['listen', 'runDir', 'defaults', 'guests', 'watch', 'dumpTimeoutSeconds', 'memory'].includes(
+        k,
+      )
+    )
       bad(`${source}: unknown key "${k}"`);
   const d = r.defaults ?? {};
   if (d === null || typeof d !== 'object' || Array.isArray(d))

@@ -38,6 +38,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { createApiGuard } from '../agent/api-guard.js';
+import { prepareSocketPath } from '../agent/listen.js';
 import { DumpError } from './catalog.js';
 import {
   AFTER,
@@ -71,6 +72,11 @@ export interface DumpdDeps {
    */
   postEvent?(ref: AgentDeviceRef, event: DumpEvent): Promise<void>;
   log?(line: string): void;
+  /**
+   * More routes on dumpd's listener (the memory part's /v1/memory): an answer, or null
+   * when the request is not theirs. Like dumpd's own, they read no body.
+   */
+  routes?(method: string, url: URL): Promise<{ status: number; body: unknown } | null>;
 }
 
 /** A dump device named on an agent (rather than by an NBD URI). */
@@ -404,6 +410,11 @@ export class Dumpd extends EventEmitter {
     this.log(
       `guest ${cfg.name}: watching ${cfg.qmp}${watched ? ' (found in a watched directory)' : ''}`,
     );
+  }
+
+  /** The guest's QMP monitor, for the daemon's other parts (one connection per guest). */
+  monitorOf(name: string): QmpMonitor | undefined {
+    return this.guests.get(name)?.monitor ?? undefined;
   }
 
   /** Whether dumpd reaches the guest: its QMP monitor, or its libvirt connection. */
@@ -863,10 +874,16 @@ export class Dumpd extends EventEmitter {
       };
       if (unix) {
         const p = l.replace(/^unix:/, '');
-        srv.listen(p, () => {
-          chmodSync(p, 0o600);
-          done();
-        });
+        // A socket left by a daemon that was killed would refuse the restart (EADDRINUSE).
+        prepareSocketPath(p).then(
+          () =>
+            srv.listen(p, () => {
+              chmodSync(p, 0o600);
+              done();
+            }),
+          (e: Error) =>
+            reject(new DumpError('DUMP_LISTEN_FAILED', `cannot listen on ${l}: ${e.message}`)),
+        );
       } else {
         const m = /^(\[[^\]]+\]|[^:]*):(\d+)$/.exec(l);
         if (!m) {
@@ -920,6 +937,11 @@ export class Dumpd extends EventEmitter {
             last: g.last,
           })),
         });
+        return;
+      }
+      const extra = await this.deps.routes?.(req.method ?? '', url);
+      if (extra) {
+        send(extra.status, extra.body);
         return;
       }
       const m = /^\/v1\/guests\/([^/]+)\/dump$/.exec(url.pathname);

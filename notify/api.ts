@@ -15,12 +15,12 @@ export function notifyRoutes(n: Notifier): RouteSet {
     }),
     route('POST', '/v1/notify/:name/test', async (_q, [name]) => n.test(name!)),
     route('POST', '/v1/events', async (_q, _p, body) => {
-      // For dumpd and scripts: an event the agent records in the log for them.
+      // For the guest daemon and scripts: an event the agent records in the log for them.
       const kind = body.kind;
-      if (kind !== 'dump.completed' && kind !== 'dump.failed') {
+      if (kind !== 'dump.completed' && kind !== 'dump.failed' && kind !== 'memory.rebalanced') {
         throw new BallastError(
           'NOTIFY_BAD_TYPES',
-          'only dump.completed and dump.failed may be posted',
+          'only dump.completed, dump.failed and memory.rebalanced may be posted',
         );
       }
       const subject = typeof body.subject === 'string' ? body.subject : undefined;

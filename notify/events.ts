@@ -29,6 +29,7 @@ export const EVENT_KINDS = [
   'pool.full',
   'dump.completed',
   'dump.failed',
+  'memory.rebalanced',
   'resync',
   'test',
 ] as const;
