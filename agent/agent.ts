@@ -21,6 +21,7 @@ import type http from 'node:http';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
+import { GuardedStore } from '../cluster/changes.js';
 import type { Cluster } from '../cluster/cluster.js';
 import { Fence } from '../cluster/fence.js';
 import {
@@ -207,6 +208,8 @@ export class Agent {
   cluster: Cluster | undefined;
   /** Aborted when the agent stops: ends every GET /v1/events stream. */
   private readonly stopEvents = new AbortController();
+  /** In a cluster: the store changes go through (a deadline and a verdict each). */
+  private readonly changes: GuardedStore | undefined;
   /** The self-fence of shared devices (cluster only). */
   private fence: Fence | undefined;
   /** Configuration-change events and their recipients. */
@@ -227,8 +230,27 @@ export class Agent {
     const credentials = loadTls(config.nbd.tls);
     const identities = new IdentityMap(config.nbd.identities);
     const hostIdentity = config.cluster?.host;
+    // In a cluster, devices and reservations change through the guarded store:
+    // one deadline and a verdict for every change (cluster/changes.ts).
+    const cc = config.cluster;
+    this.changes = cc
+      ? new GuardedStore(
+          store,
+          {
+            host: cc.host,
+            joined: () => this.cluster?.joined() ?? false,
+            guard: () => this.cluster?.guard(),
+            epoch: () => this.cluster!.epoch(),
+            epochEnded: (rev) => this.cluster?.epochEnded(rev),
+            catalogRevisionAt: (rev, ms) => this.cluster!.catalogRevisionAt(rev, ms),
+          },
+          cc.changeTimeoutMs,
+          (m) => this.log(m),
+        )
+      : undefined;
+    const changeStore = this.changes ?? store;
     this.reservations = new ReservationManager(
-      store,
+      changeStore,
       () => this.nbd,
       (name) => this.devices.liveNames().includes(name),
       (m) => this.log(m),
@@ -264,7 +286,7 @@ export class Agent {
       },
     });
     this.devices = new DeviceManager(
-      store,
+      changeStore,
       this.pools,
       this.catalog,
       () => this.nbd,
@@ -314,6 +336,7 @@ export class Agent {
       return acc;
     };
     this.devices.onRemoved = (name) => this.reservations.forget(name);
+    this.reservations.notServed = (name) => this.devices.whyNotServed(name);
     this.streams = new StreamManager({
       device: (name) => this.devices.streamTarget(name),
       access: (name) => this.reservations.access(name),
@@ -739,7 +762,9 @@ export class Agent {
       config: this.config.source,
       dataDir: this.config.dataDir,
       storeRevision: this.cluster ? this.cluster.revision : await this.store.revision(),
-      cluster: this.cluster?.summary(),
+      cluster: this.cluster
+        ? { ...this.cluster.summary(), inDoubt: this.changes?.inDoubt() ?? [] }
+        : undefined,
       nbd: this.nbdTargets.map(describeTarget),
       api: this.apiTargets.map(describeTarget),
       tokenRequired: this.config.api.requireToken,
@@ -850,6 +875,7 @@ export class Agent {
     await this.notifier.stop();
     this.fence?.close();
     await this.cluster?.leave();
+    await this.changes?.close();
     await this.store.close();
     for (const p of this.sockets) rmSync(p, { force: true });
     if (failed.length > 0) {

@@ -290,7 +290,7 @@ export function routes(ctx: ApiContext): Route[] {
         ...(domain ? { domain, virsh: virshAttach(domain, [libvirt]) } : {}),
       };
     }),
-    ...(ctx.reservations ? prRoutes(ctx.reservations, r) : []),
+    ...(ctx.reservations ? prRoutes(ctx.reservations, r, ctx.stale) : []),
     ...(ctx.extraRoutes ?? []).flatMap((set) => set(r)),
   ];
 }

@@ -7,6 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { ChangeError, isChangeError } from '../cluster/changes.js';
 import type { AccessControl, Export } from '../nbd/export.js';
 import type { NbdServer } from '../nbd/server.js';
 import { ExportStats } from '../nbd/stats.js';
@@ -183,6 +184,8 @@ export class DeviceManager {
   readonly recovered: string[] = [];
   /** One device change at a time; reads never wait. */
   private readonly mutex = new Mutex();
+  /** Set by close(): background repairs stop. */
+  private closed = false;
   /** Per-request access control of a device's export (reservations, access lists). */
   exportAccess?: (name: string, shared: boolean) => AccessControl;
   /** Told once a device is deleted, to drop what else is kept about it. */
@@ -573,11 +576,18 @@ export class DeviceManager {
       rec.by = this.cluster.host;
     }
     let files: SparseFileBackend[] = [];
+    // 1. The intent, durable before any file exists. A failure here leaves nothing of ours
+    // (in a cluster the store says NOT made, or undoes an intent that reached etcd late).
+    let intentRev: number;
     try {
-      // 1. The intent, durable before any file exists.
       const created = await this.store.createIfAbsent(PREFIX + name, JSON.stringify(rec));
       if (!created.succeeded)
         throw new BallastError('BALLAST_DEVICE_EXISTS', `device ${name} already exists`);
+      intentRev = created.revision;
+    } catch (e) {
+      throw this.createFailed(name, rec, e, false);
+    }
+    try {
       failpoint('create-after-intent');
       // 2. The file, durable too.
       files = [
@@ -587,11 +597,7 @@ export class DeviceManager {
       failpoint('create-after-file');
       // 3. Done: from here on the device exists.
       const ready: DeviceRecord = { ...rec, state: 'ready' };
-      const done = await this.store.updateIf(
-        PREFIX + name,
-        JSON.stringify(ready),
-        created.revision,
-      );
+      const done = await this.store.updateIf(PREFIX + name, JSON.stringify(ready), intentRev);
       if (!done.succeeded)
         throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
       failpoint('create-after-commit');
@@ -599,28 +605,75 @@ export class DeviceManager {
       this.log(`device ${name}: created, ${size} bytes in pool ${pool.name} (${role})`);
       return { view: this.view(name), revision: done.revision, record: ready };
     } catch (e) {
-      // A store that timed out may have committed: the record says which.
-      const kv = await this.settledRecord(name);
-      const mine = kv && parseRecord(kv.value)?.extents[0]?.file === rec.extents[0]!.file;
-      if (mine && files.length > 0 && parseRecord(kv.value)?.state === 'ready') {
-        const ready = parseRecord(kv.value)!;
-        this.install(ready, kv.modRevision, files, this.newStats(name));
-        this.log(`device ${name}: created (the store answered late)`);
-        return { view: this.view(name), revision: kv.modRevision, record: ready };
-      }
       for (const f of files) await f.close().catch(() => {});
       await this.removeFiles(rec);
-      if (mine) await untilAnswered(() => this.store.deleteIf(PREFIX + name, kv.modRevision));
-      throw e;
+      if (isChangeError(e) && e.made === false) {
+        // The ready record was NOT made: the intent is ours to remove.
+        this.undoCreate(name, rec);
+      } else if (!isChangeError(e)) {
+        // A file or a store failure on a single host (SQLite answers or fails for good).
+        try {
+          await this.store.deleteIf(PREFIX + name, intentRev);
+        } catch {
+          this.undoCreate(name, rec);
+        }
+      }
+      throw this.createFailed(name, rec, e, true);
     }
   }
 
-  /** The device's record once the store answers (a timed-out write may or may not have landed). */
-  private async settledRecord(name: string): Promise<KeyValue | undefined> {
+  /**
+   * A create that failed: nothing is left of it. A store call whose outcome was
+   * in doubt is undone as soon as etcd tells that it was made.
+   */
+  private createFailed(name: string, rec: DeviceRecord, e: unknown, intentMade: boolean): unknown {
+    if (!isChangeError(e)) return e;
+    if (e.made === false) return e;
+    void e.outcome?.then(
+      (made) => {
+        if (made || intentMade) this.undoCreate(name, rec);
+      },
+      () => {},
+    );
+    return new ChangeError(
+      'STORE_UNAVAILABLE',
+      `device ${name} was NOT created: ${e.message}. A record of it that reached etcd late is removed by this agent as soon as etcd answers (until then it may be listed as creating)`,
+      false,
+      undefined,
+      e,
+    );
+  }
+
+  /** Removes the record of a create that failed, once the store takes it (retried in the background). */
+  private undoCreate(name: string, rec: DeviceRecord, delay = 250): void {
+    const file = rec.extents[0]!.file;
+    const retry = () => {
+      if (this.closed) {
+        this.log(`device ${name}: the record of a failed create is left for the next start`);
+        return;
+      }
+      setTimeout(() => this.undoCreate(name, rec, Math.min(delay * 2, 5000)), delay).unref();
+    };
+    this.store.get(PREFIX + name).then(async (kv) => {
+      const mine = kv ? parseRecord(kv.value) : undefined;
+      if (!kv || mine?.extents[0]?.file !== file) return;
+      try {
+        const r = await this.store.deleteIf(PREFIX + name, kv.modRevision);
+        if (r.succeeded) this.log(`device ${name}: the record of a failed create removed`);
+        else retry();
+      } catch {
+        retry();
+      }
+    }, retry);
+  }
+
+  /** Why a command on `name` is refused here (BALLAST_DEVICE_REMOTE, ..._NOT_FOUND), or undefined. */
+  whyNotServed(name: string): Error | undefined {
     try {
-      return await untilAnswered(() => this.store.get(PREFIX + name));
-    } catch {
+      this.need(name);
       return undefined;
+    } catch (e) {
+      return e as Error;
     }
   }
 
@@ -714,21 +767,71 @@ export class DeviceManager {
       const rec: DeviceRecord = { ...l.record, state: 'deleting' };
       // Out of the catalogue first: no new client can open it from here on.
       this.catalog.delete(name);
+      let intentRev: number;
       try {
-        await this.save(l, rec);
+        intentRev = await this.save(l, rec);
       } catch (e) {
         this.catalog.set(this.exportOf(l));
+        if (isChangeError(e) && e.made === null) {
+          // If it was made, the watch stops the export here as on every host; the files and
+          // the record go then.
+          void e.outcome?.then(
+            async (made) => {
+              if (!made) return;
+              await this.removeFiles(rec);
+              this.finishDelete(name);
+            },
+            () => {},
+          );
+          throw new ChangeError(
+            'STORE_TIMEOUT',
+            `${e.message}. If the delete of ${name} was made, the agent finishes it then`,
+            null,
+            e.outcome,
+            e,
+          );
+        }
         throw e;
       }
       failpoint('delete-after-intent');
       this.live.delete(name);
       for (const f of l.files) await f.close().catch(() => {});
       await this.removeFiles(rec);
-      const del = await untilAnswered(() => this.store.delete(PREFIX + name));
-      await this.onRemoved?.(name);
+      let revision: number;
+      try {
+        revision = (await untilAnswered(() => this.store.delete(PREFIX + name))).revision;
+        await this.onRemoved?.(name);
+      } catch (e) {
+        // The device is gone everywhere (its record says deleting, its files are removed);
+        // the record and its reservations go as soon as the store takes them.
+        this.log(`device ${name}: removing its record failed (${(e as Error).message}); retrying`);
+        revision = intentRev;
+        this.finishDelete(name);
+      }
       this.log(`device ${name}: deleted`);
-      return { revision: del.revision, record: rec };
+      return { revision, record: rec };
     })();
+  }
+
+  /** Removes the record of a device this host deleted, once the store takes it (retried). */
+  private finishDelete(name: string, delay = 250): void {
+    const retry = () => {
+      if (this.closed) return;
+      setTimeout(() => this.finishDelete(name, Math.min(delay * 2, 5000)), delay).unref();
+    };
+    this.store.get(PREFIX + name).then(async (kv) => {
+      const rec = kv ? parseRecord(kv.value) : undefined;
+      if (!kv || rec?.state !== 'deleting' || !this.ours(rec)) return;
+      try {
+        const r = await this.store.deleteIf(PREFIX + name, kv.modRevision);
+        if (r.succeeded) {
+          await this.onRemoved?.(name);
+          this.log(`device ${name}: record removed`);
+        } else retry();
+      } catch {
+        retry();
+      }
+    }, retry);
   }
 
   private async removeFiles(rec: DeviceRecord): Promise<void> {
@@ -829,7 +932,17 @@ export class DeviceManager {
         this.install(rec, revision, [...l.files, f], l.stats);
       } catch (e) {
         await f.close().catch(() => {});
-        rmSync(file, { force: true });
+        if (isChangeError(e) && e.made === null) {
+          // Made after all, the record names the file (the watch opens it): keep it until known.
+          void e.outcome?.then(
+            (made) => {
+              if (!made) rmSync(file, { force: true });
+            },
+            () => {},
+          );
+        } else {
+          rmSync(file, { force: true });
+        }
         throw e;
       }
       this.log(`device ${name}: extended by ${grow} bytes in pool ${pool.name}`);
@@ -933,6 +1046,7 @@ export class DeviceManager {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     for (const l of this.live.values()) {
       for (const f of l.files) await f.close().catch(() => {});
     }

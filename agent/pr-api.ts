@@ -79,10 +79,16 @@ function generationField(v: unknown): number {
 export function prRoutes<R>(
   res: ReservationManager,
   route: (method: string, path: string, handler: Handler) => R,
+  /** In a cluster, while cut off from etcd: reads come from the cache and say so. */
+  stale?: () => { since: string; reason: string } | null,
 ): R[] {
+  const marked = <T extends object>(v: T): T | (T & { stale: unknown }) => {
+    const s = stale?.();
+    return s ? { ...v, stale: s } : v;
+  };
   return [
-    route('GET', '/v1/devices/:name/pr', async (_q, [name]) => res.show(name!)),
-    route('GET', '/v1/devices/:name/pr/keys', async (_q, [name]) => res.keys(name!)),
+    route('GET', '/v1/devices/:name/pr', async (_q, [name]) => marked(res.show(name!))),
+    route('GET', '/v1/devices/:name/pr/keys', async (_q, [name]) => marked(res.keys(name!))),
     route('GET', '/v1/devices/:name/pr/audit', async (_q, [name]) => ({
       device: name,
       entries: await res.audit(name!),
@@ -123,7 +129,7 @@ export function prRoutes<R>(
       }
       return res.apply(name!, req, actorOf(q));
     }),
-    route('GET', '/v1/devices/:name/acl', async (_q, [name]) => res.acl(name!)),
+    route('GET', '/v1/devices/:name/acl', async (_q, [name]) => marked(res.acl(name!))),
     route('PUT', '/v1/devices/:name/acl', async (_q, [name], body) => {
       const e = body.entries;
       if (e !== null && !Array.isArray(e)) {

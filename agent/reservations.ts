@@ -283,6 +283,8 @@ export class ReservationManager {
    * device (agent/stream.ts), and waits for their I/O in flight: the number stopped.
    */
   abortStreams?: (device: string, identities: ReadonlySet<string>) => Promise<number>;
+  /** Why a device this agent does not serve is refused (BALLAST_DEVICE_REMOTE), if it is known. */
+  notServed?: (device: string) => Error | undefined;
   /** In a cluster: which agents have applied the device's current reservation state. */
   appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
   /**
@@ -376,6 +378,8 @@ export class ReservationManager {
 
   private need(device: string): DeviceAccess {
     if (!this.exists(device)) {
+      const why = this.notServed?.(device);
+      if (why) throw why;
       throw new BallastError(
         'BALLAST_DEVICE_NOT_FOUND',
         `no device named ${JSON.stringify(device)}`,
@@ -705,28 +709,12 @@ export class ReservationManager {
       const key = PR_PREFIX + device;
       const value = JSON.stringify(record);
       const auditKey = auditKeyOf(device, rev.seq);
-      let t: { succeeded: boolean; revision: number };
-      try {
-        t = await this.store.txn({
-          compare: [cmp.modRevision(key, '=', rev.pr)],
-          success: [op.put(key, value), op.put(auditKey, JSON.stringify(entry))],
-        });
-      } catch (e) {
-        // A store that timed out (an etcd election) may or may not have made the
-        // change: read until it answers, and say which.
-        if (!isStoreError(e) || !e.retryable) throw e;
-        const kv = await untilAnswered(() => this.store.get(key));
-        const audit = await untilAnswered(() => this.store.get(auditKey));
-        if (!kv || kv.value !== value || audit?.value !== JSON.stringify(entry)) {
-          throw new StoreError(
-            e.code,
-            `${e.message}; read back afterwards: the change to ${device} was NOT made, nothing changed (retry)`,
-            { cause: e },
-          );
-        }
-        this.log(`device ${device}: the store answered late; read back: the change was made`);
-        t = { succeeded: true, revision: kv.modRevision };
-      }
+      // In a cluster the store ends the call with a verdict within its deadline: made
+      // (an answer, or read back after a lost one), NOT made, or in doubt (cluster/changes.ts).
+      const t = await this.store.txn({
+        compare: [cmp.modRevision(key, '=', rev.pr)],
+        success: [op.put(key, value), op.put(auditKey, JSON.stringify(entry))],
+      });
       if (!t.succeeded) throw new LostRace(device, t.revision);
       this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
       let aborted = 0;

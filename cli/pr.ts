@@ -7,6 +7,7 @@ import { type Command, Option } from 'commander';
 import { BallastError } from '../agent/errors.js';
 import { PR_ACTIONS, PR_TYPE_NAMES, type PrType } from '../agent/pr.js';
 import { AgentError, Client } from './client.js';
+import { warnStale } from './manage.js';
 
 interface Common {
   agent?: string;
@@ -130,14 +131,19 @@ Conflicts exit 5 with PR_CONFLICT and the reason; bad keys or types exit 8
       const r = (await request(o, 'GET', `${path}/pr/keys`)) as {
         generation: number;
         keys: string[];
+        stale?: { since: string; reason: string };
       };
+      warnStale(r);
       if (o.json) return json(r);
       out(`generation: ${r.generation}`);
       out(r.keys.length ? r.keys.map((k) => `  ${k}`).join('\n') : '  no registrations');
       return;
     }
     if (action === 'show') {
-      const r = (await request(o, 'GET', `${path}/pr`)) as Status;
+      const r = (await request(o, 'GET', `${path}/pr`)) as Status & {
+        stale?: { since: string; reason: string };
+      };
+      warnStale(r);
       if (o.json) return json(r);
       out(`generation:  ${r.generation}`);
       out(
@@ -245,7 +251,10 @@ Examples:
   );
   acl.action(async (device: string, entries: string[], o: Common) => {
     const path = `/v1/devices/${encodeURIComponent(device)}/acl`;
-    let r: { entries: { identity: string; access: string }[] | null };
+    let r: {
+      entries: { identity: string; access: string }[] | null;
+      stale?: { since: string; reason: string };
+    };
     if (entries.length === 0) {
       r = (await request(o, 'GET', path)) as typeof r;
     } else {
@@ -258,6 +267,7 @@ Examples:
             });
       r = (await request(o, 'PUT', path, { entries: list })) as typeof r;
     }
+    warnStale(r);
     if (o.json) return json(r);
     if (r.entries === null) out(`${device}: open to every identity`);
     else for (const e of r.entries) out(`${e.identity}  ${e.access}`);

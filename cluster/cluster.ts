@@ -32,6 +32,13 @@ import type { Fence } from './fence.js';
 export const MEMBERS = 'members/';
 export const HOSTS = 'hosts/';
 export const ACKS = 'acks/';
+/**
+ * `epochs/<host>`: put under the membership lease at registration. Every change
+ * this agent sends is conditional on the key's createRevision (agent/store/
+ * guarded-store.ts): deleting the key, or the lease ending, makes every change
+ * sent before it fail, wherever its bytes still are.
+ */
+export const EPOCHS = 'epochs/';
 /** Key prefixes whose changes every serving agent must apply before a change returns. */
 export const CATALOG = ['devices/', 'pr/', 'acl/', 'pr-settled/'];
 
@@ -154,6 +161,65 @@ export class Cluster {
   /** Whether this agent ever held its member key (a refused agent leaves nothing behind). */
   private registered = false;
 
+  /** The createRevision of `epochs/<host>` changes are conditional on (0: none live). */
+  private epochRev = 0;
+  private newEpoch: Promise<number> | undefined;
+
+  /**
+   * The epoch the next change is sent under: the one made at registration, or
+   * a new one after an in-doubt change killed it (one round trip).
+   */
+  async epoch(): Promise<number> {
+    if (this.epochRev > 0) return this.epochRev;
+    if (!this.registered) {
+      throw new StoreError('STORE_UNAVAILABLE', 'this agent is not registered in the cluster');
+    }
+    this.newEpoch ??= (async () => {
+      const key = EPOCHS + this.host;
+      const lease = this.lease;
+      try {
+        const r = await this.store.txn({
+          compare: [cmp.version(key, '=', 0)],
+          success: [op.put(key, lease, { lease })],
+          failure: [op.get(key)],
+        });
+        const got = r.responses[0];
+        if (r.succeeded) this.epochRev = r.revision;
+        // An earlier try that answered late: the key is ours if it is under our lease.
+        else if (got?.type === 'get' && got.kv?.lease === lease && lease === this.lease) {
+          this.epochRev = got.kv.createRevision;
+        }
+        if (this.epochRev === 0) {
+          throw new StoreError('STORE_UNAVAILABLE', `${key} is held under another lease`);
+        }
+        return this.epochRev;
+      } finally {
+        this.newEpoch = undefined;
+      }
+    })();
+    return this.newEpoch;
+  }
+
+  /** Changes sent under epoch `rev` can no longer be made: the next one needs a new epoch. */
+  epochEnded(rev: number): void {
+    if (this.epochRev === rev) this.epochRev = 0;
+  }
+
+  /** Whether changes go through the epoch (after join; before it, start-up repairs do not). */
+  joined(): boolean {
+    return this.registered && !this.stopped;
+  }
+
+  /**
+   * The newest catalog revision this agent applied once its cache has reached
+   * `revision`: what to wait for when a change was found made by reading it back
+   * (a delete's own revision is not in what a read returns).
+   */
+  async catalogRevisionAt(revision: number, timeoutMs: number): Promise<number> {
+    await this.waitUntil(() => this.revision >= revision, timeoutMs);
+    return this.appliedCatalog;
+  }
+
   private info(): MemberInfo {
     return { ...this.baseInfo!, lease: this.lease };
   }
@@ -172,6 +238,7 @@ export class Cluster {
   private async register(): Promise<void> {
     const { store, config } = this.opts;
     const me = this.baseInfo!;
+    this.epochRev = 0;
     for (let attempt = 0; ; attempt++) {
       const t0 = performance.now();
       const lease = await store.grantLease(config.leaseTtl);
@@ -190,11 +257,13 @@ export class Cluster {
           op.put(key, JSON.stringify(info), { lease }),
           op.put(HOSTS + this.host, JSON.stringify(hostRec)),
           op.put(ACKS + this.host, String(this.appliedCatalog), { lease }),
+          op.put(EPOCHS + this.host, lease, { lease }),
         ],
         failure: [op.get(key)],
       });
       if (r.succeeded) {
         this.registered = true;
+        this.epochRev = r.revision;
         this.lastAckSent = t0;
         this.setHealthy();
         return;
@@ -321,7 +390,7 @@ export class Cluster {
     if (this.healthy && !this.stopped) return;
     throw new StoreError(
       'STORE_UNAVAILABLE',
-      `this agent is cut off from etcd (${this.unhealthyReason || 'stopping'}); changes are refused until it is back, reads come from its cache`,
+      `this agent is cut off from etcd (${this.unhealthyReason || 'stopping'}): the change was NOT made; changes are refused until it is back, reads come from its cache`,
     );
   }
 
@@ -338,7 +407,7 @@ export class Cluster {
   }
 
   private remember(kv: KeyValue): void {
-    const known = [MEMBERS, HOSTS, ACKS, ...CATALOG, 'pr-audit/', 'notify/', 'events/'];
+    const known = [MEMBERS, HOSTS, ACKS, EPOCHS, ...CATALOG, 'pr-audit/', 'notify/', 'events/'];
     if (!known.some((p) => kv.key.startsWith(p))) {
       if (!this.garbage.has(kv.key)) this.opts.log(`cluster: skipping foreign key ${kv.key}`);
       this.garbage.add(kv.key);

@@ -16,6 +16,11 @@ export interface ClusterConfig {
   leaseTtl: number;
   /** Per-call deadline for etcd requests, in milliseconds. */
   timeoutMs: number;
+  /**
+   * The deadline of a change's store part, in milliseconds: the call and, if its
+   * answer does not come, finding out whether it was made (cluster/changes.ts).
+   */
+  changeTimeoutMs: number;
   /** Fenced I/O to shared devices is held this long, then fails with EIO (milliseconds). */
   holdMs: number;
   /** Taken off the lease deadline: time for a checked write to reach the file (milliseconds). */
@@ -38,6 +43,7 @@ const KEYS = [
   'host',
   'leaseTtl',
   'timeout',
+  'changeTimeout',
   'holdTimeout',
   'fenceMargin',
   'watchdog',
@@ -105,6 +111,14 @@ export function parseClusterConfig(
   // A call must give up well inside the lease, so that a partitioned agent
   // notices before its lease runs out.
   const timeoutMs = num('timeout', o.timeout, Math.min(2000, leaseTtl * 400), 100, 60_000);
+  // Room for the call, an etcd election and the read-back after it.
+  const changeTimeoutMs = num(
+    'changeTimeout',
+    o.changeTimeout,
+    Math.max(3 * timeoutMs, 3000),
+    timeoutMs,
+    600_000,
+  );
   const holdMs = num('holdTimeout', o.holdTimeout, 10, 0, 3600) * 1000;
   const fenceMarginMs = num(
     'fenceMargin',
@@ -133,6 +147,7 @@ export function parseClusterConfig(
     host,
     leaseTtl,
     timeoutMs,
+    changeTimeoutMs,
     holdMs,
     fenceMarginMs,
     prefix: `/ballast/${name}/`,
