@@ -637,7 +637,7 @@ export class DeviceManager {
     );
     return new ChangeError(
       'STORE_UNAVAILABLE',
-      `device ${name} was NOT created: ${e.message}. A record of it that reached etcd late is removed by this agent as soon as etcd answers (until then it may be listed as creating)`,
+      `${(e.cause as Error | undefined)?.message ?? e.message}; the create of ${name} was NOT made: etcd did not answer within the deadline, and a record of it that reaches etcd late is removed by this agent as soon as etcd answers (until then it may be listed as creating)`,
       false,
       undefined,
       e,
