@@ -628,7 +628,16 @@ export class DeviceManager {
    */
   private createFailed(name: string, rec: DeviceRecord, e: unknown, intentMade: boolean): unknown {
     if (!isChangeError(e)) return e;
-    if (e.made === false) return e;
+    if (e.made === false) {
+      if (!intentMade) return e;
+      return new ChangeError(
+        'STORE_UNAVAILABLE',
+        `${e.message}: the create of ${name} was NOT made (its record goes once the store takes it)`,
+        false,
+        undefined,
+        e,
+      );
+    }
     void e.outcome?.then(
       (made) => {
         if (made || intentMade) this.undoCreate(name, rec);
