@@ -58,6 +58,8 @@ const CAUGHT_UP_MS = 10_000;
 export interface AgentOptions {
   configFile?: string;
   dataDir?: string;
+  /** --api-listen: HOST:PORT of the TCP API instead of the config's, or 'none'. */
+  apiListen?: string;
   version: string;
   log?: (msg: string) => void;
   /** Log every NBD connection and refused request. */
@@ -366,7 +368,11 @@ export class Agent {
 
   /** Loads the config, opens the store and pools, reconciles, and starts listening. */
   static async start(opts: AgentOptions): Promise<Agent> {
-    const config = loadConfig({ file: opts.configFile, dataDir: opts.dataDir });
+    const config = loadConfig({
+      file: opts.configFile,
+      dataDir: opts.dataDir,
+      apiListen: opts.apiListen,
+    });
     try {
       mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
     } catch (e) {
@@ -513,6 +519,7 @@ export class Agent {
       endpoint: () => this.endpoint(),
       status: () => this.status(),
       version: this.opts.version,
+      identity: { host: this.hostName(), dataDir: this.config.dataDir, pid: process.pid },
       reservations: this.reservations,
       extraRoutes: [
         ...(this.cluster ? [clusterRoutes(this.cluster)] : []),
@@ -789,7 +796,11 @@ export class Agent {
   async reload(): Promise<void> {
     let next: AgentConfig;
     try {
-      next = loadConfig({ file: this.opts.configFile, dataDir: this.opts.dataDir });
+      next = loadConfig({
+        file: this.opts.configFile,
+        dataDir: this.opts.dataDir,
+        apiListen: this.opts.apiListen,
+      });
     } catch (e) {
       this.lastReloadError = `${(e as BallastError).code ?? 'BALLAST_INTERNAL'}: ${(e as Error).message}`;
       this.log(`reload failed, keeping the running config: ${this.lastReloadError}`);

@@ -79,6 +79,8 @@ export interface ApiContext {
   endpoint: () => NbdEndpoint;
   status: () => Promise<Record<string, unknown>>;
   version: string;
+  /** Who answers /healthz: enough to tell two agents on one machine apart. */
+  identity?: { host: string; dataDir: string; pid: number };
   /** Persistent reservations and access lists (the /pr and /acl routes). */
   reservations?: ReservationManager;
   /** More routes (the cluster's, the notifications'). */
@@ -179,7 +181,7 @@ export function routes(ctx: ApiContext): Route[] {
     handler,
   });
   return [
-    r('GET', '/healthz', async () => ({ status: 'ok', version: ctx.version })),
+    r('GET', '/healthz', async () => ({ status: 'ok', version: ctx.version, ...ctx.identity })),
     r('GET', '/v1/status', async () => ctx.status()),
     r('GET', '/v1/pools', async () => ({ pools: await d.poolStatus() })),
     r('POST', '/v1/pools/rescan', async () => {

@@ -194,6 +194,8 @@ export interface LoadOptions {
   file?: string;
   /** --data-dir, which wins over the file's dataDir. */
   dataDir?: string;
+  /** --api-listen, which wins over the file's api.listen ('none': no TCP listener). */
+  apiListen?: string;
 }
 
 /**
@@ -231,6 +233,17 @@ export function loadConfig(opts: LoadOptions): AgentConfig {
         `${opts.file}: not valid YAML: ${(e as Error).message.split('\n')[0]}`,
       );
     }
+  }
+  if (
+    opts.apiListen !== undefined &&
+    doc !== null &&
+    typeof doc === 'object' &&
+    !Array.isArray(doc)
+  ) {
+    const d = doc as Record<string, unknown>;
+    const api =
+      d.api !== null && typeof d.api === 'object' ? (d.api as Record<string, unknown>) : {};
+    d.api = { ...api, listen: opts.apiListen === 'none' ? null : opts.apiListen };
   }
   return validateConfig(doc, source, opts.dataDir);
 }

@@ -45,7 +45,13 @@ export function listenError(t: ListenTarget, e: unknown): BallastError {
   const err = e as NodeJS.ErrnoException;
   const where = describeTarget(t);
   if (err.code === 'EADDRINUSE') {
-    return new BallastError('BALLAST_ADDRESS_IN_USE', `${where} is already in use`, { cause: e });
+    const who = 'port' in t ? tcpHolder(t.port) : null;
+    return new BallastError(
+      'BALLAST_ADDRESS_IN_USE',
+      `${where} is already in use${who ? ` by ${who}` : ''}; stop that, or give this one another ` +
+        'address (`ballast agent --api-listen HOST:PORT|none`, or the listen: keys of its config)',
+      { cause: e },
+    );
   }
   if (err.code === 'EACCES' || err.code === 'EPERM') {
     return new BallastError('BALLAST_ADDRESS_DENIED', `${where}: permission denied`, { cause: e });
@@ -54,4 +60,61 @@ export function listenError(t: ListenTarget, e: unknown): BallastError {
     return new BallastError('BALLAST_BAD_ADDRESS', `${where}: no such local address`, { cause: e });
   }
   return new BallastError('BALLAST_LISTEN_FAILED', `${where}: ${err.message}`, { cause: e });
+}
+
+/**
+ * The process listening on a local TCP port, as `pid N (command line)`, read from
+ * /proc (a socket's inode, then the process holding it); null when it cannot be told
+ * (another user's process seen without root, or not Linux).
+ */
+export function tcpHolder(port: number): string | null {
+  const inodes = new Set<string>();
+  for (const f of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let text: string;
+    try {
+      text = fs.readFileSync(f, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const c = line.trim().split(/\s+/);
+      // local_address is HEX_IP:HEX_PORT; state 0A is LISTEN; the inode is column 10.
+      if (c[3] === '0A' && Number.parseInt(c[1]?.split(':')[1] ?? '', 16) === port && c[9]) {
+        inodes.add(`socket:[${c[9]}]`);
+      }
+    }
+  }
+  if (inodes.size === 0) return null;
+  let pids: string[];
+  try {
+    pids = fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d));
+  } catch {
+    return null;
+  }
+  for (const pid of pids) {
+    let fds: string[];
+    try {
+      fds = fs.readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let link: string;
+      try {
+        link = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      if (!inodes.has(link)) continue;
+      let cmd = '';
+      try {
+        cmd = fs
+          .readFileSync(`/proc/${pid}/cmdline`, 'utf8')
+          .replace(/[\0\s]+/g, ' ')
+          .trim();
+      } catch {}
+      return `pid ${pid}${cmd ? ` (${cmd.length > 160 ? `${cmd.slice(0, 157)}...` : cmd})` : ''}`;
+    }
+  }
+  return null;
 }

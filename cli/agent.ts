@@ -22,6 +22,10 @@ export function registerAgent(program: Command, version: string): void {
     )
     .option('-c, --config <FILE>', 'YAML config (nbd, api, pools, limits, dataDir)')
     .option('-D, --data-dir <DIR>', `state, token and default pool (default ${DEFAULT_DATA_DIR})`)
+    .option(
+      '--api-listen <HOST:PORT|none>',
+      "the API's TCP listener instead of the config's api.listen (default 127.0.0.1:10810); none: the Unix socket only",
+    )
     .option('-v, --verbose', 'log every NBD connection and refused request')
     .addHelpText(
       'after',
@@ -48,40 +52,43 @@ username (for access lists and persistent reservations: ballast acl, ballast pr)
     # or tls: { mode: allow, pskFile: keys.psk }     (username:hexkey lines)
     identities: ['192.0.2.7=host-c', 'uid:0=root']   # names for clients TLS does not name`,
     )
-    .action(async (o: { config?: string; dataDir?: string; verbose?: boolean }) => {
-      const agent = await Agent.start({
-        configFile: o.config,
-        dataDir: o.dataDir,
-        version,
-        verbose: Boolean(o.verbose),
-        log,
-      });
-      log('ready');
-      let stopping = false;
-      const stop = (signal: string): void => {
-        if (stopping) {
-          log(`${signal} again: exiting now`);
-          process.exit(1);
-        }
-        stopping = true;
-        log(`${signal}: finishing requests in flight`);
-        agent.stop().then(
-          () => {
-            log('stopped');
-            process.exit(0);
-          },
-          (e: Error & { code?: string }) => {
-            log(`error ${e.code ?? 'BALLAST_INTERNAL'}: ${e.message}`);
+    .action(
+      async (o: { config?: string; dataDir?: string; apiListen?: string; verbose?: boolean }) => {
+        const agent = await Agent.start({
+          configFile: o.config,
+          dataDir: o.dataDir,
+          apiListen: o.apiListen,
+          version,
+          verbose: Boolean(o.verbose),
+          log,
+        });
+        log('ready');
+        let stopping = false;
+        const stop = (signal: string): void => {
+          if (stopping) {
+            log(`${signal} again: exiting now`);
             process.exit(1);
-          },
-        );
-      };
-      process.on('SIGTERM', () => stop('SIGTERM'));
-      process.on('SIGINT', () => stop('SIGINT'));
-      process.on('SIGHUP', () => {
-        log('SIGHUP: reloading the config');
-        void agent.reload();
-      });
-      await new Promise<never>(() => {});
-    });
+          }
+          stopping = true;
+          log(`${signal}: finishing requests in flight`);
+          agent.stop().then(
+            () => {
+              log('stopped');
+              process.exit(0);
+            },
+            (e: Error & { code?: string }) => {
+              log(`error ${e.code ?? 'BALLAST_INTERNAL'}: ${e.message}`);
+              process.exit(1);
+            },
+          );
+        };
+        process.on('SIGTERM', () => stop('SIGTERM'));
+        process.on('SIGINT', () => stop('SIGINT'));
+        process.on('SIGHUP', () => {
+          log('SIGHUP: reloading the config');
+          void agent.reload();
+        });
+        await new Promise<never>(() => {});
+      },
+    );
 }

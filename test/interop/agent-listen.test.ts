@@ -1,0 +1,45 @@
+// Two agents on one machine: the one that finds its API port taken says who holds it
+// and how to move, `ballast agent --api-listen` moves it without a config file, and
+// /healthz says which agent answers (host, data dir, pid).
+
+import net from 'node:net';
+import path from 'node:path';
+import { afterAll, expect, it } from 'vitest';
+import { startAgent } from '../helpers/agent.js';
+import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
+import { describeRun, describeWithTools, run } from '../helpers/tools.js';
+
+describeWithTools([], 'agent listeners', () => {
+  const holder = net.createServer();
+  afterAll(() => holder.close());
+
+  it('a taken API port names its holder and the option that moves it', async () => {
+    await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
+    const port = (holder.address() as net.AddressInfo).port;
+    const dir = makeTempDir('ballast-listen-');
+    const r = await run(process.execPath, [
+      BALLAST_BIN,
+      'agent',
+      '--data-dir',
+      path.join(dir, 'data'),
+      '--api-listen',
+      `127.0.0.1:${port}`,
+    ]);
+    expect(r.code, describeRun(r)).toBe(1);
+    expect(r.stderr).toContain(
+      `BALLAST_ADDRESS_IN_USE: 127.0.0.1:${port} is already in use by pid ${process.pid} (`,
+    );
+    expect(r.stderr).toContain('ballast agent --api-listen HOST:PORT|none');
+  });
+
+  it('/healthz says which agent answers: host, data dir, pid', async () => {
+    const a = await startAgent();
+    try {
+      const h = await a.api('GET', '/healthz');
+      expect(h.body).toMatchObject({ status: 'ok', dataDir: a.dataDir, pid: a.child.pid });
+      expect(typeof h.body.host).toBe('string');
+    } finally {
+      expect(await a.stop()).toBe(0);
+    }
+  });
+});
