@@ -8,6 +8,7 @@
 // The connections and cells suites are two matrices (bench/connections.ts,
 // bench/cells.ts).
 
+import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -371,15 +372,19 @@ export async function runMatrix(m: Matrix): Promise<number> {
   const rss: { round: number; kind: Kind; tls: boolean; file?: string; peakMiB: number }[] = [];
   const pathOf = (key: string): string => join(tmp, key === 'data' ? 'disk.img' : `${key}.img`);
   // Paged files: one template per percentage, made once; every session gets a fresh
-  // sparse copy (cp copies the data runs only) and removes it after. Making the state
+  // sparse copy (cp copies the data runs only), kept to the end. Making the state
   // again in place would punch tens of thousands of extents, which on a file system
   // mounted with discard waits on a discard per extent (minutes here).
   const templateOf = (c: CellSpec): string => join(tmp, `template${c.pagedPct ?? 0}.img`);
-  const fresh = async (key: string): Promise<void> => {
+  // A new name per session: copying over the last copy would free its extents too.
+  let copies = 0;
+  const fresh = async (key: string): Promise<string> => {
     const c = fileOf.get(key)!;
-    if (c.file !== 'paged') return;
-    const r = await run('cp', ['--sparse=always', templateOf(c), pathOf(key)], 600_000);
+    if (c.file !== 'paged') return pathOf(key);
+    const path = pathOf(`${key}-${++copies}`);
+    const r = await run('cp', ['--sparse=always', templateOf(c), path], 600_000);
     if (r.code !== 0) throw new Error(`copying the paged file failed: ${r.output}`);
+    return path;
   };
   try {
     for (const f of files) {
@@ -410,9 +415,8 @@ export async function runMatrix(m: Matrix): Promise<number> {
       for (const withTls of tlsList) {
         for (const file of files) {
           const fileCells = cells.filter((c) => fileKey(c) === file);
-          const path = pathOf(file);
           for (const kind of serverOrder(round, kinds)) {
-            await fresh(file);
+            const path = await fresh(file);
             const session = file === 'data' ? `${kind}-${round}` : `${kind}-${file}-${round}`;
             const ep: Endpoint = { transport: 'unix', socket: join(tmp, `${session}.sock`) };
             const base = kind === 'ballast-1' ? 'ballast' : kind;
@@ -489,14 +493,20 @@ export async function runMatrix(m: Matrix): Promise<number> {
             }
             await stopServer(started.child, pid);
             await rm(ep.socket, { force: true });
-            if (fileOf.get(file)!.file === 'paged') await rm(path, { force: true });
           }
         }
       }
     }
   } finally {
     killAll();
-    await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+    if (files.some((f) => fileOf.get(f)!.file === 'paged')) {
+      // Freeing the paged copies' tens of thousands of extents waits on a discard per
+      // extent where the file system is mounted with discard (minutes): the copies stay
+      // until the end, and are removed behind the tables by a process of their own.
+      spawn('rm', ['-rf', tmp], { detached: true, stdio: 'ignore' }).unref();
+    } else {
+      await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+    }
   }
 
   // ---- the table ----
