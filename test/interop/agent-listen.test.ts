@@ -2,6 +2,7 @@
 // and how to move, `ballast agent --api-listen` moves it without a config file, and
 // /healthz says which agent answers (host, data dir, pid).
 
+import { writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, expect, it } from 'vitest';
@@ -17,9 +18,14 @@ describeWithTools([], 'agent listeners', () => {
     await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
     const port = (holder.address() as net.AddressInfo).port;
     const dir = makeTempDir('ballast-listen-');
+    // Its sockets in the test's directory: never the machine's /run/ballast.
+    const cfg = path.join(dir, 'agent.yaml');
+    writeFileSync(cfg, `nbd: { socket: ${dir}/nbd.sock }\napi: { socket: ${dir}/api.sock }\n`);
     const r = await run(process.execPath, [
       BALLAST_BIN,
       'agent',
+      '--config',
+      cfg,
       '--data-dir',
       path.join(dir, 'data'),
       '--api-listen',
