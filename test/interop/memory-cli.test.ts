@@ -7,6 +7,7 @@ import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { MemoryStatus } from '../../guestd/memory/controller.js';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { startQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, toolEnv } from '../helpers/tools.js';
@@ -196,6 +197,112 @@ memory:
     expect(r.code, describeRun(r)).toBe(1);
     expect(r.stderr).toContain(
       'ballast: error MEMORY_POOL_TOO_SMALL: the entitlements add up to 128 MiB (a 64 MiB + b 64 MiB), more than the pool of 100 MiB by 28 MiB',
+    );
+  });
+});
+
+describeWithTools(['qemu-system-x86_64'], 'memory part with paging devices on an agent', () => {
+  let agent: AgentHandle;
+  let dir: string;
+  let daemon: ChildProcess | null = null;
+  let stderr = '';
+
+  beforeAll(async () => {
+    agent = await startAgent();
+    dir = makeTempDir('ballast-memp-');
+    for (const d of ['a-swap', 'b-swap']) {
+      const r = await agent.cli('device', 'create', d, '--size', '64M', '--role', 'paging');
+      expect(r.code, describeRun(r)).toBe(0);
+    }
+    // a's paging device is attached; b's is not
+    const args = (swap: string | null) => [
+      '-machine',
+      'pc,accel=tcg,memory-backend=ram',
+      '-m',
+      '128',
+      '-object',
+      'memory-backend-memfd,id=ram,size=128M',
+      '-device',
+      'virtio-balloon-pci,id=balloon0',
+      ...(swap
+        ? [
+            '-blockdev',
+            `driver=nbd,node-name=swap,server.type=unix,server.path=${agent.nbdSocket},export=${swap}`,
+            '-device',
+            'virtio-blk-pci,drive=swap',
+          ]
+        : []),
+      '-S',
+    ];
+    await startQemu(args('a-swap'), { dir, qmp: path.join(dir, 'a.qmp') });
+    await startQemu(args(null), { dir, qmp: path.join(dir, 'b.qmp') });
+    const cfg = path.join(dir, 'guestd.yaml');
+    const agentAddr = `unix:${agent.apiSocket}`;
+    writeFileSync(
+      cfg,
+      `listen: ${path.join(dir, 'dumpd.sock')}
+runDir: ${path.join(dir, 'run')}
+memory:
+  pool: 192M
+  hostMinAvailable: 0
+  interval: 1
+  guests:
+    - { name: a, qmp: ${path.join(dir, 'a.qmp')}, entitlement: 64M, max: 128M, pagingDevice: a-swap, agent: "${agentAddr}" }
+    - { name: b, qmp: ${path.join(dir, 'b.qmp')}, entitlement: 64M, max: 128M, pagingDevice: b-swap, agent: "${agentAddr}" }
+`,
+    );
+    daemon = spawn(BALLAST_BIN, ['dumpd', '-c', cfg], {
+      env: toolEnv(),
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    daemon.stderr?.on('data', (b: Buffer) => {
+      stderr += b.toString();
+    });
+  });
+
+  afterAll(async () => {
+    if (daemon && daemon.exitCode === null) {
+      const gone = new Promise((r) => daemon!.once('exit', r));
+      daemon.kill('SIGKILL');
+      await gone;
+    }
+    await agent?.stop();
+  });
+
+  it('takes no memory from a guest whose paging device is not attached, says so, and posts the move as an event', async () => {
+    const deadline = Date.now() + 60_000;
+    let events: { type: string; data: { moves: { guest: string; from: number; to: number }[] } }[] =
+      [];
+    while (events.length === 0) {
+      if (Date.now() > deadline) throw new Error(`no memory.rebalanced event\n${stderr}`);
+      const r = await agent.cli('events', '--json', '--types', 'memory.*');
+      expect(r.code, describeRun(r)).toBe(0);
+      events = r.stdout
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l));
+      if (events.length === 0) await new Promise((res) => setTimeout(res, 300));
+    }
+    expect(events[0]!.type).toBe('io.ballast.memory.rebalanced');
+    // b holds its 128 MiB (protected): a alone gives, down to 192 - 128 = 64 MiB
+    expect(events[0]!.data.moves).toEqual([
+      expect.objectContaining({ guest: 'a', from: 128 * MiB, to: 64 * MiB }),
+    ]);
+    const r = await run(BALLAST_BIN, [
+      'memory',
+      'status',
+      '--json',
+      '--dumpd',
+      path.join(dir, 'dumpd.sock'),
+    ]);
+    const s = JSON.parse(r.stdout) as MemoryStatus;
+    const b = s.guests.find((g) => g.name === 'b')!;
+    expect([b.paging, b.protect, b.pagingWhy]).toEqual(['unreachable', true, 'no client attached']);
+    expect(b.reason).toContain('protect: paging device unreachable, not taking memory');
+    expect(b.target).toBe(128 * MiB);
+    expect(s.guests.find((g) => g.name === 'a')!.paging).toBe('ok');
+    expect(stderr).toContain(
+      'memory: guest b: paging device b-swap unreachable (no client attached): not taking memory from it',
     );
   });
 });
