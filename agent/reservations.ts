@@ -13,6 +13,7 @@ import type { AccessControl } from '../nbd/export.js';
 import { CMD } from '../nbd/protocol.js';
 import type { Connection, NbdServer } from '../nbd/server.js';
 import { BallastError } from './errors.js';
+import { failpointArmed } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import {
   applyPr,
@@ -591,7 +592,8 @@ export class ReservationManager {
     try {
       rec = JSON.parse(kv.value) as PrRecord;
       const next = prFromJson(rec.state);
-      if (this.settle) {
+      // pr-grant-early: the nemesis's injected bug, a grant in force before it settles
+      if (this.settle && !failpointArmed('pr-grant-early')) {
         acc.unsettled.push({ revision: modRevision, state: acc.state });
         this.settleLater(device, modRevision);
       }
@@ -605,7 +607,7 @@ export class ReservationManager {
     }
     acc.generation++;
     this.revisions.set(device, { pr: modRevision, seq: rec.seq });
-    if (rec.abort && rec.abort.length > 0) {
+    if (rec.abort && rec.abort.length > 0 && !failpointArmed('pr-abort-skip')) {
       const gone = new Set(rec.abort);
       const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
         gone.has(c.identity),

@@ -32,6 +32,7 @@ import type {
   Final,
   History,
   IoOp,
+  Op,
   PrOp,
 } from './history.js';
 import { Recorder } from './history.js';
@@ -59,6 +60,30 @@ export interface CampaignOptions {
   log?: (line: string) => void;
   /** Keep the history here as JSON. */
   historyFile?: string;
+  /** A scripted scenario in place of the random clients and faults (the checks are the same). */
+  script?: (ctx: ScriptContext) => Promise<void>;
+}
+
+/** What a scripted scenario can do: the campaign's own recorded operations and faults. */
+export interface ScriptContext {
+  pr(host: string, device: string, req: Request): Promise<PrOp>;
+  io(
+    identity: string,
+    host: string,
+    device: string,
+    cmd: 'read' | 'write',
+    block: number,
+  ): Promise<void>;
+  acl(
+    host: string,
+    device: string,
+    entries: { identity: string; access: string }[] | null,
+  ): Promise<AclOp>;
+  /** Cuts one agent off from etcd (all its proxies), until heal. */
+  partition(host: string): void;
+  heal(host: string): void;
+  /** Everything recorded so far. */
+  ops: readonly Op[];
 }
 
 export interface CampaignResult {
@@ -315,7 +340,11 @@ class Follower {
   private stopped = false;
   readonly done: Promise<void>;
 
-  constructor(private readonly agent: Agent) {
+  constructor(
+    private readonly agent: Agent,
+    since: string | undefined,
+  ) {
+    this.last = since;
     this.done = this.loop();
   }
 
@@ -489,7 +518,9 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       });
       if (r.status >= 300) throw new Error(`adding a recipient: ${r.status} ${r.text}`);
     }
-    for (const a of agents) followers.push(new Follower(a));
+    // Consumers are judged on what happened after they subscribed: the log up to here is not theirs.
+    const baseline = (await readEventLog(A)).at(-1)?.id;
+    for (const a of agents) followers.push(new Follower(a, baseline));
 
     const deadline = performance.now() + o.seconds * 1000;
     const live = () => performance.now() < deadline;
@@ -568,6 +599,61 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       }
     };
 
+    const prCall = async (process: string, host: string, device: string, req: Request) => {
+      const a = agentOf(host);
+      const op = rec.begin<PrOp>({ kind: 'pr', process, agent: host, device, req });
+      let out: Outcome | undefined;
+      try {
+        const r = await a.api('POST', `/v1/devices/${device}/pr`, req, 60_000);
+        const v = verdict(r);
+        if (v.status === 'ok') {
+          out = {
+            ok: true,
+            changed: r.body.changed === true,
+            generation: Number(r.body.generation),
+            preempted: (r.body.preempted as string[] | undefined) ?? [],
+          };
+          rec.done(op, 'ok', { out } as Partial<PrOp>);
+        } else if (v.code && PR_CODES.has(v.code)) {
+          rec.done(op, 'failed', {
+            out: { ok: false, code: v.code },
+            note: v.note,
+          } as Partial<PrOp>);
+        } else {
+          rec.done(op, v.status, { note: v.note } as Partial<PrOp>);
+        }
+      } catch (e) {
+        rec.done(op, notSent(e) ? 'failed' : 'unknown', {
+          note: (e as Error).message.slice(0, 80),
+        });
+      }
+      return { op, out };
+    };
+    const aclCall = async (
+      process: string,
+      host: string,
+      device: string,
+      entries: { identity: string; access: string }[] | null,
+    ) => {
+      const op = rec.begin<AclOp>({
+        kind: 'acl',
+        process,
+        agent: host,
+        device,
+        entries: canonAcl(entries),
+      });
+      try {
+        const r = await agentOf(host).api('PUT', `/v1/devices/${device}/acl`, { entries });
+        const v = verdict(r);
+        rec.done(op, v.status, v.note ? { note: v.note } : {});
+      } catch (e) {
+        rec.done(op, notSent(e) ? 'failed' : 'unknown', {
+          note: (e as Error).message.slice(0, 80),
+        });
+      }
+      return op;
+    };
+
     // ---- clients ----
     const workers: Promise<void>[] = [];
     const prClient = async (n: number) => {
@@ -590,32 +676,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
           regs = {};
         }
         const req = makeRequest(rng, regs);
-        const op = rec.begin<PrOp>({ kind: 'pr', process: name, agent: host, device, req });
-        let out: Outcome | undefined;
-        try {
-          const r = await a.api('POST', `/v1/devices/${device}/pr`, req, 60_000);
-          const v = verdict(r);
-          if (v.status === 'ok') {
-            out = {
-              ok: true,
-              changed: r.body.changed === true,
-              generation: Number(r.body.generation),
-              preempted: (r.body.preempted as string[] | undefined) ?? [],
-            };
-            rec.done(op, 'ok', { out } as Partial<PrOp>);
-          } else if (v.code && PR_CODES.has(v.code)) {
-            rec.done(op, 'failed', {
-              out: { ok: false, code: v.code },
-              note: v.note,
-            } as Partial<PrOp>);
-          } else {
-            rec.done(op, v.status, { note: v.note } as Partial<PrOp>);
-          }
-        } catch (e) {
-          rec.done(op, notSent(e) ? 'failed' : 'unknown', {
-            note: (e as Error).message.slice(0, 80),
-          });
-        }
+        const { op, out } = await prCall(name, host, device, req);
         // a grant is in force on every agent when the command returns
         if (out?.ok && out.changed) {
           await Promise.all(
@@ -702,31 +763,38 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
                 .filter(() => rng.chance(0.5))
                 .map((identity) => ({ identity, access: rng.pick(['ro', 'rw']) })),
             ];
-        const op = rec.begin<AclOp>({
-          kind: 'acl',
-          process: 'acl',
-          agent: host,
-          device,
-          entries: canonAcl(entries),
-        });
-        try {
-          const r = await agentOf(host).api('PUT', `/v1/devices/${device}/acl`, { entries });
-          const v = verdict(r);
-          rec.done(op, v.status, v.note ? { note: v.note } : {});
-        } catch (e) {
-          rec.done(op, notSent(e) ? 'failed' : 'unknown', {
-            note: (e as Error).message.slice(0, 80),
-          });
-        }
+        await aclCall('acl', host, device, entries);
         await sleep(rng.int(300, 1200));
       }
     };
-    for (let n = 0; n < 3; n++) workers.push(prClient(n));
-    for (const id of IDENTITIES) for (const h of HOSTS) workers.push(ioClient(id, h));
-    workers.push(catalogClient(), aclClient());
+    if (o.script) {
+      // a scripted scenario instead of the random clients and faults
+      workers.push(
+        o.script({
+          pr: async (host, device, req) => (await prCall('script', host, device, req)).op,
+          io: (identity, host, device, cmd, block) =>
+            io('script', identity, host, device, cmd, block),
+          acl: (host, device, entries) => aclCall('script', host, device, entries),
+          partition: (host) => {
+            rec.fault('partition', host);
+            for (const p of agentOf(host).proxies) p.partition();
+          },
+          heal: (host) => {
+            for (const f of rec.faults)
+              if (f.target === host && f.end === undefined) f.end = performance.now();
+            for (const p of agentOf(host).proxies) p.heal();
+          },
+          ops: rec.ops,
+        }),
+      );
+    } else {
+      for (let n = 0; n < 3; n++) workers.push(prClient(n));
+      for (const id of IDENTITIES) for (const h of HOSTS) workers.push(ioClient(id, h));
+      workers.push(catalogClient(), aclClient());
+    }
 
     // ---- faults ----
-    const plan = schedule(o.seed, o.seconds, kinds);
+    const plan = o.script ? [] : schedule(o.seed, o.seconds, kinds);
     const locks = new Set<string>();
     const faultTasks: Promise<void>[] = [];
     const start = performance.now();
@@ -835,6 +903,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     }
     for (const c of conns.values()) c?.client.destroy();
     const final = await settle(agents, hooks, followers, compactions, shared);
+    if (baseline !== undefined) final.baseline = baseline;
     const history: History = {
       seed: o.seed,
       ops: rec.ops,

@@ -670,7 +670,10 @@ export function checkEvents(h: History): Anomaly[] {
     }
   }
   const compacted = Math.max(0, ...h.final.compactions);
-  const ids = [...truth.keys()].sort((a, b) => (idLess(a, b) ? -1 : idLess(b, a) ? 1 : 0));
+  const base = h.final.baseline;
+  const ids = [...truth.keys()]
+    .filter((id) => base === undefined || idLess(base, id))
+    .sort((a, b) => (idLess(a, b) ? -1 : idLess(b, a) ? 1 : 0));
   for (const [who, list] of Object.entries(h.final.consumers)) {
     // in id order: each event's first delivery after the previous one's
     let last: string | null = null;

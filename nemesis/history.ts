@@ -113,6 +113,8 @@ export interface Final {
   eventLog: Delivered[];
   /** Revisions the campaign compacted etcd at. */
   compactions: number[];
+  /** The last event before the consumers subscribed: they are judged on the events after it. */
+  baseline?: string;
 }
 
 export interface AuditRow {
