@@ -60,6 +60,20 @@ export interface CampaignOptions {
   log?: (line: string) => void;
   /** Keep the history here as JSON. */
   historyFile?: string;
+  /**
+   * What the random clients do besides PR commands and NBD I/O (default: all of it).
+   * A run can leave out what a known, still open defect trips on: the checkers stay the same.
+   */
+  workload?: {
+    /** Access-list changes. */
+    acl?: boolean;
+    /** Malformed PR requests (an unknown type), refused before the reservation logic. */
+    malformed?: boolean;
+    /** Device create, resize and delete. */
+    catalog?: boolean;
+    /** Webhook recipients and follow streams (the events check). */
+    events?: boolean;
+  };
   /** A scripted scenario in place of the random clients and faults (the checks are the same). */
   script?: (ctx: ScriptContext) => Promise<void>;
 }
@@ -473,6 +487,7 @@ function canonAcl(entries: { identity: string; access: string }[] | null): strin
 export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
   const log = o.log ?? (() => {});
   const kinds = o.faults ?? FAULT_KINDS;
+  const work = { acl: true, malformed: true, catalog: true, events: true, ...o.workload };
   const rec = new Recorder();
   const root = mkdtempSync(path.join(os.tmpdir(), 'ballast-nemesis-'));
   const shared = path.join(root, 'shared');
@@ -508,7 +523,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       });
       if (r.status !== 201) throw new Error(`creating ${d}: ${r.status} ${r.text}`);
     }
-    for (let i = 0; i < 2; i++) {
+    for (let i = 0; i < (work.events ? 2 : 0); i++) {
       const h = new Hook();
       await h.start();
       hooks.push(h);
@@ -520,7 +535,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     }
     // Consumers are judged on what happened after they subscribed: the log up to here is not theirs.
     const baseline = (await readEventLog(A)).at(-1)?.id;
-    for (const a of agents) followers.push(new Follower(a, baseline));
+    if (work.events) for (const a of agents) followers.push(new Follower(a, baseline));
 
     const deadline = performance.now() + o.seconds * 1000;
     const live = () => performance.now() < deadline;
@@ -675,7 +690,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
         } catch {
           regs = {};
         }
-        const req = makeRequest(rng, regs);
+        const req = makeRequest(rng, regs, work.malformed);
         const { op, out } = await prCall(name, host, device, req);
         // a grant is in force on every agent when the command returns
         if (out?.ok && out.changed) {
@@ -790,7 +805,8 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     } else {
       for (let n = 0; n < 3; n++) workers.push(prClient(n));
       for (const id of IDENTITIES) for (const h of HOSTS) workers.push(ioClient(id, h));
-      workers.push(catalogClient(), aclClient());
+      if (work.catalog) workers.push(catalogClient());
+      if (work.acl) workers.push(aclClient());
     }
 
     // ---- faults ----
@@ -860,9 +876,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
           await a.kill9();
           for (const id of IDENTITIES) for (const d of PR_DEVICES) dropConn(id, a.host, d);
           await sleep(f.ms);
-          await a
-            .start()
-            .catch((err: Error) => log(`nemesis: agent ${a.host} restart: ${err.message}`));
+          await startAgain(a, log);
           a.busy = false;
         } else if (f.kind === 'freeze') {
           a.signal('SIGSTOP');
@@ -898,8 +912,9 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     // ---- the end: heal, wait for the agents to agree, read everything back ----
     for (const p of allProxies) p.heal();
     for (const a of agents) {
-      if (!a.running) await a.start();
-      else a.signal('SIGCONT');
+      if (a.running) a.signal('SIGCONT');
+      else if (!(await startAgain(a, log)))
+        throw new Error(`agent ${a.host} does not start:\n${a.err}`);
     }
     for (const c of conns.values()) c?.client.destroy();
     const final = await settle(agents, hooks, followers, compactions, shared);
@@ -943,6 +958,22 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
   }
 }
 
+/** Starts a killed agent, again while etcd has no quorum or the agent is cut off. */
+async function startAgain(a: Agent, log: (l: string) => void): Promise<boolean> {
+  for (let i = 0; ; i++) {
+    try {
+      await a.start();
+      return true;
+    } catch (err) {
+      if (i >= 20) {
+        log(`nemesis: agent ${a.host} restart: ${(err as Error).message}`);
+        return false;
+      }
+      await sleep(500);
+    }
+  }
+}
+
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
   let t: NodeJS.Timeout | undefined;
   return Promise.race([
@@ -954,7 +985,7 @@ function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
 }
 
 /** A PR command: every service action, several identities, keys that mostly mean something. */
-function makeRequest(rng: Rng, regs: Record<string, string>): Request {
+function makeRequest(rng: Rng, regs: Record<string, string>, malformed: boolean): Request {
   const as = rng.pick(IDENTITIES);
   const others = IDENTITIES.filter((x) => x !== as);
   const action = rng.weighted({
@@ -966,7 +997,7 @@ function makeRequest(rng: Rng, regs: Record<string, string>): Request {
     preempt: 1.5,
     'preempt-abort': 2,
     'register-move': 1,
-    bad: 0.3,
+    bad: malformed ? 0.3 : 0,
   } as const);
   const own = regs[as];
   const key =

@@ -29,56 +29,84 @@ const retOf = (o: Op) =>
 // ---- reservations and NBD I/O: linearizable against the model ----
 
 /**
- * What the search tracks: the reservation state, and the changes made but not
- * yet settled everywhere. pr.md: until a change is acknowledged, each agent lets
- * a connection do only what both the old and the new state allow; so a change
- * takes effect in two steps, both within its call and return: what it takes
- * away at once, what it gives once settled.
+ * What the search tracks: the reservation state committed last, and the changes
+ * not yet settled, each with the agents that have applied it. pr.md: every agent
+ * applies a change (in order) before the change is acknowledged, and until it is
+ * settled a connection may do only what both the old and the new state allow.
+ * So a change takes effect in steps, all between its call and its return: it is
+ * committed; each agent applies it (what it takes away holds there at once);
+ * once every agent has, it settles (what it gives holds).
  */
+interface Pending {
+  id: number;
+  old: Model;
+  applied: string[];
+}
 interface PrState {
   m: Model;
-  pending: { id: number; old: Model | null }[];
+  pending: Pending[];
 }
 
 type PrInput =
   | { req: Request; id: number }
+  | { apply: number; agent: string }
   | { settle: number }
-  | { io: { identity: string; cmd: 'read' | 'write' } }
+  | { io: { identity: string; cmd: 'read' | 'write'; agent: string } }
   | { read: string };
 
-function allowedNow(s: PrState, identity: string, cmd: 'read' | 'write'): boolean {
-  if (!access(s.m, identity)[cmd]) return false;
-  return s.pending.every((p) => p.old === null || access(p.old, identity)[cmd]);
+function allowedOn(s: PrState, agent: string, identity: string, cmd: 'read' | 'write'): boolean {
+  // the agent's state: the old state of the first change it has not applied, else the last
+  const unapplied = s.pending.find((p) => !p.applied.includes(agent));
+  if (!access(unapplied ? unapplied.old : s.m, identity)[cmd]) return false;
+  return s.pending.every((p) => !p.applied.includes(agent) || access(p.old, identity)[cmd]);
 }
 
-const prModel: LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> = {
-  init: { m: EMPTY, pending: [] },
-  key: (s) => `${showModel(s.m)}|${s.pending.map((p) => `${p.id}${p.old ? '' : 'n'}`).join(',')}`,
-  step(s, input, output) {
-    if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
-    if ('io' in input) {
-      const a = allowedNow(s, input.io.identity, input.io.cmd);
-      return { ok: output === 'ok' ? a : !a, next: s };
-    }
-    if ('settle' in input) {
-      const i = s.pending.findIndex((p) => p.id === input.settle);
-      if (i < 0) return { ok: false, next: s };
-      return { ok: true, next: { m: s.m, pending: s.pending.filter((_, j) => j !== i) } };
-    }
-    const r = step(s.m, input.req);
-    if (output !== undefined && (typeof output === 'string' || !sameOutcome(r.out, output))) {
-      return { ok: false, next: s };
-    }
-    const changed = showModel(r.next) !== showModel(s.m);
-    // an answered change settles before it returns; an unknown one whenever (see checkReservations)
-    const tracked = output === undefined || (r.out.ok && r.out.changed);
-    if (!tracked) return { ok: true, next: { m: r.next, pending: s.pending } };
-    return {
-      ok: true,
-      next: { m: r.next, pending: [...s.pending, { id: input.id, old: changed ? s.m : null }] },
-    };
-  },
-};
+function prModelFor(
+  agents: readonly string[],
+): LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> {
+  return {
+    init: { m: EMPTY, pending: [] },
+    key: (s) =>
+      `${showModel(s.m)}|${s.pending.map((p) => `${p.id}:${p.applied.join('')}`).join(',')}`,
+    step(s, input, output) {
+      if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
+      if ('io' in input) {
+        const a = allowedOn(s, input.io.agent, input.io.identity, input.io.cmd);
+        return { ok: output === 'ok' ? a : !a, next: s };
+      }
+      if ('apply' in input) {
+        const i = s.pending.findIndex((p) => p.id === input.apply);
+        const p = s.pending[i];
+        if (!p || p.applied.includes(input.agent)) return { ok: false, next: s };
+        // in order: every earlier change applied there first
+        if (s.pending.slice(0, i).some((q) => !q.applied.includes(input.agent))) {
+          return { ok: false, next: s };
+        }
+        const pending = [...s.pending];
+        pending[i] = { ...p, applied: [...p.applied, input.agent].sort() };
+        return { ok: true, next: { m: s.m, pending } };
+      }
+      if ('settle' in input) {
+        const p = s.pending[0];
+        if (!p || p.id !== input.settle || !agents.every((a) => p.applied.includes(a))) {
+          return { ok: false, next: s };
+        }
+        return { ok: true, next: { m: s.m, pending: s.pending.slice(1) } };
+      }
+      const r = step(s.m, input.req);
+      if (output !== undefined && (typeof output === 'string' || !sameOutcome(r.out, output))) {
+        return { ok: false, next: s };
+      }
+      // an answered change settles before it returns; an unknown one whenever (see checkReservations)
+      const tracked = output === undefined || (r.out.ok && r.out.changed);
+      if (!tracked) return { ok: true, next: { m: r.next, pending: s.pending } };
+      return {
+        ok: true,
+        next: { m: r.next, pending: [...s.pending, { id: input.id, old: s.m, applied: [] }] },
+      };
+    },
+  };
+}
 
 function sameOutcome(model: Outcome, got: Outcome): boolean {
   if (model.ok !== got.ok) return false;
@@ -116,6 +144,11 @@ export function finalModelString(f: {
 export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
   const anomalies: Anomaly[] = [];
   const SETTLE = 1_000_000_000;
+  const APPLY = 2_000_000_000;
+  const agents = [
+    ...new Set(h.ops.filter((o) => o.kind === 'io' || o.kind === 'pr').map((o) => o.agent)),
+  ].sort();
+  const prModel = prModelFor(agents);
   for (const device of h.prDevices) {
     const ops = h.ops.filter((o): o is PrOp => o.kind === 'pr' && o.device === device);
     const ios = h.ops.filter(
@@ -143,6 +176,15 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
           input: { settle: o.id },
           output: undefined,
         });
+        agents.forEach((agent, k) => {
+          lin.push({
+            id: APPLY * (k + 1) + o.id,
+            call: o.call,
+            ret: retOf(o),
+            input: { apply: o.id, agent },
+            output: undefined,
+          });
+        });
       }
     }
     for (const o of ios) {
@@ -150,7 +192,7 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
         id: o.id,
         call: o.call,
         ret: retOf(o),
-        input: { io: { identity: o.identity, cmd: o.cmd } },
+        input: { io: { identity: o.identity, cmd: o.cmd, agent: o.agent } },
         output: o.status === 'ok' ? 'ok' : 'EPERM',
       });
     }
@@ -175,17 +217,13 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
       continue;
     }
     if (r.verdict === 'ok') continue;
-    const stuckId = r.stuck >= SETTLE ? r.stuck - SETTLE : r.stuck;
+    const stuckId = r.stuck % SETTLE;
     const stuck: PrOp | IoOp | undefined =
       ops.find((o) => o.id === stuckId) ?? ios.find((o) => o.id === stuckId);
-    const state = `${showModel(r.state.m)}${
-      r.state.pending.some((p) => p.old)
-        ? ` (changes not settled: ${r.state.pending
-            .filter((p) => p.old)
-            .map((p) => `#${p.id}`)
-            .join(', ')})`
-        : ''
-    }`;
+    const unsettled = r.state.pending.map(
+      (p) => `#${p.id} applied on ${p.applied.join(',') || 'none'}`,
+    );
+    const state = `${showModel(r.state.m)}${unsettled.length ? ` (not settled: ${unsettled.join('; ')})` : ''}`;
     const all: (PrOp | IoOp)[] = [...ops, ...ios];
     const check =
       stuck?.kind === 'io'
@@ -455,14 +493,21 @@ export function checkAudit(h: History): Anomaly[] {
         out.push({
           check: 'audit',
           message: `${device}: ${p.length} audit entr${p.length === 1 ? 'y' : 'ies'} ${k.replaceAll('|', ' ')} (seq ${p.map((i) => rows[i]!.seq).join(',')}) but only ${allowed} such command(s) made or possibly made`,
+          // the commands of that content: those answered "not made" are the likely source
           ops: ops
             .filter(
               (o) =>
-                o.req.as === k.split('|')[0] &&
-                o.req.action === k.split('|')[1] &&
-                o.status !== 'ok',
+                rowKey({
+                  initiator: o.req.as,
+                  action: o.req.action,
+                  key: o.req.key,
+                  saKey: o.req.saKey,
+                  outcome: k.split('|')[4]!,
+                  code: k.split('|')[5] || undefined,
+                  generation: Number(k.split('|')[6]),
+                }) === k,
             )
-            .slice(0, 5),
+            .slice(0, 6),
         });
       }
     }
@@ -753,15 +798,20 @@ function around<T extends Op>(ops: T[], op: T | undefined, prefix: number[]): T[
     (o) =>
       o === op ||
       (overlaps(o, op) &&
-        (o.kind !== 'io' ||
-          o.identity === (op as Op & { identity?: string }).identity ||
-          o.kind === op.kind)),
+        (o.kind === 'pr' ||
+          o.kind !== op.kind ||
+          ('identity' in o && 'identity' in op && o.identity === op.identity))),
   );
-  const before = prefix
-    .slice(-4)
-    .map((id) => ops.find((o) => o.id === id))
-    .filter((o): o is T => o !== undefined && !near.includes(o));
-  return [...before, ...near].sort((a, b) => a.call - b.call).slice(-16);
+  // the last PR commands the search had placed, and the one a probe followed
+  const probe = op.kind === 'io' ? op.probe : undefined;
+  const before = [
+    ...prefix
+      .map((id) => ops.find((o) => o.id === id))
+      .filter((o): o is T => o !== undefined && o.kind === 'pr')
+      .slice(-3),
+    ...ops.filter((o) => o.id === probe),
+  ].filter((o) => !near.includes(o));
+  return [...new Set([...before, ...near])].sort((a, b) => a.call - b.call).slice(-16);
 }
 
 export function describe(o: Op): string {

@@ -19,6 +19,11 @@ const program = new Command('nemesis')
   )
   .option('--history <file>', 'write the recorded history here as JSON')
   .option('--check <file>', 'only check a history written by --history')
+  .option(
+    '--without <parts>',
+    'leave out client work: acl, malformed, catalog, events (comma-separated)',
+    '',
+  )
   .parse();
 
 const o = program.opts<{
@@ -27,7 +32,9 @@ const o = program.opts<{
   faults: string;
   history?: string;
   check?: string;
+  without: string;
 }>();
+const without = new Set(o.without.split(',').filter((x) => x !== ''));
 if (o.check) {
   const h = JSON.parse(readFileSync(o.check, 'utf8')) as History;
   const anomalies = checkAll(h);
@@ -48,6 +55,12 @@ const r = await runCampaign({
   seed,
   seconds: Number(o.minutes) * 60,
   faults,
+  workload: {
+    acl: !without.has('acl'),
+    malformed: !without.has('malformed'),
+    catalog: !without.has('catalog'),
+    events: !without.has('events'),
+  },
   log: (l) => console.error(l),
   ...(o.history ? { historyFile: o.history } : {}),
 });
