@@ -536,24 +536,31 @@ export function checkAudit(h: History): Anomaly[] {
 
 // ---- the catalog and the access lists: registers ----
 
-type DevState = number | null;
-type DevIn = { op: DeviceOp } | { read: DevState };
+/**
+ * A device: absent, or its size and, while a create whose outcome is unknown
+ * holds the name, that create (its agent died mid-way: the name stays taken
+ * until the create is completed or rolled back, so it may appear and go).
+ */
+type DevState = { size: number; by: number } | null;
+type DevIn = { op: DeviceOp } | { rollback: number } | { read: number | null };
 
 const devModel: LinModel<DevState, DevIn, string> = {
   init: null,
-  key: (s) => String(s),
+  key: (s) => JSON.stringify(s),
   step(s, input, output) {
-    if ('read' in input) return { ok: input.read === s, next: s };
+    if ('read' in input) return { ok: input.read === (s?.size ?? null), next: s };
+    if ('rollback' in input) return { ok: s?.by === input.rollback, next: null };
     const o = input.op;
     const known = output !== undefined;
     switch (o.action) {
       case 'create':
-        if (s === null) return { ok: !known || output === 'ok', next: o.size! };
+        if (s === null)
+          return { ok: !known || output === 'ok', next: { size: o.size!, by: known ? -1 : o.id } };
         return { ok: !known || output === 'BALLAST_DEVICE_EXISTS', next: s };
       case 'resize':
         if (s === null) return { ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND', next: s };
-        if (o.size! < s) return { ok: !known || output === 'BALLAST_SHRINK_REFUSED', next: s };
-        return { ok: !known || output === 'ok', next: o.size! };
+        if (o.size! < s.size) return { ok: !known || output === 'BALLAST_SHRINK_REFUSED', next: s };
+        return { ok: !known || output === 'ok', next: { size: o.size!, by: -1 } };
       case 'delete':
         if (s === null) return { ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND', next: s };
         return { ok: !known || output === 'ok', next: null };
@@ -584,6 +591,15 @@ export function checkCatalog(h: History): Anomaly[] {
         input: { op: o },
         output: o.status === 'unknown' ? undefined : o.status === 'ok' ? 'ok' : o.code,
       });
+      if (o.status === 'unknown' && o.action === 'create') {
+        lin.push({
+          id: 1_000_000_000 + o.id,
+          call: o.call,
+          ret: Number.POSITIVE_INFINITY,
+          input: { rollback: o.id },
+          output: undefined,
+        });
+      }
     }
     const listed = fin?.devices.find((d) => d.name === name);
     if (fin) {
