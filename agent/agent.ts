@@ -32,6 +32,7 @@ import {
 } from '../cluster/node.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
 import { notifyMetrics, notifyRoutes } from '../notify/api.js';
+import { MEDIA } from '../notify/events.js';
 import { Notifier } from '../notify/notifier.js';
 import { serveEvents } from '../notify/sse.js';
 import { tierChanges, tierOf } from '../notify/tier.js';
@@ -302,16 +303,6 @@ export class Agent {
       lease: config.cluster ? () => this.cluster?.leaseId() : undefined,
       timeoutMs: config.events.deliveryTimeoutMs,
       retryCapMs: config.events.retryCapMs,
-      snapshot: async () => ({
-        devices: this.devices.list().map((d) => ({
-          name: d.name,
-          size: d.size,
-          role: d.role,
-          guest: d.guest,
-          state: d.state,
-          pools: d.extents.map((e) => e.pool),
-        })),
-      }),
     });
     this.reservations.host = config.cluster?.host;
     this.devices.onExtended = (name, before, after) => {
@@ -586,7 +577,8 @@ export class Agent {
     }
     await this.notifier.start();
     this.notifier.produced = notifyMetrics(registry, this.notifier);
-    await this.rescanPools('start');
+    // Against the media last seen, which may have changed while the agent was stopped.
+    await this.rescanPools('since the agent last ran', await this.storedMedia());
     if (c.events.rescanIntervalS > 0) {
       this.rescanTimer = setInterval(
         () => void this.rescanPools('periodic').catch(() => {}),
@@ -666,7 +658,33 @@ export class Agent {
       if (isFull) this.fullPools.add(st.name);
       else this.fullPools.delete(st.name);
     }
+    await this.saveMedia().catch((e) =>
+      this.log(`pool media not recorded (next rescan tries again): ${(e as Error).message}`),
+    );
     return { media, tiers, full };
+  }
+
+  /** The pools' media as recorded at the last rescan (undefined: never recorded). */
+  private savedMedia: string | undefined;
+
+  private async storedMedia(): Promise<Map<string, Media> | undefined> {
+    try {
+      const kv = await this.store.get(MEDIA + this.hostName());
+      if (!kv) return undefined;
+      this.savedMedia = kv.value;
+      const m = JSON.parse(kv.value) as Record<string, Media>;
+      return new Map([...this.pools].map(([n, p]) => [n, m[n] ?? p.media]));
+    } catch (e) {
+      this.log(`pool media last seen not read: ${(e as Error).message}`);
+      return undefined;
+    }
+  }
+
+  private async saveMedia(): Promise<void> {
+    const v = JSON.stringify(Object.fromEntries([...this.pools].map(([n, p]) => [n, p.media])));
+    if (v === this.savedMedia) return;
+    await this.store.put(MEDIA + this.hostName(), v);
+    this.savedMedia = v;
   }
 
   /** A device extended onto a pool of another medium changes tier too. */

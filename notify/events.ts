@@ -8,7 +8,7 @@
 // from any id still in the store's history, and de-duplicable by id.
 
 import { createHmac } from 'node:crypto';
-import type { KeyValue, WatchEvent } from '../agent/store/store.js';
+import { isStoreError, type KeyValue, type Store, type WatchEvent } from '../agent/store/store.js';
 
 export const EVENT_KINDS = [
   'device.created',
@@ -37,6 +37,15 @@ export type EventKind = (typeof EVENT_KINDS)[number];
 
 /** Keys of explicit events: one per host, each put an event. */
 export const EVENTS_PREFIX = 'events/';
+/** The time of each event whose change stores none (`notify/time/<revision>`, or a resync's id). */
+export const TIMES = 'notify/time/';
+/** The media of each host's pools as last seen (`notify/media/<host>`: {pool: medium}). */
+export const MEDIA = 'notify/media/';
+/**
+ * A resync stands for the state after every event of its revision: its id is
+ * `<revision>.999999`, after that revision's events and before the next one's.
+ */
+export const END_OF_REVISION = 999_999;
 
 export interface BallastEvent {
   /** The store revision that made it, `.N` for the N-th event of that revision (N ≥ 1). */
@@ -49,6 +58,7 @@ export interface BallastEvent {
   subject?: string;
   /** The host whose agent made the change, when known. */
   host?: string;
+  /** ISO 8601; '' from the Translator when the change stores no time (see stampTimes). */
   time: string;
   data: Record<string, unknown>;
 }
@@ -161,7 +171,9 @@ export class Translator {
   translate(ev: WatchEvent): BallastEvent[] {
     const key = ev.kv.key;
     const rev = ev.revision;
-    const now = new Date().toISOString();
+    // A time is the change's own only when this change wrote it; else '' and the
+    // consumer stamps it once for every reader (stampTimes).
+    const now = '';
     const out: BallastEvent[] = [];
     const push = (e: Omit<BallastEvent, 'id' | 'revision' | 'n'>) =>
       out.push({ ...this.id(rev), ...e });
@@ -173,7 +185,10 @@ export class Translator {
       const wasReady = before?.state === 'ready';
       const isReady = after?.state === 'ready';
       const host = after?.by ?? before?.by;
-      const time = after?.updatedAt ?? now;
+      const time =
+        after?.updatedAt !== undefined && after.updatedAt !== before?.updatedAt
+          ? after.updatedAt
+          : now;
       if (isReady && !wasReady) {
         push({
           kind: 'device.created',
@@ -218,13 +233,14 @@ export class Translator {
       const a = parse(ev.type === 'put' ? ev.kv : undefined);
       const b = parse(ev.prevKv);
       const last = (a?.last ?? {}) as Record<string, unknown>;
+      const lastBefore = (b?.last ?? {}) as Record<string, unknown>;
       if (ev.type === 'put' && JSON.stringify(a?.state) === JSON.stringify(b?.state)) return out;
       if (ev.type === 'delete' && !b) return out;
       push({
         kind: 'reservation.changed',
         subject: device,
         host: typeof last.host === 'string' ? last.host : undefined,
-        time: typeof last.time === 'string' ? last.time : now,
+        time: typeof last.time === 'string' && last.time !== lastBefore.time ? last.time : now,
         data: {
           before: b?.state ?? null,
           after: a?.state ?? null,
@@ -241,7 +257,7 @@ export class Translator {
       push({
         kind: 'acl.changed',
         subject: device,
-        time: typeof a?.at === 'string' ? a.at : now,
+        time: typeof a?.at === 'string' && a.at !== b?.at ? a.at : now,
         data: { before: b?.entries ?? null, after: a?.entries ?? null },
       });
     } else if (key.startsWith('hosts/')) {
@@ -249,7 +265,13 @@ export class Translator {
       const host = key.slice('hosts/'.length);
       if (h?.state === 'left') {
         this.left.add(host);
-        push({ kind: 'member.left', subject: host, host, time: String(h.since ?? now), data: {} });
+        push({
+          kind: 'member.left',
+          subject: host,
+          host,
+          time: typeof h.since === 'string' ? h.since : now,
+          data: {},
+        });
       } else if (h?.state === 'up') {
         this.left.delete(host);
       }
@@ -262,7 +284,8 @@ export class Translator {
           kind: 'member.joined',
           subject: host,
           host,
-          time: String(m?.startedAt ?? now),
+          // Not startedAt: an agent that lost its lease joins again long after it started.
+          time: now,
           data: { version: m?.version, pools: m?.pools, nbd: m?.nbd },
         });
       } else if (ev.type === 'delete' && !this.left.has(host)) {
@@ -299,4 +322,113 @@ export function cloudEvent(
 /** `sha256=<hex>`: HMAC-SHA256 of the body under the recipient's secret. */
 export function sign(body: string, secret: string): string {
   return `sha256=${createHmac('sha256', secret).update(body).digest('hex')}`;
+}
+
+/**
+ * Gives each event without a stored time one that every reader sees: the first to
+ * read it (in practice the agents' live watches, as it happens) records its clock
+ * under `notify/time/<revision>`, the others read that. Kept until the history of
+ * its revision is compacted (Notifier prunes).
+ */
+export async function stampTimes(store: Store, events: BallastEvent[]): Promise<void> {
+  for (const e of events) {
+    if (e.time !== '') continue;
+    e.time = await stableTime(store, String(e.revision));
+  }
+}
+
+/** The time recorded under `notify/time/<key>`, recorded now if none is. */
+export async function stableTime(store: Store, key: string): Promise<string> {
+  const kv = await store.get(TIMES + key);
+  if (kv) return kv.value;
+  const now = new Date().toISOString();
+  const r = await store.createIfAbsent(TIMES + key, now);
+  return r.succeeded ? now : (r.kv?.value ?? now);
+}
+
+/** Reads with the compaction point moving meanwhile: again at the new point. */
+async function readAt(store: Store, prefix: string, revision: number) {
+  return (await store.range(prefix, { revision })).kvs;
+}
+
+/**
+ * The state a recipient behind a compaction recovers with, as the store held it
+ * at revision `at` (the oldest one kept): devices, reservations, access lists,
+ * members (and hosts that left), each host's pool media and the devices' tiers.
+ * The same for a webhook and a stream: its id is `<at>.999999`, its time stored.
+ */
+export async function resyncAt(store: Store, at: number, host: string): Promise<BallastEvent> {
+  const [devs, prs, acls, members, hosts, media] = await Promise.all(
+    ['devices/', 'pr/', 'acl/', 'members/', 'hosts/', MEDIA].map((p) => readAt(store, p, at)),
+  );
+  const mediaOf = new Map<string, Record<string, string>>();
+  for (const kv of media!) {
+    const m = parse(kv);
+    if (m) mediaOf.set(kv.key.slice(MEDIA.length), m as Record<string, string>);
+  }
+  const devices: Record<string, unknown>[] = [];
+  const tiers: Record<string, string[]> = {};
+  for (const kv of devs!) {
+    const d = parse(kv) as DeviceLike | undefined;
+    if (!d) continue;
+    const name = kv.key.slice('devices/'.length);
+    devices.push({ ...deviceSummary({ ...d, name }), state: d.state });
+    // A shared pool's medium as each host that has it sees it; a local one as its host does.
+    const seen = d.host ? [mediaOf.get(d.host) ?? {}] : [...mediaOf.values()];
+    const t = new Set<string>();
+    for (const e of d.extents ?? []) {
+      const found = seen.map((m) => m[e.pool]).filter((x): x is string => x !== undefined);
+      for (const x of found.length > 0 ? found : ['unknown']) t.add(x);
+    }
+    tiers[name] = [...t].sort();
+  }
+  const byDevice = (kvs: KeyValue[], prefix: string, field: string) =>
+    Object.fromEntries(
+      kvs.map((kv) => [kv.key.slice(prefix.length), parse(kv)?.[field] ?? null] as const),
+    );
+  const id = `${at}.${END_OF_REVISION}`;
+  return {
+    id,
+    revision: at,
+    n: END_OF_REVISION,
+    kind: 'resync',
+    host,
+    time: await stableTime(store, id),
+    data: {
+      reason: `the history before revision ${at} was compacted: the state at ${at}, then every event after it`,
+      revision: at,
+      devices,
+      reservations: byDevice(prs!, 'pr/', 'state'),
+      acls: byDevice(acls!, 'acl/', 'entries'),
+      members: members!.map((kv) => {
+        const m = parse(kv) ?? {};
+        return { host: kv.key.slice('members/'.length), version: m.version, nbd: m.nbd };
+      }),
+      hostsLeft: hosts!
+        .filter((kv) => parse(kv)?.state === 'left')
+        .map((kv) => kv.key.slice('hosts/'.length)),
+      media: Object.fromEntries(mediaOf),
+      tiers,
+    },
+  };
+}
+
+/**
+ * The resync for a reader whose history was compacted: at the compaction point
+ * `point` (the store's when 0), read again at the new point if it moves meanwhile.
+ */
+export async function resyncAfterCompaction(
+  store: Store,
+  point: number,
+  host: string,
+): Promise<BallastEvent> {
+  let at = point > 0 ? point : await store.compactRevision();
+  for (;;) {
+    try {
+      return await resyncAt(store, Math.max(1, at), host);
+    } catch (e) {
+      if (!isStoreError(e, 'STORE_COMPACTED')) throw e;
+      at = e.compactRevision ?? (await store.compactRevision());
+    }
+  }
 }

@@ -28,7 +28,6 @@ async function setup(): Promise<{ store: Store; n: Notifier }> {
     retryBaseMs: 20,
     retryCapMs: 100,
     timeoutMs: 500,
-    snapshot: async () => ({ devices: [{ name: 'd1' }] }),
   });
   await n.start();
   cleanup.push(async () => {
@@ -38,11 +37,11 @@ async function setup(): Promise<{ store: Store; n: Notifier }> {
   return { store, n };
 }
 
-const ready = (name: string, size = 1) =>
-  JSON.stringify({ name, size, state: 'ready', extents: [], updatedAt: 't' });
+const ready = (name: string, size = 1, updatedAt = 't') =>
+  JSON.stringify({ name, size, state: 'ready', extents: [], updatedAt });
 
 describe('Notifier', () => {
-  it('a recipient whose cursor fell behind a compaction gets one resync, then goes on', async () => {
+  it('a recipient whose cursor fell behind a compaction gets the state at the oldest revision kept, then every event after it', async () => {
     const { store, n } = await setup();
     const rx = new Receiver();
     await rx.start();
@@ -51,24 +50,32 @@ describe('Notifier', () => {
     await store.put('devices/d0', ready('d0'));
     await until(() => rx.ids().length === 1);
     rx.always = 503; // down for a while
-    await store.put('devices/d1', ready('d1'));
-    await store.put('devices/d1', ready('d1', 2), undefined);
+    const { revision: made } = await store.put('devices/d1', ready('d1'));
+    await store.put('devices/d1', ready('d1', 2, 't2'));
     await sleep(100);
-    await store.compact(await store.revision());
+    // d1's creation is forgotten; its resize is still in the history.
+    await store.compact(made);
     // The delivery is stuck on an event still in memory; a restart reads from the cursor.
     await n.stop();
     rx.always = null;
     const n2 = new Notifier({ ...n.opts, retryBaseMs: 20, retryCapMs: 100 });
     await n2.start();
     cleanup.push(() => n2.stop());
-    await until(() => rx.got.some((g) => g.type === 'io.ballast.resync'));
-    const resync = rx.got.find((g) => g.type === 'io.ballast.resync')!;
-    expect(resync.data).toMatchObject({ devices: [{ name: 'd1' }] });
     await store.put('devices/d2', ready('d2'));
     await until(() => rx.got.some((g) => g.subject === 'd2'));
+    const resync = rx.got.find((g) => g.type === 'io.ballast.resync')!;
+    expect(resync.id).toBe(`${made}.999999`);
+    expect(resync.data).toMatchObject({
+      revision: made,
+      devices: [
+        { name: 'd0', size: 1 },
+        { name: 'd1', size: 1 },
+      ],
+    });
     expect(rx.got.map((g) => `${g.type} ${g.subject ?? ''}`)).toEqual([
       'io.ballast.device.created d0',
       'io.ballast.resync ',
+      'io.ballast.device.resized d1',
       'io.ballast.device.created d2',
     ]);
   });

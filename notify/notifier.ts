@@ -7,7 +7,8 @@
 // agent's death resumes from it on the same or another agent. In a cluster one
 // agent delivers to a recipient at a time: the one holding `notify/leader/<name>`
 // under its membership lease. A recipient whose cursor fell behind the store's
-// history gets one `resync` event with the current state, never a silent gap.
+// history gets one `resync` event with the state at the oldest revision kept, then
+// every event after it: never a silent gap.
 
 import http from 'node:http';
 import https from 'node:https';
@@ -23,7 +24,10 @@ import {
   type ExplicitEvent,
   parseEventId,
   parseTypes,
+  resyncAfterCompaction,
   sign,
+  stampTimes,
+  TIMES,
   Translator,
 } from './events.js';
 
@@ -67,8 +71,6 @@ export interface NotifierOptions {
   retryCapMs?: number;
   /** How often leadership and recipients are looked at again besides the watch (ms, default 2000). */
   reconcileMs?: number;
-  /** The current state, for a `resync` event. */
-  snapshot?: () => Promise<Record<string, unknown>>;
 }
 
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -257,6 +259,7 @@ class Delivery {
         this.stats.behind = this.queue.length + 1;
         if (!afterId(e, cursor)) continue;
         if (filter(e.kind)) {
+          await stampTimes(store, [e]);
           const ok = await this.deliver(e);
           if (!ok) break; // stopped, or disabled
         }
@@ -289,24 +292,17 @@ class Delivery {
     }
   }
 
-  /** History is gone past the cursor: one `resync` event with the state now, then go on from here. */
+  /**
+   * History is gone past the cursor: one `resync` event with the state at the oldest
+   * revision kept, then every event after it (the loop resumes from its id).
+   */
   private async resync(compactRevision: number): Promise<{ revision: number; n: number }> {
-    const rev = await this.n.store.revision();
-    const e: BallastEvent = {
-      id: String(rev),
-      revision: rev,
-      n: 0,
-      kind: 'resync',
-      time: new Date().toISOString(),
-      host: this.n.host,
-      data: {
-        reason: `the store's history was compacted (from revision ${compactRevision}) past this recipient's cursor`,
-        ...(this.n.opts.snapshot ? await this.n.opts.snapshot() : {}),
-      },
-    };
-    this.n.log(`notify ${this.recipient.name}: history compacted past its cursor; sending resync`);
+    const e = await resyncAfterCompaction(this.n.store, compactRevision, this.n.host);
+    this.n.log(
+      `notify ${this.recipient.name}: history compacted past its cursor; resync at ${e.revision}, then the events after it`,
+    );
     if (await this.deliver(e)) await this.saveCursor(e.id);
-    return { revision: rev, n: 0 };
+    return { revision: e.revision, n: e.n };
   }
 
   private async saveCursor(id: string): Promise<void> {
@@ -426,8 +422,11 @@ export class Notifier {
     // Leadership lives under the membership lease. Whatever the watch says, look again
     // now and then: a lease lost and granted anew (an etcd blip), a sync that failed
     // while etcd was away, a deliverer whose lease ran out are all taken up here.
+    let ticks = 0;
     this.reconcile = setInterval(() => {
-      if (!this.stopped) void this.sync();
+      if (this.stopped) return;
+      void this.sync();
+      if (ticks++ % 30 === 0) void this.pruneTimes().catch(() => {});
     }, this.opts.reconcileMs ?? 2000);
     this.reconcile.unref();
   }
@@ -439,8 +438,15 @@ export class Notifier {
     this.watcher = await this.store.watch('', {
       fromRevision: rev + 1,
       onEvent: (ev) => {
-        if (ev.kv.key.startsWith(RECIPIENTS) || ev.kv.key.startsWith(LEADERS)) void this.sync();
-        else if (this.produced) for (const e of tr.translate(ev)) this.produced(e.kind);
+        if (ev.kv.key.startsWith(RECIPIENTS) || ev.kv.key.startsWith(LEADERS)) {
+          void this.sync();
+          return;
+        }
+        for (const e of tr.translate(ev)) {
+          this.produced?.(e.kind);
+          // Its time as it happens, for every reader to come (stampTimes).
+          if (e.time === '') this.stamp(e);
+        }
       },
       onError: (err) => {
         if (this.stopped) return;
@@ -462,6 +468,29 @@ export class Notifier {
 
   private syncing: Promise<void> | null = null;
   private again = false;
+
+  private stamping: Promise<void> = Promise.resolve();
+
+  private stamp(e: BallastEvent): void {
+    this.stamping = this.stamping.then(() =>
+      stampTimes(this.store, [e]).catch(() => {
+        // The first reader to come stamps it instead.
+      }),
+    );
+  }
+
+  private pruned = 0;
+
+  /** Forgets the stored times of events whose history is compacted (nobody reads them again). */
+  private async pruneTimes(): Promise<void> {
+    const point = await this.store.compactRevision();
+    if (point <= this.pruned) return;
+    for (const kv of (await this.store.range(TIMES)).kvs) {
+      const rev = Number.parseInt(kv.key.slice(TIMES.length), 10);
+      if (rev < point) await this.store.deleteIf(kv.key, kv.modRevision);
+    }
+    this.pruned = point;
+  }
 
   /** Brings the running deliveries in line with the recipients and the leadership. */
   private sync(): Promise<void> {

@@ -1,7 +1,8 @@
 // GET /v1/events: the event log as a Server-Sent Events stream. History from
 // `since` (or the Last-Event-ID header a reconnecting client sends) onwards,
 // then, with follow, live events as they happen. A `since` older than the
-// store's history gets one `resync` event first, never a silent gap.
+// store's history gets one `resync` event first (the state at the oldest revision
+// kept), then every event after it: never a silent gap.
 
 import type http from 'node:http';
 import { BallastError } from '../agent/errors.js';
@@ -13,6 +14,8 @@ import {
   cloudEvent,
   parseEventId,
   parseTypes,
+  resyncAfterCompaction,
+  stampTimes,
   Translator,
 } from './events.js';
 
@@ -92,14 +95,30 @@ export async function serveEvents(
   if (opts.signal?.aborted) close();
   opts.signal?.addEventListener('abort', close, { once: true });
   res.once('close', () => opts.signal?.removeEventListener('abort', close));
+  // Events go out one at a time, in order, each with its stored time (stampTimes:
+  // the same id carries the same time on every stream and webhook).
+  let queue: Promise<void> = Promise.resolve();
+  const enqueue = (e: BallastEvent) => {
+    queue = queue.then(async () => {
+      if (closed) return;
+      try {
+        await stampTimes(store, [e]);
+      } catch {
+        close();
+        return;
+      }
+      if (!closed) send(e);
+    });
+  };
   let idle: NodeJS.Timeout | undefined;
+  const closeWhenSent = () => void queue.then(close);
   const maybeEnd = (rev: number) => {
     if (follow) return;
     clearTimeout(idle);
-    if (rev >= end) idle = setTimeout(close, 50);
-    else idle = setTimeout(close, 300);
+    if (rev >= end) idle = setTimeout(closeWhenSent, 50);
+    else idle = setTimeout(closeWhenSent, 300);
   };
-  const tr = new Translator();
+  let tr = new Translator();
   const start = async (from: number): Promise<void> => {
     try {
       watcher = await store.watch('', {
@@ -107,7 +126,7 @@ export async function serveEvents(
         onEvent: (ev) => {
           if (closed) return;
           for (const e of tr.translate(ev)) {
-            if (afterId(e, cursor) && filter(e.kind)) send(e);
+            if (afterId(e, cursor) && filter(e.kind)) enqueue(e);
           }
           maybeEnd(ev.revision);
         },
@@ -124,19 +143,24 @@ export async function serveEvents(
       else close();
     }
   };
+  // The history before the cursor is gone: the state at the oldest revision kept
+  // (as a webhook recipient gets it), then every event after it.
   const resync = async (compacted: number): Promise<void> => {
-    const rev = await store.revision();
-    send({
-      id: String(rev),
-      revision: rev,
-      n: 0,
-      kind: 'resync',
-      time: new Date().toISOString(),
-      host: opts.host,
-      data: { reason: `the history before revision ${compacted} was compacted` },
-    });
-    cursor = { revision: rev, n: 0 };
-    await start(rev + 1);
+    if (closed) return;
+    void watcher?.cancel();
+    let e: BallastEvent;
+    try {
+      e = await resyncAfterCompaction(store, compacted, opts.host);
+    } catch {
+      close();
+      return;
+    }
+    if (afterId(e, cursor)) {
+      enqueue(e);
+      cursor = { revision: e.revision, n: e.n };
+    }
+    tr = new Translator({ hostsLeft: (e.data.hostsLeft as string[] | undefined) ?? [] });
+    await start(e.revision);
   };
   if (sinceText === null || sinceText === undefined || sinceText === '') {
     // No cursor: with follow, what happens from now on; without, the whole history kept.

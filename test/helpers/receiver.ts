@@ -12,6 +12,7 @@ export interface Received {
   type: string;
   subject?: string;
   source: string;
+  time: string;
   data: Record<string, unknown>;
   signatureOk: boolean | null;
 }
@@ -100,5 +101,5 @@ export class Receiver {
 /** Orders event ids (revision, then index). */
 export function idKey(id: string): number {
   const [r, n] = id.split('.');
-  return Number(r) * 1000 + Number(n ?? 0);
+  return Number(r) * 1_000_000 + Number(n ?? 0);
 }

@@ -6,7 +6,8 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import { type AgentHandle, startAgent, writeAgentConfig } from '../helpers/agent.js';
+import { Receiver } from '../helpers/receiver.js';
 import { BALLAST_BIN } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
 
@@ -127,4 +128,57 @@ describeWithTools(['curl'], 'the event stream: long-lived, resumed', () => {
     expect(created).toEqual(['before-kill', 'after-restart']);
     cli.child.kill('SIGINT');
   });
+
+  it('a medium changed while the agent was stopped is reported when it starts; an id keeps its time', async () => {
+    const opts = {
+      pools: [{ name: 'fast', media: 'ssd' }],
+      events: { rescanInterval: 0, retryCap: 0.5 },
+    };
+    const b = await startAgent(opts);
+    const rx = new Receiver();
+    await rx.start();
+    try {
+      expect(
+        (await b.cli('notify', 'add', 'tier', '--url', rx.url, '--types', 'tier.changed')).code,
+      ).toBe(0);
+      expect((await b.cli('device', 'create', 'm1', '--size', '1M', '--pool', 'fast')).code).toBe(
+        0,
+      );
+      // An access list, then the device removed with it: a change that stores no time.
+      expect(
+        (await b.api('PUT', '/v1/devices/m1/acl', { entries: [{ identity: 'x', access: 'rw' }] }))
+          .status,
+      ).toBe(200);
+      expect((await b.cli('device', 'create', 'm2', '--size', '1M', '--pool', 'fast')).code).toBe(
+        0,
+      );
+      expect((await b.cli('device', 'rm', 'm1')).code).toBe(0);
+      expect(await b.stop()).toBe(0);
+      // The pool's medium is another one when the agent comes back.
+      writeAgentConfig(b.dir, { ...opts, pools: [{ name: 'fast', media: 'hdd' }] });
+      await b.start();
+      await until('the tier change delivered', () => rx.got.length > 0);
+      expect(rx.got.map((g) => [g.subject, g.data.before, g.data.after])).toEqual([
+        ['m2', ['ssd'], ['hdd']],
+      ]);
+      expect(rx.got[0]!.data.reason).toMatch(/since the agent last ran/);
+      // Read twice, a while apart: each id with the same time.
+      const read = async () => {
+        const r = await b.cli('events', '--json');
+        expect(r.code, r.stderr).toBe(0);
+        return r.stdout
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => JSON.parse(l) as { id: string; time: string; type: string });
+      };
+      const first = await read();
+      expect(first.some((e) => e.type === 'io.ballast.acl.changed')).toBe(true);
+      await sleep(50);
+      const second = await read();
+      expect(second.map((e) => [e.id, e.time])).toEqual(first.map((e) => [e.id, e.time]));
+    } finally {
+      await rx.stop();
+      await b.stop();
+    }
+  }, 180_000);
 });
