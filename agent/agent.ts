@@ -419,6 +419,7 @@ export class Agent {
         }),
       });
       this.cluster = cluster;
+      cluster.inDoubt = () => this.changes?.inDoubt() ?? [];
       this.fence = new Fence(cluster, {
         marginMs: c.cluster.fenceMarginMs,
         holdMs: c.cluster.holdMs,
@@ -787,9 +788,7 @@ export class Agent {
       config: this.config.source,
       dataDir: this.config.dataDir,
       storeRevision: this.cluster ? this.cluster.revision : await this.store.revision(),
-      cluster: this.cluster
-        ? { ...this.cluster.summary(), inDoubt: this.changes?.inDoubt() ?? [] }
-        : undefined,
+      cluster: this.cluster?.summary(),
       nbd: this.nbdTargets.map(describeTarget),
       api: this.apiTargets.map(describeTarget),
       tokenRequired: this.config.api.requireToken,

@@ -73,6 +73,7 @@ export function registerCluster(program: Command): void {
       } | null;
       members: { alive: number; expired: number; left: number };
       stale: { since: string; reason: string } | null;
+      inDoubt?: { keys: string[]; since: string; reason: string }[];
     };
     warnStale(s);
     if (o.json) return json(s);
@@ -91,6 +92,10 @@ export function registerCluster(program: Command): void {
       );
     }
     if (e?.raftTerm !== undefined) lines.push(`  raft term ${e.raftTerm}, revision ${e.revision}`);
+    // Changes etcd did not answer in time: found out, and logged, as soon as it does.
+    for (const d of s.inDoubt ?? []) {
+      lines.push(`in doubt:   a change to ${d.keys.join(', ')} since ${d.since} (${d.reason})`);
+    }
     lines.push('', membersTable(s.membersList));
     out(lines.join('\n'));
   });

@@ -137,6 +137,8 @@ export class Cluster {
   storeRevision = 0;
   /** After the lease was lost: the revision the cache must reach before serving again. */
   private catchUpTo = 0;
+  /** Changes whose outcome is not known yet (cluster/changes.ts), for status. */
+  inDoubt: (() => { keys: string[]; since: string; reason: string }[]) | undefined;
   /** The data path's fence, told when the agent may serve again. */
   fence: Fence | undefined;
 
@@ -720,6 +722,7 @@ export class Cluster {
       keepaliveFailures: this.stats.keepaliveFailures,
       reRegistrations: this.stats.reRegistrations,
       relists: this.stats.relists,
+      inDoubt: this.inDoubt?.() ?? [],
       foreignKeys: [...this.garbage].slice(0, 20),
       foreignKeyCount: this.garbage.size,
     };

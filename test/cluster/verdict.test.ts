@@ -132,6 +132,11 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: a verdict for every change', ()
 
       // Keep the cut until etcd has expired A's membership, then heal: the held bytes arrive.
       await until('b sees a expire', async () => (await stateOf(b, 'a')) === 'expired');
+      // What ended in doubt is listed until A finds out.
+      const doubts = (
+        (await a.api('GET', '/v1/cluster/status')).body as { inDoubt: { keys: string[] }[] }
+      ).inDoubt.flatMap((d) => d.keys);
+      if (acl.body.code === 'STORE_TIMEOUT') expect(doubts).toContain('acl/d1');
       // Meanwhile A refuses at once, without asking etcd.
       const refused = await call(a, 'POST', '/v1/devices/d1/pr', register('host-a', '0xa2'));
       expect(refused.status).toBe(503);
