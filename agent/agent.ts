@@ -436,6 +436,7 @@ export class Agent {
       const everyone = () => cluster.members().map((m) => m.host);
       this.reservations.settle = (rev) => cluster.settle(rev, everyone());
       this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
+      this.reservations.cachedTrail = (device) => cluster.snapshot(`pr-audit/${device}/`);
       // A PR command that lost its race waits for the watch to bring the winner here.
       this.reservations.caughtUp = (rev) =>
         cluster.waitUntil(() => cluster.revision >= rev, CAUGHT_UP_MS);

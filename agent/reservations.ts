@@ -293,6 +293,11 @@ export class ReservationManager {
    * up to `revision` (false if it has not within a bound).
    */
   caughtUp?: (revision: number) => Promise<boolean>;
+  /**
+   * In a cluster: the device's audit entries as this agent's cache holds them
+   * (`pr-audit/<device>/`), read when a re-listing skipped changes.
+   */
+  cachedTrail?: (device: string) => KeyValue[];
 
   constructor(
     private readonly store: Store,
@@ -607,19 +612,72 @@ export class ReservationManager {
     }
     acc.generation++;
     this.revisions.set(device, { pr: modRevision, seq: rec.seq });
-    if (rec.abort && rec.abort.length > 0 && !failpointArmed('pr-abort-skip')) {
-      const gone = new Set(rec.abort);
+    const gone = new Set(rec.abort ?? []);
+    // A watch that fell behind a compaction re-lists and sees only the last
+    // record: the changes between the one applied here and it are on the trail,
+    // and what they aborted is aborted here too, before this change is acked.
+    if (known && rec.seq > known.seq + 1) {
+      for (const who of await this.skippedAborts(device, known.seq, rec.seq - 1)) gone.add(who);
+    }
+    if (gone.size > 0 && !failpointArmed('pr-abort-skip')) {
       const conns = (this.server()?.connectionsTo(device) ?? []).filter((c) =>
         gone.has(c.identity),
       );
       if (conns.length > 0) {
         this.log(
-          `device ${device}: aborting ${conns.length} connection(s) of ${rec.abort.join(', ')}`,
+          `device ${device}: aborting ${conns.length} connection(s) of ${[...gone].join(', ')}`,
         );
         await Promise.all(conns.map((c) => c.abort()));
       }
       await this.abortStreams?.(device, gone);
     }
+  }
+
+  /**
+   * The identities preempted with abort by the changes numbered `from` to
+   * `to - 1` (audit `seq`), which this agent never saw one by one. Every
+   * connection of theirs here was opened before this agent knew of the abort,
+   * so all are closed, re-registered since or not (the other agents closed
+   * theirs when it happened; a client opens a new one).
+   */
+  private async skippedAborts(device: string, from: number, to: number): Promise<Set<string>> {
+    const want = (kvs: KeyValue[]) => {
+      const found = new Map<number, StoredAuditEntry>();
+      for (const kv of kvs) {
+        const m = /\/(\d{12})$/.exec(kv.key);
+        const seq = m ? Number(m[1]) : -1;
+        if (seq < from || seq >= to) continue;
+        try {
+          found.set(seq, JSON.parse(kv.value) as StoredAuditEntry);
+        } catch {
+          // unreadable: counted missing below
+        }
+      }
+      return found;
+    };
+    let found = want(this.cachedTrail?.(device) ?? []);
+    if (found.size < to - from) {
+      try {
+        found = want((await this.store.range(`${AUDIT_PREFIX}${device}/`)).kvs);
+      } catch (e) {
+        this.log(`device ${device}: reading the audit trail failed: ${(e as Error).message}`);
+      }
+    }
+    if (found.size < to - from) {
+      this.log(
+        `device ${device}: ${to - from - found.size} skipped change(s) missing from the audit trail; their aborts are unknown here`,
+      );
+    }
+    const gone = new Set<string>();
+    for (const e of found.values()) {
+      if (e.action === 'preempt-abort') for (const who of e.preempted ?? []) gone.add(who);
+    }
+    if (gone.size > 0) {
+      this.log(
+        `device ${device}: trail entries ${from}-${to - 1} skipped (history compacted); they aborted ${[...gone].join(', ')}`,
+      );
+    }
+    return gone;
   }
 
   private applyOnce(
