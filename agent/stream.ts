@@ -216,8 +216,9 @@ function ioError(what: string, errno: number): BallastError {
 
 /**
  * The NBD checks of one identity for one kind of command, asked before every piece:
- * the access mask (again whenever the device's access generation changed) and the
- * fencing gate, whose 'hold' waits for it to open or fail.
+ * the fencing gate first, whose 'hold' waits for it to open or fail (a fenced agent
+ * judges nothing on the state it last knew), then the access mask (again whenever
+ * the device's access generation changed).
  */
 class Permission {
   private generation = -1;
@@ -234,6 +235,18 @@ class Permission {
   async allow(): Promise<number> {
     for (;;) {
       const a = this.access;
+      // The fence first: a fenced agent's reservation state may be stale.
+      const g = a.gate?.() ?? 'open';
+      if (g === 'fail') {
+        throw new BallastError(
+          'BALLAST_STREAM_FENCED',
+          `this agent has fenced itself: no I/O to the shared device ${this.device}`,
+        );
+      }
+      if (g === 'hold') {
+        await new Promise<void>((resolve) => (a.onOpen ? a.onOpen(resolve) : resolve()));
+        continue;
+      }
       if (a.generation !== this.generation) {
         this.generation = a.generation;
         this.mask = a.mask(this.identity);
@@ -244,15 +257,7 @@ class Permission {
           `identity ${this.identity} may not ${this.bit === WRITE_BIT ? 'write' : 'read'} device ${this.device} (its reservation or access list)`,
         );
       }
-      const g = a.gate?.() ?? 'open';
-      if (g === 'open') return a.fenceToken ?? -1;
-      if (g === 'fail') {
-        throw new BallastError(
-          'BALLAST_STREAM_FENCED',
-          `this agent has fenced itself: no I/O to the shared device ${this.device}`,
-        );
-      }
-      await new Promise<void>((resolve) => (a.onOpen ? a.onOpen(resolve) : resolve()));
+      return a.fenceToken ?? -1;
     }
   }
 }

@@ -903,20 +903,23 @@ export class Connection implements HandshakeSink, TransmissionSink {
     let denied = false;
     const acc = this.access;
     if (acc !== null && err === 0) {
-      if (acc.generation !== this.accessGeneration) {
-        this.accessGeneration = acc.generation;
-        this.accessMask = acc.mask(this.identity);
+      // The fence first: a fenced agent's reservation state may be stale (a grant
+      // made elsewhere while it was cut off), so it judges nothing, it holds.
+      const g = acc.gate === undefined ? 'open' : acc.gate();
+      if (g === 'hold') {
+        acc.onOpen?.(this.wakeHeld);
+        return Decision.Stall;
       }
-      if ((this.accessMask & (1 << h.type)) === 0) {
-        err = NBD_ERR.EPERM;
-        denied = true;
-      } else if (acc.gate !== undefined) {
-        const g = acc.gate();
-        if (g === 'hold') {
-          acc.onOpen?.(this.wakeHeld);
-          return Decision.Stall;
+      if (g === 'fail') err = NBD_ERR.EIO;
+      else {
+        if (acc.generation !== this.accessGeneration) {
+          this.accessGeneration = acc.generation;
+          this.accessMask = acc.mask(this.identity);
         }
-        if (g === 'fail') err = NBD_ERR.EIO;
+        if ((this.accessMask & (1 << h.type)) === 0) {
+          err = NBD_ERR.EPERM;
+          denied = true;
+        }
       }
     }
     const carries = !err && (h.type === CMD.READ || h.type === CMD.WRITE) ? h.length : 0;

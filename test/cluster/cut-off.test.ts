@@ -1,0 +1,155 @@
+// What an agent cut off from etcd answers, on the data path and the API, while
+// other agents carry on. Agent A reaches etcd through fault proxies (cut and
+// healed here); the others directly. NBD identities come from the TCP source
+// address (127.0.0.1 / .2 / .3 = host-a / host-b / host-c).
+// Regressions (the nemesis, seed 23):
+// - a fenced agent judged I/O on the reservation state it last knew: host-a
+//   registered through C while A was cut off past its lease, and host-a's READ
+//   through A right after got EPERM instead of being held (then EIO);
+
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { FaultProxy } from '../../cluster/fault-proxy.js';
+import { NbdClient } from '../../nbd/client.js';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
+import { makeTempDir } from '../helpers/server.js';
+import { describeWithTools } from '../helpers/tools.js';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const EPERM = 1;
+const EIO = 5;
+const SOURCE = { 'host-a': '127.0.0.1', 'host-b': '127.0.0.2', 'host-c': '127.0.0.3' } as const;
+type Host = keyof typeof SOURCE;
+
+async function until(what: string, pred: () => Promise<boolean>, ms = 60_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+/** What became of one NBD request: ok, EPERM, EIO, closed (the connection is gone), or the error. */
+async function outcome(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return 'ok';
+  } catch (e) {
+    const n = (e as { nbdErrno?: number }).nbdErrno;
+    if (n === EPERM) return 'EPERM';
+    if (n === EIO) return 'EIO';
+    return n === undefined ? 'closed' : `errno ${n}: ${(e as Error).message}`;
+  }
+}
+
+describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent cut off from etcd', () => {
+  let etcd: EtcdCluster;
+  let shared: string;
+  const agents: AgentHandle[] = [];
+  const proxies: FaultProxy[] = [];
+  let n = 0;
+
+  beforeAll(async () => {
+    etcd = await startEtcdCluster({ size: 3 });
+    shared = makeTempDir('ballast-cutoff-');
+  }, 60_000);
+  afterAll(async () => {
+    for (const a of agents) await a.kill9().catch(() => {});
+    for (const p of proxies) await p.close().catch(() => {});
+    await etcd?.stop();
+  });
+
+  /** Agents a (through its own fault proxies), b and c of a fresh cluster on the shared etcd. */
+  async function cluster(opts: { env?: Record<string, string> } = {}) {
+    const name = `cut${n++}`;
+    const cut = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
+    proxies.push(...cut);
+    const start = async (host: string, endpoints: string[], env?: Record<string, string>) => {
+      const a = await startAgent({
+        pools: [{ name: 'shared', path: path.join(shared, name), shared: true }],
+        nbd: {
+          listen: '127.0.0.1:0',
+          identities: Object.entries(SOURCE).map(([id, addr]) => `${addr}=${id}`),
+        },
+        // A short lease so that A is fenced and expired soon after the cut; requests held 1 s.
+        cluster: { name, etcd: endpoints, host, leaseTtl: 2, holdTimeout: 1 },
+        ...(env ? { env } : {}),
+      });
+      agents.push(a);
+      return a;
+    };
+    const A = await start(
+      'a',
+      cut.map((p) => p.url),
+      opts.env,
+    );
+    const B = await start('b', etcd.endpoints);
+    const C = await start('c', etcd.endpoints);
+    const stateOf = async (via: AgentHandle, host: string) => {
+      const m = (await via.api('GET', '/v1/cluster/members')).body as {
+        members: { host: string; state: string }[];
+      };
+      return m.members.find((v) => v.host === host)?.state;
+    };
+    return {
+      A,
+      B,
+      C,
+      cut: async () => {
+        for (const p of cut) p.partition();
+        // Past A's lease: the others count it expired (and A has fenced itself before that).
+        await until('a expired', async () => (await stateOf(C, 'a')) === 'expired');
+      },
+      heal: async () => {
+        for (const p of cut) p.heal();
+        await until('a back', async () => {
+          const st = (await A.api('GET', '/v1/status')).body as { cluster: { healthy: boolean } };
+          return st.cluster.healthy && (await stateOf(C, 'a')) === 'alive';
+        });
+      },
+    };
+  }
+
+  const connect = (via: AgentHandle, dev: string, who: Host) =>
+    NbdClient.connect(`nbd://127.0.0.1:${via.nbdPort}/${dev}`, {
+      localAddress: SOURCE[who],
+      timeoutMs: 60_000,
+    });
+  async function ok(via: AgentHandle, dev: string, body: Record<string, unknown>) {
+    const r = await via.api('POST', `/v1/devices/${dev}/pr`, body);
+    expect(r.status, r.text).toBe(200);
+    return r;
+  }
+
+  it('a fenced agent holds and fails I/O, never judges it on the state it last knew', async () => {
+    const { A, C, cut, heal } = await cluster();
+    const dev = 'd';
+    expect(
+      (await C.api('POST', '/v1/devices', { name: dev, size: '1M', pool: 'shared' })).status,
+    ).toBe(201);
+    // Exclusive access, registrants only: host-a, not registered, may not read.
+    await ok(C, dev, { action: 'register', as: 'host-c', saKey: '0xc' });
+    await ok(C, dev, { action: 'reserve', as: 'host-c', key: '0xc', type: 'EARO' });
+    const viaA = await connect(A, dev, 'host-a');
+    expect(await outcome(viaA.read(0, 4096)), 'before the grant').toBe('EPERM');
+
+    await cut();
+    // The grant, through C: it returns once A's lease has expired (A never saw it).
+    await ok(C, dev, { action: 'register', as: 'host-a', saKey: '0xa' });
+    const during = await outcome(viaA.read(0, 4096));
+    expect(during, 'READ through the fenced agent right after the grant').toBe('EIO');
+
+    await heal();
+    // Once A has rejoined and caught up it serves the current state: host-a may read.
+    // Until its fence opens a request may still fail with EIO; never EPERM.
+    const seen: string[] = [];
+    await until('host-a reads through A', async () => {
+      const g = await outcome(viaA.read(0, 4096));
+      seen.push(g);
+      return g !== 'EIO';
+    });
+    expect(seen.filter((g) => g !== 'EIO')).toEqual(['ok']);
+    await viaA.close();
+  }, 180_000);
+});
