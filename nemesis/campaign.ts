@@ -325,6 +325,8 @@ function verdict(r: ApiReply): {
   const code = typeof r.body.code === 'string' ? r.body.code : `HTTP_${r.status}`;
   const msg = typeof r.body.message === 'string' ? r.body.message : r.text.slice(0, 200);
   const note = `${code}: ${msg}`;
+  // made, not yet in force everywhere: for the client, it may or may not have happened
+  if (code === 'BALLAST_CLUSTER_NOT_APPLIED') return { status: 'unknown', code, note };
   if (/\bNOT made\b/.test(msg)) return { status: 'failed', code, note };
   if (/may (or may not )?have (been|happened)|may have been made/i.test(msg)) {
     return { status: 'unknown', code, note };

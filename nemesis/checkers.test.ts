@@ -212,6 +212,67 @@ describe('I/O checker', () => {
   });
 });
 
+describe('a change taking effect agent by agent', () => {
+  const setup = [pr(0, 1, regA, ok(1)), pr(2, 3, resA, ok(1)), pr(4, 5, regB, ok(2))];
+  const via = (agent: string) => ({ agent });
+
+  it('a grant is lifted on one agent before another while its command runs', () => {
+    const pa = pr(10, 30, paB, ok(3, true, ['a']));
+    const ops = [
+      ...setup,
+      pa,
+      io(12, 13, 'b', 'write', 'ok', via('b')),
+      io(14, 15, 'b', 'write', 'EPERM', via('c')),
+      io(16, 17, 'b', 'write', 'ok', via('c')),
+    ];
+    expect(checkReservations(history(ops))).toEqual([]);
+    // once it returned, every agent grants it
+    const late = [...ops, io(31, 32, 'b', 'write', 'EPERM', { agent: 'c', probe: pa.id })];
+    expect(checkReservations(history(late)).map((x) => x.check)).toEqual(['grant-in-force']);
+  });
+
+  it('once the new holder wrote through one agent, the old one writes through none', () => {
+    const pa = pr(10, 30, paB, ok(3, true, ['a']));
+    const ops = [
+      ...setup,
+      pa,
+      io(12, 13, 'b', 'write', 'ok', via('b')),
+      io(14, 15, 'a', 'write', 'ok', via('c')),
+    ];
+    expect(checkReservations(history(ops)).map((x) => x.check)).toEqual(['io-allowed']);
+  });
+
+  it('a command of unknown outcome takes effect within its bound after the client gave up, or never', () => {
+    const unknown = () => {
+      const pa = pr(10, null, paB);
+      pa.gaveUp = 12;
+      return pa;
+    };
+    const h = (ops: Op[]) => ({ ...history(ops), unknownBoundMs: 15 });
+    // within the bound (12 + 15): a writes, then is refused
+    const within = [
+      ...setup,
+      unknown(),
+      io(20, 21, 'a', 'write', 'ok'),
+      io(24, 25, 'a', 'write', 'EPERM'),
+    ];
+    expect(checkReservations(h(within))).toEqual([]);
+    // never: a keeps writing
+    expect(checkReservations(h([...setup, unknown(), io(100, 101, 'a', 'write', 'ok')]))).toEqual(
+      [],
+    );
+    // past the bound: no order explains a refusal after a write at 30
+    const past = [
+      ...setup,
+      unknown(),
+      io(30, 31, 'a', 'write', 'ok'),
+      io(40, 41, 'a', 'write', 'EPERM'),
+    ];
+    expect(checkReservations(h(past)).map((x) => x.check)).toEqual(['io-allowed']);
+    expect(checkReservations({ ...h(past), unknownBoundMs: 60 })).toEqual([]);
+  });
+});
+
 describe('abort and block checkers', () => {
   it('a preempted connection still answering after the preempt-abort returned is flagged', () => {
     const pa = pr(10, 20, paB, ok(3, true, ['a']));

@@ -23,87 +23,143 @@ export interface Anomaly {
   ops: Op[];
 }
 
+/**
+ * How long after its client stopped waiting a command of unknown outcome may
+ * still take effect: the agent's change deadline (cluster.changeTimeout) and a
+ * member lease (a late request carries the sender's epoch, kept under its
+ * lease), with room for a frozen etcd member or agent. Past it, the command
+ * happened or never will.
+ */
+export const UNKNOWN_BOUND_MS = 15_000;
+/** The longest a client waits for a PR command (older histories lack gaveUp). */
+const CLIENT_WAIT_MS = 60_000;
+
 const retOf = (o: Op) =>
   o.status === 'unknown' || o.ret === null ? Number.POSITIVE_INFINITY : o.ret;
 
 // ---- reservations and NBD I/O: linearizable against the model ----
 
 /**
- * What the search tracks: the reservation state committed last, and the changes
- * not yet settled, each with the agents that have applied it. pr.md: every agent
- * applies a change (in order) before the change is acknowledged, and until it is
- * settled a connection may do only what both the old and the new state allow.
- * So a change takes effect in steps, all between its call and its return: it is
- * committed; each agent applies it (what it takes away holds there at once);
- * once every agent has, it settles (what it gives holds).
+ * What the search tracks: the reservation state committed last, the changes
+ * not yet settled, and how far each agent got with them. pr.md: every agent
+ * applies a change (in order) before the change is acknowledged, and until it
+ * is settled a connection may do only what both the old and the new state
+ * allow. So a change takes effect in steps, all between its call and its
+ * return: it is committed; each agent applies it (what it takes away holds
+ * there at once); once every agent has, each agent lifts the old state's limits
+ * in turn (what it gives holds there). Only I/O shows how far an agent got, so
+ * an I/O step may move its agent on (and the others' applies, which a lift
+ * needs); a change's `settle` step, before it returns, moves every agent past it.
+ * A command of unknown outcome may also never happen (`gone`: its settle step
+ * is then nothing).
  */
-interface Pending {
-  id: number;
-  old: Model;
-  applied: string[];
-}
 interface PrState {
   m: Model;
-  pending: Pending[];
+  /** Committed, not settled everywhere: each change's id and the state before it. */
+  pending: { id: number; old: Model }[];
+  /** Per agent (in `agents` order): how many pending changes it has applied, and lifted. */
+  applied: number[];
+  lifted: number[];
+  /** Unknown commands that did not happen and whose settle step is still to come. */
+  gone: number[];
 }
 
 type PrInput =
   | { req: Request; id: number }
-  | { apply: number; agent: string }
   | { settle: number }
   | { io: { identity: string; cmd: 'read' | 'write'; agent: string } }
   | { read: string };
 
-function allowedOn(s: PrState, agent: string, identity: string, cmd: 'read' | 'write'): boolean {
-  // the agent's state: the old state of the first change it has not applied, else the last
-  const unapplied = s.pending.find((p) => !p.applied.includes(agent));
-  if (!access(unapplied ? unapplied.old : s.m, identity)[cmd]) return false;
-  return s.pending.every((p) => !p.applied.includes(agent) || access(p.old, identity)[cmd]);
+/** Whether an agent that applied `a` and lifted `l` of the pending changes allows the I/O. */
+function allows(
+  s: PrState,
+  a: number,
+  l: number,
+  identity: string,
+  cmd: 'read' | 'write',
+): boolean {
+  const view = a < s.pending.length ? s.pending[a]!.old : s.m;
+  if (!access(view, identity)[cmd]) return false;
+  for (let i = l; i < a; i++) if (!access(s.pending[i]!.old, identity)[cmd]) return false;
+  return true;
+}
+
+/** Drops the changes every agent has lifted. */
+function trim(s: PrState): PrState {
+  const k = Math.min(...s.lifted);
+  if (k <= 0) return s;
+  return {
+    ...s,
+    pending: s.pending.slice(k),
+    applied: s.applied.map((x) => x - k),
+    lifted: s.lifted.map((x) => x - k),
+  };
 }
 
 function prModelFor(
   agents: readonly string[],
 ): LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> {
+  const zero = agents.map(() => 0);
   return {
-    init: { m: EMPTY, pending: [] },
+    init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [] },
     key: (s) =>
-      `${showModel(s.m)}|${s.pending.map((p) => `${p.id}:${p.applied.join('')}`).join(',')}`,
+      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
     step(s, input, output) {
       if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
       if ('io' in input) {
-        const a = allowedOn(s, input.io.agent, input.io.identity, input.io.cmd);
-        return { ok: output === 'ok' ? a : !a, next: s };
-      }
-      if ('apply' in input) {
-        const i = s.pending.findIndex((p) => p.id === input.apply);
-        const p = s.pending[i];
-        if (!p || p.applied.includes(input.agent)) return { ok: false, next: s };
-        // in order: every earlier change applied there first
-        if (s.pending.slice(0, i).some((q) => !q.applied.includes(input.agent))) {
-          return { ok: false, next: s };
+        const x = agents.indexOf(input.io.agent);
+        const want = output === 'ok';
+        const n = s.pending.length;
+        const nexts: PrState[] = [];
+        // the agent may have applied more (a2 >= its a) and lifted more (l2 >= its l);
+        // a lift needs every agent to have applied the change first
+        for (let a2 = s.applied[x]!; a2 <= n; a2++) {
+          for (let l2 = s.lifted[x]!; l2 <= a2; l2++) {
+            if (allows(s, a2, l2, input.io.identity, input.io.cmd) !== want) continue;
+            if (a2 === s.applied[x] && l2 === s.lifted[x]) {
+              nexts.unshift(s);
+              continue;
+            }
+            const applied = s.applied.map((v, i) => Math.max(v, l2, i === x ? a2 : 0));
+            const lifted = s.lifted.map((v, i) => (i === x ? l2 : v));
+            nexts.push(trim({ ...s, applied, lifted }));
+          }
         }
-        const pending = [...s.pending];
-        pending[i] = { ...p, applied: [...p.applied, input.agent].sort() };
-        return { ok: true, next: { m: s.m, pending } };
+        if (nexts.length === 0) return { ok: false, next: s };
+        return { ok: true, next: nexts[0]!, also: nexts.slice(1) };
       }
       if ('settle' in input) {
-        const p = s.pending[0];
-        if (!p || p.id !== input.settle || !agents.every((a) => p.applied.includes(a))) {
+        const gi = s.gone.indexOf(input.settle);
+        if (gi >= 0)
+          return { ok: true, next: { ...s, gone: s.gone.filter((g) => g !== input.settle) } };
+        const i = s.pending.findIndex((p) => p.id === input.settle);
+        if (i < 0) {
+          // not committed yet (its command comes first), or already settled by I/O
           return { ok: false, next: s };
         }
-        return { ok: true, next: { m: s.m, pending: s.pending.slice(1) } };
+        return {
+          ok: true,
+          next: trim({
+            ...s,
+            applied: s.applied.map((v) => Math.max(v, i + 1)),
+            lifted: s.lifted.map((v) => Math.max(v, i + 1)),
+          }),
+        };
       }
       const r = step(s.m, input.req);
       if (output !== undefined && (typeof output === 'string' || !sameOutcome(r.out, output))) {
         return { ok: false, next: s };
       }
-      // an answered change settles before it returns; an unknown one whenever (see checkReservations)
+      // an answered change settles before it returns; an unknown one within its bound, or never
       const tracked = output === undefined || (r.out.ok && r.out.changed);
-      if (!tracked) return { ok: true, next: { m: r.next, pending: s.pending } };
-      return {
-        ok: true,
-        next: { m: r.next, pending: [...s.pending, { id: input.id, old: s.m, applied: [] }] },
+      if (!tracked) return { ok: true, next: { ...s, m: r.next } };
+      const next: PrState = {
+        ...s,
+        m: r.next,
+        pending: [...s.pending, { id: input.id, old: s.m }],
       };
+      if (output !== undefined) return { ok: true, next };
+      return { ok: true, next, also: [{ ...s, gone: [...s.gone, input.id] }] };
     },
   };
 }
@@ -143,12 +199,13 @@ export function finalModelString(f: {
  */
 export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
   const anomalies: Anomaly[] = [];
+  // a change's settle step: every agent past it
   const SETTLE = 1_000_000_000;
-  const APPLY = 2_000_000_000;
   const agents = [
     ...new Set(h.ops.filter((o) => o.kind === 'io' || o.kind === 'pr').map((o) => o.agent)),
   ].sort();
   const prModel = prModelFor(agents);
+  const bound = h.unknownBoundMs ?? UNKNOWN_BOUND_MS;
   for (const device of h.prDevices) {
     const ops = h.ops.filter((o): o is PrOp => o.kind === 'pr' && o.device === device);
     const ios = h.ops.filter(
@@ -161,10 +218,12 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
     for (const o of ops) {
       if (o.status === 'failed' && !o.out) continue; // did not happen
       const unknown = o.status === 'unknown';
+      // an unknown outcome takes effect within the bound after the client stopped waiting, or never
+      const ret = unknown ? (o.gaveUp ?? o.call + CLIENT_WAIT_MS) + bound : retOf(o);
       lin.push({
         id: o.id,
         call: o.call,
-        ret: retOf(o),
+        ret,
         input: { req: o.req, id: o.id },
         output: unknown ? undefined : o.out,
       });
@@ -172,18 +231,9 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
         lin.push({
           id: SETTLE + o.id,
           call: o.call,
-          ret: retOf(o),
+          ret,
           input: { settle: o.id },
           output: undefined,
-        });
-        agents.forEach((agent, k) => {
-          lin.push({
-            id: APPLY * (k + 1) + o.id,
-            call: o.call,
-            ret: retOf(o),
-            input: { apply: o.id, agent },
-            output: undefined,
-          });
         });
       }
     }
@@ -220,9 +270,10 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
     const stuckId = r.stuck % SETTLE;
     const stuck: PrOp | IoOp | undefined =
       ops.find((o) => o.id === stuckId) ?? ios.find((o) => o.id === stuckId);
-    const unsettled = r.state.pending.map(
-      (p) => `#${p.id} applied on ${p.applied.join(',') || 'none'}`,
-    );
+    const unsettled = r.state.pending.map((p, i) => {
+      const on = (n: number[]) => agents.filter((_, x) => n[x]! > i).join(',') || 'none';
+      return `#${p.id} applied on ${on(r.state.applied)}, lifted on ${on(r.state.lifted)}`;
+    });
     const state = `${showModel(r.state.m)}${unsettled.length ? ` (not settled: ${unsettled.join('; ')})` : ''}`;
     const all: (PrOp | IoOp)[] = [...ops, ...ios];
     const check =
@@ -468,6 +519,12 @@ export function checkAudit(h: History): Anomaly[] {
     const maybe = new Map<string, number>();
     for (const o of ops) {
       const k = opKey(o);
+      // a refusal whose answer said it is not on the trail (etcd unreachable): not expected there
+      if (o.note && /\bNOT on the audit trail\b/.test(o.note)) continue;
+      if (o.note && /\bmay not be on the audit trail\b/.test(o.note)) {
+        if (k) maybe.set(k, (maybe.get(k) ?? 0) + 1);
+        continue;
+      }
       if (o.status === 'ok' || (o.status === 'failed' && o.out)) {
         if (k) acked.set(k, [...(acked.get(k) ?? []), o]);
       } else if (o.status === 'unknown') {
@@ -511,20 +568,29 @@ export function checkAudit(h: History): Anomaly[] {
         });
       }
     }
-    // real-time order: a command that returned before another was sent comes first
-    const list = [...acked.values()].flat().sort((a, b) => a.call - b.call);
+    // real-time order: a command that returned before another was sent comes first.
+    // Commands of the same content are told apart in call order (if any assignment
+    // to their entries respects real time, that one does); content whose count on
+    // the trail differs from what was acknowledged is reported above and left out.
+    const at = new Map<PrOp, number>();
+    for (const [k, list] of acked) {
+      const p = pos.get(k) ?? [];
+      if (p.length !== list.length || maybe.has(k)) continue;
+      [...list].sort((a, b) => a.call - b.call).forEach((o, i) => at.set(o, p[i]!));
+    }
+    const list = [...at.keys()].sort((a, b) => a.call - b.call);
     let reported = 0;
     for (const a of list) {
+      if (a.ret === null || reported > 3) continue;
       for (const b of list) {
-        if (a.ret === null || a.ret >= b.call || reported > 3) continue;
-        const pa = pos.get(opKey(a)!) ?? [];
-        const pb = pos.get(opKey(b)!) ?? [];
-        if (pa.length === 0 || pb.length === 0) continue;
-        if (Math.min(...pa) > Math.max(...pb)) {
+        if (a.ret >= b.call || reported > 3) continue;
+        const pa = at.get(a)!;
+        const pb = at.get(b)!;
+        if (pa > pb) {
           reported++;
           out.push({
             check: 'audit',
-            message: `${device}: op ${a.id} returned before op ${b.id} was sent, but the trail lists it after (seq ${rows[Math.min(...pa)]!.seq} > ${rows[Math.max(...pb)]!.seq})`,
+            message: `${device}: op ${a.id} returned before op ${b.id} was sent, but the trail lists it after (seq ${rows[pa]!.seq} > ${rows[pb]!.seq})`,
             ops: [a, b],
           });
         }
@@ -788,7 +854,28 @@ export function checkConvergence(h: History): Anomaly[] {
 
 // ---- all of them ----
 
+/**
+ * A change answered BALLAST_CLUSTER_NOT_APPLIED is made (not yet in force
+ * everywhere): its outcome is unknown to the client, whatever else the message
+ * says (histories recorded before the campaign classified it so).
+ */
+export function normalize(h: History): History {
+  for (const o of h.ops) {
+    if (
+      o.kind === 'pr' &&
+      o.status === 'failed' &&
+      o.note?.startsWith('BALLAST_CLUSTER_NOT_APPLIED')
+    ) {
+      o.status = 'unknown';
+      o.gaveUp ??= o.ret ?? o.call;
+      o.ret = null;
+    }
+  }
+  return h;
+}
+
 export function checkAll(h: History): Anomaly[] {
+  normalize(h);
   return [
     ...checkReservations(h),
     ...checkAbort(h),

@@ -19,6 +19,8 @@ interface Base {
   agent: string;
   /** What came back, for reports (an error code and message). */
   note?: string;
+  /** For an unknown outcome: when the client stopped waiting (gave up or got an answer in doubt). */
+  gaveUp?: number;
 }
 
 export interface PrOp extends Base {
@@ -140,6 +142,8 @@ export interface History {
   /** Devices under PR and I/O, and their block count. */
   prDevices: string[];
   blocks: number;
+  /** How long after gaveUp an unknown PR command may still take effect (checkers.ts). */
+  unknownBoundMs?: number;
 }
 
 /** Records operations as clients make them. */
@@ -165,7 +169,9 @@ export class Recorder {
   done(op: Op, status: Status, extra: Partial<Op> = {}): void {
     Object.assign(op, extra);
     op.status = status;
-    op.ret = status === 'unknown' ? null : performance.now();
+    const now = performance.now();
+    op.ret = status === 'unknown' ? null : now;
+    if (status === 'unknown') op.gaveUp = now;
   }
 
   conn(device: string, identity: string, agent: string): Conn {

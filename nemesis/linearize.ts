@@ -1,7 +1,9 @@
 // A linearizability checker in the manner of Wing & Gong, with Lowe's memo of
 // (linearized set, state) pairs, as Porcupine (github.com/anishathalye/porcupine)
 // and Knossos do it. An operation whose outcome is unknown gets an infinite
-// return time: it may take effect at any point after its call, or never.
+// return time: it may take effect at any point after its call, or never. An
+// operation known to take effect by some time, or never, gets that time as its
+// return and a model step with two outcomes (happened, or not).
 
 export interface LinOp<I, O> {
   id: number;
@@ -15,8 +17,12 @@ export interface LinOp<I, O> {
 
 export interface LinModel<S, I, O> {
   init: S;
-  /** Whether `input` answering `output` (undefined: unknown) is possible in `s`, and the next state. */
-  step(s: S, input: I, output: O | undefined): { ok: boolean; next: S };
+  /**
+   * Whether `input` answering `output` (undefined: unknown) is possible in `s`,
+   * and the next state; `also`: other possible next states (an operation that
+   * may or may not have happened), each tried in turn.
+   */
+  step(s: S, input: I, output: O | undefined): { ok: boolean; next: S; also?: S[] };
   key(s: S): string;
 }
 
@@ -111,34 +117,39 @@ export function linearize<S, I, O>(
   };
 
   const memo = new Set<string>();
-  const stack: { node: Node<I, O>; state: S }[] = [];
+  const stack: { node: Node<I, O>; state: S; alts: S[]; alt: number }[] = [];
   let state = model.init;
   let hi = 0;
   let lo = 0;
   let entry = head.next;
   let steps = 0;
   let deepest: { stuck: number; prefix: number[]; state: S; depth: number } | null = null;
+  /** Linearizes `node` next with the first of `alts` from `from` not seen before. */
+  const take = (node: Node<I, O>, before: S, alts: S[], from: number): boolean => {
+    const [zh, zl] = zob.get(node.op!.id)!;
+    for (let alt = from; alt < alts.length; alt++) {
+      const next = alts[alt]!;
+      const k = `${(hi ^ zh) >>> 0}.${(lo ^ zl) >>> 0}|${model.key(next)}`;
+      if (memo.has(k)) continue;
+      memo.add(k);
+      stack.push({ node, state: before, alts, alt });
+      state = next;
+      hi = (hi ^ zh) >>> 0;
+      lo = (lo ^ zl) >>> 0;
+      lift(node);
+      entry = head.next;
+      return true;
+    }
+    return false;
+  };
   while (head.next !== null) {
     if (++steps > maxSteps) return { verdict: 'undecided', steps };
     if (entry === null) break;
     if (entry.isCall) {
       const op = entry.op!;
       const r = model.step(state, op.input, op.output);
-      if (r.ok) {
-        const [zh, zl] = zob.get(op.id)!;
-        const k = `${(hi ^ zh) >>> 0}.${(lo ^ zl) >>> 0}|${model.key(r.next)}`;
-        if (!memo.has(k)) {
-          memo.add(k);
-          stack.push({ node: entry, state });
-          state = r.next;
-          hi = (hi ^ zh) >>> 0;
-          lo = (lo ^ zl) >>> 0;
-          lift(entry);
-          entry = head.next;
-          continue;
-        }
-      }
-      entry = entry.next;
+      const alts = r.ok ? [r.next, ...(r.also ?? [])] : [];
+      if (!take(entry, state, alts, 0)) entry = entry.next;
     } else {
       if (!deepest || stack.length > deepest.depth) {
         deepest = {
@@ -157,13 +168,13 @@ export function linearize<S, I, O>(
           state: deepest.state,
         };
       }
-      entry = top.node;
       state = top.state;
-      const [zh, zl] = zob.get(entry.op!.id)!;
+      const [zh, zl] = zob.get(top.node.op!.id)!;
       hi = (hi ^ zh) >>> 0;
       lo = (lo ^ zl) >>> 0;
-      unlift(entry);
-      entry = entry.next;
+      unlift(top.node);
+      // the same operation with its next possible outcome, else the next operation
+      if (!take(top.node, top.state, top.alts, top.alt + 1)) entry = top.node.next;
     }
   }
   const order = stack.map((s) => s.node.op!.id);
