@@ -5,6 +5,7 @@
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import {
+  appendFileSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -60,6 +61,8 @@ export interface CampaignOptions {
   log?: (line: string) => void;
   /** Keep the history here as JSON. */
   historyFile?: string;
+  /** Keep the work directory (agents' data and logs, agent.log each) and say where it is. */
+  keep?: boolean;
   /**
    * What the random clients do besides PR commands and NBD I/O (default: all of it).
    * A run can leave out what a known, still open defect trips on: the checkers stay the same.
@@ -269,6 +272,7 @@ class Agent {
     this.child = child;
     child.stderr?.on('data', (b: Buffer) => {
       this.err = (this.err + b.toString('utf8')).slice(-20_000);
+      appendFileSync(path.join(this.dir, 'agent.log'), b);
     });
     this.exited = new Promise((resolve) => child.once('exit', () => resolve()));
     const deadline = performance.now() + 90_000;
@@ -956,7 +960,8 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       }
       await etcd.stop();
     }
-    rmSync(root, { recursive: true, force: true });
+    if (o.keep) log(`nemesis: the agents' data and logs (agent.log) are kept in ${root}`);
+    else rmSync(root, { recursive: true, force: true });
   }
 }
 

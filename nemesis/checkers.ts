@@ -576,7 +576,10 @@ export function checkAudit(h: History): Anomaly[] {
     for (const [k, list] of acked) {
       const p = pos.get(k) ?? [];
       if (p.length !== list.length || maybe.has(k)) continue;
-      [...list].sort((a, b) => a.call - b.call).forEach((o, i) => at.set(o, p[i]!));
+      const sorted = [...list].sort((a, b) => a.call - b.call);
+      sorted.forEach((o, i) => {
+        at.set(o, p[i]!);
+      });
     }
     const list = [...at.keys()].sort((a, b) => a.call - b.call);
     let reported = 0;

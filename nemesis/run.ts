@@ -19,6 +19,7 @@ const program = new Command('nemesis')
   )
   .option('--history <file>', 'write the recorded history here as JSON')
   .option('--check <file>', 'only check a history written by --history')
+  .option('--keep', "keep the work directory: the agents' data and logs (agent.log)")
   .option(
     '--without <parts>',
     'leave out client work: acl, malformed, catalog, events (comma-separated)',
@@ -33,6 +34,7 @@ const o = program.opts<{
   history?: string;
   check?: string;
   without: string;
+  keep?: boolean;
 }>();
 const without = new Set(o.without.split(',').filter((x) => x !== ''));
 if (o.check) {
@@ -63,6 +65,7 @@ const r = await runCampaign({
   },
   log: (l) => console.error(l),
   ...(o.history ? { historyFile: o.history } : {}),
+  ...(o.keep ? { keep: true } : {}),
 });
 const ops = Object.entries(r.stats.ops)
   .map(([k, v]) => `${k} ${v}`)
