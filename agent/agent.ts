@@ -433,7 +433,13 @@ export class Agent {
       });
       cluster.fence = this.fence;
       this.devices.fence = this.fence;
-      const everyone = () => cluster.members().map((m) => m.host);
+      // The members alive when a change is made: an expired or left host serves nothing
+      // (and fences itself before it serves again), so there is nobody there to wait for.
+      const everyone = () =>
+        cluster
+          .members()
+          .filter((m) => m.state === 'alive')
+          .map((m) => m.host);
       this.reservations.settle = (rev) => cluster.settle(rev, everyone());
       this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
       this.reservations.cachedTrail = (device) => cluster.snapshot(`pr-audit/${device}/`);

@@ -89,7 +89,7 @@ interface PrRecord {
 /** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
 export interface SettleReport {
   waitedMs: number;
-  hosts: { host: string; how: 'self' | 'acked' | 'expired' }[];
+  hosts: { host: string; how: 'self' | 'acked' | 'expired' | 'left' }[];
 }
 
 /** Open or fenced: the gate a shared device's data path asks (cluster/fence.ts). */
@@ -506,7 +506,7 @@ export class ReservationManager {
     }
     const hosts = new Map(first.hosts.map((h) => [h.host, h.how]));
     for (const h of second.hosts) {
-      if (h.how === 'expired' || !hosts.has(h.host)) hosts.set(h.host, h.how);
+      if (h.how === 'expired' || h.how === 'left' || !hosts.has(h.host)) hosts.set(h.host, h.how);
     }
     return {
       waitedMs: first.waitedMs + second.waitedMs,

@@ -4,7 +4,16 @@
 import type { Command } from 'commander';
 import { loadConfig } from '../agent/config.js';
 import { joinCluster } from '../cluster/join.js';
-import { type Common, client, json, out, table, warnStale, withCommon } from './manage.js';
+import {
+  type Common,
+  callJson,
+  client,
+  json,
+  out,
+  table,
+  warnStale,
+  withCommon,
+} from './manage.js';
 
 interface Member {
   host: string;
@@ -125,8 +134,10 @@ export function registerCluster(program: Command): void {
     .option('-D, --data-dir <DIR>', 'the data directory (default: from the config)')
     .option('--json', 'print JSON')
     .action(async (o: { config: string; dataDir?: string; json?: boolean }) => {
-      const config = loadConfig({ file: o.config, dataDir: o.dataDir });
-      const r = await joinCluster(config);
+      const { config, r } = await callJson(o.json, async () => {
+        const config = loadConfig({ file: o.config, dataDir: o.dataDir });
+        return { config, r: await joinCluster(config) };
+      });
       if (o.json) return json(r);
       out(
         r.devices.length === 0 && !r.setAside

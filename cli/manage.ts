@@ -68,6 +68,15 @@ function call<T>(fn: () => T): T {
   }
 }
 
+/**
+ * Runs a command's work that asks no agent (it does not go through `client`): with
+ * `json`, its errors reach stdout as JSON too, as every other command's do.
+ */
+export async function callJson<T>(json: boolean | undefined, fn: () => Promise<T>): Promise<T> {
+  jsonErrors = Boolean(json);
+  return callAsync(fn);
+}
+
 async function callAsync<T>(fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();

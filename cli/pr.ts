@@ -222,7 +222,9 @@ Conflicts exit 5 with PR_CONFLICT and the reason; bad keys or types exit 8
             ? `${h.host} applied it`
             : h.how === 'expired'
               ? `${h.host}'s lease expired (it fenced itself)`
-              : `${h.host} (this agent)`,
+              : h.how === 'left'
+                ? `${h.host} left the cluster (stopped cleanly)`
+                : `${h.host} (this agent)`,
         )
         .join('; ');
       out(`waited ${(r.settled.waitedMs / 1000).toFixed(2)} s: ${why}`);

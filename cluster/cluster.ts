@@ -65,18 +65,27 @@ export interface MemberInfo {
 
 export type MemberState = 'alive' | 'expired' | 'left';
 
+/** Why a change's wait for a member ended. */
+export type SettledHow = 'self' | 'acked' | 'expired' | 'left';
+
 export interface MemberView extends Partial<MemberInfo> {
   host: string;
   state: MemberState;
   /** The last catalog revision the member applied (alive members). */
   applied?: number;
+  /** Since when it is in its state: joined (alive), stopped (left), lease seen gone (expired). */
   since?: string;
+  /** When it last joined. */
+  joined?: string;
 }
 
 interface HostRecord {
   host: string;
-  state: 'up' | 'left';
+  /** `expired`: a member saw the lease go without a clean stop (since: when it saw it). */
+  state: 'up' | 'left' | 'expired';
   since: string;
+  /** When the host last joined (kept when the record says left or expired). */
+  joined?: string;
   info?: MemberInfo;
 }
 
@@ -501,7 +510,10 @@ export class Cluster {
       while (this.queue.length > 0) {
         const ev = this.queue.shift()!;
         if (ev.type === 'put') this.remember(ev.kv);
-        else this.kvs.delete(ev.kv.key);
+        else {
+          this.kvs.delete(ev.kv.key);
+          if (ev.kv.key.startsWith(MEMBERS)) this.recordExpiry(ev.kv.key.slice(MEMBERS.length));
+        }
         if (CATALOG.some((p) => ev.kv.key.startsWith(p))) {
           try {
             await this.opts.apply(ev);
@@ -581,6 +593,12 @@ export class Cluster {
     return this.kvs.has(MEMBERS + host);
   }
 
+  /** Whether the host's last word was a clean stop (hosts/<host> says left). */
+  leftCleanly(host: string): boolean {
+    const kv = this.kvs.get(HOSTS + host);
+    return (kv ? parse<HostRecord>(kv.value)?.state : undefined) === 'left';
+  }
+
   ackOf(host: string): number {
     const kv = this.kvs.get(ACKS + host);
     return kv ? Number(kv.value) || 0 : 0;
@@ -591,22 +609,21 @@ export class Cluster {
     for (const kv of this.snapshot(HOSTS)) {
       const h = parse<HostRecord>(kv.value);
       if (!h || typeof h.host !== 'string') continue;
+      const joined = h.state === 'up' ? h.since : h.joined;
       out.set(h.host, {
         ...(h.info ?? {}),
         host: h.host,
         state: h.state === 'left' ? 'left' : 'expired',
-        since: h.since,
+        // Still `up` with no member key: expired, but nobody has recorded when yet.
+        ...(h.state === 'up' ? {} : { since: h.since }),
+        ...(joined ? { joined } : {}),
       });
     }
     for (const kv of this.snapshot(MEMBERS)) {
       const m = parse<MemberInfo>(kv.value);
       if (!m || typeof m.host !== 'string') continue;
-      out.set(m.host, {
-        ...m,
-        state: 'alive',
-        applied: this.ackOf(m.host),
-        since: out.get(m.host)?.since ?? m.startedAt,
-      });
+      const joined = out.get(m.host)?.joined ?? m.startedAt;
+      out.set(m.host, { ...m, state: 'alive', applied: this.ackOf(m.host), since: joined, joined });
     }
     return [...out.values()].sort((a, b) => (a.host < b.host ? -1 : 1));
   }
@@ -636,15 +653,16 @@ export class Cluster {
   async settle(
     revision: number,
     hosts: string[],
-  ): Promise<{ waitedMs: number; hosts: { host: string; how: 'self' | 'acked' | 'expired' }[] }> {
+  ): Promise<{ waitedMs: number; hosts: { host: string; how: SettledHow }[] }> {
     const t0 = performance.now();
-    const how = new Map<string, 'self' | 'acked' | 'expired'>();
+    const how = new Map<string, SettledHow>();
     const pending = () => {
       const left: string[] = [];
       for (const h of hosts) {
         if (how.has(h)) continue;
         if (h === this.host) how.set(h, 'self');
-        else if (!this.alive(h)) how.set(h, 'expired');
+        // Gone either way: a clean stop marks hosts/<h> left before it revokes the lease.
+        else if (!this.alive(h)) how.set(h, this.leftCleanly(h) ? 'left' : 'expired');
         else if (this.ackOf(h) >= revision) how.set(h, 'acked');
         else left.push(h);
       }
@@ -677,6 +695,39 @@ export class Cluster {
       }));
   }
 
+  /**
+   * A member's key went without the clean stop that marks hosts/<host> left
+   * first: its lease expired. Records when (as seen here), so `cluster members`
+   * shows when it went rather than when it joined. Every agent tries; the
+   * compares let one win and never overwrite a host that has registered again.
+   */
+  private recordExpiry(host: string): void {
+    const kv = this.kvs.get(HOSTS + host);
+    const rec = kv ? parse<HostRecord>(kv.value) : undefined;
+    if (!kv || !rec || rec.state !== 'up' || host === this.host || this.stopped) return;
+    const next: HostRecord = {
+      ...rec,
+      state: 'expired',
+      since: new Date().toISOString(),
+      joined: rec.since,
+    };
+    this.store
+      .txn({
+        compare: [
+          cmp.version(MEMBERS + host, '=', 0),
+          cmp.modRevision(HOSTS + host, '=', kv.modRevision),
+        ],
+        success: [op.put(HOSTS + host, JSON.stringify(next))],
+        failure: [],
+      })
+      .catch((e: unknown) => {
+        // Not recorded: the member is listed expired all the same, without a time.
+        if (!this.stopped) {
+          this.opts.log(`cluster: recording ${host}'s expiry failed: ${(e as Error).message}`);
+        }
+      });
+  }
+
   /** Leaves the cluster: marks the host left and revokes the lease (its keys go with it). */
   async leave(): Promise<void> {
     if (this.stopped) return;
@@ -685,12 +736,15 @@ export class Cluster {
     this.wake();
     await this.watcher?.cancel().catch(() => {});
     if (!this.baseInfo || !this.registered) return;
+    const mine = this.kvs.get(HOSTS + this.host);
     const rec: HostRecord = {
       host: this.host,
       state: 'left',
       since: new Date().toISOString(),
       info: this.info(),
     };
+    const was = mine ? parse<HostRecord>(mine.value) : undefined;
+    if (was?.state === 'up') rec.joined = was.since;
     try {
       await this.store.put(HOSTS + this.host, JSON.stringify(rec));
       await this.store.revokeLease(this.lease);

@@ -182,28 +182,65 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     const name = clusterName();
     const [a, b] = await Promise.all([agent(name, 'a'), agent(name, 'b')]);
     await expect(agent(name, 'b')).rejects.toThrow(/BALLAST_CLUSTER_HOST_TAKEN/);
+    expect((await a.cli('device', 'create', 'pr1', '--size', '1M', '--pool', 'shared')).code).toBe(
+      0,
+    );
+    type View = { host: string; state: string; since?: string; joined?: string };
+    const view = async (h: string) =>
+      (
+        (await a.api('GET', '/v1/cluster/members')).body as unknown as { members: View[] }
+      ).members.find((x) => x.host === h);
     const killedAt = Date.now();
     await b.kill9();
+    let gone: View | undefined;
     await until('b expired', async () => {
-      const m = (await a.api('GET', '/v1/cluster/members')).body as {
-        members: { host: string; state: string }[];
-      };
-      return m.members.find((x) => x.host === 'b')?.state === 'expired';
+      gone = await view('b');
+      return gone?.state === 'expired' && gone.since !== undefined;
     });
     // TTL 2 s; etcd checks expiry about every 500 ms
     expect(Date.now() - killedAt).toBeLessThan(2000 + 2500);
+    // SINCE is when the lease was seen gone, not when b joined (which JSON keeps as joined)
+    expect(Date.parse(gone!.since!)).toBeGreaterThanOrEqual(killedAt - 1000);
+    expect(Date.parse(gone!.joined!)).toBeLessThan(killedAt);
+    const table = await a.cli('cluster', 'members');
+    expect(table.stdout).toMatch(new RegExp(`\\bb\\s+expired\\s+${gone!.since!}`));
     // the same host restarted on its data dir comes back at once
     await b.start();
     const c = await agent(name, 'c');
+    const stoppedAt = Date.now();
     await c.stop();
     const m = await a.cli('cluster', 'members', '--json');
-    const states = Object.fromEntries(
-      (JSON.parse(m.stdout) as { members: { host: string; state: string }[] }).members.map((x) => [
-        x.host,
-        x.state,
-      ]),
-    );
+    const members = (JSON.parse(m.stdout) as { members: View[] }).members;
+    const states = Object.fromEntries(members.map((x) => [x.host, x.state]));
     expect(states).toEqual({ a: 'alive', b: 'alive', c: 'left' });
+    const left = members.find((x) => x.host === 'c')!;
+    expect(Date.parse(left.since!)).toBeGreaterThanOrEqual(stoppedAt - 1000);
+    expect(Date.parse(left.joined!)).toBeLessThanOrEqual(Date.parse(left.since!));
+    // a PR change waits for the members alive when it is made: c, which left cleanly
+    // before, is neither waited for nor said to have fenced itself
+    const pr = await a.cli(
+      'pr',
+      'pr1',
+      'register',
+      '--as',
+      'x',
+      '--sa-key',
+      '0x1',
+      '--wait',
+      '--json',
+    );
+    expect(pr.code, pr.stderr).toBe(0);
+    const settled = (
+      JSON.parse(pr.stdout) as { settled: { hosts: { host: string; how: string }[] } }
+    ).settled;
+    expect(settled.hosts.sort((x, y) => (x.host < y.host ? -1 : 1))).toEqual([
+      { host: 'a', how: 'self' },
+      { host: 'b', how: 'acked' },
+    ]);
+    const text = await a.cli('pr', 'pr1', 'register', '--as', 'y', '--sa-key', '0x2', '--wait');
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/waited .* s: .*b applied it/);
+    expect(text.stdout).not.toMatch(/fenced itself|\bc\b/);
     await Promise.all([a.stop(), b.stop()]);
   });
 
@@ -402,6 +439,12 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     const clash = await solo.cli('cluster', 'join', '--config', solo.configFile);
     expect(clash.code).toBe(5);
     expect(clash.stderr).toMatch(/BALLAST_DEVICE_EXISTS[\s\S]*ok/);
+    // with --json the error is JSON on stdout too, as every other command's
+    const clashJson = await solo.cli('cluster', 'join', '--config', solo.configFile, '--json');
+    expect(clashJson.code).toBe(5);
+    expect(JSON.parse(clashJson.stdout)).toMatchObject({
+      error: { code: 'BALLAST_DEVICE_EXISTS', message: expect.stringMatching(/\bok\b/) },
+    });
     await a.start();
     expect((await a.cli('device', 'rm', 'ok')).code).toBe(0);
     const join = await solo.cli('cluster', 'join', '--config', solo.configFile);
