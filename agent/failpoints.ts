@@ -6,7 +6,10 @@
 // One failpoint slows instead: `slow-writes` sends every write to a fenced
 // (cluster-shared) file through the thread pool, where the native addon sleeps
 // 200 ms before each one's fence check, so that a test freezing the agent
-// certainly has writes queued (test/cluster/fence-queued.test.ts).
+// certainly has writes queued (test/cluster/fence-queued.test.ts). Another,
+// `pr-settle-delay`, holds a grant's second round before its marker is written,
+// so that a test can cut the agent off from etcd in between
+// (test/cluster/cut-off.test.ts).
 
 const armed = new Set(
   (process.env.BALLAST_FAILPOINTS ?? '')
@@ -26,4 +29,11 @@ export function failpoint(name: string): void {
 /** Whether `name` is armed (a failpoint that changes behaviour rather than crashing). */
 export function failpointArmed(name: string): boolean {
   return armed.size !== 0 && armed.has(name);
+}
+
+/** Waits `ms` here, saying so on stderr, if `name` is armed (a test acts meanwhile). */
+export async function failpointPause(name: string, ms: number): Promise<void> {
+  if (armed.size === 0 || !armed.has(name)) return;
+  process.stderr.write(`ballast: failpoint ${name}: waiting ${ms} ms\n`);
+  await new Promise((r) => setTimeout(r, ms));
 }

@@ -13,7 +13,7 @@ import type { AccessControl } from '../nbd/export.js';
 import { CMD } from '../nbd/protocol.js';
 import type { Connection, NbdServer } from '../nbd/server.js';
 import { BallastError } from './errors.js';
-import { failpointArmed } from './failpoints.js';
+import { failpointArmed, failpointPause } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import {
   applyPr,
@@ -121,6 +121,25 @@ export interface AuditEntry {
 
 /** A refusal as stored: `after` is the number of changes (entries with a seq) recorded before it. */
 type StoredAuditEntry = Omit<AuditEntry, 'seq'> & { seq?: number; after?: number };
+
+/** How long the failpoint `pr-settle-delay` holds a grant's second round (tests cut etcd meanwhile). */
+const SETTLE_DELAY_MS = 8000;
+
+/**
+ * An error's cause without the verdict its text may give: a failed marker write
+ * says "the change was NOT made" of the marker, which is not the command's change.
+ */
+function causeOf(e: unknown): string {
+  const code = (e as { code?: unknown }).code;
+  const text = String((e as Error)?.message ?? e)
+    .replace(
+      /(?:[:;,]\s*)?(?:read back afterwards: )?the change (?:was NOT made|may have been made)[\s\S]*$/,
+      '',
+    )
+    .trim();
+  if (typeof code !== 'string') return text || 'unknown error';
+  return text === '' || text.startsWith(code) ? text || code : `${code}: ${text}`;
+}
 
 /** The store moved on under a change or a refusal: its revision then (judge again once caught up). */
 class LostRace extends BallastError {
@@ -268,6 +287,10 @@ export class ReservationManager {
   private readonly devices = new Map<string, DeviceAccess>();
   private readonly revisions = new Map<string, { pr: number; seq: number }>();
   private readonly aclRevisions = new Map<string, number>();
+  /** In a cluster: the newest `pr-settled/<device>` value seen (written or applied). */
+  private readonly markers = new Map<string, number>();
+  /** Second rounds being written in the background (markLater): the change's revision. */
+  private readonly marking = new Map<string, number>();
   /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /**
@@ -495,12 +518,16 @@ export class ReservationManager {
     const settle = this.settle!;
     let second: SettleReport;
     try {
+      await failpointPause('pr-settle-delay', SETTLE_DELAY_MS);
       const marker = await this.store.put(SETTLED_PREFIX + device, String(revision));
+      this.noteMarker(device, revision);
       second = await settle(marker.revision);
     } catch (e) {
+      this.markLater(device, revision);
+      // The cause's own verdict ("NOT made") is about the marker, not the change: left out.
       throw new BallastError(
         'BALLAST_CLUSTER_NOT_APPLIED',
-        `the change (revision ${revision}) is made and every agent enforces what it takes away, but not every agent has confirmed what it grants: ${(e as Error).message}`,
+        `the change (revision ${revision}) is made and every agent enforces what it takes away, but not every agent has confirmed what it grants (${causeOf(e)}); it completes by itself once etcd is reachable: this agent writes ${SETTLED_PREFIX}${device} again until it is taken, and each agent grants the change on applying it`,
         { cause: e },
       );
     }
@@ -512,6 +539,49 @@ export class ReservationManager {
       waitedMs: first.waitedMs + second.waitedMs,
       hosts: [...hosts].map(([host, how]) => ({ host, how })),
     };
+  }
+
+  /** The device's marker (`pr-settled/<device>`) is known to be at least `revision`. */
+  private noteMarker(device: string, revision: number): void {
+    if ((this.markers.get(device) ?? 0) < revision) this.markers.set(device, revision);
+  }
+
+  /**
+   * The second round of change `revision` could not be written: writes the marker
+   * in the background, backing off, until etcd takes it or a marker at least as
+   * recent is there (a later grant's). One loop per device, on the newest change.
+   */
+  private markLater(device: string, revision: number): void {
+    const pending = this.marking.get(device);
+    if (pending !== undefined) {
+      if (pending < revision) this.marking.set(device, revision);
+      return;
+    }
+    this.marking.set(device, revision);
+    void (async () => {
+      for (let attempt = 1, delay = 200; ; attempt++, delay = Math.min(delay * 2, 2000)) {
+        await new Promise((r) => setTimeout(r, delay).unref());
+        const want = this.marking.get(device) ?? revision;
+        if (!this.devices.has(device) || (this.markers.get(device) ?? 0) >= want) break;
+        try {
+          const kv = await this.store.get(SETTLED_PREFIX + device);
+          if (kv && Number(kv.value) >= want) {
+            this.noteMarker(device, Number(kv.value));
+            break;
+          }
+          await this.store.put(SETTLED_PREFIX + device, String(want));
+          this.noteMarker(device, want);
+          this.log(
+            `device ${device}: the grant of change ${want} written for every agent (${SETTLED_PREFIX}${device}, attempt ${attempt})`,
+          );
+          break;
+        } catch (e) {
+          // A closed store is the agent stopping; anything else is etcd not reachable yet.
+          if (isStoreError(e) && e.code === 'STORE_CLOSED') break;
+        }
+      }
+      this.marking.delete(device);
+    })();
   }
 
   /** Lifts what the states older than `revision` withhold once every agent has applied it. */
@@ -546,7 +616,10 @@ export class ReservationManager {
     if (kind === 'settled') {
       // Every agent has applied the change at this revision: grant what it grants.
       const revision = kv ? Number(kv.value) : 0;
-      if (revision > 0) this.devices.get(device)?.settled(revision);
+      if (revision > 0) {
+        this.noteMarker(device, revision);
+        this.devices.get(device)?.settled(revision);
+      }
       return Promise.resolve();
     }
     return this.mutex.run(async () => {

@@ -6,9 +6,13 @@
 // - a fenced agent judged I/O on the reservation state it last knew: host-a
 //   registered through C while A was cut off past its lease, and host-a's READ
 //   through A right after got EPERM instead of being held (then EIO);
+// - a grant whose second round (the pr-settled marker) failed because its agent
+//   was cut off answered BALLAST_CLUSTER_NOT_APPLIED with "the change was NOT
+//   made" (it was made), and nothing wrote the marker afterwards;
 
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { httpRequest } from '../../bench/api.js';
 import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
@@ -96,6 +100,14 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent cut off from etcd', ()
       A,
       B,
       C,
+      /** Cuts A off; returns once A knows (it refuses changes at once). */
+      partition: async () => {
+        for (const p of cut) p.partition();
+        await until('a cut off', async () => {
+          const st = (await A.api('GET', '/v1/status')).body as { cluster: { healthy: boolean } };
+          return !st.cluster.healthy;
+        });
+      },
       cut: async () => {
         for (const p of cut) p.partition();
         // Past A's lease: the others count it expired (and A has fenced itself before that).
@@ -151,5 +163,65 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent cut off from etcd', ()
     });
     expect(seen.filter((g) => g !== 'EIO')).toEqual(['ok']);
     await viaA.close();
+  }, 180_000);
+
+  it('a grant whose second round cannot be written is made, says so, and completes by itself', async () => {
+    const { A, B, C, partition, heal } = await cluster({
+      env: { BALLAST_FAILPOINTS: 'pr-settle-delay' },
+    });
+    const dev = 'g';
+    expect(
+      (await C.api('POST', '/v1/devices', { name: dev, size: '1M', pool: 'shared' })).status,
+    ).toBe(201);
+    await ok(C, dev, { action: 'register', as: 'host-c', saKey: '0xc' });
+    await ok(C, dev, { action: 'reserve', as: 'host-c', key: '0xc', type: 'EARO' });
+    const vias = { A, B, C };
+    const conns = Object.fromEntries(
+      await Promise.all(
+        Object.entries(vias).map(async ([k, v]) => [k, await connect(v, dev, 'host-b')] as const),
+      ),
+    );
+    for (const [k, c] of Object.entries(conns)) {
+      expect(await outcome(c.read(0, 4096)), `host-b through ${k} before`).toBe('EPERM');
+    }
+
+    // host-b registers through A (a grant); A is cut off between the two rounds.
+    const grant = httpRequest(
+      { socketPath: A.apiSocket },
+      'POST',
+      `/v1/devices/${dev}/pr`,
+      { action: 'register', as: 'host-b', saKey: '0xb' },
+      { timeoutMs: 120_000 },
+    );
+    await until('the second round held', async () =>
+      /failpoint pr-settle-delay: waiting/.test(A.stderr()),
+    );
+    await partition();
+    const r = await grant;
+    expect(r.status, r.text).toBe(504);
+    expect(r.body.code).toBe('BALLAST_CLUSTER_NOT_APPLIED');
+    const msg = String(r.body.message);
+    expect(msg).toMatch(/is made/);
+    expect(msg).toMatch(/completes by itself once etcd is reachable/);
+    expect(msg).not.toMatch(/NOT made|may have been made/);
+
+    await heal();
+    // No further command: the grant comes in force through every agent.
+    for (const [k, c] of Object.entries(conns)) {
+      await until(`host-b reads through ${k}`, async () => {
+        const g = await outcome(c.read(0, 4096));
+        expect(g, `host-b through ${k}`).toMatch(/^(ok|EPERM|EIO)$/);
+        return g === 'ok';
+      });
+    }
+    const reg = (await B.api('GET', `/v1/devices/${dev}/pr`)).body as {
+      registrations: { identity: string }[];
+    };
+    expect(reg.registrations.map((x) => x.identity).sort()).toEqual(['host-b', 'host-c']);
+    // And the second round is written, by A, once etcd takes it.
+    await until('the marker written again', async () =>
+      /the grant of change \d+ written for every agent/.test(A.stderr()),
+    );
+    for (const c of Object.values(conns)) await c.close();
   }, 180_000);
 });
