@@ -197,7 +197,7 @@ export function finalModelString(f: {
  * right after a PR command returned that no such order explains is a grant (or
  * revocation) not yet in force on that agent.
  */
-export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
+export function checkReservations(h: History, maxSteps?: number): Anomaly[] {
   const anomalies: Anomaly[] = [];
   // a change's settle step: every agent past it
   const SETTLE = 1_000_000_000;
@@ -257,7 +257,8 @@ export function checkReservations(h: History, maxSteps = 2_000_000): Anomaly[] {
         output: undefined,
       });
     }
-    const r = linearize(prModel, lin, maxSteps);
+    // a history the search decides takes a few steps per operation; the cap grows with it
+    const r = linearize(prModel, lin, maxSteps ?? Math.max(2_000_000, 200 * lin.length));
     if (r.verdict === 'undecided') {
       anomalies.push({
         check: 'reservations-linearizable',
