@@ -275,6 +275,10 @@ export class Cluster {
       if (r.succeeded) {
         this.registered = true;
         this.epochRev = r.revision;
+        // Before the lease counts as renewed: whatever other hosts did up to this
+        // registration must be applied before the fence may open (no await in between,
+        // or a request admitted meanwhile would be judged on the state before the cut).
+        this.catchUpTo = Math.max(this.catchUpTo, r.revision);
         this.lastAckSent = t0;
         this.setHealthy();
         return;
@@ -337,8 +341,9 @@ export class Cluster {
   private async rejoin(): Promise<void> {
     try {
       await this.register();
-      // Whatever other hosts did while the lease was gone must be applied before serving.
-      this.catchUpTo = await this.store.revision();
+      // Whatever other hosts did while the lease was gone must be applied before serving
+      // (register() already asks for everything up to its own revision).
+      this.catchUpTo = Math.max(this.catchUpTo, await this.store.revision());
       this.stats.reRegistrations++;
       this.opts.log(`cluster: host ${this.host}: lease lost, registered again`);
       // Whatever happened while we were away comes through the watch (or a relist).

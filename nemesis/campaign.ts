@@ -272,7 +272,10 @@ class Agent {
     this.child = child;
     child.stderr?.on('data', (b: Buffer) => {
       this.err = (this.err + b.toString('utf8')).slice(-20_000);
-      appendFileSync(path.join(this.dir, 'agent.log'), b);
+      // each line stamped with the history's clock (seconds), to read beside the report
+      const stamp = `[${(performance.now() / 1000).toFixed(3)}] `;
+      const text = b.toString('utf8').replace(/\n(?=.)/g, `\n${stamp}`);
+      appendFileSync(path.join(this.dir, 'agent.log'), stamp + text);
     });
     this.exited = new Promise((resolve) => child.once('exit', () => resolve()));
     const deadline = performance.now() + 90_000;
