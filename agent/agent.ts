@@ -516,6 +516,15 @@ export class Agent {
       devices: this.devices,
       metrics: registry,
       endpoint: () => this.endpoint(),
+      tcpClients: () => ({
+        anonymous: this.config.nbd.anonymous,
+        tls: this.config.nbd.tls.mode,
+        x509: this.config.nbd.tls.cert !== undefined,
+        psk: this.config.nbd.tls.pskFile !== undefined,
+        named: this.config.nbd.identities
+          .filter((e) => !e.startsWith('uid:'))
+          .map((e) => e.slice(0, e.lastIndexOf('='))),
+      }),
       status: () => this.status(),
       version: this.opts.version,
       identity: { host: this.hostName(), dataDir: this.config.dataDir, pid: process.pid },

@@ -13,6 +13,8 @@ import {
   type NbdEndpoint,
   nbdUri,
   qemuArgs,
+  type TcpClients,
+  tcpAdvice,
   validTarget,
   virshAttach,
 } from './attach.js';
@@ -77,6 +79,8 @@ export interface ApiContext {
   devices: DeviceManager;
   metrics: Registry;
   endpoint: () => NbdEndpoint;
+  /** How this agent treats TCP clients TLS does not name (attach over TCP). */
+  tcpClients?: () => TcpClients;
   status: () => Promise<Record<string, unknown>>;
   version: string;
   /** Who answers /healthz: enough to tell two agents on one machine apart. */
@@ -281,14 +285,19 @@ export function routes(ctx: ApiContext): Route[] {
           `device ${view.name} has no guest: name the libvirt domain (--domain)`,
         );
       }
-      const libvirt = libvirtXml(view.name, ep, { target });
+      // Over TCP to this agent: what its nbd: section takes (the TLS variant), or why it
+      // would refuse what is printed. Another host's agent's section is not known here.
+      const advice =
+        !ep.socket && !host && ctx.tcpClients ? tcpAdvice(ctx.tcpClients()) : ({} as const);
+      const libvirt = libvirtXml(view.name, ep, { target, tls: advice.tls });
       return {
         device: view.name,
         format,
         target,
-        uri: nbdUri(view.name, ep),
-        qemu: qemuArgs(view.name, ep),
+        uri: nbdUri(view.name, ep, advice.tls),
+        qemu: qemuArgs(view.name, ep, advice.tls),
         libvirt,
+        ...(advice.note ? { note: advice.note } : {}),
         ...(domain ? { domain, virsh: virshAttach(domain, [libvirt]) } : {}),
       };
     }),

@@ -64,22 +64,38 @@ export function diskSerial(device: string): string {
   return device.slice(0, 20);
 }
 
-export function nbdUri(device: string, ep: NbdEndpoint): string {
+/**
+ * Where a TCP client's X.509 credentials are read from when the agent names TCP
+ * clients by certificate: QEMU's and libvirt's own default directory.
+ */
+export const CLIENT_TLS_DIR = '/etc/pki/qemu';
+
+/** The attach's TLS variant: the client's X.509 credentials in `dir` (TCP only). */
+export interface AttachTls {
+  dir: string;
+}
+
+export function nbdUri(device: string, ep: NbdEndpoint, tls?: AttachTls): string {
   if (ep.socket) return `nbd+unix:///${encodeURIComponent(device)}?socket=${ep.socket}`;
   const h = ep.tcp!;
   const host = h.host.includes(':') ? `[${h.host}]` : h.host;
-  return `nbd://${host}:${h.port}/${encodeURIComponent(device)}`;
+  return tls
+    ? `nbds://${host}:${h.port}/${encodeURIComponent(device)}?tls-certificates=${tls.dir}`
+    : `nbd://${host}:${h.port}/${encodeURIComponent(device)}`;
 }
 
-/** The -blockdev and -device arguments, as an argv list. */
-export function qemuArgs(device: string, ep: NbdEndpoint): string[] {
+/** The -blockdev and -device arguments (with TLS, the credentials' -object first), as an argv list. */
+export function qemuArgs(device: string, ep: NbdEndpoint, tls?: AttachTls): string[] {
   const node = nodeName(device);
   const server = ep.socket
     ? `server.type=unix,server.path=${ep.socket}`
     : `server.type=inet,server.host=${ep.tcp!.host},server.port=${ep.tcp!.port}`;
+  const creds = `${node}-tls`;
+  const useTls = tls !== undefined && !ep.socket;
   return [
+    ...(useTls ? ['-object', `tls-creds-x509,id=${creds},dir=${tls.dir},endpoint=client`] : []),
     '-blockdev',
-    `driver=nbd,node-name=${node},${server},export=${device}`,
+    `driver=nbd,node-name=${node},${server},export=${device}${useTls ? `,tls-creds=${creds}` : ''}`,
     '-device',
     `virtio-blk-pci,drive=${node},id=${node}-dev,serial=${diskSerial(device)}`,
   ];
@@ -88,15 +104,17 @@ export function qemuArgs(device: string, ep: NbdEndpoint): string[] {
 export function libvirtXml(
   device: string,
   ep: NbdEndpoint,
-  opts: { target?: string } = {},
+  opts: { target?: string; tls?: AttachTls } = {},
 ): string {
   const host = ep.socket
     ? `<host transport='unix' socket='${xml(ep.socket)}'/>`
     : `<host name='${xml(ep.tcp!.host)}' port='${ep.tcp!.port}'/>`;
+  // libvirt reads the client's credentials from qemu.conf's nbd_tls_x509_cert_dir.
+  const tls = opts.tls && !ep.socket ? ` tls='yes'` : '';
   return [
     `<disk type='network' device='disk'>`,
     `  <driver name='qemu' type='raw' cache='none' io='native'/>`,
-    `  <source protocol='nbd' name='${xml(device)}'>`,
+    `  <source protocol='nbd' name='${xml(device)}'${tls}>`,
     `    ${host}`,
     '  </source>',
     `  <target dev='${xml(opts.target ?? FIRST_TARGET)}' bus='virtio'/>`,
@@ -126,4 +144,55 @@ export function virshAttach(domain: string, disks: string[]): string {
 /** Shell-quote one argument for display. */
 export function shellQuote(s: string): string {
   return /^[A-Za-z0-9_./=,:+-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/** How the agent treats a TCP client that TLS does not name (its `nbd:` section). */
+export interface TcpClients {
+  anonymous: 'unix' | 'any' | 'none';
+  tls: 'off' | 'allow' | 'require';
+  /** Whether TLS names clients by certificate (nbd.tls.cert configured). */
+  x509: boolean;
+  /** Whether TLS names clients by a PSK username (nbd.tls.pskFile configured). */
+  psk: boolean;
+  /** Source addresses `nbd.identities` names (ADDRESS=NAME entries). */
+  named: string[];
+}
+
+/**
+ * What attaching over TCP takes with this agent's `nbd:` section: the TLS variant
+ * when it names clients by certificate, and what to tell the user when what is
+ * printed would be refused (or served from some addresses only).
+ */
+export function tcpAdvice(c: TcpClients): { tls?: AttachTls; note?: string } {
+  if (c.x509 && (c.tls === 'require' || c.anonymous !== 'any')) {
+    return {
+      tls: { dir: CLIENT_TLS_DIR },
+      note:
+        `this agent names TCP clients by their TLS certificate (nbd.tls): the guest's host needs ` +
+        `ca-cert.pem, client-cert.pem and client-key.pem (a certificate its CA signed, CN = the ` +
+        `identity) in ${CLIENT_TLS_DIR} (QEMU: dir= of the tls-creds-x509 object; libvirt: ` +
+        `nbd_tls_x509_cert_dir in qemu.conf)`,
+    };
+  }
+  if (c.anonymous === 'any' && c.tls !== 'require') return {};
+  const how =
+    "use the Unix socket on the agent's host (leave out --transport tcp), or name the guest's " +
+    'host in the agent\'s config (nbd.identities: ["ADDRESS=NAME"]), or give it TLS ' +
+    '(nbd.tls with a certificate), or serve anonymous TCP clients (nbd.anonymous: any)';
+  if (c.psk) {
+    return {
+      note:
+        'this agent names TCP clients by TLS PSK (nbd.tls.pskFile): QEMU needs a ' +
+        'tls-creds-psk object with the username and key, and tls-creds= on the -blockdev; as ' +
+        'printed, it is refused ("Denied by server for option 7")',
+    };
+  }
+  if (c.named.length > 0 && c.tls !== 'require') {
+    return {
+      note: `this agent serves TCP clients without TLS only from ${c.named.join(', ')} (nbd.identities); from anywhere else QEMU is refused ("Denied by server for option 7"): ${how}`,
+    };
+  }
+  return {
+    note: `this agent refuses anonymous TCP clients (nbd.anonymous: ${c.anonymous}${c.tls === 'require' ? ', nbd.tls.mode: require' : ''}): QEMU would fail with "Denied by server for option 7"; ${how}`,
+  };
 }

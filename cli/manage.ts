@@ -472,6 +472,7 @@ export function registerManagement(program: Command): void {
         libvirt: string;
         domain?: string;
         virsh?: string;
+        note?: string;
       }[] = [];
       for (const n of names) {
         const q = new URLSearchParams({ format: o.format, target });
@@ -486,6 +487,9 @@ export function registerManagement(program: Command): void {
         );
         target = nextTarget(target);
       }
+      // What the agent says it takes over TCP (or why it would refuse this), once.
+      const note = replies.find((r) => r.note)?.note;
+      if (note) process.stderr.write(`note: ${note}\n`);
       if (o.json)
         return json(name !== undefined ? replies[0] : { guest: o.guest, devices: replies });
       if (o.format === 'uri') out(replies.map((r) => r.uri).join('\n'));

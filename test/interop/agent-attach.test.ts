@@ -9,6 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { MiB } from '../helpers/server.js';
+import { makePki, type Pki } from '../helpers/tls.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
 
 /** The printed line as argv (the values never need quoting). */
@@ -260,5 +261,88 @@ describeWithTools(
         expect(v.stdout + v.stderr).toContain('validates');
       });
     }
+  },
+);
+
+describeWithTools(
+  ['qemu-img', 'nbdinfo', 'openssl'],
+  'ballast attach --transport tcp: what the agent takes over TCP, judged by qemu-img',
+  () => {
+    let plain: AgentHandle;
+    let tls: AgentHandle;
+    let pki: Pki;
+
+    beforeAll(async () => {
+      plain = await startAgent();
+      pki = await makePki(path.join(plain.dir, 'pki'), ['vm1']);
+      tls = await startAgent({
+        nbd: { tls: { mode: 'require', cert: pki.serverCert, key: pki.serverKey, ca: pki.caCert } },
+      });
+      for (const a of [plain, tls]) {
+        const r = await a.cli('device', 'create', 'swap-vm1', '--size', '16M');
+        expect(r.code, describeRun(r)).toBe(0);
+      }
+    });
+
+    afterAll(async () => {
+      for (const a of [plain, tls]) if (a) expect(await a.stop()).toBe(0);
+    });
+
+    it('anonymous TCP clients refused: stderr says what to configure; QEMU is indeed refused', async () => {
+      const r = await plain.cli('attach', 'swap-vm1', '--transport', 'tcp');
+      expect(r.code, describeRun(r)).toBe(0);
+      expect(r.stderr).toMatch(/refuses anonymous TCP clients \(nbd\.anonymous: unix\)/);
+      expect(r.stderr).toMatch(/nbd\.identities: \["ADDRESS=NAME"\]/);
+      expect(r.stderr).toMatch(/nbd\.anonymous: any/);
+      const info = await run('qemu-img', ['info', '--image-opts', blockdev(argv(r.stdout))]);
+      expect(info.code).not.toBe(0);
+      expect(info.stderr).toMatch(/Denied by server for option 7/);
+      // over the Unix socket nothing needs saying
+      const unix = await plain.cli('attach', 'swap-vm1');
+      expect(unix.stderr).toBe('');
+      const json = await plain.cli('attach', 'swap-vm1', '--transport', 'tcp', '--json');
+      expect(JSON.parse(json.stdout).note).toMatch(/refuses anonymous TCP clients/);
+    });
+
+    it('TLS by certificate configured: the TLS variant is printed, and works with the credentials where it says', async () => {
+      const r = await tls.cli('attach', 'swap-vm1', '--transport', 'tcp');
+      expect(r.code, describeRun(r)).toBe(0);
+      expect(r.stderr).toMatch(/TLS certificate .*\/etc\/pki\/qemu/);
+      const args = argv(r.stdout);
+      const obj = args[args.indexOf('-object') + 1]!;
+      expect(obj).toMatch(/^tls-creds-x509,id=[^,]+,dir=\/etc\/pki\/qemu,endpoint=client$/);
+      const opts = blockdev(args);
+      expect(opts).toMatch(/,tls-creds=/);
+      // the client's credentials live elsewhere here: only dir= changes
+      const dir = pki.clients.get('vm1')!;
+      const mine = obj.replace('dir=/etc/pki/qemu', `dir=${dir}`);
+      const info = await run('qemu-img', [
+        'info',
+        '--output=json',
+        '--object',
+        mine,
+        '--image-opts',
+        opts,
+      ]);
+      expect(info.code, describeRun(info)).toBe(0);
+      expect(JSON.parse(info.stdout)['virtual-size']).toBe(16 * MiB);
+      // and as printed without its credentials, refused
+      const bare = await run('qemu-img', [
+        'info',
+        '--image-opts',
+        opts.replace(/,tls-creds=[^,]+/, ''),
+      ]);
+      expect(bare.code).not.toBe(0);
+      const uri = await tls.cli('attach', 'swap-vm1', '--transport', 'tcp', '--format', 'uri');
+      expect(uri.stdout.trim()).toMatch(/^nbds:\/\/.*\?tls-certificates=\/etc\/pki\/qemu$/);
+      const size = await run('nbdinfo', [
+        '--size',
+        uri.stdout.trim().replace('/etc/pki/qemu', dir),
+      ]);
+      expect(size.code, describeRun(size)).toBe(0);
+      expect(size.stdout.trim()).toBe(String(16 * MiB));
+      const xml = await tls.cli('attach', 'swap-vm1', '--transport', 'tcp', '--format', 'libvirt');
+      expect(xml.stdout).toContain(`<source protocol='nbd' name='swap-vm1' tls='yes'>`);
+    });
   },
 );
