@@ -119,11 +119,15 @@ export function prRoutes<R>(
             : {}),
         };
       } catch (e) {
-        // Refused before the reservation logic: still on the audit trail.
+        // Refused before the reservation logic: still on the audit trail, or the answer says it is not.
         if (e instanceof BallastError && AUDITED.has(e.code)) {
-          await res
+          const missing = await res
             .recordRefusal(name!, body as never, e.code, e.message, actorOf(q))
-            .catch(() => {});
+            .catch(
+              (x: unknown) =>
+                `; this refusal may not be on the audit trail (${(x as Error).message})`,
+            );
+          if (missing !== null) throw new BallastError(e.code, e.message + missing);
         }
         throw e;
       }

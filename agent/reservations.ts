@@ -63,6 +63,8 @@ export const SETTLED_PREFIX = 'pr-settled/';
 const ACL_PREFIX = 'acl/';
 /** Changes a PR command is judged again after, when other agents keep changing the device first. */
 const MAX_RETRIES = 5;
+/** Writes of a refusal's audit entry that may lose to changes before it gives up. */
+const REFUSAL_TRIES = 100;
 
 /** Commands that read, and commands that change the medium (FLUSH counts: see pr.md). */
 export const READ_COMMANDS = (1 << CMD.READ) | (1 << CMD.CACHE) | (1 << CMD.BLOCK_STATUS);
@@ -906,10 +908,13 @@ export class ReservationManager {
       if (!isStoreError(e) || !e.retryable) throw e;
       const kv = await untilAnswered(() => this.store.get(key));
       if (kv?.value !== value) {
-        throw new StoreError(
-          e.code,
-          `${e.message}; read back afterwards: the command on ${device} was NOT recorded, and changed nothing (retry)`,
-          { cause: e },
+        throw Object.assign(
+          new StoreError(
+            e.code,
+            `${e.message}; read back afterwards: the command on ${device} was NOT recorded, and changed nothing (retry)`,
+            { cause: e },
+          ),
+          { made: false as const },
         );
       }
       return;
@@ -922,6 +927,12 @@ export class ReservationManager {
    * reservation logic (a bad type, key or action): whoever probes a device's
    * reservations with garbage leaves a trace too. The state is unchanged, and
    * so is `pr/<device>`: refusals never contend with changes.
+   *
+   * Such a refusal does not depend on the state, so a lost race does not wait
+   * for this agent's watch: `pr/<device>` is read from the store and the
+   * conditional write tried again at once. Resolves to null once recorded, or
+   * to what the answer must add: "; this refusal is NOT on the audit trail
+   * (why)" when it surely was not written, "may not be" when that is unknown.
    */
   async recordRefusal(
     device: string,
@@ -929,49 +940,68 @@ export class ReservationManager {
     code: string,
     reason: string,
     actor: string,
-  ): Promise<void> {
+  ): Promise<string | null> {
+    if (!this.exists(device)) return null;
     // What the caller sent, as text, kept short: it is not trusted input.
     const text = (v: unknown) => String(v).slice(0, 80);
-    const time = new Date().toISOString();
-    for (let attempt = 0; ; attempt++) {
+    const base = {
+      time: new Date().toISOString(),
+      actor,
+      initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
+      action: text(raw.action) as PrAction,
+      key: raw.key === undefined ? formatKey(0n) : text(raw.key),
+      ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
+      ...(raw.type !== undefined && raw.type !== null
+        ? { type: text(raw.type) as unknown as PrType }
+        : {}),
+      outcome: 'refused',
+      code,
+      reason,
+    } satisfies Omit<AuditEntry, 'seq' | 'generation'>;
+    // First on what this agent knows; both are updated together, in one tick.
+    let rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
+    let generation = this.access(device).state.generation;
+    let lost = 0;
+    let failed = 0;
+    const missing = (sure: boolean, why: string) => {
+      this.log(`device ${device}: a refused request (${code}) is not on the audit trail: ${why}`);
+      return `; this refusal ${sure ? 'is NOT' : 'may not be'} on the audit trail (${why})`;
+    };
+    for (;;) {
       try {
-        await this.mutex.run(async () => {
-          if (!this.exists(device)) return;
-          const acc = this.access(device);
-          const rev = this.revisions.get(device) ?? { pr: 0, seq: 0 };
-          const entry = {
-            seq: rev.seq,
-            time,
-            actor,
-            initiator: typeof raw.as === 'string' ? raw.as.slice(0, 256) : '',
-            action: text(raw.action) as PrAction,
-            key: raw.key === undefined ? formatKey(0n) : text(raw.key),
-            ...(raw.saKey !== undefined && raw.saKey !== null ? { saKey: text(raw.saKey) } : {}),
-            ...(raw.type !== undefined && raw.type !== null
-              ? { type: text(raw.type) as unknown as PrType }
-              : {}),
-            outcome: 'refused',
-            code,
-            reason,
-            generation: acc.state.generation,
-          } satisfies AuditEntry;
-          await this.recordSide(device, rev, entry);
-        });
-        return;
+        await this.recordSide(device, rev, { ...base, seq: rev.seq, generation });
+        return null;
       } catch (e) {
-        // Changes went in meanwhile: record it after them, once this agent has them.
-        if (
-          e instanceof LostRace &&
-          this.caughtUp &&
-          attempt < 4 * MAX_RETRIES &&
-          (await this.caughtUp(e.revision))
-        ) {
+        if (e instanceof LostRace) {
+          if (++lost >= REFUSAL_TRIES) {
+            return missing(
+              true,
+              `the reservations of ${device} changed ${lost} times while it was recorded`,
+            );
+          }
+        } else {
+          const made = (e as { made?: unknown }).made;
+          // Not written for sure: a store that refused it, or read back absent.
+          const sure = made === false || (isStoreError(e) && !e.retryable && made !== null);
+          // Tried again only when surely not written (never twice on the trail), a few times.
+          if (!sure || ++failed > 2) return missing(sure, causeOf(e));
+          await new Promise((r) => setTimeout(r, 100 * failed));
           continue;
         }
-        this.log(
-          `device ${device}: a refused request (${code}) is not on the audit trail: ${(e as Error).message}`,
-        );
-        return;
+      }
+      // Lost the race: where the record is now, from the store (the refusal does not depend on it).
+      try {
+        const kv = await this.store.get(PR_PREFIX + device);
+        if (kv === undefined) {
+          rev = { pr: 0, seq: 0 };
+          generation = 0;
+        } else {
+          const rec = JSON.parse(kv.value) as PrRecord;
+          rev = { pr: kv.modRevision, seq: rec.seq };
+          generation = rec.state.generation;
+        }
+      } catch (e) {
+        return missing(true, causeOf(e));
       }
     }
   }
