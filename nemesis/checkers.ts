@@ -612,7 +612,10 @@ export function checkAudit(h: History): Anomaly[] {
  * until the create is completed or rolled back, so it may appear and go).
  */
 type DevState = { size: number; by: number } | null;
-type DevIn = { op: DeviceOp } | { rollback: number } | { read: number | null };
+type DevIn = { op: DeviceOp } | { hold: number } | { rollback: number } | { read: number | null };
+
+/** A held name: the record of a create answered NOT made, until its agent removes it. */
+const HELD = -1;
 
 const devModel: LinModel<DevState, DevIn, string> = {
   init: null,
@@ -620,8 +623,26 @@ const devModel: LinModel<DevState, DevIn, string> = {
   step(s, input, output) {
     if ('read' in input) return { ok: input.read === (s?.size ?? null), next: s };
     if ('rollback' in input) return { ok: s?.by === input.rollback, next: null };
+    if ('hold' in input) {
+      // its record may have held the name for a while, or never been seen
+      if (s !== null) return { ok: true, next: s };
+      return { ok: true, next: { size: HELD, by: input.hold }, also: [s] };
+    }
     const o = input.op;
     const known = output !== undefined;
+    if (s?.size === HELD) {
+      // not a device: taken for a create, gone for a resize; a delete may remove the record
+      if (o.action === 'create')
+        return { ok: !known || output === 'BALLAST_DEVICE_EXISTS', next: s };
+      if (o.action === 'resize')
+        return { ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND', next: s };
+      if (output === 'ok') return { ok: true, next: null };
+      return {
+        ok: !known || output === 'BALLAST_DEVICE_NOT_FOUND',
+        next: s,
+        also: known ? [] : [null],
+      };
+    }
     switch (o.action) {
       case 'create':
         if (s === null)
@@ -645,6 +666,9 @@ export const DEVICE_VERDICTS = new Set([
   'BALLAST_SHRINK_REFUSED',
 ]);
 
+/** A create answered NOT made whose record may hold the name until its agent removes it. */
+const HOLDS_NAME = /its record goes once the store takes it|may be listed as creating/;
+
 export function checkCatalog(h: History): Anomaly[] {
   const out: Anomaly[] = [];
   const fin = h.final.agents[0];
@@ -653,6 +677,24 @@ export function checkCatalog(h: History): Anomaly[] {
     const ops = h.ops.filter((o): o is DeviceOp => o.kind === 'device' && o.name === name);
     const lin: LinOp<DevIn, string>[] = [];
     for (const o of ops) {
+      if (o.action === 'create' && o.status === 'failed' && o.note && HOLDS_NAME.test(o.note)) {
+        // NOT made, but its record holds the name until its agent has removed it
+        lin.push({
+          id: o.id,
+          call: o.call,
+          ret: Number.POSITIVE_INFINITY,
+          input: { hold: o.id },
+          output: undefined,
+        });
+        lin.push({
+          id: 1_000_000_000 + o.id,
+          call: o.call,
+          ret: Number.POSITIVE_INFINITY,
+          input: { rollback: o.id },
+          output: undefined,
+        });
+        continue;
+      }
       if (o.status === 'failed' && !(o.code && DEVICE_VERDICTS.has(o.code))) continue;
       lin.push({
         id: o.id,
