@@ -209,32 +209,37 @@ export function routes(ctx: ApiContext): Route[] {
       const stale = ctx.stale?.();
       return stale ? { devices: d.list(), stale } : { devices: d.list() };
     }),
-    r('POST', '/v1/devices', async (_q, _p, body) =>
-      d.create({
-        name: optString(body.name, 'name') ?? '',
-        size: sizeField(body.size, 'size'),
-        pool: optString(body.pool, 'pool'),
-        role: optString(body.role, 'role') as Role | undefined,
-        guest: optString(body.guest, 'guest') ?? null,
-      }),
-    ),
+    r('POST', '/v1/devices', async (_q, _p, body) => {
+      const name = optString(body.name, 'name') ?? '';
+      return d.confirmed(name, () =>
+        d.create({
+          name,
+          size: sizeField(body.size, 'size'),
+          pool: optString(body.pool, 'pool'),
+          role: optString(body.role, 'role') as Role | undefined,
+          guest: optString(body.guest, 'guest') ?? null,
+        }),
+      );
+    }),
     r('GET', '/v1/devices/:name', async (_q, [name]) => {
       const stale = ctx.stale?.();
       return stale ? { ...d.view(name!), stale } : d.view(name!);
     }),
     r('DELETE', '/v1/devices/:name', async (q, [name], body) => {
       const url = new URL(q.url ?? '/', 'http://x');
-      await d.remove(name!, boolParam(url, 'force', body));
+      await d.confirmed(name!, () => d.remove(name!, boolParam(url, 'force', body)));
       return { deleted: name };
     }),
     r('POST', '/v1/devices/:name/resize', async (q, [name], body) => {
       const url = new URL(q.url ?? '/', 'http://x');
-      return d.resize(name!, sizeField(body.size, 'size'), boolParam(url, 'force', body));
+      return d.confirmed(name!, () =>
+        d.resize(name!, sizeField(body.size, 'size'), boolParam(url, 'force', body)),
+      );
     }),
     r('POST', '/v1/devices/:name/extend', async (_q, [name], body) => {
       const pool = optString(body.pool, 'pool');
       if (!pool) throw new BallastError('BALLAST_BAD_REQUEST', 'pool is required');
-      return d.extend(name!, pool, sizeField(body.size, 'size'));
+      return d.confirmed(name!, () => d.extend(name!, pool, sizeField(body.size, 'size')));
     }),
     r('GET', '/v1/devices/:name/attach', async (q, [name]) => {
       const url = new URL(q.url ?? '/', 'http://x');

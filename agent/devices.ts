@@ -752,6 +752,32 @@ export class DeviceManager {
     return r.revision;
   }
 
+  /**
+   * Runs a change to device `name`. In a cluster this agent's cache may lag the
+   * store for a moment (catching up after a cut, or a change made through
+   * another agent an instant ago): an answer that the device exists or does not
+   * is checked against etcd before it is given, and one the cache got wrong
+   * says so, NOT made, rather than refuse for a reason that no longer holds.
+   */
+  async confirmed<T>(name: string, change: () => Promise<T>): Promise<T> {
+    try {
+      return await change();
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (
+        !this.cluster ||
+        (code !== 'BALLAST_DEVICE_EXISTS' && code !== 'BALLAST_DEVICE_NOT_FOUND')
+      )
+        throw e;
+      const there = (await this.store.get(PREFIX + name).catch(() => null)) ?? undefined;
+      if ((code === 'BALLAST_DEVICE_EXISTS') === (there !== undefined)) throw e;
+      throw new BallastError(
+        'BALLAST_CONFLICT',
+        `device ${name} was ${there ? 'created' : 'deleted'} through another agent a moment ago and this agent has not applied it yet: the change was NOT made (retry)`,
+      );
+    }
+  }
+
   async remove(nameIn: string, force = false): Promise<void> {
     this.cluster?.guard();
     const done = await this.mutex.run(() => this.removeLocked(nameIn, force));

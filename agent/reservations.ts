@@ -375,10 +375,29 @@ export class ReservationManager {
       await this.applyRemote(device, 'pr', kv);
       if (!behind(kv.modRevision)) continue;
       const acc = this.access(device);
-      acc.unsettled.push({ revision: kv.modRevision, state: NOBODY });
+      // What the agents that have not applied it still enforce: the record before it.
+      acc.unsettled.push({ revision: kv.modRevision, state: await this.stateBefore(device, kv) });
       acc.generation++;
       this.log(`device ${device}: change ${kv.modRevision} not applied everywhere yet; held`);
       this.settleLater(device, kv.modRevision);
+    }
+  }
+
+  /**
+   * The reservation state a change replaced: its record one revision earlier
+   * (none: no reservation yet). If etcd has compacted that revision away, it is
+   * unknown, and nobody may do anything until every agent has the change.
+   */
+  private async stateBefore(device: string, kv: KeyValue): Promise<PrState> {
+    try {
+      const r = await this.store.range(kv.key, { revision: kv.modRevision - 1 });
+      const prev = r.kvs.find((k) => k.key === kv.key);
+      return prev ? prFromJson((JSON.parse(prev.value) as PrRecord).state) : EMPTY_PR;
+    } catch (e) {
+      this.log(
+        `device ${device}: the state before change ${kv.modRevision} is unknown (${(e as Error).message}); nobody is served until every agent has it`,
+      );
+      return NOBODY;
     }
   }
 
