@@ -50,6 +50,8 @@ export interface MemoryStatus {
   charged: number;
   exceeded: boolean;
   intervalMs: number;
+  /** Intervals run since the controller started: a clock in the controller's own units. */
+  intervals: number;
   at: string | null;
   guests: (ReturnType<typeof guestRow> & {
     pagingDevice: string | null;
@@ -90,6 +92,7 @@ export class MemoryController {
   private state: PolicyState = EMPTY_STATE;
   private last: Decision | null = null;
   private lastAt: Date | null = null;
+  private intervals = 0;
   private readonly links = new Map<string, Link>();
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<Decision> | null = null;
@@ -307,6 +310,7 @@ export class MemoryController {
     }
     this.last = d;
     this.lastAt = new Date();
+    this.intervals++;
     this.updateMetrics(d);
     return d;
   }
@@ -345,6 +349,7 @@ export class MemoryController {
       charged: d?.charged ?? 0,
       exceeded: d?.exceeded ?? false,
       intervalMs: this.cfg.tuning.intervalMs,
+      intervals: this.intervals,
       at: this.lastAt?.toISOString() ?? null,
       guests: (d?.guests ?? []).map((x) => {
         const l = this.links.get(x.name);

@@ -216,6 +216,31 @@ describe('memory follows pressure', () => {
     expect(events[0]!.data.moves[0]).toMatchObject({ guest: expect.any(String) });
   });
 
+  it('an even split of a pool that is not a whole number of pages per guest stays within the pool', () => {
+    // 448 MiB / 3 is 149.33 MiB: targets rounded up to whole pages added up to 8 KiB over
+    // the pool, and the pool read as exceeded for good (nothing could grow)
+    const w = world(
+      ['a', 'b', 'c'].map((name) => ({
+        name,
+        entitlement: 96 * MiB,
+        weight: 128,
+        max: 256 * MiB,
+        start: 256 * MiB,
+      })),
+      448 * MiB,
+    );
+    const d = run(w, 12, () => ({
+      a: { used: 140 * MiB },
+      b: { used: 140 * MiB },
+      c: { used: 140 * MiB },
+    }));
+    const holds = d.guests.map((x) => x.holds as number);
+    for (const h of holds) expect(h % 4096).toBe(0);
+    expect(holds.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(448 * MiB);
+    expect(Math.max(...holds) - Math.min(...holds)).toBeLessThanOrEqual(4096);
+    expect(d.exceeded).toBe(false);
+  });
+
   it('takes free memory of idle guests before the memory they use', () => {
     const w = world(
       [

@@ -451,6 +451,12 @@ export function decide(cfg: PolicyConfig, state: PolicyState, tick: Tick): Decis
     }
   }
 
+  // Whole pages, rounded down (a balloon moves in pages; rounded up, an even split of a
+  // pool could add up to a few pages over it, and the pool would read as exceeded for
+  // good). Never below the floor, so never above what the fill gave: the sum stays in.
+  for (let i = 0; i < n; i++)
+    alloc[i] = Math.max(floor[i] as number, Math.floor((alloc[i] as number) / PAGE) * PAGE);
+
   // Rate limit and deadband.
   const tgt: number[] = [];
   for (let i = 0; i < n; i++) {

@@ -1,0 +1,273 @@
+// The guest of the memory-sharing tests and benchmark: Debian's kernel, an initramfs of
+// static busybox, the virtio block and balloon modules and `memwork` (bench/memwork.c,
+// compiled here with gcc -static), and a console protocol:
+//   swapon      mkswap + swapon /dev/vda (the guest's Ballast paging device)
+//   start MIB   memwork MIB in the background: MIB MiB written page by page
+//               (MEMWORK-FILLED when done)
+//   hot | cold  switch memwork to checked page ops on random pages, or to rest
+//   verify      memwork checks every page once (MEMWORK-VERIFIED ... bad=N)
+//   alive       BALLAST-ALIVE yes|no: memwork still runs (not OOM-killed)
+// memwork reports MEMWORK-STAT lines (ops, bad pages, pswpin/pswpout, oom_kill).
+
+import { execFileSync } from 'node:child_process';
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  writeFileSync,
+} from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const MODULES = [
+  'drivers/virtio/virtio_ring.ko', // before virtio, which needs it
+  'drivers/virtio/virtio.ko',
+  'drivers/virtio/virtio_pci_legacy_dev.ko',
+  'drivers/virtio/virtio_pci_modern_dev.ko',
+  'drivers/virtio/virtio_pci.ko',
+  'drivers/block/virtio_blk.ko',
+  'drivers/virtio/virtio_balloon.ko',
+];
+
+const INIT = `#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in ${MODULES.map((m) => path.basename(m, '.ko')).join(' ')}; do insmod /lib/$m.ko 2>/dev/null; done
+i=0; while [ ! -e /sys/block/vda ] && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done
+echo "BALLAST-BOOT vda=$(cat /sys/block/vda/size 2>/dev/null) balloon=$(grep -c virtio_balloon /proc/modules)"
+while true; do
+  echo BALLAST-READY
+  read cmd arg || sleep 1
+  case "$cmd" in
+    swapon) mkswap /dev/vda >/dev/null 2>&1; swapon /dev/vda && echo "BALLAST-SWAPON $(grep SwapTotal /proc/meminfo | tr -s ' ')" ;;
+    start) /bin/memwork "$arg" & echo $! > /tmp/memwork.pid ;;
+    hot) kill -USR1 $(cat /tmp/memwork.pid) ;;
+    cold) kill -USR2 $(cat /tmp/memwork.pid) ;;
+    verify) kill -HUP $(cat /tmp/memwork.pid) ;;
+    alive) if kill -0 $(cat /tmp/memwork.pid) 2>/dev/null; then echo BALLAST-ALIVE yes; else echo BALLAST-ALIVE no; fi ;;
+  esac
+done
+`;
+
+/** The repository's root (this file runs from bench/ under vitest, dist/bench/ built). */
+export function repoRoot(): string {
+  let d = path.dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(path.join(d, 'package.json'))) {
+    const up = path.dirname(d);
+    if (up === d) throw new Error('repository root not found');
+    d = up;
+  }
+  return d;
+}
+
+/** Debian's kernel under /boot, or null. */
+export function guestKernel(): string | null {
+  try {
+    const k = readdirSync('/boot')
+      .filter((f) => f.startsWith('vmlinuz-'))
+      .sort()
+      .pop();
+    return k ? path.join('/boot', k) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Builds (once per dir) the initramfs with memwork; returns { kernel, initrd }. */
+export function buildMemGuest(dir: string): { kernel: string; initrd: string } {
+  const kernel = guestKernel();
+  if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
+  const initrd = path.join(dir, 'mem-initrd.gz');
+  if (existsSync(initrd)) return { kernel, initrd };
+  const root = path.join(dir, 'mem-root');
+  for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
+    mkdirSync(path.join(root, d), { recursive: true });
+  copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
+  chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
+  execFileSync('gcc', [
+    '-static',
+    '-O2',
+    '-o',
+    path.join(root, 'bin', 'memwork'),
+    path.join(repoRoot(), 'bench', 'memwork.c'),
+  ]);
+  const release = path.basename(kernel).replace(/^vmlinuz-/, '');
+  const mods = `/lib/modules/${release}/kernel`;
+  for (const m of MODULES) {
+    const src = path.join(mods, m);
+    const dst = path.join(root, 'lib', path.basename(m));
+    if (existsSync(src)) copyFileSync(src, dst);
+    // Debian may ship them compressed.
+    else if (existsSync(`${src}.xz`)) execFileSync('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
+  }
+  writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
+  execFileSync('sh', [
+    '-c',
+    `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,
+  ]);
+  return { kernel, initrd };
+}
+
+export interface MemGuestSpec {
+  kernel: string;
+  initrd: string;
+  /** The console's Unix socket (QEMU's server). */
+  console: string;
+  qmp: string;
+  /** The agent's NBD socket and the guest's paging device on it (becomes /dev/vda). */
+  nbdSocket: string;
+  paging: string;
+  memMiB: number;
+  /** Free page reporting on the balloon (freed guest pages go back to the host). */
+  freePageReporting?: boolean;
+}
+
+/**
+ * QEMU arguments: TCG, RAM in a memfd (no transparent huge pages refilling what the
+ * balloon takes), a virtio balloon, the paging device over NBD.
+ */
+export function memGuestArgs(g: MemGuestSpec): string[] {
+  return [
+    '-nodefaults',
+    '-display',
+    'none',
+    '-machine',
+    'pc,accel=tcg,memory-backend=ram',
+    '-m',
+    String(g.memMiB),
+    '-object',
+    `memory-backend-memfd,id=ram,size=${g.memMiB}M`,
+    '-kernel',
+    g.kernel,
+    '-initrd',
+    g.initrd,
+    '-append',
+    'console=ttyS0 panic=0 quiet loglevel=3 mitigations=off transparent_hugepage=never',
+    '-chardev',
+    `socket,id=con,path=${g.console},server=on,wait=off`,
+    '-serial',
+    'chardev:con',
+    '-qmp',
+    `unix:${g.qmp},server=on,wait=off`,
+    '-device',
+    `virtio-balloon-pci,id=balloon0${g.freePageReporting ? ',free-page-reporting=on' : ''}`,
+    '-blockdev',
+    `driver=nbd,node-name=paging-nbd,server.type=unix,server.path=${g.nbdSocket},export=${g.paging}`,
+    '-blockdev',
+    'driver=raw,node-name=paging,file=paging-nbd',
+    '-device',
+    'virtio-blk-pci,drive=paging,id=paging-dev',
+  ];
+}
+
+/** A MEMWORK-STAT line. */
+export interface WorkStat {
+  mode: 'hot' | 'cold';
+  ops: number;
+  bad: number;
+  pswpin: number;
+  pswpout: number;
+  oomkill: number;
+}
+
+export function parseWorkStat(line: string): WorkStat | null {
+  const m =
+    /MEMWORK-STAT mode=(hot|cold) ops=(\d+) bad=(\d+) pswpin=(\d+) pswpout=(\d+) oomkill=(\d+)/.exec(
+      line,
+    );
+  if (!m) return null;
+  return {
+    mode: m[1] as 'hot' | 'cold',
+    ops: Number(m[2]),
+    bad: Number(m[3]),
+    pswpin: Number(m[4]),
+    pswpout: Number(m[5]),
+    oomkill: Number(m[6]),
+  };
+}
+
+/** The guest's serial console: whole lines, kept; waiters woken on each. */
+export class MemGuestConsole {
+  readonly lines: string[] = [];
+  private partial = '';
+  private waiters: (() => void)[] = [];
+  /** The last MEMWORK-STAT, with when it arrived (performance.now()). */
+  stat: (WorkStat & { at: number }) | null = null;
+
+  private constructor(private readonly sock: net.Socket) {
+    sock.on('data', (b: Buffer) => {
+      const parts = (this.partial + b.toString('latin1')).split('\n');
+      this.partial = parts.pop() ?? '';
+      for (const raw of parts) {
+        const l = raw.replace(/\r$/, '');
+        this.lines.push(l);
+        const s = parseWorkStat(l);
+        if (s) this.stat = { ...s, at: performance.now() };
+      }
+      for (const w of this.waiters.splice(0)) w();
+    });
+    sock.on('error', () => {});
+  }
+
+  static async connect(p: string, timeoutMs = 30_000): Promise<MemGuestConsole> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const s = await new Promise<net.Socket>((resolve, reject) => {
+          const c = net.connect(p);
+          c.once('connect', () => resolve(c));
+          c.once('error', reject);
+        });
+        return new MemGuestConsole(s);
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+
+  /** The lines that contain `s`. */
+  matching(s: string): string[] {
+    return this.lines.filter((l) => l.includes(s));
+  }
+
+  /** Waits until `n` lines contain `s`; returns the n-th. A hang guard, never a judge. */
+  async waitLine(s: string, n = 1, timeoutMs = 300_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = this.matching(s);
+      if (m.length >= n) return m[n - 1] as string;
+      const left = deadline - Date.now();
+      if (left <= 0)
+        throw new Error(
+          `console: "${s}" x${n} not seen in ${timeoutMs} ms; last lines:\n${this.lines.slice(-30).join('\n')}`,
+        );
+      await this.next(Math.min(left, 1000));
+    }
+  }
+
+  /** Resolves on the next line (or after `ms`). */
+  next(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, ms);
+      this.waiters.push(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+
+  send(line: string): void {
+    this.sock.write(`${line}\n`);
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
