@@ -366,4 +366,62 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent cut off from etcd', ()
     }
     expect(order.slice(0, 10)).toEqual([]);
   }, 300_000);
+
+  // Last in the file: it kills and restarts a member of the file's etcd.
+  it('refusals during an etcd leader change are on the trail, or their answer says they are not', async () => {
+    const { A, B, C } = await cluster();
+    const dev = 'lead';
+    expect(
+      (await A.api('POST', '/v1/devices', { name: dev, size: '1M', pool: 'shared' })).status,
+    ).toBe(201);
+    const answers: { id: string; msg: string }[] = [];
+    const bad: string[] = [];
+    let going = true;
+    const refuser = async (via: AgentHandle, name: string) => {
+      for (let n = 0; going; n++) {
+        const id = `lk-${name}-${n}`;
+        const r = await via.api('POST', `/v1/devices/${dev}/pr`, {
+          action: 'reserve',
+          as: id,
+          key: '0xa',
+          type: 'XX',
+        });
+        if (r.body.code !== 'PR_BAD_TYPE') bad.push(`${id}: ${r.status} ${r.text}`);
+        else answers.push({ id, msg: String(r.body.message) });
+      }
+    };
+    const flood = Promise.all(
+      [A, B, C].flatMap((v, i) => [refuser(v, `${i}a`), refuser(v, `${i}b`)]),
+    );
+    await until('refusals before', async () => answers.length >= 30);
+    const leader = await etcd.leader();
+    const before = answers.length;
+    await etcd.kill(leader, 'SIGKILL');
+    // Until a new leader serves them again.
+    await until('refusals after', async () => answers.length >= before + 60);
+    going = false;
+    await flood;
+    await etcd.restart(leader);
+    for (const x of [A, B, C]) {
+      await until('healthy', async () => {
+        const st = (await x.api('GET', '/v1/status')).body as { cluster: { healthy: boolean } };
+        return st.cluster.healthy;
+      });
+    }
+    expect(bad).toEqual([]);
+    const on = new Set((await trail(B, dev)).map((e) => e.initiator));
+    const wrong: string[] = [];
+    let said = 0;
+    for (const { id, msg } of answers) {
+      if (/; this refusal is NOT on the audit trail \(.+\)$/.test(msg)) {
+        said++;
+        if (on.has(id)) wrong.push(`${id}: answered NOT on the trail, is on it`);
+      } else if (/; this refusal may not be on the audit trail \(.+\)$/.test(msg)) said++;
+      else if (!on.has(id)) wrong.push(`${id}: answered as recorded, not on the trail`);
+    }
+    console.log(
+      `${answers.length} refusals, leader killed after ${before}; ${said} said not recorded`,
+    );
+    expect(wrong).toEqual([]);
+  }, 300_000);
 });
