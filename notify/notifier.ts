@@ -151,8 +151,6 @@ class Delivery {
   private running = true;
   private watcher: Watcher | undefined;
   private wake: (() => void) | undefined;
-  private queue: BallastEvent[] = [];
-  private watchError: unknown;
   private savedAt = 0;
   readonly stats: Stats = {
     attempts: 0,
@@ -223,59 +221,75 @@ class Delivery {
         n: 0,
       };
       let cursor = cur;
-      this.queue = [];
-      this.watchError = undefined;
       const left = await this.hostsLeft(cursor.revision);
       const tr = new Translator({ hostsLeft: left });
+      // This pass's own queue, fed by this pass's watch only, and only while the pass
+      // runs: a watch left over from a pass that failed (a store call timed out
+      // mid-stream) is live and ahead of this one's replay from the cursor; its events
+      // in this queue moved the cursor past the replayed ones, which were then
+      // skipped as already delivered.
+      const queue: BallastEvent[] = [];
+      let watchError: unknown;
+      let current = true;
+      let watcher: Watcher;
       try {
-        this.watcher = await store.watch('', {
+        watcher = await store.watch('', {
           fromRevision: Math.max(1, cursor.revision),
           onEvent: (ev) => {
-            for (const e of tr.translate(ev)) this.queue.push(e);
+            if (!current) return;
+            for (const e of tr.translate(ev)) queue.push(e);
             this.wake?.();
           },
           onError: (err) => {
-            this.watchError = err;
+            if (!current) return;
+            watchError = err;
             this.wake?.();
           },
         });
       } catch (e) {
+        current = false;
         if (isStoreError(e, 'STORE_COMPACTED')) {
           cursor = await this.resync(e.compactRevision ?? 0);
           continue;
         }
         throw e;
       }
-      while (this.running && this.watchError === undefined) {
-        const e = this.queue.shift();
-        if (!e) {
-          this.stats.behind = 0;
-          await new Promise<void>((r) => {
-            this.wake = r;
-          });
-          this.wake = undefined;
-          continue;
+      this.watcher = watcher;
+      try {
+        while (this.running && watchError === undefined) {
+          const e = queue.shift();
+          if (!e) {
+            this.stats.behind = 0;
+            await new Promise<void>((r) => {
+              this.wake = r;
+            });
+            this.wake = undefined;
+            continue;
+          }
+          this.stats.behind = queue.length + 1;
+          if (!afterId(e, cursor)) continue;
+          if (filter(e.kind)) {
+            await stampTimes(store, [e]);
+            const ok = await this.deliver(e);
+            if (!ok) break; // stopped, or disabled
+          }
+          cursor = { revision: e.revision, n: e.n };
+          // The cursor is written when caught up, else at most every 100 ms: a crash
+          // re-delivers what came after it (same ids), never skips.
+          const now = performance.now();
+          if (queue.length === 0 || now - this.savedAt >= 100) {
+            await this.saveCursor(e.id);
+            this.savedAt = now;
+          }
         }
-        this.stats.behind = this.queue.length + 1;
-        if (!afterId(e, cursor)) continue;
-        if (filter(e.kind)) {
-          await stampTimes(store, [e]);
-          const ok = await this.deliver(e);
-          if (!ok) break; // stopped, or disabled
-        }
-        cursor = { revision: e.revision, n: e.n };
-        // The cursor is written when caught up, else at most every 100 ms: a crash
-        // re-delivers what came after it (same ids), never skips.
-        const now = performance.now();
-        if (this.queue.length === 0 || now - this.savedAt >= 100) {
-          await this.saveCursor(e.id);
-          this.savedAt = now;
-        }
+      } finally {
+        // Whether the pass ended or threw: its watch feeds nothing any more.
+        current = false;
+        await watcher.cancel().catch(() => {});
       }
-      await this.watcher?.cancel().catch(() => {});
-      if (isStoreError(this.watchError, 'STORE_COMPACTED')) {
-        await this.resync((this.watchError as { compactRevision?: number }).compactRevision ?? 0);
-      } else if (this.watchError !== undefined && this.running) {
+      if (isStoreError(watchError, 'STORE_COMPACTED')) {
+        await this.resync((watchError as { compactRevision?: number }).compactRevision ?? 0);
+      } else if (watchError !== undefined && this.running) {
         await this.pause(500);
       }
     }
