@@ -109,11 +109,22 @@ function human(n: number): string {
 }
 
 /** How long a finished dump took, and its rate; nulls while it is written. */
-export function dumpTiming(e: Pick<DumpEntry, 'createdAt' | 'finishedAt' | 'length'>): {
+/**
+ * A dump found unfinished after its writer stopped (catalog.ts, recoverInterrupted):
+ * what it had written and when it stopped are not known (its finish time is when it
+ * was found; its space was freed).
+ */
+export function interrupted(e: Pick<DumpEntry, 'state' | 'reason'>): boolean {
+  return e.state === 'failed' && e.reason === 'interrupted';
+}
+
+export function dumpTiming(
+  e: Pick<DumpEntry, 'createdAt' | 'finishedAt' | 'length' | 'state' | 'reason'>,
+): {
   durationMs: number | null;
   bytesPerSecond: number | null;
 } {
-  if (!e.finishedAt || e.finishedAt < e.createdAt)
+  if (!e.finishedAt || e.finishedAt < e.createdAt || interrupted(e))
     return { durationMs: null, bytesPerSecond: null };
   const durationMs = e.finishedAt - e.createdAt;
   return {
@@ -487,7 +498,7 @@ Config example:
                   e.format,
                   e.state === 'failed' && e.reason ? `failed (${e.reason.split(':')[0]})` : e.state,
                   e.panicAt && e.runningAt ? `${e.runningAt - e.panicAt} ms` : '-',
-                  human(e.length),
+                  interrupted(e) ? '-' : human(e.length),
                   new Date(e.createdAt).toISOString().replace(/\.\d+Z$/, 'Z'),
                   t.durationMs === null ? '-' : humanDuration(t.durationMs),
                   t.bytesPerSecond === null ? '-' : `${human(t.bytesPerSecond)}/s`,
