@@ -908,12 +908,27 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       log(
         `nemesis: ${((performance.now() - t0) / 1000).toFixed(1)} s: ${f.kind} ${f.kind.startsWith('etcd') ? `m${f.target}` : HOSTS[f.target]} ${f.ms} ms`,
       );
+      // a fault that does not end (an etcd member that never comes back healthy, a
+      // status call that hangs) is reported, and must not hold the run or its lock forever
       faultTasks.push(
-        inject(f).catch((err: Error) => log(`nemesis: fault ${f.kind}: ${err.message}`)),
+        bounded(
+          inject(f),
+          f.ms + 120_000,
+          `fault ${f.kind} at ${(f.at / 1000).toFixed(1)} s`,
+        ).catch((err: Error) => log(`nemesis: fault ${f.kind}: ${err.message}`)),
       );
     }
     await Promise.all(faultTasks);
-    await Promise.all(workers);
+    // every client stops within its own timeouts; one that does not is named, not waited for
+    const pending = new Set(workers.map((_, i) => i));
+    workers.forEach((w, i) => {
+      void w.finally(() => pending.delete(i));
+    });
+    await bounded(Promise.all(workers), 180_000, 'clients stopping').catch((err: Error) =>
+      log(
+        `nemesis: ${err.message}: ${pending.size} client(s) still waiting; going on without them`,
+      ),
+    );
     log(
       `nemesis: clients stopped after ${((performance.now() - t0) / 1000).toFixed(1)} s, ${rec.ops.length} operations; settling`,
     );
@@ -966,6 +981,15 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     if (o.keep) log(`nemesis: the agents' data and logs (agent.log) are kept in ${root}`);
     else rmSync(root, { recursive: true, force: true });
   }
+}
+
+/** `p`, or an error once `ms` have passed without it settling. */
+function bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    t = setTimeout(() => reject(new Error(`${what}: not done after ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(t));
 }
 
 /** Starts a killed agent, again while etcd has no quorum or the agent is cut off. */
