@@ -62,7 +62,8 @@ async function oneRound(way: Way, phaseS: number, dir: string): Promise<RoundFig
       await rig.until(async () => {
         const s = await rig.status();
         return (
-          s !== null &&
+          // every guest in the status: before its first interval the list is empty
+          s?.guests.length === rig.guests.length &&
           !s.exceeded &&
           s.guests.every(
             (g) => g.mode === 'managed' && Math.abs((g.actual ?? 0) - (g.target ?? 0)) < 4 * MiB,
