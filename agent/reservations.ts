@@ -160,19 +160,6 @@ const NOBODY: PrState = {
   reservation: { type: 3, holder: '\u0000' },
 };
 
-/** Whether some identity may do under `after` what it may not under `before`. */
-function grants(before: PrState, after: PrState): boolean {
-  // Access depends only on being the holder, a registrant or neither: every
-  // registered identity plus one that is registered nowhere covers everyone.
-  const who = new Set([...before.registrations.keys(), ...after.registrations.keys(), '\u0000']);
-  for (const w of who) {
-    const b = prAccess(before, w);
-    const a = prAccess(after, w);
-    if ((a.read && !b.read) || (a.write && !b.write)) return true;
-  }
-  return false;
-}
-
 /** One device's access control object, handed to its NBD export. */
 class DeviceAccess implements AccessControl {
   private gen = 0;
@@ -872,7 +859,10 @@ export class ReservationManager {
       if (!t.succeeded) throw new LostRace(device, t.revision);
       this.revisions.set(device, { pr: t.revision, seq: rev.seq + 1 });
       let aborted = 0;
-      const granted = grants(acc.state, result.state);
+      // Every change takes the second round, not only one that grants by itself: an
+      // earlier grant may still be withheld on an agent that has not yet seen every ack
+      // of it, and this change, once returned, must find it in force there too.
+      const granted = true;
       if (this.settle) acc.unsettled.push({ revision: t.revision, state: acc.state });
       acc.state = result.state;
       acc.generation++;

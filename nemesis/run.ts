@@ -81,3 +81,5 @@ if (r.anomalies.length > 0) {
   process.exit(1);
 }
 console.log(`nemesis: seed ${seed}: every check passed`);
+// a client's socket or timer left behind must not keep the run alive
+process.exit(0);
