@@ -727,10 +727,17 @@ export class Dumpd extends EventEmitter {
         this.m.bytes.inc({ guest: name }, b - counted);
         counted = b;
       };
-      if (mode === 'early-reboot' && !qmp)
+      // libvirt holds the domain's monitor: the early reboot falls back, recorded as every
+      // fallback is (the result's fallback, the catalog entry's reason, the metric).
+      const noMonitor =
+        mode === 'early-reboot' && !qmp
+          ? "early reboot needs QEMU's monitor, which libvirt holds"
+          : undefined;
+      if (noMonitor) {
         this.log(
-          `guest ${name}: early reboot needs QEMU's monitor, which libvirt holds: dumped the old way`,
+          `guest ${name}: early reboot not possible (${noMonitor}); dump-then-reboot instead`,
         );
+      }
       if (mode === 'early-reboot' && qmp) {
         this.log(`guest ${name}: early reboot (${reason}): snapshot streaming to ${uri}`);
         this.m.streaming.inc();
@@ -773,6 +780,7 @@ export class Dumpd extends EventEmitter {
         runDir: this.cfg.runDir,
         timeoutMs: this.cfg.dumpTimeoutMs,
         panicAt,
+        ...(noMonitor ? { note: `dump-then-reboot: ${noMonitor}` } : {}),
         ...fifoOwner(st.cfg.qmp),
         applyAfter: (a) => this.applyAfter(st.cfg, qmp, a),
         onProgress: progress,
@@ -780,6 +788,10 @@ export class Dumpd extends EventEmitter {
           if (total > 0) this.m.progress.set({ guest: name }, done / total);
         },
       });
+      if (noMonitor) {
+        r.fallback = noMonitor;
+        this.m.fallbacks.inc({ guest: name });
+      }
       end();
       return r;
     })();

@@ -290,7 +290,7 @@ export async function runDump(o: DumpJobOptions): Promise<DumpResult> {
       const [s, d] = await Promise.allSettled([streamed, done]);
       if (d.status === 'rejected') throw d.reason;
       if (s.status === 'rejected') throw s.reason;
-      entry = await writer.finish();
+      entry = await writer.finish(Date.now(), o.note);
     } else {
       const completed = qmp.waitEvent('DUMP_COMPLETED', o.timeoutMs);
       completed.catch(() => {});

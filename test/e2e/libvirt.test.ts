@@ -358,5 +358,50 @@ describeWithTools(
       },
       SLOW,
     );
+
+    it(
+      'dump now --early-reboot: libvirt holds the monitor, so it falls back, recorded in the result, the catalog and the metric',
+      async () => {
+        await con.waitFor('BALLAST-BOOT', 1, 180_000);
+        // Room for one more dump of the guest on its device (320 MiB hold two).
+        const before = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
+        const old = (JSON.parse(before.stdout) as { dumps: { id: number }[] }).dumps;
+        for (const d of old) {
+          const rm = await ballast(['dump', 'rm', 'vm1-dump', String(d.id), '--agent', agentFlag]);
+          expect(rm.code, describeRun(rm)).toBe(0);
+        }
+        const boots = con.count('BALLAST-BOOT');
+        const r = await ballast([
+          'dump',
+          'now',
+          'vm1',
+          '--early-reboot',
+          '--json',
+          '--dumpd',
+          `127.0.0.1:${port}`,
+          '--dumpd-token-file',
+          path.join(dir, 'dumpd-run', 'token'),
+        ]);
+        expect(r.code, describeRun(r)).toBe(0);
+        const res = JSON.parse(r.stdout) as { ok: boolean; mode: string; fallback?: string };
+        expect(res).toMatchObject({ ok: true, mode: 'dump-then-reboot' });
+        expect(res.fallback).toMatch(/libvirt holds/);
+        await waitLog('guest vm1: early reboot not possible (early reboot needs QEMU');
+        const ls = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
+        const dumps = (
+          JSON.parse(ls.stdout) as { dumps: { id: number; state: string; reason: string }[] }
+        ).dumps;
+        expect(dumps).toHaveLength(1);
+        expect(dumps[0]).toMatchObject({
+          state: 'complete',
+          reason: expect.stringMatching(/^dump-then-reboot: early reboot needs QEMU's monitor/),
+        });
+        const m = await fetch(`http://127.0.0.1:${port}/metrics`).then((x) => x.text());
+        expect(m).toMatch(/ballast_dumpd_early_reboot_fallbacks_total\{guest="vm1"\} 1/);
+        // an early reboot is a reboot: the guest boots again
+        await con.waitFor('BALLAST-BOOT', boots + 1, 180_000);
+      },
+      SLOW,
+    );
   },
 );
