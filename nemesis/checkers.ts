@@ -34,6 +34,13 @@ export const UNKNOWN_BOUND_MS = 15_000;
 /** The longest a client waits for a PR command (older histories lack gaveUp). */
 const CLIENT_WAIT_MS = 60_000;
 
+/** The latest call or return in the history (a loop: a long run has too many for a spread). */
+function lastTime(h: History): number {
+  let t = 0;
+  for (const o of h.ops) t = Math.max(t, o.ret ?? o.call);
+  return t;
+}
+
 const retOf = (o: Op) =>
   o.status === 'unknown' || o.ret === null ? Number.POSITIVE_INFINITY : o.ret;
 
@@ -247,7 +254,7 @@ export function checkReservations(h: History, maxSteps?: number): Anomaly[] {
       });
     }
     const fin = h.final.agents[0]?.pr[device];
-    const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+    const end = lastTime(h) + 1;
     if (fin) {
       lin.push({
         id: -1,
@@ -715,7 +722,7 @@ export function checkCatalog(h: History): Anomaly[] {
     }
     const listed = fin?.devices.find((d) => d.name === name);
     if (fin) {
-      const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+      const end = lastTime(h) + 1;
       lin.push({
         id: -1,
         call: end,
@@ -775,7 +782,7 @@ export function checkAcl(h: History): Anomaly[] {
         output: o.status === 'ok' ? 'ok' : undefined,
       }));
     if (fin && device in fin.acl) {
-      const end = Math.max(0, ...h.ops.map((o) => o.ret ?? o.call)) + 1;
+      const end = lastTime(h) + 1;
       lin.push({
         id: -1,
         call: end,
