@@ -683,6 +683,15 @@ export function checkCatalog(h: History): Anomaly[] {
   for (const name of names) {
     const ops = h.ops.filter((o): o is DeviceOp => o.kind === 'device' && o.name === name);
     const lin: LinOp<DevIn, string>[] = [];
+    // a create that may have left its record behind: that record may go at any time after
+    const rollback = (o: DeviceOp) =>
+      lin.push({
+        id: 1_000_000_000 + o.id,
+        call: o.call,
+        ret: Number.POSITIVE_INFINITY,
+        input: { rollback: o.id },
+        output: undefined,
+      });
     for (const o of ops) {
       if (o.action === 'create' && o.status === 'failed' && o.note && HOLDS_NAME.test(o.note)) {
         // NOT made, but its record holds the name until its agent has removed it
@@ -693,13 +702,7 @@ export function checkCatalog(h: History): Anomaly[] {
           input: { hold: o.id },
           output: undefined,
         });
-        lin.push({
-          id: 1_000_000_000 + o.id,
-          call: o.call,
-          ret: Number.POSITIVE_INFINITY,
-          input: { rollback: o.id },
-          output: undefined,
-        });
+        rollback(o);
         continue;
       }
       if (o.status === 'failed' && !(o.code && DEVICE_VERDICTS.has(o.code))) continue;
@@ -711,13 +714,7 @@ export function checkCatalog(h: History): Anomaly[] {
         output: o.status === 'unknown' ? undefined : o.status === 'ok' ? 'ok' : o.code,
       });
       if (o.status === 'unknown' && o.action === 'create') {
-        lin.push({
-          id: 1_000_000_000 + o.id,
-          call: o.call,
-          ret: Number.POSITIVE_INFINITY,
-          input: { rollback: o.id },
-          output: undefined,
-        });
+        rollback(o);
       }
     }
     const listed = fin?.devices.find((d) => d.name === name);
