@@ -405,6 +405,51 @@ describe('catalog and events checkers', () => {
     ).toEqual([]);
   });
 
+  it('a create of unknown outcome that made the device: others may resize and delete it after', () => {
+    // Seed 3, 30 min: a's agent died mid-create (no answer); the device was made, answered
+    // EXISTS to others, then deleted (c0: resized) through another agent. Its rollback, which
+    // removes that create's record only while it is still its own, has nothing left to remove.
+    const listed = (size: number | null) => ({
+      agents: [
+        {
+          agent: 'a',
+          devices: size === null ? [] : [{ name: 'x', size, state: 'ready' }],
+          pr: {},
+          acl: {},
+        },
+      ],
+    });
+    const made = dev(0, null, 'create', 'unknown');
+    const exists = dev(5, 6, 'create', 'failed', 'BALLAST_DEVICE_EXISTS');
+    expect(checkCatalog(history([made, exists, dev(7, 8, 'delete', 'ok')], listed(null)))).toEqual(
+      [],
+    );
+    const grown = { ...dev(7, 8, 'resize', 'ok'), size: 2 };
+    expect(checkCatalog(history([made, exists, grown], listed(2)))).toEqual([]);
+    // a create answered NOT made that held the name, then the name was taken and deleted
+    const held = {
+      ...dev(0, 1, 'create', 'failed', 'STORE_UNAVAILABLE'),
+      note: 'STORE_UNAVAILABLE: the create of x was NOT made (its record goes once the store takes it)',
+    };
+    expect(
+      checkCatalog(
+        history([held, dev(2, 3, 'create', 'ok'), dev(4, 5, 'delete', 'ok')], listed(null)),
+      ),
+    ).toEqual([]);
+    // still wrong: resized after the delete that followed it, or listed after that delete
+    expect(
+      checkCatalog(
+        history(
+          [made, exists, dev(7, 8, 'delete', 'ok'), { ...grown, call: 9, ret: 10 }],
+          listed(null),
+        ),
+      ),
+    ).toHaveLength(1);
+    expect(
+      checkCatalog(history([made, exists, dev(7, 8, 'delete', 'ok')], listed(1))),
+    ).toHaveLength(1);
+  });
+
   it('events: every consumer gets every event in order, with the same attributes', () => {
     const e = (id: string, time = 't') => ({
       id,

@@ -629,7 +629,9 @@ const devModel: LinModel<DevState, DevIn, string> = {
   key: (s) => JSON.stringify(s),
   step(s, input, output) {
     if ('read' in input) return { ok: input.read === (s?.size ?? null), next: s };
-    if ('rollback' in input) return { ok: s?.by === input.rollback, next: null };
+    // its agent removes the record only while it is that create's own: once the create
+    // finished (a resize or delete through another agent touched it) there is nothing to undo
+    if ('rollback' in input) return { ok: true, next: s?.by === input.rollback ? null : s };
     if ('hold' in input) {
       // its record may have held the name for a while, or never been seen
       if (s !== null) return { ok: true, next: s };
@@ -730,11 +732,13 @@ export function checkCatalog(h: History): Anomaly[] {
     }
     const r = linearize(devModel, lin);
     if (r.verdict === 'fail') {
-      const stuck = ops.find((o) => o.id === r.stuck);
+      const at = ops.findIndex((o) => o.id === r.stuck);
+      const stuck = ops[at];
       out.push({
         check: 'catalog',
         message: `device ${name}: no order of the creates, resizes and deletes explains ${stuck ? `op ${stuck.id} (${describe(stuck)})` : `what the agents list at the end (${listed ? `${listed.size} bytes, ${listed.state}` : 'absent'})`}`,
-        ops: ops.slice(-8),
+        // the operations on the name before the one no order explains (and two after)
+        ops: stuck ? ops.slice(Math.max(0, at - 8), at + 3) : ops.slice(-8),
       });
     }
   }
