@@ -9,28 +9,14 @@
 //   alive       BALLAST-ALIVE yes|no: memwork still runs (not OOM-killed)
 // memwork reports MEMWORK-STAT lines (ops, bad pages, pswpin/pswpout, oom_kill).
 
-import { execFileSync } from 'node:child_process';
-import {
-  chmodSync,
-  copyFileSync,
-  existsSync,
-  mkdirSync,
-  readdirSync,
-  writeFileSync,
-} from 'node:fs';
-import net from 'node:net';
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { buildInitramfs, connectConsole, SerialConsole, VIRTIO_BLK_MODULES } from './guest-kit.js';
 
-const MODULES = [
-  'drivers/virtio/virtio_ring.ko', // before virtio, which needs it
-  'drivers/virtio/virtio.ko',
-  'drivers/virtio/virtio_pci_legacy_dev.ko',
-  'drivers/virtio/virtio_pci_modern_dev.ko',
-  'drivers/virtio/virtio_pci.ko',
-  'drivers/block/virtio_blk.ko',
-  'drivers/virtio/virtio_balloon.ko',
-];
+const MODULES = [...VIRTIO_BLK_MODULES, 'drivers/virtio/virtio_balloon.ko'];
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -66,52 +52,17 @@ export function repoRoot(): string {
   return d;
 }
 
-/** Debian's kernel under /boot, or null. */
-export function guestKernel(): string | null {
-  try {
-    const k = readdirSync('/boot')
-      .filter((f) => f.startsWith('vmlinuz-'))
-      .sort()
-      .pop();
-    return k ? path.join('/boot', k) : null;
-  } catch {
-    return null;
-  }
-}
-
-/** Builds (once per dir) the initramfs with memwork; returns { kernel, initrd }. */
-export function buildMemGuest(dir: string): { kernel: string; initrd: string } {
-  const kernel = guestKernel();
-  if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
-  const initrd = path.join(dir, 'mem-initrd.gz');
-  if (existsSync(initrd)) return { kernel, initrd };
-  const root = path.join(dir, 'mem-root');
-  for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
-    mkdirSync(path.join(root, d), { recursive: true });
-  copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
-  chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
-  execFileSync('gcc', [
-    '-static',
-    '-O2',
-    '-o',
-    path.join(root, 'bin', 'memwork'),
-    path.join(repoRoot(), 'bench', 'memwork.c'),
-  ]);
-  const release = path.basename(kernel).replace(/^vmlinuz-/, '');
-  const mods = `/lib/modules/${release}/kernel`;
-  for (const m of MODULES) {
-    const src = path.join(mods, m);
-    const dst = path.join(root, 'lib', path.basename(m));
-    if (existsSync(src)) copyFileSync(src, dst);
-    // Debian may ship them compressed.
-    else if (existsSync(`${src}.xz`)) execFileSync('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
-  }
-  writeFileSync(path.join(root, 'init'), INIT, { mode: 0o755 });
-  execFileSync('sh', [
-    '-c',
-    `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,
-  ]);
-  return { kernel, initrd };
+/** Builds (once per dir) the initramfs with memwork compiled in; returns { kernel, initrd }. */
+export function buildMemGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+  return buildInitramfs(dir, 'mem-', INIT, MODULES, async (root) => {
+    await promisify(execFile)('gcc', [
+      '-static',
+      '-O2',
+      '-o',
+      path.join(root, 'bin', 'memwork'),
+      path.join(repoRoot(), 'bench', 'memwork.c'),
+    ]);
+  });
 }
 
 export interface MemGuestSpec {
@@ -195,43 +146,25 @@ export function parseWorkStat(line: string): WorkStat | null {
 }
 
 /** The guest's serial console: whole lines, kept; waiters woken on each. */
-export class MemGuestConsole {
+export class MemGuestConsole extends SerialConsole {
   readonly lines: string[] = [];
   private partial = '';
-  private waiters: (() => void)[] = [];
   /** The last MEMWORK-STAT, with when it arrived (performance.now()). */
   stat: (WorkStat & { at: number }) | null = null;
 
-  private constructor(private readonly sock: net.Socket) {
-    sock.on('data', (b: Buffer) => {
-      const parts = (this.partial + b.toString('latin1')).split('\n');
-      this.partial = parts.pop() ?? '';
-      for (const raw of parts) {
-        const l = raw.replace(/\r$/, '');
-        this.lines.push(l);
-        const s = parseWorkStat(l);
-        if (s) this.stat = { ...s, at: performance.now() };
-      }
-      for (const w of this.waiters.splice(0)) w();
-    });
-    sock.on('error', () => {});
+  protected take(chunk: string): void {
+    const parts = (this.partial + chunk).split('\n');
+    this.partial = parts.pop() ?? '';
+    for (const raw of parts) {
+      const l = raw.replace(/\r$/, '');
+      this.lines.push(l);
+      const s = parseWorkStat(l);
+      if (s) this.stat = { ...s, at: performance.now() };
+    }
   }
 
   static async connect(p: string, timeoutMs = 30_000): Promise<MemGuestConsole> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      try {
-        const s = await new Promise<net.Socket>((resolve, reject) => {
-          const c = net.connect(p);
-          c.once('connect', () => resolve(c));
-          c.once('error', reject);
-        });
-        return new MemGuestConsole(s);
-      } catch (e) {
-        if (Date.now() > deadline) throw e;
-        await new Promise((r) => setTimeout(r, 50));
-      }
-    }
+    return new MemGuestConsole(await connectConsole(p, timeoutMs));
   }
 
   /** The lines that contain `s`. */
@@ -252,24 +185,5 @@ export class MemGuestConsole {
         );
       await this.next(Math.min(left, 1000));
     }
-  }
-
-  /** Resolves on the next line (or after `ms`). */
-  next(ms: number): Promise<void> {
-    return new Promise<void>((resolve) => {
-      const t = setTimeout(resolve, ms);
-      this.waiters.push(() => {
-        clearTimeout(t);
-        resolve();
-      });
-    });
-  }
-
-  send(line: string): void {
-    this.sock.write(`${line}\n`);
-  }
-
-  close(): void {
-    this.sock.destroy();
   }
 }

@@ -125,7 +125,7 @@ export class MemoryRig {
         return false;
       }
     }, 'the agent answering');
-    const g = buildMemGuest(this.o.dir);
+    const g = await buildMemGuest(this.o.dir);
     for (let i = 0; i < n; i++) {
       const name = `vm${i + 1}`;
       const device = `${name}-swap`;

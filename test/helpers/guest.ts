@@ -17,33 +17,13 @@
 //   disks           list the block devices the guest sees, as NAME=SERIAL
 // The console is a Unix socket (QEMU's server), read and written by GuestConsole.
 
-import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
-import path from 'node:path';
-import { guestKernel, runOk } from './tools.js';
-
-/** virtio-blk and what it needs, in load order (modules in Debian's kernel). */
-const VIRTIO_MODULES = [
-  'virtio_ring',
-  'virtio',
-  'virtio_pci_modern_dev',
-  'virtio_pci_legacy_dev',
-  'virtio_pci',
-  'virtio_blk',
-];
-const VIRTIO_PATHS: Record<string, string> = {
-  virtio: 'drivers/virtio',
-  virtio_ring: 'drivers/virtio',
-  virtio_pci_modern_dev: 'drivers/virtio',
-  virtio_pci_legacy_dev: 'drivers/virtio',
-  virtio_pci: 'drivers/virtio',
-  virtio_blk: 'drivers/block',
-};
-/** The pvpanic driver: a panic the host sees (GUEST_PANICKED). */
-export const PVPANIC_MODULES = [
-  'drivers/misc/pvpanic/pvpanic.ko',
-  'drivers/misc/pvpanic/pvpanic-mmio.ko',
-];
+import {
+  buildInitramfs,
+  connectConsole,
+  PVPANIC_MODULES,
+  SerialConsole,
+  VIRTIO_BLK_MODULES,
+} from '../../bench/guest-kit.js';
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -52,7 +32,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in /lib/pvpanic.ko /lib/pvpanic-mmio.ko; do insmod $m 2>/dev/null; done
-for m in ${VIRTIO_MODULES.map((m) => `/lib/${m}.ko`).join(' ')}; do insmod $m 2>/dev/null; done
+for m in ${VIRTIO_BLK_MODULES.map((m) => `/lib/${m.split('/').pop()}`).join(' ')}; do insmod $m 2>/dev/null; done
 echo 1 > /proc/sys/kernel/sysrq
 echo "BALLAST-BOOT pvpanic=$(grep -c pvpanic /proc/modules)"
 while true; do
@@ -101,53 +81,9 @@ export function occurrences(hay: Buffer, s: string): number {
   return n;
 }
 
-/** The kernel's release, from /boot/vmlinuz-RELEASE. */
-function release(kernel: string): string {
-  return path.basename(kernel).replace(/^vmlinuz-/, '');
-}
-
 /** Builds (once per dir) the initramfs; returns { kernel, initrd }. */
 export function buildGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
-  return buildInitramfs(dir, '', INIT, [
-    ...PVPANIC_MODULES,
-    ...VIRTIO_MODULES.map((m) => `${VIRTIO_PATHS[m]}/${m}.ko`),
-  ]);
-}
-
-/**
- * Builds (once per dir and `prefix`) DIR/PREFIXinitrd.gz: static busybox, `init`,
- * and the kernel's `modules` (paths under its kernel/ directory) in /lib by their
- * file names. Returns { kernel, initrd }.
- */
-export async function buildInitramfs(
-  dir: string,
-  prefix: string,
-  init: string,
-  modules: string[],
-): Promise<{ kernel: string; initrd: string }> {
-  const kernel = guestKernel();
-  if (!kernel) throw new Error('no /boot/vmlinuz-*: apt-get install -y linux-image-amd64');
-  const initrd = path.join(dir, `${prefix}initrd.gz`);
-  if (existsSync(initrd)) return { kernel, initrd };
-  const root = path.join(dir, `${prefix}root`);
-  for (const d of ['bin', 'lib', 'proc', 'sys', 'dev', 'tmp'])
-    mkdirSync(path.join(root, d), { recursive: true });
-  copyFileSync('/bin/busybox', path.join(root, 'bin', 'busybox'));
-  chmodSync(path.join(root, 'bin', 'busybox'), 0o755);
-  const mods = `/lib/modules/${release(kernel)}/kernel`;
-  for (const m of modules) {
-    const src = path.join(mods, m);
-    const dst = path.join(root, 'lib', path.basename(m));
-    if (existsSync(src)) copyFileSync(src, dst);
-    // Debian may ship them compressed.
-    else if (existsSync(`${src}.xz`)) await runOk('sh', ['-c', `xz -dc '${src}.xz' > '${dst}'`]);
-  }
-  writeFileSync(path.join(root, 'init'), init, { mode: 0o755 });
-  await runOk('sh', [
-    '-c',
-    `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${initrd}'`,
-  ]);
-  return { kernel, initrd };
+  return buildInitramfs(dir, '', INIT, [...PVPANIC_MODULES, ...VIRTIO_BLK_MODULES]);
 }
 
 /** QEMU arguments for the guest (add -qmp and the dump device). */
@@ -182,33 +118,16 @@ export function guestArgs(
   ];
 }
 
-/** The guest's serial console over QEMU's Unix socket. */
-export class GuestConsole {
+/** The guest's serial console over QEMU's Unix socket, kept whole as text. */
+export class GuestConsole extends SerialConsole {
   text = '';
-  private waiters: (() => void)[] = [];
-  private constructor(private readonly sock: net.Socket) {
-    sock.on('data', (b: Buffer) => {
-      this.text += b.toString('latin1');
-      for (const w of this.waiters.splice(0)) w();
-    });
-    sock.on('error', () => {});
+
+  protected take(chunk: string): void {
+    this.text += chunk;
   }
 
   static async connect(p: string): Promise<GuestConsole> {
-    const deadline = Date.now() + 20_000;
-    for (;;) {
-      try {
-        const s = await new Promise<net.Socket>((resolve, reject) => {
-          const c = net.connect(p);
-          c.once('connect', () => resolve(c));
-          c.once('error', reject);
-        });
-        return new GuestConsole(s);
-      } catch (e) {
-        if (Date.now() > deadline) throw e;
-        await new Promise((r) => setTimeout(r, 50));
-      }
-    }
+    return new GuestConsole(await connectConsole(p, 20_000));
   }
 
   count(s: string): number {
@@ -224,21 +143,7 @@ export class GuestConsole {
         throw new Error(
           `console: "${s}" x${n} not seen in ${timeoutMs} ms; console so far:\n${this.text.slice(-3000)}`,
         );
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 1000));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
+      await this.next(Math.min(left, 1000));
     }
-  }
-
-  send(line: string): void {
-    this.sock.write(`${line}\n`);
-  }
-
-  close(): void {
-    this.sock.destroy();
   }
 }

@@ -13,17 +13,9 @@
 // write error pauses the guest (werror=stop) rather than failing the guest's I/O.
 
 import path from 'node:path';
-import { buildInitramfs, PVPANIC_MODULES } from './guest.js';
+import { buildInitramfs, PVPANIC_MODULES, VIRTIO_BLK_MODULES } from '../../bench/guest-kit.js';
 
-const MODULES = [
-  'drivers/virtio/virtio_ring.ko', // before virtio, which needs it
-  'drivers/virtio/virtio.ko',
-  'drivers/virtio/virtio_pci_legacy_dev.ko',
-  'drivers/virtio/virtio_pci_modern_dev.ko',
-  'drivers/virtio/virtio_pci.ko',
-  'drivers/block/virtio_blk.ko',
-  ...PVPANIC_MODULES,
-];
+const MODULES = [...VIRTIO_BLK_MODULES, ...PVPANIC_MODULES];
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /w /sbin /usr/bin /usr/sbin

@@ -6,9 +6,10 @@
 // machine without the tools cannot pass by skipping everything.
 
 import { execFileSync, spawn } from 'node:child_process';
-import { accessSync, constants, readdirSync } from 'node:fs';
+import { accessSync, constants } from 'node:fs';
 import path from 'node:path';
 import { describe, it } from 'vitest';
+import { guestKernel } from '../../bench/guest-kit.js';
 
 /** The Debian package that ships each tool. */
 const PACKAGE: Record<string, string> = {
@@ -72,19 +73,6 @@ function works(cmd: string, args: string[]): boolean {
     return true;
   } catch {
     return false;
-  }
-}
-
-/** The newest /boot/vmlinuz-* (Debian's linux-image-amd64), or null. */
-export function guestKernel(): string | null {
-  try {
-    const k = readdirSync('/boot')
-      .filter((f) => f.startsWith('vmlinuz-'))
-      .sort()
-      .pop();
-    return k ? path.join('/boot', k) : null;
-  } catch {
-    return null;
   }
 }
 
