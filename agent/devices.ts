@@ -14,7 +14,7 @@ import { ExportStats } from '../nbd/stats.js';
 import type { DynamicCatalog } from './catalog.js';
 import { ConcatBackend } from './concat-backend.js';
 import { BallastError } from './errors.js';
-import { failpoint } from './failpoints.js';
+import { failpoint, failpointPause } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
@@ -80,6 +80,8 @@ export interface DeviceView extends Omit<DeviceRecord, 'state'> {
 }
 
 const PREFIX = 'devices/';
+/** How long the failpoint `device-delete-apply-delay` holds another agent's delete (tests ask meanwhile). */
+const DELETE_APPLY_DELAY_MS = 20_000;
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 
 export function validateName(name: unknown, what = 'device name'): string {
@@ -769,11 +771,44 @@ export class DeviceManager {
         (code !== 'BALLAST_DEVICE_EXISTS' && code !== 'BALLAST_DEVICE_NOT_FOUND')
       )
         throw e;
-      const there = (await this.store.get(PREFIX + name).catch(() => null)) ?? undefined;
+      const there = await this.stored(name);
       if ((code === 'BALLAST_DEVICE_EXISTS') === (there !== undefined)) throw e;
       throw new BallastError(
         'BALLAST_CONFLICT',
         `device ${name} was ${there ? 'created' : 'deleted'} through another agent a moment ago and this agent has not applied it yet: the change was NOT made (retry)`,
+      );
+    }
+  }
+
+  /**
+   * In a cluster, an answer this agent gives from its cache without writing (a
+   * refusal to shrink, a resize to the size the device has) holds only if the
+   * cache has the device's current record: etcd is asked (a linearizable read,
+   * made after the request came), and a record changed or gone there answers
+   * BALLAST_CONFLICT, NOT made (a frozen agent woken with a backlog of events
+   * answered from the record of a device deleted seconds before).
+   */
+  private async current(name: string, l: Live): Promise<void> {
+    if (!this.cluster) return;
+    const kv = await this.stored(name);
+    if (kv?.modRevision === l.modRevision) return;
+    throw new BallastError(
+      'BALLAST_CONFLICT',
+      `device ${name} was ${kv ? 'changed' : 'deleted'} through another agent a moment ago and this agent has not applied it yet: the change was NOT made (retry)`,
+    );
+  }
+
+  /** The device's record as etcd has it now; a read that fails answers NOT made. */
+  private async stored(name: string): Promise<KeyValue | undefined> {
+    try {
+      return await this.store.get(PREFIX + name);
+    } catch (e) {
+      throw new ChangeError(
+        'STORE_UNAVAILABLE',
+        `${(e as Error).message}: the agent could not check device ${name} against etcd: the change was NOT made`,
+        false,
+        undefined,
+        e,
       );
     }
   }
@@ -897,7 +932,10 @@ export class DeviceManager {
       const l = this.need(name);
       checkSize(newSize, 'size');
       const old = l.record;
-      if (newSize === old.size) return this.view(name);
+      if (newSize === old.size) {
+        await this.current(name, l);
+        return this.view(name);
+      }
       const rec: DeviceRecord = {
         ...old,
         extents: old.extents.map((e) => ({ ...e })),
@@ -913,6 +951,7 @@ export class DeviceManager {
         await files[files.length - 1]!.resize(last.size);
       } else {
         if (!force) {
+          await this.current(name, l);
           throw new BallastError(
             'BALLAST_SHRINK_REFUSED',
             `shrinking ${name} from ${old.size} to ${newSize} bytes discards data; use --force`,
@@ -993,7 +1032,10 @@ export class DeviceManager {
    * watch, in revision order): this host's export follows it. `kv` undefined: deleted.
    * Files are never created or removed here; the host that made the change does that.
    */
-  applyRemote(name: string, kv: KeyValue | undefined, modRevision: number): Promise<void> {
+  async applyRemote(name: string, kv: KeyValue | undefined, modRevision: number): Promise<void> {
+    if (this.live.has(name) && (!kv || parseRecord(kv.value)?.state === 'deleting')) {
+      await failpointPause('device-delete-apply-delay', DELETE_APPLY_DELAY_MS);
+    }
     return this.mutex.run(async () => {
       const known = this.live.get(name)?.modRevision ?? this.remote.get(name)?.modRevision ?? 0;
       if (modRevision <= known) return; // our own change, already applied

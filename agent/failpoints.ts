@@ -9,7 +9,11 @@
 // certainly has writes queued (test/cluster/fence-queued.test.ts). Another,
 // `pr-settle-delay`, holds a grant's second round before its marker is written,
 // so that a test can cut the agent off from etcd in between
-// (test/cluster/cut-off.test.ts).
+// (test/cluster/cut-off.test.ts). `device-delete-apply-delay` holds the watch
+// for 20 s before it applies another agent's delete of a device served here
+// (its first step, the record marked deleting), so
+// that the agent's cache lags the store as after a freeze
+// (test/cluster/lagging-cache.test.ts).
 
 const armed = new Set(
   (process.env.BALLAST_FAILPOINTS ?? '')

@@ -1,0 +1,97 @@
+// An agent whose cache lags the store (after a freeze it has a backlog of watch
+// events to apply) answers a device command from etcd, never from what its cache
+// still holds: a refusal to shrink, a resize to the size the device has, an
+// EXISTS, are given only if etcd's record agrees; otherwise BALLAST_CONFLICT,
+// NOT made.
+// Regression (the nemesis, seed 1, 30 min): b, frozen past its lease and just
+// woken, answered a resize of c1 with BALLAST_SHRINK_REFUSED "from 4194304"
+// 2 s after c1's delete through c had returned, and a resize of c2 to its size
+// with 200 after c2's delete through a had returned.
+
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
+import { makeTempDir } from '../helpers/server.js';
+import { describeWithTools } from '../helpers/tools.js';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function until(what: string, pred: () => Promise<boolean>, ms = 60_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () => {
+  let etcd: EtcdCluster;
+  let shared: string;
+  const agents: AgentHandle[] = [];
+
+  beforeAll(async () => {
+    etcd = await startEtcdCluster({ size: 3 });
+    shared = makeTempDir('ballast-lag-');
+  }, 60_000);
+  afterAll(async () => {
+    for (const a of agents) await a.kill9().catch(() => {});
+    await etcd?.stop();
+  });
+
+  it('answers a device command from etcd, not from a record its cache still holds', async () => {
+    const start = (host: string, env: Record<string, string> = {}) =>
+      startAgent({
+        pools: [{ name: 'shared', path: path.join(shared, 'p'), shared: true }],
+        cluster: { name: 'lag', etcd: etcd.endpoints, host, leaseTtl: 2 },
+        env,
+      }).then((a) => {
+        agents.push(a);
+        return a;
+      });
+    const A = await start('a');
+    // B holds another agent's delete 20 s before applying it, as a frozen agent's backlog does
+    const B = await start('b', { BALLAST_FAILPOINTS: 'device-delete-apply-delay' });
+    expect(
+      (await A.api('POST', '/v1/devices', { name: 'd', size: '2M', pool: 'shared' })).status,
+    ).toBe(201);
+    expect((await B.api('GET', '/v1/devices/d')).status).toBe(200);
+
+    // The delete is committed once B's watch brings it (B holds it there).
+    const del = A.api('DELETE', '/v1/devices/d');
+    del.catch(() => {}); // awaited below; a failure before that must not go unhandled
+    await until('B holding the delete', async () =>
+      /failpoint device-delete-apply-delay: waiting/.test(B.stderr()),
+    );
+    expect((await A.api('GET', '/v1/devices/d')).status).toBe(404);
+
+    const shrink = await B.api('POST', '/v1/devices/d/resize', { size: '1M' });
+    const same = await B.api('POST', '/v1/devices/d/resize', { size: '2M' });
+    const create = await B.api('POST', '/v1/devices', { name: 'd', size: '1M', pool: 'shared' });
+    // B's cache still held d when it answered (else the test proved nothing)
+    const view = await B.api('GET', '/v1/devices/d');
+    expect(view.status, 'B had not applied the delete yet').toBe(200);
+
+    const answers = { shrink, same, create };
+    const got = Object.fromEntries(
+      Object.entries(answers).map(([k, r]) => [k, `${r.status} ${r.body.code ?? ''}`]),
+    );
+    expect(got).toEqual({
+      shrink: '409 BALLAST_CONFLICT',
+      same: '409 BALLAST_CONFLICT',
+      create: '409 BALLAST_CONFLICT',
+    });
+    for (const r of Object.values(answers)) expect(String(r.body.message)).toMatch(/NOT made/);
+    // Once B applied the delete (the failpoint's hold over), it answers NOT_FOUND itself.
+    await until(
+      'B applied the delete',
+      async () => (await B.api('GET', '/v1/devices/d')).status === 404,
+    );
+    const after = await B.api('POST', '/v1/devices/d/resize', { size: '1M' });
+    expect(after.body.code).toBe('BALLAST_DEVICE_NOT_FOUND');
+    // A's delete was made: answered done, or committed and not applied by B in time
+    const d = await del;
+    expect([200, 504]).toContain(d.status);
+    if (d.status === 504) expect(d.body.code).toBe('BALLAST_CLUSTER_NOT_APPLIED');
+  }, 120_000);
+});
