@@ -43,6 +43,7 @@ import { DynamicCatalog } from './catalog.js';
 import { type AgentConfig, loadConfig, type Media, type PoolConfig } from './config.js';
 import { DeviceManager } from './devices.js';
 import { BallastError } from './errors.js';
+import { failpointPause } from './failpoints.js';
 import { describeTarget, listenError, prepareSocketPath } from './listen.js';
 import { createMetrics } from './metrics.js';
 import { loadNative } from './native.js';
@@ -55,6 +56,8 @@ import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
 /** How long a PR command that lost a race waits for this agent's watch to catch up. */
 const CAUGHT_UP_MS = 10_000;
+/** How long the failpoint `join-delay` holds the start before the agent joins (tests act meanwhile). */
+const JOIN_DELAY_MS = 5000;
 
 export interface AgentOptions {
   configFile?: string;
@@ -586,6 +589,7 @@ export class Agent {
     }
     if (this.cluster && c.cluster) {
       try {
+        await failpointPause('join-delay', JOIN_DELAY_MS);
         await this.joinCluster(c);
       } catch (e) {
         markJoined(e);

@@ -331,7 +331,16 @@ export function createApiServer(ctx: ApiContext, opts: ApiServerOptions): http.S
       res.end(text);
     };
     try {
-      if (ctx.ready) await ctx.ready;
+      if (ctx.ready) {
+        // The join failed and the agent stops: nothing of this request was done. Its
+        // error (a store timeout, say) would read as a change in doubt.
+        await ctx.ready.catch((e: unknown) => {
+          throw new BallastError(
+            'STORE_UNAVAILABLE',
+            `this agent could not join the cluster (${(e as Error).message}) and is stopping: the request was not carried out (a change was NOT made)`,
+          );
+        });
+      }
       const url = new URL(req.url ?? '/', 'http://localhost');
       const token = opts.token?.();
       const want = token ? Buffer.from(`Bearer ${token}`) : null;

@@ -13,7 +13,9 @@
 // for 20 s before it applies another agent's delete of a device served here
 // (its first step, the record marked deleting), so
 // that the agent's cache lags the store as after a freeze
-// (test/cluster/lagging-cache.test.ts).
+// (test/cluster/lagging-cache.test.ts). `join-delay` holds the start for 5 s
+// with the API listening, before the agent joins the cluster
+// (test/cluster/join-failed.test.ts).
 
 const armed = new Set(
   (process.env.BALLAST_FAILPOINTS ?? '')
