@@ -110,6 +110,7 @@ class Cluster implements EtcdCluster {
   private readonly args: string[][] = [];
   private readonly onExit = () => {
     for (const c of this.children) c?.kill('SIGKILL');
+    rmSync(this.root, { recursive: true, force: true });
   };
 
   constructor(

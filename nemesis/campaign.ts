@@ -499,6 +499,11 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
   const work = { acl: true, malformed: true, catalog: true, events: true, ...o.workload };
   const rec = new Recorder();
   const root = mkdtempSync(path.join(os.tmpdir(), 'ballast-nemesis-'));
+  // A run stopped by a signal exits without its finally: the work directory goes anyway.
+  const dropRoot = () => {
+    if (!o.keep) rmSync(root, { recursive: true, force: true });
+  };
+  process.once('exit', dropRoot);
   const shared = path.join(root, 'shared');
   mkdirSync(shared);
   const cluster = `n${o.seed}`;
@@ -978,6 +983,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       }
       await etcd.stop();
     }
+    process.removeListener('exit', dropRoot);
     if (o.keep) log(`nemesis: the agents' data and logs (agent.log) are kept in ${root}`);
     else rmSync(root, { recursive: true, force: true });
   }

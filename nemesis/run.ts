@@ -53,6 +53,14 @@ for (const k of faults) {
     process.exit(2);
   }
 }
+// Ctrl-C or a SIGTERM mid-run: exit through process.exit, so the 'exit' hooks kill the
+// etcd members and agents the run started (a signal's default death left them running).
+for (const sig of ['SIGINT', 'SIGTERM'] as const)
+  process.once(sig, () => {
+    console.error(`nemesis: ${sig}: stopping the run (etcd and agents with it)`);
+    process.exit(130);
+  });
+
 const r = await runCampaign({
   seed,
   seconds: Number(o.minutes) * 60,
