@@ -7,6 +7,7 @@ import { type ChildProcess, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { op } from '../../agent/store/store.js';
 import { EtcdStore } from '../../cluster/etcd-store.js';
 import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
@@ -85,6 +86,7 @@ describeWithTools(['etcd', 'etcdctl', 'curl'], 'cluster: events under etcd fault
       pools?: import('../helpers/agent.js').PoolSpec[];
       /** etcd as this agent reaches it (e.g. through fault proxies). */
       endpoints?: string[];
+      events?: Record<string, number>;
     } = {},
   ): Promise<AgentHandle> {
     for (let attempt = 0; ; attempt++) {
@@ -96,7 +98,7 @@ describeWithTools(['etcd', 'etcdctl', 'curl'], 'cluster: events under etcd fault
             { name: 'local' },
           ],
           cluster: { name: cluster, etcd: extra.endpoints ?? etcd.endpoints, host, leaseTtl: 2 },
-          events: { retryCap: 0.5, deliveryTimeout: 2, rescanInterval: 0 },
+          events: { retryCap: 0.5, deliveryTimeout: 2, rescanInterval: 0, ...extra.events },
         });
         started.push(a);
         return a;
@@ -288,6 +290,102 @@ describeWithTools(['etcd', 'etcdctl', 'curl'], 'cluster: events under etcd fault
       await a.stop();
     }
   }, 180_000);
+  it('a deliverer cut off from etcd with events still to send stops before the next one takes over: nothing it had queued arrives after the new leader\'s resync', async () => {
+    const name = clusterName();
+    const cut = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
+    proxies.push(...cut);
+    // A answers slowly enough for the receiver to hold a delivery while A is cut off.
+    const a = await agent(name, 'a', {
+      endpoints: cut.map((p) => p.url),
+      events: { deliveryTimeout: 60 },
+    });
+    const rx = new Receiver();
+    await rx.start();
+    const gen = await EtcdStore.connect({
+      endpoints: etcd.endpoints,
+      prefix: `/ballast/${name}/`,
+      timeoutMs: 5000,
+    });
+    let b: AgentHandle | undefined;
+    let release: () => void = () => {};
+    const got = (g: string) => rx.got.find((x) => x.subject === g);
+    // Events with their own time (as a fence records): sent without a store call.
+    const fenced = (g: string) =>
+      op.put(
+        `events/${g}`,
+        JSON.stringify({
+          kind: 'member.fenced',
+          subject: g,
+          host: g,
+          time: new Date().toISOString(),
+          data: {},
+        }),
+      );
+    try {
+      expect(
+        (await a.cli('notify', 'add', 'lead', '--url', rx.url, '--types', 'member.*')).code,
+      ).toBe(0);
+      await until('A delivers', async () => {
+        const ls = JSON.parse((await a.cli('notify', 'ls', '--json')).stdout) as {
+          recipients: { deliveredBy: string | null }[];
+        };
+        return ls.recipients[0]?.deliveredBy === 'a';
+      });
+      b = await agent(name, 'b');
+      await until('b joined, delivered by A', () => got('b') !== undefined);
+      // g1 delivered by A: its answer waits until A is cut off, g2 still to send.
+      const held = new Promise<void>((r) => {
+        release = r;
+      });
+      rx.beforeAnswer = async (e) => {
+        if (e.subject === 'g1') await held;
+      };
+      // g1 and g2 in one revision: both in A's queue when it posts g1.
+      await gen.txn({ compare: [], success: [fenced('g1'), fenced('g2')] });
+      await until('g1 posted', () => got('g1') !== undefined);
+      for (const p of cut) p.partition();
+      release();
+      // Past g2, compacted: a new leader starting from the cursor resyncs beyond g2.
+      await gen.txn({ compare: [], success: [fenced('g3')] });
+      const point = await gen.revision();
+      const c = await run('etcdctl', ['--endpoints', etcd.endpoints[0]!, 'compact', String(point)]);
+      expect(c.code, c.stderr).toBe(0);
+      await until('B took the delivery over, resync first', () =>
+        rx.got.some((x) => x.type === 'io.ballast.resync'),
+      );
+      await gen.txn({ compare: [], success: [fenced('g4')] });
+      await until('g4 delivered', () => got('g4') !== undefined);
+      for (const p of cut) p.heal();
+      // A back: it learns it no longer leads (its lease went) and stops; until then
+      // anything it still sends would show.
+      await until('A lost its lease and registered again', () =>
+        /lease lost, registered again/.test(a.stderr()),
+      );
+      await gen.txn({ compare: [], success: [fenced('g5')] });
+      await until('g5 delivered', () => got('g5') !== undefined);
+      // In id order: an event is first delivered after every one before it, and after
+      // any resync before it (the state at its revision): a late one is a repeat or nothing.
+      let last = 0;
+      const late: string[] = [];
+      const seen = new Set<string>();
+      for (const e of rx.got) {
+        if (e.type !== 'io.ballast.resync' && seen.has(e.id)) continue;
+        seen.add(e.id);
+        if (e.type !== 'io.ballast.resync' && idKey(e.id) <= last) {
+          late.push(`${e.id} (${e.subject}) after ${last}`);
+        }
+        last = Math.max(last, idKey(e.id));
+      }
+      expect(late, rx.got.map((e) => `${e.id} ${e.type} ${e.subject}`).join('\n')).toEqual([]);
+    } finally {
+      for (const p of cut) p.heal();
+      release();
+      await gen.close();
+      await rx.stop();
+      await Promise.all([a.stop(), b?.stop()]);
+    }
+  }, 240_000);
+
   it('a delivery pass that fails mid-stream resumes from its cursor while events keep coming: none skipped', async () => {
     const name = clusterName();
     const cut = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));

@@ -28,6 +28,8 @@ export class Receiver {
   /** Never answer (a receiver that hangs). */
   hang = false;
   posts = 0;
+  /** Awaited before a delivery is answered (it is recorded first): a receiver that takes its time. */
+  beforeAnswer: ((e: Received) => Promise<void>) | null = null;
   private server: http.Server;
   port = 0;
 
@@ -63,7 +65,8 @@ export class Receiver {
             : sig === `sha256=${createHmac('sha256', this.secret).update(body).digest('hex')}`;
         const ce = JSON.parse(body) as Received;
         this.got.push({ ...ce, signatureOk });
-        res.writeHead(204).end();
+        const wait = this.beforeAnswer?.(ce) ?? Promise.resolve();
+        void wait.finally(() => res.writeHead(204).end());
       });
     });
   }
