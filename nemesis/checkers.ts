@@ -856,29 +856,48 @@ export function checkEvents(h: History): Anomaly[] {
     .filter((id) => base === undefined || idLess(base, id))
     .sort((a, b) => (idLess(a, b) ? -1 : idLess(b, a) ? 1 : 0));
   for (const [who, list] of Object.entries(h.final.consumers)) {
-    // in id order: each event's first delivery after the previous one's
+    // In id order: each event's first delivery after the previous one's, and after any
+    // resync that came before it (a resync at r stands for the state after r: an event
+    // up to r delivered for the first time after it is applied on top of a newer state).
+    // A repeat is allowed (at least once), and so is a resync repeated.
     let last: string | null = null;
     const firsts = new Set<string>();
+    const late: string[] = [];
+    // for each resync, the last first delivery before it: what it may stand in for
+    const stoodIn: { resync: string; after: string | null }[] = [];
+    let newest: string | null = null; // the newest event first delivered so far
     for (const e of list) {
-      if (e.type.endsWith('resync') || firsts.has(e.id)) continue;
-      if (last !== null && !idLess(last, e.id)) {
-        out.push({
-          check: 'events',
-          message: `${who}: event ${e.id} first delivered after ${last}`,
-          ops: [],
-        });
-        break;
+      if (e.type.endsWith('resync')) {
+        stoodIn.push({ resync: e.id, after: newest });
+        if (last === null || idLess(last, e.id)) last = e.id;
+        continue;
       }
+      if (firsts.has(e.id)) continue;
+      if (last !== null && !idLess(last, e.id)) {
+        late.push(`event ${e.id} first delivered after ${last}`);
+      } else last = e.id;
+      if (newest === null || idLess(newest, e.id)) newest = e.id;
       firsts.add(e.id);
-      last = e.id;
     }
-    // at least once, unless a resync stood in for it (compacted away before it was delivered)
-    const resyncs = list.map((e, i) => ({ e, i })).filter((x) => x.e.type.endsWith('resync'));
-    const missing = ids.filter((id) => {
-      if (firsts.has(id)) return false;
-      if (parseId(id)[0] > compacted || resyncs.length === 0) return true;
-      return false;
-    });
+    if (late.length > 0) {
+      out.push({
+        check: 'events',
+        message: `${who}: ${late[0]}${late.length > 1 ? ` (and ${late.length - 1} more event(s) out of order)` : ''}`,
+        ops: [],
+      });
+    }
+    // At least once, unless a resync stood in for it: one at or after its revision,
+    // delivered while everything first delivered so far came before it.
+    const missing = ids.filter(
+      (id) =>
+        !firsts.has(id) &&
+        !stoodIn.some(
+          (s) =>
+            parseId(id)[0] <= parseId(s.resync)[0] &&
+            parseId(id)[0] <= compacted &&
+            (s.after === null || idLess(s.after, id)),
+        ),
+    );
     if (missing.length > 0) {
       out.push({
         check: 'events',
