@@ -304,6 +304,7 @@ export class Agent {
       host: this.hostName(),
       log: (m) => this.log(m),
       lease: config.cluster ? () => this.cluster?.leaseId() : undefined,
+      leaseValidUntil: config.cluster ? () => this.cluster?.leaseValidUntil() ?? 0 : undefined,
       timeoutMs: config.events.deliveryTimeoutMs,
       retryCapMs: config.events.retryCapMs,
     });

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { KeyValue, WatchEvent } from '../agent/store/store.js';
-import { cloudEvent, parseEventId, parseTypes, sign, Translator } from './events.js';
+import { cloudEvent, parseEventId, parseTypes, previousLost, sign, Translator } from './events.js';
 import { tierChanges, tierOf } from './tier.js';
 
 let rev = 10;
@@ -198,5 +198,34 @@ describe('types, CloudEvents, signatures, tiers', () => {
       ['a', 'ssd', 'hdd'],
       ['b', 'hdd+ssd', 'hdd'],
     ]);
+  });
+});
+
+describe('previousLost', () => {
+  it('a change that had a value before and comes without it was compacted under the watch', () => {
+    // as etcd sends it when the revision before was compacted meanwhile: no prev_kv
+    const bare = (e: WatchEvent): WatchEvent => {
+      const { prevKv: _, ...rest } = e;
+      return rest;
+    };
+    const from = { revision: 0, n: 0 };
+    const deleting = put('devices/d1', dev({ state: 'deleting' }), dev());
+    deleting.kv.version = 2;
+    expect(previousLost(deleting, from)).toBe(false);
+    expect(previousLost(bare(deleting), from)).toBe(true);
+    // read as a first put it makes no device.deleted at all
+    expect(new Translator().translate(bare(deleting))).toEqual([]);
+    const gone = bare(del('devices/d1', dev()));
+    expect(previousLost(gone, from)).toBe(true);
+    expect(previousLost(bare(del('acl/d1', { entries: [] })), from)).toBe(true);
+    // at a resync's revision (the compaction point) none is ever there, nor needed
+    expect(previousLost(gone, { revision: gone.revision, n: 999_999 })).toBe(false);
+    expect(previousLost(gone, { revision: gone.revision, n: 0 })).toBe(true);
+    expect(previousLost(gone, { revision: gone.revision + 1, n: 0 })).toBe(false);
+    // a key's first put has nothing before it; explicit events and hosts need none
+    expect(previousLost(put('devices/d2', dev({ name: 'd2' })), from)).toBe(false);
+    const ev = put('events/a', { kind: 'member.fenced', host: 'a', time: 't', data: {} });
+    ev.kv.version = 5;
+    expect(previousLost(ev, from)).toBe(false);
   });
 });

@@ -301,6 +301,29 @@ export class Translator {
   }
 }
 
+/**
+ * A change whose previous value the watch should carry and does not: etcd leaves
+ * prev_kv out, without a word, when the revision before the change was compacted
+ * while the watch was behind (cut off, catching up). The Translator would take a
+ * device's deletion for nothing and make no event, a silent gap: the reader must
+ * resync as behind any compaction.
+ */
+export function previousLost(ev: WatchEvent, cursor: { revision: number; n: number }): boolean {
+  if (ev.prevKv) return false;
+  // At or before the reader's cursor it is not read. A resync's revision is the
+  // compaction point, whose own changes never have one (folded into the resync).
+  if (
+    ev.revision < cursor.revision ||
+    (ev.revision === cursor.revision && cursor.n >= END_OF_REVISION)
+  ) {
+    return false;
+  }
+  const k = ev.kv.key;
+  if (!['devices/', 'pr/', 'acl/', 'members/'].some((p) => k.startsWith(p))) return false;
+  // A delete always has a value before it; a put had one unless it made the key.
+  return ev.type === 'delete' || ev.kv.version > 1;
+}
+
 /** The CloudEvents 1.0 structured form of an event. */
 export function cloudEvent(
   e: BallastEvent,

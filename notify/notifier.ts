@@ -9,12 +9,26 @@
 // under its membership lease. A recipient whose cursor fell behind the store's
 // history gets one `resync` event with the state at the oldest revision kept, then
 // every event after it: never a silent gap.
+//
+// Only the leader delivers and moves the cursor: each POST goes out only while the
+// lease it took the leadership under is certain to be alive (its deadline cut to the
+// lease's end), and the cursor is written only while the leadership key it created
+// is still there. A deliverer cut off from etcd or frozen stops before another agent
+// can take over: its next leader starts from the last event acknowledged, so what
+// the old one had sent is a repeat, never a gap filled late.
 
 import http from 'node:http';
 import https from 'node:https';
 import { performance } from 'node:perf_hooks';
 import { BallastError } from '../agent/errors.js';
-import { isStoreError, op, type Store, type Watcher } from '../agent/store/store.js';
+import {
+  cmp,
+  isStoreError,
+  op,
+  type Store,
+  StoreError,
+  type Watcher,
+} from '../agent/store/store.js';
 import {
   afterId,
   type BallastEvent,
@@ -24,6 +38,7 @@ import {
   type ExplicitEvent,
   parseEventId,
   parseTypes,
+  previousLost,
   resyncAfterCompaction,
   sign,
   stampTimes,
@@ -64,6 +79,8 @@ export interface NotifierOptions {
   log: (msg: string) => void;
   /** The membership lease (cluster): delivery leadership lives and dies with it. */
   lease?: () => string | undefined;
+  /** Monotonic time (performance.now()) before which etcd cannot have expired that lease. */
+  leaseValidUntil?: () => number;
   /** Per-POST deadline (a receiver that hangs). */
   timeoutMs?: number;
   /** Backoff between attempts: base, doubled per attempt up to cap, with jitter. */
@@ -146,6 +163,19 @@ interface Stats {
   behind: number;
 }
 
+/** The leadership of one recipient: under which lease, and which incarnation of its key. */
+interface Held {
+  lease: string;
+  /** createRevision of `notify/leader/<name>` as this agent created it. */
+  since: number;
+}
+
+/** This agent no longer leads the recipient (its lease or its leadership key is gone). */
+class LeadershipLost extends Error {}
+
+/** Below this much lease left, a POST waits for the next keepalive rather than go out. */
+const MIN_LEASE_LEFT_MS = 100;
+
 /** Delivery to one recipient: a loop over the store's history from its cursor. */
 class Delivery {
   private running = true;
@@ -166,6 +196,8 @@ class Delivery {
   constructor(
     private readonly n: Notifier,
     readonly recipient: Recipient,
+    /** Cluster: the leadership it delivers under (none on a single host). */
+    private readonly held?: Held,
   ) {
     this.done = this.run().finally(() => {
       this.finished = true;
@@ -185,6 +217,13 @@ class Delivery {
         return;
       } catch (e) {
         if (!this.running) return;
+        if (e instanceof LeadershipLost) {
+          // The next sync sees it finished and takes the recipient up again if this
+          // agent can lead it once more (from the cursor the new leadership finds).
+          this.stats.lastError = e.message;
+          this.n.log(`notify ${this.recipient.name}: delivery stopped: ${e.message}`);
+          return;
+        }
         this.stats.lastError = `store: ${(e as Error).message}`;
         this.n.logOnce(`notify ${this.recipient.name}: delivery paused: ${(e as Error).message}`);
         await this.pause(Math.min(5000, 250 * 2 ** Math.min(failures++, 5)));
@@ -237,6 +276,16 @@ class Delivery {
           fromRevision: Math.max(1, cursor.revision),
           onEvent: (ev) => {
             if (!current) return;
+            if (previousLost(ev, cur)) {
+              // Compacted under the watch: what it would translate from here is wrong.
+              current = false;
+              watchError = new StoreError(
+                'STORE_COMPACTED',
+                `the value before revision ${ev.revision} was compacted under the watch`,
+              );
+              this.wake?.();
+              return;
+            }
             for (const e of tr.translate(ev)) queue.push(e);
             this.wake?.();
           },
@@ -319,16 +368,44 @@ class Delivery {
     return { revision: e.revision, n: e.n };
   }
 
+  /**
+   * Moves the cursor, only while this agent still leads: a deliverer that lost the
+   * leadership (cut off past its lease) would move it back under the new leader's feet.
+   */
   private async saveCursor(id: string): Promise<void> {
+    const key = CURSORS + this.recipient.name;
     for (let i = 0; this.running; i++) {
       try {
-        await this.n.store.put(CURSORS + this.recipient.name, id);
+        if (!this.held) {
+          await this.n.store.put(key, id);
+          return;
+        }
+        const r = await this.n.store.txn({
+          compare: [cmp.createRevision(LEADERS + this.recipient.name, '=', this.held.since)],
+          success: [op.put(key, id)],
+        });
+        if (!r.succeeded) throw new LeadershipLost(`its leadership key is gone (at event ${id})`);
         return;
       } catch (e) {
-        if (i > 50) throw e;
+        if (e instanceof LeadershipLost || i > 50) throw e;
+        this.leaseLeft(); // lost meanwhile: no point trying again
         await sleep(200);
       }
     }
+  }
+
+  /**
+   * How long this agent surely leads yet (ms): its lease cannot have expired in etcd
+   * before then, so nobody else can hold the leadership. Throws once the lease it took
+   * the leadership under was replaced (lost and registered again).
+   */
+  private leaseLeft(): number {
+    if (!this.held) return Number.POSITIVE_INFINITY;
+    if (this.n.opts.lease?.() !== this.held.lease) {
+      throw new LeadershipLost('the lease it led under is gone');
+    }
+    const until = this.n.opts.leaseValidUntil?.();
+    return until === undefined ? Number.POSITIVE_INFINITY : until - performance.now();
   }
 
   /** POSTs until acknowledged (2xx); false if stopped or the recipient is gone (410). */
@@ -336,8 +413,16 @@ class Delivery {
     const body = JSON.stringify(cloudEvent(e, this.n.opts.cluster, this.n.host));
     this.stats.pendingSince = performance.now();
     for (let attempt = 0; this.running; attempt++) {
+      // Only while the lease is surely ours, and not past its end: once it may have
+      // expired another agent may lead and deliver, and ours would land among its POSTs.
+      const left = this.leaseLeft();
+      if (left < MIN_LEASE_LEFT_MS) {
+        attempt--;
+        await this.pause(MIN_LEASE_LEFT_MS);
+        continue;
+      }
       this.stats.attempts++;
-      const r = await this.n.post(this.recipient, body);
+      const r = await this.n.post(this.recipient, body, left);
       this.n.count(this.recipient.name, r.outcome);
       if (r.outcome === 'delivered') {
         this.stats.lastDelivered = e.id;
@@ -551,20 +636,25 @@ export class Notifier {
     if (this.stopped) return;
     for (const [name, r] of want) {
       if (this.deliveries.has(name)) continue;
-      if (!(await this.lead(name))) continue;
-      this.deliveries.set(name, new Delivery(this, r));
+      const held = await this.lead(name);
+      if (held === null) continue;
+      this.deliveries.set(name, new Delivery(this, r, held === true ? undefined : held));
     }
   }
 
-  /** Takes the delivery of a recipient if nobody holds it (cluster), or always (single host). */
-  private async lead(name: string): Promise<boolean> {
+  /**
+   * Takes the delivery of a recipient if nobody holds it (cluster: the leadership it
+   * holds, or null), or always (single host: true).
+   */
+  private async lead(name: string): Promise<Held | true | null> {
     const lease = this.opts.lease?.();
     if (!this.opts.lease) return true;
-    if (!lease) return false;
+    if (!lease) return null;
     const r = await this.store.createIfAbsent(LEADERS + name, this.host, { lease });
     // Ours under an older lease (lost in a blip, not yet expired in etcd): it goes with
     // that lease; the periodic look takes the recipient up again once it has.
-    return r.succeeded || (r.kv?.value === this.host && r.kv.lease === lease);
+    const ours = r.succeeded || (r.kv?.value === this.host && r.kv.lease === lease);
+    return ours && r.kv ? { lease, since: r.kv.createRevision } : null;
   }
 
   private async leads(name: string): Promise<boolean> {
@@ -608,10 +698,11 @@ export class Notifier {
     }
   }
 
-  /** One signed POST; what came of it. */
+  /** One signed POST, abandoned after `limitMs` if shorter than the timeout; what came of it. */
   async post(
     r: Recipient,
     body: string,
+    limitMs = Number.POSITIVE_INFINITY,
   ): Promise<{
     outcome: 'delivered' | 'gone' | 'throttled' | 'failed' | 'timeout' | 'unreachable';
     error?: string;
@@ -624,7 +715,7 @@ export class Notifier {
     if (r.secret) headers['x-ballast-signature'] = sign(body, r.secret);
     headers['content-length'] = String(Buffer.byteLength(body));
     const u = new URL(r.url);
-    const timeoutMs = this.opts.timeoutMs ?? 5000;
+    const timeoutMs = Math.max(1, Math.floor(Math.min(this.opts.timeoutMs ?? 5000, limitMs)));
     // node:http rather than fetch: fetch refuses some ports outright ("bad port").
     const res = await new Promise<
       { status: number; retryAfter: string | null } | { error: string; timeout: boolean }

@@ -14,6 +14,7 @@ import {
   cloudEvent,
   parseEventId,
   parseTypes,
+  previousLost,
   resyncAfterCompaction,
   stampTimes,
   Translator,
@@ -119,18 +120,27 @@ export async function serveEvents(
     else idle = setTimeout(closeWhenSent, 300);
   };
   let tr = new Translator();
+  // Each watch feeds the stream only until a resync replaces it (its cancel is not instant).
+  let generation = 0;
   const start = async (from: number): Promise<void> => {
+    const mine = ++generation;
     try {
       watcher = await store.watch('', {
         fromRevision: Math.max(1, from),
         onEvent: (ev) => {
-          if (closed) return;
+          if (closed || mine !== generation) return;
+          if (previousLost(ev, cursor)) {
+            // Compacted under the watch: what it would translate from here is wrong.
+            void resync(0);
+            return;
+          }
           for (const e of tr.translate(ev)) {
             if (afterId(e, cursor) && filter(e.kind)) enqueue(e);
           }
           maybeEnd(ev.revision);
         },
         onError: (err) => {
+          if (mine !== generation) return;
           if (!closed && isStoreError(err, 'STORE_COMPACTED'))
             void resync(err.compactRevision ?? 0);
           else close();
@@ -147,6 +157,7 @@ export async function serveEvents(
   // (as a webhook recipient gets it), then every event after it.
   const resync = async (compacted: number): Promise<void> => {
     if (closed) return;
+    generation++;
     void watcher?.cancel();
     let e: BallastEvent;
     try {

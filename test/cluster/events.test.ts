@@ -290,7 +290,7 @@ describeWithTools(['etcd', 'etcdctl', 'curl'], 'cluster: events under etcd fault
       await a.stop();
     }
   }, 180_000);
-  it('a deliverer cut off from etcd with events still to send stops before the next one takes over: nothing it had queued arrives after the new leader\'s resync', async () => {
+  it("a deliverer cut off from etcd with events still to send stops before the next one takes over: nothing it had queued arrives after the new leader's resync", async () => {
     const name = clusterName();
     const cut = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
     proxies.push(...cut);
@@ -361,6 +361,7 @@ describeWithTools(['etcd', 'etcdctl', 'curl'], 'cluster: events under etcd fault
       await until('A lost its lease and registered again', () =>
         /lease lost, registered again/.test(a.stderr()),
       );
+      await until('A stopped delivering', () => /notify lead: delivery stopped/.test(a.stderr()));
       await gen.txn({ compare: [], success: [fenced('g5')] });
       await until('g5 delivered', () => got('g5') !== undefined);
       // In id order: an event is first delivered after every one before it, and after
