@@ -107,6 +107,7 @@ export function dumpEvent(device: string, r: DumpResult): DumpEvent {
       after: r.after,
       ...(r.fallback ? { fallback: r.fallback } : {}),
       ...(r.panicAt ? { panicAt: new Date(r.panicAt).toISOString() } : {}),
+      ...(r.foundAt ? { foundAt: new Date(r.foundAt).toISOString() } : {}),
       ...(r.runningAt ? { runningAt: new Date(r.runningAt).toISOString() } : {}),
       ...(r.error ? { error: r.error } : {}),
     },
@@ -598,9 +599,20 @@ export class Dumpd extends EventEmitter {
 
   private onPanic(st: GuestState, ev: QmpEvent): void {
     // QEMU's timestamp of the event: when the guest stopped, not when we heard of it.
+    // A guest found crashed (dumpd was not watching) crashed at a moment nobody can
+    // tell (neither QMP nor libvirt keeps it): unknown (0), and when it was found.
     const ts = ev.timestamp;
-    const at =
-      ts && ts.seconds > 0 ? ts.seconds * 1000 + Math.floor(ts.microseconds / 1000) : Date.now();
+    const found = ev.data.found === true;
+    const at = found
+      ? 0
+      : ts && ts.seconds > 0
+        ? ts.seconds * 1000 + Math.floor(ts.microseconds / 1000)
+        : Date.now();
+    if (found) {
+      this.log(
+        `guest ${st.cfg.name}: found crashed at ${new Date().toISOString()}; when it crashed is not known (dumpd was not watching), so no panic time is recorded`,
+      );
+    }
     st.panics++;
     this.m.panics.inc({ guest: st.cfg.name });
     const action = String(ev.data.action ?? '');
@@ -612,17 +624,20 @@ export class Dumpd extends EventEmitter {
     }
     if (st.running) {
       if (st.pending) return; // the guest is stopped: it cannot panic twice meanwhile
-      st.pending = { ...ev, data: { ...ev.data, panicAt: at } };
+      st.pending = { ...ev, data: { ...ev.data, panicAt: at, foundAt: found ? Date.now() : 0 } };
       this.log(
         `guest ${st.cfg.name}: a dump is running; this panic waits for it (the guest stays stopped in guest-panicked)`,
       );
       return;
     }
-    this.dumpPanic(st, at);
+    this.dumpPanic(st, at, found ? Date.now() : 0);
   }
 
-  /** Dumps a panic that happened at `at`, then applies the guest's policy (loop limit permitting). */
-  private dumpPanic(st: GuestState, at: number): void {
+  /**
+   * Dumps a panic that happened at `at` (0: not known, found crashed at `foundAt`),
+   * then applies the guest's policy (loop limit permitting).
+   */
+  private dumpPanic(st: GuestState, at: number, foundAt = 0): void {
     const after = loopGuard(st, this.log.bind(this));
     void this.dump(st.cfg.name, {
       reason: 'panic',
@@ -630,6 +645,7 @@ export class Dumpd extends EventEmitter {
       // A guest paused by the loop limit is not rebooted early either.
       mode: after === 'reboot' ? st.cfg.mode : 'dump-then-reboot',
       panicAt: at,
+      ...(foundAt ? { foundAt } : {}),
     }).catch((e: unknown) => this.log(`guest ${st.cfg.name}: ${(e as Error).message}`));
   }
 
@@ -644,7 +660,7 @@ export class Dumpd extends EventEmitter {
       .catch(() => null);
     if (q?.status !== 'guest-panicked') return;
     this.log(`guest ${st.cfg.name}: dumping the panic that waited`);
-    this.dumpPanic(st, Number(ev.data.panicAt) || Date.now());
+    this.dumpPanic(st, Number(ev.data.panicAt) || 0, Number(ev.data.foundAt) || 0);
   }
 
   /**
@@ -672,7 +688,7 @@ export class Dumpd extends EventEmitter {
   /** Dumps a guest now. Rejects with DUMP_UNKNOWN_GUEST, DUMP_GUEST_OFFLINE or DUMP_BUSY. */
   async dump(
     name: string,
-    o: { reason?: string; after?: After; mode?: Mode; panicAt?: number } = {},
+    o: { reason?: string; after?: After; mode?: Mode; panicAt?: number; foundAt?: number } = {},
   ): Promise<DumpResult> {
     const st = this.guests.get(name);
     if (!st) throw new DumpError('DUMP_UNKNOWN_GUEST', `dumpd does not know a guest named ${name}`);
@@ -739,7 +755,6 @@ export class Dumpd extends EventEmitter {
         );
       }
       if (mode === 'early-reboot' && qmp) {
-        this.log(`guest ${name}: early reboot (${reason}): snapshot streaming to ${uri}`);
         this.m.streaming.inc();
         try {
           const r = await runEarlyReboot({
@@ -753,9 +768,12 @@ export class Dumpd extends EventEmitter {
             timeoutMs: this.cfg.dumpTimeoutMs,
             panicAt,
             streamMiBps: st.cfg.streamMiBps,
+            reason,
             onProgress: progress,
             onRunning: (t) => {
-              this.log(`guest ${name}: running again ${t - panicAt} ms after the panic`);
+              this.log(
+                `guest ${name}: running again ${panicAt ? `${t - panicAt} ms after the panic` : `${t - (o.foundAt ?? t)} ms after it was found crashed`}`,
+              );
               this.emit('running', name, t);
             },
             log: (s) => this.log(s),
@@ -798,6 +816,7 @@ export class Dumpd extends EventEmitter {
     st.running = job;
     try {
       const r = await job;
+      if (o.foundAt) r.foundAt = o.foundAt;
       st.last = r;
       const now = Date.now() / 1000;
       const how = r.mode ?? mode;
@@ -818,7 +837,9 @@ export class Dumpd extends EventEmitter {
       const timeline =
         r.panicAt && r.runningAt
           ? `; panic -> running ${r.runningAt - r.panicAt} ms, panic -> settled ${(r.settledAt ?? 0) - r.panicAt} ms`
-          : '';
+          : r.foundAt && r.runningAt
+            ? `; found crashed -> running ${r.runningAt - r.foundAt} ms (it crashed before it was found: how long before is not known)`
+            : '';
       this.log(
         `guest ${name}: dump ${r.ok ? `${r.entry?.id} complete` : `failed: ${r.error?.code} ${r.error?.message}`}, ${r.bytes} bytes in ${r.durationMs} ms (${how}${r.fallback ? `, fell back: ${r.fallback}` : ''}); after: ${r.after}${r.afterError ? ` (failed: ${r.afterError.message})` : ''}${timeline}`,
       );

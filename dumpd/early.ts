@@ -53,6 +53,8 @@ export interface EarlyRebootOptions {
   panicAt: number;
   /** Cap on the stream, MiB/s (0: none). */
   streamMiBps?: number;
+  /** Why the dump was taken (panic, request), for the log. */
+  reason?: string;
   onProgress?: (bytes: number) => void;
   onStart?: (entry: DumpEntry) => void;
   /** The guest runs again (ms since the epoch). */
@@ -407,6 +409,11 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
       return fallback(o, why(e));
     }
 
+    // Said only once it is so: a fallback before this point is logged without a stream
+    // that never was.
+    o.log?.(
+      `guest ${o.guest}: early reboot${o.reason ? ` (${o.reason})` : ''}: snapshot streaming to ${o.uri}`,
+    );
     // The snapshot's instant is fixed: the guest boots again while the stream goes on.
     try {
       await o.qmp.execute('system_reset', undefined, T);

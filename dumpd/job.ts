@@ -88,6 +88,11 @@ export interface DumpResult {
   fallback?: string;
   /** When the guest panicked (or the dump was asked for), ms since the epoch. */
   panicAt?: number;
+  /**
+   * When dumpd found the guest already crashed (it was not watching when it did):
+   * then panicAt is unknown (absent), as neither QMP nor libvirt tells when.
+   */
+  foundAt?: number;
   /** When the guest ran again (after: reboot), ms since the epoch. */
   runningAt?: number;
   /** When the dump was settled, ms since the epoch. */

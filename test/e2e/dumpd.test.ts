@@ -238,14 +238,21 @@ describeWithTools(
         }
         await startDumpd();
         await waitLog('guest vm1: found in guest-panicked state');
+        // when it crashed is not known: recorded as found, not as a panic at that moment
+        await waitLog('guest vm1: found crashed at ');
         await waitLog('guest vm1: dump 2 complete', 120_000);
         await con.waitFor('BALLAST-BOOT', 3, 120_000);
         const ls = await ballast(['dump', 'ls', 'vm1-dump', '--agent', agentFlag, '--json']);
-        const dumps = (JSON.parse(ls.stdout) as { dumps: { id: number; state: string }[] }).dumps;
+        const dumps = (
+          JSON.parse(ls.stdout) as {
+            dumps: { id: number; state: string; panicAt: string | null }[];
+          }
+        ).dumps;
         expect(dumps.map((d) => [d.id, d.state])).toEqual([
           [1, 'complete'],
           [2, 'complete'],
         ]);
+        expect(dumps[1]?.panicAt).toBeNull();
         for (const g of ['small', 'kd', 'huge']) await waitLog(`guest ${g}: QMP connected`);
       },
       SLOW,

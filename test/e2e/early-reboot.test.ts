@@ -378,6 +378,10 @@ describeWithTools(
           [4, 'failed'],
         ]);
         expect(dumps[3]?.reason).toBe('interrupted');
+        // what it wrote is not known (its space was freed): listed as such, not 0 B at 0 B/s
+        const table = await ballast(['dump', 'ls', 'er-dump', '--agent', agentFlag]);
+        const row = table.stdout.split('\n').find((l) => /^4\s/.test(l)) ?? '';
+        expect(row).toMatch(/failed \(interrupted\)\s+(\d+ ms|-)\s+-\s+\S+\s+-\s+-\s+-\s*$/);
         const bad = await ballast([
           'dump',
           'get',
@@ -456,6 +460,8 @@ describeWithTools(
         expect(res.fallback).toMatch(/QEMU refused background-snapshot: .*not compatible/);
         expect(res.runningAt).toBeGreaterThan(0);
         await waitLog(/guest fb: early reboot not possible \(QEMU refused background-snapshot/);
+        // no stream was ever started, and the log does not say one was
+        expect(log).not.toMatch(/guest fb: early reboot[^\n]*snapshot streaming/);
         const dumps = await ls('fb-dump');
         expect(dumps).toHaveLength(1);
         expect(dumps[0]).toMatchObject({ state: 'complete', format: 'elf' });
