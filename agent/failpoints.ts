@@ -15,7 +15,12 @@
 // that the agent's cache lags the store as after a freeze
 // (test/cluster/lagging-cache.test.ts). `join-delay` holds the start for 5 s
 // with the API listening, before the agent joins the cluster
-// (test/cluster/join-failed.test.ts).
+// (test/cluster/join-failed.test.ts). In dumpd, `early-reboot-hold` keeps an
+// early-reboot dump `streaming` after its stream has ended, while RUNDIR/GUEST.hold
+// exists, so that a test sees the guest's second boot before the dump completes
+// however slow the boot (test/e2e/early-reboot.test.ts).
+
+import { existsSync } from 'node:fs';
 
 const armed = new Set(
   (process.env.BALLAST_FAILPOINTS ?? '')
@@ -42,4 +47,11 @@ export async function failpointPause(name: string, ms: number): Promise<void> {
   if (armed.size === 0 || !armed.has(name)) return;
   process.stderr.write(`ballast: failpoint ${name}: waiting ${ms} ms\n`);
   await new Promise((r) => setTimeout(r, ms));
+}
+
+/** Waits while `file` exists, saying so on stderr, if `name` is armed (the test removes it). */
+export async function failpointHold(name: string, file: string): Promise<void> {
+  if (armed.size === 0 || !armed.has(name) || !existsSync(file)) return;
+  process.stderr.write(`ballast: failpoint ${name}: waiting for ${file} to go\n`);
+  while (existsSync(file)) await new Promise((r) => setTimeout(r, 100));
 }

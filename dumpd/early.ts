@@ -27,6 +27,7 @@
 import { constants as fsc, mkdirSync, openSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { failpointHold } from '../agent/failpoints.js';
 import type { NbdClientOptions } from '../nbd/client.js';
 import { type DumpEntry, DumpError, type DumpFormat, REASON_MAX } from './catalog.js';
 import { DumpDevice, type DumpWriter } from './device.js';
@@ -428,6 +429,7 @@ export async function runEarlyReboot(o: EarlyRebootOptions): Promise<DumpResult>
 
     await streamed;
     await migrationResult(o.qmp, 30_000);
+    await failpointHold('early-reboot-hold', path.join(o.runDir, `${o.guest}.hold`));
     entry = await w.finish(Date.now());
   } catch (e) {
     failure = e;

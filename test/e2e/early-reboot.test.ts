@@ -10,7 +10,7 @@
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { inflateSync } from 'node:zlib';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -119,10 +119,14 @@ describeWithTools(
         await sleep(50);
       }
     };
+    /** While it exists, vm1's early-reboot dump stays streaming (the early-reboot-hold failpoint). */
+    const hold = () => path.join(dir, 'run', 'vm1.hold');
     const startDumpd = async () => {
       log = '';
       dumpd = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
-        env: toolEnv(),
+        // Early-reboot dumps stay `streaming` while RUNDIR/GUEST.hold exists: what must be
+        // slower than the guest's boot is made so, not hoped to be.
+        env: { ...toolEnv(), BALLAST_FAILPOINTS: 'early-reboot-hold' },
         stdio: ['ignore', 'ignore', 'pipe'],
       });
       dumpd.stderr?.on('data', (b: Buffer) => {
@@ -256,6 +260,7 @@ describeWithTools(
         con.send(`fill ${FILL_MIB}`);
         await con.waitFor('BALLAST-FILLED', 1, 240_000);
         await mark(n1);
+        writeFileSync(hold(), '');
         con.send('panic');
         await waitLog('guest vm1: GUEST_PANICKED');
         await waitLog(/guest vm1: running again \d+ ms after the panic/);
@@ -268,6 +273,7 @@ describeWithTools(
         // ...and the rebooted guest writes other marks into the same memory meanwhile.
         await mark(n2);
         expect(log).not.toContain('guest vm1: dump 1 complete');
+        rmSync(hold());
         await waitLog('guest vm1: dump 1 complete', 300_000);
 
         const [d] = await ls('er-dump');
@@ -318,6 +324,7 @@ describeWithTools(
     it(
       'a second panic during the stream waits for it, then is dumped the same way',
       async () => {
+        writeFileSync(hold(), '');
         con.send('panic');
         await waitLog(/guest vm1: running again \d+ ms after the panic[\s\S]*running again/);
         await ready(3);
@@ -327,6 +334,7 @@ describeWithTools(
         await waitLog('guest vm1: a dump is running; this panic waits for it');
         // Stopped by QEMU at its panic while the first stream goes on.
         expect(await status()).toBe('guest-panicked');
+        rmSync(hold());
         await waitLog('guest vm1: dump 2 complete', 300_000);
         await waitLog('guest vm1: dumping the panic that waited');
         await ready(4);
