@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { inflateSync } from 'node:zlib';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it, onTestFinished } from 'vitest';
 import { QmpClient } from '../../dumpd/qmp.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import {
@@ -121,6 +121,11 @@ describeWithTools(
     };
     /** While it exists, vm1's early-reboot dump stays streaming (the early-reboot-hold failpoint). */
     const hold = () => path.join(dir, 'run', 'vm1.hold');
+    /** Holds vm1's next early-reboot dump until the test lets it go, or ends either way. */
+    const holdDump = () => {
+      writeFileSync(hold(), '');
+      onTestFinished(() => rmSync(hold(), { force: true }));
+    };
     const startDumpd = async () => {
       log = '';
       dumpd = spawn(process.execPath, [BALLAST_BIN, 'dumpd', '--config', cfg], {
@@ -260,7 +265,7 @@ describeWithTools(
         con.send(`fill ${FILL_MIB}`);
         await con.waitFor('BALLAST-FILLED', 1, 240_000);
         await mark(n1);
-        writeFileSync(hold(), '');
+        holdDump();
         con.send('panic');
         await waitLog('guest vm1: GUEST_PANICKED');
         await waitLog(/guest vm1: running again \d+ ms after the panic/);
@@ -273,7 +278,7 @@ describeWithTools(
         // ...and the rebooted guest writes other marks into the same memory meanwhile.
         await mark(n2);
         expect(log).not.toContain('guest vm1: dump 1 complete');
-        rmSync(hold());
+        rmSync(hold(), { force: true });
         await waitLog('guest vm1: dump 1 complete', 300_000);
 
         const [d] = await ls('er-dump');
@@ -324,7 +329,7 @@ describeWithTools(
     it(
       'a second panic during the stream waits for it, then is dumped the same way',
       async () => {
-        writeFileSync(hold(), '');
+        holdDump();
         con.send('panic');
         await waitLog(/guest vm1: running again \d+ ms after the panic[\s\S]*running again/);
         await ready(3);
@@ -334,7 +339,7 @@ describeWithTools(
         await waitLog('guest vm1: a dump is running; this panic waits for it');
         // Stopped by QEMU at its panic while the first stream goes on.
         expect(await status()).toBe('guest-panicked');
-        rmSync(hold());
+        rmSync(hold(), { force: true });
         await waitLog('guest vm1: dump 2 complete', 300_000);
         await waitLog('guest vm1: dumping the panic that waited');
         await ready(4);
