@@ -15,14 +15,12 @@
 //     until it has observed the guests, and goes on
 //   - at the end every guest's memwork is alive (no OOM kill) and all its pages verify
 
-import { mkdtempSync } from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { parseWorkStat, type WorkStat } from '../../bench/memory-guest.js';
 import { type GuestSnapshot, MemoryRig } from '../../bench/memory-rig.js';
 import type { MemoryStatus } from '../../guestd/memory/controller.js';
-import { BALLAST_BIN, MiB } from '../helpers/server.js';
+import { BALLAST_BIN, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 
 const POOL = 448;
@@ -116,7 +114,7 @@ describeWithTools(
     }
 
     beforeAll(async () => {
-      const dir = mkdtempSync(path.join(os.tmpdir(), 'ballast-memshare-'));
+      const dir = makeTempDir('ballast-memshare-');
       rig = new MemoryRig({
         dir,
         way: 'controller',
