@@ -14,7 +14,7 @@ import { ExportStats } from '../nbd/stats.js';
 import type { DynamicCatalog } from './catalog.js';
 import { ConcatBackend } from './concat-backend.js';
 import { BallastError } from './errors.js';
-import { failpoint, failpointPause } from './failpoints.js';
+import { failpoint, failpointArmed, failpointHold, failpointPause } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
@@ -772,6 +772,18 @@ export class DeviceManager {
       )
         throw e;
       const there = await this.stored(name);
+      // A deleted device whose record the store has not yet taken away (its delete was
+      // answered; the agent that made it retries the removal) holds its name, but it does
+      // not exist: a create is refused NOT made, never BALLAST_DEVICE_EXISTS.
+      if (
+        code === 'BALLAST_DEVICE_EXISTS' &&
+        there &&
+        parseRecord(there.value)?.state === 'deleting'
+      )
+        throw new BallastError(
+          'BALLAST_CONFLICT',
+          `device ${name} is deleted, and its record is not yet removed from etcd (the agent that deleted it retries until etcd takes it): the change was NOT made (retry)`,
+        );
       if ((code === 'BALLAST_DEVICE_EXISTS') === (there !== undefined)) throw e;
       throw new BallastError(
         'BALLAST_CONFLICT',
@@ -869,6 +881,10 @@ export class DeviceManager {
       await this.removeFiles(rec);
       let revision: number;
       try {
+        if (failpointArmed('delete-record-lost'))
+          throw new Error(
+            'failpoint delete-record-lost: the record stays until DEVICEFILE.hold goes',
+          );
         revision = (await untilAnswered(() => this.store.delete(PREFIX + name))).revision;
         await this.onRemoved?.(name);
       } catch (e) {
@@ -876,7 +892,9 @@ export class DeviceManager {
         // the record and its reservations go as soon as the store takes them.
         this.log(`device ${name}: removing its record failed (${(e as Error).message}); retrying`);
         revision = intentRev;
-        this.finishDelete(name);
+        void failpointHold('delete-record-lost', `${rec.extents[0]!.file}.hold`).then(() =>
+          this.finishDelete(name),
+        );
       }
       this.log(`device ${name}: deleted`);
       return { revision, record: rec };

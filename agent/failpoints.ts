@@ -15,7 +15,9 @@
 // that the agent's cache lags the store as after a freeze
 // (test/cluster/lagging-cache.test.ts). `join-delay` holds the start for 5 s
 // with the API listening, before the agent joins the cluster
-// (test/cluster/join-failed.test.ts). In dumpd, `early-reboot-hold` keeps an
+// (test/cluster/join-failed.test.ts). `delete-record-lost` fails the removal of a deleted
+// device's record once and holds its retry while DEVICEFILE.hold exists
+// (test/cluster/lagging-cache.test.ts). In dumpd, `early-reboot-hold` keeps an
 // early-reboot dump `streaming` after its stream has ended, while RUNDIR/GUEST.hold
 // exists, so that a test sees the guest's second boot before the dump completes
 // however slow the boot (test/e2e/early-reboot.test.ts).

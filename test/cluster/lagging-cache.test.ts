@@ -8,12 +8,13 @@
 // 2 s after c1's delete through c had returned, and a resize of c2 to its size
 // with 200 after c2's delete through a had returned.
 
+import { readdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
-import { describeWithTools } from '../helpers/tools.js';
+import { describeWithTools, run } from '../helpers/tools.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -93,5 +94,55 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () 
     const d = await del;
     expect([200, 504]).toContain(d.status);
     if (d.status === 504) expect(d.body.code).toBe('BALLAST_CLUSTER_NOT_APPLIED');
+  }, 120_000);
+
+  // The nemesis, seed 3, 30 min: c's delete of c2 answered ok while the removal of its
+  // record was in doubt (the record, marked deleting, went 1 s later), and a create of c2
+  // through a in between answered BALLAST_DEVICE_EXISTS for a device that was deleted.
+  it('a deleted device whose record is not yet removed is not reported as existing', async () => {
+    const pool = path.join(shared, 'p2');
+    const start = (host: string, env: Record<string, string> = {}) =>
+      startAgent({
+        pools: [{ name: 'shared', path: pool, shared: true }],
+        cluster: { name: 'lag2', etcd: etcd.endpoints, host, leaseTtl: 2 },
+        env,
+      }).then((a) => {
+        agents.push(a);
+        return a;
+      });
+    // A's removal of a deleted device's record fails, and its retry waits for POOLFILE.hold
+    const A = await start('a', { BALLAST_FAILPOINTS: 'delete-record-lost' });
+    const B = await start('b');
+    expect(
+      (await A.api('POST', '/v1/devices', { name: 'e', size: '2M', pool: 'shared' })).status,
+    ).toBe(201);
+    const img = readdirSync(pool).find((f) => f.startsWith('e.') && f.endsWith('.img'));
+    expect(img, 'the device file').toBeDefined();
+    const file = path.join(pool, img!);
+    writeFileSync(`${file}.hold`, '');
+    expect((await A.api('DELETE', '/v1/devices/e')).status).toBe(200);
+    // the record is still there, marked deleting
+    const rec = await run('etcdctl', [
+      `--endpoints=${etcd.endpoints.join(',')}`,
+      'get',
+      '--print-value-only',
+      '/ballast/lag2/devices/e',
+    ]);
+    expect(rec.stdout).toMatch(/"state":"deleting"/);
+
+    for (const via of [A, B]) {
+      const create = await via.api('POST', '/v1/devices', {
+        name: 'e',
+        size: '1M',
+        pool: 'shared',
+      });
+      expect(`${create.status} ${create.body.code}`).toBe('409 BALLAST_CONFLICT');
+      expect(String(create.body.message)).toMatch(/is deleted.*NOT made/);
+    }
+    rmSync(`${file}.hold`);
+    await until('the record removed and the name free', async () => {
+      const r = await B.api('POST', '/v1/devices', { name: 'e', size: '1M', pool: 'shared' });
+      return r.status === 201;
+    });
   }, 120_000);
 });
