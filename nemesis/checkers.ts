@@ -59,14 +59,6 @@ const retOf = (o: Op) =>
  * needs); a change's `settle` step, before it returns, moves every agent past it.
  * A command of unknown outcome may also never happen (`gone`: its settle step
  * is then nothing).
- *
- * The settle step is placed at the change's return, not anywhere before: it
- * only moves agents on, which any I/O through an agent may do for that agent
- * (and the applies a lift needs), and nothing else reads how far agents got;
- * so a settle step later never rules out an order an earlier one allowed, and
- * trying every earlier place only multiplies the orders to search (a 30-minute
- * run: three changes answered BALLAST_CLUSTER_NOT_APPLIED in one window of
- * 3,000 operations took 2 million steps).
  */
 interface PrState {
   m: Model;
@@ -77,13 +69,10 @@ interface PrState {
   lifted: number[];
   /** Unknown commands that did not happen and whose settle step is still to come. */
   gone: number[];
-  /** Changes every agent lifted (dropped from `pending`) whose settle step is still to come. */
-  done: number[];
 }
 
 type PrInput =
-  /** made: the answer says the change was made (BALLAST_CLUSTER_NOT_APPLIED), its outcome unknown. */
-  | { req: Request; id: number; made?: boolean }
+  | { req: Request; id: number }
   | { settle: number }
   | { io: { identity: string; cmd: 'read' | 'write'; agent: string } }
   | { read: string };
@@ -108,7 +97,6 @@ function trim(s: PrState): PrState {
   if (k <= 0) return s;
   return {
     ...s,
-    done: [...s.done, ...s.pending.slice(0, k).map((p) => p.id)],
     pending: s.pending.slice(k),
     applied: s.applied.map((x) => x - k),
     lifted: s.lifted.map((x) => x - k),
@@ -119,20 +107,10 @@ function prModelFor(
   agents: readonly string[],
 ): LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> {
   const zero = agents.map(() => 0);
-  // the search asks for a state's key at every step: once per state
-  const keys = new WeakMap<PrState, string>();
-  const keyOf = (s: PrState) =>
-    `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}|${s.done.join(',')}`;
   return {
-    init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [], done: [] },
-    key: (s) => {
-      let k = keys.get(s);
-      if (k === undefined) {
-        k = keyOf(s);
-        keys.set(s, k);
-      }
-      return k;
-    },
+    init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [] },
+    key: (s) =>
+      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
     step(s, input, output) {
       if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
       if ('io' in input) {
@@ -141,18 +119,12 @@ function prModelFor(
         const n = s.pending.length;
         const nexts: PrState[] = [];
         // the agent may have applied more (a2 >= its a) and lifted more (l2 >= its l);
-        // a lift needs every agent to have applied the change first. Only the least
-        // moves that explain the answer are tried: an agent (and the others' applies)
-        // moved less can still move on later, so a move past one that explains it
-        // never allows an order that one does not (and as the agent stands, none).
-        const least: [number, number][] = [];
+        // a lift needs every agent to have applied the change first
         for (let a2 = s.applied[x]!; a2 <= n; a2++) {
           for (let l2 = s.lifted[x]!; l2 <= a2; l2++) {
-            if (least.some(([a, l]) => a <= a2 && l <= l2)) continue;
             if (allows(s, a2, l2, input.io.identity, input.io.cmd) !== want) continue;
-            least.push([a2, l2]);
             if (a2 === s.applied[x] && l2 === s.lifted[x]) {
-              nexts.push(s);
+              nexts.unshift(s);
               continue;
             }
             const applied = s.applied.map((v, i) => Math.max(v, l2, i === x ? a2 : 0));
@@ -164,37 +136,36 @@ function prModelFor(
         return { ok: true, next: nexts[0]!, also: nexts.slice(1) };
       }
       if ('settle' in input) {
-        if (s.gone.includes(input.settle))
+        const gi = s.gone.indexOf(input.settle);
+        if (gi >= 0)
           return { ok: true, next: { ...s, gone: s.gone.filter((g) => g !== input.settle) } };
-        // already lifted everywhere through I/O
-        if (s.done.includes(input.settle))
-          return { ok: true, next: { ...s, done: s.done.filter((g) => g !== input.settle) } };
         const i = s.pending.findIndex((p) => p.id === input.settle);
-        // not committed yet: its command comes first
-        if (i < 0) return { ok: false, next: s };
-        const next = trim({
-          ...s,
-          applied: s.applied.map((v) => Math.max(v, i + 1)),
-          lifted: s.lifted.map((v) => Math.max(v, i + 1)),
-        });
-        // this change's settle step is this one: only the earlier ones' are still to come
-        return { ok: true, next: { ...next, done: next.done.filter((g) => g !== input.settle) } };
+        if (i < 0) {
+          // not committed yet (its command comes first), or already settled by I/O
+          return { ok: false, next: s };
+        }
+        return {
+          ok: true,
+          next: trim({
+            ...s,
+            applied: s.applied.map((v) => Math.max(v, i + 1)),
+            lifted: s.lifted.map((v) => Math.max(v, i + 1)),
+          }),
+        };
       }
       const r = step(s.m, input.req);
       if (output !== undefined && (typeof output === 'string' || !sameOutcome(r.out, output))) {
         return { ok: false, next: s };
       }
-      // made: only a change is made (a refusal or a no-op writes nothing), and it happened
-      if (input.made && !(r.out.ok && r.out.changed)) return { ok: false, next: s };
       // an answered change settles before it returns; an unknown one within its bound, or never
       const tracked = output === undefined || (r.out.ok && r.out.changed);
-      if (!tracked) return { ok: true, next: r.next === s.m ? s : { ...s, m: r.next } };
+      if (!tracked) return { ok: true, next: { ...s, m: r.next } };
       const next: PrState = {
         ...s,
         m: r.next,
         pending: [...s.pending, { id: input.id, old: s.m }],
       };
-      if (output !== undefined || input.made) return { ok: true, next };
+      if (output !== undefined) return { ok: true, next };
       return { ok: true, next, also: [{ ...s, gone: [...s.gone, input.id] }] };
     },
   };
@@ -256,20 +227,17 @@ export function checkReservations(h: History, maxSteps?: number): Anomaly[] {
       const unknown = o.status === 'unknown';
       // an unknown outcome takes effect within the bound after the client stopped waiting, or never
       const ret = unknown ? (o.gaveUp ?? o.call + CLIENT_WAIT_MS) + bound : retOf(o);
-      // BALLAST_CLUSTER_NOT_APPLIED: made (docs/cluster.md), what it answered unknown
-      const made = unknown && o.note?.startsWith('BALLAST_CLUSTER_NOT_APPLIED') === true;
       lin.push({
         id: o.id,
         call: o.call,
         ret,
-        input: made ? { req: o.req, id: o.id, made } : { req: o.req, id: o.id },
+        input: { req: o.req, id: o.id },
         output: unknown ? undefined : o.out,
       });
       if (unknown || (o.out?.ok && o.out.changed)) {
-        // at its return (see PrState)
         lin.push({
           id: SETTLE + o.id,
-          call: ret,
+          call: o.call,
           ret,
           input: { settle: o.id },
           output: undefined,
@@ -1012,10 +980,9 @@ function around<T extends Op>(ops: T[], op: T | undefined, prefix: number[]): T[
   );
   // the last PR commands the search had placed, and the one a probe followed
   const probe = op.kind === 'io' ? op.probe : undefined;
-  const byId = new Map(ops.map((o) => [o.id, o]));
   const before = [
     ...prefix
-      .map((id) => byId.get(id))
+      .map((id) => ops.find((o) => o.id === id))
       .filter((o): o is T => o !== undefined && o.kind === 'pr')
       .slice(-3),
     ...ops.filter((o) => o.id === probe),
