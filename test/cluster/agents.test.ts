@@ -13,6 +13,10 @@ import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { idKey, Receiver } from '../helpers/receiver.js';
 import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import { describeWithTools, run } from '../helpers/tools.js';
+import { until as waitUntil } from '../helpers/wait.js';
+
+const until = (what: string, pred: () => boolean | Promise<boolean>, ms = 15_000) =>
+  waitUntil(what, pred, ms);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -31,14 +35,6 @@ async function devices(a: AgentHandle): Promise<{ devices: Dev[]; stale?: unknow
   const r = await a.api('GET', '/v1/devices');
   expect(r.status).toBe(200);
   return r.body as unknown as { devices: Dev[]; stale?: unknown };
-}
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 15_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
 }
 
 describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on one etcd', () => {
@@ -302,12 +298,12 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
   it('etcd leader killed during a burst of creates: what succeeded exists, what failed left nothing', async () => {
     const name = clusterName();
     const a = await agent(name, 'a', { leaseTtl: 5 });
-    const outcomes: { name: string; status: number }[] = [];
+    const outcomes: { name: string; status: number; text: string }[] = [];
     const burst = (async () => {
       for (let i = 0; i < 60; i++) {
         const n = `b${i}`;
         const r = await a.api('POST', '/v1/devices', { name: n, size: '1M', pool: 'shared' });
-        outcomes.push({ name: n, status: r.status });
+        outcomes.push({ name: n, status: r.status, text: r.text });
       }
     })();
     await sleep(300);
@@ -316,7 +312,21 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     await burst;
     await etcd.restart(leader);
     await until('a healthy', async () => (await devices(a)).stale === undefined);
-    const listed = new Map((await devices(a)).devices.map((d) => [d.name, d.state]));
+    // A failed create answers NOT made; a record of it that reached etcd late
+    // (its answer was lost with the leader) may be listed for a moment, as
+    // creating, until the agent that made it removes it once etcd answers.
+    const failed = outcomes.filter((o) => o.status !== 201);
+    for (const o of failed) expect(o.text, o.name).toMatch(/NOT made/);
+    let listed = new Map<string, string>();
+    await until('the records of failed creates removed', async () => {
+      listed = new Map((await devices(a)).devices.map((d) => [d.name, d.state]));
+      return failed.every((o) => !listed.has(o.name));
+    }).catch((e: Error) => {
+      const left = failed.filter((o) => listed.has(o.name));
+      throw new Error(
+        `${e.message}: ${left.map((o) => `${o.name} (${listed.get(o.name)}) failed with ${o.status}: ${o.text}`).join('; ')}\n${a.stderr().slice(-4000)}`,
+      );
+    });
     const files = readdirSync(path.join(shared, name)).filter((f) => f.endsWith('.img'));
     for (const o of outcomes) {
       if (o.status === 201) expect(listed.get(o.name), o.name).toBe('ready');

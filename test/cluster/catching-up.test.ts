@@ -13,17 +13,12 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
+import { until as waitUntil } from '../helpers/wait.js';
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const until = (what: string, pred: () => boolean | Promise<boolean>, ms = 120_000) =>
+  waitUntil(what, pred, ms);
+
 const SOURCE = { 'host-a': '127.0.0.1', 'host-b': '127.0.0.2', 'host-c': '127.0.0.3' } as const;
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 120_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
   let etcd: EtcdCluster;

@@ -23,20 +23,12 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
+import { until } from '../helpers/wait.js';
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const EPERM = 1;
 const EIO = 5;
 const SOURCE = { 'host-a': '127.0.0.1', 'host-b': '127.0.0.2', 'host-c': '127.0.0.3' } as const;
 type Host = keyof typeof SOURCE;
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 60_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 /** What became of one NBD request: ok, EPERM, EIO, closed (the connection is gone), or the error. */
 async function outcome(p: Promise<unknown>): Promise<string> {

@@ -15,16 +15,9 @@ import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { idKey, Receiver } from '../helpers/receiver.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools, run } from '../helpers/tools.js';
+import { until } from '../helpers/wait.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 60_000) {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 interface Seen {
   id: string;

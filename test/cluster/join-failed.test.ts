@@ -12,16 +12,7 @@ import { AgentHandle, httpRequest, writeAgentConfig } from '../helpers/agent.js'
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 60_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
+import { until } from '../helpers/wait.js';
 
 describeWithTools(['etcd', 'etcdctl'], 'cluster: a request while the join fails', () => {
   let etcd: EtcdCluster;

@@ -15,16 +15,7 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools, run } from '../helpers/tools.js';
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 60_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
+import { until } from '../helpers/wait.js';
 
 describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () => {
   let etcd: EtcdCluster;

@@ -14,6 +14,7 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
+import { until } from '../helpers/wait.js';
 
 const EPERM = 1;
 const SOURCE = { 'host-a': '127.0.0.1', 'host-b': '127.0.0.2', 'host-c': '127.0.0.3' } as const;
@@ -39,15 +40,6 @@ async function outcome(p: Promise<unknown>): Promise<string> {
     ]);
   } finally {
     clearTimeout(timer);
-  }
-}
-
-async function until(what: string, cond: () => Promise<boolean>, ms = 60_000): Promise<void> {
-  const end = Date.now() + ms;
-  for (;;) {
-    if (await cond()) return;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
   }
 }
 

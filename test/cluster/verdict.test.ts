@@ -17,19 +17,15 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
+import { until as waitUntil } from '../helpers/wait.js';
+
+const until = (what: string, pred: () => boolean | Promise<boolean>, ms = 20_000) =>
+  waitUntil(what, pred, ms);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const TTL = 2;
 /** cluster.changeTimeout of the agents below (the documented default for TTL 2 is 3000 ms). */
 const CHANGE_MS = 3000;
-
-async function until(what: string, pred: () => Promise<boolean>, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 interface Reply {
   status: number;

@@ -10,16 +10,12 @@ import { type AgentHandle, startAgent, writeAgentConfig } from '../helpers/agent
 import { Receiver } from '../helpers/receiver.js';
 import { BALLAST_BIN } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
+import { until as waitUntil } from '../helpers/wait.js';
+
+const until = (what: string, pred: () => boolean | Promise<boolean>, ms = 30_000) =>
+  waitUntil(what, pred, ms);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 30_000) {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 interface Proc {
   child: ChildProcess;

@@ -11,17 +11,13 @@ import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { idKey, Receiver } from '../helpers/receiver.js';
 import { BALLAST_BIN, makeTempDir } from '../helpers/server.js';
 import { describeWithTools, run } from '../helpers/tools.js';
+import { until as waitUntil } from '../helpers/wait.js';
+
+const until = (what: string, pred: () => boolean | Promise<boolean>, ms = 20_000) =>
+  waitUntil(what, pred, ms);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const SECRET = 'a-secret-of-sixteen-chars';
-
-async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 20_000) {
-  const deadline = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 /** The log as the agent's SSE endpoint gives it (history, no follow). */
 async function logIds(a: AgentHandle, types?: string): Promise<string[]> {
