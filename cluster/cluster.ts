@@ -171,6 +171,8 @@ export class Cluster {
   private baseInfo: Omit<MemberInfo, 'lease'> | undefined;
   /** Whether this agent ever held its member key (a refused agent leaves nothing behind). */
   private registered = false;
+  /** When this agent last registered (its hosts/<host> record's since), kept for leave(). */
+  private upSince: string | undefined;
 
   /** The createRevision of `epochs/<host>` changes are conditional on (0: none live). */
   private epochRev = 0;
@@ -274,6 +276,7 @@ export class Cluster {
       });
       if (r.succeeded) {
         this.registered = true;
+        this.upSince = hostRec.since;
         this.epochRev = r.revision;
         // Before the lease counts as renewed: whatever other hosts did up to this
         // registration must be applied before the fence may open (no await in between,
@@ -748,8 +751,11 @@ export class Cluster {
       since: new Date().toISOString(),
       info: this.info(),
     };
+    // When it joined: what its own registration wrote (the cache may not have
+    // applied that write yet when an agent stops right after it started).
     const was = mine ? parse<HostRecord>(mine.value) : undefined;
-    if (was?.state === 'up') rec.joined = was.since;
+    const joined = this.upSince ?? (was?.state === 'up' ? was.since : undefined);
+    if (joined) rec.joined = joined;
     try {
       await this.store.put(HOSTS + this.host, JSON.stringify(rec));
       await this.store.revokeLease(this.lease);
