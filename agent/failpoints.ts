@@ -5,7 +5,7 @@
 //
 // One failpoint slows instead: `slow-writes` sends every write to a fenced
 // (cluster-shared) file through the thread pool, where the native addon sleeps
-// 200 ms before each one's fence check, so that a test freezing the agent
+// 1 s before each one's fence check, so that a test freezing the agent
 // certainly has writes queued (test/cluster/fence-queued.test.ts). Another,
 // `pr-settle-delay`, holds a grant's second round before its marker is written,
 // so that a test can cut the agent off from etcd in between

@@ -636,7 +636,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"monotonicNs", NULL, do_monotonic_ns, NULL, NULL, NULL, napi_default, NULL},
   };
   const char *fp = getenv("BALLAST_FAILPOINTS");
-  if (fp && strstr(fp, "slow-writes")) slow_writes_ms = 200;
+  if (fp && strstr(fp, "slow-writes")) slow_writes_ms = 1000;
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   napi_value c;
   napi_create_object(env, &c);
