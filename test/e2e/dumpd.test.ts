@@ -18,9 +18,10 @@ import { buildGuest, GuestConsole, guestArgs, occurrences } from '../helpers/gue
 import { startQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
 /** Guest boots under TCG on a busy 2-core machine: far beyond the suite's default 60 s. */
-const SLOW = 300_000;
+const SLOW = scaled(300_000);
 
 const ballast = (args: string[], timeoutMs = 120_000) =>
   run(process.execPath, [BALLAST_BIN, ...args], { timeoutMs });
@@ -47,7 +48,7 @@ describeWithTools(
       ballast(['dump', 'now', guest, ...extra, '--dumpd', `127.0.0.1:${p}`, ...token(run)]);
 
     const until = async (f: () => boolean | Promise<boolean>, what: string, timeoutMs = 60_000) => {
-      const deadline = Date.now() + timeoutMs;
+      const deadline = Date.now() + scaled(timeoutMs);
       while (!(await f())) {
         if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
         await new Promise((r) => setTimeout(r, 100));
@@ -55,7 +56,7 @@ describeWithTools(
     };
 
     const waitLog = async (s: string, timeoutMs = 60_000) => {
-      const deadline = Date.now() + timeoutMs;
+      const deadline = Date.now() + scaled(timeoutMs);
       while (!dumpdLog.includes(s)) {
         if (Date.now() > deadline) throw new Error(`dumpd did not log "${s}":\n${dumpdLog}`);
         await new Promise((r) => setTimeout(r, 50));
@@ -389,7 +390,7 @@ describeWithTools(
           log2 += b.toString();
         });
         const gone = new Promise((r) => d2.once('exit', r));
-        const deadline = Date.now() + 30_000;
+        const deadline = Date.now() + scaled(30_000);
         while (
           !(log2.includes('guest tiny: QMP connected') && log2.includes('guest big: QMP connected'))
         ) {

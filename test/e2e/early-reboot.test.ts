@@ -27,8 +27,9 @@ import {
 import { startQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
-const SLOW = 600_000;
+const SLOW = scaled(600_000);
 /**
  * Paces the stream so that it outlasts a boot of the guest under TCG here. The boot is
  * paced too (each page it first writes waits for that page's turn in the stream), so
@@ -112,7 +113,7 @@ describeWithTools(
 
     const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
     const waitLog = async (s: string | RegExp, timeoutMs = 120_000) => {
-      const deadline = Date.now() + timeoutMs;
+      const deadline = Date.now() + scaled(timeoutMs);
       const seen = () => (typeof s === 'string' ? log.includes(s) : s.test(log));
       while (!seen()) {
         if (Date.now() > deadline) throw new Error(`dumpd did not log "${s}":\n${log}`);
@@ -162,7 +163,7 @@ describeWithTools(
     /** Waits until the guest's console is ready for a command after its n-th boot. */
     const ready = async (boot: number) => {
       await con.waitFor('BALLAST-BOOT', boot, 240_000);
-      const deadline = Date.now() + 120_000;
+      const deadline = Date.now() + scaled(120_000);
       while (con.text.lastIndexOf('BALLAST-READY') < con.text.lastIndexOf('BALLAST-BOOT')) {
         if (Date.now() > deadline)
           throw new Error(`boot ${boot} not ready:\n${con.text.slice(-2000)}`);

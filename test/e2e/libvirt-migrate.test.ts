@@ -15,8 +15,9 @@ import { buildGuest, GuestConsole } from '../helpers/guest.js';
 import { LIBVIRT_TOOLS, Libvirtd } from '../helpers/libvirt.js';
 import { freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
-const SLOW = 400_000;
+const SLOW = scaled(400_000);
 
 describeWithTools(
   [...LIBVIRT_TOOLS, 'etcd', 'etcdctl', 'cpio', 'busybox', 'vmlinuz'],
@@ -41,7 +42,7 @@ describeWithTools(
         .filter((l) => l.startsWith(prefix));
     const waitLine = async (c: GuestConsole, prefix: string, n = 1, timeoutMs = 120_000) => {
       await c.waitFor(prefix, n, timeoutMs);
-      const deadline = Date.now() + 10_000;
+      const deadline = Date.now() + scaled(10_000);
       while (lines(c, prefix).length < n && Date.now() < deadline)
         await new Promise((r) => setTimeout(r, 50));
     };

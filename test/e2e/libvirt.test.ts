@@ -23,9 +23,10 @@ import { buildGuest, GuestConsole, occurrences } from '../helpers/guest.js';
 import { LIBVIRT_TOOLS, Libvirtd } from '../helpers/libvirt.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
 /** Guest boots under TCG on a busy 2-core machine: far beyond the suite's default 60 s. */
-const SLOW = 400_000;
+const SLOW = scaled(400_000);
 
 const ballast = (args: string[], timeoutMs = 120_000) =>
   run(process.execPath, [BALLAST_BIN, ...args], { timeoutMs });
@@ -93,7 +94,7 @@ describeWithTools(
     const nonce = randomBytes(6).toString('hex');
 
     const waitLog = async (s: string, timeoutMs = 60_000) => {
-      const deadline = Date.now() + timeoutMs;
+      const deadline = Date.now() + scaled(timeoutMs);
       while (!dumpdLog.includes(s)) {
         if (Date.now() > deadline) throw new Error(`dumpd did not log "${s}":\n${dumpdLog}`);
         await new Promise((r) => setTimeout(r, 50));
@@ -110,7 +111,7 @@ describeWithTools(
     /** Waits for the n-th whole line that starts with `prefix`. */
     const waitLine = async (prefix: string, n = 1, timeoutMs = 60_000) => {
       await con.waitFor(prefix, n, timeoutMs);
-      const deadline = Date.now() + 10_000;
+      const deadline = Date.now() + scaled(10_000);
       while (lines(prefix).length < n && Date.now() < deadline)
         await new Promise((r) => setTimeout(r, 50));
     };

@@ -22,6 +22,7 @@ import { type GuestSnapshot, MemoryRig } from '../../bench/memory-rig.js';
 import type { MemoryStatus } from '../../guestd/memory/controller.js';
 import { BALLAST_BIN, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
 const POOL = 448;
 const ENTITLEMENT = 96;
@@ -97,7 +98,7 @@ describeWithTools(
 
     /** The latest sample once `f` holds of it; the deadline is a hang guard. */
     async function until(f: (s: Sample) => boolean | undefined, what: string): Promise<Sample> {
-      const deadline = Date.now() + 150_000;
+      const deadline = Date.now() + scaled(150_000);
       for (;;) {
         const s = samples.at(-1);
         if (s && f(s)) return s;

@@ -30,8 +30,9 @@ import { type QemuHandle, startQemu, stopQemu } from '../helpers/qemu.js';
 import { BALLAST_BIN, freePort, makeTempDir } from '../helpers/server.js';
 import { buildSwapGuest, swapGuestArgs, waitLine } from '../helpers/swap-guest.js';
 import { describeRun, describeWithTools, run, toolEnv } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
-const SLOW = 300_000;
+const SLOW = scaled(300_000);
 const CHUNKS = 40; // 160 MiB of data in a 128 MiB guest
 const EPERM = 1;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -166,7 +167,7 @@ describeWithTools(
         log += x.toString();
       });
       dumpds.push(d);
-      const deadline = Date.now() + 30_000;
+      const deadline = Date.now() + scaled(30_000);
       while (!log.includes('QMP connected')) {
         if (Date.now() > deadline) throw new Error(`dumpd did not connect:\n${log}`);
         await sleep(50);

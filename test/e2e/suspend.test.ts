@@ -17,8 +17,9 @@ import { type QemuHandle, startQemu } from '../helpers/qemu.js';
 import { MiB, makeTempDir } from '../helpers/server.js';
 import { buildSwapGuest, swapGuestArgs, waitLine } from '../helpers/swap-guest.js';
 import { describeRun, describeWithTools } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
-const SLOW = 300_000;
+const SLOW = scaled(300_000);
 const CHUNKS = 40;
 const SIZE = 512 * MiB;
 const RAM = 128;

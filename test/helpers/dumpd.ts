@@ -5,10 +5,11 @@ import path from 'node:path';
 import { type After, parseConfig } from '../../dumpd/config.js';
 import { Dumpd } from '../../dumpd/daemon.js';
 import { type ExportSpec, type ServerHandle, startServer } from './server.js';
+import { scaled } from './wait.js';
 
 /** Polls `f` every 20 ms until it holds. */
 export async function until(f: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+  const deadline = Date.now() + scaled(timeoutMs);
   while (!f()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));

@@ -24,6 +24,7 @@ import {
   SerialConsole,
   VIRTIO_BLK_MODULES,
 } from '../../bench/guest-kit.js';
+import { scaled } from './wait.js';
 
 const INIT = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -136,12 +137,13 @@ export class GuestConsole extends SerialConsole {
 
   /** Waits until `s` has appeared at least `n` times on the console. */
   async waitFor(s: string, n = 1, timeoutMs = 120_000): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
+    const give = scaled(timeoutMs);
+    const deadline = Date.now() + give;
     while (this.count(s) < n) {
       const left = deadline - Date.now();
       if (left <= 0)
         throw new Error(
-          `console: "${s}" x${n} not seen in ${timeoutMs} ms; console so far:\n${this.text.slice(-3000)}`,
+          `console: "${s}" x${n} not seen in ${give} ms (load-scaled); console so far:\n${this.text.slice(-3000)}`,
         );
       await this.next(Math.min(left, 1000));
     }

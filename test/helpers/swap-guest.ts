@@ -14,6 +14,7 @@
 
 import path from 'node:path';
 import { buildInitramfs, PVPANIC_MODULES, VIRTIO_BLK_MODULES } from '../../bench/guest-kit.js';
+import { scaled } from './wait.js';
 
 const MODULES = [...VIRTIO_BLK_MODULES, ...PVPANIC_MODULES];
 
@@ -134,7 +135,7 @@ export async function waitLine(
   timeoutMs = 300_000,
 ): Promise<string> {
   await c.waitFor(marker, n, timeoutMs);
-  const deadline = Date.now() + 10_000;
+  const deadline = Date.now() + scaled(10_000);
   for (;;) {
     const rest = c.text.slice(c.text.lastIndexOf(marker));
     const nl = rest.indexOf('\n');
