@@ -14,8 +14,10 @@
 //   serving the device has acked its revision, or its lease is gone.
 
 import { hostname } from 'node:os';
+import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BallastError } from '../agent/errors.js';
+import { failpointHold } from '../agent/failpoints.js';
 import {
   cmp,
   isStoreError,
@@ -446,7 +448,19 @@ export class Cluster {
   /** Starts the watch from where the listing left off. */
   private async startWatch(): Promise<void> {
     this.scheduleAck();
-    await this.watchFrom(this.revision + 1);
+    try {
+      await failpointHold(
+        'watch-start-hold',
+        path.join(this.baseInfo!.dataDir, 'watch-start.hold'),
+      );
+      await this.watchFrom(this.revision + 1);
+    } catch (e) {
+      // Compacted between the first listing and the watch: list again, as after a
+      // watch that ends on a compaction, rather than fail the start.
+      if (!isStoreError(e, 'STORE_COMPACTED')) throw e;
+      this.opts.log(`cluster: ${(e as Error).message}; listing again`);
+      await this.relist();
+    }
   }
 
   private async watchFrom(rev: number): Promise<void> {

@@ -5,9 +5,15 @@
 // again, with the etcd leader killed, was answered with the join's own error,
 // "STORE_TIMEOUT: etcd txn ...: Deadline exceeded", a change in doubt, though
 // nothing of it had been sent.
+//
+// And an agent whose first listing of the cluster is compacted away before its
+// watch starts lists again and serves, rather than failing its start with
+// STORE_COMPACTED.
 
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { EtcdStore } from '../../cluster/etcd-store.js';
 import { AgentHandle, httpRequest, writeAgentConfig } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
@@ -66,5 +72,43 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: a request while the join fails'
     expect(String(r.body.message)).toMatch(/could not join the cluster/);
     expect(String(r.body.message)).toMatch(/NOT made/);
     expect(await started).toMatch(/exited/);
+  }, 120_000);
+
+  it('a compaction between the first listing and the watch: the agent lists again and serves', async () => {
+    const dir = makeTempDir('ballast-join-');
+    const file = writeAgentConfig(dir, {
+      pools: [{ name: 'shared', path: path.join(dir, 'p'), shared: true }],
+      cluster: { name: 'join2', etcd: etcd.endpoints, host: 'y', leaseTtl: 2 },
+    });
+    const x = new AgentHandle(dir, file, { BALLAST_FAILPOINTS: 'watch-start-hold' });
+    agent = x;
+    mkdirSync(x.dataDir, { recursive: true });
+    const hold = path.join(x.dataDir, 'watch-start.hold');
+    writeFileSync(hold, '');
+    const started = x.start().then(
+      () => 'started',
+      (e: Error) => e.message,
+    );
+    await until('the agent holding before its watch', async () =>
+      /failpoint watch-start-hold: waiting/.test(x.stderr()),
+    );
+    // Writes after its listing, then compacted: the watch's start revision is gone.
+    const direct = await EtcdStore.connect({
+      endpoints: etcd.endpoints,
+      prefix: '/compactor/',
+      timeoutMs: 5000,
+    });
+    try {
+      for (let i = 0; i < 3; i++) await direct.put(`k${i}`, String(i));
+      await direct.compact(await direct.revision());
+    } finally {
+      await direct.close();
+    }
+    rmSync(hold);
+    expect(await started, x.stderr().slice(-3000)).toBe('started');
+    expect(x.stderr()).toMatch(/compacted[\s\S]*listing again/);
+    const r = await x.api('POST', '/v1/devices', { name: 'after', size: '1M', pool: 'shared' });
+    expect(r.status, r.text).toBe(201);
+    await x.stop();
   }, 120_000);
 });
