@@ -1,11 +1,15 @@
 import {
+  closeSync,
   existsSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   readlinkSync,
   rmSync,
   statSync,
+  truncateSync,
+  writeSync,
 } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -195,6 +199,52 @@ describe('DeviceManager', () => {
     await expect(t.devices.extend('d', 'q', 1)).rejects.toThrow(/bad growth \+1: .*use \+512/);
     expect(await code(t.devices.create({ name: 'odd', size: 1000 }))).toBe('BALLAST_BAD_SIZE');
     expect(t.catalog.lookup('d')?.backend.size).toBe(2 * MiB);
+  });
+
+  it('a grow never shortens the file: a larger file (grown further elsewhere) keeps its bytes', async () => {
+    const t = await setup([{ name: 'p', quota: 64 * MiB }]);
+    const d = await t.devices.create({ name: 'g', size: 1 * MiB, pool: 'p' });
+    const file = d.extents[0]!.file;
+    // As another agent's later grow of a shared file leaves it, with data written there.
+    truncateSync(file, 3 * MiB);
+    const fd = openSync(file, 'r+');
+    writeSync(fd, Buffer.from('LATER-GROW'), 0, 10, 2.5 * MiB);
+    closeSync(fd);
+    const grown = await t.devices.resize('g', 2 * MiB);
+    expect(grown.size).toBe(2 * MiB);
+    expect(t.catalog.lookup('g')?.backend.size).toBe(2 * MiB);
+    expect(statSync(file).size).toBe(3 * MiB);
+    expect(
+      readFileSync(file)
+        .subarray(2.5 * MiB, 2.5 * MiB + 10)
+        .toString(),
+    ).toBe('LATER-GROW');
+  });
+
+  it('removing a broken device removes only the record found broken, never one made since', async () => {
+    const t = await setup([{ name: 'p', quota: 64 * MiB }]);
+    const x = await t.devices.create({ name: 'x', size: MiB });
+    const y = await t.devices.create({ name: 'y', size: MiB });
+    await t.devices.close();
+    rmSync(x.extents[0]!.file);
+    rmSync(y.extents[0]!.file);
+    const again = t.make();
+    cleanup.push(() => again.close());
+    await again.reconcile();
+    expect(again.problems.map((p) => p.message).join('\n')).toMatch(/\bx\b[\s\S]*\by\b/);
+    // x deleted and made again meanwhile (as through another agent): a new record.
+    const old = JSON.parse((await t.store.get('devices/x'))!.value) as DeviceRecord;
+    const remade = {
+      ...old,
+      createdAt: new Date(Date.now() + 1000).toISOString(),
+      extents: [{ ...old.extents[0]!, file: path.join(t.dir, 'p', 'x.1.img') }],
+    };
+    await t.store.put('devices/x', JSON.stringify(remade));
+    expect(await code(again.remove('x'))).toBe('BALLAST_CONFLICT');
+    expect(JSON.parse((await t.store.get('devices/x'))!.value)).toEqual(remade);
+    // y is as it was found: its record goes.
+    await again.remove('y');
+    expect(await t.store.get('devices/y')).toBeUndefined();
   });
 
   it('reconciles at start: rolls back a create in flight, finishes a delete, reports the rest', async () => {

@@ -839,7 +839,20 @@ export class DeviceManager {
       const name = validateName(nameIn);
       const b = this.broken.get(name);
       if (b) {
-        await this.store.delete(PREFIX + name);
+        // Only the record this agent found broken: in a cluster the name may have been
+        // deleted and made again through another agent a moment ago.
+        const kv = await this.stored(name);
+        const now = kv ? parseRecord(kv.value) : undefined;
+        const same =
+          now?.createdAt === b.record.createdAt &&
+          now.extents[0]?.file === b.record.extents[0]?.file;
+        // Gone already: nothing to remove. Otherwise removed only if still that record.
+        if (kv && !(same && (await this.store.deleteIf(PREFIX + name, kv.modRevision)).succeeded)) {
+          throw new BallastError(
+            'BALLAST_CONFLICT',
+            `device ${name} was changed through another agent a moment ago and this agent has not applied it yet: the change was NOT made (retry)`,
+          );
+        }
         this.broken.delete(name);
         this.log(`device ${name}: record removed (its files were unavailable)`);
         return undefined;
@@ -966,7 +979,7 @@ export class DeviceManager {
         const pool = this.pools.get(last.pool)!;
         await this.placement(grow, pool.name);
         last.size += grow;
-        await files[files.length - 1]!.resize(last.size);
+        await files[files.length - 1]!.growTo(last.size);
       } else {
         if (!force) {
           await this.current(name, l);
@@ -1092,7 +1105,11 @@ export class DeviceManager {
           const old = l.record.extents[i];
           const f = old?.file === e.file ? l.files[i] : undefined;
           if (f) {
-            if (f.size !== e.size) await f.resize(e.size);
+            // Judged on the records, not on the file: a grow never shortens the file
+            // on disk (growTo), since a later grow by another agent may be there
+            // already, with data its clients wrote; only a shrink (forced) does.
+            if (old && e.size < old.size) await f.resize(e.size);
+            else if (f.size !== e.size) await f.growTo(e.size);
             files.push(f);
           } else {
             files.push(await SparseFileBackend.open(e.file, this.fileOptions(rec)));

@@ -608,6 +608,33 @@ export class SparseFileBackend implements Backend {
   }
 
   /**
+   * Grows the device's view of the file to `newSize`; the file itself only if it
+   * is smaller on disk. Never shortens it: on a shared file another agent may have
+   * grown it further a moment ago (a grow of its own that committed, or a record
+   * this agent has not applied yet), and its clients may write there already.
+   */
+  async growTo(newSize: number): Promise<void> {
+    if (!(Number.isSafeInteger(newSize) && newSize >= 0)) {
+      throw new BallastError('BALLAST_SIZE_INVALID', `invalid size ${newSize} for ${this.path}`);
+    }
+    if (!this.caps.write) {
+      throw new BallastError('BALLAST_READ_ONLY', `${this.path} is open read-only`);
+    }
+    const st = await new Promise<fs.Stats>((resolve, reject) =>
+      fs.fstat(this.fd, (e, s) => (e ? reject(e) : resolve(s))),
+    );
+    if (st.size < newSize) {
+      await new Promise<void>((resolve, reject) =>
+        fs.ftruncate(this.fd, newSize, (e) => (e ? reject(e) : resolve())),
+      );
+      await new Promise<void>((resolve, reject) =>
+        fs.fsync(this.fd, (e) => (e ? reject(e) : resolve())),
+      );
+    }
+    this.size = newSize;
+  }
+
+  /**
    * The same open file for another thread: duplicated descriptors (sharing the
    * open file description, so the lock and O_DIRECT come along) and what this
    * backend learnt about the file system.
