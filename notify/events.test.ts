@@ -1,6 +1,16 @@
 import { describe, expect, it } from 'vitest';
 import type { KeyValue, WatchEvent } from '../agent/store/store.js';
-import { cloudEvent, parseEventId, parseTypes, previousLost, sign, Translator } from './events.js';
+import {
+  cloudEvent,
+  parseEventId,
+  parseTypes,
+  previousLost,
+  sign,
+  TIME_GRACE_MS,
+  TIMES,
+  Translator,
+  timePrunable,
+} from './events.js';
 import { tierChanges, tierOf } from './tier.js';
 
 let rev = 10;
@@ -227,5 +237,34 @@ describe('previousLost', () => {
     const ev = put('events/a', { kind: 'member.fenced', host: 'a', time: 't', data: {} });
     ev.kv.version = 5;
     expect(previousLost(ev, from)).toBe(false);
+  });
+});
+
+describe('stored event times', () => {
+  const kv = (rev: string, value: string): KeyValue => ({
+    key: `${TIMES}${rev}`,
+    value,
+    createRevision: 1,
+    modRevision: 1,
+    version: 1,
+  });
+  const now = Date.parse('2026-12-07T08:02:00.000Z');
+
+  it('are kept while their revision can still be read, and for a while after it is compacted', () => {
+    // Regression (the nemesis, seed 2, 30 min): etcd compacted at 33280 while agent a
+    // was frozen with events 33255 and 33268 taken off its watch; the times were pruned
+    // at once, and a's follow stream stamped both anew, 2.7 s and 1.6 s later than
+    // every webhook and other stream had them.
+    const fresh = kv('33255', '2026-12-07T08:01:53.943Z');
+    expect(timePrunable(fresh, 33280, now)).toBe(false);
+    expect(timePrunable(fresh, 33000, now + 2 * TIME_GRACE_MS)).toBe(false);
+    expect(timePrunable(fresh, 33280, now + TIME_GRACE_MS)).toBe(true);
+    // a resync's time is kept under its id, <revision>.999999
+    expect(timePrunable(kv('33280.999999', '2026-12-07T08:01:53.943Z'), 33281, now)).toBe(false);
+    expect(
+      timePrunable(kv('33280.999999', '2026-12-07T08:01:53.943Z'), 33281, now + TIME_GRACE_MS),
+    ).toBe(true);
+    // not a time: goes with its history
+    expect(timePrunable(kv('12', 'garbage'), 33280, now)).toBe(true);
   });
 });

@@ -360,6 +360,29 @@ export async function stampTimes(store: Store, events: BallastEvent[]): Promise<
   }
 }
 
+/** How long a stored time is kept at least, after its revision is compacted too. */
+export const TIME_GRACE_MS = 15 * 60_000;
+
+/**
+ * Whether the stored time `kv` (`notify/time/<revision>[.n]`) may go: its
+ * revision is below the compaction point (no reader can read the event from the
+ * history again) and it was recorded more than `graceMs` ago (a reader that took
+ * the event off its watch before the compaction, and was frozen or behind since,
+ * still finds the same time).
+ */
+export function timePrunable(
+  kv: KeyValue,
+  compactRevision: number,
+  nowMs: number,
+  graceMs = TIME_GRACE_MS,
+): boolean {
+  const rev = Number.parseInt(kv.key.slice(kv.key.lastIndexOf('/') + 1), 10);
+  if (!(rev < compactRevision)) return false;
+  const at = Date.parse(kv.value);
+  // A value that is not a time is not ours to keep.
+  return Number.isNaN(at) || at < nowMs - graceMs;
+}
+
 /** The time recorded under `notify/time/<key>`, recorded now if none is. */
 export async function stableTime(store: Store, key: string): Promise<string> {
   const kv = await store.get(TIMES + key);

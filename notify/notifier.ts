@@ -44,6 +44,7 @@ import {
   stampTimes,
   TIMES,
   Translator,
+  timePrunable,
 } from './events.js';
 
 export const RECIPIENTS = 'notify/recipients/';
@@ -578,17 +579,18 @@ export class Notifier {
     );
   }
 
-  private pruned = 0;
-
-  /** Forgets the stored times of events whose history is compacted (nobody reads them again). */
+  /**
+   * Forgets the stored times of events whose history is compacted and that are
+   * older than TIME_GRACE_MS: a reader that took an event off its watch before
+   * the compaction (a frozen agent's stream, a deliverer with a backlog) still
+   * finds its time, rather than stamping it anew with a different one.
+   */
   private async pruneTimes(): Promise<void> {
     const point = await this.store.compactRevision();
-    if (point <= this.pruned) return;
+    const now = Date.now();
     for (const kv of (await this.store.range(TIMES)).kvs) {
-      const rev = Number.parseInt(kv.key.slice(TIMES.length), 10);
-      if (rev < point) await this.store.deleteIf(kv.key, kv.modRevision);
+      if (timePrunable(kv, point, now)) await this.store.deleteIf(kv.key, kv.modRevision);
     }
-    this.pruned = point;
   }
 
   /** Brings the running deliveries in line with the recipients and the leadership. */
