@@ -459,10 +459,16 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     writeFileSync(
       inv,
       stringify({
-        defaults: { user: 'root', key: clientKey, timeouts: { connect: 1 } },
+        // Only the silent host is meant to time out: the others get a deadline that
+        // a real sshd meets on a busy machine.
+        defaults: { user: 'root', key: clientKey, timeouts: { connect: 60 } },
         hosts: {
           closed: { address: '127.0.0.1', port: await freePort() },
-          silent: { address: '127.0.0.1', port: (silent.address() as net.AddressInfo).port },
+          silent: {
+            address: '127.0.0.1',
+            port: (silent.address() as net.AddressInfo).port,
+            timeouts: { connect: 1 },
+          },
           badkey: { address: '127.0.0.1', port: hosts.h1.sshd.port, key: otherKey },
           nokey: { address: '127.0.0.1', port: hosts.h1.sshd.port, key: join(root, 'nope') },
         },
