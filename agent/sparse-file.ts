@@ -24,6 +24,7 @@ const openAsync = promisify(fs.open);
 const closeAsync = promisify(fs.close);
 const fstatAsync = promisify(fs.fstat);
 const ftruncateAsync = promisify(fs.ftruncate);
+const fsyncAsync = promisify(fs.fsync);
 
 const { EIO, ENOTSUP, ENOSYS, EOPNOTSUPP } = osConstants.errno;
 
@@ -591,20 +592,8 @@ export class SparseFileBackend implements Backend {
    * Grow (sparsely) or shrink the file. Shrinking discards data past the new
    * end: the caller makes sure nobody is using it.
    */
-  async resize(newSize: number): Promise<void> {
-    if (!(Number.isSafeInteger(newSize) && newSize >= 0)) {
-      throw new BallastError('BALLAST_SIZE_INVALID', `invalid size ${newSize} for ${this.path}`);
-    }
-    if (!this.caps.write) {
-      throw new BallastError('BALLAST_READ_ONLY', `${this.path} is open read-only`);
-    }
-    await new Promise<void>((resolve, reject) =>
-      fs.ftruncate(this.fd, newSize, (e) => (e ? reject(e) : resolve())),
-    );
-    await new Promise<void>((resolve, reject) =>
-      fs.fsync(this.fd, (e) => (e ? reject(e) : resolve())),
-    );
-    this.size = newSize;
+  resize(newSize: number): Promise<void> {
+    return this.setSize(newSize, false);
   }
 
   /**
@@ -613,23 +602,20 @@ export class SparseFileBackend implements Backend {
    * grown it further a moment ago (a grow of its own that committed, or a record
    * this agent has not applied yet), and its clients may write there already.
    */
-  async growTo(newSize: number): Promise<void> {
+  growTo(newSize: number): Promise<void> {
+    return this.setSize(newSize, true);
+  }
+
+  private async setSize(newSize: number, growOnly: boolean): Promise<void> {
     if (!(Number.isSafeInteger(newSize) && newSize >= 0)) {
       throw new BallastError('BALLAST_SIZE_INVALID', `invalid size ${newSize} for ${this.path}`);
     }
     if (!this.caps.write) {
       throw new BallastError('BALLAST_READ_ONLY', `${this.path} is open read-only`);
     }
-    const st = await new Promise<fs.Stats>((resolve, reject) =>
-      fs.fstat(this.fd, (e, s) => (e ? reject(e) : resolve(s))),
-    );
-    if (st.size < newSize) {
-      await new Promise<void>((resolve, reject) =>
-        fs.ftruncate(this.fd, newSize, (e) => (e ? reject(e) : resolve())),
-      );
-      await new Promise<void>((resolve, reject) =>
-        fs.fsync(this.fd, (e) => (e ? reject(e) : resolve())),
-      );
+    if (!growOnly || (await fstatAsync(this.fd)).size < newSize) {
+      await ftruncateAsync(this.fd, newSize);
+      await fsyncAsync(this.fd);
     }
     this.size = newSize;
   }
