@@ -48,7 +48,7 @@ import { describeTarget, listenError, prepareSocketPath } from './listen.js';
 import { createMetrics } from './metrics.js';
 import { loadNative } from './native.js';
 import { Pool } from './pools.js';
-import { ReservationManager } from './reservations.js';
+import { ReservationManager, SETTLED_PREFIX } from './reservations.js';
 import { SqliteStore } from './store/sqlite-store.js';
 import type { Store } from './store/store.js';
 import { StreamManager } from './stream.js';
@@ -450,12 +450,16 @@ export class Agent {
       // A PR command that lost its race waits for the watch to bring the winner here.
       this.reservations.caughtUp = (rev) =>
         cluster.waitUntil(() => cluster.revision >= rev, CAUGHT_UP_MS);
-      await this.reservations.joined(cluster.snapshot('pr/'), cluster.snapshot('acl/'), (rev) =>
-        cluster
-          .members()
-          .some(
-            (m) => m.state === 'alive' && m.host !== cluster.host && cluster.ackOf(m.host) < rev,
-          ),
+      await this.reservations.joined(
+        cluster.snapshot('pr/'),
+        cluster.snapshot('acl/'),
+        cluster.snapshot(SETTLED_PREFIX),
+        (rev) =>
+          cluster
+            .members()
+            .some(
+              (m) => m.state === 'alive' && m.host !== cluster.host && cluster.ackOf(m.host) < rev,
+            ),
       );
       this.devices.cluster = {
         host: cluster.host,

@@ -19,7 +19,9 @@
 // device's record once and holds its retry while DEVICEFILE.hold exists
 // (test/cluster/lagging-cache.test.ts). `watch-start-hold` holds the start between the first
 // listing of the cluster and its watch while DATADIR/watch-start.hold exists
-// (test/cluster/join-failed.test.ts). In dumpd, `early-reboot-hold` keeps an
+// (test/cluster/join-failed.test.ts). `ack-hold` holds the agent's acks (`acks/<host>`)
+// while DATADIR/ack.hold exists, as if it died before acking a change it made
+// (test/cluster/catching-up.test.ts). In dumpd, `early-reboot-hold` keeps an
 // early-reboot dump `streaming` after its stream has ended, while RUNDIR/GUEST.hold
 // exists, so that a test sees the guest's second boot before the dump completes
 // however slow the boot (test/e2e/early-reboot.test.ts).

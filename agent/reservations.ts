@@ -86,6 +86,13 @@ interface PrRecord {
   abort?: string[];
   /** The command that made this state (for the reservation.changed event). */
   last?: { action: PrAction; initiator: string; actor: string; time: string; host?: string };
+  /**
+   * In a cluster: the state this change replaced, which the agents that have not
+   * applied it still enforce. An agent that starts before it has settled holds the
+   * device to what both allow, without reading an older revision etcd may have
+   * compacted or may not answer for a while.
+   */
+  before?: PrStateJson;
 }
 
 /** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
@@ -346,22 +353,34 @@ export class ReservationManager {
 
   /**
    * In a cluster, once its cache is listed and before the agent serves: applies
-   * what changed since load() (the watch only brings what follows the listing),
-   * and on a device whose last change some member has not applied yet, allows
-   * nobody anything until every member has. The state that change replaced is
-   * not known here, so what it gives must wait, as on the agents that applied it.
+   * what changed since load() (the watch only brings what follows the listing).
+   * A device whose last change some member has not applied yet, and whose
+   * marker (`pr-settled/<device>`) does not say every agent has, is held to what
+   * both that change and the state it replaced allow, as on the agents that
+   * applied it, until every member has. A change whose marker is written is in
+   * force everywhere, whatever a member's ack (the agent that made a change acks
+   * it after the fact, and may die first).
    */
   async joined(
     prs: KeyValue[],
     acls: KeyValue[],
+    markers: KeyValue[],
     behind: (revision: number) => boolean,
   ): Promise<void> {
+    for (const kv of markers) {
+      const revision = Number(kv.value);
+      if (revision > 0) this.noteMarker(kv.key.slice(SETTLED_PREFIX.length), revision);
+    }
     for (const kv of acls) await this.applyRemote(kv.key.slice(ACL_PREFIX.length), 'acl', kv);
     for (const kv of prs) {
       const device = kv.key.slice(PR_PREFIX.length);
       await this.applyRemote(device, 'pr', kv);
-      if (!behind(kv.modRevision)) continue;
       const acc = this.access(device);
+      if ((this.markers.get(device) ?? 0) >= kv.modRevision) {
+        acc.settled(kv.modRevision);
+        continue;
+      }
+      if (!behind(kv.modRevision)) continue;
       // What the agents that have not applied it still enforce: the record before it.
       acc.unsettled.push({ revision: kv.modRevision, state: await this.stateBefore(device, kv) });
       acc.generation++;
@@ -371,20 +390,34 @@ export class ReservationManager {
   }
 
   /**
-   * The reservation state a change replaced: its record one revision earlier
-   * (none: no reservation yet). If etcd has compacted that revision away, it is
-   * unknown, and nobody may do anything until every agent has the change.
+   * The reservation state a change replaced: carried by its record (written by
+   * this version), else its record one revision earlier (none: no reservation
+   * yet), asked again while etcd does not answer. Only if etcd has compacted
+   * that revision away is it unknown, and nobody may do anything until every
+   * agent has the change.
    */
   private async stateBefore(device: string, kv: KeyValue): Promise<PrState> {
     try {
-      const r = await this.store.range(kv.key, { revision: kv.modRevision - 1 });
-      const prev = r.kvs.find((k) => k.key === kv.key);
-      return prev ? prFromJson((JSON.parse(prev.value) as PrRecord).state) : EMPTY_PR;
-    } catch (e) {
-      this.log(
-        `device ${device}: the state before change ${kv.modRevision} is unknown (${(e as Error).message}); nobody is served until every agent has it`,
-      );
-      return NOBODY;
+      const before = (JSON.parse(kv.value) as PrRecord).before;
+      if (before !== undefined) return prFromJson(before);
+    } catch {
+      // unreadable: applyRecord has already refused everyone
+    }
+    for (let attempt = 1, delay = 200; ; attempt++, delay = Math.min(delay * 2, 2000)) {
+      try {
+        const r = await this.store.range(kv.key, { revision: kv.modRevision - 1 });
+        const prev = r.kvs.find((k) => k.key === kv.key);
+        return prev ? prFromJson((JSON.parse(prev.value) as PrRecord).state) : EMPTY_PR;
+      } catch (e) {
+        if (attempt < 10 && !isStoreError(e, 'STORE_COMPACTED')) {
+          await new Promise((r) => setTimeout(r, delay));
+          continue;
+        }
+        this.log(
+          `device ${device}: the state before change ${kv.modRevision} is unknown (${(e as Error).message}); nobody is served until every agent has it`,
+        );
+        return NOBODY;
+      }
     }
   }
 
@@ -837,6 +870,7 @@ export class ReservationManager {
         };
       }
       const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
+      if (this.settle) record.before = prToJson(acc.state);
       if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
         record.abort = result.preempted;
       }

@@ -569,8 +569,8 @@ export class Cluster {
     if (this.acking || this.stopped || this.appliedCatalog <= this.ackedCatalog) return;
     this.acking = true;
     const rev = this.appliedCatalog;
-    this.store
-      .put(ACKS + this.host, String(rev), { lease: this.lease })
+    failpointHold('ack-hold', path.join(this.baseInfo?.dataDir ?? '.', 'ack.hold'))
+      .then(() => this.store.put(ACKS + this.host, String(rev), { lease: this.lease }))
       .then(
         () => {
           this.ackedCatalog = Math.max(this.ackedCatalog, rev);
