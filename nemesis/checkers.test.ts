@@ -355,6 +355,24 @@ describe('audit checker', () => {
     ];
     expect(checkAudit(history(o, { audit: { d: extra } })).length).toBeGreaterThan(0);
   });
+
+  it('commands of the same content share its entries as real time allows: a long one overlapping a short one', async () => {
+    const relA: Request = { action: 'release', as: 'a', key: '0xa', type: 3 };
+    // L is sent first and answered last; S, sent and answered inside it, before X
+    const L = pr(4, 20, resB, no('PR_CONFLICT'));
+    const S = pr(5, 6, resB, no('PR_CONFLICT'));
+    const o = [pr(0, 1, regA, ok(1)), pr(2, 3, resA, ok(1)), L, S, pr(8, 9, relA, ok(1))];
+    const refusal = row(0, resB, 'refused', 1, 'PR_CONFLICT');
+    const head = [row(0, regA, 'changed', 1), row(1, resA, 'changed', 1)];
+    const trail = (...rest: AuditRow[]) => [...head, ...rest].map((r, i) => ({ ...r, seq: i }));
+    // S's entry before X's, L's after: in call order L would take the first one
+    const good = trail(refusal, row(0, relA, 'changed', 1), refusal);
+    expect(checkAudit(history(o, { audit: { d: good } }))).toEqual([]);
+    // both after X: S, answered before X was sent, cannot be either
+    const bad = trail(row(0, relA, 'changed', 1), refusal, refusal);
+    const found = checkAudit(history(o, { audit: { d: bad } }));
+    expect(found.map((a) => a.message).join('\n')).toMatch(/returned before op .* was sent/);
+  });
 });
 
 describe('catalog and events checkers', () => {

@@ -472,6 +472,43 @@ function opKey(o: PrOp): string | null {
 }
 
 /**
+ * Entries `positions` (ascending) of one content, given to the commands `ops` that
+ * share it: each command's entry must come after every command in `fixed` that
+ * returned before it was sent, and before every one sent after it returned. Earliest
+ * deadline first over the positions in order (the matching exists if this finds
+ * it); where it finds none, call order, which the real-time check then reports.
+ */
+export function shareEntries(
+  ops: PrOp[],
+  positions: number[],
+  fixed: [PrOp, number][],
+): Map<PrOp, number> {
+  const bounds = ops.map((o) => {
+    let lo = -1;
+    let hi = Number.POSITIVE_INFINITY;
+    for (const [f, i] of fixed) {
+      if (f.ret !== null && f.ret < o.call) lo = Math.max(lo, i);
+      if (o.ret !== null && o.ret < f.call) hi = Math.min(hi, i);
+    }
+    return { o, lo, hi };
+  });
+  const out = new Map<PrOp, number>();
+  const open = new Set(bounds);
+  for (const i of positions) {
+    let best: (typeof bounds)[number] | undefined;
+    for (const b of open) {
+      if (b.lo < i && i < b.hi && (best === undefined || b.hi < best.hi)) best = b;
+    }
+    if (best === undefined) break;
+    open.delete(best);
+    out.set(best.o, i);
+  }
+  if (out.size === ops.length) return out;
+  const byCall = [...ops].sort((a, b) => a.call - b.call);
+  return new Map(byCall.map((o, n) => [o, positions[n]!]));
+}
+
+/**
  * Each device's audit trail lists every acknowledged command (changes and
  * refusals), nothing that did not happen, in an order the model can replay and
  * that respects real time.
@@ -577,17 +614,24 @@ export function checkAudit(h: History): Anomaly[] {
       }
     }
     // real-time order: a command that returned before another was sent comes first.
-    // Commands of the same content are told apart in call order (if any assignment
-    // to their entries respects real time, that one does); content whose count on
-    // the trail differs from what was acknowledged is reported above and left out.
+    // Content whose count on the trail differs from what was acknowledged is reported
+    // above and left out. Commands of the same content share its entries: each is
+    // given one that real time allows next to the commands told apart by content
+    // (sendEntries), so that a long command overlapping a short one of the same
+    // content is not judged on the short one's entry.
     const at = new Map<PrOp, number>();
+    const keyOf = new Map<PrOp, string>();
+    const shared: [PrOp[], number[]][] = [];
     for (const [k, list] of acked) {
+      for (const o of list) keyOf.set(o, k);
       const p = pos.get(k) ?? [];
       if (p.length !== list.length || maybe.has(k)) continue;
-      const sorted = [...list].sort((a, b) => a.call - b.call);
-      sorted.forEach((o, i) => {
-        at.set(o, p[i]!);
-      });
+      if (list.length === 1) at.set(list[0]!, p[0]!);
+      else shared.push([list, p]);
+    }
+    const fixed = [...at];
+    for (const [list, p] of shared) {
+      for (const [o, i] of shareEntries(list, p, fixed)) at.set(o, i);
     }
     const list = [...at.keys()].sort((a, b) => a.call - b.call);
     let reported = 0;
@@ -601,8 +645,18 @@ export function checkAudit(h: History): Anomaly[] {
           reported++;
           out.push({
             check: 'audit',
-            message: `${device}: op ${a.id} returned before op ${b.id} was sent, but the trail lists it after (seq ${rows[pa]!.seq} > ${rows[pb]!.seq})`,
-            ops: [a, b],
+            message: `${device}: op ${a.id} returned before op ${b.id} was sent, but the trail lists it after (seq ${rows[pa]!.seq} > ${rows[pb]!.seq}; entries told apart by call order among ${acked.get(keyOf.get(a)!)!.length} and ${acked.get(keyOf.get(b)!)!.length} of the same content)`,
+            // and the other commands of the same content, which the entries were shared among
+            ops: [
+              a,
+              b,
+              ...[a, b].flatMap((x) =>
+                acked
+                  .get(keyOf.get(x)!)!
+                  .filter((o) => o !== a && o !== b)
+                  .slice(0, 3),
+              ),
+            ],
           });
         }
       }
