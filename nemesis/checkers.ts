@@ -3,7 +3,8 @@
 // with the operations that show it.
 
 import type { AclOp, AuditRow, DeviceOp, History, IoOp, Op, PrOp } from './history.js';
-import { type LinModel, type LinOp, linearize } from './linearize.js';
+import { type LinModel, type LinOp, linearize, type Search } from './linearize.js';
+import { linearizeDfs } from './linearize-dfs.js';
 import {
   access,
   canonKey,
@@ -69,6 +70,8 @@ interface PrState {
   lifted: number[];
   /** Unknown commands that did not happen and whose settle step is still to come. */
   gone: number[];
+  /** Changes committed whose settle step is still to come (once lifted everywhere it never can come). */
+  committed: number[];
 }
 
 type PrInput =
@@ -108,9 +111,20 @@ function prModelFor(
 ): LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> {
   const zero = agents.map(() => 0);
   return {
-    init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [] },
+    init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [], committed: [] },
     key: (s) =>
-      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
+      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}|${s.committed.join(',')}`,
+    // Only I/O looks at how far an agent got, and an I/O step may move its agent
+    // as far as it likes: a state whose agents are nowhere further on than
+    // another's, all else equal, can do all that one can.
+    group: (s) =>
+      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.gone.join(',')}|${s.committed.join(',')}`,
+    covers: (a, b) =>
+      a.applied.every((v, i) => v <= b.applied[i]!) && a.lifted.every((v, i) => v <= b.lifted[i]!),
+    dead: (s, input) =>
+      'settle' in input &&
+      s.committed.includes(input.settle) &&
+      !s.pending.some((p) => p.id === input.settle),
     step(s, input, output) {
       if ('read' in input) return { ok: showModel(s.m) === input.read, next: s };
       if ('io' in input) {
@@ -148,6 +162,7 @@ function prModelFor(
           ok: true,
           next: trim({
             ...s,
+            committed: s.committed.filter((c) => c !== input.settle),
             applied: s.applied.map((v) => Math.max(v, i + 1)),
             lifted: s.lifted.map((v) => Math.max(v, i + 1)),
           }),
@@ -164,6 +179,7 @@ function prModelFor(
         ...s,
         m: r.next,
         pending: [...s.pending, { id: input.id, old: s.m }],
+        committed: [...s.committed, input.id],
       };
       if (output !== undefined) return { ok: true, next };
       return { ok: true, next, also: [{ ...s, gone: [...s.gone, input.id] }] };
@@ -204,7 +220,11 @@ export function finalModelString(f: {
  * right after a PR command returned that no such order explains is a grant (or
  * revocation) not yet in force on that agent.
  */
-export function checkReservations(h: History, maxSteps?: number): Anomaly[] {
+export function checkReservations(
+  h: History,
+  maxSteps?: number,
+  search: Search = linearize,
+): Anomaly[] {
   const anomalies: Anomaly[] = [];
   // a change's settle step: every agent past it
   const SETTLE = 1_000_000_000;
@@ -265,7 +285,7 @@ export function checkReservations(h: History, maxSteps?: number): Anomaly[] {
       });
     }
     // a history the search decides takes a few steps per operation; the cap grows with it
-    const r = linearize(prModel, lin, maxSteps ?? Math.max(2_000_000, 200 * lin.length));
+    const r = search(prModel, lin, maxSteps ?? Math.max(2_000_000, 200 * lin.length));
     if (r.verdict === 'undecided') {
       anomalies.push({
         check: 'reservations-linearizable',
@@ -732,7 +752,12 @@ export const DEVICE_VERDICTS = new Set([
 /** A create answered NOT made whose record may hold the name until its agent removes it. */
 const HOLDS_NAME = /its record goes once the store takes it|may be listed as creating/;
 
-export function checkCatalog(h: History): Anomaly[] {
+// The catalog and the access lists keep the depth-first search: a name's history is a few
+// hundred operations, decided in about one step each, and its operations in doubt stay in
+// flight to the end, which the frontier search would carry in every combination.
+const dfs = linearizeDfs as Search;
+
+export function checkCatalog(h: History, search: Search = dfs): Anomaly[] {
   const out: Anomaly[] = [];
   const fin = h.final.agents[0];
   const names = new Set(h.ops.filter((o): o is DeviceOp => o.kind === 'device').map((o) => o.name));
@@ -784,7 +809,7 @@ export function checkCatalog(h: History): Anomaly[] {
         output: undefined,
       });
     }
-    const r = linearize(devModel, lin);
+    const r = search(devModel, lin);
     if (r.verdict === 'fail') {
       const at = ops.findIndex((o) => o.id === r.stuck);
       const stuck = ops[at];
@@ -821,7 +846,7 @@ const aclModel: LinModel<string | null, AclIn, 'ok'> = {
   },
 };
 
-export function checkAcl(h: History): Anomaly[] {
+export function checkAcl(h: History, search: Search = dfs): Anomaly[] {
   const out: Anomaly[] = [];
   const fin = h.final.agents[0];
   const devices = new Set(h.ops.filter((o): o is AclOp => o.kind === 'acl').map((o) => o.device));
@@ -846,7 +871,7 @@ export function checkAcl(h: History): Anomaly[] {
         output: undefined,
       });
     }
-    const r = linearize(aclModel, lin);
+    const r = search(aclModel, lin);
     if (r.verdict === 'fail') {
       out.push({
         check: 'acl',
