@@ -220,10 +220,20 @@ export function finalModelString(f: {
  * right after a PR command returned that no such order explains is a grant (or
  * revocation) not yet in force on that agent.
  */
+/**
+ * The depth-first search decides most histories in a few steps per operation; one it
+ * cannot decide so (a dead end far back, many operations in flight) goes to the
+ * frontier search, which decides it in one pass. Both are exact.
+ */
+const prSearch: Search = (model, ops, maxSteps) => {
+  const quick = linearizeDfs(model, ops, Math.min(maxSteps ?? 5_000_000, 40 * ops.length));
+  return quick.verdict === 'undecided' ? linearize(model, ops, maxSteps) : quick;
+};
+
 export function checkReservations(
   h: History,
   maxSteps?: number,
-  search: Search = linearize,
+  search: Search = prSearch,
 ): Anomaly[] {
   const anomalies: Anomaly[] = [];
   // a change's settle step: every agent past it
@@ -285,7 +295,7 @@ export function checkReservations(
       });
     }
     // a history the search decides takes a few steps per operation; the cap grows with it
-    const r = search(prModel, lin, maxSteps ?? Math.max(2_000_000, 200 * lin.length));
+    const r = search(prModel, lin, maxSteps ?? Math.max(5_000_000, 1000 * lin.length));
     if (r.verdict === 'undecided') {
       anomalies.push({
         check: 'reservations-linearizable',

@@ -83,84 +83,90 @@ describe('the frontier search agrees with the depth-first search it replaced', (
       fate: fc.constantFrom(0, 0, 0, 1, 2),
     });
     fc.assert(
-      fc.property(fc.array(op, { minLength: 1, maxLength: 9 }), fc.boolean(), (spec, withFinal) => {
-        let m: Model = EMPTY;
-        const ops: Op[] = [];
-        const sorted = [...spec].sort((a, b) => a.w.call - b.w.call);
-        sorted.forEach((s, id) => {
-          const call = s.w.call;
-          const ret = call + s.w.len;
-          if (s.pr) {
-            const req = REQS[s.req]!;
-            const r = step(m, req);
-            m = r.next;
-            const o: PrOp = {
-              id,
-              kind: 'pr',
-              process: 'p',
-              agent: s.agent,
-              device: 'd',
-              call,
-              ret,
-              status: r.out.ok ? 'ok' : 'failed',
-              req,
-              out: r.out,
-            };
-            if (s.fate === 1) {
-              o.status = 'unknown';
-              o.ret = null;
-              o.gaveUp = call + 1;
-              delete o.out;
-            } else if (s.fate === 2 && r.out.ok) {
-              o.out = { ...r.out, generation: r.out.generation + 1 };
+      fc.property(
+        fc.array(op, { minLength: 1, maxLength: 12 }),
+        fc.boolean(),
+        (spec, withFinal) => {
+          let m: Model = EMPTY;
+          const ops: Op[] = [];
+          const sorted = [...spec].sort((a, b) => a.w.call - b.w.call);
+          sorted.forEach((s, id) => {
+            const call = s.w.call;
+            const ret = call + s.w.len;
+            if (s.pr) {
+              const req = REQS[s.req]!;
+              const r = step(m, req);
+              m = r.next;
+              const o: PrOp = {
+                id,
+                kind: 'pr',
+                process: 'p',
+                agent: s.agent,
+                device: 'd',
+                call,
+                ret,
+                status: r.out.ok ? 'ok' : 'failed',
+                req,
+                out: r.out,
+              };
+              if (s.fate === 1) {
+                o.status = 'unknown';
+                o.ret = null;
+                o.gaveUp = call + 1;
+                delete o.out;
+              } else if (s.fate === 2 && r.out.ok) {
+                o.out = { ...r.out, generation: r.out.generation + 1 };
+              }
+              ops.push(o);
+            } else {
+              let allowed = access(m, s.who)[s.write ? 'write' : 'read'];
+              if (s.fate === 2) allowed = !allowed;
+              const o: IoOp = {
+                id,
+                kind: 'io',
+                process: 'io',
+                agent: s.agent,
+                device: 'd',
+                identity: s.who,
+                conn: 0,
+                cmd: s.write ? 'write' : 'read',
+                block: 0,
+                call,
+                ret,
+                status: allowed ? 'ok' : 'failed',
+                ...(allowed ? {} : { errno: 'EPERM' }),
+              };
+              ops.push(o);
             }
-            ops.push(o);
-          } else {
-            let allowed = access(m, s.who)[s.write ? 'write' : 'read'];
-            if (s.fate === 2) allowed = !allowed;
-            const o: IoOp = {
-              id,
-              kind: 'io',
-              process: 'io',
-              agent: s.agent,
-              device: 'd',
-              identity: s.who,
-              conn: 0,
-              cmd: s.write ? 'write' : 'read',
-              block: 0,
-              call,
-              ret,
-              status: allowed ? 'ok' : 'failed',
-              ...(allowed ? {} : { errno: 'EPERM' }),
-            };
-            ops.push(o);
-          }
-        });
-        const [gen, regs, res] = showModel(m).split(' ');
-        const regMap = Object.fromEntries(
-          regs!
-            .slice(1, -1)
-            .split(',')
-            .filter(Boolean)
-            .map((kv) => {
-              const [k, v] = kv.split('=');
-              return [k!, `0x${v}`];
-            }),
-        );
-        const final = withFinal
-          ? {
-              agents: [
-                {
-                  agent: 'a',
-                  devices: [],
-                  pr: { d: { generation: Number(gen!.slice(1)), regs: regMap, reservation: res! } },
-                  acl: {},
-                },
-              ],
-            }
-          : {};
-        agree(verdicts((s) => checkReservations(history(ops, final), 200_000, s)));
-      }),
+          });
+          const [gen, regs, res] = showModel(m).split(' ');
+          const regMap = Object.fromEntries(
+            regs!
+              .slice(1, -1)
+              .split(',')
+              .filter(Boolean)
+              .map((kv) => {
+                const [k, v] = kv.split('=');
+                return [k!, `0x${v}`];
+              }),
+          );
+          const final = withFinal
+            ? {
+                agents: [
+                  {
+                    agent: 'a',
+                    devices: [],
+                    pr: {
+                      d: { generation: Number(gen!.slice(1)), regs: regMap, reservation: res! },
+                    },
+                    acl: {},
+                  },
+                ],
+              }
+            : {};
+          agree(verdicts((s) => checkReservations(history(ops, final), 200_000, s)));
+        },
+      ),
       { numRuns: RUNS },
     );
   });
