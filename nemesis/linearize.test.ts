@@ -12,7 +12,7 @@ import { linearize, type Search } from './linearize.js';
 import { linearizeDfs } from './linearize-dfs.js';
 import { access, EMPTY, type Model, type Request, showModel, step } from './model.js';
 
-const RUNS = 1500;
+const RUNS = 3000;
 
 function history(ops: Op[], final: Partial<History['final']>): History {
   return {
