@@ -70,7 +70,10 @@ interface PrState {
   lifted: number[];
   /** Unknown commands that did not happen and whose settle step is still to come. */
   gone: number[];
-  /** Changes committed whose settle step is still to come (once lifted everywhere it never can come). */
+  /**
+   * Changes committed whose settle step is still to come (once lifted everywhere it never
+   * can come). Left out of the key: the operations placed decide it, and no step reads it.
+   */
   committed: number[];
 }
 
@@ -113,7 +116,7 @@ function prModelFor(
   return {
     init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [], committed: [] },
     key: (s) =>
-      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}|${s.committed.join(',')}`,
+      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
     // Only I/O looks at how far an agent got, and an I/O step may move its agent
     // as far as it likes: a state whose agents are nowhere further on than
     // another's, all else equal, can do all that one can.
@@ -226,7 +229,11 @@ export function finalModelString(f: {
  * frontier search, which decides it in one pass. Both are exact.
  */
 const prSearch: Search = (model, ops, maxSteps) => {
-  const quick = linearizeDfs(model, ops, Math.min(maxSteps ?? 5_000_000, 40 * ops.length));
+  const quick = linearizeDfs(
+    model,
+    ops,
+    Math.min(maxSteps ?? 5_000_000, Math.max(2_000_000, 100 * ops.length)),
+  );
   return quick.verdict === 'undecided' ? linearize(model, ops, maxSteps) : quick;
 };
 
