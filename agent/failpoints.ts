@@ -21,6 +21,8 @@
 // listing of the cluster and its watch while DATADIR/watch-start.hold exists
 // (test/cluster/join-failed.test.ts). `ack-hold` holds the agent's acks (`acks/<host>`)
 // while DATADIR/ack.hold exists, as if it died before acking a change it made
+// (test/cluster/catching-up.test.ts). `register-lost` loses the answer of the agent's
+// first re-registration after its lease ran out, before it is sent
 // (test/cluster/catching-up.test.ts). In dumpd, `early-reboot-hold` keeps an
 // early-reboot dump `streaming` after its stream has ended, while RUNDIR/GUEST.hold
 // exists, so that a test sees the guest's second boot before the dump completes

@@ -17,7 +17,7 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BallastError } from '../agent/errors.js';
-import { failpointHold } from '../agent/failpoints.js';
+import { failpointArmed, failpointHold } from '../agent/failpoints.js';
 import {
   cmp,
   isStoreError,
@@ -173,6 +173,8 @@ export class Cluster {
   private baseInfo: Omit<MemberInfo, 'lease'> | undefined;
   /** Whether this agent ever held its member key (a refused agent leaves nothing behind). */
   private registered = false;
+  /** Failpoint register-lost: the one re-registration whose answer is lost has been. */
+  private lostOnce = false;
   /** When this agent last registered (its hosts/<host> record's since), kept for leave(). */
   private upSince: string | undefined;
 
@@ -257,26 +259,41 @@ export class Cluster {
     for (let attempt = 0; ; attempt++) {
       const t0 = performance.now();
       const lease = await store.grantLease(config.leaseTtl);
-      this.lease = lease;
       const key = MEMBERS + this.host;
-      const info = this.info();
+      // The new lease becomes this agent's only with its member key: kept alive
+      // without one, it would make the agent healthy (and unfenced) while the other
+      // agents, seeing no member, wait for nothing it has not applied.
+      const info: MemberInfo = { ...me, lease };
       const hostRec: HostRecord = {
         host: this.host,
         state: 'up',
         since: new Date().toISOString(),
         info,
       };
-      const r = await store.txn({
-        compare: [cmp.version(key, '=', 0)],
-        success: [
-          op.put(key, JSON.stringify(info), { lease }),
-          op.put(HOSTS + this.host, JSON.stringify(hostRec)),
-          op.put(ACKS + this.host, String(this.appliedCatalog), { lease }),
-          op.put(EPOCHS + this.host, lease, { lease }),
-        ],
-        failure: [op.get(key)],
-      });
+      let r: Awaited<ReturnType<Store['txn']>>;
+      try {
+        if (failpointArmed('register-lost') && this.registered && !this.lostOnce) {
+          this.lostOnce = true;
+          throw new StoreError('STORE_UNAVAILABLE', 'failpoint register-lost: the answer was lost');
+        }
+        r = await store.txn({
+          compare: [cmp.version(key, '=', 0)],
+          success: [
+            op.put(key, JSON.stringify(info), { lease }),
+            op.put(HOSTS + this.host, JSON.stringify(hostRec)),
+            op.put(ACKS + this.host, String(this.appliedCatalog), { lease }),
+            op.put(EPOCHS + this.host, lease, { lease }),
+          ],
+          failure: [op.get(key)],
+        });
+      } catch (e) {
+        // Made or not, the registration under this lease goes with it (the next one
+        // starts afresh); should the revoke be lost too, the lease runs out.
+        await store.revokeLease(lease).catch(() => {});
+        throw e;
+      }
       if (r.succeeded) {
+        this.lease = lease;
         this.registered = true;
         this.upSince = hostRec.since;
         this.epochRev = r.revision;
@@ -304,6 +321,19 @@ export class Cluster {
         this.opts.log(
           `cluster: host ${this.host}: taking over from a dead agent (pid ${other.pid})`,
         );
+        await store.revokeLease(other.lease).catch(() => {});
+        continue;
+      }
+      // This agent's own registration under an older lease (a re-registration whose
+      // answer was lost, and whose revoke was too): it goes.
+      if (
+        attempt < 2 &&
+        other &&
+        other.machine === me.machine &&
+        other.dataDir === me.dataDir &&
+        other.pid === process.pid &&
+        other.lease !== this.lease
+      ) {
         await store.revokeLease(other.lease).catch(() => {});
         continue;
       }
