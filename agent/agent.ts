@@ -444,7 +444,7 @@ export class Agent {
           .members()
           .filter((m) => m.state === 'alive')
           .map((m) => m.host);
-      this.reservations.settle = (rev) => cluster.settle(rev, everyone());
+      this.reservations.settle = (rev) => cluster.settle(rev, everyone);
       this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
       this.reservations.cachedTrail = (device) => cluster.snapshot(`pr-audit/${device}/`);
       // A PR command that lost its race waits for the watch to bring the winner here.
@@ -467,7 +467,7 @@ export class Agent {
         servingHosts: (rec) => servingHosts(cluster, rec),
         // Every member applies every catalog change, so that any agent answers for all.
         settle: async (rev) => {
-          await cluster.settle(rev, everyone());
+          await cluster.settle(rev, everyone);
         },
         describeHost: (h) => cluster.member(h)?.api.join(', ') || `host ${h} is not a live member`,
       };

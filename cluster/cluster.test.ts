@@ -84,7 +84,7 @@ describe('Cluster (membership, cache, acks) on the embedded store', () => {
       ['b', 'alive'],
     ]);
     const put = await store.put('devices/x', '{}');
-    await a.settle(put.revision, ['a', 'b']);
+    await a.settle(put.revision, () => ['a', 'b']);
     expect(a.ackOf('b')).toBeGreaterThanOrEqual(put.revision);
     expect(seenB.some((e) => e.kv.key === 'devices/x')).toBe(true);
     expect(a.hostsWithSharedPools([{ pool: 'shared', file: '/srv/shared/x.img' }])).toEqual([
@@ -122,6 +122,6 @@ describe('Cluster (membership, cache, acks) on the embedded store', () => {
     expect(a.members().find((m) => m.host === 'gone')?.state).toBe('expired');
     // settle does not wait for a member that is gone
     const put = await store.put('devices/y', '{}');
-    await a.settle(put.revision, ['a', 'gone']);
+    await a.settle(put.revision, () => ['a', 'gone']);
   });
 });

@@ -704,10 +704,14 @@ export class Cluster {
    */
   async settle(
     revision: number,
-    hosts: string[],
+    who: () => string[],
   ): Promise<{ waitedMs: number; hosts: { host: string; how: SettledHow }[] }> {
     const t0 = performance.now();
     const how = new Map<string, SettledHow>();
+    // A member that registered before `revision` must be among those waited for: the
+    // membership is read once this agent's cache holds `revision` (a host registering
+    // later catches up past it before it serves: Fence).
+    let hosts: string[] = [];
     const pending = () => {
       const left: string[] = [];
       for (const h of hosts) {
@@ -723,6 +727,13 @@ export class Cluster {
     // A member that cannot apply loses its lease within the TTL; one that keeps its
     // lease but is slow (a loaded host) is waited for, up to a bound.
     const boundMs = Math.max(15_000, this.opts.config.leaseTtl * 3000);
+    if (!(await this.waitUntil(() => this.revision >= revision, boundMs))) {
+      throw new BallastError(
+        'BALLAST_CLUSTER_NOT_APPLIED',
+        `the change (revision ${revision}) is committed, but this agent has not seen it come back from etcd yet (at revision ${this.revision})`,
+      );
+    }
+    hosts = who();
     if (!(await this.waitUntil(() => pending().length === 0, boundMs))) {
       throw new BallastError(
         'BALLAST_CLUSTER_NOT_APPLIED',

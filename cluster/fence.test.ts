@@ -66,6 +66,22 @@ describe('Fence', () => {
     expect(f.fences).toBe(1);
   });
 
+  it('an agent that has just joined serves only once caught up, without counting a fence', () => {
+    const lease = new Lease();
+    lease.serve = false; // registered, the cache not yet at the registration's revision
+    const f = fence(lease);
+    expect(f.gate()).toBe('hold');
+    let woken = 0;
+    f.onOpen(() => woken++);
+    f.check();
+    expect(f.gate()).toBe('hold');
+    lease.serve = true;
+    f.check();
+    expect(woken).toBe(1);
+    expect(f.gate()).toBe('open');
+    expect(f.fences).toBe(0);
+  });
+
   it('a wall clock that jumps changes nothing: deadlines are monotonic', () => {
     const lease = new Lease();
     const f = fence(lease);

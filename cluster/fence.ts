@@ -50,6 +50,8 @@ export interface FenceOptions {
 
 export class Fence {
   private fencedAt: number | null = null;
+  /** Closed since the agent joined, not yet caught up (not a fence: not counted or told). */
+  private starting = false;
   private readonly native: BallastNative;
   /** This fence's slot in the addon. */
   readonly slot: number;
@@ -79,6 +81,15 @@ export class Fence {
       throw new BallastError('BALLAST_NATIVE_MISSING', 'no fence slot left in the native addon');
     }
     this.token = this.slot * 2 ** 32;
+    // An agent that has just joined serves shared devices only once its cache has
+    // caught up to its registration: a change made between its first listing and
+    // its registration did not wait for it, and must be in force here before it serves.
+    if (!src.canServe()) {
+      this.fencedAt = performance.now();
+      this.starting = true;
+      this.failTimer = setTimeout(() => this.wakeAll(), this.opts.holdMs + 1);
+      this.failTimer.unref();
+    }
     this.publish();
     if (opts.watchdog) {
       this.watchdogFd = openSync(opts.watchdog, 'w');
@@ -169,8 +180,13 @@ export class Fence {
       this.fencedAt = null;
       clearTimeout(this.failTimer);
       this.publish();
-      this.opts.log(`cluster: unfenced after ${ms} ms: lease renewed and state caught up`);
-      this.opts.onChange?.(false, ms);
+      if (this.starting) {
+        this.starting = false;
+        this.opts.log(`cluster: serving shared devices: state caught up ${ms} ms after joining`);
+      } else {
+        this.opts.log(`cluster: unfenced after ${ms} ms: lease renewed and state caught up`);
+        this.opts.onChange?.(false, ms);
+      }
       this.wakeAll();
     }
   }
