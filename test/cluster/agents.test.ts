@@ -367,6 +367,10 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     follow.stdout.on('data', (d: Buffer) => {
       streamed += d.toString();
     });
+    let followErr = '';
+    follow.stderr.on('data', (d: Buffer) => {
+      followErr += d.toString();
+    });
     await sleep(300);
     expect(
       (await a.cli('device', 'create', 'from-a', '--size', '1M', '--pool', 'shared')).code,
@@ -378,7 +382,11 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
       'C delivered both',
       async () => rx.got.filter((g) => g.type === 'io.ballast.device.created').length >= 2,
     );
-    await until('the stream on B saw A', async () => streamed.includes('from-a'));
+    await until('the stream on B saw A', async () => streamed.includes('from-a')).catch((e) => {
+      throw new Error(
+        `${(e as Error).message}; the stream printed ${JSON.stringify(streamed.slice(-2000))}, on stderr ${JSON.stringify(followErr.slice(-2000))} (exit ${follow.exitCode})`,
+      );
+    });
     follow.kill('SIGINT');
     const ls = JSON.parse((await c.cli('notify', 'ls', '--json')).stdout) as {
       recipients: { deliveredBy: string }[];
