@@ -545,6 +545,7 @@ export class Cluster {
         this.revision = Math.max(this.revision, r.revision);
         this.appliedCatalog = Math.max(this.appliedCatalog, r.revision);
         this.scheduleAck();
+        this.fence?.check(); // caught up to the listing: a fence waiting for that opens now
         await this.watchFrom(r.revision + 1);
         return;
       } catch (e) {
