@@ -10,9 +10,10 @@ import {
   checkEvents,
   checkReservations,
 } from './checkers.js';
-import type { AuditRow, Delivered, DeviceOp, History, IoOp, Op, PrOp } from './history.js';
+import type { AuditRow, Delivered, DeviceOp, IoOp, Op, PrOp } from './history.js';
 import { linearize } from './linearize.js';
 import type { Outcome, Request } from './model.js';
+import { history } from './test-history.js';
 
 let nextId = 0;
 function pr(call: number, ret: number | null, req: Request, out?: Outcome, agent = 'a'): PrOp {
@@ -61,31 +62,6 @@ function io(
     ...(result === 'EPERM' ? { errno: 'EPERM' } : {}),
     ...(cmd === 'write' ? { tag: `w${id}` } : {}),
     ...extra,
-  };
-}
-
-function history(
-  ops: Op[],
-  final: Partial<History['final']> = {},
-  conns: History['conns'] = [],
-): History {
-  return {
-    seed: 1,
-    ops,
-    conns,
-    faults: [],
-    prDevices: ['d'],
-    blocks: 1,
-    final: {
-      agents: [],
-      converged: true,
-      audit: {},
-      blocks: {},
-      consumers: {},
-      eventLog: [],
-      compactions: [],
-      ...final,
-    },
   };
 }
 

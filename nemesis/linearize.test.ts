@@ -11,30 +11,9 @@ import type { AclOp, DeviceOp, History, IoOp, Op, PrOp } from './history.js';
 import { linearize, type Search } from './linearize.js';
 import { linearizeDfs } from './linearize-dfs.js';
 import { access, EMPTY, type Model, type Request, showModel, step } from './model.js';
+import { history as base } from './test-history.js';
 
 const RUNS = 3000;
-
-function history(ops: Op[], final: Partial<History['final']>): History {
-  return {
-    seed: 1,
-    ops,
-    conns: [],
-    faults: [],
-    prDevices: ['d'],
-    blocks: 1,
-    unknownBoundMs: 4,
-    final: {
-      agents: [],
-      converged: true,
-      audit: {},
-      blocks: {},
-      consumers: {},
-      eventLog: [],
-      compactions: [],
-      ...final,
-    },
-  };
-}
 
 /** Whether the reference decided, and if so whether it found an anomaly. */
 function verdicts(run: (s: Search) => { message: string }[]): { ref: string; now: string } {
@@ -323,3 +302,8 @@ describe('the frontier search', () => {
     expect(good.steps).toBeLessThan(40 * ops.length);
   });
 });
+
+/** The shared history, with in-doubt operations bounded to 4 ms. */
+function history(ops: Op[], final: Partial<History['final']>): History {
+  return base(ops, final, [], { unknownBoundMs: 4 });
+}

@@ -15,10 +15,9 @@
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { EtcdStore } from '../../cluster/etcd-store.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
+import { compactEtcd, type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
 import { until as waitUntil } from '../helpers/wait.js';
@@ -91,6 +90,14 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
     return got;
   };
 
+  /** `host`'s membership (alive, expired, left) as `agent` lists it. */
+  const stateOf = async (agent: AgentHandle, host: string) =>
+    (
+      (await agent.api('GET', '/v1/cluster/members')).body as {
+        members: { host: string; state: string }[];
+      }
+    ).members.find((m) => m.host === host)?.state;
+
   const pr = async (agent: AgentHandle, device: string, body: Record<string, unknown>) => {
     const r = await agent.api('POST', `/v1/devices/${device}/pr`, body);
     expect(r.status, JSON.stringify(r.body)).toBe(200);
@@ -105,17 +112,8 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
     expect(
       (await A.api('POST', '/v1/devices', { name: 'd', size: '1M', pool: 'shared' })).status,
     ).toBe(201);
-    const members = async () =>
-      (
-        (await A.api('GET', '/v1/cluster/members')).body as {
-          members: { host: string; state: string }[];
-        }
-      ).members;
     await C.kill9();
-    await until(
-      'c expired',
-      async () => (await members()).find((m) => m.host === 'c')?.state === 'expired',
-    );
+    await until('c expired', async () => (await stateOf(A, 'c')) === 'expired');
     process.kill(B.child.pid!, 'SIGSTOP');
     try {
       // No reservation before or after: a registration changes nobody's access.
@@ -132,7 +130,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       await C.start();
       const got = await writeAs(C, 'host-c', 'd');
       // the change is still waiting for B: the write was judged before it settled
-      const still = (await members()).find((m) => m.host === 'b')?.state;
+      const still = await stateOf(A, 'b');
       expect(got, `host-c's write through C (b is ${still})`).toBe('ok');
       process.kill(B.child.pid!, 'SIGCONT');
       expect((await change).status).toBe(200);
@@ -181,12 +179,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
     await pr(A, 'k', { action: 'register', as: 'host-b', saKey: '0xb' });
     await pr(A, 'k', { action: 'reserve', as: 'host-b', key: '0xb', type: 'WERO' });
     await C.kill9();
-    await until('c expired', async () => {
-      const m = (await A.api('GET', '/v1/cluster/members')).body as {
-        members: { host: string; state: string }[];
-      };
-      return m.members.find((x) => x.host === 'c')?.state === 'expired';
-    });
+    await until('c expired', async () => (await stateOf(A, 'c')) === 'expired');
     const generation = async () =>
       ((await A.api('GET', '/v1/devices/k/pr')).body as { generation?: number }).generation ?? 0;
     const before = await generation();
@@ -200,16 +193,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       });
       change.catch(() => {}); // awaited below; a failure before that must not go unhandled
       await until('the change committed', async () => (await generation()) > before);
-      const direct = await EtcdStore.connect({
-        endpoints: etcd.endpoints,
-        prefix: '/compactor/',
-        timeoutMs: 5000,
-      });
-      try {
-        await direct.compact(await direct.revision());
-      } finally {
-        await direct.close();
-      }
+      await compactEtcd(etcd.endpoints);
       await C.start();
       // held to what both states allow: host-b, registered before and after, writes;
       // host-a's grant waits for B
@@ -229,12 +213,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
     const start = starter('catchup-rejoin');
     const A = await start('a', 2);
     const X = await start('x', 2, { BALLAST_FAILPOINTS: 'register-lost' });
-    const stateOfX = async () =>
-      (
-        (await A.api('GET', '/v1/cluster/members')).body as {
-          members: { host: string; state: string }[];
-        }
-      ).members.find((m) => m.host === 'x')?.state;
+    const stateOfX = () => stateOf(A, 'x');
     process.kill(X.child.pid!, 'SIGSTOP');
     try {
       await until('x expired', async () => (await stateOfX()) === 'expired');

@@ -7,11 +7,10 @@
 // host-a's connection there stayed open (its writes got EPERM, for good).
 
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { EtcdStore } from '../../cluster/etcd-store.js';
 import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
+import { compactEtcd, type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';
 import { describeWithTools } from '../helpers/tools.js';
 import { until } from '../helpers/wait.js';
@@ -122,16 +121,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an abort skipped by a compactio
       await ok(B, dev, { action: 'register', as: 'host-c', saKey: '0xc' });
       const last = await generation(B, dev);
 
-      const direct = await EtcdStore.connect({
-        endpoints: etcd.endpoints,
-        prefix: '/compactor/',
-        timeoutMs: 5000,
-      });
-      try {
-        await direct.compact(await direct.revision());
-      } finally {
-        await direct.close();
-      }
+      await compactEtcd(etcd.endpoints);
       // New connections: A's watch must resume from a compacted revision.
       for (const p of proxies) {
         p.reset();
