@@ -109,19 +109,22 @@ function trim(s: PrState): PrState {
   };
 }
 
+const pendingKey = (s: PrState) => s.pending.map((p) => `${p.id}<${showModel(p.old)}>`).join(',');
+
 function prModelFor(
   agents: readonly string[],
 ): LinModel<PrState, PrInput, Outcome | 'ok' | 'EPERM'> {
   const zero = agents.map(() => 0);
   return {
     init: { m: EMPTY, pending: [], applied: zero, lifted: zero, gone: [], committed: [] },
+    // a pending change's state before it is part of the state: what an agent that has
+    // not lifted it allows (two orders can reach the same changes over different states)
     key: (s) =>
-      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
+      `${showModel(s.m)}|${pendingKey(s)}|${s.applied.join('')}/${s.lifted.join('')}|${s.gone.join(',')}`,
     // Only I/O looks at how far an agent got, and an I/O step may move its agent
     // as far as it likes: a state whose agents are nowhere further on than
     // another's, all else equal, can do all that one can.
-    group: (s) =>
-      `${showModel(s.m)}|${s.pending.map((p) => p.id).join(',')}|${s.gone.join(',')}|${s.committed.join(',')}`,
+    group: (s) => `${showModel(s.m)}|${pendingKey(s)}|${s.gone.join(',')}|${s.committed.join(',')}`,
     covers: (a, b) =>
       a.applied.every((v, i) => v <= b.applied[i]!) && a.lifted.every((v, i) => v <= b.lifted[i]!),
     dead: (s, input) =>
