@@ -93,6 +93,14 @@ interface PrRecord {
    * compacted or may not answer for a while.
    */
   before?: PrStateJson;
+  /**
+   * In a cluster: the earlier changes of the device that the writer knew not every
+   * agent had applied yet, each with its revision and the state it replaced. An
+   * agent that never saw them one by one (it re-lists after a compaction, or starts)
+   * holds the device to these states too until their markers say every agent has
+   * them: the state it last knew itself may be older than any of them.
+   */
+  held?: { revision: number; state: PrStateJson }[];
 }
 
 /** What a change waited for in a cluster before it returned (see DeviceCluster.settle). */
@@ -204,6 +212,17 @@ class DeviceAccess implements AccessControl {
    * write nowhere.
    */
   unsettled: { revision: number; state: PrState }[] = [];
+
+  /** Holds the device to these replaced states too (one entry per revision). */
+  hold(entries: { revision: number; state: PrState }[]): void {
+    let added = false;
+    for (const e of entries) {
+      if (this.unsettled.some((u) => u.revision === e.revision)) continue;
+      this.unsettled.push(e);
+      added = true;
+    }
+    if (added) this.generation++;
+  }
 
   /** Every agent has applied `revision`: what older states withheld is lifted. */
   settled(revision: number): void {
@@ -381,12 +400,41 @@ export class ReservationManager {
         continue;
       }
       if (!behind(kv.modRevision)) continue;
-      // What the agents that have not applied it still enforce: the record before it.
-      acc.unsettled.push({ revision: kv.modRevision, state: await this.stateBefore(device, kv) });
+      // What the agents that have not applied it still enforce: the record before it,
+      // and the changes before that which it says not every agent had yet.
+      let rec: PrRecord | undefined;
+      try {
+        rec = JSON.parse(kv.value) as PrRecord;
+      } catch {
+        // unreadable: applyRecord has already refused everyone
+      }
+      acc.hold(
+        rec?.before !== undefined
+          ? this.heldBy(device, rec, kv.modRevision)
+          : [{ revision: kv.modRevision, state: await this.stateBefore(device, kv) }],
+      );
       acc.generation++;
       this.log(`device ${device}: change ${kv.modRevision} not applied everywhere yet; held`);
       this.settleLater(device, kv.modRevision);
     }
+  }
+
+  /**
+   * The states a record says the agents that have not applied it still enforce,
+   * for the changes past the device's marker: its own (the state it replaced)
+   * and the earlier ones its writer knew were not everywhere yet.
+   */
+  private heldBy(
+    device: string,
+    rec: PrRecord,
+    revision: number,
+  ): { revision: number; state: PrState }[] {
+    const marker = this.markers.get(device) ?? 0;
+    const all = [
+      ...(rec.held ?? []).map((h) => ({ revision: h.revision, state: prFromJson(h.state) })),
+      ...(rec.before !== undefined ? [{ revision, state: prFromJson(rec.before) }] : []),
+    ];
+    return all.filter((h) => h.revision > marker);
   }
 
   /**
@@ -713,7 +761,18 @@ export class ReservationManager {
       const next = prFromJson(rec.state);
       // pr-grant-early: the nemesis's injected bug, a grant in force before it settles
       if (this.settle && !failpointArmed('pr-grant-early')) {
-        acc.unsettled.push({ revision: modRevision, state: acc.state });
+        // What the agents that have not applied it still enforce: the state it
+        // replaced, as its record says (the state this agent knew is that state
+        // only if it saw every change before it; a re-listing skips some), and
+        // the earlier changes not yet everywhere that this agent never saw.
+        const skippedFrom = known?.pr ?? 0;
+        const held =
+          rec.before === undefined
+            ? [{ revision: modRevision, state: acc.state }]
+            : this.heldBy(device, rec, modRevision).filter(
+                (h) => h.revision === modRevision || h.revision > skippedFrom,
+              );
+        acc.hold(held);
         this.settleLater(device, modRevision);
       }
       acc.state = next;
@@ -870,7 +929,15 @@ export class ReservationManager {
         };
       }
       const record: PrRecord = { state: prToJson(next), seq: rev.seq + 1 };
-      if (this.settle) record.before = prToJson(acc.state);
+      if (this.settle) {
+        record.before = prToJson(acc.state);
+        if (acc.unsettled.length > 0) {
+          record.held = acc.unsettled.map((u) => ({
+            revision: u.revision,
+            state: prToJson(u.state),
+          }));
+        }
+      }
       if (result.ok && req.action === 'preempt-abort' && result.preempted.length > 0) {
         record.abort = result.preempted;
       }

@@ -11,10 +11,15 @@
 // before acking it: the restarted agent held the device though the change's marker
 // said every agent had it; (b) while a change waited, because the revision before it
 // was compacted (or etcd did not answer at once): the restarted agent allowed nobody.
+// Regression (the nemesis, 30-minute seed 3): host-b's write through an agent back
+// from a cut-off was refused with EPERM while a change waited, though host-b was
+// registered before and after it: the agent had re-listed after a compaction and
+// held the device to the state it last knew itself, from before host-b registered.
 
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { compactEtcd, type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
@@ -51,14 +56,14 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
   /** An agent of cluster `name` (its own pool directory), with the identities by source address. */
   const starter =
     (name: string) =>
-    (host: string, leaseTtl: number, env: Record<string, string> = {}) =>
+    (host: string, leaseTtl: number, env: Record<string, string> = {}, via = etcd.endpoints) =>
       startAgent({
         pools: [{ name: 'shared', path: path.join(shared, name), shared: true }],
         nbd: {
           listen: '127.0.0.1:0',
           identities: Object.entries(SOURCE).map(([id, addr]) => `${addr}=${id}`),
         },
-        cluster: { name, etcd: etcd.endpoints, host, leaseTtl },
+        cluster: { name, etcd: via, host, leaseTtl },
         env,
       }).then((a) => {
         agents.push(a);
@@ -206,6 +211,69 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       try {
         process.kill(B.child.pid!, 'SIGCONT');
       } catch {}
+    }
+  }, 300_000);
+
+  it('an agent back from a cut-off re-lists past a compaction while a change waits: held to the state the change replaced, not the one it last knew', async () => {
+    const proxies = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
+    const start = starter('catchup-relist');
+    const A = await start('a', 2);
+    const B = await start('b', 60);
+    const C = await start(
+      'c',
+      2,
+      {},
+      proxies.map((p) => p.url),
+    );
+    const generation = async (agent: AgentHandle) =>
+      ((await agent.api('GET', '/v1/devices/r/pr')).body as { generation?: number }).generation ??
+      0;
+    try {
+      expect(
+        (await A.api('POST', '/v1/devices', { name: 'r', size: '1M', pool: 'shared' })).status,
+      ).toBe(201);
+      // host-a holds Write Exclusive, Registrants Only; host-b is not registered
+      await pr(A, 'r', { action: 'register', as: 'host-a', saKey: '0xa' });
+      await pr(A, 'r', { action: 'reserve', as: 'host-a', key: '0xa', type: 'WERO' });
+      const setup = await generation(A);
+      await until('C applied the setup', async () => (await generation(C)) === setup);
+      expect(await writeAs(C, 'host-b', 'r')).toMatch(/^errno 1:/);
+      // C is cut off past its lease; meanwhile host-b registers (no wait for C)
+      for (const p of proxies) p.partition();
+      await until('c expired', async () => (await stateOf(A, 'c')) === 'expired');
+      await pr(A, 'r', { action: 'register', as: 'host-b', saKey: '0xb' });
+      // then a change that waits for the frozen B: host-c registers
+      const before = await generation(A);
+      process.kill(B.child.pid!, 'SIGSTOP');
+      const change = A.api('POST', '/v1/devices/r/pr', {
+        action: 'register',
+        as: 'host-c',
+        saKey: '0xc',
+      });
+      change.catch(() => {}); // awaited below; a failure before that must not go unhandled
+      await until('the change committed', async () => (await generation(A)) > before);
+      // C's watch cannot resume: it lists again and sees only the last record
+      await compactEtcd(etcd.endpoints);
+      for (const p of proxies) {
+        p.reset();
+        p.heal();
+      }
+      await until(
+        'C back and caught up',
+        async () => (await stateOf(A, 'c')) === 'alive' && (await generation(C)) > before,
+      );
+      // held to what both the change and the state it replaced allow: host-b,
+      // registered before and after, writes; host-c's registration waits for B
+      expect(await writeAs(C, 'host-b', 'r'), "host-b's write through C").toBe('ok');
+      expect(await writeAs(C, 'host-c', 'r'), "host-c's write through C").toMatch(/^errno 1:/);
+      process.kill(B.child.pid!, 'SIGCONT');
+      expect((await change).status).toBe(200);
+      expect(await writeAs(C, 'host-c', 'r'), 'once the change returned').toBe('ok');
+    } finally {
+      try {
+        process.kill(B.child.pid!, 'SIGCONT');
+      } catch {}
+      for (const p of proxies) await p.close().catch(() => {});
     }
   }, 300_000);
 
