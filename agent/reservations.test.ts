@@ -140,4 +140,43 @@ describe('ReservationManager', () => {
     expect(res.acl('disk').entries).toBeNull();
     expect(await res.audit('disk')).toEqual([]);
   });
+
+  it('a re-listed record holds the device to the states its writer knew were not everywhere yet, each until its marker', async () => {
+    const { store, res: writer } = await open();
+    writer.settle = async () => ({ waitedMs: 0, hosts: [] });
+    await writer.apply('disk', { action: 'register', as: 'a', key: 0n, saKey: 0xan });
+    await writer.apply('disk', { action: 'reserve', as: 'a', key: 0xan, type: 5 }); // WERO
+    // another agent's view, caught up to here; it hears of nothing settling by itself
+    const reader = new ReservationManager(
+      store,
+      () => null,
+      (n) => n === 'disk',
+      () => {},
+    );
+    reader.settle = () => new Promise(() => {});
+    await reader.load();
+    const acc = reader.access('disk');
+    const writes = (who: string) => can(acc.mask(who), CMD.WRITE);
+    expect([writes('a'), writes('b'), writes('c')]).toEqual([true, false, false]);
+    // two changes that not every agent confirmed (the writer is cut off from the rest)
+    writer.settle = () => Promise.reject(new Error('cut off'));
+    await expect(
+      writer.apply('disk', { action: 'register', as: 'b', key: 0n, saKey: 0xbn }),
+    ).rejects.toThrow('cut off');
+    const k = (await store.range('pr/disk')).kvs[0]!.modRevision;
+    await expect(
+      writer.apply('disk', { action: 'register', as: 'c', key: 0n, saKey: 0xcn }),
+    ).rejects.toThrow('cut off');
+    // the reader skipped the first (a re-listing after a compaction) and sees the last
+    const last = (await store.range('pr/disk')).kvs[0]!;
+    await reader.applyRemote('disk', 'pr', last);
+    expect(reader.show('disk')).toMatchObject({ generation: 3 });
+    // b's registration is not everywhere yet: an agent without it still refuses b
+    expect([writes('a'), writes('b'), writes('c')]).toEqual([true, false, false]);
+    // it is now; c's is not (its own marker is still to come)
+    await reader.applyRemote('disk', 'settled', { ...last, value: String(k) });
+    expect([writes('a'), writes('b'), writes('c')]).toEqual([true, true, false]);
+    await reader.applyRemote('disk', 'settled', { ...last, value: String(last.modRevision) });
+    expect([writes('a'), writes('b'), writes('c')]).toEqual([true, true, true]);
+  });
 });
