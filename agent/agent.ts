@@ -379,7 +379,11 @@ export class Agent {
     let agent: Agent | undefined;
     const trips: { f: (op: string, s: number) => void } = { f: () => {} };
     const store: Store = config.cluster
-      ? await openClusterStore(config.cluster, (op, s) => trips.f(op, s))
+      ? await openClusterStore(
+          config.cluster,
+          (op, s) => trips.f(op, s),
+          opts.log ?? ((m: string) => process.stderr.write(`ballast: ${m}\n`)),
+        )
       : await SqliteStore.open(join(config.dataDir, 'state.db'));
     if (config.cluster) {
       try {

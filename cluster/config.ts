@@ -25,6 +25,8 @@ export interface ClusterConfig {
   holdMs: number;
   /** Taken off the lease deadline: time for a checked write to reach the file (milliseconds). */
   fenceMarginMs: number;
+  /** How long an agent starting waits for etcd to answer before it gives up (milliseconds). */
+  startTimeoutMs: number;
   /** A Linux watchdog device to pet while the lease is valid. */
   watchdog?: string;
   /** PEM files for etcd client TLS (https:// endpoints). */
@@ -46,6 +48,7 @@ const KEYS = [
   'changeTimeout',
   'holdTimeout',
   'fenceMargin',
+  'startTimeout',
   'watchdog',
   'ca',
   'cert',
@@ -127,6 +130,8 @@ export function parseClusterConfig(
     50,
     leaseTtl * 500,
   );
+  // etcd slow to answer (a loaded host) or not up yet (booted together) is waited for
+  const startTimeoutMs = num('startTimeout', o.startTimeout, 30, 0, 3600) * 1000;
   const file = (k: 'ca' | 'cert' | 'key' | 'watchdog'): string | undefined => {
     const f = o[k];
     if (f === undefined) return undefined;
@@ -150,6 +155,7 @@ export function parseClusterConfig(
     changeTimeoutMs,
     holdMs,
     fenceMarginMs,
+    startTimeoutMs,
     prefix: `/ballast/${name}/`,
   };
   const watchdog = file('watchdog');

@@ -3,7 +3,7 @@
 // feed it the changes other hosts make.
 
 import { BallastError } from '../agent/errors.js';
-import type { Store, WatchEvent } from '../agent/store/store.js';
+import { type Store, StoreError, type WatchEvent } from '../agent/store/store.js';
 import { Cluster, type MemberInfo } from './cluster.js';
 import type { ClusterConfig } from './config.js';
 import { EtcdStore } from './etcd-store.js';
@@ -11,12 +11,18 @@ import { EtcdStore } from './etcd-store.js';
 /** Exit code of `ballast agent` when etcd cannot be reached at start (docs/errors.md). */
 export const EXIT_CLUSTER_UNREACHABLE = 3;
 
-/** Connects to etcd and checks that it answers; a clear error naming the endpoints otherwise. */
+/**
+ * Connects to etcd and checks that it answers, asking again (backing off) for up
+ * to `startTimeout` while it does not: etcd not up yet, or slow on a loaded host.
+ * A clear error naming the endpoints after that.
+ */
 export async function openClusterStore(
   config: ClusterConfig,
   onRoundTrip?: (op: string, seconds: number) => void,
+  log?: (msg: string) => void,
 ): Promise<EtcdStore> {
   let store: EtcdStore | undefined;
+  const until = performance.now() + config.startTimeoutMs;
   try {
     store = await EtcdStore.connect({
       endpoints: config.etcd,
@@ -27,8 +33,20 @@ export async function openClusterStore(
       timeoutMs: config.timeoutMs,
       onRoundTrip,
     });
-    await store.revision();
-    return store;
+    for (let attempt = 1, delay = 250; ; attempt++, delay = Math.min(delay * 2, 2000)) {
+      try {
+        await store.revision();
+        if (attempt > 1) log?.(`cluster: etcd answered (attempt ${attempt})`);
+        return store;
+      } catch (e) {
+        const left = until - performance.now();
+        if (left <= 0 || !(e instanceof StoreError) || !e.retryable) throw e;
+        log?.(
+          `cluster: etcd does not answer yet (${e.message}); asking again for up to ${Math.ceil(left / 1000)} s`,
+        );
+        await new Promise((r) => setTimeout(r, Math.min(delay, left)));
+      }
+    }
   } catch (e) {
     await store?.close().catch(() => {});
     const err = new BallastError(

@@ -413,13 +413,51 @@ describeWithTools(['etcd', 'etcdctl', 'qemu-io', 'nbdinfo'], 'cluster: agents on
     await rx.stop();
   });
 
+  it('an agent started while etcd does not answer waits for it (cluster.startTimeout), then joins', async () => {
+    const proxies = await Promise.all(etcd.endpoints.map((e) => FaultProxy.start(e)));
+    try {
+      for (const p of proxies) p.partition();
+      const starting = startAgent({
+        dir: makeTempDir('ballast-late-'),
+        pools: [{ name: 'default' }],
+        cluster: {
+          etcd: proxies.map((p) => p.url),
+          host: 'late',
+          name: clusterName(),
+          leaseTtl: 2,
+        },
+      });
+      let settled = '';
+      starting.then(
+        () => {
+          settled = 'up';
+        },
+        (e: Error) => {
+          settled = e.message;
+        },
+      );
+      await until('the agent asking etcd', () => proxies.some((p) => p.connections > 0));
+      // several of its 800 ms calls run out meanwhile; it keeps asking
+      await sleep(3000);
+      expect(settled).toBe('');
+      for (const p of proxies) p.heal();
+      const a = await starting;
+      started.push(a);
+      const st = (await a.api('GET', '/v1/cluster/status')).body as { healthy?: boolean };
+      expect(st.healthy, JSON.stringify(st)).toBe(true);
+      await a.stop();
+    } finally {
+      for (const p of proxies) await p.close().catch(() => {});
+    }
+  });
+
   it('bad input: unreachable etcd (exit 3), garbage under the prefix, a local store not joined', async () => {
     const dead = makeTempDir('ballast-dead-');
     await expect(
       startAgent({
         dir: dead,
         pools: [{ name: 'default' }],
-        cluster: { etcd: ['http://127.0.0.1:9'], host: 'x', timeout: 500 },
+        cluster: { etcd: ['http://127.0.0.1:9'], host: 'x', timeout: 500, startTimeout: 1 },
       }),
     ).rejects.toThrow(/exited \(3\)[\s\S]*BALLAST_CLUSTER_UNREACHABLE[\s\S]*127\.0\.0\.1:9/);
 

@@ -18,7 +18,7 @@
 
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
@@ -41,8 +41,9 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
     etcd = await startEtcdCluster({ size: 3 });
     shared = makeTempDir('ballast-catchup-');
   }, 60_000);
-  afterAll(async () => {
-    for (const a of agents) {
+  // Each test's agents go with it: those of the tests before would only load etcd.
+  afterEach(async () => {
+    for (const a of agents.splice(0)) {
       if (a.child?.pid) {
         try {
           process.kill(a.child.pid, 'SIGCONT');
@@ -50,6 +51,8 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       }
       await a.kill9().catch(() => {});
     }
+  });
+  afterAll(async () => {
     await etcd?.stop();
   });
 
@@ -102,6 +105,26 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
         members: { host: string; state: string }[];
       }
     ).members.find((m) => m.host === host)?.state;
+
+  /**
+   * Through `agent`, while `change` waits for the frozen `frozen`: `stays` (allowed
+   * before and after it) writes and `gains` (allowed only after) is refused; once
+   * `frozen` goes on and the change returns, `gains` writes too.
+   */
+  const heldUntilSettled = async (
+    agent: AgentHandle,
+    device: string,
+    stays: keyof typeof SOURCE,
+    gains: keyof typeof SOURCE,
+    frozen: AgentHandle,
+    change: Promise<{ status: number }>,
+  ) => {
+    expect(await writeAs(agent, stays, device), `${stays}'s write`).toBe('ok');
+    expect(await writeAs(agent, gains, device), `${gains}'s write`).toMatch(/^errno 1:/);
+    process.kill(frozen.child.pid!, 'SIGCONT');
+    expect((await change).status).toBe(200);
+    expect(await writeAs(agent, gains, device), 'once the change returned').toBe('ok');
+  };
 
   const pr = async (agent: AgentHandle, device: string, body: Record<string, unknown>) => {
     const r = await agent.api('POST', `/v1/devices/${device}/pr`, body);
@@ -202,11 +225,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       await C.start();
       // held to what both states allow: host-b, registered before and after, writes;
       // host-a's grant waits for B
-      expect(await writeAs(C, 'host-b', 'k'), "host-b's write through C").toBe('ok');
-      expect(await writeAs(C, 'host-a', 'k'), "host-a's write through C").toMatch(/^errno 1:/);
-      process.kill(B.child.pid!, 'SIGCONT');
-      expect((await change).status).toBe(200);
-      expect(await writeAs(C, 'host-a', 'k'), 'once the change returned').toBe('ok');
+      await heldUntilSettled(C, 'k', 'host-b', 'host-a', B, change);
     } finally {
       try {
         process.kill(B.child.pid!, 'SIGCONT');
@@ -264,11 +283,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent catching up', () => {
       );
       // held to what both the change and the state it replaced allow: host-b,
       // registered before and after, writes; host-c's registration waits for B
-      expect(await writeAs(C, 'host-b', 'r'), "host-b's write through C").toBe('ok');
-      expect(await writeAs(C, 'host-c', 'r'), "host-c's write through C").toMatch(/^errno 1:/);
-      process.kill(B.child.pid!, 'SIGCONT');
-      expect((await change).status).toBe(200);
-      expect(await writeAs(C, 'host-c', 'r'), 'once the change returned').toBe('ok');
+      await heldUntilSettled(C, 'r', 'host-b', 'host-c', B, change);
     } finally {
       try {
         process.kill(B.child.pid!, 'SIGCONT');
