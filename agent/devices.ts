@@ -602,12 +602,22 @@ export class DeviceManager {
       const done = await this.store.updateIf(PREFIX + name, JSON.stringify(ready), intentRev);
       if (!done.succeeded)
         throw new BallastError('BALLAST_CONFLICT', `device ${name} changed during create`);
+      if (this.cluster && failpointArmed('create-ready-lost')) {
+        // the nemesis's case, made at will: the ready record is in etcd, its answer lost
+        throw new ChangeError(
+          'STORE_TIMEOUT',
+          'failpoint create-ready-lost: the answer was lost',
+          null,
+          Promise.resolve(true),
+        );
+      }
       failpoint('create-after-commit');
       this.install(ready, done.revision, files, this.newStats(name));
       this.log(`device ${name}: created, ${size} bytes in pool ${pool.name} (${role})`);
       return { view: this.view(name), revision: done.revision, record: ready };
     } catch (e) {
       for (const f of files) await f.close().catch(() => {});
+      if (isChangeError(e) && e.made === null) throw this.createInDoubt(name, rec, e);
       await this.removeFiles(rec);
       if (isChangeError(e) && e.made === false) {
         // The ready record was NOT made: the intent is ours to remove.
@@ -651,6 +661,34 @@ export class DeviceManager {
       `${(e.cause as Error | undefined)?.message ?? e.message}; the create of ${name} was NOT made: etcd did not answer within the deadline, and a record of it that reaches etcd late is removed by this agent as soon as etcd answers (until then it may be listed as creating)`,
       false,
       undefined,
+      e,
+    );
+  }
+
+  /**
+   * A create whose ready record may be in etcd, its answer lost. Once there it is a
+   * device: the other agents serve it at once, and it is never taken back. So the
+   * answer is in doubt, and the files stay until etcd tells: made, the device is
+   * kept (this agent's watch serves it as the others do); NOT made, what the
+   * create made goes.
+   */
+  private createInDoubt(name: string, rec: DeviceRecord, e: ChangeError): ChangeError {
+    void e.outcome?.then(
+      async (made) => {
+        if (made) {
+          this.log(`device ${name}: the create in doubt was made: the device is kept`);
+          return;
+        }
+        await this.removeFiles(rec);
+        this.undoCreate(name, rec);
+      },
+      () => {},
+    );
+    return new ChangeError(
+      'STORE_TIMEOUT',
+      `${(e.cause as Error | undefined)?.message ?? e.message}; the create of ${name} may have been made: etcd did not answer within the deadline to tell. Once it does, the device is kept if it was made, and what the create made is removed if not (the agent logs which; \`ballast cluster status\` lists the change as in doubt until then)`,
+      null,
+      e.outcome,
       e,
     );
   }

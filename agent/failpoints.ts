@@ -23,7 +23,8 @@
 // while DATADIR/ack.hold exists, as if it died before acking a change it made
 // (test/cluster/catching-up.test.ts). `register-lost` loses the answer of the agent's
 // first re-registration after its lease ran out, before it is sent
-// (test/cluster/catching-up.test.ts). In dumpd, `early-reboot-hold` keeps an
+// (test/cluster/catching-up.test.ts). `create-ready-lost` loses the answer of a create's
+// ready record after etcd took it (test/cluster/lagging-cache.test.ts). In dumpd, `early-reboot-hold` keeps an
 // early-reboot dump `streaming` after its stream has ended, while RUNDIR/GUEST.hold
 // exists, so that a test sees the guest's second boot before the dump completes
 // however slow the boot (test/e2e/early-reboot.test.ts).

@@ -136,4 +136,39 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () 
       return r.status === 201;
     });
   }, 120_000);
+
+  it('a create whose ready record reached etcd, its answer lost: in doubt, and the device kept', async () => {
+    const pool = path.join(shared, 'p3');
+    const start = (host: string, env: Record<string, string> = {}) =>
+      startAgent({
+        pools: [{ name: 'shared', path: pool, shared: true }],
+        cluster: { name: 'lag3', etcd: etcd.endpoints, host, leaseTtl: 2 },
+        env,
+      }).then((a) => {
+        agents.push(a);
+        return a;
+      });
+    const A = await start('a', { BALLAST_FAILPOINTS: 'create-ready-lost' });
+    const B = await start('b');
+    const create = await A.api('POST', '/v1/devices', { name: 'f', size: '2M', pool: 'shared' });
+    // not "NOT made": the device may exist, and here it does
+    expect(`${create.status} ${create.body.code}`).toBe('504 STORE_TIMEOUT');
+    expect(String(create.body.message)).toMatch(/may have been made/);
+    await until('A keeping f', () =>
+      /create in doubt was made: the device is kept/.test(A.stderr()),
+    );
+    // it stays, with its file, served through both agents; before, A removed its file
+    // and record while B served it
+    for (const via of [A, B]) {
+      await until('f ready', async () => {
+        const r = await via.api('GET', '/v1/devices/f');
+        return `${r.status} ${r.body.state}` === '200 ready';
+      });
+    }
+    expect(A.stderr()).not.toMatch(/device f: cannot serve it/);
+    expect(readdirSync(pool).filter((f) => f.startsWith('f.') && f.endsWith('.img'))).toHaveLength(
+      1,
+    );
+    expect((await B.api('DELETE', '/v1/devices/f')).status).toBe(200);
+  }, 120_000);
 });
