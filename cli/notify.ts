@@ -118,8 +118,9 @@ export function registerNotify(program: Command): void {
       .command('events')
       .summary('the configuration-change event log, or a live stream of it')
       .description(
-        "Print the events still in the store's history (or those after --since), and with " +
-          '--follow keep printing new ones, resuming after a lost connection from the last id seen.',
+        "Print the events still in the store's history (or those after --since). With " +
+          '--follow keep printing new ones, from now on unless --since says from where, resuming ' +
+          'after a lost connection from the last id seen.',
       )
       .option('-f, --follow', 'keep printing events as they happen')
       .option('--since <ID>', 'only events after this id')
