@@ -31,16 +31,21 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () 
     await etcd?.stop();
   });
 
-  it('answers a device command from etcd, not from a record its cache still holds', async () => {
-    const start = (host: string, env: Record<string, string> = {}) =>
+  /** Starts agents of cluster `name` sharing the pool directory `pool`. */
+  const starter =
+    (name: string, pool: string) =>
+    (host: string, env: Record<string, string> = {}) =>
       startAgent({
-        pools: [{ name: 'shared', path: path.join(shared, 'p'), shared: true }],
-        cluster: { name: 'lag', etcd: etcd.endpoints, host, leaseTtl: 2 },
+        pools: [{ name: 'shared', path: pool, shared: true }],
+        cluster: { name, etcd: etcd.endpoints, host, leaseTtl: 2 },
         env,
       }).then((a) => {
         agents.push(a);
         return a;
       });
+
+  it('answers a device command from etcd, not from a record its cache still holds', async () => {
+    const start = starter('lag', path.join(shared, 'p'));
     const A = await start('a');
     // B holds another agent's delete 20 s before applying it, as a frozen agent's backlog does
     const B = await start('b', { BALLAST_FAILPOINTS: 'device-delete-apply-delay' });
@@ -92,15 +97,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () 
   // through a in between answered BALLAST_DEVICE_EXISTS for a device that was deleted.
   it('a deleted device whose record is not yet removed is not reported as existing', async () => {
     const pool = path.join(shared, 'p2');
-    const start = (host: string, env: Record<string, string> = {}) =>
-      startAgent({
-        pools: [{ name: 'shared', path: pool, shared: true }],
-        cluster: { name: 'lag2', etcd: etcd.endpoints, host, leaseTtl: 2 },
-        env,
-      }).then((a) => {
-        agents.push(a);
-        return a;
-      });
+    const start = starter('lag2', pool);
     // A's removal of a deleted device's record fails, and its retry waits for POOLFILE.hold
     const A = await start('a', { BALLAST_FAILPOINTS: 'delete-record-lost' });
     const B = await start('b');
@@ -139,15 +136,7 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: an agent whose cache lags', () 
 
   it('a create whose ready record reached etcd, its answer lost: in doubt, and the device kept', async () => {
     const pool = path.join(shared, 'p3');
-    const start = (host: string, env: Record<string, string> = {}) =>
-      startAgent({
-        pools: [{ name: 'shared', path: pool, shared: true }],
-        cluster: { name: 'lag3', etcd: etcd.endpoints, host, leaseTtl: 2 },
-        env,
-      }).then((a) => {
-        agents.push(a);
-        return a;
-      });
+    const start = starter('lag3', pool);
     const A = await start('a', { BALLAST_FAILPOINTS: 'create-ready-lost' });
     const B = await start('b');
     const create = await A.api('POST', '/v1/devices', { name: 'f', size: '2M', pool: 'shared' });
