@@ -413,7 +413,6 @@ export class ReservationManager {
           ? this.heldBy(device, rec, kv.modRevision)
           : [{ revision: kv.modRevision, state: await this.stateBefore(device, kv) }],
       );
-      acc.generation++;
       this.log(`device ${device}: change ${kv.modRevision} not applied everywhere yet; held`);
       this.settleLater(device, kv.modRevision);
     }
@@ -769,9 +768,7 @@ export class ReservationManager {
         const held =
           rec.before === undefined
             ? [{ revision: modRevision, state: acc.state }]
-            : this.heldBy(device, rec, modRevision).filter(
-                (h) => h.revision === modRevision || h.revision > skippedFrom,
-              );
+            : this.heldBy(device, rec, modRevision).filter((h) => h.revision > skippedFrom);
         acc.hold(held);
         this.settleLater(device, modRevision);
       }
