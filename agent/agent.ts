@@ -44,7 +44,7 @@ import { type AgentConfig, loadConfig, type Media, type PoolConfig } from './con
 import { DeviceManager } from './devices.js';
 import { BallastError } from './errors.js';
 import { failpointPause } from './failpoints.js';
-import { describeTarget, listenError, prepareSocketPath } from './listen.js';
+import { describeTarget, listenError, MOVE_LISTENER, prepareSocketPath } from './listen.js';
 import { createMetrics } from './metrics.js';
 import { loadNative } from './native.js';
 import { Pool } from './pools.js';
@@ -505,7 +505,7 @@ export class Agent {
         const a = await this.nbd.listen(t);
         if (!('path' in t) && typeof a === 'object') t.port = a.port;
       } catch (e) {
-        throw listenError(t, e);
+        throw listenError(t, e, MOVE_LISTENER.agentNbd);
       }
       if ('path' in t) {
         this.sockets.push(t.path);
@@ -573,7 +573,7 @@ export class Agent {
       });
       if (!tcp) await this.prepareSocket(t.path, apiGroup);
       await new Promise<void>((resolve, reject) => {
-        srv.once('error', (e) => reject(listenError(t, e)));
+        srv.once('error', (e) => reject(listenError(t, e, MOVE_LISTENER.agentApi)));
         if ('path' in t) srv.listen(t.path, () => resolve());
         else srv.listen(t.port, t.host, () => resolve());
       });

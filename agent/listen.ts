@@ -40,8 +40,15 @@ export function describeTarget(t: ListenTarget): string {
   return t.host.includes(':') ? `[${t.host}]:${t.port}` : `${t.host}:${t.port}`;
 }
 
-/** Turn listen errors into stable codes. */
-export function listenError(t: ListenTarget, e: unknown): BallastError {
+/** What moves a listener to another address, said when its address is taken. */
+export const MOVE_LISTENER = {
+  agentApi: '`ballast agent --api-listen HOST:PORT|none`, or api.listen in its config',
+  agentNbd: 'nbd.listen in its config',
+  serve: '`ballast serve --listen HOST:PORT`, or `--socket PATH` instead',
+} as const;
+
+/** Turn listen errors into stable codes; `move` says how to give it another address. */
+export function listenError(t: ListenTarget, e: unknown, move: string): BallastError {
   const err = e as NodeJS.ErrnoException;
   const where = describeTarget(t);
   if (err.code === 'EADDRINUSE') {
@@ -49,7 +56,7 @@ export function listenError(t: ListenTarget, e: unknown): BallastError {
     return new BallastError(
       'BALLAST_ADDRESS_IN_USE',
       `${where} is already in use${who ? ` by ${who}` : ''}; stop that, or give this one another ` +
-        'address (`ballast agent --api-listen HOST:PORT|none`, or the listen: keys of its config)',
+        `address (${move})`,
       { cause: e },
     );
   }

@@ -3,7 +3,7 @@
 
 import fs from 'node:fs';
 import { BallastError } from '../agent/errors.js';
-import { describeTarget, listenError, prepareSocketPath } from '../agent/listen.js';
+import { describeTarget, listenError, MOVE_LISTENER, prepareSocketPath } from '../agent/listen.js';
 import { loadNative } from '../agent/native.js';
 import { CACHE_MODES, type CacheMode, SparseFileBackend } from '../agent/sparse-file.js';
 import { IdentityMap, loadTls, peerUid, sourceKey, type TlsSettings } from '../agent/tls-config.js';
@@ -179,7 +179,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
       try {
         await server.listen(t);
       } catch (e) {
-        throw listenError(t, e);
+        throw listenError(t, e, MOVE_LISTENER.serve);
       }
       if ('path' in t) sockets.push(t.path);
     }

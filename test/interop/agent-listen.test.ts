@@ -1,5 +1,5 @@
-// Two agents on one machine: the one that finds its API port taken says who holds it
-// and how to move, `ballast agent --api-listen` moves it without a config file, and
+// Two agents on one machine: the one that finds its API or NBD port taken says who holds it
+// and how to move it, `ballast agent --api-listen` moves the API without a config file, and
 // /healthz says which agent answers (host, data dir, pid).
 
 import { writeFileSync } from 'node:fs';
@@ -36,6 +36,34 @@ describeWithTools([], 'agent listeners', () => {
       `BALLAST_ADDRESS_IN_USE: 127.0.0.1:${port} is already in use by pid ${process.pid} (`,
     );
     expect(r.stderr).toContain('ballast agent --api-listen HOST:PORT|none');
+  });
+
+  it('a taken NBD port names its holder and the config key that moves it', async () => {
+    if (!holder.listening) await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
+    const port = (holder.address() as net.AddressInfo).port;
+    const dir = makeTempDir('ballast-listen-');
+    const cfg = path.join(dir, 'agent.yaml');
+    writeFileSync(
+      cfg,
+      `nbd: { listen: 127.0.0.1:${port}, socket: ${dir}/nbd.sock }\napi: { socket: ${dir}/api.sock }\n`,
+    );
+    const r = await run(process.execPath, [
+      BALLAST_BIN,
+      'agent',
+      '--config',
+      cfg,
+      '--data-dir',
+      path.join(dir, 'data'),
+      '--api-listen',
+      'none',
+    ]);
+    expect(r.code, describeRun(r)).toBe(1);
+    expect(r.stderr).toContain(
+      `BALLAST_ADDRESS_IN_USE: 127.0.0.1:${port} is already in use by pid ${process.pid} (`,
+    );
+    // --api-listen moves the API, not NBD.
+    expect(r.stderr).toContain('nbd.listen');
+    expect(r.stderr).not.toContain('--api-listen');
   });
 
   it('/healthz says which agent answers: host, data dir, pid', async () => {

@@ -102,7 +102,7 @@ describe.skipIf(ALT)('ballast command line', () => {
     await new Promise<void>((resolve) => blocker.listen(port, '127.0.0.1', resolve));
     try {
       const file = path.join(makeTempDir(), 'p.img');
-      await expectFailure(
+      const r = await expectFailure(
         'BALLAST_ADDRESS_IN_USE',
         'serve',
         file,
@@ -111,6 +111,10 @@ describe.skipIf(ALT)('ballast command line', () => {
         '--listen',
         `127.0.0.1:${port}`,
       );
+      // It names the holder and how to move this one: serve's options, not the agent's.
+      expect(r.stderr).toContain(`127.0.0.1:${port} is already in use by pid ${process.pid} (`);
+      expect(r.stderr).toContain('ballast serve --listen HOST:PORT');
+      expect(r.stderr).not.toContain('--api-listen');
     } finally {
       await new Promise((resolve) => blocker.close(resolve));
     }
