@@ -48,8 +48,9 @@ auto, the cores available; 1: one event loop).
 NBD clients can be made to use TLS, and are then named by their certificate CN or PSK
 username (for access lists and persistent reservations: ballast acl, ballast pr):
   nbd:
-    tls: { mode: require, cert: server-cert.pem, key: server-key.pem, ca: ca-cert.pem }
-    # or tls: { mode: allow, pskFile: keys.psk }     (username:hexkey lines)
+    tls: { mode: require, cert: /etc/ballast/tls/server-cert.pem,   # paths are absolute
+           key: /etc/ballast/tls/server-key.pem, ca: /etc/ballast/tls/ca-cert.pem }
+    # or tls: { mode: allow, pskFile: /etc/ballast/keys.psk }     (username:hexkey lines)
     identities: ['192.0.2.7=host-c', 'uid:0=root']   # names for clients TLS does not name`,
     )
     .action(
