@@ -500,7 +500,7 @@ export class Agent {
     this.streams.socketGroup = nbdGroup;
     const apiGroup = socketGroupId(c.api.socketGroup, true, undefined, 'api.socketGroup');
     for (const t of this.nbdTargets) {
-      if ('path' in t) await this.prepareSocket(t.path, nbdGroup);
+      if ('path' in t) await this.prepareSocket(t.path, nbdGroup, MOVE_LISTENER.agentNbdSocket);
       try {
         const a = await this.nbd.listen(t);
         if (!('path' in t) && typeof a === 'object') t.port = a.port;
@@ -571,7 +571,7 @@ export class Agent {
         headersTimeoutMs: c.api.headersTimeoutMs,
         requestTimeoutMs: c.api.requestTimeoutMs,
       });
-      if (!tcp) await this.prepareSocket(t.path, apiGroup);
+      if (!tcp) await this.prepareSocket(t.path, apiGroup, MOVE_LISTENER.agentApiSocket);
       await new Promise<void>((resolve, reject) => {
         srv.once('error', (e) => reject(listenError(t, e, MOVE_LISTENER.agentApi)));
         if ('path' in t) srv.listen(t.path, () => resolve());
@@ -759,7 +759,7 @@ export class Agent {
    * group could not reach a socket it may open). An existing directory is left as
    * it is, with a warning when the socket's group cannot reach through it.
    */
-  private async prepareSocket(path: string, gid: number | null): Promise<void> {
+  private async prepareSocket(path: string, gid: number | null, move: string): Promise<void> {
     const dir = dirname(path);
     try {
       const made = mkdirSync(dir, { recursive: true, mode: this.config.socketDirMode });
@@ -782,7 +782,7 @@ export class Agent {
           'searchable by that group; QEMU in it will get "Permission denied"',
       );
     }
-    await prepareSocketPath(path);
+    await prepareSocketPath(path, move);
   }
 
   /** Where guests reach the devices: the first TCP listener and the socket. */

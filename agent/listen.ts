@@ -17,20 +17,26 @@ function socketAlive(path: string): Promise<boolean> {
 
 /**
  * Make a Unix socket path ready to bind: a stale socket left by a crash is
- * removed; a live one, or a file that is not a socket, is an error.
+ * removed; a live one, or a file that is not a socket, is an error that says who
+ * holds it and, given `move`, how to give this one another path.
  */
-export async function prepareSocketPath(path: string): Promise<void> {
+export async function prepareSocketPath(path: string, move?: string): Promise<void> {
   let st: fs.Stats;
   try {
     st = fs.lstatSync(path);
   } catch {
     return;
   }
+  const hint = move ? `; give this one another socket (${move})` : '';
   if (!st.isSocket()) {
-    throw new BallastError('BALLAST_ADDRESS_IN_USE', `${path} exists and is not a socket`);
+    throw new BallastError('BALLAST_ADDRESS_IN_USE', `${path} exists and is not a socket${hint}`);
   }
   if (await socketAlive(path)) {
-    throw new BallastError('BALLAST_ADDRESS_IN_USE', `${path}: another server is listening there`);
+    const who = unixHolder(path);
+    throw new BallastError(
+      'BALLAST_ADDRESS_IN_USE',
+      `${path}: another server is listening there${who ? ` (${who})` : ''}; stop that${hint}`,
+    );
   }
   fs.unlinkSync(path);
 }
@@ -45,6 +51,9 @@ export const MOVE_LISTENER = {
   agentApi: '`ballast agent --api-listen HOST:PORT|none`, or api.listen in its config',
   agentNbd: 'nbd.listen in its config',
   serve: '`ballast serve --listen HOST:PORT`, or `--socket PATH` instead',
+  agentApiSocket: 'api.socket in its config',
+  agentNbdSocket: 'nbd.socket in its config',
+  serveSocket: '`ballast serve --socket PATH`',
 } as const;
 
 /** Turn listen errors into stable codes; `move` says how to give it another address. */
@@ -91,6 +100,32 @@ export function tcpHolder(port: number): string | null {
       }
     }
   }
+  return holderOf(inodes);
+}
+
+/**
+ * The process listening on a Unix socket path, as `pid N (command line)`, read from
+ * /proc/net/unix (the listening socket bound to that path, then the process holding
+ * it); null when it cannot be told.
+ */
+export function unixHolder(path: string): string | null {
+  const inodes = new Set<string>();
+  let text: string;
+  try {
+    text = fs.readFileSync('/proc/net/unix', 'utf8');
+  } catch {
+    return null;
+  }
+  for (const line of text.split('\n').slice(1)) {
+    // Num RefCount Protocol Flags Type St Inode Path; flags 00010000: listening
+    const c = line.trim().split(/\s+/);
+    if (c[7] === path && c[3] === '00010000' && c[6]) inodes.add(`socket:[${c[6]}]`);
+  }
+  return holderOf(inodes);
+}
+
+/** The first process holding one of these sockets (`socket:[INODE]`), as `pid N (command line)`. */
+function holderOf(inodes: Set<string>): string | null {
   if (inodes.size === 0) return null;
   let pids: string[];
   try {

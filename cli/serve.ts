@@ -175,7 +175,7 @@ export async function serve(opts: ServeOptions): Promise<never> {
   const sockets: string[] = [];
   try {
     for (const t of targets) {
-      if ('path' in t) await prepareSocketPath(t.path);
+      if ('path' in t) await prepareSocketPath(t.path, MOVE_LISTENER.serveSocket);
       try {
         await server.listen(t);
       } catch (e) {

@@ -1,5 +1,5 @@
 // Two agents on one machine: the one that finds its API or NBD port taken says who holds it
-// and how to move it, `ballast agent --api-listen` moves the API without a config file, and
+// and how to move it (a Unix socket too), `ballast agent --api-listen` moves the API without a config file, and
 // /healthz says which agent answers (host, data dir, pid).
 
 import { writeFileSync } from 'node:fs';
@@ -64,6 +64,34 @@ describeWithTools([], 'agent listeners', () => {
     // --api-listen moves the API, not NBD.
     expect(r.stderr).toContain('nbd.listen');
     expect(r.stderr).not.toContain('--api-listen');
+  });
+
+  it('a taken NBD socket names its holder and the config key that moves it', async () => {
+    const dir = makeTempDir('ballast-listen-');
+    const sock = path.join(dir, 'nbd.sock');
+    const other = net.createServer();
+    await new Promise<void>((r) => other.listen(sock, r));
+    try {
+      const cfg = path.join(dir, 'agent.yaml');
+      writeFileSync(cfg, `nbd: { socket: ${sock} }\napi: { socket: ${dir}/api.sock }\n`);
+      const r = await run(process.execPath, [
+        BALLAST_BIN,
+        'agent',
+        '--config',
+        cfg,
+        '--data-dir',
+        path.join(dir, 'data'),
+        '--api-listen',
+        'none',
+      ]);
+      expect(r.code, describeRun(r)).toBe(1);
+      expect(r.stderr).toContain(
+        `BALLAST_ADDRESS_IN_USE: ${sock}: another server is listening there (pid ${process.pid} (`,
+      );
+      expect(r.stderr).toContain('nbd.socket in its config');
+    } finally {
+      other.close();
+    }
   });
 
   it('/healthz says which agent answers: host, data dir, pid', async () => {
