@@ -14,13 +14,15 @@ describeWithTools([], 'agent listeners', () => {
   const holder = net.createServer();
   afterAll(() => holder.close());
 
-  it('a taken API port names its holder and the option that moves it', async () => {
-    await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
-    const port = (holder.address() as net.AddressInfo).port;
+  /**
+   * Starts an agent in a new directory with `nbd` (YAML flow map, `DIR` for the
+   * directory) and `--api-listen apiListen`, which must fail: its output. Its sockets
+   * are in the test's directory, never the machine's /run/ballast.
+   */
+  async function agentFails(nbd: (dir: string) => string, apiListen: string) {
     const dir = makeTempDir('ballast-listen-');
-    // Its sockets in the test's directory: never the machine's /run/ballast.
     const cfg = path.join(dir, 'agent.yaml');
-    writeFileSync(cfg, `nbd: { socket: ${dir}/nbd.sock }\napi: { socket: ${dir}/api.sock }\n`);
+    writeFileSync(cfg, `nbd: ${nbd(dir)}\napi: { socket: ${dir}/api.sock }\n`);
     const r = await run(process.execPath, [
       BALLAST_BIN,
       'agent',
@@ -29,9 +31,16 @@ describeWithTools([], 'agent listeners', () => {
       '--data-dir',
       path.join(dir, 'data'),
       '--api-listen',
-      `127.0.0.1:${port}`,
+      apiListen,
     ]);
     expect(r.code, describeRun(r)).toBe(1);
+    return r;
+  }
+
+  it('a taken API port names its holder and the option that moves it', async () => {
+    await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
+    const port = (holder.address() as net.AddressInfo).port;
+    const r = await agentFails((dir) => `{ socket: ${dir}/nbd.sock }`, `127.0.0.1:${port}`);
     expect(r.stderr).toContain(
       `BALLAST_ADDRESS_IN_USE: 127.0.0.1:${port} is already in use by pid ${process.pid} (`,
     );
@@ -41,23 +50,10 @@ describeWithTools([], 'agent listeners', () => {
   it('a taken NBD port names its holder and the config key that moves it', async () => {
     if (!holder.listening) await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r));
     const port = (holder.address() as net.AddressInfo).port;
-    const dir = makeTempDir('ballast-listen-');
-    const cfg = path.join(dir, 'agent.yaml');
-    writeFileSync(
-      cfg,
-      `nbd: { listen: 127.0.0.1:${port}, socket: ${dir}/nbd.sock }\napi: { socket: ${dir}/api.sock }\n`,
-    );
-    const r = await run(process.execPath, [
-      BALLAST_BIN,
-      'agent',
-      '--config',
-      cfg,
-      '--data-dir',
-      path.join(dir, 'data'),
-      '--api-listen',
+    const r = await agentFails(
+      (dir) => `{ listen: 127.0.0.1:${port}, socket: ${dir}/nbd.sock }`,
       'none',
-    ]);
-    expect(r.code, describeRun(r)).toBe(1);
+    );
     expect(r.stderr).toContain(
       `BALLAST_ADDRESS_IN_USE: 127.0.0.1:${port} is already in use by pid ${process.pid} (`,
     );
@@ -67,24 +63,11 @@ describeWithTools([], 'agent listeners', () => {
   });
 
   it('a taken NBD socket names its holder and the config key that moves it', async () => {
-    const dir = makeTempDir('ballast-listen-');
-    const sock = path.join(dir, 'nbd.sock');
+    const sock = path.join(makeTempDir('ballast-listen-'), 'nbd.sock');
     const other = net.createServer();
     await new Promise<void>((r) => other.listen(sock, r));
     try {
-      const cfg = path.join(dir, 'agent.yaml');
-      writeFileSync(cfg, `nbd: { socket: ${sock} }\napi: { socket: ${dir}/api.sock }\n`);
-      const r = await run(process.execPath, [
-        BALLAST_BIN,
-        'agent',
-        '--config',
-        cfg,
-        '--data-dir',
-        path.join(dir, 'data'),
-        '--api-listen',
-        'none',
-      ]);
-      expect(r.code, describeRun(r)).toBe(1);
+      const r = await agentFails(() => `{ socket: ${sock} }`, 'none');
       expect(r.stderr).toContain(
         `BALLAST_ADDRESS_IN_USE: ${sock}: another server is listening there (pid ${process.pid} (`,
       );
