@@ -43,7 +43,7 @@ describe("what a guest's disks see of a device (query-block)", () => {
     expect(v.map((x) => x.end)).toEqual([512 * MiB, 512 * MiB]);
     expect(overlapping(v, 351 * MiB)).toHaveLength(2);
     expect(exposureText('swap-vm1', 351 * MiB, overlapping(v, 351 * MiB))).toBe(
-      "the guest's disk d1 sees swap-vm1 up to byte 536870912 (512 MiB) (node swap0), past the start of the suspend area at 368050176 (351 MiB): the stream would overwrite what the guest wrote there",
+      "the guest's disk d1 (node swap0) sees swap-vm1 up to byte 536870912 (512 MiB), past the start of the suspend area at 368050176 (351 MiB): the stream would overwrite what the guest wrote there",
     );
   });
 

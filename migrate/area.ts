@@ -161,7 +161,7 @@ export function exposureText(device: string, offset: number, over: GuestView[]):
   const v = over[0] as GuestView;
   const what =
     v.end === null
-      ? `the guest's disk ${v.qdev} is a ${v.format} image on ${device} (node ${v.node}): it may write anywhere on it`
-      : `the guest's disk ${v.qdev} sees ${device} up to byte ${bytesText(v.end)} (node ${v.node})`;
+      ? `the guest's disk ${v.qdev} (node ${v.node}) is a ${v.format} image on ${device}: it may write anywhere on it`
+      : `the guest's disk ${v.qdev} (node ${v.node}) sees ${device} up to byte ${bytesText(v.end)}`;
   return `${what}, past the start of the suspend area at ${bytesText(offset)}: the stream would overwrite what the guest wrote there`;
 }

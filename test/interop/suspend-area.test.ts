@@ -127,7 +127,7 @@ describeWithTools(
       expect(s.code, describeRun(s)).toBe(1);
       expect(s.stderr).toContain('error SUSPEND_AREA_VISIBLE: ');
       expect(s.stderr).toContain(
-        `the guest's disk ballast-swap-vm1-dev sees swap-vm1 up to byte ${SIZE} (512 MiB) (node ballast-swap-vm1), past the start of the suspend area at ${offset} (351 MiB)`,
+        `the guest's disk ballast-swap-vm1-dev (node ballast-swap-vm1) sees swap-vm1 up to byte ${SIZE} (512 MiB), past the start of the suspend area at ${offset} (351 MiB)`,
       );
       expect(s.stderr).toContain(
         `a raw node with size=${offset} over the NBD node (ballast attach swap-vm1 --guest-ram 128M prints its QEMU arguments`,
@@ -139,7 +139,7 @@ describeWithTools(
       const f = await agent.cli('guest', 'suspend', 'vm1', '--qmp', `unix:${q.qmp}`, '--force');
       expect(f.code, describeRun(f)).toBe(0);
       expect(f.stderr).toMatch(
-        /^warning: the guest's disk ballast-swap-vm1-dev sees swap-vm1 up to byte /,
+        /^warning: the guest's disk ballast-swap-vm1-dev \(node ballast-swap-vm1\) sees swap-vm1 up to byte /,
       );
       expect(f.stderr).toContain('--force: suspending anyway');
       expect(f.stdout).toMatch(new RegExp(`^suspended vm1 into swap-vm1 at ${offset}: `));
