@@ -439,6 +439,15 @@ export function registerManagement(program: Command): void {
           '--guest-ram <SIZE>',
           "the guest's RAM (e.g. 128M): leave out its suspend area (RAM plus an eighth and 16 MiB, then the 4 KiB header, at the device's end)",
         ).argParser(sizeArg('--guest-ram')),
+      )
+      .addHelpText(
+        'after',
+        `
+Examples:
+  ballast attach swap-vm1                       # QEMU arguments for one device
+  ballast attach --guest vm1 --format libvirt   # a <disk> for each device of vm1
+  ballast attach --guest vm1 --guest-ram 128M   # vm1 (-m 128M) sees its paging device
+                                                # up to the suspend area only`,
       ),
   ).action(
     async (
