@@ -101,6 +101,34 @@ export function qemuArgs(device: string, ep: NbdEndpoint, tls?: AttachTls): stri
   ];
 }
 
+/** The node a guest's device is attached to when it sees only part of the device. */
+export function partNodeName(device: string): string {
+  return `${nodeName(device)}-raw`;
+}
+
+/**
+ * QEMU arguments (as `qemuArgs` prints them) that give the guest only the first `size`
+ * bytes of the device: a raw node with size= over the NBD node, and the -device on it.
+ * What follows is the paging device's suspend area, which the guest must not see.
+ */
+export function guestPart(device: string, args: string[], size: number): string[] {
+  const nbd = nodeName(device);
+  const part = partNodeName(device);
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string;
+    if (args[i - 1] === '-device') {
+      out.push(a.replace(new RegExp(`(^|,)drive=${nbd}(?=,|$)`), `$1drive=${part}`));
+      continue;
+    }
+    out.push(a);
+    if (args[i - 1] === '-blockdev' && a.startsWith(`driver=nbd,node-name=${nbd},`)) {
+      out.push('-blockdev', `driver=raw,node-name=${part},file=${nbd},size=${size}`);
+    }
+  }
+  return out;
+}
+
 export function libvirtXml(
   device: string,
   ep: NbdEndpoint,
@@ -121,6 +149,19 @@ export function libvirtXml(
     `  <serial>${xml(diskSerial(device))}</serial>`,
     '</disk>',
   ].join('\n');
+}
+
+/**
+ * A <disk> (as `libvirtXml` prints it) that gives the guest only the first `size` bytes
+ * of the device: libvirt's storage slice, which it turns into a raw node with
+ * offset=0,size= over the NBD node.
+ */
+export function libvirtSlice(xml: string, size: number): string {
+  return xml.replace(
+    /\n(\s*)<\/source>/,
+    (_m, indent: string) =>
+      `\n${indent}  <slices><slice type='storage' offset='0' size='${size}'/></slices>\n${indent}</source>`,
+  );
 }
 
 /**

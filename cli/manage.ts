@@ -5,6 +5,8 @@
 import { type Command, Option } from 'commander';
 import {
   FIRST_TARGET,
+  guestPart,
+  libvirtSlice,
   nextTarget,
   targetOrder,
   validTarget,
@@ -13,7 +15,10 @@ import {
 import { BallastError } from '../agent/errors.js';
 import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
+import { bytesText } from '../migrate/area.js';
+import { suspendArea } from '../migrate/image.js';
 import { AgentError, Client } from './client.js';
+import { sizeArg } from './options.js';
 
 export interface Common {
   agent?: string;
@@ -403,7 +408,11 @@ export function registerManagement(program: Command): void {
           "a libvirt <disk type='network'> element, the virsh attach-device command that hot-plugs " +
           'it into a running domain (and its definition), or the NBD URI. The Unix socket is used ' +
           'when the agent has one, unless --transport tcp. With --guest, every device of the guest ' +
-          '(paging first, then dump, then the others) with distinct targets from vdb (or --target) on.',
+          '(paging first, then dump, then the others) with distinct targets from vdb (or --target) on. ' +
+          'With --guest-ram, the paging device (or NAME) is given to the guest without its ' +
+          'suspend area, where `ballast guest suspend` writes the guest: QEMU gets a raw node ' +
+          'with size=OFFSET over the NBD node and the -device on it, libvirt a storage <slice>; ' +
+          'the offset is printed on stderr (in --json: suspendArea).',
       )
       .argument('[NAME]', 'the device (or give --guest)')
       .addOption(
@@ -424,6 +433,21 @@ export function registerManagement(program: Command): void {
       .option(
         '-H, --host <HOST>',
         "in a cluster: for a guest on HOST (that host's agent socket or address)",
+      )
+      .addOption(
+        new Option(
+          '--guest-ram <SIZE>',
+          "the guest's RAM (e.g. 128M): leave out its suspend area (RAM plus an eighth and 16 MiB, then the 4 KiB header, at the device's end)",
+        ).argParser(sizeArg('--guest-ram')),
+      )
+      .addHelpText(
+        'after',
+        `
+Examples:
+  ballast attach swap-vm1                       # QEMU arguments for one device
+  ballast attach --guest vm1 --format libvirt   # a <disk> for each device of vm1
+  ballast attach --guest vm1 --guest-ram 128M   # vm1 (-m 128M) sees its paging device
+                                                # up to the suspend area only`,
       ),
   ).action(
     async (
@@ -435,26 +459,61 @@ export function registerManagement(program: Command): void {
         guest?: string;
         target?: string;
         domain?: string;
+        guestRam?: number;
       },
     ) => {
       if ((name === undefined) === (o.guest === undefined)) {
         throw new BallastError('BALLAST_USAGE', 'give a device NAME or --guest GUEST (not both)');
       }
+      if (o.guestRam !== undefined && o.format === 'uri') {
+        throw new BallastError(
+          'BALLAST_USAGE',
+          '--guest-ram needs --format qemu, libvirt or virsh: an NBD URI cannot leave out the suspend area',
+        );
+      }
       let names: string[];
-      if (name !== undefined) names = [name];
-      else {
+      /** The devices whose suspend area is left out (--guest-ram). */
+      let parted: DeviceView[] = [];
+      if (name !== undefined) {
+        names = [name];
+        if (o.guestRam !== undefined) {
+          parted = [(await client(o).request('GET', `/v1/devices/${enc(name)}`)) as DeviceView];
+        }
+      } else {
         const r = (await client(o).request('GET', '/v1/devices')) as {
           devices: DeviceView[];
           stale?: { since: string; reason: string };
         };
         warnStale(r);
-        names = targetOrder(r.devices.filter((d) => d.guest === o.guest)).map((d) => d.name);
+        const mine = targetOrder(r.devices.filter((d) => d.guest === o.guest));
+        names = mine.map((d) => d.name);
         if (names.length === 0) {
           throw new BallastError(
             'BALLAST_DEVICE_NOT_FOUND',
             `no device was created for guest ${o.guest} (device create --guest ${o.guest})`,
           );
         }
+        if (o.guestRam !== undefined) {
+          parted = mine.filter((d) => d.role === 'paging');
+          if (parted.length === 0) {
+            throw new BallastError(
+              'BALLAST_USAGE',
+              `guest ${o.guest} has no paging device, whose suspend area --guest-ram leaves out (name the device to suspend into instead of --guest)`,
+            );
+          }
+        }
+      }
+      const areas = new Map<string, { offset: number; end: number; ramBytes: number }>();
+      for (const d of parted) {
+        const ram = o.guestRam as number;
+        const a = suspendArea(d.size, ram);
+        if (!a) {
+          throw new BallastError(
+            'SUSPEND_NO_ROOM',
+            `device ${d.name} (${formatSize(d.size)}) has no room for a suspend area for ${formatSize(ram)} of RAM and swap before it: make it larger (device resize ${d.name} --size +SIZE)`,
+          );
+        }
+        areas.set(d.name, { ...a, ramBytes: ram });
       }
       if (o.target !== undefined && !validTarget(o.target)) {
         throw new BallastError(
@@ -473,18 +532,31 @@ export function registerManagement(program: Command): void {
         domain?: string;
         virsh?: string;
         note?: string;
+        suspendArea?: { offset: number; end: number; ramBytes: number };
       }[] = [];
       for (const n of names) {
         const q = new URLSearchParams({ format: o.format, target });
         if (o.transport) q.set('transport', o.transport);
         if (o.host) q.set('host', o.host);
         if (domain) q.set('domain', domain);
-        replies.push(
-          (await client(o).request(
-            'GET',
-            `/v1/devices/${enc(n)}/attach?${q}`,
-          )) as (typeof replies)[number],
-        );
+        const reply = (await client(o).request(
+          'GET',
+          `/v1/devices/${enc(n)}/attach?${q}`,
+        )) as (typeof replies)[number];
+        const area = areas.get(n);
+        if (area) {
+          reply.qemu = guestPart(n, reply.qemu, area.offset);
+          reply.libvirt = libvirtSlice(reply.libvirt, area.offset);
+          if (reply.virsh !== undefined && reply.domain !== undefined)
+            reply.virsh = virshAttach(reply.domain, [reply.libvirt]);
+          reply.suspendArea = area;
+          if (!o.json) {
+            process.stderr.write(
+              `${n}: suspend area at ${bytesText(area.offset)} for ${formatSize(area.ramBytes)} of RAM; the guest sees only the part before it (size=${area.offset})\n`,
+            );
+          }
+        }
+        replies.push(reply);
         target = nextTarget(target);
       }
       // What the agent says it takes over TCP (or why it would refuse this), once.

@@ -239,13 +239,20 @@ export function registerGuest(program: Command): void {
           'device), or with --via nbd, the stream goes through this command into the device ' +
           'over NBD. The suspend area is the end of the device: by default room for the ' +
           'guest’s RAM plus an eighth and 16 MiB; the guest must see only the part before it ' +
-          '(a raw node with size=OFFSET). On any failure the guest goes on running.',
+          '(a raw node with size=OFFSET: `ballast attach DEVICE --guest-ram SIZE` prints it). ' +
+          'Before it stops the guest, suspend asks QEMU what the guest’s disks see of the ' +
+          'device and refuses (SUSPEND_AREA_VISIBLE) when one of them reaches into the ' +
+          'suspend area, unless --force. On any failure the guest goes on running.',
       )
       .argument('<GUEST>')
       .requiredOption('--qmp <QMP>', "the guest's QMP socket (unix:/path or tcp:HOST:PORT)")
       .option('--device <NAME>', 'the device to suspend into (default: the guest’s paging device)')
       .option('--offset <SIZE>', 'where the suspend area starts on the device')
       .option('--keep-qemu', 'leave QEMU (stopped) instead of quitting it')
+      .option(
+        '--force',
+        'suspend even when the guest sees the suspend area (what it wrote there is overwritten); warns on stderr',
+      )
       .addOption(
         new Option('--checksum <ALG>', 'checksum of the stream')
           .choices(['crc32', 'sha256'])
@@ -267,6 +274,7 @@ export function registerGuest(program: Command): void {
         device?: string;
         offset?: string;
         keepQemu?: boolean;
+        force?: boolean;
         checksum: 'crc32' | 'sha256';
         via: StreamVia;
       },
@@ -280,6 +288,8 @@ export function registerGuest(program: Command): void {
         keepQemu: o.keepQemu,
         checksum: o.checksum,
         via: o.via,
+        force: o.force,
+        onWarning: (m) => process.stderr.write(`warning: ${m}\n`),
       });
       if (o.json) return json(r);
       out(

@@ -24,6 +24,7 @@ import { BallastError } from '../agent/errors.js';
 import { type ChecksumAlg, checksummer, parseChecksum } from '../dumpd/checksum.js';
 import type { QmpClient } from '../dumpd/qmp.js';
 import { NbdClient } from '../nbd/client.js';
+import { exposureText, guestViews, overlapping } from './area.js';
 import {
   type AgentApi,
   agentHost,
@@ -71,6 +72,12 @@ export interface SuspendOptions {
   checksum?: ChecksumAlg | undefined;
   /** Default 'auto'. */
   via?: StreamVia | undefined;
+  /**
+   * Suspend even when the guest sees the suspend area (its swap there is overwritten);
+   * `onWarning` is told why.
+   */
+  force?: boolean | undefined;
+  onWarning?: ((message: string) => void) | undefined;
 }
 
 export interface SuspendReport {
@@ -89,6 +96,14 @@ export interface SuspendReport {
   via: 'agent' | 'nbd';
   /** The agent's writes bypassed the page cache (O_DIRECT). */
   direct?: boolean;
+  /** What --force let through (the guest saw the suspend area). */
+  warnings?: string[];
+}
+
+/** A RAM size as `--guest-ram` takes it: 128M, else bytes. */
+function ramArg(bytes: number): string {
+  const MiB = 1024 * 1024;
+  return bytes % MiB === 0 ? `${bytes / MiB}M` : String(bytes);
 }
 
 async function pagingDevice(api: AgentApi, guest: string, named?: string): Promise<DeviceView> {
@@ -297,6 +312,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
   let stream: AgentStream | null = null;
   let wasRunning = false;
   let stopped = false;
+  const warnings: string[] = [];
   try {
     const state = await runState(q);
     if (state !== 'running' && state !== 'paused') {
@@ -318,6 +334,25 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
         'SUSPEND_NO_ROOM',
         `device ${dev.name} (${size} bytes) has no room for a suspend area for ${ram} bytes of RAM`,
       );
+    }
+    // The stream must not overwrite what the guest sees (its swap): ask QEMU what that is.
+    const over = overlapping(guestViews(await q.execute('query-block'), dev.name), offset);
+    if (over.length > 0) {
+      const how =
+        offset === area?.offset
+          ? ` (ballast attach ${dev.name} --guest-ram ${ramArg(ram)} prints its QEMU arguments, or --format libvirt its <disk>)`
+          : '';
+      const why = exposureText(dev.name, offset, over);
+      if (!o.force) {
+        throw new MigrateError(
+          'SUSPEND_AREA_VISIBLE',
+          `${why}. Give the guest only the part before it: a raw node with size=${offset} over the NBD node${how}; or suspend anyway with --force. Nothing was written; the guest goes on as it was.`,
+        );
+      }
+      warnings.push(
+        `${why} (--force: suspending anyway; size=${offset} gives the guest only the part before it${how})`,
+      );
+      o.onWarning?.(warnings[warnings.length - 1] as string);
     }
     await nbd.write(end, Buffer.alloc(HEADER_BYTES));
     await nbd.flush();
@@ -417,6 +452,7 @@ export async function suspendGuest(o: SuspendOptions): Promise<SuspendReport> {
       mibPerSec: got.bytes / 1048576 / (streamMs / 1000),
       via: server ? 'nbd' : 'agent',
       ...(got.direct !== undefined ? { direct: got.direct } : {}),
+      ...(warnings.length > 0 ? { warnings } : {}),
     };
   } catch (e) {
     // The agent's stream first: it stops writing before the guest may run again.
