@@ -4,13 +4,13 @@
 // suspend area, which is what `guest suspend` checks (migrate/area.ts) before it stops
 // a guest. The domains have no kernel and are started paused: nothing boots.
 
-import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
+import { chmodSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { guestViews, overlapping } from '../../migrate/area.js';
 import { suspendArea } from '../../migrate/image.js';
-import { type AgentHandle, startAgent } from '../helpers/agent.js';
-import { LIBVIRT_TOOLS, Libvirtd } from '../helpers/libvirt.js';
+import type { AgentHandle } from '../helpers/agent.js';
+import { LIBVIRT_TOOLS, Libvirtd, startAgentForLibvirt } from '../helpers/libvirt.js';
 import { MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run } from '../helpers/tools.js';
 import { scaled } from '../helpers/wait.js';
@@ -58,20 +58,7 @@ describeWithTools(LIBVIRT_TOOLS, 'attach --guest-ram under libvirt: a storage sl
     dir = makeTempDir('ballast-lvs-');
     chmodSync(dir, 0o755);
     const started = Libvirtd.start();
-    // QEMU runs as libvirt-qemu: the agent's socket directory must let it in (as in
-    // libvirt.test.ts, the agent makes it itself under the strictest umask).
-    const old = process.umask(0o077);
-    try {
-      const agentDir = path.join(dir, 'agent');
-      mkdirSync(agentDir, { mode: 0o755 });
-      chmodSync(agentDir, 0o755);
-      agent = await startAgent({
-        dir: agentDir,
-        nbd: { listen: [], socket: path.join(agentDir, 'run', 'ballast', 'nbd.sock') },
-      });
-    } finally {
-      process.umask(old);
-    }
+    agent = await startAgentForLibvirt(dir);
     for (const [name, size, role, guest] of [
       ['vm1-swap', '512M', 'paging', 'vm1'],
       ['vm1-dump', '64M', 'dump', 'vm1'],

@@ -18,9 +18,9 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, copyFileSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { type AgentHandle, startAgent } from '../helpers/agent.js';
+import type { AgentHandle } from '../helpers/agent.js';
 import { buildGuest, GuestConsole, occurrences } from '../helpers/guest.js';
-import { LIBVIRT_TOOLS, Libvirtd } from '../helpers/libvirt.js';
+import { LIBVIRT_TOOLS, Libvirtd, startAgentForLibvirt } from '../helpers/libvirt.js';
 import { BALLAST_BIN, freePort, MiB, makeTempDir } from '../helpers/server.js';
 import { describeRun, describeWithTools, run, runOk, toolEnv } from '../helpers/tools.js';
 import { scaled } from '../helpers/wait.js';
@@ -121,19 +121,7 @@ describeWithTools(
       chmodSync(dir, 0o755);
       const guest = buildGuest(dir);
       const started = Libvirtd.start();
-      // The agent makes its socket directory itself, under the strictest umask.
-      const old = process.umask(0o077);
-      try {
-        const agentDir = path.join(dir, 'agent');
-        mkdirSync(agentDir, { mode: 0o755 });
-        chmodSync(agentDir, 0o755);
-        agent = await startAgent({
-          dir: agentDir,
-          nbd: { listen: [], socket: path.join(agentDir, 'run', 'ballast', 'nbd.sock') },
-        });
-      } finally {
-        process.umask(old);
-      }
+      agent = await startAgentForLibvirt(dir);
       agentFlag = `unix:${agent.apiSocket}`;
       for (const [name, size, role] of [
         ['vm1-swap', '256M', 'paging'],

@@ -20,6 +20,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import path from 'node:path';
+import { type AgentHandle, startAgent } from './agent.js';
 import { killAfterAll, makeTempDir } from './server.js';
 import { type RunResult, run, toolEnv } from './tools.js';
 
@@ -159,5 +160,25 @@ export class Libvirtd {
         if (pid > 1) process.kill(pid, 'SIGTERM');
       } catch {}
     }
+  }
+}
+
+/**
+ * An agent in DIR/agent whose NBD socket (DIR/agent/run/ballast/nbd.sock) libvirt's
+ * QEMU, running as libvirt-qemu, must reach: the agent makes the socket's directory
+ * itself, under the strictest umask, as a host's agent does.
+ */
+export async function startAgentForLibvirt(dir: string): Promise<AgentHandle> {
+  const old = process.umask(0o077);
+  try {
+    const agentDir = path.join(dir, 'agent');
+    mkdirSync(agentDir, { mode: 0o755 });
+    chmodSync(agentDir, 0o755);
+    return await startAgent({
+      dir: agentDir,
+      nbd: { listen: [], socket: path.join(agentDir, 'run', 'ballast', 'nbd.sock') },
+    });
+  } finally {
+    process.umask(old);
   }
 }
