@@ -601,7 +601,7 @@ Examples:
       `API:         ${(s.api as string[]).join(', ') || '-'}${s.tokenRequired ? ' (TCP: bearer token)' : ''}`,
       `pools:       ${s.pools}`,
       `devices:     ${s.devices}${s.devicesUnavailable ? ` (${s.devicesUnavailable} unavailable)` : ''}`,
-      `connections: ${s.connections}${(s.nbdWorkers as number[] | undefined)?.length ? ` (NBD worker threads: ${(s.nbdWorkers as number[]).join(' + ')})` : ''}`,
+      `connections: ${s.connections}${(s.nbdWorkers as number[] | undefined)?.length ? ` (NBD, on ${(s.nbdWorkers as number[]).length} worker threads: ${(s.nbdWorkers as number[]).join(', ')})` : ''}`,
       `store:       revision ${s.storeRevision}`,
     ];
     if (s.lastReloadError) lines.push(`last reload: FAILED: ${s.lastReloadError}`);

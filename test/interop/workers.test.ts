@@ -153,7 +153,7 @@ describeWithTools(
       expect(await c.ask('write 0 7')).toEqual(['ok', 'ok', 'ok', 'ok']);
       expect(await c.ask('read 0')).toEqual(['ok', 'ok', 'ok', 'ok']);
       const st = await agent.cli('status');
-      expect(st.stdout).toContain('NBD worker threads: 2 + 2');
+      expect(st.stdout).toContain('connections: 4 (NBD, on 2 worker threads: 2, 2)');
       await c.end();
       // nbdcopy with 4 connections each way, while qemu-io checks a pattern.
       const dir = mkdtempSync(path.join(os.tmpdir(), 'ballast-wk-'));
