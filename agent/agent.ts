@@ -624,7 +624,13 @@ export class Agent {
     if (c.nbd.socket) {
       this.log(
         `NBD socket for root${nbdGroup !== null ? ` and group ${c.nbd.socketGroup}` : ' only'}` +
-          `; anonymous clients: ${c.nbd.anonymous === 'unix' ? 'Unix socket only' : c.nbd.anonymous}`,
+          `; anonymous clients: ${
+            c.nbd.tls.mode === 'require'
+              ? 'none (TLS is required on every connection, the socket too)'
+              : c.nbd.anonymous === 'unix'
+                ? 'Unix socket only'
+                : c.nbd.anonymous
+          }`,
       );
     }
     this.log(

@@ -362,6 +362,10 @@ describeWithTools(['nbdsh', 'nbdcopy', 'openssl'], 'TLS on the worker threads', 
   });
 
   it('TLS identities decide access on every worker; PREEMPT AND ABORT closes them all', async () => {
+    // under require, the socket serves no anonymous client either, and the log says so
+    expect(agent.stderr()).toContain(
+      'anonymous clients: none (TLS is required on every connection',
+    );
     expectOk(await agent.cli('device', 'create', 'wt0', '--size', '16M'));
     expectOk(await pr('wt0', 'register', '--as', 'alice', '--sa-key', '0xa'));
     expectOk(await pr('wt0', 'reserve', '--as', 'alice', '--key', '0xa', '--type', 'WE'));
