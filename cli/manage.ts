@@ -15,8 +15,7 @@ import {
 import { BallastError } from '../agent/errors.js';
 import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
-import { bytesText } from '../migrate/area.js';
-import { suspendArea } from '../migrate/image.js';
+import { areaLine, areaOf } from '../migrate/area.js';
 import { AgentError, Client } from './client.js';
 import { sizeArg } from './options.js';
 
@@ -504,17 +503,7 @@ Examples:
         }
       }
       const areas = new Map<string, { offset: number; end: number; ramBytes: number }>();
-      for (const d of parted) {
-        const ram = o.guestRam as number;
-        const a = suspendArea(d.size, ram);
-        if (!a) {
-          throw new BallastError(
-            'SUSPEND_NO_ROOM',
-            `device ${d.name} (${formatSize(d.size)}) has no room for a suspend area for ${formatSize(ram)} of RAM and swap before it: make it larger (device resize ${d.name} --size +SIZE)`,
-          );
-        }
-        areas.set(d.name, { ...a, ramBytes: ram });
-      }
+      for (const d of parted) areas.set(d.name, areaOf(d, o.guestRam as number));
       if (o.target !== undefined && !validTarget(o.target)) {
         throw new BallastError(
           'BALLAST_USAGE',
@@ -551,9 +540,7 @@ Examples:
             reply.virsh = virshAttach(reply.domain, [reply.libvirt]);
           reply.suspendArea = area;
           if (!o.json) {
-            process.stderr.write(
-              `${n}: suspend area at ${bytesText(area.offset)} for ${formatSize(area.ramBytes)} of RAM; the guest sees only the part before it (size=${area.offset})\n`,
-            );
+            process.stderr.write(areaLine(n, area));
           }
         }
         replies.push(reply);

@@ -5,6 +5,7 @@
 import { type Command, Option } from 'commander';
 import { shellQuote } from '../agent/attach.js';
 import { parseSize } from '../agent/units.js';
+import { areaLine } from '../migrate/area.js';
 import { type AgentApi, MigrateError } from '../migrate/handoff.js';
 import { migrateLibvirt } from '../migrate/libvirt.js';
 import { migrateLive } from '../migrate/live.js';
@@ -12,7 +13,7 @@ import type { Progress } from '../migrate/qemu.js';
 import { resumeGuest, type StreamVia, suspendGuest } from '../migrate/suspend.js';
 import { movableLibvirt, movableQemuArgs, takeover } from '../migrate/takeover.js';
 import { client, json, out, withCommon } from './manage.js';
-import { positiveInt } from './options.js';
+import { positiveInt, sizeArg } from './options.js';
 
 const MiB = 1024 * 1024;
 
@@ -216,6 +217,7 @@ interface TakeoverOpts {
   toHost?: string;
   device?: string[];
   format: string;
+  guestRam?: number;
 }
 
 export function registerGuest(program: Command): void {
@@ -363,15 +365,34 @@ export function registerGuest(program: Command): void {
         new Option('--format <FORMAT>', 'what to print for each device')
           .choices(['qemu', 'libvirt', 'uri'])
           .default('qemu'),
+      )
+      .addOption(
+        new Option(
+          '--guest-ram <SIZE>',
+          'the guest’s RAM: its paging device is given without its suspend area, as ' +
+            '`ballast attach --guest-ram` gives it (a guest that saw the whole device cannot be suspended)',
+        ).argParser(sizeArg('--guest-ram')),
       ),
   ).action(async (name: string, o: TakeoverOpts) => {
-    const r = await takeover(client(o), name, { host: o.toHost, devices: o.device });
+    if (o.guestRam !== undefined && o.format === 'uri') {
+      throw new MigrateError(
+        'BALLAST_USAGE',
+        '--guest-ram needs --format qemu or libvirt: an NBD URI cannot leave out the suspend area',
+      );
+    }
+    const r = await takeover(client(o), name, {
+      host: o.toHost,
+      devices: o.device,
+      guestRam: o.guestRam,
+    });
     if (o.json) return json(r);
     for (const s of r.steps) {
       const what =
         s.did === 'taken' ? `taken from ${s.from}` : s.did === 'reserved' ? 'reserved' : 'held';
       process.stderr.write(`${s.device}: ${what} by ${r.host} in ${s.ms.toFixed(0)} ms\n`);
     }
+    for (const a of r.attach)
+      if (a.suspendArea) process.stderr.write(areaLine(a.device, a.suspendArea));
     r.attach.forEach((a, i) => {
       if (o.format === 'qemu') out(movableQemuArgs(a.qemu).map(shellQuote).join(' '));
       else if (o.format === 'libvirt') out(movableLibvirt(a.libvirt, i));

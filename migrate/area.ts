@@ -8,7 +8,9 @@
 // nothing (nbd+unix:///EXPORT?socket=..., nbd://HOST:PORT/EXPORT), else json:{...} with
 // each node's options and its child's under "file".
 
+import { BallastError } from '../agent/errors.js';
 import { formatSize } from '../agent/units.js';
+import { suspendArea } from './image.js';
 
 /** One of the guest's block devices that reaches the device. */
 export interface GuestView {
@@ -154,6 +156,26 @@ const MiB = 1024 * 1024;
 /** A size in bytes as people read it, exact: 368050176 (351 MiB). */
 export function bytesText(n: number): string {
   return `${n} (${n % MiB === 0 ? `${n / MiB} MiB` : formatSize(n)})`;
+}
+
+/** A device's suspend area for a guest of `ramBytes`, or SUSPEND_NO_ROOM saying what to do. */
+export function areaOf(
+  d: { name: string; size: number },
+  ramBytes: number,
+): { offset: number; end: number; ramBytes: number } {
+  const a = suspendArea(d.size, ramBytes);
+  if (!a) {
+    throw new BallastError(
+      'SUSPEND_NO_ROOM',
+      `device ${d.name} (${formatSize(d.size)}) has no room for a suspend area for ${formatSize(ramBytes)} of RAM and swap before it: make it larger (device resize ${d.name} --size +SIZE)`,
+    );
+  }
+  return { ...a, ramBytes };
+}
+
+/** The line `attach` and `guest takeover` say (on stderr) for a device given without its suspend area. */
+export function areaLine(device: string, area: { offset: number; ramBytes: number }): string {
+  return `${device}: suspend area at ${bytesText(area.offset)} for ${formatSize(area.ramBytes)} of RAM; the guest sees only the part before it (size=${area.offset})\n`;
 }
 
 /** Why suspending into `device` at `offset` would write over what the guest sees. */

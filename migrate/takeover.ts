@@ -4,7 +4,16 @@
 // guest on the new host.
 
 import { performance } from 'node:perf_hooks';
-import { type AgentApi, agentHost, ensureHeld, guestDevices, prShow } from './handoff.js';
+import { guestPart, libvirtSlice } from '../agent/attach.js';
+import { areaOf } from './area.js';
+import {
+  type AgentApi,
+  agentHost,
+  ensureHeld,
+  guestDevices,
+  MigrateError,
+  prShow,
+} from './handoff.js';
 
 export interface TakeoverStep {
   device: string;
@@ -18,17 +27,41 @@ export interface TakeoverResult {
   guest: string;
   host: string;
   steps: TakeoverStep[];
-  attach: { device: string; uri: string; qemu: string[]; libvirt: string }[];
+  attach: {
+    device: string;
+    uri: string;
+    qemu: string[];
+    libvirt: string;
+    /** With `guestRam`: the paging device's suspend area, which the arguments leave out. */
+    suspendArea?: { offset: number; end: number; ramBytes: number };
+  }[];
 }
 
 /** `api` is the agent of the host the guest restarts on. */
 export async function takeover(
   api: AgentApi,
   guest: string,
-  opts: { host?: string | undefined; devices?: string[] | undefined } = {},
+  opts: {
+    host?: string | undefined;
+    devices?: string[] | undefined;
+    /** The guest's RAM: its paging devices are given without their suspend area. */
+    guestRam?: number | undefined;
+  } = {},
 ): Promise<TakeoverResult> {
   const host = opts.host ?? (await agentHost(api));
   const devices = await guestDevices(api, guest, opts.devices);
+  // every area is known before anything is taken: a device too small fails first
+  const areas = new Map<string, NonNullable<TakeoverResult['attach'][number]['suspendArea']>>();
+  if (opts.guestRam !== undefined) {
+    const ram = opts.guestRam;
+    for (const d of devices.filter((x) => x.role === 'paging')) areas.set(d.name, areaOf(d, ram));
+    if (areas.size === 0) {
+      throw new MigrateError(
+        'BALLAST_USAGE',
+        `guest ${guest} has no paging device among those taken, whose suspend area --guest-ram leaves out`,
+      );
+    }
+  }
   const steps: TakeoverStep[] = [];
   for (const d of devices) {
     const t0 = performance.now();
@@ -43,14 +76,27 @@ export async function takeover(
   }
   const attach = [];
   for (const d of devices) {
-    attach.push(
-      (await api.request(
-        'GET',
-        `/v1/devices/${encodeURIComponent(d.name)}/attach?host=${encodeURIComponent(host)}`,
-      )) as TakeoverResult['attach'][number],
-    );
+    const a = (await api.request(
+      'GET',
+      `/v1/devices/${encodeURIComponent(d.name)}/attach?host=${encodeURIComponent(host)}`,
+    )) as TakeoverResult['attach'][number];
+    attach.push(leaveOutArea(a, areas.get(d.name)));
   }
   return { guest, host, steps, attach };
+}
+
+/** A device's attach output without its suspend area (given one): what the guest sees. */
+export function leaveOutArea(
+  a: TakeoverResult['attach'][number],
+  area: TakeoverResult['attach'][number]['suspendArea'],
+): TakeoverResult['attach'][number] {
+  if (!area) return a;
+  return {
+    ...a,
+    qemu: guestPart(a.device, a.qemu, area.offset),
+    libvirt: libvirtSlice(a.libvirt, area.offset),
+    suspendArea: area,
+  };
 }
 
 /** How long a moving guest's NBD client keeps trying to reconnect (seconds). */

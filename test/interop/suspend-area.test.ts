@@ -9,6 +9,7 @@ import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { HEADER_BYTES, suspendArea } from '../../migrate/image.js';
 import { connectQmp, runState } from '../../migrate/qemu.js';
+import { leaveOutArea, movableQemuArgs } from '../../migrate/takeover.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { startQemu } from '../helpers/qemu.js';
 import { MiB } from '../helpers/server.js';
@@ -143,6 +144,28 @@ describeWithTools(
       );
       expect(f.stderr).toContain('--force: suspending anyway');
       expect(f.stdout).toMatch(new RegExp(`^suspended vm1 into swap-vm1 at ${offset}: `));
+      expect(await q.exited).toBe(0);
+    });
+
+    it('guest takeover --guest-ram: a guest that moves sees the part before the area too, and suspends', async () => {
+      const offset = AREA?.offset as number;
+      const j = JSON.parse((await agent.cli('attach', 'swap-vm1', '--json')).stdout);
+      const a = leaveOutArea(
+        { device: 'swap-vm1', uri: j.uri, qemu: j.qemu, libvirt: j.libvirt },
+        { offset, end: SIZE - HEADER_BYTES, ramBytes: RAM },
+      );
+      // what takeover prints for it: reconnecting, pausing on a refused write
+      const q = await guest(movableQemuArgs(a.qemu).join(' '));
+      const c = await connectQmp(`unix:${q.qmp}`, 'guest');
+      const blocks = (await c.execute('query-block')) as {
+        inserted?: { 'node-name': string; image: { 'virtual-size': number } };
+      }[];
+      c.close();
+      const disk = blocks.find((b) => b.inserted?.['node-name'] === 'ballast-swap-vm1-raw');
+      expect(disk?.inserted?.image['virtual-size'], JSON.stringify(blocks)).toBe(offset);
+      const s = await agent.cli('guest', 'suspend', 'vm1', '--qmp', `unix:${q.qmp}`);
+      expect(s.code, describeRun(s)).toBe(0);
+      expect(s.stderr).toBe('');
       expect(await q.exited).toBe(0);
     });
   },
