@@ -28,6 +28,7 @@ import {
 } from '../helpers/server.js';
 import { makePki, x509Args } from '../helpers/tls.js';
 import { describeRun, describeWithTools, run, SYSTEM_PYTHON } from '../helpers/tools.js';
+import { scaled } from '../helpers/wait.js';
 
 const IDLE = 1000;
 const OPT_STARTTLS = 5;
@@ -126,24 +127,27 @@ describeWithTools(['nbdsh'], 'a thousand idle connections lock no one out', () =
       `over ${transport}: a new libnbd client is served within 1 s; the idle ones close at the deadline`,
       async () => {
         const before = await rssBytes(server.pid);
+        const slack = scaled(5_000);
         const target = transport === 'tcp' ? { port: server.port! } : { path: server.socket };
         const t0 = performance.now();
         const { socks, closed } = await flood(target, IDLE);
         expect(socks.length).toBe(IDLE);
 
         const uri = transport === 'tcp' ? server.tcpUri() : server.uri();
+        // Served without waiting for the idle ones to be evicted at the deadline: within
+        // 1 s on a quiet machine, stretched by the load, never as long as the deadline.
         const took = await timedRead(uri);
-        expect(took).toBeLessThan(1);
+        expect(took).toBeLessThan(Math.min(scaled(1000), DEADLINE_S * 1000 - 500) / 1000);
         await expectSteadyServed();
 
         // Every idle connection is gone by the deadline (with slack for a busy machine).
         const all = Promise.all(closed).then(() => 'all closed');
         const late = new Promise((r) =>
-          setTimeout(() => r('some still open'), DEADLINE_S * 1000 + 5_000),
+          setTimeout(() => r('some still open'), DEADLINE_S * 1000 + slack),
         );
         expect(await Promise.race([all, late])).toBe('all closed');
         const elapsed = (performance.now() - t0) / 1000;
-        expect(elapsed).toBeLessThan(DEADLINE_S + 5);
+        expect(elapsed).toBeLessThan(DEADLINE_S + slack / 1000);
 
         const after = await rssBytes(server.pid);
         expect(after - before, `RSS ${before} → ${after}`).toBeLessThan(48 * MiB);
