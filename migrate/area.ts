@@ -10,7 +10,7 @@
 
 import { BallastError } from '../agent/errors.js';
 import { formatSize } from '../agent/units.js';
-import { suspendArea } from './image.js';
+import { MiB, suspendArea } from './image.js';
 
 /** One of the guest's block devices that reaches the device. */
 export interface GuestView {
@@ -150,8 +150,6 @@ export function guestViews(blocks: unknown, device: string): GuestView[] {
 export function overlapping(views: GuestView[], offset: number): GuestView[] {
   return views.filter((v) => v.end === null || v.end > offset);
 }
-
-const MiB = 1024 * 1024;
 
 /** A size in bytes as people read it, exact: 368050176 (351 MiB). */
 export function bytesText(n: number): string {

@@ -17,7 +17,7 @@ import { createHash } from 'node:crypto';
 
 export const HEADER_BYTES = 4096;
 const MAGIC = Buffer.from('BALLAST-SUSPEND\0', 'latin1');
-const MiB = 1024 * 1024;
+export const MiB = 1024 * 1024;
 
 export interface ImageHeader {
   format: 1;

@@ -40,6 +40,7 @@ import {
   HeaderError,
   type ImageHeader,
   incompatibility,
+  MiB,
   suspendArea,
 } from './image.js';
 import {
@@ -102,7 +103,6 @@ export interface SuspendReport {
 
 /** A RAM size as `--guest-ram` takes it: 128M, else bytes. */
 function ramArg(bytes: number): string {
-  const MiB = 1024 * 1024;
   return bytes % MiB === 0 ? `${bytes / MiB}M` : String(bytes);
 }
 
