@@ -5,8 +5,6 @@
 import { type Command, Option } from 'commander';
 import {
   FIRST_TARGET,
-  guestPart,
-  libvirtSlice,
   nextTarget,
   targetOrder,
   validTarget,
@@ -15,7 +13,7 @@ import {
 import { BallastError } from '../agent/errors.js';
 import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
-import { areaLine, areaOf } from '../migrate/area.js';
+import { areaLine, areaOf, leaveOutArea, type SuspendAreaView } from '../migrate/area.js';
 import { AgentError, Client } from './client.js';
 import { sizeArg } from './options.js';
 
@@ -502,7 +500,7 @@ Examples:
           }
         }
       }
-      const areas = new Map<string, { offset: number; end: number; ramBytes: number }>();
+      const areas = new Map<string, SuspendAreaView>();
       for (const d of parted) areas.set(d.name, areaOf(d, o.guestRam as number));
       if (o.target !== undefined && !validTarget(o.target)) {
         throw new BallastError(
@@ -521,24 +519,24 @@ Examples:
         domain?: string;
         virsh?: string;
         note?: string;
-        suspendArea?: { offset: number; end: number; ramBytes: number };
+        suspendArea?: SuspendAreaView;
       }[] = [];
       for (const n of names) {
         const q = new URLSearchParams({ format: o.format, target });
         if (o.transport) q.set('transport', o.transport);
         if (o.host) q.set('host', o.host);
         if (domain) q.set('domain', domain);
-        const reply = (await client(o).request(
-          'GET',
-          `/v1/devices/${enc(n)}/attach?${q}`,
-        )) as (typeof replies)[number];
         const area = areas.get(n);
+        const reply = leaveOutArea(
+          (await client(o).request(
+            'GET',
+            `/v1/devices/${enc(n)}/attach?${q}`,
+          )) as (typeof replies)[number],
+          area,
+        );
         if (area) {
-          reply.qemu = guestPart(n, reply.qemu, area.offset);
-          reply.libvirt = libvirtSlice(reply.libvirt, area.offset);
           if (reply.virsh !== undefined && reply.domain !== undefined)
             reply.virsh = virshAttach(reply.domain, [reply.libvirt]);
-          reply.suspendArea = area;
           if (!o.json) {
             process.stderr.write(areaLine(n, area));
           }

@@ -8,6 +8,7 @@
 // nothing (nbd+unix:///EXPORT?socket=..., nbd://HOST:PORT/EXPORT), else json:{...} with
 // each node's options and its child's under "file".
 
+import { guestPart, libvirtSlice } from '../agent/attach.js';
 import { BallastError } from '../agent/errors.js';
 import { formatSize } from '../agent/units.js';
 import { MiB, suspendArea } from './image.js';
@@ -156,11 +157,15 @@ export function bytesText(n: number): string {
   return `${n} (${n % MiB === 0 ? `${n / MiB} MiB` : formatSize(n)})`;
 }
 
+/** A paging device's suspend area [offset, end) for a guest of `ramBytes`. */
+export interface SuspendAreaView {
+  offset: number;
+  end: number;
+  ramBytes: number;
+}
+
 /** A device's suspend area for a guest of `ramBytes`, or SUSPEND_NO_ROOM saying what to do. */
-export function areaOf(
-  d: { name: string; size: number },
-  ramBytes: number,
-): { offset: number; end: number; ramBytes: number } {
+export function areaOf(d: { name: string; size: number }, ramBytes: number): SuspendAreaView {
   const a = suspendArea(d.size, ramBytes);
   if (!a) {
     throw new BallastError(
@@ -169,6 +174,23 @@ export function areaOf(
     );
   }
   return { ...a, ramBytes };
+}
+
+/**
+ * A device's attach output (QEMU arguments, libvirt <disk>) without its suspend area,
+ * given one: what `attach --guest-ram` and `guest takeover --guest-ram` print.
+ */
+export function leaveOutArea<T extends { device: string; qemu: string[]; libvirt: string }>(
+  a: T,
+  area: SuspendAreaView | undefined,
+): T & { suspendArea?: SuspendAreaView } {
+  if (!area) return a;
+  return {
+    ...a,
+    qemu: guestPart(a.device, a.qemu, area.offset),
+    libvirt: libvirtSlice(a.libvirt, area.offset),
+    suspendArea: area,
+  };
 }
 
 /** The line `attach` and `guest takeover` say (on stderr) for a device given without its suspend area. */

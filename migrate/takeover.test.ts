@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { libvirtXml, qemuArgs } from '../agent/attach.js';
-import { leaveOutArea, movableLibvirt, movableQemuArgs } from './takeover.js';
+import { leaveOutArea } from './area.js';
+import { movableLibvirt, movableQemuArgs } from './takeover.js';
 
 describe('attach output for a guest that moves', () => {
   it('QEMU: the NBD client reconnects, a refused write pauses the guest', () => {

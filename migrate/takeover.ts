@@ -4,8 +4,7 @@
 // guest on the new host.
 
 import { performance } from 'node:perf_hooks';
-import { guestPart, libvirtSlice } from '../agent/attach.js';
-import { areaOf } from './area.js';
+import { areaOf, leaveOutArea, type SuspendAreaView } from './area.js';
 import {
   type AgentApi,
   agentHost,
@@ -33,7 +32,7 @@ export interface TakeoverResult {
     qemu: string[];
     libvirt: string;
     /** With `guestRam`: the paging device's suspend area, which the arguments leave out. */
-    suspendArea?: { offset: number; end: number; ramBytes: number };
+    suspendArea?: SuspendAreaView;
   }[];
 }
 
@@ -51,7 +50,7 @@ export async function takeover(
   const host = opts.host ?? (await agentHost(api));
   const devices = await guestDevices(api, guest, opts.devices);
   // every area is known before anything is taken: a device too small fails first
-  const areas = new Map<string, NonNullable<TakeoverResult['attach'][number]['suspendArea']>>();
+  const areas = new Map<string, SuspendAreaView>();
   if (opts.guestRam !== undefined) {
     const ram = opts.guestRam;
     for (const d of devices.filter((x) => x.role === 'paging')) areas.set(d.name, areaOf(d, ram));
@@ -83,20 +82,6 @@ export async function takeover(
     attach.push(leaveOutArea(a, areas.get(d.name)));
   }
   return { guest, host, steps, attach };
-}
-
-/** A device's attach output without its suspend area (given one): what the guest sees. */
-export function leaveOutArea(
-  a: TakeoverResult['attach'][number],
-  area: TakeoverResult['attach'][number]['suspendArea'],
-): TakeoverResult['attach'][number] {
-  if (!area) return a;
-  return {
-    ...a,
-    qemu: guestPart(a.device, a.qemu, area.offset),
-    libvirt: libvirtSlice(a.libvirt, area.offset),
-    suspendArea: area,
-  };
 }
 
 /** How long a moving guest's NBD client keeps trying to reconnect (seconds). */

@@ -7,9 +7,10 @@
 
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { leaveOutArea } from '../../migrate/area.js';
 import { HEADER_BYTES, suspendArea } from '../../migrate/image.js';
 import { connectQmp, runState } from '../../migrate/qemu.js';
-import { leaveOutArea, movableQemuArgs } from '../../migrate/takeover.js';
+import { movableQemuArgs } from '../../migrate/takeover.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { startQemu } from '../helpers/qemu.js';
 import { MiB } from '../helpers/server.js';
