@@ -7,7 +7,6 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { ChangeError, isChangeError } from '../cluster/changes.js';
 import type { AccessControl, Export } from '../nbd/export.js';
 import type { NbdServer } from '../nbd/server.js';
 import { ExportStats } from '../nbd/stats.js';
@@ -18,7 +17,13 @@ import { failpoint, failpointArmed, failpointHold, failpointPause } from './fail
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
-import { type KeyValue, type Store, untilAnswered } from './store/store.js';
+import {
+  ChangeError,
+  isChangeError,
+  type KeyValue,
+  type Store,
+  untilAnswered,
+} from './store/store.js';
 
 export type Role = 'paging' | 'dump' | 'data';
 export const ROLES: readonly Role[] = ['paging', 'dump', 'data'];

@@ -36,6 +36,7 @@
 
 import { performance } from 'node:perf_hooks';
 import {
+  ChangeError,
   cmp,
   isStoreError,
   type KeyValue,
@@ -66,33 +67,6 @@ export interface ChangeGate {
   epochEnded(rev: number): void;
   /** The catalog revision applied once the cache reached `revision`. */
   catalogRevisionAt(revision: number, timeoutMs: number): Promise<number>;
-}
-
-/**
- * A change that failed with its verdict: `made` false (NOT made: nothing
- * changed, and nothing will) or null (may have been made: `outcome` resolves to
- * whether it was, once etcd answers). Not retryable by the store's callers:
- * the verdict is final, a retry is the operator's (or the command's) to make.
- */
-export class ChangeError extends StoreError {
-  readonly made: false | null;
-  readonly outcome: Promise<boolean> | undefined;
-
-  constructor(
-    code: 'STORE_UNAVAILABLE' | 'STORE_TIMEOUT',
-    message: string,
-    made: false | null,
-    outcome?: Promise<boolean>,
-    cause?: unknown,
-  ) {
-    super(code, message, { retryable: false, ...(cause === undefined ? {} : { cause }) });
-    this.made = made;
-    this.outcome = outcome;
-  }
-}
-
-export function isChangeError(e: unknown): e is ChangeError {
-  return e instanceof ChangeError;
 }
 
 export interface InDoubtChange {

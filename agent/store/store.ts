@@ -309,6 +309,34 @@ export function isStoreError(e: unknown, code?: StoreErrorCode): e is StoreError
 }
 
 /**
+ * A change that failed with its verdict: `made` false (NOT made: nothing
+ * changed, and nothing will) or null (may have been made: `outcome` resolves to
+ * whether it was, once etcd answers). Not retryable by the store's callers:
+ * the verdict is final, a retry is the operator's (or the command's) to make.
+ * A cluster's guarded store (cluster/changes.ts) throws it.
+ */
+export class ChangeError extends StoreError {
+  readonly made: false | null;
+  readonly outcome: Promise<boolean> | undefined;
+
+  constructor(
+    code: 'STORE_UNAVAILABLE' | 'STORE_TIMEOUT',
+    message: string,
+    made: false | null,
+    outcome?: Promise<boolean>,
+    cause?: unknown,
+  ) {
+    super(code, message, { retryable: false, ...(cause === undefined ? {} : { cause }) });
+    this.made = made;
+    this.outcome = outcome;
+  }
+}
+
+export function isChangeError(e: unknown): e is ChangeError {
+  return e instanceof ChangeError;
+}
+
+/**
  * Runs a store call until it answers, through retryable failures (an etcd election, a
  * member restarting) for up to `forMs`; any other failure, or the last one, is thrown.
  */
