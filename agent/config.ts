@@ -5,8 +5,8 @@
 import { readFileSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { type ClusterConfig, parseClusterConfig } from '../cluster/config.js';
 import { defaultWorkers } from '../nbd/workers.js';
+import { type ClusterConfig, parseClusterConfig } from './cluster-config.js';
 import { BallastError } from './errors.js';
 import type { TlsSettings } from './tls-config.js';
 import { parseSize } from './units.js';

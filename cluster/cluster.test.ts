@@ -1,8 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { parseClusterConfig } from '../agent/cluster-config.js';
 import { openMemoryStore } from '../agent/store/memory-store.js';
 import type { Store, WatchEvent } from '../agent/store/store.js';
 import { Cluster, type MemberInfo } from './cluster.js';
-import { parseClusterConfig } from './config.js';
 
 const fail = (k: string, p: string): never => {
   throw new Error(`${k}: ${p}`);

@@ -16,6 +16,7 @@
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import type { ClusterConfig } from '../agent/cluster-config.js';
 import { BallastError } from '../agent/errors.js';
 import { failpointArmed, failpointHold } from '../agent/failpoints.js';
 import {
@@ -28,7 +29,6 @@ import {
   type WatchEvent,
   type Watcher,
 } from '../agent/store/store.js';
-import type { ClusterConfig } from './config.js';
 import type { Fence } from './fence.js';
 
 export const MEMBERS = 'members/';

@@ -2,10 +2,10 @@
 // the catalog, let the device manager ask the cluster who serves what, and
 // feed it the changes other hosts make.
 
+import type { ClusterConfig } from '../agent/cluster-config.js';
 import { BallastError } from '../agent/errors.js';
 import { type Store, StoreError, type WatchEvent } from '../agent/store/store.js';
 import { Cluster, type MemberInfo } from './cluster.js';
-import type { ClusterConfig } from './config.js';
 import { EtcdStore } from './etcd-store.js';
 
 /** Exit code of `ballast agent` when etcd cannot be reached at start (docs/errors.md). */
