@@ -17,14 +17,9 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import {
-  CHECKSUM_ALGS,
-  type ChecksumAlg,
-  type Checksummer,
-  checksummer,
-} from '../dumpd/checksum.js';
 import { CMD } from '../nbd/protocol.js';
 import type { RouteSet } from './api.js';
+import { CHECKSUM_ALGS, type ChecksumAlg, type Checksummer, checksummer } from './checksum.js';
 import { BallastError } from './errors.js';
 import { type BallastNative, errnoName, loadNative } from './native.js';
 

@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { checksummer, crc32, crc32js, parseChecksum } from '../agent/checksum.js';
 import {
   ALIGN,
   annotateDump,
@@ -19,7 +20,6 @@ import {
   slotFor,
   VERSION,
 } from './catalog.js';
-import { checksummer, crc32, crc32js, parseChecksum } from './checksum.js';
 
 const MiB = 1024 * 1024;
 const SUM = 'crc32:0badcafe';

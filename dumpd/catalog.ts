@@ -19,14 +19,14 @@
 //           (the digest from its first byte), guest [64], reason [96], panic i32,
 //           running i32 (ms relative to createdAt; 0x80000000 = none), 8 spare bytes
 //
-// Version 2 added the checksum algorithm (0 none, 1 SHA-256, 2 CRC-32: checksum.ts);
+// Version 2 added the checksum algorithm (0 none, 1 SHA-256, 2 CRC-32: agent/checksum.ts);
 // version 1 had a zero there and always a SHA-256, and is still read.
 // Version 3 added the state `streaming` (an early-reboot dump: the guest runs again
 // while its snapshot streams in), the format `migration` (that snapshot, stored as
 // QEMU's migration stream: snapshot.ts) and the panic and running-again times.
 // Earlier versions read as having no times.
 
-import { CHECKSUM_ALGS, CHECKSUM_BYTES, crc32, parseChecksum } from './checksum.js';
+import { CHECKSUM_ALGS, CHECKSUM_BYTES, crc32, parseChecksum } from '../agent/checksum.js';
 
 export const MAGIC = Buffer.from('BALDUMP1', 'latin1');
 export const VERSION = 3;
@@ -77,7 +77,7 @@ export interface DumpEntry {
   capacity: number;
   /** Bytes of dump data (final for complete and failed dumps). */
   length: number;
-  /** "<alg>:<hex>" of the `length` bytes (checksum.ts); '' unless complete. */
+  /** "<alg>:<hex>" of the `length` bytes (agent/checksum.ts); '' unless complete. */
   checksum: string;
   /**
    * Why a dump failed; for a complete one, a note (why an early-reboot dump fell back to

@@ -4,8 +4,8 @@
 
 import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { crc32 } from '../agent/checksum.js';
 import { type ServerHandle, startServer } from '../test/helpers/server.js';
-import { crc32 } from './checksum.js';
 import { DumpDevice, type DumpWriter } from './device.js';
 
 let server: ServerHandle;

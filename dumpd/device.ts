@@ -14,6 +14,7 @@
 // catalog entry refers to those bytes after step 1; a dumpd that dies before step 5
 // leaves the entry `writing`, and recovery trims its whole reservation.
 
+import { type ChecksumAlg, checksummer, parseChecksum } from '../agent/checksum.js';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import {
   annotateDump,
@@ -33,7 +34,6 @@ import {
   slotFor,
   type Trim,
 } from './catalog.js';
-import { type ChecksumAlg, checksummer, parseChecksum } from './checksum.js';
 
 /** Dumps are read back in pieces of this size. */
 const READ_SIZE = 4 * 1024 * 1024;
@@ -58,7 +58,7 @@ const MAX_OUTSTANDING = 12 * 1024 * 1024;
  * few of these in dirty pages for a dump of any size.
  */
 const FLUSH_EVERY = 32 * 1024 * 1024;
-/** What new dumps are checksummed with (checksum.ts). */
+/** What new dumps are checksummed with (agent/checksum.ts). */
 const CHECKSUM: ChecksumAlg = 'crc32';
 
 export class DumpDevice {

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checksummer } from '../../dumpd/checksum.js';
+import { checksummer } from '../../agent/checksum.js';
 import { hostKey } from '../../migrate/handoff.js';
 import { NbdClient } from '../../nbd/client.js';
 import { type AgentHandle, type ApiReply, startAgent } from '../helpers/agent.js';

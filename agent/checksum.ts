@@ -1,5 +1,6 @@
 // The checksum a dump is stored with, written as "<algorithm>:<hex>" in the catalog
-// entry and in `dump ls` / `dump get`.
+// entry and in `dump ls` / `dump get`. The agent's migration streams (stream.ts) and
+// suspend images (migrate/suspend.ts) are hashed the same way.
 //
 // New dumps get CRC-32 (zlib's, the polynomial of gzip, zip and Ethernet), computed on
 // dumpd's main thread as the pieces go out: it is there to catch bytes that changed or
