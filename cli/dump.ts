@@ -5,6 +5,7 @@
 import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import type { Command } from 'commander';
+import { Client } from '../agent/api-client.js';
 import { BallastError } from '../agent/errors.js';
 import { type DumpEntry, DumpError } from '../dumpd/catalog.js';
 import { DEFAULT_LISTEN, DEFAULT_RUN_DIR, type DeviceRef, parseConfig } from '../dumpd/config.js';
@@ -19,7 +20,6 @@ import { type MemoryConfig, parseMemoryConfig } from '../guestd/memory/config.js
 import { MemoryController } from '../guestd/memory/controller.js';
 import type { RebalanceEvent } from '../guestd/memory/policy.js';
 import { readHost } from '../guestd/memory/sources.js';
-import { Client } from './client.js';
 import { table } from './manage.js';
 
 /** Coded errors of the NBD client, QMP, dumpd and memory reach the user as `ballast: error CODE`. */

@@ -3,12 +3,12 @@
 
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
+import { EXIT } from '../agent/api-client.js';
 import { isBallastError } from '../agent/errors.js';
 import type { CacheMode } from '../agent/sparse-file.js';
 import { parseSize } from '../agent/units.js';
 import { defaultWorkers } from '../nbd/workers.js';
 import { registerAgent } from './agent.js';
-import { EXIT } from './client.js';
 import { registerCluster } from './cluster.js';
 import { registerDeploy } from './deploy.js';
 import { registerDump } from './dump.js';

@@ -1,8 +1,9 @@
 // `ballast pool|device|attach|status`: the agent's management API from the
 // command line. Human tables by default, --json for scripts; exit codes in
-// client.ts (EXIT) and docs/errors.md.
+// agent/api-client.ts (EXIT) and docs/errors.md.
 
 import { type Command, Option } from 'commander';
+import { AgentError, Client } from '../agent/api-client.js';
 import {
   FIRST_TARGET,
   nextTarget,
@@ -14,7 +15,6 @@ import { BallastError } from '../agent/errors.js';
 import type { PoolStatus } from '../agent/pools.js';
 import { formatSize, parseSize } from '../agent/units.js';
 import { areaLine, areaOf, leaveOutArea, type SuspendAreaView } from '../migrate/area.js';
-import { AgentError, Client } from './client.js';
 import { sizeArg } from './options.js';
 
 export interface Common {

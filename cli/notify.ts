@@ -3,8 +3,8 @@
 
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
+import { AgentError, Client } from '../agent/api-client.js';
 import { EVENT_KINDS, parseTypes } from '../notify/events.js';
-import { AgentError, Client } from './client.js';
 import { type Common, client, json, out, table, withCommon } from './manage.js';
 
 interface RecipientView {

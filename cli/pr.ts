@@ -4,9 +4,9 @@
 // mapped name).
 
 import { type Command, Option } from 'commander';
+import { AgentError, Client } from '../agent/api-client.js';
 import { BallastError } from '../agent/errors.js';
 import { PR_ACTIONS, PR_TYPE_NAMES, type PrType } from '../agent/pr.js';
-import { AgentError, Client } from './client.js';
 import { warnStale } from './manage.js';
 
 interface Common {

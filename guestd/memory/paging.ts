@@ -3,7 +3,7 @@
 // bytes the guest has read from it (its swap-ins) and written (its swap-outs).
 
 import http from 'node:http';
-import { Client, resolveAgent } from '../../cli/client.js';
+import { Client, resolveAgent } from '../../agent/api-client.js';
 import type { PagingState } from './policy.js';
 import { deviceBytes } from './sources.js';
 

@@ -1,12 +1,13 @@
-// The CLI's side of the management API: where the agent is (--agent URL,
-// BALLAST_AGENT, or the local socket), the bearer token, and errors turned
-// back into BallastErrors with exit codes that scripts can rely on.
+// The client side of the management API (the CLI's commands, guestd's paging
+// input): where the agent is (--agent URL, BALLAST_AGENT, or the local socket),
+// the bearer token, and errors turned back into BallastErrors with exit codes
+// that scripts can rely on.
 
 import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import { join } from 'node:path';
-import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET, DEFAULT_DATA_DIR } from '../agent/config.js';
-import { BallastError } from '../agent/errors.js';
+import { DEFAULT_API_LISTEN, DEFAULT_API_SOCKET, DEFAULT_DATA_DIR } from './config.js';
+import { BallastError } from './errors.js';
 
 /**
  * Exit codes of the commands that talk to the agent (docs/errors.md):
