@@ -13,6 +13,7 @@ export default defineConfig({
     include: [
       'nbd/**/*.test.ts',
       'agent/**/*.test.ts',
+      'agentd/**/*.test.ts',
       'cli/**/*.test.ts',
       'dumpd/**/*.test.ts',
       'deploy/**/*.test.ts',

@@ -1,8 +1,8 @@
 // `ballast agent`: run the per-host daemon until SIGTERM.
 
 import type { Command } from 'commander';
-import { Agent } from '../agent/agent.js';
 import { DEFAULT_DATA_DIR } from '../agent/config.js';
+import { Agent } from '../agentd/agent.js';
 
 function log(msg: string): void {
   process.stderr.write(`ballast: ${msg}\n`);

@@ -50,7 +50,7 @@ node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error("setup: 
 stamp=node_modules/.ballast-setup
 want_stamp="$(cat package-lock.json binding.gyp native/* 2>/dev/null | sha256sum | cut -d' ' -f1) node-abi-$(node -p process.versions.modules)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" && -f build/Release/ballast_native.node && -d dist ]]; then
-  if [[ -n "$(find agent bench cli cluster deploy dumpd migrate nbd notify test -name '*.ts' -newer "$stamp" -print -quit)" ]] ||
+  if [[ -n "$(find agent agentd bench cli cluster deploy dumpd guestd migrate nbd nemesis notify test -name '*.ts' -newer "$stamp" -print -quit)" ]] ||
     [[ tsconfig.build.json -nt "$stamp" ]]; then
     echo "setup: dependencies unchanged; rebuilding dist/" >&2
     npm run build --silent

@@ -25,7 +25,7 @@ const tsOf = (dir: string) =>
   existsSync(dir) ? walk(dir, (f) => f.endsWith('.ts') && !f.endsWith('.test.ts')) : [];
 
 /** The product's sources (not tests, benchmarks or fault campaigns). */
-const SERVED = ['agent', 'nbd', 'cli', 'cluster', 'notify', 'dumpd', 'migrate', 'deploy'];
+const SERVED = ['agent', 'agentd', 'nbd', 'cli', 'cluster', 'notify', 'dumpd', 'migrate', 'deploy'];
 // A part no command runs yet (a controller being built) joins once a command imports it:
 // users see its metrics and codes from then on.
 const PARTS = ['guestd'].filter((d) =>

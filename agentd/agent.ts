@@ -1,5 +1,7 @@
-// The per-host daemon: pools, devices and their NBD exports, the management
-// API and /metrics, over the durable local store. `ballast agent` runs one.
+// The per-host daemon that `ballast agent` runs: it wires agent/'s pools, devices
+// and their NBD exports, reservations, the management API and /metrics over the
+// durable store, the cluster's membership and fencing (cluster/) when the config
+// has a `cluster:` section, and configuration-change events (notify/).
 
 import { randomBytes } from 'node:crypto';
 import {
@@ -20,6 +22,23 @@ import {
 import type http from 'node:http';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
+import { createApiServer } from '../agent/api.js';
+import { createApiGuard } from '../agent/api-guard.js';
+import type { NbdEndpoint } from '../agent/attach.js';
+import { DynamicCatalog } from '../agent/catalog.js';
+import { type AgentConfig, loadConfig, type Media, type PoolConfig } from '../agent/config.js';
+import { DeviceManager } from '../agent/devices.js';
+import { BallastError } from '../agent/errors.js';
+import { failpointPause } from '../agent/failpoints.js';
+import { describeTarget, listenError, MOVE_LISTENER, prepareSocketPath } from '../agent/listen.js';
+import { createMetrics } from '../agent/metrics.js';
+import { loadNative } from '../agent/native.js';
+import { Pool } from '../agent/pools.js';
+import { ReservationManager, SETTLED_PREFIX } from '../agent/reservations.js';
+import { SqliteStore } from '../agent/store/sqlite-store.js';
+import type { Store } from '../agent/store/store.js';
+import { StreamManager } from '../agent/stream.js';
+import { IdentityMap, loadTls, peerUid, sourceKey } from '../agent/tls-config.js';
 import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
 import { GuardedStore } from '../cluster/changes.js';
 import type { Cluster } from '../cluster/cluster.js';
@@ -36,23 +55,6 @@ import { MEDIA } from '../notify/events.js';
 import { Notifier } from '../notify/notifier.js';
 import { serveEvents } from '../notify/sse.js';
 import { tierChanges, tierOf } from '../notify/tier.js';
-import { createApiServer } from './api.js';
-import { createApiGuard } from './api-guard.js';
-import type { NbdEndpoint } from './attach.js';
-import { DynamicCatalog } from './catalog.js';
-import { type AgentConfig, loadConfig, type Media, type PoolConfig } from './config.js';
-import { DeviceManager } from './devices.js';
-import { BallastError } from './errors.js';
-import { failpointPause } from './failpoints.js';
-import { describeTarget, listenError, MOVE_LISTENER, prepareSocketPath } from './listen.js';
-import { createMetrics } from './metrics.js';
-import { loadNative } from './native.js';
-import { Pool } from './pools.js';
-import { ReservationManager, SETTLED_PREFIX } from './reservations.js';
-import { SqliteStore } from './store/sqlite-store.js';
-import type { Store } from './store/store.js';
-import { StreamManager } from './stream.js';
-import { IdentityMap, loadTls, peerUid, sourceKey } from './tls-config.js';
 
 /** How long a PR command that lost a race waits for this agent's watch to catch up. */
 const CAUGHT_UP_MS = 10_000;
