@@ -14,11 +14,11 @@ import {
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { openMemoryStore } from '../test/helpers/memory-store.js';
 import { DynamicCatalog } from './catalog.js';
 import { cacheFor, DeviceManager, type DeviceRecord, validateName } from './devices.js';
 import { BallastError } from './errors.js';
 import { Pool } from './pools.js';
-import { openMemoryStore } from './store/memory-store.js';
 
 const MiB = 1024 * 1024;
 const cleanup: (() => Promise<void> | void)[] = [];

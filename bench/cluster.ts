@@ -12,8 +12,8 @@ import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Fence } from '../cluster/fence.js';
-import { type EtcdCluster, startEtcdCluster } from '../cluster/local-etcd.js';
 import { NbdClient } from '../nbd/client.js';
+import { type EtcdCluster, startEtcdCluster } from '../test/harness/local-etcd.js';
 import { BenchAgent } from './cluster-agent.js';
 import { type ClusterBenchOptions, type Part, parseClusterOptions } from './cluster-options.js';
 import {

@@ -36,13 +36,13 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { BallastError } from '../agent/errors.js';
-import { startEtcdCluster } from '../cluster/local-etcd.js';
 import { QmpClient, type QmpEvent } from '../dumpd/qmp.js';
 import { type AgentApi, ensureHeld } from '../migrate/handoff.js';
 import { suspendArea } from '../migrate/image.js';
 import { migrateLive } from '../migrate/live.js';
 import { queryMigrate, setCapabilities, waitMigration } from '../migrate/qemu.js';
 import { resumeGuest, suspendGuest } from '../migrate/suspend.js';
+import { startEtcdCluster } from '../test/harness/local-etcd.js';
 import { Child, killAll } from './proc.js';
 
 const log = (m: string) => process.stderr.write(`[bench:migrate] ${m}\n`);

@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { parseClusterConfig } from '../agent/cluster-config.js';
-import { openMemoryStore } from '../agent/store/memory-store.js';
 import type { Store, WatchEvent } from '../agent/store/store.js';
+import { openMemoryStore } from '../test/helpers/memory-store.js';
 import { Cluster, type MemberInfo } from './cluster.js';
 
 const fail = (k: string, p: string): never => {

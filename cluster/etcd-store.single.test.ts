@@ -8,10 +8,10 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import { isStoreError, type WatchEvent, type Watcher } from '../agent/store/store.js';
 import { ETCD_TOOLS, type EtcdCluster, startEtcdCluster } from '../test/helpers/etcd.js';
+import { waitFor } from '../test/helpers/store-contract.js';
 import { makePki, type Pki } from '../test/helpers/tls.js';
 import { describeWithTools } from '../test/helpers/tools.js';
 import { EtcdStore, type EtcdStoreOptions } from './etcd-store.js';
-import { waitFor } from './store-contract.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

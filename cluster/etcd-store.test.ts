@@ -7,12 +7,12 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import { isStoreError, op, type WatchEvent, type Watcher } from '../agent/store/store.js';
+import { FaultProxy } from '../test/harness/fault-proxy.js';
 import { ETCD_TOOLS, type EtcdCluster, startEtcdCluster } from '../test/helpers/etcd.js';
+import { waitFor } from '../test/helpers/store-contract.js';
 import { describeWithTools, runOk } from '../test/helpers/tools.js';
 import { scaled } from '../test/helpers/wait.js';
 import { EtcdStore, type EtcdStoreOptions } from './etcd-store.js';
-import { FaultProxy } from './fault-proxy.js';
-import { waitFor } from './store-contract.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const brief = (e: WatchEvent) => [e.type, e.kv.key, e.kv.value, e.revision];

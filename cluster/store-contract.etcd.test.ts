@@ -4,11 +4,11 @@
 // Every test gets its own random prefix on the one cluster of this file.
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll } from 'vitest';
+import { FaultProxy } from '../test/harness/fault-proxy.js';
 import { ETCD_TOOLS, type EtcdCluster, startEtcdCluster } from '../test/helpers/etcd.js';
+import { storeContract } from '../test/helpers/store-contract.js';
 import { describeWithTools } from '../test/helpers/tools.js';
 import { EtcdStore } from './etcd-store.js';
-import { FaultProxy } from './fault-proxy.js';
-import { storeContract } from './store-contract.js';
 
 describeWithTools([...ETCD_TOOLS], 'EtcdStore on a 3-member etcd', () => {
   let cluster: EtcdCluster;

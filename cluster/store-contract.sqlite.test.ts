@@ -1,7 +1,7 @@
 // The Store contract against the single-host SqliteStore (in memory: same code
-// as on disk, see agent/store/memory-store.ts).
-import { openMemoryStore } from '../agent/store/memory-store.js';
-import { storeContract } from './store-contract.js';
+// as on disk, see test/helpers/memory-store.ts).
+import { openMemoryStore } from '../test/helpers/memory-store.js';
+import { storeContract } from '../test/helpers/store-contract.js';
 
 storeContract('SqliteStore', {
   open: () => openMemoryStore({ leaseCheckIntervalMs: 100 }),

@@ -20,9 +20,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type ApiReply, httpRequest } from '../bench/api.js';
-import { FaultProxy } from '../cluster/fault-proxy.js';
-import { type EtcdCluster, startEtcdCluster } from '../cluster/local-etcd.js';
 import { NbdClient } from '../nbd/client.js';
+import { FaultProxy } from '../test/harness/fault-proxy.js';
+import { type EtcdCluster, startEtcdCluster } from '../test/harness/local-etcd.js';
 import { type Anomaly, checkAll, DEVICE_VERDICTS } from './checkers.js';
 import type {
   AclOp,

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { openMemoryStore } from '../agent/store/memory-store.js';
 import type { Store } from '../agent/store/store.js';
+import { openMemoryStore } from '../test/helpers/memory-store.js';
 import { Receiver } from '../test/helpers/receiver.js';
 import { Notifier, retryAfterMs, retryDelay, validateRecipient } from './notifier.js';
 

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { openMemoryStore } from './memory-store.js';
+import { openMemoryStore } from '../../test/helpers/memory-store.js';
 import { SqliteStore } from './sqlite-store.js';
 import { cmp, isStoreError, op, type Store, type WatchEvent } from './store.js';
 

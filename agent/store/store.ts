@@ -1,8 +1,8 @@
 // The agent's durable local state, behind an interface modelled on etcd v3
 // (KV, Txn, Watch, Lease) so that the cluster layer can later put an etcd
 // implementation behind the same calls. SqliteStore (sqlite-store.ts) is the
-// single-host implementation; MemoryStore (memory-store.ts) is for unit tests
-// of callers.
+// single-host implementation; MemoryStore (test/helpers/memory-store.ts) is for
+// unit tests of callers.
 //
 // Semantics follow etcd v3 wherever the two could differ:
 //

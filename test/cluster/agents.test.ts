@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { FaultProxy } from '../../cluster/fault-proxy.js';
+import { FaultProxy } from '../harness/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { idKey, Receiver } from '../helpers/receiver.js';

@@ -19,8 +19,8 @@
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
-import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
+import { FaultProxy } from '../harness/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { compactEtcd, type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { op } from '../../agent/store/store.js';
 import { EtcdStore } from '../../cluster/etcd-store.js';
-import { FaultProxy } from '../../cluster/fault-proxy.js';
+import { FaultProxy } from '../harness/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { idKey, Receiver } from '../helpers/receiver.js';

@@ -7,8 +7,8 @@
 // host-a's connection there stayed open (its writes got EPERM, for good).
 
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
+import { FaultProxy } from '../harness/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { compactEtcd, type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';

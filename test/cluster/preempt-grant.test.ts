@@ -8,8 +8,8 @@
 
 import { performance } from 'node:perf_hooks';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { FaultProxy } from '../../cluster/fault-proxy.js';
 import { NbdClient } from '../../nbd/client.js';
+import { FaultProxy } from '../harness/fault-proxy.js';
 import { type AgentHandle, startAgent } from '../helpers/agent.js';
 import { type EtcdCluster, startEtcdCluster } from '../helpers/etcd.js';
 import { makeTempDir } from '../helpers/server.js';

@@ -1,14 +1,14 @@
-// The tests' etcd clusters: cluster/local-etcd.ts, run with the tools' environment.
+// The tests' etcd clusters: test/harness/local-etcd.ts, run with the tools' environment.
 
 import { EtcdStore } from '../../cluster/etcd-store.js';
 import {
   type EtcdCluster,
   type EtcdClusterOptions,
   startEtcdCluster as start,
-} from '../../cluster/local-etcd.js';
+} from '../harness/local-etcd.js';
 import { toolEnv } from './tools.js';
 
-export type { EtcdCluster, EtcdClusterOptions, EtcdMember } from '../../cluster/local-etcd.js';
+export type { EtcdCluster, EtcdClusterOptions, EtcdMember } from '../harness/local-etcd.js';
 
 /** The programs an etcd test needs (for describeWithTools). */
 export const ETCD_TOOLS = ['etcd', 'etcdctl'] as const;

@@ -20,7 +20,7 @@ import {
   type Store,
   type WatchEvent,
   type Watcher,
-} from '../agent/store/store.js';
+} from '../../agent/store/store.js';
 
 export interface StoreHarness {
   /** A fresh, empty store (etcd: a new random prefix on the shared cluster). */

@@ -1,8 +1,8 @@
 // Real etcd clusters on loopback, for the tests and the benchmarks: 1 or 3
 // members of Debian's etcd 3.4 on free loopback ports, each with its own
 // temporary data directory. Tests start one per file (beforeAll) and share it
-// by using their own key prefixes. Lives outside test/ so that the benchmarks,
-// built without the tests, can start the same cluster.
+// by using their own key prefixes. The build compiles test/harness/ (without the
+// tests) so that the benchmarks and nemesis campaigns start the same cluster.
 //
 // Election settings are short (heartbeat 50 ms, election 500 ms) so that a
 // killed leader is replaced within about a second, and so that etcd's minimum
