@@ -10,6 +10,7 @@ import type { Backend, Extent, IoRequest } from './backend.js';
 import { BufferPool, DEFAULT_THREAD_BUFFER_BYTES } from './buffers.js';
 import { nbdError } from './errors.js';
 import type { AccessControl, Export, ExportCatalog } from './export.js';
+import type { IdentityMethod, RelayAnswer, RemoteLink } from './handover.js';
 import { greeting, Negotiation, type Session } from './negotiation.js';
 import {
   CHUNK_HEADER_SIZE,
@@ -103,9 +104,6 @@ export interface ServerOptions {
    */
   identify?: (conn: Connection) => string | null;
 }
-
-/** How a connection's identity was established. */
-export type IdentityMethod = 'x509' | 'psk' | 'mapped' | 'anonymous';
 
 export interface ServerStats {
   connectionsTotal: number;
@@ -259,22 +257,6 @@ export interface HandshakeRelay {
   ): void;
   option(conn: Connection, opt: number, data: Buffer | null): void;
   tlsFailed(conn: Connection, message: string): void;
-}
-
-/** The main thread's answer to a relayed option. */
-export interface RelayAnswer {
-  replies: Buffer[];
-  verdict: 'continue' | 'close' | 'transmission';
-  reason?: string;
-  /** With 'transmission': the session, its export built on this thread. */
-  session?: Session;
-}
-
-/** The worker thread serving a connection that was handed over (see WorkerPool). */
-export interface RemoteLink {
-  shutdown(): void;
-  kill(): void;
-  abort(): Promise<void>;
 }
 
 export class Connection implements HandshakeSink, TransmissionSink {

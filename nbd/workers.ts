@@ -16,8 +16,8 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { closeQuietly, releaseShared, type SharedBackend } from './backend.js';
 import type { AccessControl } from './export.js';
+import type { IdentityMethod, RelayAnswer, RemoteLink } from './handover.js';
 import type { Session } from './negotiation.js';
-import type { Connection, NbdServer, RemoteLink } from './server.js';
 import type { ExportStats } from './stats.js';
 import type { TlsCredentialOptions, TlsMode } from './tls.js';
 
@@ -52,7 +52,7 @@ export interface SessionInfo {
   structured: boolean;
   allocationContext: boolean;
   identity: string;
-  identityMethod: Connection['identityMethod'];
+  identityMethod: IdentityMethod;
   backend: SharedBackend;
   /** Index into the shared access table, or -1: every command allowed. */
   slot: number;
@@ -88,7 +88,7 @@ export type FromWorker =
       t: 'secure';
       id: number;
       identity: string | null;
-      method: Connection['identityMethod'];
+      method: IdentityMethod;
       protocol: string | null;
     }
   | { t: 'opt'; id: number; opt: number; data: Uint8Array | null }
@@ -111,6 +111,37 @@ function workerUrl(): URL {
   return new URL('./worker.js', here);
 }
 
+/** What the pool needs of the server whose connections it serves (NbdServer). */
+export interface PoolServer {
+  readonly options: {
+    readonly maxInFlight?: number;
+    readonly maxBufferedBytes?: number;
+    readonly threadBufferedBytes?: number;
+    readonly tls?: { mode: TlsMode; credentials: { source: TlsCredentialOptions } };
+    readonly tlsOnWorkers?: boolean;
+  };
+  /** The server's counters: what the workers served is added to them. */
+  readonly stats: ServerDelta;
+  log(level: 'debug' | 'info' | 'warn', msg: string): void;
+}
+
+/** What the pool needs of a connection it hands over (the server's Connection). */
+export interface PooledConnection {
+  readonly id: number;
+  readonly remote: string;
+  /** The socket's descriptor, or -1. */
+  readonly fd: number;
+  readonly identity: string;
+  readonly identityMethod: IdentityMethod;
+  readonly tlsProtocol: string | null;
+  readonly session: Session | null;
+  readonly exportStats: ExportStats | null;
+  decideRelayed(opt: number, data: Buffer | null): RelayAnswer;
+  relayedSecure(identity: string | null, method: IdentityMethod, protocol: string | null): void;
+  relayedTlsFailed(message: string): void;
+  remoteClosed(): void;
+}
+
 interface Thread {
   worker: Worker;
   index: number;
@@ -127,7 +158,7 @@ class Remote implements RemoteLink {
   constructor(
     readonly pool: WorkerPool,
     readonly thread: Thread,
-    readonly conn: Connection,
+    readonly conn: PooledConnection,
     public slot: number,
     public access: AccessControl | null,
   ) {}
@@ -162,7 +193,7 @@ export class WorkerPool {
   private closing = false;
 
   constructor(
-    private readonly server: NbdServer,
+    private readonly server: PoolServer,
     readonly size: number,
     /** A close-on-exec duplicate of a descriptor, or -errno (ServerOptions.dupFd). */
     private readonly dup: (fd: number) => number,
@@ -271,7 +302,7 @@ export class WorkerPool {
   }
 
   /** Whether a connection just established should move to a worker. */
-  wants(conn: Connection): boolean {
+  wants(conn: PooledConnection): boolean {
     if (this.closing || this.threads.length === 0) return false;
     if (conn.tlsProtocol !== null) return false;
     const s = conn.session;
@@ -279,7 +310,7 @@ export class WorkerPool {
   }
 
   /** Whether a connection that just got its STARTTLS acknowledged should do TLS on a worker. */
-  wantsTls(conn: Connection): boolean {
+  wantsTls(conn: PooledConnection): boolean {
     if (this.closing || this.server.options.tlsOnWorkers === false) return false;
     if (!this.threads.some((t) => !t.dead)) return false;
     return conn.fd >= 0 && this.freeSlots.length > 0;
@@ -294,7 +325,7 @@ export class WorkerPool {
   }
 
   /** Hands a connection over right after its STARTTLS: the worker runs the TLS handshake. */
-  adoptTls(conn: Connection): RemoteLink | null {
+  adoptTls(conn: PooledConnection): RemoteLink | null {
     const t = this.pick();
     if (!t) return null;
     const fd = this.dup(conn.fd);
@@ -353,20 +384,20 @@ export class WorkerPool {
   }
 
   /** A slot of the shared access table, holding the connection's answer from `acc`. */
-  private takeSlot(acc: AccessControl, conn: Connection): number {
+  private takeSlot(acc: AccessControl, conn: PooledConnection): number {
     const slot = this.freeSlots.pop()!;
     this.publish(slot, acc, conn);
     return slot;
   }
 
   /** Writes the connection's answer and bumps the slot's generation: workers read it from now on. */
-  private publish(slot: number, acc: AccessControl, conn: Connection): void {
+  private publish(slot: number, acc: AccessControl, conn: PooledConnection): void {
     Atomics.store(this.table, slot * 2 + 1, acc.mask(conn.identity));
     Atomics.add(this.table, slot * 2, 1);
   }
 
   /** Whether a worker can serve this session's export (shareable, no fence). */
-  private wantsSession(s: NonNullable<Connection['session']>): boolean {
+  private wantsSession(s: Session): boolean {
     if (typeof s.export.backend.share !== 'function') return false;
     const acc = s.export.access;
     if (acc) {
@@ -380,7 +411,7 @@ export class WorkerPool {
    * Hands the connection over: its socket and backend duplicated for a worker.
    * Returns the link the Connection then stands for, or null (served here).
    */
-  adopt(conn: Connection, leftover: Buffer): RemoteLink | null {
+  adopt(conn: PooledConnection, leftover: Buffer): RemoteLink | null {
     const s = conn.session;
     const t = this.pick();
     if (!s || t === null || this.freeSlots.length === 0) return null;
@@ -511,7 +542,7 @@ export class WorkerPool {
 /** What a worker needs of an established connection's session: its backend shared, its slot. */
 function sessionInfo(
   s: Session,
-  conn: Connection,
+  conn: PooledConnection,
   backend: SharedBackend,
   slot: number,
 ): SessionInfo {
