@@ -22,6 +22,7 @@ import { type DeviceManager, noPool, type Role } from './devices.js';
 import { BallastError, isBallastError } from './errors.js';
 import { PR_STATUS, prRoutes } from './pr-api.js';
 import type { ReservationManager } from './reservations.js';
+import { listOrCache, pageLimit } from './store/pages.js';
 import { parseSize } from './units.js';
 
 /** HTTP status for each error code; anything unlisted is a 400 (bad request) or 500. */
@@ -29,6 +30,7 @@ const STATUS: Record<string, number> = {
   BALLAST_DEVICE_NOT_FOUND: 404,
   BALLAST_POOL_NOT_FOUND: 404,
   BALLAST_NOT_FOUND: 404,
+  BALLAST_LIST_EXPIRED: 410,
   BALLAST_DEVICE_EXISTS: 409,
   BALLAST_DEVICE_BUSY: 409,
   BALLAST_CONFLICT: 409,
@@ -205,9 +207,27 @@ export function routes(ctx: ApiContext): Route[] {
         );
       return p;
     }),
-    r('GET', '/v1/devices', async () => {
+    r('GET', '/v1/devices', async (q) => {
+      const url = new URL(q.url ?? '/', 'http://x');
+      const limit = url.searchParams.get('limit');
+      const token = url.searchParams.get('continue');
       const stale = ctx.stale?.();
-      return stale ? { devices: d.list(), stale } : { devices: d.list() };
+      if (stale) {
+        // Cut off from the cluster: what this agent keeps, whole, marked stale.
+        if (token !== null) {
+          throw new BallastError(
+            'STORE_UNAVAILABLE',
+            `this agent is cut off from etcd (${stale.reason}): the listing cannot go on; list again without continue for what this agent keeps (marked stale)`,
+          );
+        }
+        return { devices: d.list(), stale };
+      }
+      return listOrCache<Record<string, unknown>>(
+        () => d.listPage(limit === null ? undefined : pageLimit(limit), token ?? undefined),
+        (why) => ({ devices: d.list(), stale: why }),
+        ctx.stale !== undefined,
+        token,
+      );
     }),
     r('POST', '/v1/devices', async (_q, _p, body) => {
       const name = optString(body.name, 'name') ?? '';
@@ -223,7 +243,7 @@ export function routes(ctx: ApiContext): Route[] {
     }),
     r('GET', '/v1/devices/:name', async (_q, [name]) => {
       const stale = ctx.stale?.();
-      return stale ? { ...d.view(name!), stale } : d.view(name!);
+      return stale ? { ...d.view(name!), stale } : d.viewFresh(name!);
     }),
     r('DELETE', '/v1/devices/:name', async (q, [name], body) => {
       const url = new URL(q.url ?? '/', 'http://x');

@@ -17,6 +17,7 @@ import { failpoint, failpointArmed, failpointHold, failpointPause } from './fail
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
 import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
+import { readAll, readPage, WHOLE_PAGE } from './store/pages.js';
 import {
   ChangeError,
   isChangeError,
@@ -431,9 +432,76 @@ export class DeviceManager {
     throw new BallastError('BALLAST_DEVICE_NOT_FOUND', `no device named ${JSON.stringify(name)}`);
   }
 
+  /** The devices this agent knows of, from its memory (in a cluster: its cache). */
   list(): DeviceView[] {
     const names = [...this.live.keys(), ...this.broken.keys(), ...this.remote.keys()].sort();
     return names.map((n) => this.view(n));
+  }
+
+  /**
+   * The devices as the store has them, read in pages at one revision (agent/store/
+   * pages.ts): the page `token` asks for, at most `limit` of them; every device when
+   * `limit` is absent. In a cluster the store is etcd, so this lists the whole cluster
+   * whatever this agent keeps in memory.
+   */
+  async listPage(
+    limit?: number,
+    token?: string,
+  ): Promise<{ devices: DeviceView[]; revision: number; continue?: string }> {
+    const page =
+      limit === undefined && token === undefined
+        ? await readAll(this.store, PREFIX)
+        : await readPage(this.store, PREFIX, limit ?? WHOLE_PAGE, token);
+    const devices: DeviceView[] = [];
+    for (const kv of page.kvs) {
+      const v = this.viewOfStored(kv);
+      if (v) devices.push(v);
+    }
+    return {
+      devices,
+      revision: page.revision,
+      ...(page.continue !== undefined ? { continue: page.continue } : {}),
+    };
+  }
+
+  /** One device: from memory when this agent keeps it, else as the store has it. */
+  async viewFresh(name: string): Promise<DeviceView> {
+    if (this.live.has(name) || this.broken.has(name) || this.remote.has(name)) {
+      return this.view(name);
+    }
+    const kv = await this.store.get(PREFIX + name);
+    const v = kv ? this.viewOfStored(kv) : undefined;
+    if (v) return v;
+    throw new BallastError('BALLAST_DEVICE_NOT_FOUND', `no device named ${JSON.stringify(name)}`);
+  }
+
+  /**
+   * A device's view from its stored record, with what this agent knows of it when it
+   * serves it (connections, allocation). Undefined for a record that does not parse
+   * (the agent lists those among its problems).
+   */
+  private viewOfStored(kv: KeyValue): DeviceView | undefined {
+    const rec = parseRecord(kv.value);
+    if (!rec || rec.name !== kv.key.slice(PREFIX.length)) return undefined;
+    const here = this.live.get(rec.name) ?? this.broken.get(rec.name);
+    let v: DeviceView;
+    if (here && rec.state === 'ready') {
+      // Served here: the record as stored (it may be newer than the one applied), the
+      // rest as this agent has it.
+      const { state, ...fields } = rec;
+      v = { ...this.viewOf(rec.name), ...fields };
+    } else {
+      const remote = this.cluster !== undefined && rec.state === 'ready';
+      v = {
+        ...rec,
+        state: remote ? 'remote' : rec.state,
+        allocatedBytes: 0,
+        connections: 0,
+        exported: false,
+      };
+    }
+    if (this.cluster) v.hosts = this.cluster.servingHosts(rec);
+    return v;
   }
 
   /**

@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { loadConfig } from '../agent/config.js';
 import { joinCluster } from '../cluster/join.js';
 import {
+  allPages,
   type Common,
   callJson,
   client,
@@ -113,7 +114,8 @@ export function registerCluster(program: Command): void {
       .command('members')
       .description('every host that joined: alive (lease held), expired (lease ran out) or left'),
   ).action(async (o: Common) => {
-    const r = (await client(o).request('GET', '/v1/cluster/members')) as {
+    const { items, ...rest } = await allPages<Member>(client(o), '/v1/cluster/members', 'members');
+    const r = { ...rest, members: items } as {
       members: Member[];
       stale: { since: string; reason: string } | null;
     };

@@ -297,10 +297,7 @@ export function registerManagement(program: Command): void {
     },
   );
   withCommon(device.command('ls').description('list the devices')).action(async (o: Common) => {
-    const r = (await client(o).request('GET', '/v1/devices')) as {
-      devices: DeviceView[];
-      stale?: { since: string; reason: string };
-    };
+    const r = await allDevices(client(o));
     warnStale(r);
     if (o.json) return json(r);
     const cluster = r.devices.some((d) => d.hosts !== undefined);
@@ -477,10 +474,7 @@ Examples:
           parted = [(await client(o).request('GET', `/v1/devices/${enc(name)}`)) as DeviceView];
         }
       } else {
-        const r = (await client(o).request('GET', '/v1/devices')) as {
-          devices: DeviceView[];
-          stale?: { since: string; reason: string };
-        };
+        const r = await allDevices(client(o));
         warnStale(r);
         const mine = targetOrder(r.devices.filter((d) => d.guest === o.guest));
         names = mine.map((d) => d.name);
@@ -598,4 +592,42 @@ Examples:
     for (const p of s.problems) lines.push(`  ${p.kind}: ${p.message}`);
     out(lines.join('\n'));
   });
+}
+
+/** The agent's page size for the listings the CLI reads whole: a large cluster comes in pieces. */
+const LIST_PAGE = 500;
+
+/**
+ * A whole listing, page by page (`PATH?limit&continue`): the pages are one moment
+ * of the cluster, so an item created meanwhile is listed once or not at all. An
+ * agent cut off from etcd answers from its cache in one piece, marked stale.
+ */
+export async function allPages<T>(
+  c: Pick<Client, 'request'>,
+  path: string,
+  field: string,
+): Promise<Record<string, unknown> & { items: T[] }> {
+  type Page = Record<string, unknown> & { continue?: string };
+  const first = (await c.request('GET', `${path}?limit=${LIST_PAGE}`)) as Page;
+  const items = [...((first[field] as T[] | undefined) ?? [])];
+  for (let token = first.continue; token !== undefined; ) {
+    const page = (await c.request(
+      'GET',
+      `${path}?limit=${LIST_PAGE}&continue=${encodeURIComponent(token)}`,
+    )) as Page;
+    items.push(...((page[field] as T[] | undefined) ?? []));
+    token = page.continue;
+  }
+  const { continue: _, ...rest } = first;
+  return { ...rest, [field]: items, items };
+}
+
+/** Every device (GET /v1/devices, in pages). */
+export async function allDevices(c: Pick<Client, 'request'>): Promise<{
+  devices: DeviceView[];
+  revision?: number;
+  stale?: { since: string; reason: string };
+}> {
+  const { items, ...r } = await allPages<DeviceView>(c, '/v1/devices', 'devices');
+  return { ...r, devices: items };
 }

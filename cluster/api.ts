@@ -2,6 +2,8 @@
 // runs with a cluster: section.
 
 import client from 'prom-client';
+import { listOrCache, pageLimit } from '../agent/store/pages.js';
+import { StoreError } from '../agent/store/store.js';
 import type { Cluster } from './cluster.js';
 import type { Fence } from './fence.js';
 
@@ -30,10 +32,34 @@ export function clusterRoutes(cluster: Cluster) {
       }
       return { ...cluster.summary(), etcd, membersList: cluster.members() };
     }),
-    route('GET', '/v1/cluster/members', async () => ({
-      stale: cluster.staleness(),
-      members: cluster.members(),
-    })),
+    route('GET', '/v1/cluster/members', async (req) => {
+      const url = new URL((req as { url?: string }).url ?? '/', 'http://x');
+      const limit = url.searchParams.get('limit');
+      const token = url.searchParams.get('continue');
+      const stale = cluster.staleness();
+      if (stale) {
+        // Cut off: the membership this agent keeps, whole, marked stale.
+        if (token !== null) {
+          throw new StoreError(
+            'STORE_UNAVAILABLE',
+            `this agent is cut off from etcd (${stale.reason}): the listing cannot go on; list again without continue for the membership this agent keeps (marked stale)`,
+          );
+        }
+        return { stale, members: cluster.members() };
+      }
+      return listOrCache<Record<string, unknown>>(
+        async () => ({
+          stale: null,
+          ...(await cluster.membersPage(
+            limit === null ? undefined : pageLimit(limit),
+            token ?? undefined,
+          )),
+        }),
+        (why) => ({ stale: why, members: cluster.members() }),
+        true,
+        token,
+      );
+    }),
   ];
 }
 

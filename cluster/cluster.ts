@@ -19,6 +19,7 @@ import { performance } from 'node:perf_hooks';
 import type { ClusterConfig } from '../agent/cluster-config.js';
 import { BallastError } from '../agent/errors.js';
 import { failpointArmed, failpointHold } from '../agent/failpoints.js';
+import { readAll, readPage, WHOLE_PAGE } from '../agent/store/pages.js';
 import {
   cmp,
   isStoreError,
@@ -658,27 +659,46 @@ export class Cluster {
   }
 
   members(): MemberView[] {
-    const out = new Map<string, MemberView>();
-    for (const kv of this.snapshot(HOSTS)) {
-      const h = parse<HostRecord>(kv.value);
-      if (!h || typeof h.host !== 'string') continue;
-      const joined = h.state === 'up' ? h.since : h.joined;
-      out.set(h.host, {
-        ...(h.info ?? {}),
-        host: h.host,
-        state: h.state === 'left' ? 'left' : 'expired',
-        // Still `up` with no member key: expired, but nobody has recorded when yet.
-        ...(h.state === 'up' ? {} : { since: h.since }),
-        ...(joined ? { joined } : {}),
-      });
-    }
-    for (const kv of this.snapshot(MEMBERS)) {
-      const m = parse<MemberInfo>(kv.value);
-      if (!m || typeof m.host !== 'string') continue;
-      const joined = out.get(m.host)?.joined ?? m.startedAt;
-      out.set(m.host, { ...m, state: 'alive', applied: this.ackOf(m.host), since: joined, joined });
-    }
-    return [...out.values()].sort((a, b) => (a.host < b.host ? -1 : 1));
+    return memberViews(this.snapshot(HOSTS), this.snapshot(MEMBERS), (h) => this.ackOf(h));
+  }
+
+  /**
+   * The members as etcd has them, read in pages of `hosts/` at one revision
+   * (agent/store/pages.ts), with the member and ack keys of the same hosts read at
+   * that revision: a listing that does not grow with this agent's cache. Every member
+   * has a `hosts/` record (its registration writes both).
+   */
+  async membersPage(
+    limit?: number,
+    token?: string,
+  ): Promise<{ members: MemberView[]; revision: number; continue?: string }> {
+    const store = this.opts.store;
+    const page =
+      limit === undefined && token === undefined
+        ? await readAll(store, HOSTS)
+        : await readPage(store, HOSTS, limit ?? WHOLE_PAGE, token);
+    const first = page.kvs[0]?.key.slice(HOSTS.length);
+    const last = page.kvs.at(-1)?.key.slice(HOSTS.length);
+    if (first === undefined || last === undefined) return { members: [], revision: page.revision };
+    // The same hosts' keys under another prefix: at most as many as the page has.
+    const alongside = async (prefix: string) =>
+      (
+        await store.range(prefix, {
+          revision: page.revision,
+          from: prefix + first,
+          limit: page.kvs.length,
+        })
+      ).kvs.filter((kv) => kv.key <= prefix + last);
+    const members = await alongside(MEMBERS);
+    const acks = new Map((await alongside(ACKS)).map((kv) => [kv.key.slice(ACKS.length), kv]));
+    return {
+      members: memberViews(page.kvs, members, (h) => {
+        const kv = acks.get(h);
+        return kv ? Number(kv.value) || 0 : 0;
+      }),
+      revision: page.revision,
+      ...(page.continue !== undefined ? { continue: page.continue } : {}),
+    };
   }
 
   /** Alive hosts that declare every pool (shared, same path) in `pools`. */
@@ -848,6 +868,38 @@ export class Cluster {
       foreignKeyCount: this.garbage.size,
     };
   }
+}
+
+/**
+ * The member list from `hosts/` and `members/` records and each member's ack: every
+ * host that ever joined, alive (a member key), left (a clean stop) or expired.
+ */
+export function memberViews(
+  hostKvs: KeyValue[],
+  memberKvs: KeyValue[],
+  ackOf: (host: string) => number,
+): MemberView[] {
+  const out = new Map<string, MemberView>();
+  for (const kv of hostKvs) {
+    const h = parse<HostRecord>(kv.value);
+    if (!h || typeof h.host !== 'string') continue;
+    const joined = h.state === 'up' ? h.since : h.joined;
+    out.set(h.host, {
+      ...(h.info ?? {}),
+      host: h.host,
+      state: h.state === 'left' ? 'left' : 'expired',
+      // Still `up` with no member key: expired, but nobody has recorded when yet.
+      ...(h.state === 'up' ? {} : { since: h.since }),
+      ...(joined ? { joined } : {}),
+    });
+  }
+  for (const kv of memberKvs) {
+    const m = parse<MemberInfo>(kv.value);
+    if (!m || typeof m.host !== 'string') continue;
+    const joined = out.get(m.host)?.joined ?? m.startedAt;
+    out.set(m.host, { ...m, state: 'alive', applied: ackOf(m.host), since: joined, joined });
+  }
+  return [...out.values()].sort((a, b) => (a.host < b.host ? -1 : 1));
 }
 
 /** This machine's name, recorded in the member record (several hosts may share a machine in tests). */

@@ -67,6 +67,7 @@ import {
   type OpResponse,
   type RangeOptions,
   type RangeResult,
+  rangeStart,
   StoreError,
   type TxnRequest,
   type TxnResult,
@@ -564,12 +565,13 @@ export class EtcdStore extends TxnStore {
     const limit = checkLimit(opts.limit);
     const revision = opts.revision ?? 0;
     checkRevision(revision, 'revision');
+    const start = rangeStart(prefix, opts.from);
     try {
       const r = await this.call<PbRangeResponse>(
         'range',
         'KV',
         'Range',
-        { ...this.ks.range(prefix), limit, revision },
+        { ...this.ks.range(prefix), key: this.ks.key(start), limit, revision },
         true,
       );
       return {

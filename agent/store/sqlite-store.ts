@@ -40,6 +40,7 @@ import {
   prefixEnd,
   type RangeOptions,
   type RangeResult,
+  rangeStart,
   StoreError,
   type TxnRequest,
   type TxnResult,
@@ -367,6 +368,7 @@ export class SqliteStore extends TxnStore {
       ),
       get: db.prepare(`SELECT ${KV_COLS} FROM kv WHERE key = ?`),
       rangeAll: db.prepare(`SELECT ${KV_COLS} FROM kv ORDER BY key LIMIT ?`),
+      rangeFrom: db.prepare(`SELECT ${KV_COLS} FROM kv WHERE key >= ? ORDER BY key LIMIT ?`),
       range: db.prepare(
         `SELECT ${KV_COLS} FROM kv WHERE key >= ? AND key < CAST(? AS TEXT) ORDER BY key LIMIT ?`,
       ),
@@ -449,11 +451,12 @@ export class SqliteStore extends TxnStore {
       throw new StoreError('STORE_INVALID_ARGUMENT', 'a prefix must be a string');
     }
     const limit = checkLimit(opts.limit);
+    const start = rangeStart(prefix, opts.from);
     return this.guard(() => {
       if (opts.revision !== undefined && opts.revision !== 0 && opts.revision !== this.rev) {
-        return this.rangeAt(prefix, limit, opts.revision);
+        return this.rangeAt(prefix, limit, opts.revision, start);
       }
-      const { kvs, more } = this.rangeSync(prefix, limit);
+      const { kvs, more } = this.rangeSync(prefix, limit, start);
       return { kvs, more, revision: this.rev };
     });
   }
@@ -463,11 +466,19 @@ export class SqliteStore extends TxnStore {
     return row ? toKv(row) : undefined;
   }
 
-  private rangeSync(prefix: string, limit: number): { kvs: KeyValue[]; more: boolean } {
+  private rangeSync(
+    prefix: string,
+    limit: number,
+    start = prefix,
+  ): { kvs: KeyValue[]; more: boolean } {
     const n = limit === 0 ? -1 : limit + 1;
     const end = prefixEnd(prefix);
     const rows = (
-      end === undefined ? this.stmt.rangeAll.all(n) : this.stmt.range.all(prefix, end, n)
+      end === undefined
+        ? start === ''
+          ? this.stmt.rangeAll.all(n)
+          : this.stmt.rangeFrom.all(start, n)
+        : this.stmt.range.all(start, end, n)
     ) as KvRow[];
     const more = limit !== 0 && rows.length > limit;
     if (more) rows.length = limit;
@@ -478,7 +489,7 @@ export class SqliteStore extends TxnStore {
    * The keys as they were at `rev`: the live keys not changed since, plus, for
    * each key changed since, the state before its first change after `rev`.
    */
-  private rangeAt(prefix: string, limit: number, rev: number): RangeResult {
+  private rangeAt(prefix: string, limit: number, rev: number, start = prefix): RangeResult {
     checkRevision(rev, 'revision');
     if (rev > this.rev) {
       throw new StoreError(
@@ -503,7 +514,9 @@ export class SqliteStore extends TxnStore {
       if (prev) state.set(row.key, prev);
       else state.delete(row.key);
     }
-    const kvs = [...state.values()].sort((a, b) => compareBytes(a.key, b.key));
+    const kvs = [...state.values()]
+      .filter((kv) => compareBytes(kv.key, start) >= 0)
+      .sort((a, b) => compareBytes(a.key, b.key));
     const more = limit !== 0 && kvs.length > limit;
     if (more) kvs.length = limit;
     return { kvs, more, revision: this.rev };

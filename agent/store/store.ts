@@ -127,6 +127,11 @@ export interface RangeOptions {
    * STORE_UNSUPPORTED.
    */
   revision?: number;
+  /**
+   * Start at this key (inclusive) rather than at the prefix: for reading a long
+   * range in pages (the last key of a page plus "\0"). It must start with the prefix.
+   */
+  from?: string;
 }
 
 export interface RangeResult {
@@ -430,6 +435,18 @@ function checkCompare(c: Compare): void {
       `unknown compare target ${String((c as { target: unknown }).target)}`,
     );
   }
+}
+
+/** The lower bound of a range: `from` if given (it must lie within the prefix), else the prefix. */
+export function rangeStart(prefix: string, from: string | undefined): string {
+  if (from === undefined) return prefix;
+  if (typeof from !== 'string' || !from.startsWith(prefix)) {
+    throw new StoreError(
+      'STORE_INVALID_ARGUMENT',
+      `a range's start key must begin with its prefix ${JSON.stringify(prefix)}`,
+    );
+  }
+  return from;
 }
 
 export function checkLimit(limit: number | undefined): number {

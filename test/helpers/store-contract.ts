@@ -342,6 +342,26 @@ export function storeContract(name: string, h: StoreHarness): void {
       );
     });
 
+    it('reads a range in pages from a start key, now and at a past revision', async () => {
+      const s = await fresh();
+      for (const k of ['p/a', 'p/b', 'p/c', 'p/é', 'q/a', 'p']) await s.put(k, k);
+      const keys = async (from: string, o: { limit?: number; revision?: number } = {}) =>
+        (await s.range('p/', { ...o, from })).kvs.map((k) => k.key);
+      expect(await keys('p/b')).toEqual(['p/b', 'p/c', 'p/é']);
+      expect(await keys('p/b\0')).toEqual(['p/c', 'p/é']);
+      const page = await s.range('p/', { from: 'p/a\0', limit: 1 });
+      expect([page.kvs.map((k) => k.key), page.more]).toEqual([['p/b'], true]);
+      expect(await keys('p/é\0')).toEqual([]);
+      expect((await s.range('', { from: 'p/é' })).kvs.map((k) => k.key)).toEqual(['p/é', 'q/a']);
+      const at = await s.revision();
+      await s.delete('p/c');
+      await s.put('p/bb', 'new');
+      expect(await keys('p/b\0', { revision: at })).toEqual(['p/c', 'p/é']);
+      expect(await keys('p/b\0', { revision: at, limit: 1 })).toEqual(['p/c']);
+      expect(await keys('p/b\0')).toEqual(['p/bb', 'p/é']);
+      expect(await rejectionCode(s.range('p/', { from: 'q/a' }))).toBe('STORE_INVALID_ARGUMENT');
+    });
+
     it('compare-and-swap helpers succeed on a current view and fail on a stale one', async () => {
       const s = await fresh();
       const c = await s.createIfAbsent('x', 'v1');
