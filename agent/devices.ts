@@ -464,11 +464,12 @@ export class DeviceManager {
     };
   }
 
-  /** One device: from memory when this agent keeps it, else as the store has it. */
+  /**
+   * One device: as this agent has it when it serves it here; in a cluster otherwise
+   * as etcd has it (this agent need not have applied another host's latest change).
+   */
   async viewFresh(name: string): Promise<DeviceView> {
-    if (this.live.has(name) || this.broken.has(name) || this.remote.has(name)) {
-      return this.view(name);
-    }
+    if (this.live.has(name) || this.broken.has(name) || !this.cluster) return this.view(name);
     const kv = await this.store.get(PREFIX + name);
     const v = kv ? this.viewOfStored(kv) : undefined;
     if (v) return v;
