@@ -68,8 +68,12 @@ export interface DeviceCluster {
   guard(): void;
   /** The hosts whose agents serve the device (alive members only). */
   servingHosts(rec: DeviceRecord): string[];
-  /** Resolves once every other host serving `rec` has applied `revision` (or its lease ended). */
-  settle(revision: number, rec: DeviceRecord): Promise<void>;
+  /**
+   * Resolves once every other host serving `rec` — and `before`, the record the change
+   * replaced, when it moved the device off some hosts — has applied `revision` (or its
+   * lease ended).
+   */
+  settle(revision: number, rec: DeviceRecord, before?: DeviceRecord): Promise<void>;
   /** How to reach a host's agent, for messages. */
   describeHost(host: string): string;
 }
@@ -1063,9 +1067,10 @@ export class DeviceManager {
   /** Runs a change of an existing device, then waits until every host serving it has it. */
   private async change(name: string, fn: () => Promise<DeviceView>): Promise<DeviceView> {
     this.cluster?.guard();
+    const before = this.live.get(name)?.record;
     const view = await this.mutex.run(fn);
     const l = this.live.get(name);
-    if (this.cluster && l) await this.cluster.settle(l.modRevision, l.record);
+    if (this.cluster && l) await this.cluster.settle(l.modRevision, l.record, before);
     return view;
   }
 

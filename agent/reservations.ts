@@ -309,10 +309,11 @@ export class ReservationManager {
   /** One reservation change at a time; reads never wait. */
   private readonly mutex = new Mutex();
   /**
-   * In a cluster: resolves once every other agent has applied the change at
-   * `revision` (aborting preempted connections first), or its lease has expired.
+   * In a cluster: resolves once every other agent serving `device` has applied the
+   * change at `revision` (aborting preempted connections first), or its lease has
+   * expired. Agents that do not serve the device have no connection to it.
    */
-  settle?: (revision: number) => Promise<SettleReport>;
+  settle?: (revision: number, device: string) => Promise<SettleReport>;
   /** This host's name, recorded with each change. */
   host?: string;
   /** PR OUT latency, for metrics. */
@@ -325,7 +326,10 @@ export class ReservationManager {
   /** Why a device this agent does not serve is refused (BALLAST_DEVICE_REMOTE), if it is known. */
   notServed?: (device: string) => Error | undefined;
   /** In a cluster: which agents have applied the device's current reservation state. */
-  appliedBy?: (revision: number) => { host: string; applied: boolean; revision: number }[];
+  appliedBy?: (
+    revision: number,
+    device: string,
+  ) => { host: string; applied: boolean; revision: number }[];
   /**
    * In a cluster: resolves true once this agent's watch has applied every change
    * up to `revision` (false if it has not within a bound).
@@ -384,7 +388,7 @@ export class ReservationManager {
     prs: KeyValue[],
     acls: KeyValue[],
     markers: KeyValue[],
-    behind: (revision: number) => boolean,
+    behind: (revision: number, device: string) => boolean,
   ): Promise<void> {
     for (const kv of markers) {
       const revision = Number(kv.value);
@@ -399,7 +403,7 @@ export class ReservationManager {
         acc.settled(kv.modRevision);
         continue;
       }
-      if (!behind(kv.modRevision)) continue;
+      if (!behind(kv.modRevision, device)) continue;
       // What the agents that have not applied it still enforce: the record before it,
       // and the changes before that which it says not every agent had yet.
       let rec: PrRecord | undefined;
@@ -524,7 +528,9 @@ export class ReservationManager {
         key: formatKey(r.key),
         holder: r.holder,
       })),
-      ...(this.appliedBy ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0) } : {}),
+      ...(this.appliedBy
+        ? { agents: this.appliedBy(this.revisions.get(device)?.pr ?? 0, device) }
+        : {}),
     };
   }
 
@@ -578,7 +584,7 @@ export class ReservationManager {
     if (this.settle && out.revision > 0) {
       let report: SettleReport;
       try {
-        report = await this.settle(out.revision);
+        report = await this.settle(out.revision, device);
         this.devices.get(device)?.settled(out.revision);
       } catch (e) {
         this.settleLater(device, out.revision);
@@ -609,7 +615,7 @@ export class ReservationManager {
       await failpointPause('pr-settle-delay', SETTLE_DELAY_MS);
       const marker = await this.store.put(SETTLED_PREFIX + device, String(revision));
       this.noteMarker(device, revision);
-      second = await settle(marker.revision);
+      second = await settle(marker.revision, device);
     } catch (e) {
       this.markLater(device, revision);
       // The cause's own verdict ("NOT made") is about the marker, not the change: left out.
@@ -676,7 +682,7 @@ export class ReservationManager {
   private settleLater(device: string, revision: number, attempt = 0): void {
     const settle = this.settle;
     if (!settle) return;
-    settle(revision).then(
+    settle(revision, device).then(
       () => this.devices.get(device)?.settled(revision),
       (e: unknown) => {
         // Until then the device keeps the stricter access: safe, and lifted by any later settled change.
@@ -1129,7 +1135,7 @@ export class ReservationManager {
     entries: AclEntry[] | null,
   ): Promise<{ device: string; entries: AclEntry[] | null }> {
     const r = await this.setAclLocked(device, entries);
-    if (this.settle && r.revision > 0) await this.settle(r.revision);
+    if (this.settle && r.revision > 0) await this.settle(r.revision, device);
     return r.view;
   }
 

@@ -48,6 +48,7 @@ import {
   catalogApplier,
   openClusterStore,
   servingHosts,
+  waitFor,
 } from '../cluster/node.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
 import { notifyMetrics, notifyRoutes } from '../notify/api.js';
@@ -443,15 +444,13 @@ export class Agent {
       });
       cluster.fence = this.fence;
       this.devices.fence = this.fence;
-      // The members alive when a change is made: an expired or left host serves nothing
-      // (and fences itself before it serves again), so there is nobody there to wait for.
-      const everyone = () =>
-        cluster
-          .members()
-          .filter((m) => m.state === 'alive')
-          .map((m) => m.host);
-      this.reservations.settle = (rev) => cluster.settle(rev, everyone);
-      this.reservations.appliedBy = (rev) => cluster.appliedBy(rev);
+      // A change waits for the alive members that serve its device: an expired or left
+      // host serves nothing (and fences itself before it serves again), and a host that
+      // does not serve the device has no connection to it (docs/cluster.md).
+      this.reservations.settle = (rev, device) =>
+        cluster.settle(rev, () => waitFor(cluster, device));
+      this.reservations.appliedBy = (rev, device) =>
+        cluster.appliedBy(rev, waitFor(cluster, device));
       this.reservations.cachedTrail = (device) => cluster.snapshot(`pr-audit/${device}/`);
       // A PR command that lost its race waits for the watch to bring the winner here.
       this.reservations.caughtUp = (rev) =>
@@ -460,20 +459,19 @@ export class Agent {
         cluster.snapshot('pr/'),
         cluster.snapshot('acl/'),
         cluster.snapshot(SETTLED_PREFIX),
-        (rev) =>
-          cluster
-            .members()
-            .some(
-              (m) => m.state === 'alive' && m.host !== cluster.host && cluster.ackOf(m.host) < rev,
-            ),
+        (rev, device) =>
+          waitFor(cluster, device).some(
+            (h) => h !== cluster.host && cluster.alive(h) && cluster.ackOf(h) < rev,
+          ),
       );
       this.devices.cluster = {
         host: cluster.host,
         guard: () => cluster.guard(),
         servingHosts: (rec) => servingHosts(cluster, rec),
-        // Every member applies every catalog change, so that any agent answers for all.
-        settle: async (rev) => {
-          await cluster.settle(rev, everyone);
+        settle: async (rev, rec, before) => {
+          await cluster.settle(rev, () =>
+            waitFor(cluster, rec.name, rec, ...(before ? [before] : [])),
+          );
         },
         describeHost: (h) => cluster.member(h)?.api.join(', ') || `host ${h} is not a live member`,
       };

@@ -469,6 +469,11 @@ export class Cluster {
     this.kvs.set(kv.key, kv);
   }
 
+  /** One cached key. */
+  cached(key: string): KeyValue | undefined {
+    return this.kvs.get(key);
+  }
+
   /** The cached keys under a prefix, in key order. */
   snapshot(prefix: string): KeyValue[] {
     return [...this.kvs.values()]
@@ -563,6 +568,7 @@ export class Cluster {
       let catalogTouched = false;
       while (this.queue.length > 0) {
         const ev = this.queue.shift()!;
+        const before = this.kvs.get(ev.kv.key);
         if (ev.type === 'put') this.remember(ev.kv);
         else {
           this.kvs.delete(ev.kv.key);
@@ -577,7 +583,9 @@ export class Cluster {
             );
           }
           this.appliedCatalog = Math.max(this.appliedCatalog, ev.revision);
-          catalogTouched = true;
+          if (this.concerns(ev.kv.key, before, ev.type === 'put' ? ev.kv : undefined)) {
+            catalogTouched = true;
+          }
         }
         this.revision = Math.max(this.revision, ev.revision);
         this.storeRevision = Math.max(this.storeRevision, ev.revision);
@@ -706,16 +714,38 @@ export class Cluster {
     const out: string[] = [];
     for (const kv of this.snapshot(MEMBERS)) {
       const m = parse<MemberInfo>(kv.value);
-      if (!m || !Array.isArray(m.pools)) continue;
-      const ok = extents.every((e) =>
-        m.pools.some(
-          (p) =>
-            p.name === e.pool && p.shared && e.file.startsWith(`${p.path.replace(/\/$/, '')}/`),
-        ),
-      );
-      if (ok) out.push(m.host);
+      if (m && Array.isArray(m.pools) && declaresAll(m.pools, extents)) out.push(m.host);
     }
     return out;
+  }
+
+  /**
+   * Whether a catalog event is about a device this agent serves, before or after it
+   * (or may: a record it cannot read, or before it has joined). Only those are acked:
+   * a change waits for the agents that serve its device, so the others need not write.
+   */
+  private concerns(
+    key: string,
+    before: KeyValue | undefined,
+    after: KeyValue | undefined,
+  ): boolean {
+    const me = this.baseInfo;
+    if (!me) return true;
+    const slash = key.indexOf('/');
+    const device = key.slice(slash + 1);
+    const records = key.startsWith('devices/')
+      ? [before, after]
+      : [this.kvs.get(`devices/${device}`)];
+    let known = false;
+    for (const kv of records) {
+      if (!kv || kv.value === '') continue;
+      const rec = parse<Placed>(kv.value);
+      if (!rec || !Array.isArray(rec.extents)) return true;
+      known = true;
+      if (servedBy(me, rec)) return true;
+    }
+    // A reservation of a device this agent has no record of: it cannot judge; it acks.
+    return !known;
   }
 
   /**
@@ -767,10 +797,13 @@ export class Cluster {
     };
   }
 
-  /** Which hosts have applied `revision` (for `ballast pr show`). */
-  appliedBy(revision: number): { host: string; applied: boolean; revision: number }[] {
+  /** Which hosts (of `hosts`; all alive ones without it) have applied `revision` (for `ballast pr show`). */
+  appliedBy(
+    revision: number,
+    hosts?: readonly string[],
+  ): { host: string; applied: boolean; revision: number }[] {
     return this.members()
-      .filter((m) => m.state === 'alive')
+      .filter((m) => m.state === 'alive' && (!hosts || hosts.includes(m.host)))
       .map((m) => ({
         host: m.host,
         applied:
@@ -868,6 +901,27 @@ export class Cluster {
       foreignKeyCount: this.garbage.size,
     };
   }
+}
+
+/** A device's placement: its owner (a host-local device) or the pools of its extents. */
+export interface Placed {
+  host?: string | null;
+  extents: { pool: string; file: string }[];
+}
+
+/** Whether a host with these pools declares every pool of `extents`, shared, at the same path. */
+function declaresAll(pools: PoolInfo[], extents: Placed['extents']): boolean {
+  return extents.every((e) =>
+    pools.some(
+      (p) => p.name === e.pool && p.shared && e.file.startsWith(`${p.path.replace(/\/$/, '')}/`),
+    ),
+  );
+}
+
+/** Whether the agent of `member` serves the device: its owner, or a host with all its shared pools. */
+export function servedBy(member: { host: string; pools: PoolInfo[] }, rec: Placed): boolean {
+  if (rec.host) return rec.host === member.host;
+  return Array.isArray(member.pools) && declaresAll(member.pools, rec.extents);
 }
 
 /**

@@ -5,7 +5,7 @@
 import type { ClusterConfig } from '../agent/cluster-config.js';
 import { BallastError } from '../agent/errors.js';
 import { type Store, StoreError, type WatchEvent } from '../agent/store/store.js';
-import { Cluster, type MemberInfo } from './cluster.js';
+import { Cluster, type MemberInfo, type Placed } from './cluster.js';
 import { EtcdStore } from './etcd-store.js';
 
 /** Exit code of `ballast agent` when etcd cannot be reached at start (docs/errors.md). */
@@ -61,16 +61,34 @@ export async function openClusterStore(
   }
 }
 
-/** A record as the device manager keeps it (the fields the cluster needs). */
-interface Placed {
-  host?: string | null;
-  extents: { pool: string; file: string }[];
-}
-
 /** Who serves a device: its owner, or every alive host that has all its (shared) pools. */
 export function servingHosts(cluster: Cluster, rec: Placed): string[] {
   if (rec.host) return cluster.alive(rec.host) ? [rec.host] : [];
   return cluster.hostsWithSharedPools(rec.extents);
+}
+
+/**
+ * Who a change of the device must wait for: the hosts serving it as the cache has
+ * it (`devices/<name>`), and as it was (`also`: a change that moves a device off
+ * some hosts waits for them too). Every alive member when the cache has no
+ * readable record: nobody can say who serves it.
+ */
+export function waitFor(cluster: Cluster, device: string, ...also: Placed[]): string[] {
+  const kv = cluster.cached(`devices/${device}`);
+  let rec: Placed | undefined;
+  try {
+    rec = kv ? (JSON.parse(kv.value) as Placed) : undefined;
+  } catch {
+    rec = undefined;
+  }
+  const recs = [...(rec && Array.isArray(rec.extents) ? [rec] : []), ...also];
+  if (recs.length === 0) {
+    return cluster
+      .members()
+      .filter((m) => m.state === 'alive')
+      .map((m) => m.host);
+  }
+  return [...new Set(recs.flatMap((r) => servingHosts(cluster, r)))];
 }
 
 export interface CatalogSinks {
