@@ -278,9 +278,10 @@ export interface Matrix {
 }
 
 /**
- * The data runs of a file, by SEEK_DATA/SEEK_HOLE (what a server asking the
- * allocation map walks; FIEMAP's count merges runs the file system laid out
- * side by side on disk).
+ * The data runs of a file, by SEEK_DATA/SEEK_HOLE: what a server asking the
+ * allocation map walks. On a paged copy it is also the extent count FIEMAP
+ * reports (`filefrag`); on fio's template `filefrag` says far fewer, merging the
+ * extents that writeback laid out side by side on disk.
  */
 export function dataRuns(file: string): number {
   const n = loadNative();
