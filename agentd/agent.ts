@@ -42,6 +42,7 @@ import { IdentityMap, loadTls, peerUid, sourceKey } from '../agent/tls-config.js
 import { clusterMetrics, clusterRoutes } from '../cluster/api.js';
 import { GuardedStore } from '../cluster/changes.js';
 import type { Cluster } from '../cluster/cluster.js';
+import { EtcdStore } from '../cluster/etcd-store.js';
 import { Fence } from '../cluster/fence.js';
 import {
   Cluster as ClusterImpl,
@@ -50,6 +51,7 @@ import {
   servingHosts,
   waitFor,
 } from '../cluster/node.js';
+import { etcdSizing, sizingLine } from '../cluster/sizing.js';
 import { type ListenTarget, NbdServer } from '../nbd/server.js';
 import { notifyMetrics, notifyRoutes } from '../notify/api.js';
 import { MEDIA } from '../notify/events.js';
@@ -757,6 +759,16 @@ export class Agent {
     this.log(
       `cluster ${cc.name}: host ${cc.host}, etcd ${cc.etcd.join(', ')}, ${alive.size} member(s) alive`,
     );
+    // What the agent expects of etcd (quota, compaction): said once, never in the way.
+    if (this.store instanceof EtcdStore) {
+      etcdSizing(this.store, cc, alive.size).then(
+        (s) => {
+          this.log(sizingLine(s));
+          for (const w of s.warnings) this.log(`cluster: WARNING: ${w}`);
+        },
+        (e: unknown) => this.log(`cluster: could not read etcd's size: ${(e as Error).message}`),
+      );
+    }
   }
 
   /**

@@ -84,6 +84,14 @@ export function registerCluster(program: Command): void {
       members: { alive: number; expired: number; left: number };
       stale: { since: string; reason: string } | null;
       inDoubt?: { keys: string[]; since: string; reason: string }[];
+      sizing?: {
+        dbSize?: number;
+        quota?: number | null;
+        compactRevision?: number;
+        devices?: number;
+        warnings?: string[];
+        error?: string;
+      } | null;
     };
     warnStale(s);
     if (o.json) return json(s);
@@ -102,6 +110,16 @@ export function registerCluster(program: Command): void {
       );
     }
     if (e?.raftTerm !== undefined) lines.push(`  raft term ${e.raftTerm}, revision ${e.revision}`);
+    const z = s.sizing;
+    if (z && z.dbSize !== undefined) {
+      const MiB = 1024 * 1024;
+      lines.push(
+        `  database ${Math.round(z.dbSize / MiB)} MiB` +
+          (z.quota ? ` of a ${Math.round(z.quota / MiB)} MiB quota` : ' (quota not known)') +
+          `, compacted up to ${z.compactRevision}, ${z.devices} devices`,
+      );
+    }
+    for (const w of z?.warnings ?? []) lines.push(`  WARNING: ${w}`);
     // Changes etcd did not answer in time: found out, and logged, as soon as it does.
     for (const d of s.inDoubt ?? []) {
       lines.push(`in doubt:   a change to ${d.keys.join(', ')} since ${d.since} (${d.reason})`);

@@ -5,7 +5,9 @@ import client from 'prom-client';
 import { listOrCache, pageLimit } from '../agent/store/pages.js';
 import { StoreError } from '../agent/store/store.js';
 import type { Cluster } from './cluster.js';
+import { EtcdStore } from './etcd-store.js';
 import type { Fence } from './fence.js';
+import { etcdSizing } from './sizing.js';
 
 type Handler = (req: unknown, params: string[], body: Record<string, unknown>) => Promise<unknown>;
 
@@ -30,7 +32,20 @@ export function clusterRoutes(cluster: Cluster) {
           etcd = { error: (e as Error).message };
         }
       }
-      return { ...cluster.summary(), etcd, membersList: cluster.members() };
+      const members = cluster.members();
+      let sizing: unknown = null;
+      if (store instanceof EtcdStore) {
+        try {
+          sizing = await etcdSizing(
+            store,
+            cluster.config,
+            members.filter((m) => m.state === 'alive').length,
+          );
+        } catch (e) {
+          sizing = { error: (e as Error).message };
+        }
+      }
+      return { ...cluster.summary(), etcd, sizing, membersList: members };
     }),
     route('GET', '/v1/cluster/members', async (req) => {
       const url = new URL((req as { url?: string }).url ?? '/', 'http://x');

@@ -162,6 +162,10 @@ export class Cluster {
     return this.opts.store;
   }
 
+  get config(): ClusterConfig {
+    return this.opts.config;
+  }
+
   /** Lists the cluster's keys (the agent reconciles its devices from them before it serves). */
   static async open(opts: ClusterOptions): Promise<Cluster> {
     const c = new Cluster(opts);

@@ -787,6 +787,19 @@ export class EtcdStore extends TxnStore {
     return Number(r.header.revision);
   }
 
+  /** How many keys start with `prefix` (etcd counts them; no values are sent). */
+  async count(prefix: string): Promise<number> {
+    this.checkOpen();
+    const r = await this.call<PbRangeResponse & { count?: string | number }>(
+      'range',
+      'KV',
+      'Range',
+      { ...this.ks.range(prefix), count_only: true },
+      true,
+    );
+    return Number(r.count ?? 0);
+  }
+
   /** The whole search has one deadline: timeoutMs. */
   async compactRevision(): Promise<number> {
     return this.compactRevisionBy(this.deadline());

@@ -171,4 +171,25 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: listings in pages', () => {
     const members = (await cli('cluster', 'members')) as { members: { host: string }[] };
     expect(members.members.map((m) => m.host)).toEqual(['host-a', 'host-b']);
   }, 120_000);
+
+  it('checks etcd against the cluster: 10,000 devices on the default quota are told to raise it, in status and in the log', async () => {
+    const r = await a.cli('cluster', 'status', '--json');
+    expect(r.code, r.stderr).toBe(0);
+    const sizing = (JSON.parse(r.stdout) as { sizing: Record<string, unknown> }).sizing as {
+      dbSize: number;
+      quota: number | null;
+      devices: number;
+      members: number;
+      warnings: string[];
+    };
+    expect(sizing.devices).toBeGreaterThanOrEqual(SEEDED);
+    expect(sizing.dbSize).toBeGreaterThan(0);
+    expect(sizing.quota).toBe(2 * 1024 ** 3);
+    expect(sizing.warnings.join('\n')).toMatch(/default 2 GiB quota.*--quota-backend-bytes/);
+    const text = await a.cli('cluster', 'status');
+    expect(text.stdout).toMatch(/database \d+ MiB of a 2048 MiB quota/);
+    expect(text.stdout).toMatch(/WARNING: etcd runs on its default 2 GiB quota/);
+    // At start, before the devices were there: the figures, no warning.
+    expect(a.stderr()).toMatch(/cluster: etcd database \d+ MiB of a 2048 MiB quota/);
+  });
 });
