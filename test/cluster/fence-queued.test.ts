@@ -136,7 +136,7 @@ describeWithTools(['etcd', 'etcdctl'], "cluster: a frozen agent's queued writes"
   });
 
   async function pr(via: AgentHandle, device: string, body: Record<string, unknown>) {
-    const r = await via.api('POST', `/v1/devices/${device}/pr`, body);
+    const r = await via.apiMade('POST', `/v1/devices/${device}/pr`, body);
     expect(r.status, r.text).toBe(200);
   }
 
@@ -165,7 +165,7 @@ describeWithTools(['etcd', 'etcdctl'], "cluster: a frozen agent's queued writes"
       for (let round = 0; round < ROUNDS; round++) {
         const name = `q-${role}-${round}`;
         const create = () =>
-          a.api('POST', '/v1/devices', {
+          a.apiMade('POST', '/v1/devices', {
             name,
             size: `${(BLOCK * BLOCKS) / 1024}K`,
             pool: 'shared',

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { type ApiReply, httpRequest as request } from '../../bench/api.js';
 import { BALLAST_BIN, killAfterAll, makeTempDir } from './server.js';
 import { type RunResult, run, toolEnv } from './tools.js';
+import { until } from './wait.js';
 
 export interface PoolSpec {
   name: string;
@@ -113,6 +114,21 @@ export class AgentHandle {
 
   api(method: string, urlPath: string, body?: unknown): Promise<ApiReply> {
     return httpRequest({ socketPath: this.apiSocket }, method, urlPath, body);
+  }
+
+  /**
+   * A change through this agent, asked again while the agent answers that it is cut off
+   * from etcd (503, NOT made: nothing was sent). A test agent's 2 s lease can lapse on a
+   * busy machine; until it has registered again it refuses every change, as it should.
+   */
+  async apiMade(method: string, urlPath: string, body?: unknown): Promise<ApiReply> {
+    let r = await this.api(method, urlPath, body);
+    await until('a change the agent is not cut off for', async () => {
+      if (r.status !== 503 || !/cut off from etcd[\s\S]*NOT made/.test(r.text)) return true;
+      r = await this.api(method, urlPath, body);
+      return false;
+    });
+    return r;
   }
 
   /** `ballast ARGS` against this agent (BALLAST_AGENT=unix:...). */
