@@ -58,7 +58,7 @@ import {
   setMaxBandwidth,
 } from './early.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
-import { domainState, LibvirtEvents, libvirtAfter } from './libvirt.js';
+import { domainPanicProblems, domainState, LibvirtEvents, libvirtAfter } from './libvirt.js';
 import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
 
@@ -479,6 +479,10 @@ export class Dumpd extends EventEmitter {
         },
         (e: unknown) => this.log(`guest ${cfg.name}: ${(e as Error).message}`),
       );
+      // As for a QEMU without pvpanic: say now what keeps its panics from being dumped.
+      void domainPanicProblems(uri, cfg.name).then((problems) => {
+        for (const p of problems) this.log(`guest ${cfg.name}: warning: ${p}`);
+      });
     });
     ev.on('lifecycle', (domain: string, event: string, detail: string) => {
       if (domain !== cfg.name || !this.guests.has(cfg.name)) return;
