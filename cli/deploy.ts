@@ -67,11 +67,12 @@ function context(o: Common, signal: AbortSignal, allParallel = false): RunContex
   const hosts = selectHosts(inv, o.group);
   return {
     hosts,
-    knownHosts: o.knownHosts
-      ? new KnownHosts(o.knownHosts, Boolean(o.acceptNew))
-      : new KnownHosts(join(homedir(), '.ssh', 'known_hosts'), Boolean(o.acceptNew), [
-          GLOBAL_KNOWN_HOSTS,
-        ]),
+    knownHosts: new KnownHosts(
+      o.knownHosts ?? join(homedir(), '.ssh', 'known_hosts'),
+      Boolean(o.acceptNew),
+      o.knownHosts ? [] : [GLOBAL_KNOWN_HOSTS],
+      (m) => process.stderr.write(`deploy: ${m}\n`),
+    ),
     parallel: o.parallel ?? (allParallel ? hosts.length : 1),
     progress,
     signal,

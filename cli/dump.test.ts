@@ -1,6 +1,7 @@
+import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { emptyCatalog, planDump, recoverInterrupted } from '../dumpd/catalog.js';
-import { dumpTiming, interrupted } from './dump.js';
+import { dumpdRequest, dumpTiming, interrupted } from './dump.js';
 
 const MiB = 2 ** 20;
 
@@ -23,5 +24,23 @@ describe('dump ls: what an entry says about its size and rate', () => {
     };
     expect(interrupted(e)).toBe(false);
     expect(dumpTiming(e)).toEqual({ durationMs: 2000, bytesPerSecond: 4 * MiB });
+  });
+});
+
+describe('dump now / memory status without dumpd', () => {
+  it('says what to check when nothing listens', async () => {
+    // a port that was free a moment ago
+    const port = await new Promise<number>((resolve) => {
+      const s = net.createServer().listen(0, '127.0.0.1', () => {
+        const p = (s.address() as net.AddressInfo).port;
+        s.close(() => resolve(p));
+      });
+    });
+    await expect(dumpdRequest(`127.0.0.1:${port}`, 'GET', '/v1/guests')).rejects.toMatchObject({
+      code: 'DUMP_DUMPD_UNREACHABLE',
+      message: expect.stringContaining(
+        'is `ballast dumpd` running (and listening yet)? Another listener: --dumpd ADDR or BALLAST_DUMPD',
+      ),
+    });
   });
 });

@@ -297,7 +297,8 @@ export function dumpdRequest(
       reject(
         new DumpError(
           'DUMP_DUMPD_UNREACHABLE',
-          `cannot reach dumpd at ${where}: ${e.code ?? e.message}`,
+          `cannot reach dumpd at ${where}: ${e.code ?? e.message}; is \`ballast dumpd\` running ` +
+            '(and listening yet)? Another listener: --dumpd ADDR or BALLAST_DUMPD',
         ),
       ),
     );

@@ -168,6 +168,17 @@ describe('KnownHosts', () => {
     expect(kh.preferredAlgorithms('127.0.0.1', 2201)).toEqual(['ssh-ed25519']);
   });
 
+  it('says which key --accept-new recorded, and where', () => {
+    const file = join(dir, 'kh2b');
+    const said: string[] = [];
+    const kh = new KnownHosts(file, true, [], (m) => said.push(m));
+    kh.check('kvm1', '127.0.0.1', 2201, K1);
+    kh.check('kvm1', '127.0.0.1', 2201, K1);
+    expect(said).toEqual([
+      `kvm1 ([127.0.0.1]:2201): ssh-ed25519 key ${fingerprint(K1)} recorded in ${file}`,
+    ]);
+  });
+
   it('names the host, the file line and the fingerprint when a key changed', () => {
     const file = join(dir, 'kh3');
     writeFileSync(file, `# c\n[127.0.0.1]:2201 ssh-ed25519 ${b64(K1)}\n`);

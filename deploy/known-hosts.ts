@@ -143,6 +143,8 @@ export class KnownHosts {
     readonly file: string,
     private readonly acceptNew: boolean,
     readOnly: readonly string[] = [],
+    /** Told of each key recorded (as ssh says "Permanently added"). */
+    private readonly onAdded?: (message: string) => void,
   ) {
     this.entries = KnownHosts.read(file);
     this.others = readOnly.map((f) => ({ file: f, entries: KnownHosts.read(f) }));
@@ -217,6 +219,7 @@ export class KnownHosts {
       );
     }
     this.add(host, port, key);
+    this.onAdded?.(`${label} (${name}): ${type} key ${fingerprint(key)} recorded in ${this.file}`);
     return 'added';
   }
 

@@ -120,7 +120,8 @@ async function waitHealthy(
     if (Date.now() > deadline) {
       throw new DeployError(
         'DEPLOY_HEALTH_FAILED',
-        `${r.host.name}: /healthz on ${r.host.api.host}:${r.host.api.port} not healthy within ${Math.round(healthMs / 1000)} s (${last})`,
+        `${r.host.name}: /healthz on ${r.host.api.host}:${r.host.api.port} not healthy within ${Math.round(healthMs / 1000)} s (${last}); ` +
+          `\`ballast deploy logs -g ${r.host.name}\` shows the agent's log, and timeouts.health gives a slow host longer`,
         { host: r.host.name },
       );
     }
@@ -309,7 +310,8 @@ async function rollbackHost(
   if (!target || target === st.current) {
     throw new DeployError(
       'DEPLOY_NO_PREVIOUS',
-      `${r.host.name}: no previous deploy to go back to (current: ${st.current ?? 'none'})`,
+      `${r.host.name}: no previous deploy to go back to (current: ${st.current ?? 'none'}); ` +
+        'an apply that changes the release or the agent config keeps the deploy before it',
       { host: r.host.name },
     );
   }
@@ -375,7 +377,10 @@ export function uninstall(ctx: RunContext, purge: boolean): Promise<Outcome<Stop
         } finally {
           unlock();
         }
-        ctx.progress(h.name, `uninstalled${purge ? ', data removed' : `, ${h.prefix}/data kept`}`);
+        ctx.progress(
+          h.name,
+          `uninstalled${purge ? `, ${h.prefix} removed` : `; ${h.prefix}/data and the pools kept (--purge removes ${h.prefix})`}`,
+        );
         return { host: h.name, result: 'uninstalled' } as StopResult;
       }),
   );

@@ -58,7 +58,7 @@ import {
   setMaxBandwidth,
 } from './early.js';
 import { applyAfter, type DumpResult, runDump } from './job.js';
-import { domainState, LibvirtEvents, libvirtAfter } from './libvirt.js';
+import { domainPanicProblems, domainState, LibvirtEvents, libvirtAfter } from './libvirt.js';
 import type { QmpClient } from './qmp.js';
 import { type QmpEvent, QmpMonitor } from './qmp.js';
 
@@ -165,6 +165,11 @@ export async function hasPvpanic(c: QmpClient): Promise<boolean | null> {
     } catch {}
   }
   return answered ? false : null;
+}
+
+/** What QEMU's -qmp takes for a guest's `qmp:` (unix:PATH, PATH or tcp:HOST:PORT). */
+export function qmpArg(qmp: string): string {
+  return qmp.startsWith('tcp:') ? qmp : `unix:${qmp.replace(/^unix:/, '')}`;
 }
 
 /**
@@ -313,8 +318,14 @@ export class Dumpd extends EventEmitter {
     for (const g of this.cfg.guests) this.addGuest(g, false);
     for (const w of this.cfg.watch) {
       const scan = () => this.scan(w.dir);
-      scan();
       try {
+        // A watched directory under /run is gone after a reboot: make it, as QEMU needs it.
+        if (!existsSync(w.dir)) {
+          mkdirSync(w.dir, { recursive: true });
+          chmodSync(w.dir, 0o755);
+          this.log(`created ${w.dir} (watched for QMP sockets)`);
+        }
+        scan();
         const fw = watch(w.dir, () => scan());
         fw.on('error', () => {});
         this.watchers.push(fw);
@@ -468,6 +479,10 @@ export class Dumpd extends EventEmitter {
         },
         (e: unknown) => this.log(`guest ${cfg.name}: ${(e as Error).message}`),
       );
+      // As for a QEMU without pvpanic: say now what keeps its panics from being dumped.
+      void domainPanicProblems(uri, cfg.name).then((problems) => {
+        for (const p of problems) this.log(`guest ${cfg.name}: warning: ${p}`);
+      });
     });
     ev.on('lifecycle', (domain: string, event: string, detail: string) => {
       if (domain !== cfg.name || !this.guests.has(cfg.name)) return;
@@ -664,6 +679,20 @@ export class Dumpd extends EventEmitter {
   }
 
   /**
+   * A guest whose QEMU has just started (its socket is there, the monitor not connected
+   * yet, or not even found in its watched directory): connects now, waiting up to 3 s.
+   */
+  private async reachSoon(name: string): Promise<void> {
+    if (!this.guests.has(name)) for (const w of this.cfg.watch) this.scan(w.dir);
+    const st = this.guests.get(name);
+    const m = st?.monitor;
+    const q = st?.cfg.qmp ?? '';
+    if (!m || m.client) return;
+    if (!q.startsWith('tcp:') && !existsSync(q.replace(/^unix:/, ''))) return;
+    await m.connectNow(3000);
+  }
+
+  /**
    * What an on-demand dump does after, when the request does not say: the
    * guest's policy if it sits panicked, else nothing (a running guest stays up).
    */
@@ -698,7 +727,11 @@ export class Dumpd extends EventEmitter {
     if (!qmp && !(lv && this.libvirt.get(lv)?.connected))
       throw new DumpError(
         'DUMP_GUEST_OFFLINE',
-        `guest ${name}: ${lv ? `libvirt (${lv}) is not connected` : 'QMP is not connected'}`,
+        `guest ${name}: ${
+          lv
+            ? `libvirt (${lv}) is not connected`
+            : `QMP is not connected to ${st.cfg.qmp} (its QEMU needs -qmp ${qmpArg(st.cfg.qmp ?? '')},server=on,wait=off; dumpd connects once it listens)`
+        }`,
       );
     const reason = o.reason ?? 'request';
     const mode = o.mode ?? 'dump-then-reboot';
@@ -986,6 +1019,7 @@ export class Dumpd extends EventEmitter {
           send(400, { code: 'DUMP_BAD_REQUEST', message: 'malformed %-escape in the guest name' });
           return;
         }
+        await this.reachSoon(name);
         const after = url.searchParams.get('after') ?? (await this.defaultAfter(name));
         if (!(AFTER as readonly string[]).includes(after)) {
           send(400, {

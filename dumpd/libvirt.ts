@@ -62,6 +62,32 @@ export async function libvirtDump(
   await virsh(uri, ['dump', domain, file, '--memory-only', '--format', format], timeoutMs);
 }
 
+/**
+ * What in a domain's XML keeps its panics from reaching dumpd: no panic device, an
+ * `on_crash` other than preserve (libvirt destroys or restarts it first), or an ISA
+ * panic device without ACPI (the guest finds that device only through ACPI).
+ */
+export function panicSetupProblems(xml: string): string[] {
+  const out: string[] = [];
+  const panic = /<panic\b[^>]*>/.exec(xml)?.[0];
+  const model = panic && (/model=['"]([^'"]+)['"]/.exec(panic)?.[1] ?? 'isa');
+  if (!panic) out.push("no <panic model='isa'/> device, so its panics will not be seen");
+  else if (model === 'isa' && !/<acpi\s*\/?>/.test(xml))
+    out.push('no <acpi/> in <features>: the guest never finds the ISA panic device');
+  const onCrash = /<on_crash>\s*([\w-]+)\s*<\/on_crash>/.exec(xml)?.[1] ?? 'destroy';
+  if (onCrash !== 'preserve')
+    out.push(
+      `<on_crash> is ${onCrash}: libvirt handles a panic before dumpd can dump it; set <on_crash>preserve</on_crash>`,
+    );
+  return out;
+}
+
+/** panicSetupProblems of the domain's definition; [] when libvirt cannot show it. */
+export async function domainPanicProblems(uri: string, domain: string): Promise<string[]> {
+  const xml = await virsh(uri, ['dumpxml', domain]).catch(() => '');
+  return xml ? panicSetupProblems(xml) : [];
+}
+
 export async function libvirtAfter(uri: string, domain: string, after: After): Promise<void> {
   switch (after) {
     case 'none':

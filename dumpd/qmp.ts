@@ -350,6 +350,33 @@ export class QmpMonitor extends EventEmitter {
     this.delay = Math.min(this.delay * 2, this.opts.maxRetryMs ?? 5000);
   }
 
+  /**
+   * Connects now rather than at the next retry (a QEMU just started); resolves with
+   * whether the monitor is connected within `timeoutMs`.
+   */
+  async connectNow(timeoutMs: number): Promise<boolean> {
+    if (this.client) return true;
+    if (this.stopped) return false;
+    const connected = new Promise<boolean>((resolve) => {
+      const t = setTimeout(() => {
+        this.off('connected', on);
+        resolve(false);
+      }, timeoutMs);
+      const on = () => {
+        clearTimeout(t);
+        resolve(true);
+      };
+      this.once('connected', on);
+    });
+    // A retry that waits is made now; one under way is waited for.
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.delay = this.opts.retryMs ?? 200;
+      void this.attempt();
+    }
+    return connected;
+  }
+
   stop(): void {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);

@@ -216,6 +216,14 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     expect(plan[0]?.configDiff.join('\n')).toMatch(
       new RegExp(`^\\+ +listen: 127\\.0\\.0\\.1:${hosts.h1.api}$`, 'm'),
     );
+    // each key recorded is named on stderr, with its fingerprint
+    for (const n of NAMES)
+      expect(r.stderr).toMatch(
+        new RegExp(
+          `^deploy: ${n} \\(\\[127\\.0\\.0\\.1\\]:\\d+\\): ssh-ed25519 key SHA256:\\S+ recorded in ${knownHosts}$`,
+          'm',
+        ),
+      );
     // hashed entries that OpenSSH itself finds
     const lines = readFileSync(knownHosts, 'utf8').trim().split('\n');
     expect(lines).toHaveLength(3);
@@ -333,6 +341,9 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     expect(r.stderr).toMatch(/rollout stopped: h2 \(failed: DEPLOY_HEALTH_FAILED\)/);
     expect(r.stdout).toMatch(/^h1: deployed 9\.0\.3-/m);
     expect(r.stdout).toMatch(/^h2: FAILED: DEPLOY_HEALTH_FAILED/m);
+    expect(r.stdout).toContain(
+      "`ballast deploy logs -g h2` shows the agent's log, and timeouts.health gives a slow host longer",
+    );
     expect(r.stdout).toContain(`rolled back to ${v2.h2}`);
     expect(r.stdout).toMatch(/^h3: skipped \(an earlier host failed\)$/m);
 
@@ -560,6 +571,7 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     const u = await deploy(['uninstall', '--group', 'h1']);
     expectOk(u);
     expect(u.stdout.trim()).toBe('h1: uninstalled');
+    expect(u.stderr).toContain(`h1: uninstalled; ${h.prefix}/data and the pools kept`);
     for (const gone of ['releases', 'deploys', 'current', 'previous', 'log', 'run'])
       expect(existsSync(join(h.prefix, gone)), gone).toBe(false);
     expect(existsSync(join(h.prefix, 'data', 'api-token'))).toBe(true);
@@ -569,5 +581,11 @@ describeWithTools(['sshd', 'ssh-keygen'], 'ballast deploy against OpenSSH sshd',
     const p = await deploy(['uninstall', '--group', 'h1', '--purge']);
     expectOk(p);
     expect(existsSync(h.prefix) ? readdirSync(h.prefix, { recursive: true }) : 'gone').toBe('gone');
+    // nothing to go back to, and why
+    const r = await deploy(['rollback', '--group', 'h1']);
+    expect(r.code, describeRun(r)).toBe(1);
+    expect(r.stdout).toContain(
+      'h1: DEPLOY_NO_PREVIOUS: h1: no previous deploy to go back to (current: none); an apply that changes',
+    );
   });
 });
