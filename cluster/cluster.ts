@@ -64,6 +64,12 @@ export interface MemberInfo {
   pools: PoolInfo[];
   startedAt: string;
   lease: string;
+  /**
+   * `serving`: this agent acks only changes of devices it serves, and a change it makes
+   * waits only for the agents serving the device. Absent in the records of agents that
+   * wait for every member: while one is alive, every agent acks every change.
+   */
+  acks?: 'serving';
 }
 
 export type MemberState = 'alive' | 'expired' | 'left';
@@ -251,7 +257,7 @@ export class Cluster {
    * holds; then watches the cluster and keeps the lease alive.
    */
   async join(info: Omit<MemberInfo, 'lease'>): Promise<void> {
-    this.baseInfo = info;
+    this.baseInfo = { ...info, acks: 'serving' };
     await this.register();
     await this.startWatch();
     this.startKeepalive();
@@ -454,6 +460,7 @@ export class Cluster {
 
   private async list(): Promise<void> {
     const r = await this.store.range('');
+    this.membersChanged++;
     this.kvs.clear();
     this.garbage.clear();
     for (const kv of r.kvs) this.remember(kv);
@@ -573,6 +580,7 @@ export class Cluster {
       while (this.queue.length > 0) {
         const ev = this.queue.shift()!;
         const before = this.kvs.get(ev.kv.key);
+        if (ev.kv.key.startsWith(MEMBERS)) this.membersChanged++;
         if (ev.type === 'put') this.remember(ev.kv);
         else {
           this.kvs.delete(ev.kv.key);
@@ -723,6 +731,21 @@ export class Cluster {
     return out;
   }
 
+  /** Whether an alive member waits for every member's ack (an agent from before acks were scoped). */
+  private waitsForAll(): boolean {
+    if (this.membersAt !== this.membersChanged) {
+      this.membersAt = this.membersChanged;
+      this.legacy = this.snapshot(MEMBERS).some(
+        (kv) => parse<MemberInfo>(kv.value)?.acks !== 'serving',
+      );
+    }
+    return this.legacy;
+  }
+  private legacy = false;
+  private membersAt = -1;
+  /** Bumped whenever a member key changes (waitsForAll recomputes then). */
+  private membersChanged = 0;
+
   /**
    * Whether a catalog event is about a device this agent serves, before or after it
    * (or may: a record it cannot read, or before it has joined). Only those are acked:
@@ -734,7 +757,7 @@ export class Cluster {
     after: KeyValue | undefined,
   ): boolean {
     const me = this.baseInfo;
-    if (!me) return true;
+    if (!me || this.waitsForAll()) return true;
     const slash = key.indexOf('/');
     const device = key.slice(slash + 1);
     const records = key.startsWith('devices/')

@@ -149,5 +149,39 @@ describeWithTools(
       const size = await run('nbdinfo', ['--size', f.uri('d2')]);
       expect(size.stdout.trim()).toBe(String(8 << 20));
     }, 180_000);
+
+    it('while an agent that waits for every member is alive (a rolling upgrade), every agent acks every change', async () => {
+      const a = agents.get('a')!;
+      // A member record as agents write it that wait for every member: no `acks`.
+      const lease = await store.grantLease(60);
+      const legacy = {
+        host: 'legacy',
+        version: '0.1.0',
+        pid: 1,
+        machine: 'elsewhere',
+        dataDir: '/nonexistent',
+        nbd: {},
+        api: [],
+        pools: [],
+        startedAt: new Date().toISOString(),
+        lease,
+      };
+      await store.put('members/legacy', JSON.stringify(legacy), { lease });
+      const resized = await a.apiMade('POST', '/v1/devices/d1/resize', { size: '12M' });
+      expect(resized.status, resized.text).toBe(200);
+      const rev = (await store.get('devices/d1'))!.modRevision;
+      await until('c and e ack a change of a device they do not serve', async () => {
+        const now = await acks();
+        return (now.c ?? 0) >= rev && (now.e ?? 0) >= rev;
+      });
+      await store.revokeLease(lease);
+      const resized2 = await a.apiMade('POST', '/v1/devices/d1/resize', { size: '16M' });
+      expect(resized2.status, resized2.text).toBe(200);
+      const rev2 = (await store.get('devices/d1'))!.modRevision;
+      await until('b acks the second resize', async () => ((await acks()).b ?? 0) >= rev2);
+      const after = await acks();
+      expect(after.c).toBeLessThan(rev2);
+      expect(after.e).toBeLessThan(rev2);
+    }, 120_000);
   },
 );
