@@ -240,7 +240,11 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: a verdict for every change', ()
       }
     })();
     await until('some changes made', async () => creates.length >= 3);
-    for (let round = 0; round < 2; round++) {
+    // Leader kills until one has cost a change (retries within a change's deadline can ride
+    // out an election, more often on a busy machine): at least two, at most eight.
+    const failedSoFar = () =>
+      creates.some((c) => c.r.status !== 201) || prs.some((p) => p.r.status !== 200);
+    for (let round = 0; round < 8 && (round < 2 || !failedSoFar()); round++) {
       const leader = await etcd.leader();
       await etcd.kill(leader, 'SIGKILL');
       await sleep(1500);
@@ -273,8 +277,13 @@ describeWithTools(['etcd', 'etcdctl'], 'cluster: a verdict for every change', ()
       if (r.status === 201) expect(listed.get(dev), dev).toBe('ready');
       else {
         failures.push(`${dev}: ${r.body.code} ${r.body.message}`);
-        expect(String(r.body.message), dev).toMatch(/NOT made|NOT created/);
-        expect(listed.has(dev), `${dev} failed (${r.body.message}) but exists`).toBe(false);
+        // NOT made: nothing stays. May have been made (the ready record in doubt): the agent
+        // found out once etcd answered, and kept the device or removed what it made.
+        const m = String(r.body.message);
+        expect(m, dev).toMatch(/NOT made|NOT created|may have been made/);
+        if (!/may have been made/.test(m)) {
+          expect(listed.has(dev), `${dev} failed (${m}) but exists`).toBe(false);
+        } else expect(r.body.code, dev).toBe('STORE_TIMEOUT');
       }
     }
     for (const { key, r } of prs) {
