@@ -5,7 +5,6 @@
 // crash interrupted.
 
 import { randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import type { AccessControl, Export } from '../nbd/export.js';
 import type { NbdServer } from '../nbd/server.js';
@@ -13,10 +12,11 @@ import { ExportStats } from '../nbd/stats.js';
 import type { DynamicCatalog } from './catalog.js';
 import { ConcatBackend } from './concat-backend.js';
 import { BallastError } from './errors.js';
+import { DISK_FILES, type ExtentFile, type ExtentFiles } from './extent-files.js';
 import { failpoint, failpointArmed, failpointHold, failpointPause } from './failpoints.js';
 import { Mutex } from './mutex.js';
 import type { Pool, PoolStatus } from './pools.js';
-import { type CacheMode, type FenceToken, SparseFileBackend } from './sparse-file.js';
+import type { CacheMode, FenceToken } from './sparse-file.js';
 import { readAll, readPage, WHOLE_PAGE } from './store/pages.js';
 import {
   ChangeError,
@@ -124,27 +124,10 @@ export function parseRecord(text: string): DeviceRecord | undefined {
   }
 }
 
-function fsyncDir(dir: string): void {
-  const fd = openSync(dir, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function allocated(file: string): number {
-  try {
-    return statSync(file).blocks * 512;
-  } catch {
-    return 0;
-  }
-}
-
 interface Live {
   record: DeviceRecord;
   modRevision: number;
-  files: SparseFileBackend[];
+  files: ExtentFile[];
   backend: ConcatBackend;
   stats: ExportStats;
 }
@@ -221,6 +204,8 @@ export class DeviceManager {
     private readonly catalog: DynamicCatalog,
     private readonly server: () => NbdServer | null,
     private readonly log: (msg: string) => void,
+    /** Where the extents live: sparse files, or none (a hollow agent). */
+    private readonly files: ExtentFiles = DISK_FILES,
   ) {}
 
   // ---- startup ----
@@ -279,7 +264,7 @@ export class DeviceManager {
       }
     }
     for (const pool of this.pools.values()) {
-      for (const f of readdirSync(pool.path)) {
+      for (const f of this.files.list(pool.path)) {
         const path = join(pool.path, f);
         if (f.endsWith('.img') && !referenced.has(path)) {
           this.problems.push({
@@ -330,7 +315,7 @@ export class DeviceManager {
   }
 
   private async open(rec: DeviceRecord, modRevision: number): Promise<Live> {
-    const files: SparseFileBackend[] = [];
+    const files: ExtentFile[] = [];
     try {
       for (const e of rec.extents) {
         if (!this.pools.has(e.pool)) {
@@ -339,7 +324,7 @@ export class DeviceManager {
             `extent ${e.file} is in unknown pool ${e.pool}`,
           );
         }
-        const b = await SparseFileBackend.open(e.file, this.fileOptions(rec));
+        const b = await this.files.open(e.file, this.fileOptions(rec));
         if (b.size < e.size) {
           await b.close();
           throw new BallastError(
@@ -361,7 +346,7 @@ export class DeviceManager {
   private install(
     rec: DeviceRecord,
     modRevision: number,
-    files: SparseFileBackend[],
+    files: ExtentFile[],
     stats: ExportStats,
   ): Live {
     const backend = new ConcatBackend(
@@ -405,7 +390,7 @@ export class DeviceManager {
       return {
         ...l.record,
         state: 'ready',
-        allocatedBytes: l.record.extents.reduce((a, e) => a + allocated(e.file), 0),
+        allocatedBytes: l.record.extents.reduce((a, e) => a + this.files.allocated(e.file), 0),
         connections: this.connections(name),
         exported: true,
       };
@@ -415,7 +400,7 @@ export class DeviceManager {
       return {
         ...b.record,
         state: 'missing',
-        allocatedBytes: b.record.extents.reduce((a, e) => a + allocated(e.file), 0),
+        allocatedBytes: b.record.extents.reduce((a, e) => a + this.files.allocated(e.file), 0),
         connections: 0,
         exported: false,
         problem: b.problem,
@@ -427,7 +412,7 @@ export class DeviceManager {
         ...r.record,
         state: r.record.state === 'ready' ? 'remote' : r.record.state,
         allocatedBytes: this.servesHere(r.record)
-          ? r.record.extents.reduce((a, e) => a + allocated(e.file), 0)
+          ? r.record.extents.reduce((a, e) => a + this.files.allocated(e.file), 0)
           : 0,
         connections: 0,
         exported: false,
@@ -519,6 +504,12 @@ export class DeviceManager {
     extents: { path: string; length: number }[];
   } {
     const l = this.need(name);
+    if (!this.files.dataPath) {
+      throw new BallastError(
+        'BALLAST_DEVICE_UNAVAILABLE',
+        `device ${name}: this agent is hollow (--hollow): it has no data path to stream`,
+      );
+    }
     return {
       name,
       size: l.record.size,
@@ -546,7 +537,7 @@ export class DeviceManager {
         const x = u.get(e.pool);
         if (!x) continue;
         x.provisioned += e.size;
-        x.allocated += allocated(e.file);
+        x.allocated += this.files.allocated(e.file);
       }
     }
     return u;
@@ -655,7 +646,7 @@ export class DeviceManager {
       rec.host = pool.config.shared ? null : this.cluster.host;
       rec.by = this.cluster.host;
     }
-    let files: SparseFileBackend[] = [];
+    let files: ExtentFile[] = [];
     // 1. The intent, durable before any file exists. A failure here leaves nothing of ours
     // (in a cluster the store says NOT made, or undoes an intent that reached etcd late).
     let intentRev: number;
@@ -670,10 +661,8 @@ export class DeviceManager {
     try {
       failpoint('create-after-intent');
       // 2. The file, durable too.
-      files = [
-        await SparseFileBackend.open(rec.extents[0]!.file, { size, ...this.fileOptions(rec) }),
-      ];
-      fsyncDir(pool.path);
+      files = [await this.files.open(rec.extents[0]!.file, { size, ...this.fileOptions(rec) })];
+      this.files.syncDir(pool.path);
       failpoint('create-after-file');
       // 3. Done: from here on the device exists.
       const ready: DeviceRecord = { ...rec, state: 'ready' };
@@ -1054,12 +1043,12 @@ export class DeviceManager {
   private async removeFiles(rec: DeviceRecord): Promise<void> {
     const dirs = new Set<string>();
     for (const e of rec.extents) {
-      rmSync(e.file, { force: true });
+      this.files.remove(e.file);
       dirs.add(join(e.file, '..'));
     }
     for (const d of dirs) {
       try {
-        fsyncDir(d);
+        this.files.syncDir(d);
       } catch {}
     }
   }
@@ -1147,9 +1136,9 @@ export class DeviceManager {
       };
       // The file first, then the record: a crash in between leaves an orphan
       // file (reported), never a record pointing at nothing.
-      const f = await SparseFileBackend.open(file, { size: grow, ...this.fileOptions(rec) });
+      const f = await this.files.open(file, { size: grow, ...this.fileOptions(rec) });
       try {
-        fsyncDir(pool.path);
+        this.files.syncDir(pool.path);
         const revision = await this.save(l, rec);
         this.install(rec, revision, [...l.files, f], l.stats);
       } catch (e) {
@@ -1158,12 +1147,12 @@ export class DeviceManager {
           // Made after all, the record names the file (the watch opens it): keep it until known.
           void e.outcome?.then(
             (made) => {
-              if (!made) rmSync(file, { force: true });
+              if (!made) this.files.remove(file);
             },
             () => {},
           );
         } else {
-          rmSync(file, { force: true });
+          this.files.remove(file);
         }
         throw e;
       }
@@ -1216,7 +1205,7 @@ export class DeviceManager {
       }
       // Same device, changed: keep the open files that are still extents, open new ones.
       if (rec.size < l.record.size) await this.busy(name, true, 'shrink on another host');
-      const files: SparseFileBackend[] = [];
+      const files: ExtentFile[] = [];
       try {
         for (const [i, e] of rec.extents.entries()) {
           const old = l.record.extents[i];
@@ -1229,7 +1218,7 @@ export class DeviceManager {
             else if (f.size !== e.size) await f.growTo(e.size);
             files.push(f);
           } else {
-            files.push(await SparseFileBackend.open(e.file, this.fileOptions(rec)));
+            files.push(await this.files.open(e.file, this.fileOptions(rec)));
           }
         }
       } catch (e) {

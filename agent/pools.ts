@@ -25,11 +25,18 @@ export interface PoolStatus {
   allocatedBytes: number;
 }
 
+/** The capacity a hollow agent's pool reports without a quota (it has no file system): 1 PiB. */
+export const HOLLOW_CAPACITY = 2 ** 50;
+
 export class Pool {
   media: Media = 'unknown';
   device?: string;
 
-  private constructor(readonly config: PoolConfig) {}
+  private constructor(
+    readonly config: PoolConfig,
+    /** A hollow agent's pool (Pool.hollow): no directory behind it. */
+    readonly hollow = false,
+  ) {}
 
   get name(): string {
     return this.config.name;
@@ -62,12 +69,24 @@ export class Pool {
   }
 
   /**
+   * A hollow agent's pool (`ballast agent --hollow`): its name and path as configured,
+   * for the cluster to match, and nothing on disk: no directory is made or looked at,
+   * the medium is the configured one (or unknown), the capacity the quota (or
+   * HOLLOW_CAPACITY).
+   */
+  static hollow(config: PoolConfig): Pool {
+    const p = new Pool(config, true);
+    if (config.media) p.media = config.media;
+    return p;
+  }
+
+  /**
    * Looks at the medium under the pool again (unless configured): a pool on a
    * device whose type changed (a loop device flipped to rotational, storage
    * moved underneath) reports the change.
    */
   async rescan(): Promise<{ before: Media; after: Media } | null> {
-    if (this.config.media) return null;
+    if (this.config.media || this.hollow) return null;
     const before = this.media;
     const m = await detectMedia(this.config.path).catch(() => ({
       media: 'unknown' as Media,
@@ -79,7 +98,9 @@ export class Pool {
   }
 
   async capacity(): Promise<{ capacityBytes: number; fsAvailBytes: number; limitBytes: number }> {
-    const fs = await fsCapacity(this.path);
+    const fs = this.hollow
+      ? { totalBytes: HOLLOW_CAPACITY, availBytes: this.config.quota ?? HOLLOW_CAPACITY }
+      : await fsCapacity(this.path);
     const capacityBytes = this.config.quota ?? fs.totalBytes;
     return {
       capacityBytes,
