@@ -29,6 +29,7 @@ import { DynamicCatalog } from '../agent/catalog.js';
 import { type AgentConfig, loadConfig, type Media, type PoolConfig } from '../agent/config.js';
 import { DeviceManager } from '../agent/devices.js';
 import { BallastError } from '../agent/errors.js';
+import { DISK_FILES, HOLLOW_FILES } from '../agent/extent-files.js';
 import { failpointPause } from '../agent/failpoints.js';
 import { describeTarget, listenError, MOVE_LISTENER, prepareSocketPath } from '../agent/listen.js';
 import { createMetrics } from '../agent/metrics.js';
@@ -73,6 +74,13 @@ export interface AgentOptions {
   log?: (msg: string) => void;
   /** Log every NBD connection and refused request. */
   verbose?: boolean;
+  /**
+   * --hollow: a cluster member without a data path. It joins, watches, acks, fences
+   * and runs the device and reservation managers as any agent does, but makes and
+   * opens no files (its pools have no directories) and serves no NBD: what a
+   * benchmark runs by the thousand to stand for hosts (bench/hollow.ts).
+   */
+  hollow?: boolean;
 }
 
 /**
@@ -284,7 +292,7 @@ export class Agent {
       handshakeTimeoutMs: config.nbd.handshakeTimeoutMs,
       maxHandshakes: config.nbd.maxHandshakes,
       maxPerSource: config.nbd.maxPerSource,
-      workers: config.nbd.workers,
+      workers: opts.hollow ? 1 : config.nbd.workers,
       dupFd: (fd) => loadNative().dup(fd),
       // In a cluster a shared device's connections must stay where its fence is.
       tlsOnWorkers: config.cluster === undefined,
@@ -302,6 +310,7 @@ export class Agent {
       this.catalog,
       () => this.nbd,
       (m) => this.log(m),
+      opts.hollow ? HOLLOW_FILES : DISK_FILES,
     );
     this.notifier = new Notifier({
       store,
@@ -373,6 +382,12 @@ export class Agent {
       dataDir: opts.dataDir,
       apiListen: opts.apiListen,
     });
+    if (opts.hollow && !config.cluster) {
+      throw new BallastError(
+        'BALLAST_CONFIG_INVALID',
+        `${config.source}: a hollow agent (--hollow) is a cluster member: add a cluster: section`,
+      );
+    }
     try {
       mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
     } catch (e) {
@@ -413,7 +428,7 @@ export class Agent {
 
   private async init(): Promise<void> {
     const c = this.config;
-    for (const pc of c.pools) this.pools.set(pc.name, await Pool.open(pc));
+    for (const pc of c.pools) this.pools.set(pc.name, await this.openPool(pc));
     await this.reservations.load();
     if (c.cluster) {
       const cluster = await ClusterImpl.open({
@@ -495,8 +510,11 @@ export class Agent {
       this.reservations.onChange = m.prChange;
     }
 
-    for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
-    if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
+    // A hollow agent serves no NBD: it has nothing behind its devices.
+    if (!this.opts.hollow) {
+      for (const l of c.nbd.listen) this.nbdTargets.push(hostPort(l));
+      if (c.nbd.socket) this.nbdTargets.push({ path: c.nbd.socket });
+    }
     const nbdGroup = socketGroupId(c.nbd.socketGroup, c.nbd.socketGroupConfigured);
     // QEMU reaches a stream socket as it reaches the NBD socket.
     this.streams.socketGroup = nbdGroup;
@@ -621,9 +639,10 @@ export class Agent {
     markJoined();
     for (const pr of this.devices.problems) this.log(`problem: ${pr.message}`);
     this.log(`${this.devices.list().length} device(s)`);
+    if (this.opts.hollow) this.log('hollow: no files are made or opened, no NBD is served');
     this.log(`NBD on ${this.nbdTargets.map(describeTarget).join(', ') || 'nothing'}`);
     if (c.nbd.tls.mode !== 'off') this.log(`NBD TLS ${c.nbd.tls.mode}`);
-    if (c.nbd.socket) {
+    if (c.nbd.socket && !this.opts.hollow) {
       this.log(
         `NBD socket for root${nbdGroup !== null ? ` and group ${c.nbd.socketGroup}` : ' only'}` +
           `; anonymous clients: ${
@@ -642,6 +661,11 @@ export class Agent {
   }
 
   private apiRequest: (method: string, route: string, status: number) => void = () => {};
+
+  /** A pool of the config: its directory, or (hollow) a name and a path with nothing behind. */
+  private openPool(pc: PoolConfig): Promise<Pool> {
+    return this.opts.hollow ? Promise.resolve(Pool.hollow(pc)) : Pool.open(pc);
+  }
 
   /** This host's name: the cluster's, or the system's. */
   hostName(): string {
@@ -748,6 +772,7 @@ export class Agent {
         media: p.media,
       })),
       startedAt: this.startedAt.toISOString(),
+      ...(this.opts.hollow ? { hollow: true } : {}),
     });
     const alive = new Set(
       cluster
@@ -834,6 +859,7 @@ export class Agent {
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       config: this.config.source,
       dataDir: this.config.dataDir,
+      ...(this.opts.hollow ? { hollow: true } : {}),
       storeRevision: this.cluster ? this.cluster.revision : await this.store.revision(),
       cluster: this.cluster?.summary(),
       nbd: this.nbdTargets.map(describeTarget),
@@ -883,7 +909,7 @@ export class Agent {
     }
     const opened = new Map<string, Pool>();
     try {
-      for (const pc of [...next.pools, ...keep]) opened.set(pc.name, await Pool.open(pc));
+      for (const pc of [...next.pools, ...keep]) opened.set(pc.name, await this.openPool(pc));
     } catch (e) {
       this.lastReloadError = `${(e as BallastError).code ?? 'BALLAST_INTERNAL'}: ${(e as Error).message}`;
       this.log(`reload failed, keeping the running config: ${this.lastReloadError}`);

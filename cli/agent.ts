@@ -27,6 +27,11 @@ export function registerAgent(program: Command, version: string): void {
       "the API's TCP listener instead of the config's api.listen (default 127.0.0.1:10810); none: the Unix socket only",
     )
     .option('-v, --verbose', 'log every NBD connection and refused request')
+    .option(
+      '--hollow',
+      'a cluster member with no data path, for scale tests: it joins, watches, acks and fences, ' +
+        'and keeps devices and reservations, but makes and opens no files and serves no NBD',
+    )
     .addHelpText(
       'after',
       `
@@ -51,10 +56,24 @@ username (for access lists and persistent reservations: ballast acl, ballast pr)
     tls: { mode: require, cert: /etc/ballast/tls/server-cert.pem,   # paths are absolute
            key: /etc/ballast/tls/server-key.pem, ca: /etc/ballast/tls/ca-cert.pem }
     # or tls: { mode: allow, pskFile: /etc/ballast/keys.psk }     (username:hexkey lines)
-    identities: ['192.0.2.7=host-c', 'uid:0=root']   # names for clients TLS does not name`,
+    identities: ['192.0.2.7=host-c', 'uid:0=root']   # names for clients TLS does not name
+
+--hollow stands in for a host when measuring a large cluster (npm run bench -- --suite
+scale hosts hundreds in one process): the config needs a cluster: section; its pools are
+names and paths only (nothing is made there; declare a shared pool at the path the real
+agents use, and the hollow member counts as serving its devices: changes wait for its
+ack); the nbd: listeners are ignored; the API answers as configured. It is listed as a
+member like any other ('ballast cluster members' shows NBD "none (hollow)"). Never run a
+production host with --hollow: it acks changes to devices it cannot serve.`,
     )
     .action(
-      async (o: { config?: string; dataDir?: string; apiListen?: string; verbose?: boolean }) => {
+      async (o: {
+        config?: string;
+        dataDir?: string;
+        apiListen?: string;
+        verbose?: boolean;
+        hollow?: boolean;
+      }) => {
         const agent = await Agent.start({
           configFile: o.config,
           dataDir: o.dataDir,
@@ -62,6 +81,7 @@ username (for access lists and persistent reservations: ballast acl, ballast pr)
           version,
           verbose: Boolean(o.verbose),
           log,
+          hollow: Boolean(o.hollow),
         });
         log('ready');
         let stopping = false;

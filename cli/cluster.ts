@@ -28,9 +28,11 @@ interface Member {
   startedAt?: string;
   since?: string;
   applied?: number;
+  hollow?: boolean;
 }
 
 function nbdOf(m: Member): string {
+  if (m.hollow) return 'none (hollow)';
   const parts: string[] = [];
   if (m.nbd?.tcp) parts.push(`${m.nbd.tcp.host}:${m.nbd.tcp.port}`);
   if (m.nbd?.socket) parts.push(m.nbd.socket);

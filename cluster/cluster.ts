@@ -70,6 +70,8 @@ export interface MemberInfo {
    * wait for every member: while one is alive, every agent acks every change.
    */
   acks?: 'serving';
+  /** A hollow agent (`ballast agent --hollow`): a member with no data path, for benchmarks. */
+  hollow?: boolean;
 }
 
 export type MemberState = 'alive' | 'expired' | 'left';
