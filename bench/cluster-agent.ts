@@ -23,6 +23,8 @@ export interface AgentSpec {
   cluster?: ClusterSection;
   /** Also listen on 127.0.0.1 (a free port) for NBD. */
   tcp?: boolean;
+  /** The pools, instead of `shared` (when given) and a host-local one. */
+  pools?: { name: string; path: string; shared?: boolean }[];
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -40,13 +42,14 @@ export class BenchAgent {
     const { dir } = spec;
     mkdirSync(join(dir, 'local'), { recursive: true });
     if (spec.shared) mkdirSync(spec.shared, { recursive: true });
+    for (const p of spec.pools ?? []) mkdirSync(p.path, { recursive: true });
     this.apiSocket = join(dir, 'api.sock');
     this.nbdSocket = join(dir, 'nbd.sock');
     const cfg = {
       dataDir: join(dir, 'data'),
       nbd: { listen: spec.tcp ? '127.0.0.1:0' : false, socket: this.nbdSocket },
       api: { listen: false, socket: this.apiSocket },
-      pools: [
+      pools: spec.pools ?? [
         ...(spec.shared ? [{ name: 'shared', path: spec.shared, shared: true }] : []),
         { name: 'local', path: join(dir, 'local') },
       ],

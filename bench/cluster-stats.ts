@@ -95,3 +95,14 @@ export function histogramDelta(
   }
   return out;
 }
+
+/**
+ * The sum of every series of one Prometheus counter or gauge (text exposition
+ * format), whatever its labels; 0 when the metric is absent.
+ */
+export function metricSum(text: string, metric: string): number {
+  let sum = 0;
+  const re = new RegExp(`^${metric}(?:\\{[^}]*\\})? (\\S+)$`, 'gm');
+  for (const m of text.matchAll(re)) sum += Number(m[1]);
+  return sum;
+}

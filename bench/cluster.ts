@@ -6,10 +6,10 @@
 // Tables (Markdown) go to stdout, progress to stderr, every sample to
 // bench-results/cluster.json.
 
-import { existsSync, linkSync, readFileSync, unlinkSync } from 'node:fs';
-import { mkdir, mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
+import { existsSync, linkSync, unlinkSync } from 'node:fs';
+import { mkdtemp, open, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
-import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Fence } from '../cluster/fence.js';
 import { NbdClient } from '../nbd/client.js';
@@ -27,7 +27,8 @@ import {
   percentiles,
 } from './cluster-stats.js';
 import { JOBS, prefill, runFio } from './fio.js';
-import { killAll, run } from './proc.js';
+import { cpuSeconds, killAll, run } from './proc.js';
+import { writeResults } from './results.js';
 import { ballastInvocation } from './servers.js';
 
 const log = (msg: string): void => {
@@ -511,7 +512,7 @@ async function prPart(
 
 // ---- 5. fail-over ---------------------------------------------------------------
 
-interface FailoverSample {
+export interface FailoverSample {
   ttl: number;
   /** kill -9 of A's agent to B's preempt-abort answered (200). */
   preemptMs: number;
@@ -527,6 +528,95 @@ interface FailoverSample {
   phaseMs: number;
 }
 
+/**
+ * One fail-over on device `fo`, which agents A and B (hosts `a` and `b`) serve: A's guest
+ * (identity `a`; local clients are named after their host) holds Write Exclusive, B's
+ * (`b`) is registered, and a write through B is refused. After a random 0-1 s (the phase
+ * against A's keepalives, every TTL/3) A's agent gets kill -9; at once B's preempt-abort
+ * is sent, again until it answers 200, while a writer tries 4 KiB through B every 10 ms;
+ * then one more write through B. Resolves once A's process is gone.
+ */
+export async function failOver(
+  a: BenchAgent,
+  b: BenchAgent,
+  ttl: number,
+  log: (msg: string) => void,
+): Promise<FailoverSample> {
+  const pr = (via: BenchAgent, body: Record<string, unknown>) =>
+    via.api('POST', '/v1/devices/fo/pr', body);
+  await a.must('POST', '/v1/devices/fo/pr', { action: 'register', as: 'a', saKey: '0xa' }, 200);
+  await a.must(
+    'POST',
+    '/v1/devices/fo/pr',
+    { action: 'reserve', as: 'a', key: '0xa', type: 'WE' },
+    200,
+  );
+  await b.must('POST', '/v1/devices/fo/pr', { action: 'register', as: 'b', saKey: '0xb' }, 200);
+  const nbd = await NbdClient.connect(`nbd+unix:///fo?socket=${b.nbdSocket}`);
+  try {
+    const block = Buffer.alloc(4096, 0xbb);
+    const refused = await nbd.write(0, block).then(
+      () => false,
+      () => true,
+    );
+    if (!refused) throw new Error('failover: B wrote while A held Write Exclusive');
+    const phaseMs = Math.random() * 1000;
+    await sleep(phaseMs);
+
+    const t0 = performance.now();
+    a.child?.proc.kill('SIGKILL');
+    let firstAny = Number.NaN;
+    let stop = false;
+    const writer = (async () => {
+      while (!stop) {
+        const ok = await nbd.write(0, block).then(
+          () => true,
+          () => false,
+        );
+        if (ok) {
+          firstAny = performance.now();
+          return;
+        }
+        await sleep(10);
+      }
+    })();
+    let attempts = 0;
+    let answer: Awaited<ReturnType<typeof pr>> | undefined;
+    while (performance.now() - t0 < (ttl + 30) * 1000) {
+      attempts++;
+      answer = await pr(b, {
+        action: 'preempt-abort',
+        as: 'b',
+        key: '0xb',
+        saKey: '0xa',
+        type: 'WE',
+      });
+      if (answer.status === 200) break;
+      log(`preempt answered ${answer.status} ${answer.text.trim()}; again`);
+    }
+    const preempted = performance.now();
+    if (answer?.status !== 200) throw new Error('failover: the preempt never succeeded');
+    await nbd.write(0, block);
+    const wrote = performance.now();
+    stop = true;
+    await writer;
+    await a.child?.exited;
+    const settled = answer.body.settled as { hosts?: { host: string; how: string }[] } | undefined;
+    return {
+      ttl,
+      preemptMs: preempted - t0,
+      writeMs: wrote - t0,
+      // The retrying writer may have stopped before its next try: the write after counts too.
+      firstAnyWriteMs: Math.min(Number.isFinite(firstAny) ? firstAny : wrote, wrote) - t0,
+      attempts,
+      howA: settled?.hosts?.find((h) => h.host === 'a')?.how ?? '?',
+      phaseMs,
+    };
+  } finally {
+    await nbd.close().catch(() => {});
+  }
+}
+
 async function failoverPart(ctx: Ctx): Promise<{ table: string; raw: FailoverSample[] }> {
   const raw: FailoverSample[] = [];
   for (const ttl of ctx.opts.ttls) {
@@ -536,82 +626,9 @@ async function failoverPart(ctx: Ctx): Promise<{ table: string; raw: FailoverSam
       const [a, b] = agents as [BenchAgent, BenchAgent];
       await startAll(ctx, agents);
       await a.must('POST', '/v1/devices', { name: 'fo', size: '1M', pool: 'shared' }, 201);
-      const pr = (via: BenchAgent, body: Record<string, unknown>) =>
-        via.api('POST', '/v1/devices/fo/pr', body);
-      // A's guest holds Write Exclusive; B's is registered. Local (Unix socket)
-      // clients are named after their host.
-      await a.must('POST', '/v1/devices/fo/pr', { action: 'register', as: 'a', saKey: '0xa' }, 200);
-      await a.must(
-        'POST',
-        '/v1/devices/fo/pr',
-        { action: 'reserve', as: 'a', key: '0xa', type: 'WE' },
-        200,
-      );
-      await b.must('POST', '/v1/devices/fo/pr', { action: 'register', as: 'b', saKey: '0xb' }, 200);
-      const nbd = await NbdClient.connect(`nbd+unix:///fo?socket=${b.nbdSocket}`);
-      const block = Buffer.alloc(4096, 0xbb);
-      const refused = await nbd.write(0, block).then(
-        () => false,
-        () => true,
-      );
-      if (!refused) throw new Error('failover: B wrote while A held Write Exclusive');
-      const phaseMs = Math.random() * 1000;
-      await sleep(phaseMs);
-
-      const t0 = performance.now();
-      a.child?.proc.kill('SIGKILL');
-      let firstAny = Number.NaN;
-      let stop = false;
-      const writer = (async () => {
-        while (!stop) {
-          const ok = await nbd.write(0, block).then(
-            () => true,
-            () => false,
-          );
-          if (ok) {
-            firstAny = performance.now();
-            return;
-          }
-          await sleep(10);
-        }
-      })();
-      let attempts = 0;
-      let answer: Awaited<ReturnType<typeof pr>> | undefined;
-      while (performance.now() - t0 < (ttl + 30) * 1000) {
-        attempts++;
-        answer = await pr(b, {
-          action: 'preempt-abort',
-          as: 'b',
-          key: '0xb',
-          saKey: '0xa',
-          type: 'WE',
-        });
-        if (answer.status === 200) break;
-        log(`failover ttl ${ttl}: preempt answered ${answer.status} ${answer.text.trim()}; again`);
-      }
-      const preempted = performance.now();
-      if (answer?.status !== 200) throw new Error('failover: the preempt never succeeded');
-      await nbd.write(0, block);
-      const wrote = performance.now();
-      stop = true;
-      await writer;
-      await nbd.close();
-      await a.child?.exited;
+      const s = await failOver(a, b, ttl, (m) => log(`failover ttl ${ttl}: ${m}`));
       ctx.agents.delete(a);
       await stopAll(ctx, [b]);
-      const settled = answer.body.settled as
-        | { hosts?: { host: string; how: string }[] }
-        | undefined;
-      const s: FailoverSample = {
-        ttl,
-        preemptMs: preempted - t0,
-        writeMs: wrote - t0,
-        // The retrying writer may have stopped before its next try: the write after counts too.
-        firstAnyWriteMs: Math.min(Number.isFinite(firstAny) ? firstAny : wrote, wrote) - t0,
-        attempts,
-        howA: settled?.hosts?.find((h) => h.host === 'a')?.how ?? '?',
-        phaseMs,
-      };
       raw.push(s);
       log(
         `failover ttl ${ttl} s #${r + 1}: preempt answered ${fmtMs(s.preemptMs)} ms, ` +
@@ -660,18 +677,6 @@ interface DatapathRun {
   cpuUsPerRequest: number;
   ok: boolean;
   error?: string;
-}
-
-/** utime + stime of a process, in seconds (from /proc/PID/stat; 10 ms resolution). */
-function cpuSeconds(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / 100;
-  } catch {
-    return Number.NaN;
-  }
 }
 
 /** Nanoseconds per Fence.gate() call with an open fence (what each request pays). */
@@ -983,29 +988,13 @@ export async function clusterMain(argv: string[], root: string): Promise<number>
   for (const t of tables) {
     process.stdout.write(`\n${TITLES[t.part]}\n\n${t.table}\n${t.note ? `\n${t.note}\n` : ''}`);
   }
-  await mkdir(dirname(outPath), { recursive: true });
-  await writeFile(
+  await writeResults(
     outPath,
-    `${JSON.stringify(
-      {
-        version: 1,
-        startedAt,
-        finishedAt: new Date().toISOString(),
-        host: {
-          cpus: os.cpus().length,
-          cpuModel: os.cpus()[0]?.model ?? '',
-          kernel: os.release(),
-          node: process.version,
-          loadavgStart: loadStart,
-          loadavgEnd: loadEnd,
-        },
-        options: opts,
-        results,
-        failures,
-      },
-      (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v),
-      2,
-    )}\n`,
+    { startedAt, loadStart, options: opts },
+    {
+      results,
+      failures,
+    },
   );
   log(`raw results: ${outPath}`);
   return failures > 0 ? 1 : 0;

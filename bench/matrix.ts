@@ -9,7 +9,7 @@
 // bench/cells.ts).
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -18,7 +18,7 @@ import { loadNative } from '../agent/native.js';
 import { type FioRw, parseFioJson, prefill } from './fio.js';
 import { makeCertificates, type TlsFiles } from './fixtures.js';
 import { JOB_NAMES, type JobName } from './options.js';
-import { findProcess, killAll, memoryKiB, run } from './proc.js';
+import { cpuSeconds, findProcess, killAll, memoryKiB, run } from './proc.js';
 import { median, renderTable } from './report.js';
 import {
   type Endpoint,
@@ -249,18 +249,6 @@ interface Measurement {
   value: number;
   /** Server CPU seconds (user + system, all threads) per GiB moved. */
   cpuPerGiB: number;
-}
-
-/** utime + stime of a process, all threads, in seconds. */
-function cpuSeconds(pid: number): number {
-  try {
-    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-    // Fields 14 and 15 (1-based) are utime and stime; f starts at field 3.
-    return (Number(f[11]) + Number(f[12])) / 100;
-  } catch {
-    return Number.NaN;
-  }
 }
 
 export interface Matrix {

@@ -133,6 +133,18 @@ export function memoryKiB(pid: number): { vmHwm: number; vmRss: number } | undef
   return { vmHwm, vmRss };
 }
 
+/** utime + stime of a process, in seconds (from /proc/PID/stat; 10 ms resolution). */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch {
+    return Number.NaN;
+  }
+}
+
 function exeName(pid: number): string | undefined {
   try {
     return basename(readlinkSync(`/proc/${pid}/exe`));
