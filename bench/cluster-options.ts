@@ -63,7 +63,8 @@ Options:
   -h, --help            this text
 `;
 
-function list<T extends string>(flag: string, raw: string, allowed: readonly T[]): T[] {
+/** A comma list of names, each one of `allowed`; in `allowed`'s order. */
+export function list<T extends string>(flag: string, raw: string, allowed: readonly T[]): T[] {
   const names = raw
     .split(',')
     .map((s) => s.trim())
@@ -77,7 +78,8 @@ function list<T extends string>(flag: string, raw: string, allowed: readonly T[]
   return allowed.filter((a) => names.includes(a));
 }
 
-function int(flag: string, raw: string | undefined, dflt: number, min: number): number {
+/** A whole number of at least `min`, or `dflt` when the flag is absent. */
+export function int(flag: string, raw: string | undefined, dflt: number, min: number): number {
   if (raw === undefined) return dflt;
   const n = Number(raw);
   if (!Number.isInteger(n) || n < min)
@@ -142,9 +144,11 @@ export function parseClusterOptions(argv: string[]): ClusterBenchOptions {
  * Splits `--suite NAME` (or `--suite=NAME`) off the harness's arguments:
  * `nbd` (the default) is the NBD server comparison, `cluster` this suite,
  * `events` the notification delivery benchmark (bench/events.ts), `connections` the NBD
- * comparison along a connections axis.
+ * comparison along a connections axis, `scale` the cluster with hollow members
+ * (bench/scale.ts).
  */
-const SUITES: readonly string[] = ['nbd', 'cluster', 'events', 'connections', 'cells'];
+const SUITES: readonly string[] = ['nbd', 'cluster', 'events', 'connections', 'cells', 'scale'];
+const EXPECTED = 'expected nbd, cluster, events, connections, cells or scale';
 
 export function splitSuite(argv: readonly string[]): { suite: string; rest: string[] } {
   const rest: string[] = [];
@@ -154,7 +158,7 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     if (a === '--suite') {
       const v = argv[i + 1];
       if (v === undefined) {
-        throw new Error('--suite: expected nbd, cluster, events, connections or cells');
+        throw new Error(`--suite: ${EXPECTED}`);
       }
       suite = v;
       i++;
@@ -165,9 +169,7 @@ export function splitSuite(argv: readonly string[]): { suite: string; rest: stri
     }
   }
   if (!SUITES.includes(suite)) {
-    throw new Error(
-      `--suite: unknown '${suite}' (expected nbd, cluster, events, connections or cells)`,
-    );
+    throw new Error(`--suite: unknown '${suite}' (${EXPECTED})`);
   }
   return { suite, rest };
 }

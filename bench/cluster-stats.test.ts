@@ -6,9 +6,11 @@ import {
   histogramSums,
   markdownTable,
   median,
+  metricSum,
   percentile,
   percentiles,
 } from './cluster-stats.js';
+import { parseScaleOptions } from './scale-options.js';
 
 describe('percentiles (nearest rank)', () => {
   const xs = Array.from({ length: 100 }, (_, i) => 100 - i); // 100..1, unsorted
@@ -73,7 +75,7 @@ describe('cluster bench options', () => {
     });
     expect(() => splitSuite(['--suite', 'disk'])).toThrow(/unknown 'disk'/);
     expect(() => splitSuite(['--suite'])).toThrow(
-      /expected nbd, cluster, events, connections or cells/,
+      /expected nbd, cluster, events, connections, cells or scale/,
     );
   });
 
@@ -123,5 +125,47 @@ describe('Prometheus histogram sums', () => {
     expect(d.get('op="txn"')?.count).toBe(10);
     expect(d.get('op="txn"')?.sum).toBeCloseTo(0.4);
     expect(d.get('op="get"')).toEqual({ count: 2, sum: 0.01 });
+  });
+});
+
+describe('Prometheus counters', () => {
+  it('sums every series of a metric, whatever its labels; 0 when absent', () => {
+    const text = [
+      '# TYPE grpc_server_msg_received_total counter',
+      'grpc_server_msg_received_total{grpc_method="Range"} 12',
+      'grpc_server_msg_received_total{grpc_method="Txn"} 3',
+      'grpc_server_msg_received_totally 100',
+      'etcd_mvcc_put_total 7',
+    ].join('\n');
+    expect(metricSum(text, 'grpc_server_msg_received_total')).toBe(15);
+    expect(metricSum(text, 'etcd_mvcc_put_total')).toBe(7);
+    expect(metricSum(text, 'etcd_mvcc_delete_total')).toBe(0);
+  });
+});
+
+describe('scale bench options', () => {
+  it('defaults, --quick, and lists sorted without repeats', () => {
+    const d = parseScaleOptions([]);
+    expect([d.members, d.devices, d.ops, d.ttl, d.churn, d.serve]).toEqual([
+      [0, 10, 100, 1000],
+      [1000, 10000, 100000],
+      100,
+      5,
+      100,
+      100,
+    ]);
+    expect(d.parts).toEqual(['latency', 'join', 'churn', 'failover']);
+    const q = parseScaleOptions(['--quick', '--ops', '7']);
+    expect([q.members, q.devices, q.ops, q.churn, q.serve]).toEqual([[0, 10], [500], 7, 10, 20]);
+    const o = parseScaleOptions(['--members', '100,10,10', '--parts', 'churn,latency']);
+    expect(o.members).toEqual([10, 100]);
+    expect(o.parts).toEqual(['latency', 'churn']);
+  });
+
+  it('bad values refused', () => {
+    expect(() => parseScaleOptions(['--members', '2'])).toThrow(/0 or at least 4/);
+    expect(() => parseScaleOptions(['--devices', '0'])).toThrow(/>= 1/);
+    expect(() => parseScaleOptions(['--ttl', '1'])).toThrow(/>= 2/);
+    expect(() => parseScaleOptions(['--parts', 'x'])).toThrow(/unknown 'x'/);
   });
 });

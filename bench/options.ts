@@ -105,6 +105,8 @@ Options:
   --suite cells         the same three servers, each cell at its own connections x
                         queue depth, incl. reads of a never-written file
                         (--suite cells --help)
+  --suite scale         a cluster of 3 real agents and up to 1,000 hollow members
+                        with up to 100,000 devices (--suite scale --help)
   -h, --help            this text
 `;
 

@@ -45,6 +45,7 @@ import {
   summarize,
   throughputTable,
 } from './report.js';
+import { scaleMain } from './scale.js';
 import {
   ballastInvocation,
   type Endpoint,
@@ -231,6 +232,7 @@ async function main(): Promise<number> {
     if (split.suite === 'events') return runEventsBench(split.rest);
     if (split.suite === 'connections') return connectionsMain(split.rest, findRoot());
     if (split.suite === 'cells') return cellsMain(split.rest, findRoot());
+    if (split.suite === 'scale') return scaleMain(split.rest, findRoot());
     argv = split.rest;
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n\n${USAGE}`);
