@@ -63,8 +63,8 @@ scale hosts hundreds in one process): the config needs a cluster: section; its p
 names and paths only (nothing is made there; declare a shared pool at the path the real
 agents use, and the hollow member counts as serving its devices: changes wait for its
 ack); the nbd: listeners are ignored; the API answers as configured. It is listed as a
-member like any other ('ballast cluster members' shows NBD "none (hollow)"). Never run a
-production host with --hollow: it acks changes to devices it cannot serve.`,
+member like any other ('ballast cluster members' shows NBD "none (hollow)"). Not for a
+production cluster: it serves nothing, yet changes to its pools' devices wait for it.`,
     )
     .action(
       async (o: {
