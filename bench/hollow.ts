@@ -18,7 +18,9 @@
 //   {"id":3,"cmd":"serving","expect":{"h0001":12},"timeoutMs":60000}
 //       waits until each host serves at least that many devices and its fence is
 //       open; answers the milliseconds each took
-//   {"id":4,"cmd":"memory"}    the process's RSS and heap
+//   {"id":4,"cmd":"stats"}     the process's RSS and heap, its event loop's delay since
+//                              the last stats (p99, max), and its members' keepalive
+//                              failures and re-registrations so far: whether it keeps up
 //   {"id":5,"cmd":"stop"}      every member leaves cleanly; the process exits 0
 //
 // SIGTERM stops the members cleanly too; SIGKILL (or SIGSTOP) is a crash (or a
@@ -27,7 +29,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { performance } from 'node:perf_hooks';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseKey, parseType } from '../agent/pr.js';
@@ -170,6 +172,11 @@ export class HollowFleet {
         await this.agent(d.host).devices.create({ name: d.name, size: d.size, pool: d.pool });
         created++;
       } catch (e) {
+        // Asked again after an answer in doubt that was made after all.
+        if ((e as { code?: string }).code === 'BALLAST_DEVICE_EXISTS') {
+          created++;
+          return;
+        }
         failed.push({ name: d.name, error: (e as Error).message });
       }
     });
@@ -211,6 +218,17 @@ export class HollowFleet {
     }
     for (const h of left) out[h] = Number.NaN;
     return out;
+  }
+
+  /** Keepalive failures and re-registrations (after a lease was lost) of every member so far. */
+  health(): { keepaliveFailures: number; reRegistrations: number } {
+    let keepaliveFailures = 0;
+    let reRegistrations = 0;
+    for (const a of this.agents.values()) {
+      keepaliveFailures += a.cluster?.stats.keepaliveFailures ?? 0;
+      reRegistrations += a.cluster?.stats.reRegistrations ?? 0;
+    }
+    return { keepaliveFailures, reRegistrations };
   }
 
   /** Every member leaves cleanly (marks itself left, revokes its lease). */
@@ -359,6 +377,8 @@ async function serve(specFile: string): Promise<void> {
       `${JSON.stringify(m, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v))}\n`,
     );
   const t0 = performance.now();
+  const lag = monitorEventLoopDelay({ resolution: 10 });
+  lag.enable();
   const fleet = await HollowFleet.start(
     spec,
     (host, msg) => logFile.write(`${new Date().toISOString()} ${host}: ${msg}\n`),
@@ -396,13 +416,18 @@ async function serve(specFile: string): Promise<void> {
             req.expect as Record<string, number>,
             Number(req.timeoutMs ?? 60_000),
           );
-        case 'memory': {
+        case 'stats': {
           const m = process.memoryUsage();
-          return {
+          const out = {
             rssKiB: Math.round(m.rss / 1024),
             heapUsedKiB: Math.round(m.heapUsed / 1024),
             members: fleet.agents.size,
+            loopDelayP99Ms: lag.percentile(99) / 1e6,
+            loopDelayMaxMs: lag.max / 1e6,
+            ...fleet.health(),
           };
+          lag.reset();
+          return out;
         }
         case 'stop':
           await stop();

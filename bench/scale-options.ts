@@ -72,7 +72,7 @@ Options:
   --group N             hollow members per process (default 100)
   --churn N             hollow members killed, then joined, at once (default 100)
   --serve N             devices of pool r (default 100)
-  --seed-parallel N     creates in flight while seeding (default 64)
+  --seed-parallel N     creates in flight while seeding (default 32)
   --parts LIST          comma list of ${SCALE_PARTS.join(', ')} (default all)
   --quick               a small run to see it work: --members 0,10 --devices 500 --ops 20
                         --churn 10 --serve 20 (other flags given still apply)
@@ -139,7 +139,7 @@ export function parseScaleOptions(argv: string[]): ScaleOptions {
     group: int('--group', values.group, 100, 1),
     churn: int('--churn', values.churn, quick ? 10 : 100, 1),
     serve: int('--serve', values.serve, quick ? 20 : 100, 1),
-    seedParallel: int('--seed-parallel', values['seed-parallel'], 64, 1),
+    seedParallel: int('--seed-parallel', values['seed-parallel'], 32, 1),
     parts:
       values.parts === undefined ? [...SCALE_PARTS] : list('--parts', values.parts, SCALE_PARTS),
     dir: values.dir,

@@ -39,6 +39,8 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 /** Hollow pools when there are no hollow members to spread them over (0 members: a seeder). */
 const SEED_POOLS = 10;
+/** Devices seeded between two waits for etcd to go quiet. */
+const SEED_CHUNK = 500;
 /** Devices are this big: records only matter here (1 MiB, sparse on the real agents). */
 const DEVICE_SIZE = 2 ** 20;
 /** Hosts that serve pool m, where the timed changes go: A, B and C. */
@@ -333,8 +335,8 @@ interface Cluster {
   byHost: Map<string, HollowProcess>;
   procs: HollowProcess[];
   seeded: number;
-  /** Seeding time per batch. */
-  seeds: { from: number; to: number; ms: number }[];
+  /** Seeding time per batch, and how many creates were tried again. */
+  seeds: { from: number; to: number; ms: number; retried: number }[];
   /** The timed PR changes: identity x on device prdev through A. */
   pr: PrToggle;
   /** Milliseconds until every hollow member had joined, at the start. */
@@ -428,7 +430,7 @@ async function populate(ctx: Ctx, cl: Cluster): Promise<void> {
     );
     await one.ready;
     await sleep(1000);
-    ctx.hollowBaselineKiB = (await one.call<{ rssKiB: number }>('memory')).rssKiB;
+    ctx.hollowBaselineKiB = (await one.call<HollowStats>('stats')).rssKiB;
     await one.stop();
     log(`a hollow process with one member: RSS ${mib(ctx.hollowBaselineKiB).toFixed(0)} MiB`);
   }
@@ -469,7 +471,6 @@ async function realDevices(ctx: Ctx, cl: Cluster): Promise<void> {
 async function seedTo(ctx: Ctx, cl: Cluster, devices: number): Promise<void> {
   if (devices <= cl.seeded) return;
   const t0 = performance.now();
-  const byProc = new Map<HollowProcess, SeedDevice[]>();
   let seeder: HollowProcess | undefined;
   if (cl.members === 0) {
     // No hollow members: one per hollow pool makes its devices, then they all leave.
@@ -487,36 +488,61 @@ async function seedTo(ctx: Ctx, cl: Cluster, devices: number): Promise<void> {
     );
     await seeder.ready;
   }
-  for (let j = cl.seeded; j < devices; j++) {
-    const d = seeded(j, cl.layout);
-    const pool = cl.layout.pools[d.pool]!;
-    const host = seeder ? `seeder${d.pool}` : pool.hosts[0]!;
-    const proc = seeder ?? cl.byHost.get(host)!;
-    const list = byProc.get(proc) ?? [];
-    list.push({ host, name: d.name, size: DEVICE_SIZE, pool: pool.name });
-    byProc.set(proc, list);
-  }
-  const per = Math.max(1, Math.ceil(ctx.opts.seedParallel / byProc.size));
-  const results = await Promise.all(
-    [...byProc].map(([p, list]) =>
-      p.call<{ created: number; failed: { name: string; error: string }[] }>('seed', {
-        devices: list,
-        parallel: per,
-      }),
-    ),
-  );
-  await seeder?.stop();
-  const failed = results.flatMap((r) => r.failed);
-  if (failed.length > 0) {
-    throw new Error(
-      `seeding: ${failed.length} create(s) failed, e.g. ${failed[0]!.name}: ${failed[0]!.error}`,
-    );
+  // In chunks, each after etcd has gone quiet again: the members apply what the last one
+  // set off (acks, event stamps) before more comes. A create refused (a member cut off
+  // from etcd for a moment by its own load: NOT made) is tried again, up to 3 times.
+  let retried = 0;
+  try {
+    for (let from = cl.seeded; from < devices; from += SEED_CHUNK) {
+      let todo = Array.from(
+        { length: Math.min(SEED_CHUNK, devices - from) },
+        (_, i) => from + i,
+      ).map((j) => {
+        const d = seeded(j, cl.layout);
+        const pool = cl.layout.pools[d.pool]!;
+        const host = seeder ? `seeder${d.pool}` : pool.hosts[0]!;
+        return { host, name: d.name, size: DEVICE_SIZE, pool: pool.name };
+      });
+      for (let attempt = 1; todo.length > 0; attempt++) {
+        const byProc = new Map<HollowProcess, SeedDevice[]>();
+        for (const d of todo) {
+          const proc = seeder ?? cl.byHost.get(d.host)!;
+          byProc.set(proc, [...(byProc.get(proc) ?? []), d]);
+        }
+        const per = Math.max(1, Math.ceil(ctx.opts.seedParallel / byProc.size));
+        const results = await Promise.all(
+          [...byProc].map(([p, list]) =>
+            p.call<{ failed: { name: string; error: string }[] }>('seed', {
+              devices: list,
+              parallel: per,
+            }),
+          ),
+        );
+        const failed = results.flatMap((r) => r.failed);
+        if (failed.length === 0) break;
+        if (attempt >= 3) {
+          throw new Error(
+            `seeding: ${failed.length} create(s) failed 3 times, e.g. ${failed[0]!.name}: ${failed[0]!.error}`,
+          );
+        }
+        log(
+          `${cl.members} members: ${failed.length} create(s) refused (e.g. ${failed[0]!.error}); again once etcd is quiet`,
+        );
+        retried += failed.length;
+        const names = new Set(failed.map((f) => f.name));
+        todo = todo.filter((d) => names.has(d.name));
+        await quiesce(cl.etcd);
+      }
+      await quiesce(cl.etcd);
+    }
+  } finally {
+    await seeder?.stop();
   }
   const ms = performance.now() - t0;
-  cl.seeds.push({ from: cl.seeded, to: devices, ms });
+  cl.seeds.push({ from: cl.seeded, to: devices, ms, retried });
   log(
     `${cl.members} members: seeded ${cl.seeded} -> ${devices} devices in ${(ms / 1000).toFixed(1)} s ` +
-      `(${(((devices - cl.seeded) / ms) * 1000).toFixed(0)}/s)`,
+      `(${(((devices - cl.seeded) / ms) * 1000).toFixed(0)}/s${retried > 0 ? `; ${retried} creates tried again` : ''})`,
   );
   cl.seeded = devices;
   // History is compacted as an operator's etcd would: the db size below is what is in use.
@@ -526,6 +552,29 @@ async function seedTo(ctx: Ctx, cl: Cluster, devices: number): Promise<void> {
   } finally {
     await store.close();
   }
+}
+
+/** What a hollow process says of itself (bench/hollow.ts, `stats`). */
+interface HollowStats {
+  rssKiB: number;
+  loopDelayP99Ms: number;
+  loopDelayMaxMs: number;
+  keepaliveFailures: number;
+  reRegistrations: number;
+}
+
+/** Every hollow process's stats, summed (RSS, counts) or the worst (event loop delay). */
+async function hollowStats(cl: Cluster): Promise<HollowStats> {
+  const all = await Promise.all(cl.procs.map((p) => p.call<HollowStats>('stats')));
+  const sum = (f: (x: HollowStats) => number) => all.reduce((a, x) => a + f(x), 0);
+  const worst = (f: (x: HollowStats) => number) => Math.max(0, ...all.map(f));
+  return {
+    rssKiB: sum((x) => x.rssKiB),
+    loopDelayP99Ms: worst((x) => x.loopDelayP99Ms),
+    loopDelayMaxMs: worst((x) => x.loopDelayMaxMs),
+    keepaliveFailures: sum((x) => x.keepaliveFailures),
+    reRegistrations: sum((x) => x.reRegistrations),
+  };
 }
 
 /** Every member leaves (or, `crash`, is killed), etcd stops, the directory goes. */
@@ -553,13 +602,24 @@ interface LatencyResult {
   idle: Rates;
   etcd: Pick<EtcdSample, 'keys' | 'dbBytes' | 'dbInUseBytes' | 'watchers' | 'streams'>;
   rssMiB: { a: number; b: number; c: number };
-  hollow: { processes: number; rssMiB: number; perMemberMiB: number };
+  hollow: {
+    processes: number;
+    rssMiB: number;
+    perMemberMiB: number;
+    /** The worst hollow process's event loop delay over the measurement, ms. */
+    loopDelayP99Ms: number;
+    loopDelayMaxMs: number;
+    /** Keepalives the hollow members failed, and leases they lost, during the measurement. */
+    keepaliveFailures: number;
+    reRegistrations: number;
+  };
   seedPerSecond: number;
 }
 
 async function latencyPart(ctx: Ctx, cl: Cluster, devices: number): Promise<LatencyResult> {
   const n = ctx.opts.ops;
   const a = cl.a;
+  const h0 = await hollowStats(cl);
   const i0 = await quiesce(cl.etcd);
   await sleep(IDLE_MS);
   const i1 = await etcdSample(cl.etcd);
@@ -598,8 +658,8 @@ async function latencyPart(ctx: Ctx, cl: Cluster, devices: number): Promise<Late
   await phase('delete', n, (i) => a.must('DELETE', `/v1/devices/${dev(i)}`, undefined, 200));
   // etcd at rest: the end of the idle window.
   const st = i1;
-  let hollowKiB = 0;
-  for (const p of cl.procs) hollowKiB += (await p.call<{ rssKiB: number }>('memory')).rssKiB;
+  const h1 = await hollowStats(cl);
+  const hollowKiB = h1.rssKiB;
   const last = cl.seeds.at(-1);
   return {
     members: cl.members,
@@ -626,6 +686,10 @@ async function latencyPart(ctx: Ctx, cl: Cluster, devices: number): Promise<Late
         cl.members > 0
           ? mib(hollowKiB - cl.procs.length * ctx.hollowBaselineKiB) / cl.members
           : Number.NaN,
+      loopDelayP99Ms: h1.loopDelayP99Ms,
+      loopDelayMaxMs: h1.loopDelayMaxMs,
+      keepaliveFailures: h1.keepaliveFailures - h0.keepaliveFailures,
+      reRegistrations: h1.reRegistrations - h0.reRegistrations,
     },
     seedPerSecond: last ? ((last.to - last.from) / last.ms) * 1000 : Number.NaN,
   };
@@ -880,6 +944,8 @@ function tables(r: Results, opts: ScaleOptions): string {
           'idle etcd CPU %',
           'RSS A / B / C MiB',
           'hollow MiB per member',
+          'hollow loop delay p99 / max ms',
+          'hollow keepalive failures',
         ],
         r.latency.map((x) => [
           label(x.members),
@@ -893,10 +959,21 @@ function tables(r: Results, opts: ScaleOptions): string {
           (x.idle.cpu * 100).toFixed(0),
           `${x.rssMiB.a.toFixed(0)} / ${x.rssMiB.b.toFixed(0)} / ${x.rssMiB.c.toFixed(0)}`,
           Number.isFinite(x.hollow.perMemberMiB) ? x.hollow.perMemberMiB.toFixed(2) : '-',
+          x.members > 0
+            ? `${fmtMs(x.hollow.loopDelayP99Ms)} / ${fmtMs(x.hollow.loopDelayMaxMs)}`
+            : '-',
+          x.members > 0 ? String(x.hollow.keepaliveFailures) : '-',
         ]),
         2,
       ),
     );
+    const behind = r.latency.filter((x) => x.hollow.keepaliveFailures > 0);
+    if (behind.length > 0) {
+      out.push(
+        `\n**The hollow members did not keep up** at ${behind.map((x) => `${label(x.members)} with ${x.devices} devices`).join('; ')}: ` +
+          'they failed keepalives (and lost leases) during the measurement, so the figures there measure this machine running them, not the cluster.',
+      );
+    }
   }
   if (r.join.length > 0) {
     out.push(
@@ -1184,8 +1261,11 @@ export async function scaleMain(argv: string[], root: string): Promise<number> {
         continue;
       }
       const c = cl;
+      let seeded = true;
       for (const devices of opts.devices) {
-        if (!(await attempt(members, 'seed', () => seedTo(ctx, c, devices), devices))) break;
+        seeded = await attempt(members, 'seed', () => seedTo(ctx, c, devices), devices);
+        // A cluster that could not be seeded is not measured further.
+        if (!seeded) break;
         if (opts.parts.includes('latency')) {
           await attempt(
             members,
@@ -1210,14 +1290,14 @@ export async function scaleMain(argv: string[], root: string): Promise<number> {
           );
         }
       }
-      if (opts.parts.includes('churn') && c.layout.churn.length > 0) {
+      if (seeded && opts.parts.includes('churn') && c.layout.churn.length > 0) {
         await attempt(
           members,
           'churn',
           async () => void results.churn.push(await churnPart(ctx, c)),
         );
       }
-      if (opts.parts.includes('failover')) {
+      if (seeded && opts.parts.includes('failover')) {
         await attempt(
           members,
           'failover',
