@@ -726,26 +726,33 @@ export class Cluster {
   /** Alive hosts that declare every pool (shared, same path) in `pools`. */
   hostsWithSharedPools(extents: { pool: string; file: string }[]): string[] {
     const out: string[] = [];
-    for (const kv of this.snapshot(MEMBERS)) {
-      const m = parse<MemberInfo>(kv.value);
-      if (m && Array.isArray(m.pools) && declaresAll(m.pools, extents)) out.push(m.host);
+    for (const m of this.memberRecords()) {
+      if (Array.isArray(m.pools) && declaresAll(m.pools, extents)) out.push(m.host);
     }
     return out;
   }
 
   /** Whether an alive member waits for every member's ack (an agent from before acks were scoped). */
   private waitsForAll(): boolean {
+    return this.memberRecords().some((m) => m.acks !== 'serving');
+  }
+
+  /**
+   * The alive members' records, parsed once per change of membership (asked for every
+   * device a listing shows and every catalog event: never a scan of the whole cache).
+   */
+  private memberRecords(): MemberInfo[] {
     if (this.membersAt !== this.membersChanged) {
       this.membersAt = this.membersChanged;
-      this.legacy = this.snapshot(MEMBERS).some(
-        (kv) => parse<MemberInfo>(kv.value)?.acks !== 'serving',
-      );
+      this.memberCache = this.snapshot(MEMBERS)
+        .map((kv) => parse<MemberInfo>(kv.value))
+        .filter((m): m is MemberInfo => m !== undefined && typeof m.host === 'string');
     }
-    return this.legacy;
+    return this.memberCache;
   }
-  private legacy = false;
+  private memberCache: MemberInfo[] = [];
   private membersAt = -1;
-  /** Bumped whenever a member key changes (waitsForAll recomputes then). */
+  /** Bumped whenever a member key changes (memberRecords reads them again then). */
   private membersChanged = 0;
 
   /**
