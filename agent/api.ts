@@ -211,22 +211,12 @@ export function routes(ctx: ApiContext): Route[] {
       const url = new URL(q.url ?? '/', 'http://x');
       const limit = url.searchParams.get('limit');
       const token = url.searchParams.get('continue');
-      const stale = ctx.stale?.();
-      if (stale) {
-        // Cut off from the cluster: what this agent keeps, whole, marked stale.
-        if (token !== null) {
-          throw new BallastError(
-            'STORE_UNAVAILABLE',
-            `this agent is cut off from etcd (${stale.reason}): the listing cannot go on; list again without continue for what this agent keeps (marked stale)`,
-          );
-        }
-        return { devices: d.list(), stale };
-      }
       return listOrCache<Record<string, unknown>>(
         () => d.listPage(limit === null ? undefined : pageLimit(limit), token ?? undefined),
         (why) => ({ devices: d.list(), stale: why }),
         ctx.stale !== undefined,
         token,
+        ctx.stale?.() ?? null,
       );
     }),
     r('POST', '/v1/devices', async (_q, _p, body) => {

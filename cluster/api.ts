@@ -3,7 +3,6 @@
 
 import client from 'prom-client';
 import { listOrCache, pageLimit } from '../agent/store/pages.js';
-import { StoreError } from '../agent/store/store.js';
 import type { Cluster } from './cluster.js';
 import { EtcdStore } from './etcd-store.js';
 import type { Fence } from './fence.js';
@@ -51,17 +50,6 @@ export function clusterRoutes(cluster: Cluster) {
       const url = new URL((req as { url?: string }).url ?? '/', 'http://x');
       const limit = url.searchParams.get('limit');
       const token = url.searchParams.get('continue');
-      const stale = cluster.staleness();
-      if (stale) {
-        // Cut off: the membership this agent keeps, whole, marked stale.
-        if (token !== null) {
-          throw new StoreError(
-            'STORE_UNAVAILABLE',
-            `this agent is cut off from etcd (${stale.reason}): the listing cannot go on; list again without continue for the membership this agent keeps (marked stale)`,
-          );
-        }
-        return { stale, members: cluster.members() };
-      }
       return listOrCache<Record<string, unknown>>(
         async () => ({
           stale: null,
@@ -73,6 +61,7 @@ export function clusterRoutes(cluster: Cluster) {
         (why) => ({ stale: why, members: cluster.members() }),
         true,
         token,
+        cluster.staleness(),
       );
     }),
   ];

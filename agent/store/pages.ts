@@ -112,16 +112,27 @@ export async function readAll(store: Store, prefix: string): Promise<Page> {
 }
 
 /**
- * A listing read from the store, or, in a cluster when etcd does not answer it
- * (the agent cut off, before its keepalive has even failed), what the agent
- * keeps, whole and marked stale. A page after the first cannot fall back.
+ * A listing read from the store, or, in a cluster, what the agent keeps, whole and
+ * marked stale: at once while it is cut off (`stale`), or when etcd does not answer
+ * the first page (before its keepalive has even failed). A page after the first
+ * cannot fall back: the pages would not be one moment.
  */
 export async function listOrCache<T extends object>(
   read: () => Promise<T>,
   cached: (stale: { since: string; reason: string }) => T,
   inCluster: boolean,
   token: string | null,
+  stale: { since: string; reason: string } | null = null,
 ): Promise<T> {
+  if (stale) {
+    if (token !== null) {
+      throw new StoreError(
+        'STORE_UNAVAILABLE',
+        `this agent is cut off from etcd (${stale.reason}): the listing cannot go on; list again without continue for what this agent keeps (marked stale)`,
+      );
+    }
+    return cached(stale);
+  }
   try {
     return await read();
   } catch (e) {
